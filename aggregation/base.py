@@ -1,0 +1,87 @@
+"""The aggregation step contract: small steps over the round's update matrix that compose.
+
+A step maps the cohort ``(updates (K, d), weights (K,))`` to a new cohort. Clipping keeps K rows,
+a robust rule reduces to one row, central DP noise perturbs that row. A chain of steps is itself a
+step, so ``chain(clip_by_norm(5.0), trimmed_mean(0.2), gaussian_noise(...))`` reads in the order the
+data flows. Steps never mutate their inputs.
+
+Round-to-round state (adaptive clip norm, centered-clipping momentum, a noise generator) is explicit:
+``init()`` returns it, ``__call__`` takes and returns it, so the coordinator checkpoints it.
+
+What a step observed leaves as measurements, one path to trust scoring and metrics:
+``measurements`` holds scalars (e.g. ``clipped_count``) and ``per_client`` holds arrays of length
+K aligned with the input rows (e.g. ``krum_score``, ``trimmed_share``, ``selected``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+class AggregationError(ValueError):
+    """A step's assumptions do not hold for the cohort at hand (the message says which and how to fix)."""
+
+
+@dataclass
+class StepOutput:
+    updates: np.ndarray  # (K', d)
+    weights: np.ndarray  # (K',)
+    state: Any = None
+    measurements: dict[str, float] = field(default_factory=dict)
+    per_client: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Step(Protocol):
+    name: str
+
+    def init(self) -> Any:
+        """Initial round-to-round state (None for stateless steps)."""
+
+    def check(self, num_clients: int) -> None:
+        """Raise AggregationError if the step cannot run on a cohort of ``num_clients`` rows."""
+
+    def __call__(self, updates: np.ndarray, weights: np.ndarray, state: Any) -> StepOutput: ...
+
+
+class StatelessStep:
+    """Base for steps without state; subclasses implement ``apply`` and, if needed, ``check``."""
+
+    name = "step"
+
+    def init(self) -> Any:
+        return None
+
+    def check(self, num_clients: int) -> None:
+        if num_clients < 1:
+            raise AggregationError(f"{self.name} needs at least one update. Received: num_clients=0.")
+
+    def __call__(self, updates: np.ndarray, weights: np.ndarray, state: Any) -> StepOutput:
+        self.check(updates.shape[0])
+        return self.apply(updates, weights)
+
+    def apply(self, updates: np.ndarray, weights: np.ndarray) -> StepOutput:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({params})"
+
+
+def as_cohort(updates: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Validates and normalises a cohort: a 2-D float matrix and non-negative weights of length K."""
+    updates = np.asarray(updates)
+    if updates.ndim != 2:
+        raise AggregationError(f"updates must be a (K, d) matrix. Received shape {updates.shape}.")
+    if not np.issubdtype(updates.dtype, np.floating):
+        updates = updates.astype(np.float32)
+    k = updates.shape[0]
+    weights = np.ones(k, np.float64) if weights is None else np.asarray(weights, np.float64)
+    if weights.shape != (k,):
+        raise AggregationError(f"weights must have shape ({k},). Received shape {weights.shape}.")
+    if np.any(weights < 0) or not np.all(np.isfinite(weights)):
+        raise AggregationError("weights must be finite and non-negative.")
+    return updates, weights

@@ -1,0 +1,32 @@
+"""Keras weight lists <-> one flat float32 vector (the row layout of the round's update matrix)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    shapes: tuple[tuple[int, ...], ...]
+
+    @classmethod
+    def of(cls, weights: list[np.ndarray]) -> WeightLayout:
+        return cls(tuple(tuple(w.shape) for w in weights))
+
+    @property
+    def size(self) -> int:
+        return int(sum(np.prod(s, dtype=np.int64) for s in self.shapes))
+
+    def flatten(self, weights: list[np.ndarray]) -> np.ndarray:
+        got = tuple(tuple(np.shape(w)) for w in weights)
+        if got != self.shapes:
+            raise ValueError(f"weight shapes {got} do not match the model's {self.shapes}")
+        return np.concatenate([np.ravel(w) for w in weights]).astype(np.float32, copy=False)
+
+    def unflatten(self, vector: np.ndarray) -> list[np.ndarray]:
+        if vector.shape != (self.size,):
+            raise ValueError(f"expected a vector of {self.size} values. Received shape {vector.shape}")
+        cuts = np.cumsum([int(np.prod(s, dtype=np.int64)) for s in self.shapes])[:-1]
+        return [part.reshape(shape) for part, shape in zip(np.split(vector, cuts), self.shapes)]

@@ -1,0 +1,71 @@
+"""Admission: every client update is checked before it reaches the update matrix.
+
+A rejected update is never silently dropped: it comes back with a reason, which the coordinator logs,
+counts (``fedwarden_updates_rejected_total{reason}``) and charges to the client's trust.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+REASONS = ("wrong_round", "not_selected", "duplicate", "wrong_shape", "wrong_dtype", "non_finite",
+           "too_large", "bad_example_count")
+
+
+@dataclass
+class ClientUpdate:
+    """What any transport (simulated client, gRPC agent, TFF) hands to the round logic."""
+
+    client_id: str
+    round: int
+    delta: np.ndarray  # flat vector in the model's weight layout
+    num_examples: int
+    loss: float | None = None
+    metadata: dict = field(default_factory=dict)
+
+
+@dataclass
+class Rejection:
+    client_id: str
+    reason: str
+    detail: str
+
+
+def admit(updates: list[ClientUpdate], round_number: int, selected: set[str], size: int,
+          max_norm: float | None = None) -> tuple[list[ClientUpdate], list[Rejection]]:
+    """Splits the round's updates into admitted ones and rejections (first problem found wins)."""
+    admitted: list[ClientUpdate] = []
+    rejected: list[Rejection] = []
+    seen: set[str] = set()
+    for u in updates:
+        problem = _problem(u, round_number, selected, seen, size, max_norm)
+        if problem:
+            rejected.append(Rejection(u.client_id, *problem))
+        else:
+            seen.add(u.client_id)
+            admitted.append(u)
+    return admitted, rejected
+
+
+def _problem(u: ClientUpdate, round_number: int, selected: set[str], seen: set[str], size: int,
+             max_norm: float | None) -> tuple[str, str] | None:
+    if u.round != round_number:
+        return "wrong_round", f"update is for round {u.round}, the current round is {round_number}"
+    if u.client_id not in selected:
+        return "not_selected", f"{u.client_id} was not selected for round {round_number}"
+    if u.client_id in seen:
+        return "duplicate", f"{u.client_id} already submitted for round {round_number}"
+    delta = u.delta
+    if not isinstance(delta, np.ndarray) or delta.shape != (size,):
+        return "wrong_shape", f"expected {size} values, received shape {np.shape(delta)}"
+    if delta.dtype not in (np.float32, np.float64):
+        return "wrong_dtype", f"expected float32 or float64, received {delta.dtype}"
+    if not np.all(np.isfinite(delta)):
+        return "non_finite", f"{int(np.sum(~np.isfinite(delta)))} NaN or Inf values"
+    if max_norm is not None and float(np.linalg.norm(delta)) > max_norm:
+        return "too_large", f"L2 norm {float(np.linalg.norm(delta)):.3g} exceeds the limit {max_norm:g}"
+    if not isinstance(u.num_examples, int | np.integer) or u.num_examples <= 0:
+        return "bad_example_count", f"num_examples must be a positive integer, received {u.num_examples!r}"
+    return None
