@@ -1,0 +1,810 @@
+"""Attacks for simulations: data poisoning and model poisoning, numpy only.
+
+One ``Attack`` per run, built by name with literature defaults filled in::
+
+    attack = build_attack("alie", {"num_classes": 10})
+    x, y = attack.poison_data(x, y, rng)           # data attacks; model attacks: unchanged
+    bad = attack.craft(honest, own, rng)           # model attacks: (m, d) float32
+    asr = attack.asr_inputs(x_test, y_test)        # backdoor / targeted flip, else None
+
+Registry: ``ATTACKS`` maps a name to ``AttackSpec(kind, builder)``. A builder takes the
+attack's parameters as keyword-only arguments (their defaults are the literature defaults),
+checks them, and returns the function that does the work:
+
+- data builder returns ``poison(x, y, rng) -> (x, y)``;
+- model builder returns ``craft(honest, own, rng) -> (m, d)``, where ``honest`` is this
+  round's honest updates (omniscient attacker, as in the papers; when no honest client was
+  sampled it is the malicious clients' own updates, the non-omniscient variant) and ``own``
+  the malicious clients' normally trained updates.
+
+Adding an attack is one builder plus one registry line.
+
+``num_classes`` is a context parameter: the runner passes it to every attack; it reaches
+only the attacks (and plugins) that take it and is never an error for the others.
+
+Evaluation conventions: a data attack with a ``target`` parameter sets ``target_class``;
+one with a ``trigger_size`` parameter stamps the built-in trigger (``Attack.trigger``) and
+its attack success rate is measured on triggered non-target test inputs; one with
+``source`` and ``target`` set is a targeted flip, measured on source-class test inputs.
+
+Plugins: ``build_attack("package.module:callable", params)``.
+
+- Model poisoning (the default): ``callable(honest_updates, num_malicious, rng, **params)``
+  returns a ``(num_malicious, d)`` float array.
+- Data poisoning: decorate the callable with ``@fedwarden_data_attack`` (from this module);
+  ``callable(x, y, rng, **params)`` returns new ``(x, y)`` arrays.
+
+Inputs reach plugins as read-only views (copy before editing). A plugin whose parameters do
+not fit its signature, which raises, or returns the wrong shape or dtype or NaN/Inf, gets an
+``AttackError`` naming the plugin and the problem.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from statistics import NormalDist
+from typing import Any, NamedTuple
+
+import numpy as np
+
+DataFn = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
+ModelFn = Callable[[np.ndarray, np.ndarray, np.random.Generator], np.ndarray]
+
+CONTEXT_PARAMS = ("num_classes",)
+PERTURBATIONS = ("std", "unit_vec", "sign")
+_DATA_KIND_ATTR = "fedwarden_attack_kind"
+
+
+class AttackError(ValueError):
+    """Bad attack name, parameter or plugin; the message says what was expected and received."""
+
+
+def fedwarden_data_attack(fn: Callable) -> Callable:
+    """Mark a plugin callable ``fn(x, y, rng, **params) -> (x, y)`` as a data-poisoning attack.
+
+    Example::
+
+        @fedwarden_data_attack
+        def swap_3_and_8(x, y, rng):
+            y = y.copy()
+            y[y == 3] = 8
+            return x.copy(), y
+    """
+    setattr(fn, _DATA_KIND_ATTR, "data")
+    return fn
+
+
+# ---------------------------------------------------------------------------- param checks
+
+
+def _number(name: str, value: Any, *, positive: bool = True) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (positive and value <= 0):
+        kind = "a positive number" if positive else "a finite number"
+        raise AttackError(f"{name} must be {kind}. Received: {name}={value!r}")
+    return float(value)
+
+
+def _fraction(name: str, value: Any) -> float:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or not 0.0 <= value <= 1.0:
+        raise AttackError(f"{name} must be a number in [0, 1]. Received: {name}={value!r}")
+    return float(value)
+
+
+def _count(name: str, value: Any, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise AttackError(f"{name} must be an integer >= {minimum}. Received: {name}={value!r}")
+    return value
+
+
+def _label(name: str, value: Any, num_classes: int | None) -> int:
+    value = _count(name, value, 0)
+    if num_classes is not None and value >= num_classes:
+        raise AttackError(
+            f"{name} must be a class in 0..{num_classes - 1}. Received: {name}={value!r}"
+        )
+    return value
+
+
+def _num_classes(value: Any, attack: str, *, required: bool) -> int | None:
+    if value is None:
+        if required:
+            raise AttackError(
+                f"{attack} needs num_classes (the simulation runner passes it). "
+                "Received: num_classes=None"
+            )
+        return None
+    return _count("num_classes", value, 2)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def stamp_trigger(x: np.ndarray, size: int) -> np.ndarray:
+    """Return a copy of ``x`` with a white ``size x size`` square in the bottom-right corner.
+
+    Images ``(N, H, W)`` or ``(N, H, W, C)`` get the square on every channel; flat features
+    ``(N, F)`` get their last ``size`` features set to 1.0 (Gu et al. 2017, BadNets).
+    """
+    x = np.array(x, copy=True)
+    if x.ndim == 2:
+        if size > x.shape[1]:
+            raise AttackError(f"trigger_size={size} exceeds the {x.shape[1]} features")
+        x[:, -size:] = 1.0
+    elif x.ndim >= 3:
+        if size > min(x.shape[1], x.shape[2]):
+            raise AttackError(f"trigger_size={size} exceeds the image size {x.shape[1:3]}")
+        x[:, -size:, -size:, ...] = 1.0
+    else:
+        raise AttackError(f"expected inputs shaped (N, F) or (N, H, W[, C]). Received {x.shape}")
+    return x
+
+
+def _reference(honest: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """Honest updates in float64, or the attackers' own when no honest client was sampled."""
+    return np.asarray(honest if len(honest) else own, dtype=np.float64)
+
+
+def _rows(vector: np.ndarray, m: int) -> np.ndarray:
+    return np.repeat(vector[None, :], m, axis=0)
+
+
+def _largest_feasible(ok: Callable[[float], bool], start: float = 1.0, steps: int = 60) -> float:
+    """Largest ``g >= 0`` with ``ok(g)``, assuming ``ok(0)`` and a feasible set ``[0, g*]``.
+
+    Doubling finds an infeasible upper bound, then bisection narrows ``[lo, hi]``; the value
+    returned is always one that passed ``ok``.
+    """
+    lo, hi = 0.0, start
+    for _ in range(200):
+        if not ok(hi):
+            break
+        lo, hi = hi, 2.0 * hi
+    else:
+        return lo
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+# ---------------------------------------------------------------------------- data attacks
+
+
+def no_attack() -> None:
+    """No attack: honest behaviour for every client (the baseline run)."""
+    return None
+
+
+def label_flip(
+    *, num_classes: int | None = None, source: int | None = None, target: int | None = None
+) -> DataFn:
+    """Label flipping: every label y -> C-1-y (Fang et al. 2020), or only source -> target.
+
+    With ``source`` and ``target`` set it is the targeted flip of Tolpegin et al. 2020; the
+    attack success rate is then measured on source-class test inputs.
+
+    References:
+        Fang et al., "Local Model Poisoning Attacks to Byzantine-Robust Federated
+        Learning", USENIX Security 2020.
+        Tolpegin et al., "Data Poisoning Attacks Against Federated Learning Systems",
+        ESORICS 2020.
+    """
+    targeted = source is not None or target is not None
+    classes = _num_classes(num_classes, "label_flip (all labels)", required=not targeted)
+    if targeted:
+        if source is None or target is None:
+            raise AttackError(
+                "a targeted label_flip needs both source and target. "
+                f"Received: source={source!r}, target={target!r}"
+            )
+        source, target = _label("source", source, classes), _label("target", target, classes)
+        if source == target:
+            raise AttackError(f"source and target must differ. Received: both {source}")
+
+    def poison(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple:
+        if targeted:
+            return x.copy(), np.where(y == source, target, y).astype(y.dtype)
+        if y.size and (y.min() < 0 or y.max() >= classes):
+            raise AttackError(f"labels must be in 0..{classes - 1} for label_flip")
+        return x.copy(), (classes - 1 - y).astype(y.dtype)
+
+    return poison
+
+
+def backdoor(
+    *,
+    target: int = 0,
+    poison_fraction: float = 0.5,
+    trigger_size: int = 3,
+    num_classes: int | None = None,
+) -> DataFn:
+    """Backdoor: trigger stamped on poison_fraction=0.5 of samples relabelled to target=0.
+
+    The trigger is a white ``trigger_size`` (3) square in the bottom-right corner of images
+    (BadNets), or the last ``trigger_size`` features set to 1.0 for flat data. Exactly
+    ``round(poison_fraction * N)`` samples, drawn without replacement, are replaced by their
+    stamped, relabelled copies. Combine with ``scaling`` for model replacement.
+
+    References:
+        Gu et al., "BadNets: Identifying Vulnerabilities in the Machine Learning Model
+        Supply Chain", 2017.
+        Bagdasaryan et al., "How To Backdoor Federated Learning", AISTATS 2020.
+    """
+    classes = _num_classes(num_classes, "backdoor", required=False)
+    target = _label("target", target, classes)
+    poison_fraction = _fraction("poison_fraction", poison_fraction)
+    trigger_size = _count("trigger_size", trigger_size, 1)
+
+    def poison(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple:
+        chosen = rng.choice(len(y), size=round(poison_fraction * len(y)), replace=False)
+        x_new, y_new = x.copy(), y.copy()
+        x_new[chosen] = stamp_trigger(x[chosen], trigger_size)
+        y_new[chosen] = target
+        return x_new, y_new
+
+    return poison
+
+
+def label_noise(*, num_classes: int | None = None, fraction: float = 0.5) -> DataFn:
+    """Random labels: a fraction (0.5, a project default) of labels redrawn uniformly.
+
+    The new label is uniform over all classes, so it may equal the old one (the random-label
+    setting of Zhang et al. 2017); ``round(fraction * N)`` samples are redrawn.
+
+    References:
+        Zhang et al., "Understanding Deep Learning Requires Rethinking Generalization",
+        ICLR 2017.
+    """
+    classes = _num_classes(num_classes, "label_noise", required=True)
+    fraction = _fraction("fraction", fraction)
+
+    def poison(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple:
+        chosen = rng.choice(len(y), size=round(fraction * len(y)), replace=False)
+        y_new = y.copy()
+        y_new[chosen] = rng.integers(0, classes, size=len(chosen))
+        return x.copy(), y_new
+
+    return poison
+
+
+# ---------------------------------------------------------------------------- model attacks
+
+
+def sign_flip(*, scale: float = 1.0) -> ModelFn:
+    """Sign flipping: send -scale * own update, scale=1 (Karimireddy et al. 2021 bit-flipping).
+
+    References:
+        Allen-Zhu et al., "Byzantine-Resilient Non-Convex Stochastic Gradient Descent",
+        ICLR 2021 (sign-flipping attack).
+        Karimireddy et al., "Learning from History for Byzantine Robust Optimization",
+        ICML 2021 (bit-flipping: send the negative of the true update).
+    """
+    scale = _number("scale", scale)
+
+    def craft(honest: np.ndarray, own: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return -scale * np.asarray(own, dtype=np.float64)
+
+    return craft
+
+
+def scaling(*, boost: float | None = None) -> ModelFn:
+    """Model replacement: own update * boost, default boost = n / m (Bagdasaryan et al. 2020).
+
+    The paper scales by gamma = n / eta (n clients per round, eta the server learning rate);
+    with m attackers sharing the job and eta = 1, each boosts by n / m, with n = h + m this
+    round's cohort. Pass ``boost`` for a fixed factor (e.g. 10, or n / eta when eta != 1).
+    Pair with a backdoored local dataset for the paper's backdoor-by-replacement.
+
+    References:
+        Bagdasaryan et al., "How To Backdoor Federated Learning", AISTATS 2020.
+    """
+    boost = None if boost is None else _number("boost", boost)
+
+    def craft(honest: np.ndarray, own: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        factor = boost if boost is not None else (len(honest) + len(own)) / len(own)
+        return factor * np.asarray(own, dtype=np.float64)
+
+    return craft
+
+
+def gaussian(*, sigma: float = 200.0, relative: bool = False) -> ModelFn:
+    """Gaussian noise: updates drawn from N(0, sigma^2 I), sigma=200 (Blanchard et al. 2017).
+
+    Each malicious client draws its own vector (one shared draw with ``collude``). With
+    ``relative=True``, sigma is a multiplier of the honest updates' median per-coordinate
+    standard deviation (a stealthier, scale-free variant; 200 still collapses plain
+    averaging).
+
+    References:
+        Blanchard et al., "Machine Learning with Adversaries: Byzantine Tolerant Gradient
+        Descent", NeurIPS 2017 (Gaussian Byzantine workers).
+    """
+    sigma = _number("sigma", sigma)
+    if not isinstance(relative, bool):
+        raise AttackError(f"relative must be true or false. Received: relative={relative!r}")
+
+    def craft(honest: np.ndarray, own: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        spread = sigma
+        if relative:
+            spread = sigma * float(np.median(_reference(honest, own).std(axis=0)))
+        return rng.normal(0.0, spread, size=own.shape)
+
+    return craft
+
+
+def alie(*, z: float | None = None) -> ModelFn:
+    """A Little Is Enough: mean - z * std per coordinate, z from n and f (Baruch et al. 2019).
+
+    Default z: s = floor(n/2 + 1) - f, z = Phi^{-1}((n - s) / n), with n = h + m this round's
+    cohort and f = m; s is clamped to >= 1 when the attackers are a majority (the formula
+    assumes f < n/2). The std is the population std (ddof=0) of the honest updates.
+
+    References:
+        Baruch et al., "A Little Is Enough: Circumventing Defenses For Distributed
+        Learning", NeurIPS 2019.
+    """
+    z = None if z is None else _number("z", z, positive=False)
+
+    def craft(honest: np.ndarray, own: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        ref = _reference(honest, own)
+        factor = alie_z(len(honest) + len(own), len(own)) if z is None else z
+        return _rows(ref.mean(axis=0) - factor * ref.std(axis=0), len(own))
+
+    return craft
+
+
+def alie_z(n: int, f: int) -> float:
+    """ALIE's z_max for n clients of which f are malicious (Baruch et al. 2019, Sec. 3)."""
+    s = max(math.floor(n / 2 + 1) - f, 1)
+    p = (n - s) / n
+    return NormalDist().inv_cdf(p) if 0.0 < p < 1.0 else 0.0
+
+
+def ipm(*, epsilon: float = 0.1) -> ModelFn:
+    """Inner Product Manipulation: -epsilon * mean of honest updates, epsilon=0.1 (Xie et al.).
+
+    Small epsilon (0.1) keeps the malicious vectors close to the honest ones, which is what
+    defeats Krum and median-type rules; against the plain mean, epsilon must exceed h / m
+    to reverse the aggregate's direction.
+
+    References:
+        Xie, Koyejo and Gupta, "Fall of Empires: Breaking Byzantine-tolerant SGD by Inner
+        Product Manipulation", UAI 2019.
+        Karimireddy et al., "Learning from History for Byzantine Robust Optimization",
+        ICML 2021 (IPM with epsilon = 0.1).
+    """
+    epsilon = _number("epsilon", epsilon)
+
+    def craft(honest: np.ndarray, own: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return _rows(-epsilon * _reference(honest, own).mean(axis=0), len(own))
+
+    return craft
+
+
+def _optimized_attack(perturbation: str, use_sum: bool) -> ModelFn:
+    """Shared body of min_max and min_sum: mean + gamma * perturbation, gamma maximised.
+
+    Squared distances of the candidate ``mean + g * p`` to each honest ``x_i`` expand to
+    ``a_i + 2 g b_i + g^2 c``, so each search step is O(h) after one pass over the data;
+    honest pairwise distances come from one Gram matrix.
+    """
+    if perturbation not in PERTURBATIONS:
+        raise AttackError(
+            f"perturbation must be one of {', '.join(PERTURBATIONS)}. "
+            f"Received: perturbation={perturbation!r}"
+        )
+
+    def craft(honest: np.ndarray, own: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        # One float64 copy, centred in place: distances are translation invariant and
+        # centring avoids cancellation in the Gram-matrix expansion.
+        centered = np.array(honest if len(honest) else own, dtype=np.float64)
+        mean = centered.mean(axis=0)
+        centered -= mean
+        if perturbation == "std":
+            p = -np.sqrt(np.einsum("ij,ij->j", centered, centered) / len(centered))
+        elif perturbation == "sign":
+            p = -np.sign(mean)
+        else:
+            norm = np.linalg.norm(mean)
+            p = -mean / norm if norm > 0 else np.zeros_like(mean)
+        a = np.einsum("ij,ij->i", centered, centered)  # ||mean - x_i||^2
+        pair = np.maximum(a[:, None] + a[None, :] - 2.0 * (centered @ centered.T), 0.0)
+        b = -(centered @ p)  # <mean - x_i, p>
+        c = float(p @ p)
+        if use_sum:
+            bound = pair.sum(axis=1).max()
+            a_sum, b_sum = a.sum(), b.sum()
+
+            def ok(g: float) -> bool:
+                return a_sum + 2.0 * g * b_sum + len(a) * g * g * c <= bound
+        else:
+            bound = pair.max()
+
+            def ok(g: float) -> bool:
+                return np.max(a + 2.0 * g * b + g * g * c) <= bound
+
+        gamma = _largest_feasible(ok) if c > 0 else 0.0
+        return _rows(mean + gamma * p, len(own))
+
+    return craft
+
+
+def min_max(*, perturbation: str = "std") -> ModelFn:
+    """Min-Max (Shejwalkar & Houmansadr 2021): mean + gamma * p, max dist <= max honest pair dist.
+
+    Perturbation p is -std (default, "inverse std"), "unit_vec" (-mean / ||mean||) or
+    "sign" (-sign(mean)); gamma is the largest value meeting the bound, found by doubling
+    and bisection (the paper's binary search, unbounded above).
+
+    References:
+        Shejwalkar and Houmansadr, "Manipulating the Byzantine: Optimizing Model Poisoning
+        Attacks and Defenses for Federated Learning", NDSS 2021.
+    """
+    return _optimized_attack(perturbation, use_sum=False)
+
+
+def min_sum(*, perturbation: str = "std") -> ModelFn:
+    """Min-Sum (Shejwalkar & Houmansadr 2021): mean + gamma * p, sum of sq. dists <= max honest sum.
+
+    The bound is the paper's max over honest i of sum_j ||x_i - x_j||^2 (the authors' code
+    uses the min, a stricter bound). Perturbations as in ``min_max``.
+
+    References:
+        Shejwalkar and Houmansadr, "Manipulating the Byzantine: Optimizing Model Poisoning
+        Attacks and Defenses for Federated Learning", NDSS 2021.
+    """
+    return _optimized_attack(perturbation, use_sum=True)
+
+
+def free_rider() -> ModelFn:
+    """Free rider: zero update, i.e. the received global model sent back (Fraboni et al. 2021).
+
+    References:
+        Fraboni, Vidal and Lorenzi, "Free-rider Attacks on Model Aggregation in Federated
+        Learning", AISTATS 2021 (plain free-riding).
+    """
+
+    def craft(honest: np.ndarray, own: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return np.zeros(own.shape, dtype=np.float32)
+
+    return craft
+
+
+# ---------------------------------------------------------------------------- registry
+
+
+class AttackSpec(NamedTuple):
+    """A registry entry: ``kind`` ("data", "model" or "none") and the parameter-taking builder."""
+
+    kind: str
+    builder: Callable[..., Any]
+
+
+ATTACKS: dict[str, AttackSpec] = {
+    "none": AttackSpec("none", no_attack),
+    "label_flip": AttackSpec("data", label_flip),
+    "backdoor": AttackSpec("data", backdoor),
+    "label_noise": AttackSpec("data", label_noise),
+    "sign_flip": AttackSpec("model", sign_flip),
+    "scaling": AttackSpec("model", scaling),
+    "gaussian": AttackSpec("model", gaussian),
+    "alie": AttackSpec("model", alie),
+    "ipm": AttackSpec("model", ipm),
+    "min_max": AttackSpec("model", min_max),
+    "min_sum": AttackSpec("model", min_sum),
+    "free_rider": AttackSpec("model", free_rider),
+}
+
+
+# ---------------------------------------------------------------------------- Attack
+
+
+def _readonly(array: np.ndarray) -> np.ndarray:
+    view = np.asarray(array).view()
+    view.flags.writeable = False
+    return view
+
+
+class Attack:
+    """One run's attack: what the malicious clients do to their data or their updates.
+
+    Built by ``build_attack``; ``params`` holds every parameter with its default filled in.
+    Inputs are never mutated.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        fn: Callable | None,
+        params: dict[str, Any],
+        collude: bool = False,
+        plugin: bool = False,
+    ) -> None:
+        self.name = name
+        self.kind = kind
+        self.params = params
+        self.collude = collude
+        target = params.get("target")
+        self.target_class: int | None = target if kind == "data" and _is_int(target) else None
+        self._fn = fn
+        self._plugin = plugin
+
+    def __repr__(self) -> str:
+        return (
+            f"Attack(name={self.name!r}, kind={self.kind!r}, params={self.params!r}, "
+            f"collude={self.collude!r})"
+        )
+
+    def _fail(self, problem: str) -> AttackError:
+        who = f"attack plugin {self.name!r}" if self._plugin else f"attack {self.name!r}"
+        return AttackError(f"{who} {problem}")
+
+    def _call(self, *args: Any) -> Any:
+        if not self._plugin:
+            return self._fn(*args)
+        try:
+            return self._fn(*args, **self.params)
+        except Exception as error:
+            raise self._fail(f"raised {type(error).__name__}: {error}") from error
+
+    def poison_data(
+        self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One malicious client's poisoned local data (new arrays); inputs if not a data attack."""
+        if self.kind != "data":
+            return x, y
+        x, y = np.asarray(x), np.asarray(y)
+        result = self._call(_readonly(x), _readonly(y), rng)
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise self._fail(f"must return a tuple (x, y). Received: {type(result).__name__}")
+        x_new, y_new = np.asarray(result[0]), np.asarray(result[1])
+        if x_new.shape[1:] != x.shape[1:] or y_new.shape != (len(x_new),):
+            expected = ", ".join(["N", *map(str, x.shape[1:])])
+            raise self._fail(
+                f"returned x {x_new.shape} and y {y_new.shape}; "
+                f"expected x shaped ({expected}) and y shaped (N,)"
+            )
+        if not np.issubdtype(x_new.dtype, np.floating):
+            raise self._fail(f"returned x of dtype {x_new.dtype}; expected a float array")
+        if not np.issubdtype(y_new.dtype, np.integer):
+            raise self._fail(f"returned y of dtype {y_new.dtype}; expected integer labels")
+        if not np.isfinite(x_new).all():
+            raise self._fail("returned x with NaN or Inf values")
+        classes = self.params.get("num_classes")
+        if classes is not None and y_new.size and (y_new.min() < 0 or y_new.max() >= classes):
+            raise self._fail(f"returned labels outside 0..{classes - 1}")
+        x_new = x_new.astype(x.dtype, copy=np.may_share_memory(x_new, x))
+        y_new = y_new.astype(y.dtype, copy=np.may_share_memory(y_new, y))
+        return x_new, y_new
+
+    def craft(self, honest: np.ndarray, own: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The ``(m, d)`` float32 updates the m malicious clients send instead of ``own``.
+
+        ``honest`` is this round's ``(h, d)`` honest updates; ``own`` the ``(m, d)`` updates
+        the malicious clients trained normally. Not a model attack: ``own`` unchanged.
+        """
+        if self.kind != "model":
+            return own
+        own = np.asarray(own)
+        if own.ndim != 2:
+            raise AttackError(f"own updates must be shaped (m, d). Received: {own.shape}")
+        honest = np.asarray(honest)
+        if honest.size == 0:
+            honest = honest.reshape(0, own.shape[1])
+        if honest.ndim != 2 or honest.shape[1] != own.shape[1]:
+            raise AttackError(
+                f"honest updates must be shaped (h, {own.shape[1]}). Received: {honest.shape}"
+            )
+        if len(own) == 0:
+            return own.astype(np.float32)
+        if self._plugin:
+            out = self._call(_readonly(honest), len(own), rng)
+        else:
+            out = self._call(_readonly(honest), _readonly(own), rng)
+        out = np.asarray(out)
+        if out.shape != own.shape:
+            raise self._fail(f"returned shape {out.shape}; expected {own.shape} (num_malicious, d)")
+        if not np.issubdtype(out.dtype, np.floating):
+            raise self._fail(f"returned dtype {out.dtype}; expected a float array")
+        if not np.isfinite(out).all():
+            raise self._fail("returned NaN or Inf values")
+        if self.collude:
+            out = out[:1]
+        return np.array(np.broadcast_to(out, own.shape), dtype=np.float32)
+
+    def trigger(self, x: np.ndarray) -> np.ndarray:
+        """Test inputs with the backdoor trigger stamped on; only for backdoor-style attacks."""
+        if "trigger_size" not in self.params:
+            raise AttackError(f"attack {self.name!r} has no trigger; only backdoor attacks do")
+        return stamp_trigger(x, self.params["trigger_size"])
+
+    def asr_inputs(
+        self, x_test: np.ndarray, y_test: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Inputs and target labels for the attack success rate, or None for untargeted attacks.
+
+        Backdoor: triggered test inputs whose true label is not the target. Targeted label
+        flip: test inputs of the source class. Labels are all ``target_class``.
+        """
+        if self.target_class is None:
+            return None
+        y_test = np.asarray(y_test)
+        if "trigger_size" in self.params:
+            keep = y_test != self.target_class
+            x = self.trigger(np.asarray(x_test)[keep])
+        elif self.params.get("source") is not None:
+            keep = y_test == self.params["source"]
+            x = np.array(np.asarray(x_test)[keep])
+        else:
+            return None
+        return x, np.full(len(x), self.target_class, dtype=y_test.dtype)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+# ---------------------------------------------------------------------------- building
+
+
+_REQUIRED = object()
+
+
+def _signature(fn: Callable, skip: int) -> tuple[dict[str, Any], bool] | None:
+    """Parameters after the first ``skip``: name -> default (``_REQUIRED`` if none), **kwargs?"""
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())[skip:]
+    except (TypeError, ValueError):
+        return None
+    named = {
+        p.name: _REQUIRED if p.default is inspect.Parameter.empty else p.default
+        for p in parameters
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    return named, any(p.kind is p.VAR_KEYWORD for p in parameters)
+
+
+def _fill_params(who: str, params: dict[str, Any], named: dict[str, Any], var_kw: bool) -> dict:
+    """Defaults filled in; context params the attack does not take dropped; unknown rejected."""
+    params = {k: v for k, v in params.items() if k in named or var_kw or k not in CONTEXT_PARAMS}
+    unknown = [] if var_kw else sorted(set(params) - set(named))
+    if unknown:
+        accepted = ", ".join(sorted(named)) or "(none)"
+        raise AttackError(f"{who} has no parameter {unknown[0]!r}. Accepted: {accepted}")
+    missing = [k for k, v in named.items() if v is _REQUIRED and k not in params]
+    if missing:
+        raise AttackError(f"{who} needs parameter {missing[0]!r}")
+    return {**{k: v for k, v in named.items() if v is not _REQUIRED}, **params}
+
+
+def _load_plugin(spec: str) -> Callable:
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise AttackError(f"attack plugin must look like 'package.module:callable'. Got {spec!r}")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except Exception as error:
+        raise AttackError(
+            f"attack plugin {spec!r}: cannot import {module_name!r}: {error}"
+        ) from error
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise AttackError(f"attack plugin {spec!r}: {module_name!r} has no {attribute!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise AttackError(f"attack plugin {spec!r} is not callable")
+    return target
+
+
+def _build_plugin(spec: str, params: dict[str, Any], collude: bool) -> Attack:
+    fn = _load_plugin(spec)
+    found = _signature(fn, skip=3)
+    if found is not None:
+        params = _fill_params(f"attack plugin {spec!r}", params, *found)
+    kind = getattr(fn, _DATA_KIND_ATTR, "model")
+    return Attack(spec, kind, fn, params, collude, plugin=True)
+
+
+def build_attack(name: str, params: dict[str, Any] | None = None, collude: bool = False) -> Attack:
+    """Build the attack ``name`` (a key of ``ATTACKS`` or ``"package.module:callable"``).
+
+    Args:
+        name: registry name, or a plugin path (see the module docstring for the contracts).
+        params: attack parameters; missing ones take the literature defaults. The context
+            parameter ``num_classes`` is passed only to attacks that take it.
+        collude: all malicious clients send one shared crafted update (the first row).
+
+    Returns:
+        An ``Attack``; ``repr`` shows every parameter.
+
+    Raises:
+        AttackError: unknown name (the message lists the accepted ones), unknown or invalid
+            parameter (named, with the accepted ones), or a plugin that cannot be loaded.
+
+    Example::
+
+        attack = build_attack("min_max", {"perturbation": "sign"})
+    """
+    if not isinstance(collude, bool):
+        raise AttackError(f"collude must be true or false. Received: collude={collude!r}")
+    params = dict(params or {})
+    if ":" in name:
+        return _build_plugin(name, params, collude)
+    spec = ATTACKS.get(name)
+    if spec is None:
+        raise AttackError(
+            f"unknown attack {name!r}. Accepted: {', '.join(ATTACKS)}, "
+            "or 'package.module:callable' for a plugin"
+        )
+    named, _ = _signature(spec.builder, skip=0)
+    params = _fill_params(f"attack {name!r}", params, named, var_kw=False)
+    try:
+        fn = spec.builder(**params)
+    except AttackError as error:
+        raise AttackError(f"attack {name!r}: {error}") from None
+    return Attack(name, spec.kind, fn, params, collude)
+
+
+def describe_attacks() -> list[str]:
+    """One line per registered attack: name, kind, defaults and source (for an ``attacks`` listing).
+
+    Example::
+
+        print("\n".join(describe_attacks()))
+        # alie [model] z=None: A Little Is Enough: mean - z * std per coordinate, ...
+    """
+    lines = []
+    for name, spec in ATTACKS.items():
+        named, _ = _signature(spec.builder, skip=0)
+        defaults = " ".join(f"{k}={v!r}" for k, v in named.items() if k not in CONTEXT_PARAMS)
+        summary = (spec.builder.__doc__ or "").strip().splitlines()[0]
+        lines.append(f"{name} [{spec.kind}]{' ' + defaults if defaults else ''}: {summary}")
+    return lines
+
+
+# ---------------------------------------------------------------------------- CLI params
+
+_WORDS = {"true": True, "false": False, "none": None, "null": None}
+
+
+def _parse_value(text: str) -> Any:
+    if text.lower() in _WORDS:
+        return _WORDS[text.lower()]
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
+def parse_attack_params(items: Sequence[str]) -> dict[str, Any]:
+    """Parse repeatable ``--attack-param key=value`` items into a dict.
+
+    Values become int, float, bool (true/false), None (none/null) or else str.
+
+    Example::
+
+        parse_attack_params(["boost=10", "perturbation=sign"])
+        # {'boost': 10, 'perturbation': 'sign'}
+    """
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key.isidentifier() or not value:
+            raise AttackError(
+                f"bad --attack-param {item!r}: expected key=value, e.g. boost=10 or z=1.5"
+            )
+        if key in params:
+            raise AttackError(f"--attack-param {key!r} given twice ({item!r})")
+        params[key] = _parse_value(value)
+    return params

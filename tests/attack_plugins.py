@@ -1,0 +1,45 @@
+"""Attack plugins used by tests/test_attacks.py to exercise the plugin contract."""
+
+import numpy as np
+
+from simulations.attacks import fedwarden_data_attack
+
+
+def push_away(honest, num_malicious, rng, strength=2.0):
+    """Good model plugin: every malicious client sends -strength * honest mean."""
+    return np.tile(-strength * honest.mean(axis=0), (num_malicious, 1))
+
+
+@fedwarden_data_attack
+def relabel_all(x, y, rng, label=1):
+    """Good data plugin: every label becomes ``label``."""
+    return x.copy(), np.full_like(y, label)
+
+
+def wrong_shape(honest, num_malicious, rng):
+    return np.zeros((num_malicious + 1, honest.shape[1]))
+
+
+def nan_update(honest, num_malicious, rng):
+    return np.full((num_malicious, honest.shape[1]), np.nan)
+
+
+def int_update(honest, num_malicious, rng):
+    return np.zeros((num_malicious, honest.shape[1]), dtype=np.int64)
+
+
+def raises(honest, num_malicious, rng):
+    raise RuntimeError("boom")
+
+
+def mutates(honest, num_malicious, rng):
+    honest[0] = 0.0
+    return np.zeros((num_malicious, honest.shape[1]))
+
+
+@fedwarden_data_attack
+def drops_labels(x, y, rng):
+    return x.copy(), y[:-1].copy()
+
+
+NOT_CALLABLE = 3

@@ -1,0 +1,364 @@
+"""Defining property of each attack in simulations/attacks.py, plus the plugin contract."""
+
+from pathlib import Path
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from simulations.attacks import (
+    ATTACKS,
+    AttackError,
+    alie_z,
+    build_attack,
+    describe_attacks,
+    parse_attack_params,
+    stamp_trigger,
+)
+
+NUM_CLASSES = 10
+
+
+def updates(h: int = 8, m: int = 3, d: int = 50, seed: int = 0):
+    """Honest updates around a common direction, and the attackers' own normal updates."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(0.0, 0.1, size=d)
+    honest = (base + rng.normal(0.0, 0.05, size=(h, d))).astype(np.float32)
+    own = (base + rng.normal(0.0, 0.05, size=(m, d))).astype(np.float32)
+    return honest, own
+
+
+def images(n: int = 40, size: int = 8, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0.0, 0.5, size=(n, size, size, 1)).astype(np.float32)
+    y = np.arange(n) % NUM_CLASSES
+    return x, y
+
+
+def craft(name, params=None, collude=False, h=8, m=3, d=50, seed=0):
+    honest, own = updates(h, m, d, seed)
+    attack = build_attack(name, params, collude)
+    return attack.craft(honest, own, np.random.default_rng(seed)), honest, own
+
+
+def sq_dists(points, honest):
+    return ((points[:, None, :].astype(np.float64) - honest[None, :, :]) ** 2).sum(-1)
+
+
+# ---------------------------------------------------------------- every attack
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_every_attack_keeps_shapes_and_inputs(name):
+    attack = build_attack(name, {"num_classes": NUM_CLASSES})
+    assert attack.kind in ("data", "model", "none")
+    assert name in repr(attack)
+    honest, own = updates()
+    x, y = images()
+    copies = [a.copy() for a in (honest, own, x, y)]
+    rng = np.random.default_rng(1)
+    out = attack.craft(honest, own, rng)
+    x_new, y_new = attack.poison_data(x, y, rng)
+    for before, after in zip(copies, (honest, own, x, y), strict=True):
+        np.testing.assert_array_equal(before, after)
+    if attack.kind == "model":
+        assert out.shape == own.shape and out.dtype == np.float32 and np.isfinite(out).all()
+        assert x_new is x and y_new is y
+    else:
+        assert out is own
+    if attack.kind == "data":
+        assert x_new is not x and y_new is not y
+        assert x_new.shape == x.shape and x_new.dtype == x.dtype and y_new.dtype == y.dtype
+    else:
+        assert x_new is x and y_new is y
+
+
+# ---------------------------------------------------------------- model attacks
+
+
+def test_alie_is_mean_minus_z_std():
+    out, honest, own = craft("alie", h=8, m=2)
+    ref = honest.astype(np.float64)
+    z = NormalDist().inv_cdf((10 - (6 - 2)) / 10)  # n=10, f=2: s = floor(10/2+1) - 2 = 4
+    assert alie_z(10, 2) == pytest.approx(z)
+    np.testing.assert_allclose(out, np.tile(ref.mean(0) - z * ref.std(0), (2, 1)), rtol=1e-5)
+    deviation = np.abs(out - ref.mean(0)) / ref.std(0)
+    assert np.all(deviation <= z + 1e-4)
+
+
+def test_alie_fixed_z_and_majority_clamp():
+    out, honest, _ = craft("alie", {"z": 1.5})
+    ref = honest.astype(np.float64)
+    np.testing.assert_allclose(out[0], ref.mean(0) - 1.5 * ref.std(0), rtol=1e-5)
+    assert np.isfinite(alie_z(10, 7)) and alie_z(1, 1) == 0.0
+
+
+def test_ipm_has_negative_inner_product_with_honest_mean():
+    out, honest, _ = craft("ipm")
+    mean = honest.astype(np.float64).mean(0)
+    np.testing.assert_allclose(out[0], -0.1 * mean, rtol=1e-5)
+    assert out[0] @ mean < 0
+
+
+@pytest.mark.parametrize("perturbation", ["std", "unit_vec", "sign"])
+def test_min_max_stays_within_honest_max_distance(perturbation):
+    out, honest, _ = craft("min_max", {"perturbation": perturbation})
+    bound = sq_dists(honest, honest).max()
+    worst = sq_dists(out[:1], honest).max()
+    assert worst <= bound * (1 + 1e-5)
+    assert worst >= bound * (1 - 1e-3)  # gamma is the largest that fits
+    mean = honest.astype(np.float64).mean(0)
+    shift = out[0] - mean
+    p = {
+        "std": -honest.std(0),
+        "unit_vec": -mean / np.linalg.norm(mean),
+        "sign": -np.sign(mean),
+    }[perturbation]
+    gamma = shift @ p / (p @ p)
+    assert gamma > 0
+    np.testing.assert_allclose(shift, gamma * p, atol=1e-5)
+
+
+@pytest.mark.parametrize("perturbation", ["std", "unit_vec", "sign"])
+def test_min_sum_stays_within_honest_max_sum_of_distances(perturbation):
+    out, honest, _ = craft("min_sum", {"perturbation": perturbation})
+    bound = sq_dists(honest, honest).sum(1).max()
+    total = sq_dists(out[:1], honest).sum()
+    assert bound * (1 - 1e-3) <= total <= bound * (1 + 1e-5)
+    assert not np.allclose(out[0], honest.mean(0))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    h=st.integers(2, 12),
+    m=st.integers(1, 4),
+    d=st.integers(1, 30),
+    seed=st.integers(0, 2**16),
+    use_sum=st.booleans(),
+)
+def test_min_max_min_sum_bound_holds_for_any_cohort(h, m, d, seed, use_sum):
+    out, honest, _ = craft("min_sum" if use_sum else "min_max", h=h, m=m, d=d, seed=seed)
+    pair = sq_dists(honest, honest)
+    mine = sq_dists(out[:1], honest)
+    if use_sum:
+        assert mine.sum() <= pair.sum(1).max() * (1 + 1e-4) + 1e-9
+    else:
+        assert mine.max() <= pair.max() * (1 + 1e-4) + 1e-9
+
+
+def test_sign_flip_negates_and_scaling_multiplies():
+    out, _, own = craft("sign_flip")
+    np.testing.assert_allclose(out, -own)
+    out, _, own = craft("sign_flip", {"scale": 4})
+    np.testing.assert_allclose(out, -4 * own, rtol=1e-6)
+    out, _, own = craft("scaling", h=7, m=3)
+    np.testing.assert_allclose(out, own * (10 / 3), rtol=1e-6)
+    out, _, own = craft("scaling", {"boost": 10})
+    np.testing.assert_allclose(out, own * 10, rtol=1e-6)
+
+
+def test_free_rider_sends_zeros():
+    out, _, own = craft("free_rider")
+    assert out.shape == own.shape and not out.any()
+
+
+def test_gaussian_spread_and_per_client_variation():
+    out, honest, _ = craft("gaussian", {"sigma": 3.0}, m=4, d=20000)
+    assert out.std() == pytest.approx(3.0, rel=0.02) and abs(out.mean()) < 0.05
+    assert not np.allclose(out[0], out[1])
+    out, honest, _ = craft("gaussian", {"relative": True, "sigma": 200.0}, d=20000)
+    expected = 200.0 * np.median(honest.astype(np.float64).std(0))
+    assert out.std() == pytest.approx(expected, rel=0.02)
+
+
+@pytest.mark.parametrize("name", ["gaussian", "sign_flip", "scaling"])
+def test_collude_sends_one_shared_row(name):
+    out, _, _ = craft(name, collude=True, m=4)
+    assert (out == out[0]).all()
+
+
+def test_no_honest_updates_falls_back_to_own():
+    _, own = updates()
+    attack = build_attack("alie")
+    out = attack.craft(np.empty((0, own.shape[1]), np.float32), own, np.random.default_rng())
+    assert out.shape == own.shape and np.isfinite(out).all()
+
+
+# ---------------------------------------------------------------- data attacks
+
+
+def test_label_flip_maps_all_labels_without_mutating():
+    x, y = images()
+    x0, y0 = x.copy(), y.copy()
+    attack = build_attack("label_flip", {"num_classes": NUM_CLASSES})
+    x_new, y_new = attack.poison_data(x, y, np.random.default_rng(0))
+    np.testing.assert_array_equal(y_new, NUM_CLASSES - 1 - y0)
+    np.testing.assert_array_equal(x_new, x0)
+    np.testing.assert_array_equal(y, y0)
+    assert attack.target_class is None and attack.asr_inputs(x, y) is None
+
+
+def test_targeted_label_flip_and_its_asr_inputs():
+    x, y = images()
+    attack = build_attack("label_flip", {"source": 3, "target": 8})
+    _, y_new = attack.poison_data(x, y, np.random.default_rng(0))
+    np.testing.assert_array_equal(y_new, np.where(y == 3, 8, y))
+    assert attack.target_class == 8
+    x_asr, y_asr = attack.asr_inputs(x, y)
+    np.testing.assert_array_equal(x_asr, x[y == 3])
+    assert (y_asr == 8).all() and len(y_asr) == (y == 3).sum()
+    with pytest.raises(AttackError, match="no trigger"):
+        attack.trigger(x)
+
+
+def test_label_noise_redraws_a_fraction():
+    x, y = images(n=200)
+    attack = build_attack("label_noise", {"num_classes": NUM_CLASSES, "fraction": 0.25})
+    _, y_new = attack.poison_data(x, y, np.random.default_rng(0))
+    changed = (y_new != y).sum()
+    assert 0 < changed <= 50 and y_new.min() >= 0 and y_new.max() < NUM_CLASSES
+
+
+def stamped(x):
+    return (x[:, -3:, -3:, :] == 1.0).all(axis=(1, 2, 3))
+
+
+def test_backdoor_stamps_exactly_the_fraction_with_target_label():
+    x, y = images(n=40)
+    x0, y0 = x.copy(), y.copy()
+    attack = build_attack("backdoor", {"poison_fraction": 0.25, "target": 2})
+    x_new, y_new = attack.poison_data(x, y, np.random.default_rng(0))
+    hit = stamped(x_new)
+    assert hit.sum() == 10 and (y_new[hit] == 2).all()
+    np.testing.assert_array_equal(x_new[~hit], x0[~hit])
+    np.testing.assert_array_equal(y_new[~hit], y0[~hit])
+    np.testing.assert_array_equal(x, x0)  # inputs untouched
+    np.testing.assert_array_equal(y, y0)
+    assert attack.target_class == 2
+
+
+def test_backdoor_asr_inputs_exclude_target_class():
+    x, y = images(n=40)
+    attack = build_attack("backdoor")  # target 0, poison_fraction 0.5
+    assert attack.params["poison_fraction"] == 0.5 and attack.target_class == 0
+    x_asr, y_asr = attack.asr_inputs(x, y)
+    assert len(x_asr) == (y != 0).sum() and (y_asr == 0).all()
+    assert stamped(x_asr).all()
+    np.testing.assert_array_equal(x_asr[:, :5, :5], x[y != 0][:, :5, :5])
+
+
+def test_trigger_on_flat_features():
+    x = np.zeros((4, 12), np.float32)
+    out = stamp_trigger(x, 3)
+    assert (out[:, -3:] == 1.0).all() and not out[:, :-3].any() and not x.any()
+    attack = build_attack("backdoor", {"trigger_size": 2})
+    assert (attack.trigger(x)[:, -2:] == 1.0).all()
+
+
+# ---------------------------------------------------------------- building and errors
+
+
+def test_unknown_name_lists_accepted_ones():
+    with pytest.raises(AttackError) as error:
+        build_attack("sign_flop")
+    assert "'sign_flop'" in str(error.value)
+    for name in ATTACKS:
+        assert name in str(error.value)
+
+
+def test_bad_params_are_named():
+    with pytest.raises(AttackError, match=r"'zz'.*Accepted: z"):
+        build_attack("alie", {"zz": 1})
+    with pytest.raises(AttackError, match="poison_fraction"):
+        build_attack("backdoor", {"poison_fraction": 1.5})
+    with pytest.raises(AttackError, match="perturbation"):
+        build_attack("min_max", {"perturbation": "random"})
+    with pytest.raises(AttackError, match="num_classes"):
+        build_attack("label_flip")
+    with pytest.raises(AttackError, match="target"):
+        build_attack("label_flip", {"source": 1})
+    with pytest.raises(AttackError, match="scale"):
+        build_attack("sign_flip", {"scale": "big"})
+
+
+def test_num_classes_is_context_only():
+    attack = build_attack("sign_flip", {"num_classes": NUM_CLASSES})
+    assert attack.params == {"scale": 1.0}
+    assert "scale" in repr(attack)
+
+
+def test_describe_attacks_lists_every_attack_with_defaults():
+    lines = describe_attacks()
+    assert [line.split(" ")[0] for line in lines] == list(ATTACKS)
+    assert any(line.startswith("ipm [model] epsilon=0.1: ") for line in lines)
+
+
+def test_parse_attack_params():
+    parsed = parse_attack_params(["boost=10", "z=1.5", "relative=true", "z2=none", "p=sign"])
+    assert parsed == {"boost": 10, "z": 1.5, "relative": True, "z2": None, "p": "sign"}
+    assert isinstance(parsed["boost"], int)
+    for bad in ["boost", "=3", "boost=", "1x=2"]:
+        with pytest.raises(AttackError, match="bad --attack-param"):
+            parse_attack_params([bad])
+    with pytest.raises(AttackError, match="twice"):
+        parse_attack_params(["z=1", "z=2"])
+
+
+# ---------------------------------------------------------------- plugins
+
+
+@pytest.fixture
+def plugins(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    return "attack_plugins"
+
+
+def test_model_plugin(plugins):
+    attack = build_attack(f"{plugins}:push_away", {"strength": 3.0})
+    assert attack.kind == "model" and attack.params == {"strength": 3.0}
+    honest, own = updates()
+    out = attack.craft(honest, own, np.random.default_rng())
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, np.tile(-3.0 * honest.mean(0), (len(own), 1)), rtol=1e-5)
+
+
+def test_data_plugin(plugins):
+    attack = build_attack(f"{plugins}:relabel_all", {"num_classes": NUM_CLASSES})
+    assert attack.kind == "data" and attack.params == {"label": 1}
+    x, y = images()
+    x_new, y_new = attack.poison_data(x, y, np.random.default_rng())
+    assert (y_new == 1).all() and x_new is not x
+    assert attack.craft(*updates(), np.random.default_rng()) is not None
+
+
+@pytest.mark.parametrize(
+    ("plugin", "problem"),
+    [
+        ("wrong_shape", "returned shape"),
+        ("nan_update", "NaN"),
+        ("int_update", "dtype"),
+        ("raises", "RuntimeError: boom"),
+        ("mutates", "read-only"),
+    ],
+)
+def test_bad_model_plugin_errors_name_it(plugins, plugin, problem):
+    attack = build_attack(f"{plugins}:{plugin}")
+    with pytest.raises(AttackError, match=problem) as error:
+        attack.craft(*updates(), np.random.default_rng())
+    assert f"{plugins}:{plugin}" in str(error.value)
+    if plugin == "raises":
+        assert isinstance(error.value.__cause__, RuntimeError)
+
+
+def test_bad_data_plugin_and_plugin_params(plugins):
+    attack = build_attack(f"{plugins}:drops_labels")
+    with pytest.raises(AttackError, match="drops_labels"):
+        attack.poison_data(*images(), np.random.default_rng())
+    with pytest.raises(AttackError, match=r"push_away.*'force'.*Accepted: strength"):
+        build_attack(f"{plugins}:push_away", {"force": 1})
+    with pytest.raises(AttackError, match="not callable"):
+        build_attack(f"{plugins}:NOT_CALLABLE")
+    with pytest.raises(AttackError, match="cannot import"):
+        build_attack("no_such_module_xyz:fn")
