@@ -1,0 +1,330 @@
+"""Per-client measurements of one round and the anomaly score that combines them.
+
+numpy in, numpy out, no I/O. The coordinator stacks the admitted updates once per round into a
+``(K, d)`` matrix; :func:`client_metrics` measures every row against the cohort and the round's
+robust aggregate, :func:`anomaly_score` turns those measurements into one score in ``[0, 1]`` per
+client (0 = looks like the cohort, 1 = as anomalous as it gets). Trust (``server/trust.py``) is an
+exponentially weighted average of ``1 - anomaly``.
+
+Example::
+
+    metrics = client_metrics(updates, aggregate, losses, step_output.per_client)
+    scores = anomaly_score(metrics)                      # DEFAULT_ANOMALY_WEIGHTS
+    scores = anomaly_score(metrics, {"cosine": 1.0})     # direction only
+
+How each measurement becomes a component in ``[0, 1]`` (all are scale free, so the same weights
+work for any model size):
+
+- ``norm_z``: robust z-score of the update norm, two-sided (tiny updates of free riders are as
+  suspicious as huge ones), squashed by a logistic ``1 / (1 + exp(-1.5 (|z| - 3)))``: about 0.01 at
+  ``|z| = 0``, 0.18 at 2, 0.5 at 3, 0.95 at 5.
+- ``loss_z``: the same for the reported local loss (dropped when losses are unknown).
+- ``cosine``: ``(1 - cosine) / 2``: 0 when aligned with the aggregate, 0.5 orthogonal, 1 opposite.
+- ``krum_score``: ``max(0, 1 - median / score)``: 0 at or below the cohort's median Krum score,
+  0.5 at twice it, 0.9 at ten times it. Unlike a rank it does not push the honest client that
+  happens to rank last to 1.
+- ``trimmed_share``: excess over the cohort's mean share, ``max(0, (s - mean) / (1 - mean))``: a
+  trimmed mean trims the same number of rows per coordinate, so honest clients sit near the mean
+  and a row trimmed on every coordinate scores 1.
+- ``distance`` (weight 0 by default): logistic of the one-sided robust z of the distance to the
+  aggregate (it largely repeats ``norm_z`` and ``cosine``).
+
+The score is the weighted quadratic mean (power mean with ``power=2``) of the components a client
+has: ``sqrt(sum(w_i * c_i**2) / sum(w_i))``. Compared with the plain weighted mean it keeps strong
+evidence in one or two components from being averaged away by the quiet ones (a sign-flipped
+update of ordinary norm is anomalous only in direction), while a client that is quiet everywhere
+stays near 0. On the synthetic dataset (20 clients, 10 per round, 20% attackers, 10 rounds,
+mean or trimmed mean, losses left out) honest clients averaged 0.08 to 0.27 (the top of that range
+when Gaussian attackers drag a plain mean off course) and sign-flip, scaling, IPM, Gaussian and
+free-rider attackers 0.56 to 0.78; ALIE and Min-Max, built to hide inside the cohort's spread,
+score like honest clients.
+
+A component that is NaN for a client (no losses reported, a cohort too small to trim) is left
+out and the other weights are renormalised, so a missing measurement never counts as evidence
+either way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DEFAULT_ANOMALY_WEIGHTS: dict[str, float] = {
+    "norm_z": 0.25,
+    "cosine": 0.25,
+    "krum_score": 0.2,
+    "trimmed_share": 0.15,
+    "loss_z": 0.15,
+    "distance": 0.0,
+}
+"""Component weights of :func:`anomaly_score` (they need not sum to 1; only ratios count)."""
+
+DEFAULT_TRIM_RATIO = 0.1
+"""Share of rows trimmed per side when the chain does not supply ``trimmed_share``."""
+
+METRIC_NAMES = ("norm", "norm_z", "cosine", "distance", "krum_score", "trimmed_share", "loss_z")
+"""Keys of the dict returned by :func:`client_metrics`, each an array of length K."""
+
+_MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
+_MEANAD_TO_SIGMA = 1.2533  # the same for the mean absolute deviation (fallback when MAD is 0)
+_BLOCK = 1 << 16  # columns processed at a time: bounds the float64 copies for large d
+
+
+def robust_z(x: np.ndarray) -> np.ndarray:
+    """Robust z-scores ``(x - median) / (1.4826 * MAD)``.
+
+    When the MAD is 0 (more than half the values are equal) the scale falls back to
+    ``1.2533 * mean absolute deviation``; when that is 0 too (all values equal) every z is 0.
+    NaN entries are ignored in the statistics and stay NaN.
+    """
+    x = np.asarray(x, np.float64)
+    finite = np.isfinite(x)
+    if not finite.any():
+        return np.full(x.shape, np.nan)
+    med = np.median(x[finite])
+    dev = np.abs(x[finite] - med)
+    scale = _MAD_TO_SIGMA * np.median(dev)
+    if scale <= 0:
+        scale = _MEANAD_TO_SIGMA * np.mean(dev)
+    if scale <= 0:
+        return np.where(finite, 0.0, np.nan)
+    return (x - med) / scale
+
+
+def _gram(updates: np.ndarray, aggregate: np.ndarray) -> np.ndarray:
+    """The (K+1, K+1) float64 Gram matrix of the rows of ``updates`` and ``aggregate`` (last)."""
+    k, d = updates.shape
+    gram = np.zeros((k + 1, k + 1), np.float64)
+    for start in range(0, max(d, 1), _BLOCK):
+        cols = slice(start, start + _BLOCK)
+        block = np.vstack([updates[:, cols], aggregate[None, cols]]).astype(np.float64)
+        gram += block @ block.T
+    return gram
+
+
+def krum_scores(sq_dist: np.ndarray, num_byzantine: int | None = None) -> np.ndarray:
+    """Krum scores from a (K, K) matrix of squared distances.
+
+    The score of client i is the sum of its squared distances to its ``K - f - 2`` nearest other
+    clients (Blanchard et al., 2017), with ``f = num_byzantine`` defaulting to the largest value
+    Krum tolerates, ``floor((K - 3) / 2)`` clipped at 0. The neighbour count is clipped to
+    ``[1, K - 1]`` so that cohorts of 2 or 3 still get scores; a cohort of one scores 0.
+
+    References:
+        Blanchard, El Mhamdi, Guerraoui, Stainer. Machine Learning with Adversaries: Byzantine
+        Tolerant Gradient Descent. NeurIPS 2017.
+    """
+    k = sq_dist.shape[0]
+    if k < 2:
+        return np.zeros(k)
+    f = max((k - 3) // 2, 0) if num_byzantine is None else num_byzantine
+    m = min(max(k - f - 2, 1), k - 1)
+    others = sq_dist + np.diag(np.full(k, np.inf))  # a client is not its own neighbour
+    nearest = np.partition(others, m - 1, axis=1)[:, :m]
+    return nearest.sum(axis=1)
+
+
+def trimmed_shares(updates: np.ndarray, trim_ratio: float = DEFAULT_TRIM_RATIO) -> np.ndarray:
+    """Share of coordinates on which each row would be trimmed by a coordinate-wise trimmed mean.
+
+    ``t = max(1, floor(trim_ratio * K))`` rows are trimmed per side and coordinate (at least one,
+    so small cohorts still say something). With ``K < 3`` nothing would be left after trimming,
+    and the shares are NaN. Ties are broken by row order, as a stable sort does.
+    """
+    k, d = updates.shape
+    t = max(1, int(np.floor(trim_ratio * k)))
+    if k < 2 * t + 1 or d == 0:
+        return np.full(k, np.nan)
+    counts = np.zeros(k, np.int64)
+    for start in range(0, d, _BLOCK):
+        order = np.argsort(updates[:, start : start + _BLOCK], axis=0, kind="stable")
+        counts += np.bincount(order[:t].ravel(), minlength=k)
+        counts += np.bincount(order[k - t :].ravel(), minlength=k)
+    return counts / d
+
+
+def _per_client(per_client: dict[str, np.ndarray], key: str, k: int) -> np.ndarray | None:
+    value = per_client.get(key)
+    if value is None:
+        return None
+    value = np.asarray(value, np.float64)
+    if value.shape != (k,):
+        raise ValueError(
+            f"per_client[{key!r}] must have one value per update row, shape ({k},). "
+            f"Received shape {value.shape}."
+        )
+    return value
+
+
+def client_metrics(
+    updates: np.ndarray,
+    aggregate: np.ndarray,
+    losses: np.ndarray | None,
+    per_client: dict[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """Measures every admitted update against the cohort and the round's robust aggregate.
+
+    Args:
+        updates: ``(K, d)`` admitted update matrix, one row per client (not modified).
+        aggregate: ``(d,)`` robust aggregate of the round (before server optimizer and DP noise
+            is best: noise makes every cosine smaller).
+        losses: ``(K,)`` reported local losses, or None when unknown.
+        per_client: the aggregation chain's per-client measurements; ``krum_score`` and
+            ``trimmed_share`` are taken from it when present (so the scores match what the rule
+            actually did) and computed here otherwise.
+
+    Returns:
+        Float64 arrays of length K, keyed by :data:`METRIC_NAMES`: ``norm``; ``norm_z``, the
+        robust z-score of the norm (see :func:`robust_z`); ``cosine``, the cosine similarity to
+        the aggregate (0 when either vector is zero); ``distance``, the Euclidean distance to the
+        aggregate; ``krum_score`` (see :func:`krum_scores`); ``trimmed_share`` (see
+        :func:`trimmed_shares`, 10% trim); ``loss_z``, the robust z-score of the loss (NaN when
+        ``losses`` is None).
+
+    Norms, cosines, distances and Krum scores all come from one float64 Gram matrix of the
+    rows and the aggregate, accumulated over column blocks, so memory stays ``O(K^2)`` beyond the
+    input for any d.
+    """
+    updates = np.asarray(updates)
+    if updates.ndim != 2:
+        raise ValueError(f"updates must be a (K, d) matrix. Received shape {updates.shape}.")
+    k, d = updates.shape
+    aggregate = np.asarray(aggregate).reshape(-1)
+    if aggregate.shape != (d,):
+        raise ValueError(
+            f"aggregate must have shape ({d},), one value per update column. "
+            f"Received shape {aggregate.shape}."
+        )
+    per_client = per_client or {}
+
+    gram = _gram(updates, aggregate)
+    sq_norm = np.diag(gram)
+    norm_all = np.sqrt(sq_norm)
+    norm, agg_norm = norm_all[:k], norm_all[k]
+    dots = gram[:k, k]
+    denom = norm * agg_norm
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cosine = np.where(denom > 0, dots / np.where(denom > 0, denom, 1.0), 0.0)
+    cosine = np.clip(cosine, -1.0, 1.0)
+    distance = np.sqrt(np.maximum(sq_norm[:k] - 2 * dots + sq_norm[k], 0.0))
+
+    krum = _per_client(per_client, "krum_score", k)
+    if krum is None:
+        sq_dist = np.maximum(sq_norm[:k, None] + sq_norm[None, :k] - 2 * gram[:k, :k], 0.0)
+        krum = krum_scores(sq_dist)
+    trimmed = _per_client(per_client, "trimmed_share", k)
+    if trimmed is None:
+        trimmed = trimmed_shares(updates)
+
+    if losses is None:
+        loss_z = np.full(k, np.nan)
+    else:
+        losses = np.asarray(losses, np.float64).reshape(-1)
+        if losses.shape != (k,):
+            raise ValueError(f"losses must have shape ({k},). Received shape {losses.shape}.")
+        loss_z = robust_z(losses)
+
+    return {
+        "norm": norm,
+        "norm_z": robust_z(norm),
+        "cosine": cosine,
+        "distance": distance,
+        "krum_score": krum,
+        "trimmed_share": trimmed,
+        "loss_z": loss_z,
+    }
+
+
+def _logistic_of_abs(z: np.ndarray, center: float = 3.0, slope: float = 1.5) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-slope * (np.abs(z) - center)))
+
+
+def _krum_component(score: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(score)
+    if not finite.any():
+        return np.full(score.shape, np.nan)
+    med = np.median(score[finite])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(score > 0, 1.0 - med / np.where(score > 0, score, 1.0), 0.0)
+    return np.where(finite, np.clip(out, 0.0, 1.0), np.nan)
+
+
+def _trimmed_component(share: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(share)
+    if not finite.any():
+        return np.full(share.shape, np.nan)
+    mean = float(np.mean(share[finite]))
+    if mean >= 1.0:
+        return np.where(finite, 0.0, np.nan)
+    return np.clip((share - mean) / (1.0 - mean), 0.0, 1.0)
+
+
+def _distance_component(distance: np.ndarray) -> np.ndarray:
+    return _logistic_of_abs(np.maximum(robust_z(distance), 0.0))
+
+
+_COMPONENTS = {
+    "norm_z": lambda m: _logistic_of_abs(m["norm_z"]),
+    "loss_z": lambda m: _logistic_of_abs(m["loss_z"]),
+    "cosine": lambda m: (1.0 - np.clip(m["cosine"], -1.0, 1.0)) / 2.0,
+    "krum_score": lambda m: _krum_component(m["krum_score"]),
+    "trimmed_share": lambda m: _trimmed_component(m["trimmed_share"]),
+    "distance": lambda m: _distance_component(m["distance"]),
+}
+
+
+def anomaly_components(metrics: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each measurement mapped to ``[0, 1]`` (NaN where unknown), as combined in the score."""
+    return {
+        name: np.asarray(fn(metrics), np.float64)
+        for name, fn in _COMPONENTS.items()
+        if name in metrics
+    }
+
+
+def anomaly_score(
+    metrics: dict[str, np.ndarray], weights: dict[str, float] | None = None, power: float = 2.0
+) -> np.ndarray:
+    """One anomaly score in ``[0, 1]`` per client: the weighted power mean of the components.
+
+    Args:
+        metrics: the dict returned by :func:`client_metrics` (components whose key is absent are
+            skipped).
+        weights: component name to non-negative weight, any of ``norm_z``, ``cosine``,
+            ``krum_score``, ``trimmed_share``, ``loss_z``, ``distance``. Names left out get weight
+            0. Defaults to :data:`DEFAULT_ANOMALY_WEIGHTS`.
+        power: exponent of the power mean, >= 1: 1 is the weighted mean, 2 (default) the
+            quadratic mean; larger values move the score towards the largest component.
+
+    Returns:
+        Float64 array of length K. A client with no usable component scores 0. The score is
+        permutation equivariant: reordering the rows reorders the scores.
+    """
+    weights = DEFAULT_ANOMALY_WEIGHTS if weights is None else weights
+    unknown = sorted(set(weights) - set(_COMPONENTS))
+    if unknown:
+        raise ValueError(
+            f"unknown anomaly weight(s) {unknown}. Expected names among {sorted(_COMPONENTS)}."
+        )
+    bad = {name: w for name, w in weights.items() if not (np.isfinite(w) and w >= 0)}
+    if bad:
+        raise ValueError(f"anomaly weights must be finite and non-negative. Received: {bad}.")
+    if not any(w > 0 for w in weights.values()):
+        raise ValueError(f"at least one anomaly weight must be positive. Received: {weights}.")
+
+    if not power >= 1:
+        raise ValueError(f"power must be >= 1. Received: power={power!r}.")
+
+    components = anomaly_components(metrics)
+    k = len(next(iter(metrics.values()))) if metrics else 0
+    total = np.zeros(k)
+    weight_sum = np.zeros(k)
+    for name, w in weights.items():
+        if w <= 0 or name not in components:
+            continue
+        comp = components[name]
+        known = np.isfinite(comp)
+        total += np.where(known, w * np.power(np.where(known, comp, 0.0), power), 0.0)
+        weight_sum += np.where(known, w, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(weight_sum > 0, total / np.where(weight_sum > 0, weight_sum, 1.0), 0.0)
+    return np.clip(np.power(mean, 1.0 / power), 0.0, 1.0)

@@ -1,0 +1,338 @@
+"""The trust ledger: per-client trust and per-round measurements in one SQLite file.
+
+WAL journal mode lets ``fedwarden trust list`` (another process) read while a run writes; each
+round is written in one transaction, so a reader sees a round entirely or not at all.
+
+Tables:
+
+- ``client_rounds``: one row per (round, client_id): the round's measurements (norm, norm_z,
+  cosine, distance, krum_score, trimmed_share, loss), the anomaly score, the trust after the
+  round, flagged/quarantined state and, for a rejected update, the reason.
+- ``clients``: one row per client, derived from ``client_rounds`` in the same transaction: trust,
+  anomaly, flagged, quarantined (and since when) as of its latest round, the number of rounds it
+  took part in, its last round and how many of its updates were rejected. Deriving it (instead
+  of incrementing counters) is what makes re-recording a round and ``truncate_after`` exact.
+- ``meta``: key/value (``schema_version``, ``last_round``).
+
+Resuming from a checkpoint taken after round R: ``ledger.truncate_after(R)``, then build the
+``TrustBook`` on the ledger, which loads the clients' state as of round R.
+
+Example::
+
+    with Ledger("runs/demo/ledger.sqlite") as ledger:
+        ledger.record_round(1, [{"client_id": "c01", "anomaly": 0.1, "trust": 0.98}])
+        ledger.list_clients()   # [{"client_id": "c01", "trust": 0.98, ...}]
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = "1"
+
+ROUND_COLUMNS = (
+    "norm",
+    "norm_z",
+    "cosine",
+    "distance",
+    "krum_score",
+    "trimmed_share",
+    "loss",
+    "anomaly",
+    "trust",
+    "flagged",
+    "quarantined",
+    "quarantined_since",
+    "rejected_reason",
+)
+"""Columns of ``client_rounds`` besides (round, client_id); a row dict may omit any (NULL)."""
+
+_BOOL_COLUMNS = ("flagged", "quarantined")
+_TEXT_COLUMNS = ("rejected_reason",)
+_INT_COLUMNS = ("quarantined_since",)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS clients (
+    client_id TEXT PRIMARY KEY,
+    trust REAL,
+    anomaly REAL,
+    flagged INTEGER NOT NULL DEFAULT 0,
+    quarantined INTEGER NOT NULL DEFAULT 0,
+    quarantined_since INTEGER,
+    rounds INTEGER NOT NULL DEFAULT 0,
+    last_round INTEGER,
+    rejected INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS client_rounds (
+    round INTEGER NOT NULL,
+    client_id TEXT NOT NULL,
+    norm REAL,
+    norm_z REAL,
+    cosine REAL,
+    distance REAL,
+    krum_score REAL,
+    trimmed_share REAL,
+    loss REAL,
+    anomaly REAL,
+    trust REAL,
+    flagged INTEGER NOT NULL DEFAULT 0,
+    quarantined INTEGER NOT NULL DEFAULT 0,
+    quarantined_since INTEGER,
+    rejected_reason TEXT,
+    PRIMARY KEY (round, client_id)
+);
+CREATE INDEX IF NOT EXISTS client_rounds_by_client ON client_rounds (client_id, round);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+"""
+
+# Rebuilds the clients rows of the clients in the temp table `touched` from their history.
+_REFRESH_CLIENTS = """
+INSERT OR REPLACE INTO clients (client_id, trust, anomaly, flagged, quarantined, quarantined_since,
+                                rounds, last_round, rejected)
+SELECT r.client_id, r.trust, r.anomaly, r.flagged, r.quarantined, r.quarantined_since,
+       agg.n, agg.last, agg.rejected
+FROM (SELECT client_id, COUNT(*) AS n, MAX(round) AS last,
+             SUM(rejected_reason IS NOT NULL) AS rejected
+      FROM client_rounds WHERE client_id IN (SELECT client_id FROM touched)
+      GROUP BY client_id) AS agg
+JOIN client_rounds AS r ON r.client_id = agg.client_id AND r.round = agg.last
+"""
+
+
+class LedgerError(RuntimeError):
+    """The ledger file is missing, unreadable or not a fedwarden ledger."""
+
+
+def _sql_value(column: str, value: Any) -> Any:
+    """Converts a row value (numpy scalars included) to what SQLite stores; NaN becomes NULL."""
+    if column in _BOOL_COLUMNS:
+        return int(bool(value))
+    if value is None:
+        return None
+    if column in _TEXT_COLUMNS:
+        return str(value)
+    if column in _INT_COLUMNS:
+        return int(value)
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def _row_dict(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:
+    out = {col[0]: value for col, value in zip(cursor.description, row, strict=True)}
+    for key in _BOOL_COLUMNS:
+        if key in out and out[key] is not None:
+            out[key] = bool(out[key])
+    return out
+
+
+class Ledger:
+    """SQLite trust ledger (see the module docstring for the tables).
+
+    Args:
+        path: the database file; created with its tables unless ``readonly``.
+        readonly: open an existing ledger for reading only (``fedwarden trust``); raises
+            :class:`LedgerError` if the file is missing or has no ledger tables.
+
+    One connection, guarded by a lock so the coordinator thread and a gRPC thread may share it.
+    """
+
+    def __init__(self, path: str | os.PathLike, readonly: bool = False):
+        self.path = Path(path)
+        self.readonly = readonly
+        self._lock = threading.Lock()
+        if readonly:
+            if not self.path.is_file():
+                raise LedgerError(f"ledger file not found: {self.path}")
+            uri = f"{self.path.resolve().as_uri()}?mode=ro"
+            self._conn = sqlite3.connect(uri, uri=True, timeout=30, check_same_thread=False)
+            try:
+                names = {
+                    r[0]
+                    for r in self._conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+                }
+            except sqlite3.DatabaseError as err:
+                self._conn.close()
+                raise LedgerError(f"not a fedwarden ledger: {self.path} ({err})") from err
+            if not {"clients", "client_rounds", "meta"} <= names:
+                self._conn.close()
+                raise LedgerError(f"not a fedwarden ledger (no trust tables): {self.path}")
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
+        self._conn = sqlite3.connect(
+            self.path, timeout=30, isolation_level=None, check_same_thread=False
+        )
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.executescript(_SCHEMA)
+            self._conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (SCHEMA_VERSION,),
+            )
+        except sqlite3.DatabaseError as err:
+            self._conn.close()
+            raise LedgerError(f"cannot open ledger {self.path}: {err}") from err
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def _write(self, fn) -> None:
+        """Runs ``fn(conn)`` in one IMMEDIATE transaction (all or nothing)."""
+        if self.readonly:
+            raise LedgerError(f"ledger opened read-only: {self.path}")
+        with self._lock:
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    @staticmethod
+    def _refresh(conn: sqlite3.Connection, client_ids: Iterable[str] | None) -> None:
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS touched (client_id TEXT PRIMARY KEY)")
+        conn.execute("DELETE FROM touched")
+        if client_ids is None:
+            conn.execute("INSERT INTO touched SELECT client_id FROM clients")
+            conn.execute("INSERT OR IGNORE INTO touched SELECT client_id FROM client_rounds")
+        else:
+            conn.executemany("INSERT OR IGNORE INTO touched VALUES (?)", [(c,) for c in client_ids])
+        conn.execute(
+            "DELETE FROM clients WHERE client_id IN (SELECT client_id FROM touched) "
+            "AND client_id NOT IN (SELECT client_id FROM client_rounds)"
+        )
+        conn.execute(_REFRESH_CLIENTS)
+
+    def record_round(self, round: int, rows: list[dict[str, Any]]) -> None:
+        """Records one round's rows (one dict per client) in one transaction.
+
+        Each row needs ``client_id``; it may carry any of :data:`ROUND_COLUMNS` (unknown keys are
+        ignored, so a row may hold extra fields). Recording a (round, client_id) again updates
+        that row in place: the columns given replace the stored values, the others are kept. So a
+        round replayed after a crash never counts twice, and two writers may each record their
+        part of a row (trust state, measurements). The ``clients`` table is rebuilt from the
+        history of the clients touched, in the same transaction.
+        """
+        round = int(round)
+        if round < 0:
+            raise ValueError(f"round must be non-negative. Received: round={round}.")
+        ids = [str(r["client_id"]) for r in rows]
+        if len(set(ids)) != len(ids):
+            dup = sorted({c for c in ids if ids.count(c) > 1})
+            raise ValueError(f"round {round} has several rows for client(s) {dup}.")
+        by_columns: dict[tuple[str, ...], list[tuple]] = {}
+        for cid, row in zip(ids, rows, strict=True):
+            cols = tuple(c for c in ROUND_COLUMNS if c in row)
+            values = (round, cid, *(_sql_value(c, row[c]) for c in cols))
+            by_columns.setdefault(cols, []).append(values)
+
+        def write(conn: sqlite3.Connection) -> None:
+            for cols, values in by_columns.items():
+                names = ("round", "client_id", *cols)
+                update = ", ".join(f"{c} = excluded.{c}" for c in cols)
+                conn.executemany(
+                    f"INSERT INTO client_rounds ({', '.join(names)}) "
+                    f"VALUES ({', '.join('?' for _ in names)}) ON CONFLICT (round, client_id) "
+                    + (f"DO UPDATE SET {update}" if cols else "DO NOTHING"),
+                    values,
+                )
+            self._refresh(conn, ids)
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('last_round', ?) ON CONFLICT(key) DO "
+                "UPDATE SET value = MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))",
+                (str(round),),
+            )
+
+        self._write(write)
+
+    def truncate_after(self, round: int) -> None:
+        """Forgets every round after ``round`` (to resume from a checkpoint taken at ``round``)."""
+        round = int(round)
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM client_rounds WHERE round > ?", (round,))
+            self._refresh(conn, None)
+            conn.execute(
+                "UPDATE meta SET value = MIN(CAST(value AS INTEGER), ?) WHERE key = 'last_round'",
+                (round,),
+            )
+
+        self._write(write)
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Stores one key/value pair in ``meta`` (e.g. the run's config hash)."""
+        self._write(
+            lambda conn: conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, str(value))
+            )
+        )
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def _query(self, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            cursor = self._conn.execute(sql, params)
+            return [_row_dict(cursor, row) for row in cursor.fetchall()]
+
+    def get_meta(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0]["value"] if rows else None
+
+    def list_clients(self) -> list[dict[str, Any]]:
+        """Every client, lowest trust first (ties by client_id), with its latest norm and cosine.
+
+        Keys: client_id, trust, anomaly, flagged, quarantined, quarantined_since, rounds,
+        last_round, rejected, norm, cosine.
+        """
+        return self._query(
+            "SELECT c.client_id, c.trust, c.anomaly, c.flagged, c.quarantined, "
+            "c.quarantined_since, c.rounds, c.last_round, c.rejected, r.norm, r.cosine "
+            "FROM clients AS c LEFT JOIN client_rounds AS r "
+            "ON r.client_id = c.client_id AND r.round = c.last_round "
+            "ORDER BY c.trust IS NULL, c.trust, c.client_id"
+        )
+
+    def get_client(self, client_id: str) -> dict[str, Any] | None:
+        """The client's ``clients`` row, or None if it never took part in a round."""
+        rows = self._query("SELECT * FROM clients WHERE client_id = ?", (client_id,))
+        return rows[0] if rows else None
+
+    def client_history(self, client_id: str) -> list[dict[str, Any]]:
+        """The client's ``client_rounds`` rows, oldest round first (empty if unknown)."""
+        return self._query(
+            "SELECT * FROM client_rounds WHERE client_id = ? ORDER BY round", (client_id,)
+        )
+
+    def round_rows(self, round: int) -> list[dict[str, Any]]:
+        """All rows of one round, by client_id."""
+        return self._query(
+            "SELECT * FROM client_rounds WHERE round = ? ORDER BY client_id", (int(round),)
+        )
+
+    def last_round(self) -> int:
+        """The latest round recorded (0 for a new ledger)."""
+        value = self.get_meta("last_round")
+        return int(value) if value is not None else 0
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Ledger(path={str(self.path)!r}, readonly={self.readonly})"

@@ -1,0 +1,337 @@
+"""Prometheus metrics of a fedwarden run: rounds, accuracy, per-client trust, rejections, DP.
+
+The exporter owns its :class:`~prometheus_client.CollectorRegistry` (never the process-global
+one), so several runs or tests in one process do not collide. Serve it over HTTP
+(:meth:`MetricsExporter.serve`) for Prometheus to scrape, or write it for node_exporter's
+textfile collector (:meth:`MetricsExporter.write_textfile`).
+
+Per-client series carry one label, ``client_id``. To bound cardinality only the
+``max_client_series`` least-trusted clients are labelled (the ones worth watching); a client
+that leaves that set, or is forgotten, has its series removed.
+
+Metrics (gauges unless marked):
+
+- ``fedwarden_client_trust_score{client_id}``: trust in [0, 1] after the client's last round
+- ``fedwarden_client_anomaly_score{client_id}``: anomaly in [0, 1] of its last round
+- ``fedwarden_client_update_norm{client_id}``: L2 norm of its last admitted update
+- ``fedwarden_client_cosine_similarity{client_id}``: cosine of that update to the aggregate
+- ``fedwarden_client_flagged{client_id}``: 1 if flagged, else 0
+- ``fedwarden_client_dp_epsilon{client_id}``: DP-SGD epsilon spent by the client
+- ``fedwarden_clients_flagged``: number of clients flagged (all, not only the labelled ones)
+- ``fedwarden_round``: last completed round; ``fedwarden_rounds_total`` (counter): rounds
+  completed by this process; ``fedwarden_round_duration_seconds`` (histogram): wall time
+- ``fedwarden_test_accuracy``, ``fedwarden_test_loss``: held-out metrics of the last evaluation
+- ``fedwarden_updates_rejected_total{reason}`` (counter): updates rejected at admission
+- ``fedwarden_dp_epsilon``: central DP epsilon spent so far
+- ``fedwarden_dp_clip_rate``, ``fedwarden_dp_clip_norm``, ...: set with ``set_gauge``
+
+Example::
+
+    exporter = MetricsExporter()
+    server = exporter.serve(9100)
+    exporter.observe_round(3, accuracy=0.91, loss=0.3, duration_s=2.1,
+                           clients=[{"client_id": "c07", "trust": 0.2, "anomaly": 0.8,
+                                     "norm": 41.0, "cosine": -0.9, "flagged": True}])
+    server.shutdown()
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+ROUND_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+EXTRA_GAUGES = {
+    "fedwarden_dp_clip_rate": "Share of client updates clipped in the last round.",
+    "fedwarden_dp_clip_norm": "Clip norm applied in the last round (fixed or adaptive).",
+    "fedwarden_dp_noise_multiplier": "Noise multiplier of the central DP mechanism.",
+}
+"""Unlabelled gauges known to :meth:`MetricsExporter.set_gauge` (others may be created)."""
+
+_NAME = re.compile(r"^fedwarden_[a-z][a-z0-9_]*[a-z0-9]$")
+_RESERVED_SUFFIXES = ("_total", "_count", "_sum", "_bucket", "_created", "_info")
+
+# Per-client gauges: attribute name, metric name, help, key in the client dict.
+_CLIENT_GAUGES = (
+    ("trust", "fedwarden_client_trust_score", "Trust score in [0, 1] of the client.", "trust"),
+    ("anomaly", "fedwarden_client_anomaly_score", "Anomaly score in [0, 1] of the client's last "
+     "round.", "anomaly"),
+    ("norm", "fedwarden_client_update_norm", "L2 norm of the client's last admitted update.",
+     "norm"),
+    ("cosine", "fedwarden_client_cosine_similarity", "Cosine similarity of the client's last "
+     "update to the robust aggregate.", "cosine"),
+    ("flagged", "fedwarden_client_flagged", "1 if the client is flagged, else 0.", "flagged"),
+)  # fmt: skip
+
+
+def _value(value: Any) -> float | None:
+    """A finite float, or None for missing / NaN values (whose series is then removed)."""
+    if value is None:
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+class MetricsServer:
+    """A running /metrics HTTP endpoint; ``shutdown()`` stops it and frees the port."""
+
+    def __init__(self, httpd: ThreadingHTTPServer, thread: threading.Thread):
+        self._httpd = httpd
+        self._thread = thread
+        self.host, self.port = httpd.server_address[:2]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
+    def shutdown(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> MetricsServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+class MetricsExporter:
+    """Prometheus metrics of one run, in their own registry.
+
+    Args:
+        registry: where to register the metrics (default: a new ``CollectorRegistry``).
+        max_client_series: how many clients, the least trusted first, get per-client series.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, max_client_series: int = 100):
+        if max_client_series < 0:
+            raise ValueError(
+                f"max_client_series must be >= 0. Received: max_client_series={max_client_series}."
+            )
+        self.registry = CollectorRegistry() if registry is None else registry
+        self.max_client_series = max_client_series
+        self._lock = threading.Lock()
+        self._clients: dict[str, dict[str, Any]] = {}  # latest row of every client seen
+        self._epsilons: dict[str, float] = {}  # per-client DP-SGD epsilon
+        self._labelled: set[str] = set()
+        r = self.registry
+        self._client_gauges = {
+            attr: Gauge(name, text, ["client_id"], registry=r)
+            for attr, name, text, _ in _CLIENT_GAUGES
+        }
+        self._client_epsilon = Gauge(
+            "fedwarden_client_dp_epsilon", "DP-SGD epsilon spent by the client.", ["client_id"],
+            registry=r,
+        )  # fmt: skip
+        self._clients_flagged = Gauge(
+            "fedwarden_clients_flagged", "Number of clients currently flagged.", registry=r
+        )
+        self._round = Gauge("fedwarden_round", "Last completed round.", registry=r)
+        self._rounds = Counter("fedwarden_rounds", "Rounds completed by this process.", registry=r)
+        self._duration = Histogram(
+            "fedwarden_round_duration_seconds", "Wall time of one round.",
+            buckets=ROUND_DURATION_BUCKETS, registry=r,
+        )  # fmt: skip
+        self._accuracy = Gauge(
+            "fedwarden_test_accuracy", "Accuracy on held-out test data.", registry=r
+        )
+        self._loss = Gauge("fedwarden_test_loss", "Loss on held-out test data.", registry=r)
+        self._rejected = Counter(
+            "fedwarden_updates_rejected", "Client updates rejected at admission.", ["reason"],
+            registry=r,
+        )  # fmt: skip
+        self._epsilon = Gauge(
+            "fedwarden_dp_epsilon", "Central DP epsilon spent so far (at the run's delta).",
+            registry=r,
+        )  # fmt: skip
+        self._extra: dict[str, Gauge] = {}
+
+    # -- rounds and clients ----------------------------------------------------------------
+
+    def observe_round(
+        self,
+        round: int,
+        accuracy: float | None,
+        loss: float | None,
+        duration_s: float,
+        clients: list[dict[str, Any]],
+    ) -> None:
+        """Records one completed round.
+
+        Args:
+            round: the round number.
+            accuracy, loss: held-out metrics; None leaves the previous values.
+            duration_s: wall time of the round.
+            clients: rows with ``client_id`` and any of ``trust``, ``anomaly``, ``norm``,
+                ``cosine``, ``flagged`` (extra keys are ignored): this round's cohort or the
+                whole trust snapshot. The exporter remembers each client's latest row, so a
+                client not selected this round keeps its series. A None or NaN value removes
+                that one series.
+        """
+        self._round.set(round)
+        self._rounds.inc()
+        self._duration.observe(max(float(duration_s), 0.0))
+        if _value(accuracy) is not None:
+            self._accuracy.set(float(accuracy))
+        if _value(loss) is not None:
+            self._loss.set(float(loss))
+        with self._lock:
+            for row in clients:
+                cid = str(row["client_id"])
+                self._clients[cid] = {**self._clients.get(cid, {}), **row, "client_id": cid}
+            self._relabel()
+
+    def forget_client(self, client_id: str) -> None:
+        """Drops a client that left the federation, with its series."""
+        with self._lock:
+            self._clients.pop(client_id, None)
+            self._epsilons.pop(client_id, None)
+            self._relabel()
+
+    def labelled_clients(self) -> list[str]:
+        """The clients that currently have per-client series, least trusted first."""
+        with self._lock:
+            return [cid for cid in self._ranked() if cid in self._labelled]
+
+    def _ranked(self) -> list[str]:
+        def key(cid: str) -> tuple[bool, float, str]:
+            trust = _value(self._clients[cid].get("trust"))
+            return (trust is None, 0.0 if trust is None else trust, cid)
+
+        return sorted(self._clients, key=key)
+
+    def _relabel(self) -> None:
+        """Sets the series of the least-trusted clients and removes everyone else's."""
+        keep = set(self._ranked()[: self.max_client_series])
+        for cid in self._labelled - keep:
+            for gauge in (*self._client_gauges.values(), self._client_epsilon):
+                gauge.remove(cid)
+        for cid in keep:
+            row = self._clients[cid]
+            for attr, _, _, key in _CLIENT_GAUGES:
+                value = _value(row.get(key))
+                if key == "flagged":
+                    value = 1.0 if row.get(key) else 0.0
+                if value is None:
+                    self._client_gauges[attr].remove(cid)
+                else:
+                    self._client_gauges[attr].labels(client_id=cid).set(value)
+            if cid in self._epsilons:
+                self._client_epsilon.labels(client_id=cid).set(self._epsilons[cid])
+        self._labelled = keep
+        self._clients_flagged.set(sum(bool(r.get("flagged")) for r in self._clients.values()))
+
+    # -- counters and extra gauges ---------------------------------------------------------
+
+    def count_rejected(self, reason: str, n: int = 1) -> None:
+        """Counts ``n`` updates rejected at admission for ``reason`` (e.g. ``non_finite``)."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0. Received: n={n}.")
+        self._rejected.labels(reason=str(reason)).inc(n)
+
+    def set_dp_epsilon(self, epsilon: float, client_id: str | None = None) -> None:
+        """Sets the central epsilon, or a client's DP-SGD epsilon when ``client_id`` is given.
+
+        A client's epsilon is exported while the client is among the labelled clients.
+        """
+        if client_id is None:
+            self._epsilon.set(float(epsilon))
+            return
+        with self._lock:
+            self._epsilons[client_id] = float(epsilon)
+            if client_id in self._labelled:
+                self._client_epsilon.labels(client_id=client_id).set(float(epsilon))
+
+    def set_gauge(self, name: str, value: float, help: str | None = None) -> None:
+        """Sets an unlabelled gauge such as ``fedwarden_dp_clip_rate``, creating it on first use.
+
+        ``name`` must start with ``fedwarden_``, follow Prometheus naming (lowercase, digits,
+        underscores), not end in a suffix reserved for other types (``_total``, ...), and not
+        be one of the exporter's own metrics.
+        """
+        gauge = self._extra.get(name)
+        if gauge is None:
+            if not _NAME.match(name) or name.endswith(_RESERVED_SUFFIXES):
+                raise ValueError(
+                    "gauge names must look like fedwarden_<lowercase_words> and not end in "
+                    f"{', '.join(_RESERVED_SUFFIXES)}. Received: {name!r}."
+                )
+            text = help or EXTRA_GAUGES.get(name, f"{name} as reported by the coordinator.")
+            try:
+                gauge = Gauge(name, text, registry=self.registry)
+            except ValueError as err:  # already registered by the exporter itself
+                raise ValueError(f"{name!r} is a built-in metric; use its own method.") from err
+            self._extra[name] = gauge
+        gauge.set(float(value))
+
+    # -- output ------------------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """The metrics in the Prometheus text exposition format."""
+        return generate_latest(self.registry)
+
+    def write_textfile(self, path: str | os.PathLike) -> None:
+        """Writes the metrics to ``path`` atomically (temporary file in the same directory, then
+        rename), for node_exporter's textfile collector (which reads only ``*.prom`` files, so
+        the temporary file is never half read)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(self.render())
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> MetricsServer:
+        """Serves ``/metrics`` on ``host:port`` from a daemon thread (port 0: the OS picks one,
+        read it from the returned server's ``port``)."""
+        registry = self.registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.split("?")[0] not in ("/", "/metrics"):
+                    self.send_error(404, "try /metrics")
+                    return
+                body = generate_latest(registry)
+                self.send_response(200)
+                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        httpd = ThreadingHTTPServer((host, port), Handler)
+        httpd.daemon_threads = True
+        thread = threading.Thread(
+            target=httpd.serve_forever, name=f"fedwarden-metrics-{port}", daemon=True
+        )
+        thread.start()
+        return MetricsServer(httpd, thread)
+
+    def __repr__(self) -> str:
+        return f"MetricsExporter(max_client_series={self.max_client_series})"

@@ -1,0 +1,76 @@
+"""Run outputs people read: per-round CSV, accuracy plot, summary table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.transforms import blended_transform_factory  # noqa: E402
+
+
+def plot_trust_heatmap(trust_by_round: dict[str, list[float | None]], malicious: set[str],
+                       path: Path) -> Path:
+    """Trust of every client (rows, sorted by id) in every round (columns), red = low trust.
+
+    ``trust_by_round[client][i]`` is the client's trust after round i + 1, None before it was
+    first scored (drawn grey). Malicious clients' labels are red, with a red triangle beside them.
+    """
+    ids = sorted(trust_by_round)
+    num_rounds = max((len(v) for v in trust_by_round.values()), default=0)
+    grid = np.full((len(ids), max(num_rounds, 1)), np.nan)
+    for row, cid in enumerate(ids):
+        values = [np.nan if t is None else float(t) for t in trust_by_round[cid]]
+        grid[row, : len(values)] = values
+    cmap = plt.get_cmap("RdYlGn").with_extremes(bad="0.85")  # grey: not scored yet
+    height = min(max(2.5, 0.22 * len(ids) + 1.2), 40)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * num_rounds + 3), height))
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=0, vmax=1,
+                      interpolation="nearest",
+                      extent=(0.5, max(num_rounds, 1) + 0.5, len(ids) - 0.5, -0.5))
+    ax.set_yticks(range(len(ids)), ids, fontsize="small" if len(ids) <= 40 else "xx-small")
+    bad_rows = [row for row, cid in enumerate(ids) if cid in malicious]
+    for row in bad_rows:
+        ax.get_yticklabels()[row].set_color("red")
+    if bad_rows:  # a marker just left of the plot area, on the malicious clients' rows
+        beside = blended_transform_factory(ax.transAxes, ax.transData)
+        ax.tick_params(axis="y", pad=12)  # room for the marker between label and plot
+        ax.plot([-0.014] * len(bad_rows), bad_rows, ">", color="red", markersize=5,
+                transform=beside, clip_on=False, label="malicious", linestyle="none")
+        ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize="small", frameon=False)
+    ax.set_xlim(0.5, max(num_rounds, 1) + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round")
+    ax.set_ylabel("client")
+    ax.set_title("trust per client and round", loc="left")
+    fig.colorbar(image, ax=ax, label="trust", fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def detection_summary(flagged_by_round: list[set[str]], malicious: set[str]) -> dict[str, Any]:
+    """How well the flags of the last round find the known malicious clients.
+
+    Returns ``{"precision", "recall", "first_detection_round"}``: precision is the share of the
+    finally flagged clients that are malicious, None when nothing is flagged (undefined, not 1.0
+    or 0.0); recall is the share of malicious clients finally flagged, None when there are no
+    malicious clients; first_detection_round is the first round (counting from 1, the index in
+    ``flagged_by_round`` plus one) in which any malicious client was flagged, None if never.
+    """
+    final = set(flagged_by_round[-1]) if flagged_by_round else set()
+    malicious = set(malicious)
+    hits = len(final & malicious)
+    first = next((i + 1 for i, flagged in enumerate(flagged_by_round) if set(flagged) & malicious),
+                 None)
+    return {
+        "precision": hits / len(final) if final else None,
+        "recall": hits / len(malicious) if malicious else None,
+        "first_detection_round": first,
+    }

@@ -1,0 +1,176 @@
+"""Per-client measurements and the anomaly score (aggregation/scoring.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aggregation.scoring import (
+    DEFAULT_ANOMALY_WEIGHTS,
+    METRIC_NAMES,
+    anomaly_components,
+    anomaly_score,
+    client_metrics,
+    krum_scores,
+    robust_z,
+    trimmed_shares,
+)
+
+
+def honest_cohort(k: int = 12, d: int = 300, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    direction = rng.normal(size=d)
+    return (direction + rng.normal(scale=0.5, size=(k, d))).astype(np.float32)
+
+
+def test_metrics_have_expected_keys_shapes_and_values():
+    updates = honest_cohort()
+    aggregate = np.median(updates, axis=0)
+    m = client_metrics(updates, aggregate, np.linspace(1, 2, len(updates)), {})
+    assert set(m) == set(METRIC_NAMES)
+    for values in m.values():
+        assert values.shape == (len(updates),)
+    np.testing.assert_allclose(m["norm"], np.linalg.norm(updates, axis=1), rtol=1e-5)
+    np.testing.assert_allclose(
+        m["distance"], np.linalg.norm(updates - aggregate, axis=1), rtol=1e-4
+    )
+    expected_cos = (
+        updates @ aggregate / (np.linalg.norm(updates, axis=1) * np.linalg.norm(aggregate))
+    )
+    np.testing.assert_allclose(m["cosine"], expected_cos, rtol=1e-4)
+    assert np.all(np.isfinite(m["loss_z"]))
+
+
+def test_krum_scores_match_a_direct_computation():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(7, 5))
+    sq = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    f = (7 - 3) // 2
+    expected = [np.sort(np.delete(sq[i], i))[: 7 - f - 2].sum() for i in range(7)]
+    np.testing.assert_allclose(krum_scores(sq), expected)
+    assert krum_scores(np.zeros((1, 1))).tolist() == [0.0]
+
+
+def test_chain_measurements_are_used_when_present():
+    updates = honest_cohort(k=5)
+    given = {"krum_score": np.arange(5.0), "trimmed_share": np.full(5, 0.4)}
+    m = client_metrics(updates, updates.mean(0), None, given)
+    np.testing.assert_array_equal(m["krum_score"], np.arange(5.0))
+    np.testing.assert_array_equal(m["trimmed_share"], np.full(5, 0.4))
+    with pytest.raises(ValueError, match="krum_score"):
+        client_metrics(updates, updates.mean(0), None, {"krum_score": np.zeros(4)})
+
+
+def test_trimmed_shares_average_to_twice_the_trim():
+    updates = honest_cohort(k=20)
+    shares = trimmed_shares(updates, 0.1)
+    assert shares.mean() == pytest.approx(2 * 2 / 20)
+    assert np.isnan(trimmed_shares(updates[:2])).all()
+
+
+def test_robust_z_handles_degenerate_scales():
+    assert robust_z(np.ones(5)).tolist() == [0.0] * 5
+    z = robust_z(np.array([1.0, 1.0, 1.0, 1.0, 9.0]))  # MAD is 0: falls back to the mean deviation
+    assert z[-1] > 3 and np.allclose(z[:4], 0)
+
+
+@pytest.mark.parametrize("attack", ["scaled", "sign_flip", "noise"])
+def test_outlier_gets_the_highest_anomaly(attack):
+    updates = honest_cohort()
+    rng = np.random.default_rng(5)
+    bad = {
+        "scaled": 10 * updates[0],
+        "sign_flip": -updates.mean(0),
+        "noise": rng.normal(scale=3.0, size=updates.shape[1]),
+    }[attack]
+    updates[4] = bad
+    losses = np.full(len(updates), 0.5) + rng.normal(scale=0.02, size=len(updates))
+    m = client_metrics(updates, np.median(updates, axis=0), losses, {})
+    scores = anomaly_score(m)
+    assert np.argmax(scores) == 4
+    assert scores[4] > 0.5 > np.max(np.delete(scores, 4))
+
+
+def test_scores_lie_in_unit_interval_even_for_extreme_inputs():
+    rng = np.random.default_rng(2)
+    updates = rng.normal(size=(9, 50)) * np.logspace(-6, 6, 9)[:, None]
+    updates[3] = 0.0
+    m = client_metrics(updates, np.zeros(50), rng.exponential(size=9), {})
+    scores = anomaly_score(m)
+    assert np.all((scores >= 0) & (scores <= 1)) and np.all(np.isfinite(scores))
+    for comp in anomaly_components(m).values():
+        finite = comp[np.isfinite(comp)]
+        assert np.all((finite >= 0) & (finite <= 1))
+
+
+def test_permutation_equivariance():
+    updates = honest_cohort(k=15)
+    updates[2] *= 8
+    losses = np.random.default_rng(3).uniform(0.4, 0.6, size=15)
+    aggregate = np.median(updates, axis=0)
+    perm = np.random.default_rng(4).permutation(15)
+    a = anomaly_score(client_metrics(updates, aggregate, losses, {}))
+    b = anomaly_score(client_metrics(updates[perm], aggregate, losses[perm], {}))
+    np.testing.assert_allclose(b, a[perm], rtol=1e-6, atol=1e-9)
+
+
+def test_inputs_are_not_modified():
+    updates = honest_cohort(k=6)
+    before = updates.copy()
+    client_metrics(updates, updates.mean(0), None, {})
+    np.testing.assert_array_equal(updates, before)
+
+
+def test_weights_are_configurable():
+    updates = honest_cohort()
+    updates[1] = -updates[1]  # opposite direction, same norm
+    m = client_metrics(updates, np.median(updates, axis=0), None, {})
+    only_norm = anomaly_score(m, {"norm_z": 1.0})
+    only_cosine = anomaly_score(m, {"cosine": 1.0})
+    assert only_cosine[1] > 0.9
+    assert only_norm[1] < 0.5  # its norm is ordinary
+    np.testing.assert_allclose(only_cosine, anomaly_components(m)["cosine"])
+    # scaling every weight changes nothing
+    doubled = {k: 2 * v for k, v in DEFAULT_ANOMALY_WEIGHTS.items()}
+    np.testing.assert_allclose(anomaly_score(m, doubled), anomaly_score(m))
+
+
+def test_power_mean_combination():
+    updates = honest_cohort()
+    updates[0] = -updates[0]
+    m = client_metrics(updates, np.median(updates, axis=0), None, {})
+    comps = anomaly_components(m)
+    weights = {"cosine": 0.5, "norm_z": 0.25, "krum_score": 0.25}
+    plain = sum(w * comps[k] for k, w in weights.items()) / sum(weights.values())
+    np.testing.assert_allclose(anomaly_score(m, weights, power=1), plain)
+    quadratic = anomaly_score(m, weights)
+    assert np.all(quadratic >= plain - 1e-12)  # power mean inequality
+    assert quadratic[0] > plain[0] + 0.1  # strong direction evidence is not averaged away
+    with pytest.raises(ValueError, match="power"):
+        anomaly_score(m, weights, power=0.5)
+
+
+def test_missing_losses_are_left_out_not_counted():
+    updates = honest_cohort()
+    m = client_metrics(updates, np.median(updates, axis=0), None, {})
+    assert np.isnan(m["loss_z"]).all()
+    without = anomaly_score(m)
+    no_loss_weight = anomaly_score(m, {**DEFAULT_ANOMALY_WEIGHTS, "loss_z": 0.0})
+    np.testing.assert_allclose(without, no_loss_weight)
+
+
+@pytest.mark.parametrize(
+    "weights, message",
+    [({"nrom_z": 1.0}, "unknown"), ({"cosine": -1.0}, "non-negative"), ({"cosine": 0}, "positive")],
+)
+def test_bad_weights_are_rejected(weights, message):
+    m = client_metrics(honest_cohort(k=4), np.zeros(300), None, {})
+    with pytest.raises(ValueError, match=message):
+        anomaly_score(m, weights)
+
+
+def test_bad_shapes_are_rejected():
+    with pytest.raises(ValueError, match="aggregate"):
+        client_metrics(np.zeros((3, 4)), np.zeros(5), None, {})
+    with pytest.raises(ValueError, match="losses"):
+        client_metrics(np.zeros((3, 4)), np.zeros(4), np.zeros(2), {})

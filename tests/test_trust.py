@@ -1,0 +1,365 @@
+"""Trust (server/trust.py), the SQLite ledger (server/ledger.py), `fedwarden trust` and the
+detection report."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.ledger import Ledger, LedgerError
+from server.trust import ClientTrust, TrustBook, TrustPolicy, round_rows
+from server.trust_cli import trust_main
+from simulations.report import detection_summary, plot_trust_heatmap
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(book: TrustBook, round: int, scores: dict[str, float], rejected=None):
+    ids = sorted(scores)
+    return book.update(round, ids, np.array([scores[c] for c in ids]), rejected or {})
+
+
+# -- policy ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"decay": 1.0}, "decay"),
+        ({"flag_below": 0.6, "unflag_above": 0.5}, "hysteresis"),
+        ({"quarantine": "ban"}, "none, exclude, downweight"),
+        ({"downweight": 1.5}, "downweight"),
+        ({"probation_rounds": -1}, "probation_rounds"),
+        ({"probation_rounds": 2.5}, "integer"),
+        ({"initial_trust": 2.0}, "initial_trust"),
+    ],
+)
+def test_policy_rejects_bad_values_with_clear_messages(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrustPolicy(**kwargs)
+
+
+# -- trust book -----------------------------------------------------------------------------------
+
+
+def test_ewma_math_and_rejections():
+    book = TrustBook(TrustPolicy(decay=0.6, initial_trust=0.9))
+    run(book, 1, {"a": 0.2, "b": 0.0})
+    assert book.get("a").trust == pytest.approx(0.6 * 0.9 + 0.4 * 0.8)
+    assert book.get("b").trust == pytest.approx(0.6 * 0.9 + 0.4 * 1.0)
+    # b rejected: counts as anomaly 1.0; a not selected keeps its trust
+    states = book.update(2, [], np.zeros(0), {"b": 1})
+    assert set(states) == {"b"}
+    assert states["b"].trust == pytest.approx(0.6 * (0.6 * 0.9 + 0.4) + 0.0)
+    assert states["b"].anomaly == 1.0 and states["b"].rejected == 1
+    assert book.get("a").trust == pytest.approx(0.86) and book.get("a").rounds == 1
+
+
+def test_update_validates_inputs():
+    book = TrustBook(TrustPolicy())
+    with pytest.raises(ValueError, match="one score per client"):
+        book.update(1, ["a", "b"], np.zeros(3), {})
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        book.update(1, ["a"], np.array([1.5]), {})
+    run(book, 1, {"a": 0.1})
+    with pytest.raises(ValueError, match="rounds must increase"):
+        run(book, 1, {"a": 0.1})
+
+
+def test_hysteresis_one_bad_round_does_not_quarantine_for_good():
+    policy = TrustPolicy(decay=0.5, flag_below=0.55, unflag_above=0.7, quarantine="downweight")
+    book = TrustBook(policy)
+    run(book, 1, {"honest": 1.0})  # one bad round: 1.0 -> 0.5, flagged
+    assert book.get("honest").flagged and book.weight_multiplier("honest") == policy.downweight
+    run(book, 2, {"honest": 0.2})  # 0.65: above flag_below but not above unflag_above
+    assert book.get("honest").flagged, "hysteresis: stays flagged between the thresholds"
+    run(book, 3, {"honest": 0.2})  # 0.725 > 0.7: released
+    state = book.get("honest")
+    assert not state.flagged and not state.quarantined
+    assert book.weight_multiplier("honest") == 1.0
+
+
+def test_persistent_attacker_is_flagged_and_excluded_honest_are_not():
+    book = TrustBook(TrustPolicy(quarantine="exclude", probation_rounds=3))
+    for r in range(1, 11):
+        run(book, r, {"bad": 0.85, "h1": 0.15, "h2": 0.2})
+    assert book.flagged() == {"bad"}
+    assert book.get("bad").quarantined
+    assert book.weight_multiplier("bad") == 0.0 and book.weight_multiplier("h1") == 1.0
+    assert book.is_excluded("bad") and not book.is_excluded("h1")
+
+
+def test_probation_path_back_under_exclude():
+    policy = TrustPolicy(decay=0.5, flag_below=0.55, unflag_above=0.7, quarantine="exclude",
+                         probation_rounds=2)  # fmt: skip
+    book = TrustBook(policy)
+    run(book, 1, {"c": 1.0})  # trust 0.5: quarantined in round 1
+    assert book.get("c").quarantined_since == 1
+    assert book.is_excluded("c")  # round 2
+    run(book, 2, {})
+    assert book.is_excluded("c")  # round 3
+    run(book, 3, {})
+    assert not book.is_excluded("c")  # round 4: on probation, may be sampled
+    assert book.weight_multiplier("c") == 0.0  # ... but its update does not count yet
+    run(book, 4, {"c": 0.1})  # 0.7: not above unflag_above yet
+    assert book.get("c").quarantined and book.weight_multiplier("c") == 0.0
+    assert not book.is_excluded("c")  # trust went up: probation continues
+    run(book, 5, {"c": 0.1})  # 0.8: released
+    assert not book.get("c").flagged and book.weight_multiplier("c") == 1.0
+
+
+def test_misbehaving_on_probation_restarts_exclusion():
+    policy = TrustPolicy(decay=0.5, flag_below=0.55, unflag_above=0.7, quarantine="exclude",
+                         probation_rounds=1)  # fmt: skip
+    book = TrustBook(policy)
+    run(book, 1, {"c": 1.0})
+    run(book, 2, {})
+    assert not book.is_excluded("c")  # round 3: probation
+    run(book, 3, {"c": 0.9})  # trust fell again
+    assert book.get("c").quarantined_since == 3 and book.is_excluded("c")
+
+
+def test_policy_none_flags_without_quarantine():
+    book = TrustBook(TrustPolicy(decay=0.0, quarantine="none"))
+    run(book, 1, {"x": 0.9})
+    assert book.get("x").flagged and not book.get("x").quarantined
+    assert book.weight_multiplier("x") == 1.0 and not book.is_excluded("x")
+
+
+def test_snapshot_is_a_copy():
+    book = TrustBook(TrustPolicy())
+    run(book, 1, {"a": 0.1})
+    snap = book.snapshot()
+    snap["a"].trust = -1.0
+    assert book.get("a").trust > 0
+    assert isinstance(snap["a"], ClientTrust) and snap["a"].as_dict()["client_id"] == "a"
+
+
+# -- ledger ---------------------------------------------------------------------------------------
+
+
+def test_record_round_is_idempotent_and_merges_columns(tmp_path):
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        rows = [{"client_id": "a", "trust": 0.9, "anomaly": 0.1, "flagged": False},
+                {"client_id": "b", "trust": 0.4, "anomaly": 0.8, "flagged": True}]  # fmt: skip
+        ledger.record_round(1, rows)
+        ledger.record_round(1, rows)  # replayed after a crash
+        ledger.record_round(2, [{"client_id": "a", "trust": 0.92, "anomaly": 0.05}])
+        # a second writer adds measurements to the same row; the trust columns stay
+        ledger.record_round(2, [{"client_id": "a", "norm": 3.5, "cosine": 0.9, "extra": "x"}])
+        clients = {c["client_id"]: c for c in ledger.list_clients()}
+        assert clients["a"]["rounds"] == 2 and clients["b"]["rounds"] == 1
+        assert clients["a"]["trust"] == pytest.approx(0.92) and clients["a"]["norm"] == 3.5
+        assert clients["b"]["flagged"] is True
+        assert [c["client_id"] for c in ledger.list_clients()] == ["b", "a"]  # lowest trust first
+        history = ledger.client_history("a")
+        assert [h["round"] for h in history] == [1, 2]
+        assert history[1]["anomaly"] == pytest.approx(0.05)
+        assert ledger.last_round() == 2
+        assert ledger.client_history("nobody") == []
+        with pytest.raises(ValueError, match="several rows"):
+            ledger.record_round(3, [{"client_id": "a"}, {"client_id": "a"}])
+
+
+def test_truncate_after_restores_an_earlier_round(tmp_path):
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        for r in range(1, 6):
+            rows = [{"client_id": "a", "trust": 1 - 0.1 * r}]
+            if r >= 4:
+                rows.append({"client_id": "late", "trust": 0.5, "rejected_reason": "non_finite"})
+            ledger.record_round(r, rows)
+        assert ledger.get_client("late")["rejected"] == 2
+        ledger.truncate_after(3)
+        assert ledger.last_round() == 3
+        assert ledger.get_client("late") is None
+        a = ledger.get_client("a")
+        assert a["rounds"] == 3 and a["last_round"] == 3 and a["trust"] == pytest.approx(0.7)
+        assert [h["round"] for h in ledger.client_history("a")] == [1, 2, 3]
+
+
+def test_a_second_process_reads_while_a_writer_holds_a_transaction(tmp_path):
+    path = tmp_path / "l.sqlite"
+    with Ledger(path) as ledger:
+        ledger.record_round(1, [{"client_id": "a", "trust": 0.9}])
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO client_rounds (round, client_id, trust) VALUES (2, 'b', 0.1)")
+    writer.execute("UPDATE clients SET trust = 0.0 WHERE client_id = 'a'")
+    reader = textwrap.dedent(f"""
+        import json
+        from server.ledger import Ledger
+        with Ledger({str(path)!r}, readonly=True) as ledger:
+            print(json.dumps([ledger.list_clients(), ledger.last_round()]))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    try:
+        # the reader must neither block on the open write transaction nor see its changes
+        out = subprocess.run([sys.executable, "-c", reader], env=env, cwd=REPO, timeout=60,
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        clients, last = json.loads(out.stdout)
+        assert [(c["client_id"], c["trust"]) for c in clients] == [("a", 0.9)] and last == 1
+        with Ledger(path, readonly=True) as same_process:  # a second connection, same process
+            assert same_process.list_clients()[0]["trust"] == 0.9
+    finally:
+        writer.execute("COMMIT")
+        writer.close()
+    with Ledger(path, readonly=True) as after:
+        assert after.get_client("a")["trust"] == 0.0
+
+
+def test_readonly_ledger_errors(tmp_path):
+    with pytest.raises(LedgerError, match="not found"):
+        Ledger(tmp_path / "missing.sqlite", readonly=True)
+    junk = tmp_path / "junk.sqlite"
+    junk.write_text("not a database at all " * 100)
+    with pytest.raises(LedgerError, match="not a fedwarden ledger"):
+        Ledger(junk, readonly=True)
+    Ledger(tmp_path / "ok.sqlite").close()
+    with Ledger(tmp_path / "ok.sqlite", readonly=True) as ro, pytest.raises(LedgerError):
+        ro.record_round(1, [])
+
+
+def test_trust_book_persists_and_restarts_from_the_ledger(tmp_path):
+    path = tmp_path / "l.sqlite"
+    policy = TrustPolicy(quarantine="exclude", probation_rounds=4)
+    metrics = {"norm": np.array([1.0, 30.0]), "cosine": np.array([0.9, -0.8])}
+    with Ledger(path) as ledger:
+        book = TrustBook(policy, ledger)
+        for r in range(1, 8):
+            book.update(r, ["good", "bad"], np.array([0.1, 0.95]), {"late": 1} if r == 3 else {},
+                        metrics=metrics, losses=np.array([0.3, 2.0]))  # fmt: skip
+        before = book.snapshot()
+        assert before["bad"].quarantined and book.is_excluded("bad")
+        assert ledger.client_history("bad")[-1]["loss"] == pytest.approx(2.0)
+        assert ledger.client_history("late")[0]["rejected_reason"] == "rejected"
+    with Ledger(path) as ledger:
+        restarted = TrustBook(policy, ledger)
+        assert restarted.last_round == 7
+        after = restarted.snapshot()
+        assert after.keys() == before.keys()
+        for cid in before:
+            assert after[cid].trust == pytest.approx(before[cid].trust)
+            for field in ("flagged", "quarantined", "quarantined_since", "rounds", "rejected",
+                          "norm", "cosine"):  # fmt: skip
+                assert getattr(after[cid], field) == getattr(before[cid], field), (cid, field)
+        assert restarted.is_excluded("bad") == book.is_excluded("bad")
+        restarted.update(8, ["good"], np.array([0.1]), {})
+        assert ledger.get_client("good")["rounds"] == 8
+
+
+def test_resume_from_checkpoint_replays_rounds_exactly(tmp_path):
+    path = tmp_path / "l.sqlite"
+    policy = TrustPolicy(decay=0.5)
+    scores = {r: np.array([0.1 * (r % 3), 0.9]) for r in range(1, 7)}
+    with Ledger(path) as ledger:
+        book = TrustBook(policy, ledger)
+        for r in range(1, 7):
+            book.update(r, ["a", "b"], scores[r], {})
+        final = book.snapshot()
+        ledger.truncate_after(3)  # crash after round 6, checkpoint at round 3
+        resumed = TrustBook(policy, ledger)
+        for r in range(4, 7):
+            resumed.update(r, ["a", "b"], scores[r], {})
+        assert {c: s.trust for c, s in resumed.snapshot().items()} == pytest.approx(
+            {c: s.trust for c, s in final.items()}
+        )
+        assert ledger.get_client("a")["rounds"] == 6
+
+
+def test_round_rows_leave_rejected_clients_without_measurements():
+    states = {"a": ClientTrust("a", 0.9, anomaly=0.1), "r": ClientTrust("r", 0.5, anomaly=1.0)}
+    rows = round_rows(states, ["a"], {"norm": np.array([2.0])}, np.array([0.4]), {"r": 1},
+                      {"r": "wrong_shape"})  # fmt: skip
+    by_id = {r["client_id"]: r for r in rows}
+    assert by_id["a"]["norm"] == 2.0 and by_id["a"]["loss"] == pytest.approx(0.4)
+    assert "norm" not in by_id["r"] and by_id["r"]["rejected_reason"] == "wrong_shape"
+
+
+# -- fedwarden trust -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ledger_file(tmp_path) -> Path:
+    path = tmp_path / "ledger.sqlite"
+    with Ledger(path) as ledger:
+        book = TrustBook(TrustPolicy(decay=0.5), ledger)
+        for r in (1, 2):
+            book.update(r, ["c01", "c02", "c03"], np.array([0.1, 0.9, 0.3]), {},
+                        metrics={"norm": np.array([1.0, 9.0, 2.0])})  # fmt: skip
+    return path
+
+
+def test_trust_list_json_lowest_trust_first(ledger_file, capsys):
+    assert trust_main(["trust", "list", "--ledger", str(ledger_file), "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["client_id"] for r in rows] == ["c02", "c03", "c01"]
+    assert {"client_id", "trust", "anomaly", "flagged", "rounds"} <= rows[0].keys()
+    assert rows[0]["flagged"] is True and rows[0]["rounds"] == 2
+    assert rows[0]["trust"] == pytest.approx(0.5 * (0.5 + 0.5 * 0.1) + 0.5 * 0.1)
+
+
+def test_trust_list_table(ledger_file, capsys):
+    assert trust_main(["trust", "list", "--ledger", str(ledger_file)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["client_id", "trust", "anomaly", "flagged"]
+    assert lines[1].startswith("c02") and "yes" in lines[1]
+
+
+def test_trust_show_history(ledger_file, capsys):
+    assert (
+        trust_main(["trust", "show", "c02", "--ledger", str(ledger_file), "--format", "json"]) == 0
+    )
+    data = json.loads(capsys.readouterr().out)
+    assert data["client_id"] == "c02" and [h["round"] for h in data["history"]] == [1, 2]
+    assert data["history"][0]["norm"] == 9.0
+    assert trust_main(["trust", "show", "c02", "--ledger", str(ledger_file)]) == 0
+    assert "round" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["trust", "show", "c99", "--ledger", "{ledger}"], "unknown client 'c99'"),
+        (["trust", "list", "--ledger", "{missing}"], "ledger file not found"),
+        (["trust", "list", "--server", "127.0.0.1:7070"], "not available yet"),
+        (["trust", "list", "--server", "nowhere"], "HOST:PORT"),
+    ],
+)
+def test_trust_errors_are_one_line_and_exit_2(ledger_file, capsys, argv, message):
+    argv = [a.format(ledger=ledger_file, missing=ledger_file.parent / "nope.sqlite") for a in argv]
+    assert trust_main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_trust_through_the_fedwarden_command(ledger_file, capsys):
+    cli = pytest.importorskip("fedwarden.cli")
+    assert cli.main(["trust", "list", "--ledger", str(ledger_file), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["client_id"] == "c02"
+    assert cli.main(["trust", "show", "zz", "--ledger", str(ledger_file)]) == 2
+    assert "unknown client" in capsys.readouterr().err
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def test_detection_summary():
+    summary = detection_summary([set(), {"m1"}, {"m1", "h1"}], {"m1", "m2"})
+    assert summary == {"precision": 0.5, "recall": 0.5, "first_detection_round": 2}
+    nothing = detection_summary([set(), set()], {"m1"})
+    assert nothing == {"precision": None, "recall": 0.0, "first_detection_round": None}
+    assert detection_summary([], set())["recall"] is None
+
+
+def test_trust_heatmap_writes_a_png(tmp_path):
+    path = tmp_path / "trust.png"
+    plot_trust_heatmap({"c1": [None, 0.9, 0.8], "c2": [0.7, 0.4, 0.2]}, {"c2"}, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
