@@ -1,0 +1,327 @@
+"""The agent: one client's process on its own machine. Its data never leaves it; updates do.
+
+The agent checks its data file, registers with the coordinator (its identity comes from its
+token or certificate), validates the data against the training spec it receives, and then
+long-polls for tasks: fetch the global weights, train with ``LocalTrainer``, submit the update.
+When the coordinator goes away (a restart, a network cut) it reconnects with exponential
+backoff and jitter and registers again; when the coordinator says training is over it exits 0.
+A refused credential or unfit data stops it at once with a message naming the problem.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+
+from clients.connection import Connection, describe
+from clients.data import DataError, check_arrays, load_npz, prepare
+from fedwarden.errors import UsageError
+from server.proto_gen import fedwarden_v1_pb2 as pb
+from server.proto_gen import fedwarden_v1_pb2_grpc as pb_grpc
+from server.service import TrainingSpec, spec_from_proto
+from server.transfer import (
+    Assembler,
+    TransferError,
+    decode_vector,
+    encode_vector,
+    sha256_hex,
+    split,
+)
+
+log = logging.getLogger("fedwarden.agent")
+
+AGENT_VERSION = "fedwarden-agent/1"
+REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+FATAL = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+)
+
+
+class AgentError(UsageError):
+    """The agent cannot go on: refused credentials, unfit data, an incompatible coordinator."""
+
+
+class Agent:
+    """Args:
+    connection: how to reach the coordinator, with the client id and credentials.
+    data_path: the local .npz file (arrays x, y).
+    poll_wait_s: how long each GetTask call may wait for a task.
+    backoff_initial_s, backoff_max_s: reconnect delays double from the first to the cap.
+    give_up_after_s: exit 1 after this long without reaching the coordinator (None: never).
+    """
+
+    def __init__(
+        self,
+        connection: Connection,
+        data_path: str,
+        *,
+        poll_wait_s: float = 20.0,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 8.0,
+        give_up_after_s: float | None = 600.0,
+    ):
+        if not connection.client_id:
+            raise UsageError("the agent needs --client-id")
+        self.conn = connection
+        self.client_id = connection.client_id
+        self.data_path = data_path
+        self.poll_wait_s = poll_wait_s
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.give_up_after_s = give_up_after_s
+        self.rounds_done: list[int] = []
+        self._spec: TrainingSpec | None = None
+        self._trainer = None
+        self._data: tuple[np.ndarray, np.ndarray] | None = None
+        self._last_task_id = ""
+        self._raw: tuple[np.ndarray, np.ndarray] | None = None
+        self._registered = False
+
+    def run(self) -> int:
+        """Trains until the coordinator says training is over (0) or gives up (1)."""
+        self._raw = x, y = load_npz(self.data_path)
+        problems = check_arrays(x, y)
+        if problems:
+            raise AgentError(f"{self.data_path}: " + "; ".join(p.message for p in problems))
+        failures, failing_since = 0, None
+        while True:
+            with self.conn.channel() as channel:
+                try:
+                    self._serve_session(pb_grpc.FederationStub(channel))
+                    log.info(
+                        "%s: the coordinator says training is over (%d rounds trained here)",
+                        self.client_id,
+                        len(self.rounds_done),
+                    )
+                    return 0
+                except grpc.RpcError as exc:
+                    code = exc.code()
+                    if code in REFUSED:
+                        raise AgentError(
+                            f"the coordinator at {self.conn.server} refused "
+                            f"{self.client_id!r}: {describe(exc)}"
+                        ) from None
+                    if code in FATAL:
+                        raise AgentError(
+                            f"coordinator {self.conn.server}: {describe(exc)}"
+                        ) from None
+                    if code == grpc.StatusCode.NOT_FOUND:  # session forgotten: register again
+                        log.info("%s: %s; registering again", self.client_id, exc.details())
+                        continue
+                    if self._registered:
+                        failures, failing_since = 0, None
+                    failing_since = failing_since or time.monotonic()
+                    waited = time.monotonic() - failing_since
+                    if self.give_up_after_s is not None and waited > self.give_up_after_s:
+                        log.error(
+                            "%s: giving up: no coordinator at %s for %.0f s (%s)",
+                            self.client_id,
+                            self.conn.server,
+                            waited,
+                            describe(exc),
+                        )
+                        return 1
+                    delay = min(self.backoff_max_s, self.backoff_initial_s * 2**failures)
+                    delay *= random.uniform(0.5, 1.0)
+                    failures += 1
+                    log.warning(
+                        "%s: coordinator unreachable (%s); retrying in %.1f s",
+                        self.client_id,
+                        describe(exc),
+                        delay,
+                    )
+                    time.sleep(delay)
+
+    # -- one session --------------------------------------------------------------------------
+
+    def _serve_session(self, stub: pb_grpc.FederationStub) -> None:
+        self._registered = False
+        meta = self.conn.metadata()
+        x, y = self._raw
+        reply = stub.Register(
+            pb.RegisterRequest(
+                client_id=self.client_id, num_examples=len(y), agent_version=AGENT_VERSION
+            ),
+            timeout=15,
+            metadata=meta,
+        )
+        self._registered = True
+        log.info(
+            "%s: registered with %s (last round %d of %d)",
+            self.client_id,
+            self.conn.server,
+            reply.last_round,
+            reply.total_rounds,
+        )
+        self._prepare(spec_from_proto(reply.spec))
+        if reply.done:
+            return
+        stop = threading.Event()
+        beat = threading.Thread(
+            target=self._heartbeat,
+            daemon=True,
+            args=(stub, reply.session_id, reply.heartbeat_interval_s, stop),
+        )
+        beat.start()
+        try:
+            while True:
+                header, payload = self._fetch(stub, reply.session_id)
+                if header.status == pb.TaskHeader.DONE:
+                    return
+                if header.status != pb.TaskHeader.TASK:
+                    continue
+                self._prepare(spec_from_proto(header.spec))
+                self._train_and_submit(stub, reply.session_id, header, payload)
+        finally:
+            stop.set()
+
+    def _prepare(self, spec: TrainingSpec) -> None:
+        """Validates the data against the spec and builds the trainer (once per spec)."""
+        if spec == self._spec:
+            return
+        x, y = self._raw
+        try:
+            self._data = prepare(x, y, spec.input_shape, spec.num_classes, self.data_path)
+        except DataError as exc:
+            raise AgentError(f"refusing to train: {exc}") from None
+        from clients.training import DPSGDSettings, LocalTrainer
+        from fedwarden.models import build_model
+        from fedwarden.weights import WeightLayout
+
+        model = build_model(spec.model, spec.dataset, spec.input_shape, spec.num_classes, spec.seed)
+        if WeightLayout.of(model.get_weights()).shapes != spec.weight_shapes:
+            raise AgentError(
+                f"the model built here ({spec.model or 'default'}) does not match the "
+                "coordinator's weight layout; install the same model code"
+            )
+        dp = None
+        if spec.dp_sgd:
+            dp = DPSGDSettings(
+                spec.dp_sgd["l2_norm_clip"],
+                spec.dp_sgd["noise_multiplier"],
+                spec.dp_sgd["num_microbatches"],
+            )
+        self._trainer = LocalTrainer(
+            model, spec.learning_rate, spec.batch_size, spec.local_epochs, dp
+        )
+        self._spec = spec
+        log.info(
+            "%s: %d examples fit the task (%s, input %s, %d classes)",
+            self.client_id,
+            len(self._data[1]),
+            spec.dataset,
+            spec.input_shape,
+            spec.num_classes,
+        )
+
+    def _fetch(self, stub, session_id: str) -> tuple[pb.TaskHeader, bytes | None]:
+        stream = stub.GetTask(
+            pb.TaskRequest(
+                session_id=session_id, last_task_id=self._last_task_id, wait_s=self.poll_wait_s
+            ),
+            timeout=self.poll_wait_s + 300,
+            metadata=self.conn.metadata(),
+        )
+        first = next(stream, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise AgentError("the coordinator sent a task stream without a header")
+        header = first.header
+        if header.status != pb.TaskHeader.TASK:
+            return header, None
+        assembler = Assembler(header.total_size)
+        try:
+            for msg in stream:
+                assembler.add(msg.chunk.seq, msg.chunk.data)
+            return header, assembler.finish(header.sha256)
+        except TransferError as exc:
+            log.warning(
+                "%s: task %s arrived damaged (%s); fetching again",
+                self.client_id,
+                header.task_id,
+                exc,
+            )
+            return pb.TaskHeader(status=pb.TaskHeader.NO_TASK), None
+
+    def _train_and_submit(
+        self, stub, session_id: str, header: pb.TaskHeader, payload: bytes
+    ) -> None:
+        spec = self._spec
+        weights = decode_vector(payload, "float32")
+        if weights.size != spec.num_weights:
+            raise AgentError(
+                f"task {header.task_id} holds {weights.size} weights; the spec says "
+                f"{spec.num_weights}"
+            )
+        from fedwarden.weights import WeightLayout
+
+        layout = WeightLayout(spec.weight_shapes)
+        x, y = self._data
+        rng = np.random.default_rng(
+            [spec.seed, 3, header.round, zlib.crc32(self.client_id.encode())]
+        )
+        start = time.perf_counter()
+        result = self._trainer.train(layout.unflatten(weights), x, y, rng)
+        update = encode_vector(result.delta, "float32")
+        reply = stub.SubmitUpdate(
+            self._update_stream(session_id, header, result.num_examples, result.loss, update),
+            timeout=300,
+            metadata=self.conn.metadata(),
+        )
+        self._last_task_id = header.task_id
+        if reply.status == pb.SubmitReply.ACCEPTED:
+            self.rounds_done.append(header.round)
+            log.info(
+                "%s: round %d: trained on %d examples in %.1f s (loss %.3f), update submitted",
+                self.client_id,
+                header.round,
+                result.num_examples,
+                time.perf_counter() - start,
+                result.loss,
+            )
+        else:
+            log.warning(
+                "%s: round %d: update not taken (%s): %s",
+                self.client_id,
+                header.round,
+                pb.SubmitReply.Status.Name(reply.status),
+                reply.detail,
+            )
+
+    def _update_stream(
+        self, session_id: str, header: pb.TaskHeader, num_examples: int, loss: float, payload: bytes
+    ) -> Iterator[pb.UpdateChunk]:
+        yield pb.UpdateChunk(
+            header=pb.UpdateHeader(
+                session_id=session_id,
+                task_id=header.task_id,
+                round=header.round,
+                num_examples=num_examples,
+                loss=loss,
+                dtype="float32",
+                total_size=len(payload),
+            )
+        )
+        for seq, data in split(payload):
+            yield pb.UpdateChunk(chunk=pb.Chunk(seq=seq, data=data))
+        yield pb.UpdateChunk(trailer=pb.UpdateTrailer(sha256=sha256_hex(payload)))
+
+    def _heartbeat(self, stub, session_id: str, interval: float, stop: threading.Event) -> None:
+        interval = interval if interval > 0 else 2.0
+        while not stop.wait(interval):
+            try:
+                stub.Heartbeat(
+                    pb.HeartbeatRequest(session_id=session_id),
+                    timeout=interval * 2,
+                    metadata=self.conn.metadata(),
+                )
+            except grpc.RpcError as exc:  # the main loop notices and reconnects
+                log.debug("%s: heartbeat failed: %s", self.client_id, describe(exc))

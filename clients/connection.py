@@ -1,0 +1,124 @@
+"""How a process reaches a coordinator: TLS (the default), mutual TLS, a token, or --insecure.
+
+Used by the agent and by ``fedwarden trust list --server``.
+
+Example::
+
+    conn = Connection("coordinator.example.org:50051", token="...", tls_ca="ca.pem")
+    rows = fetch_trust(conn)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from fedwarden.errors import UsageError
+from server.auth import CLIENT_ID_HEADER
+
+CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+]
+COMPRESSION = {"none": grpc.Compression.NoCompression, "gzip": grpc.Compression.Gzip}
+
+
+@dataclass(frozen=True)
+class Connection:
+    server: str  # HOST:PORT
+    client_id: str | None = None
+    token: str | None = None
+    tls_ca: str | None = None  # None: the system's trusted roots
+    tls_cert: str | None = None  # client certificate, for mutual TLS
+    tls_key: str | None = None
+    insecure: bool = False
+    compression: str = "none"
+    server_name: str | None = None  # override the TLS host name to verify
+
+    def __post_init__(self) -> None:
+        host, sep, port = self.server.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise UsageError(f"--server must be HOST:PORT. Received: {self.server!r}")
+        if self.insecure and (self.tls_ca or self.tls_cert or self.tls_key):
+            raise UsageError("--insecure (plaintext) cannot be combined with --tls-* options")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise UsageError("mutual TLS needs both --tls-cert and --tls-key")
+        if self.compression not in COMPRESSION:
+            raise UsageError(
+                f"unknown compression {self.compression!r}. Accepted values: "
+                f"{', '.join(COMPRESSION)}"
+            )
+        for flag, path in (
+            ("--tls-ca", self.tls_ca),
+            ("--tls-cert", self.tls_cert),
+            ("--tls-key", self.tls_key),
+        ):
+            if path and not Path(path).is_file():
+                raise UsageError(f"{flag} file not found: {path}")
+
+    def channel(self) -> grpc.Channel:
+        options = list(CHANNEL_OPTIONS)
+        if self.server_name:
+            options.append(("grpc.ssl_target_name_override", self.server_name))
+        compression = COMPRESSION[self.compression]
+        if self.insecure:
+            return grpc.insecure_channel(self.server, options=options, compression=compression)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read(self.tls_ca),
+            private_key=_read(self.tls_key),
+            certificate_chain=_read(self.tls_cert),
+        )
+        return grpc.secure_channel(
+            self.server, credentials, options=options, compression=compression
+        )
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        meta = []
+        if self.token:
+            meta.append(("authorization", f"Bearer {self.token}"))
+        if self.client_id:
+            meta.append((CLIENT_ID_HEADER, self.client_id))
+        return tuple(meta)
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def token_from(value: str | None) -> str | None:
+    """The token: ``value`` itself, or the FEDWARDEN_TOKEN environment variable."""
+    return value or os.environ.get("FEDWARDEN_TOKEN") or None
+
+
+def fetch_trust(conn: Connection, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """Per-client trust rows from a running coordinator (``Ledger.list_clients()`` keys).
+
+    Raises UsageError with the coordinator's refusal or why it could not be reached.
+    """
+    from server.proto_gen import fedwarden_v1_pb2 as pb
+    from server.proto_gen import fedwarden_v1_pb2_grpc as pb_grpc
+    from server.service import trust_from_proto
+
+    with conn.channel() as channel:
+        try:
+            reply = pb_grpc.FederationStub(channel).GetTrust(
+                pb.TrustRequest(), timeout=timeout, metadata=conn.metadata()
+            )
+        except grpc.RpcError as exc:
+            raise UsageError(f"coordinator {conn.server}: {describe(exc)}") from None
+    return trust_from_proto(reply)
+
+
+def describe(exc: grpc.RpcError) -> str:
+    """A one-line account of a failed call."""
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    name = code.name.lower() if code is not None else "error"
+    return f"{name}: {details}"

@@ -1,0 +1,159 @@
+"""Who is calling: identities come from credentials, never from what a request claims.
+
+Two kinds of credentials, usable together:
+
+- **Tokens**: a TOML file of ``client_id = "token"`` lines. An agent sends
+  ``authorization: Bearer <token>`` metadata; the token maps to its client id (compared in constant
+  time with ``hmac.compare_digest``). An optional ``[operators]`` table holds
+  ``name = "token"`` entries for people and tools that may read trust (``fedwarden trust list
+  --server``) but not train.
+- **Mutual TLS**: the common name (CN) of the client certificate, verified by gRPC against
+  ``--tls-client-ca``, is the identity. Operator identities are listed with ``--operator CN``.
+
+With both, the token's client id and the certificate's CN must agree. With neither (only allowed
+together with ``--insecure``), identities are taken on trust from the ``x-fedwarden-client-id``
+metadata: fine for a demo on a trusted network, never for a deployment.
+
+Example tokens file::
+
+    c00 = "9f1c...e2"
+    c01 = "77ab...0d"
+
+    [operators]
+    alice = "5d2e...91"
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedwarden.errors import UsageError
+
+CLIENT_ID_HEADER = "x-fedwarden-client-id"
+MIN_TOKEN_LENGTH = 16
+
+
+class AuthError(Exception):
+    """The caller could not be identified (``unauthenticated``) or may not do this."""
+
+    def __init__(self, message: str, denied: bool = False):
+        super().__init__(message)
+        self.denied = denied  # True: identified but not allowed (PERMISSION_DENIED)
+
+
+@dataclass(frozen=True)
+class Identity:
+    name: str
+    may_train: bool = True  # register, fetch tasks, submit updates
+    may_read_trust: bool = False  # GetTrust (fedwarden trust list --server)
+
+
+def load_tokens(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, str]]:
+    """``(client tokens, operator tokens)`` of a tokens TOML file, each ``name -> token``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"tokens file not found: {path}")
+    try:
+        table = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"tokens file {path} is not valid TOML: {exc}") from None
+    operators = table.pop("operators", {})
+    if not isinstance(operators, dict):
+        raise UsageError(f'tokens file {path}: [operators] must be a table of name = "token"')
+    clients = table
+    seen: dict[str, str] = {}
+    for kind, entries in (("client", clients), ("operator", operators)):
+        for name, token in entries.items():
+            if not isinstance(token, str):
+                raise UsageError(
+                    f"tokens file {path}: {kind} {name!r} needs a string token, "
+                    f'e.g. {name} = "<random hex>"'
+                )
+            if len(token) < MIN_TOKEN_LENGTH:
+                raise UsageError(
+                    f"tokens file {path}: the token of {kind} {name!r} has "
+                    f"{len(token)} characters; use at least {MIN_TOKEN_LENGTH} "
+                    "(python -c 'import secrets; print(secrets.token_hex(16))')"
+                )
+            if token in seen:
+                raise UsageError(
+                    f"tokens file {path}: {name!r} and {seen[token]!r} share a token; "
+                    "every identity needs its own"
+                )
+            seen[token] = name
+    if not clients and not operators:
+        raise UsageError(f'tokens file {path} holds no tokens (lines of client_id = "token")')
+    return dict(clients), dict(operators)
+
+
+class Authenticator:
+    """Maps a call's metadata and TLS peer to an :class:`Identity` (or raises AuthError)."""
+
+    def __init__(
+        self,
+        tokens: dict[str, str] | None = None,
+        operator_tokens: dict[str, str] | None = None,
+        *,
+        mutual_tls: bool = False,
+        operator_names: Iterable[str] = (),
+    ):
+        self._tokens = [(t.encode(), name, False) for name, t in (tokens or {}).items()]
+        self._tokens += [(t.encode(), name, True) for name, t in (operator_tokens or {}).items()]
+        self.mutual_tls = mutual_tls
+        self.operator_names = frozenset(operator_names) | frozenset(operator_tokens or {})
+
+    @property
+    def open(self) -> bool:
+        """True when callers are not authenticated at all (--insecure without tokens or mTLS)."""
+        return not self._tokens and not self.mutual_tls
+
+    def identify(
+        self, metadata: Iterable[tuple[str, str | bytes]], peer_common_name: str | None = None
+    ) -> Identity:
+        meta = {k.lower(): v for k, v in metadata}
+        from_token = self._from_token(meta.get("authorization")) if self._tokens else None
+        if self.mutual_tls:
+            if not peer_common_name:
+                raise AuthError(
+                    "a client certificate signed by the coordinator's client CA is required"
+                )
+            if from_token is not None and from_token.name != peer_common_name:
+                raise AuthError(
+                    f"the token belongs to {from_token.name!r} but the certificate "
+                    f"to {peer_common_name!r}",
+                    denied=True,
+                )
+            operator = peer_common_name in self.operator_names
+            return Identity(peer_common_name, may_train=not operator, may_read_trust=operator)
+        if from_token is not None:
+            return from_token
+        claimed = meta.get(CLIENT_ID_HEADER)
+        if isinstance(claimed, bytes):
+            claimed = claimed.decode(errors="replace")
+        if not claimed:
+            raise AuthError(f"no identity: send the {CLIENT_ID_HEADER} metadata")
+        return Identity(claimed, may_train=True, may_read_trust=True)  # open: trusts everyone
+
+    def _from_token(self, header: str | bytes | None) -> Identity:
+        if isinstance(header, bytes):
+            header = header.decode(errors="replace")
+        if not header or not header.startswith("Bearer "):
+            raise AuthError(
+                "missing token: send the authorization metadata 'Bearer <token>' "
+                "(fedwarden agent --token)"
+            )
+        offered = header[len("Bearer ") :].strip().encode()
+        match = None
+        for token, name, operator in self._tokens:  # no early exit: same time for every entry
+            if hmac.compare_digest(token, offered):
+                match = Identity(name, may_train=not operator, may_read_trust=operator)
+        if match is None:
+            raise AuthError(
+                "invalid token: it matches no identity in the coordinator's tokens file"
+            )
+        return match

@@ -1,0 +1,556 @@
+"""``fedwarden serve``: the round loop over connected agents, crash-safe.
+
+Each round: wait for ``min_clients`` live agents, select K (``Coordinator.select``), publish the
+task, collect updates until every selected agent answered, or the round timeout passed with at
+least ``min(min_clients, K)`` of them (otherwise the attempt is abandoned and the round re-run
+with a fresh selection); late updates are dropped and counted. Then ``Coordinator.finish_round``
+(admission, aggregation, scores, trust), evaluation on held-out data, the ledger, the metrics,
+and a checkpoint of everything needed to resume, followed by ``results.json``.
+
+Crash safety: the trust ledger is written during ``finish_round``, the checkpoint after it. A
+coordinator killed at any point restarts from the newest checkpoint that verifies (round R) and
+first truncates the ledger to R, so no round is repeated or lost and trust matches the weights.
+SIGTERM (or Ctrl-C) abandons a round in progress, keeps the last checkpoint and exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from prometheus_client import Counter, Gauge
+
+from fedwarden.config import RunConfig
+from fedwarden.errors import UsageError
+from server import checkpoint
+from server.auth import Authenticator, load_tokens
+from server.hub import Hub
+from server.proto_gen import fedwarden_v1_pb2_grpc as pb_grpc
+from server.service import FederationServicer, TrainingSpec
+from server.transfer import encode_vector, sha256_hex
+
+log = logging.getLogger("fedwarden.serve")
+
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),  # a second coordinator on the same port fails instead of sharing it
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.max_receive_message_length", 8 << 20),
+]
+COMPRESSION = {"none": grpc.Compression.NoCompression, "gzip": grpc.Compression.Gzip}
+
+
+@dataclass
+class ServeOptions:
+    state_dir: Path
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_host: str = "127.0.0.1"
+    min_clients: int = 2
+    round_timeout_s: float = 120.0
+    eval_data: str | None = None
+    tokens: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    insecure: bool = False
+    operators: list[str] = field(default_factory=list)
+    compression: str = "none"
+    max_agents: int = 64
+    liveness_s: float = 10.0
+    heartbeat_s: float = 2.0
+    linger_s: float = 15.0  # after the last round, how long to wait for agents to hear DONE
+
+    def check(self) -> None:
+        """Refuses insecure or contradictory settings with a message that says what to pass."""
+        tls_files = (self.tls_cert, self.tls_key, self.tls_client_ca)
+        if self.insecure and any(tls_files):
+            raise UsageError("--insecure (plaintext) cannot be combined with --tls-* options")
+        if not self.insecure:
+            if not (self.tls_cert and self.tls_key):
+                raise UsageError(
+                    "TLS needs --tls-cert and --tls-key (PEM files; see docs/deploy.md "
+                    "to make them), or --insecure for plaintext on a trusted network"
+                )
+            if not (self.tokens or self.tls_client_ca):
+                raise UsageError(
+                    "no client authentication: pass --tokens FILE.toml and/or "
+                    "--tls-client-ca FILE so each agent's identity comes from its "
+                    "credentials (or --insecure for an open demo)"
+                )
+        for flag, path in (
+            ("--tls-cert", self.tls_cert),
+            ("--tls-key", self.tls_key),
+            ("--tls-client-ca", self.tls_client_ca),
+            ("--tokens", self.tokens),
+            ("--eval-data", self.eval_data),
+        ):
+            if path and not Path(path).is_file():
+                raise UsageError(f"{flag} file not found: {path}")
+        if self.min_clients < 1:
+            raise UsageError(
+                f"--min-clients must be a positive integer. Received: {self.min_clients}"
+            )
+        if self.round_timeout_s <= 0:
+            raise UsageError(f"--round-timeout must be positive. Received: {self.round_timeout_s}")
+        if self.compression not in COMPRESSION:
+            raise UsageError(
+                f"unknown compression {self.compression!r}. Accepted values: "
+                f"{', '.join(COMPRESSION)}"
+            )
+
+
+@dataclass
+class EvalData:
+    name: str
+    x: np.ndarray
+    y: np.ndarray
+    num_classes: int
+
+
+def load_eval_data(config: RunConfig, eval_data: str | None) -> EvalData:
+    """The held-out data: ``--eval-data FILE.npz``, else the test split of ``--dataset``."""
+    if eval_data:
+        from clients.data import DataError, check_arrays, load_npz
+
+        try:
+            x, y = load_npz(eval_data)
+        except DataError as exc:
+            raise UsageError(str(exc)) from None
+        with np.load(eval_data) as f:
+            stored = int(f["num_classes"]) if "num_classes" in f.files else None
+        problems = check_arrays(x, y)
+        if problems:
+            raise UsageError(f"--eval-data {eval_data}: " + "; ".join(p.message for p in problems))
+        num_classes = stored or int(y.max()) + 1
+        return EvalData(Path(eval_data).stem, x.astype(np.float32), y.astype(np.int64), num_classes)
+    from simulations.datasets import load_dataset
+
+    ds = load_dataset(config.dataset, config.data_dir, config.seed)
+    return EvalData(ds.name, ds.x_test, ds.y_test, ds.num_classes)
+
+
+def build_chain(config: RunConfig):
+    """The aggregation chain of ``config``, as simulations build it (plus central DP)."""
+    from aggregation.chain import parse_chain
+
+    if config.dp == "central":
+        from aggregation.dp import central_dp
+
+        if config.dp_noise_multiplier is None:
+            raise UsageError(
+                "--dp central in serve needs --dp-noise-multiplier (the population "
+                "of a deployment is unknown, so --target-epsilon cannot be solved)"
+            )
+        return central_dp(
+            config.dp_clip,
+            config.dp_noise_multiplier,
+            expected_clients=config.clients_per_round,
+            seed=None,
+            adaptive=config.dp_adaptive_clip,
+            target_quantile=config.dp_target_quantile,
+        )
+    return parse_chain(config.aggregator, num_byzantine_default=config.byzantine_budget)
+
+
+class ServeMetrics:
+    """The transport's own series, in the exporter's registry."""
+
+    def __init__(self, registry):
+        self.late = Counter(
+            "fedwarden_updates_late",
+            "Updates that arrived after their round closed (dropped, not charged to trust).",
+            registry=registry,
+        )
+        self.abandoned = Counter(
+            "fedwarden_round_attempts_abandoned",
+            "Round attempts abandoned because too few updates arrived in time.",
+            registry=registry,
+        )
+        self.agents = Gauge(
+            "fedwarden_agents_connected", "Agents with a live session.", registry=registry
+        )
+
+
+class Server:
+    """One coordinator process: gRPC service, round loop, checkpoints, metrics.
+
+    Example::
+
+        Server(config, ServeOptions(Path("runs/serve"), insecure=True)).run()
+    """
+
+    def __init__(self, config: RunConfig, options: ServeOptions):
+        options.check()
+        self.config = config
+        self.options = options
+        self._stop = False
+        self.port: int | None = None
+        self.metrics_port: int | None = None
+
+    def request_stop(self, *_: Any) -> None:
+        """Graceful stop (SIGTERM): abandon the round in progress, keep the last checkpoint."""
+        self._stop = True
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def _authenticator(self) -> Authenticator:
+        o = self.options
+        tokens, operator_tokens = load_tokens(o.tokens) if o.tokens else ({}, {})
+        auth = Authenticator(
+            tokens, operator_tokens, mutual_tls=bool(o.tls_client_ca), operator_names=o.operators
+        )
+        if auth.open:
+            log.warning(
+                "open coordinator: agent identities are not authenticated (--insecure "
+                "without --tokens); use this only on a trusted network"
+            )
+        elif o.insecure:
+            log.warning("plaintext transport (--insecure): tokens travel unencrypted")
+        return auth
+
+    def _grpc_server(self, servicer: FederationServicer) -> grpc.Server:
+        o = self.options
+        server = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=3 * o.max_agents + 8, thread_name_prefix="fedwarden-grpc"
+            ),
+            options=SERVER_OPTIONS,
+            compression=COMPRESSION[o.compression],
+        )
+        pb_grpc.add_FederationServicer_to_server(servicer, server)
+        address = f"{o.host}:{o.port}"
+        try:
+            if o.insecure:
+                port = server.add_insecure_port(address)
+            else:
+                credentials = grpc.ssl_server_credentials(
+                    [(Path(o.tls_key).read_bytes(), Path(o.tls_cert).read_bytes())],
+                    root_certificates=Path(o.tls_client_ca).read_bytes()
+                    if o.tls_client_ca
+                    else None,
+                    require_client_auth=bool(o.tls_client_ca),
+                )
+                port = server.add_secure_port(address, credentials)
+        except RuntimeError as exc:
+            raise UsageError(f"cannot listen on {address}: {exc}") from None
+        if not port:
+            raise UsageError(f"cannot listen on {address} (in use, or not an address of this host)")
+        self.port = port
+        return server
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        from clients.training import LocalTrainer
+        from fedwarden.models import build_model
+        from fedwarden.weights import WeightLayout
+        from server.coordinator import Coordinator
+        from server.ledger import Ledger
+        from server.metrics import MetricsExporter
+        from server.optimizers import ServerOptimizer
+        from server.trust import TrustBook, TrustPolicy
+
+        c, o = self.config, self.options
+        auth = self._authenticator()
+        data = load_eval_data(c, o.eval_data)
+        input_shape = tuple(int(d) for d in data.x.shape[1:])
+        model = build_model(c.model, data.name, input_shape, data.num_classes, c.seed)
+        evaluator = LocalTrainer(model, c.lr, c.batch_size, c.local_epochs)
+        layout = WeightLayout.of(model.get_weights())
+        chain = build_chain(c)
+        chain.check(min(o.min_clients, c.clients_per_round))
+
+        o.state_dir.mkdir(parents=True, exist_ok=True)
+        saved = checkpoint.load_latest(o.state_dir)
+        done = 0 if saved is None else int(saved["round"])
+        if saved is not None and tuple(map(tuple, saved["layout"])) != layout.shapes:
+            raise UsageError(
+                f"{o.state_dir} holds a run of another model (weight shapes "
+                f"{saved['layout']}); use a new --state-dir"
+            )
+        ledger = Ledger(o.state_dir / "ledger.sqlite")
+        if ledger.last_round() < done:
+            log.warning(
+                "ledger ends at round %d but the checkpoint at %d: trust restarts from the ledger",
+                ledger.last_round(),
+                done,
+            )
+        ledger.truncate_after(done)
+        policy = TrustPolicy(
+            decay=c.trust_decay,
+            flag_below=c.trust_flag_below,
+            unflag_above=c.trust_unflag_above,
+            quarantine=c.quarantine,
+            downweight=c.quarantine_downweight,
+            probation_rounds=c.probation_rounds,
+        )
+        coordinator = Coordinator(
+            layout.flatten(model.get_weights()),
+            chain,
+            ServerOptimizer(c.server_optimizer, c.server_lr, c.server_momentum),
+            TrustBook(policy, ledger),
+            anomaly_weights=c.anomaly_weights,
+        )
+        state: dict[str, Any] = {"rounds": [], "examples": {}}
+        if saved is not None:
+            coordinator.load_state_dict(saved["coordinator"])
+            state = {"rounds": saved["rounds"], "examples": saved["examples"]}
+            print(f"fedwarden serve: resuming after round {done} from {o.state_dir}", flush=True)
+
+        spec = TrainingSpec(
+            c.model,
+            data.name,
+            input_shape,
+            data.num_classes,
+            layout.shapes,
+            c.lr,
+            c.batch_size,
+            c.local_epochs,
+            c.seed,
+            dp_sgd={
+                "l2_norm_clip": c.dp_l2_clip,
+                "noise_multiplier": c.dp_noise_multiplier or 0.0,
+                "num_microbatches": c.dp_microbatches,
+            }
+            if c.dp_sgd
+            else None,
+        )
+        hub = Hub(c.rounds, liveness_s=o.liveness_s, heartbeat_interval_s=o.heartbeat_s)
+        hub.set_last_round(done)
+        exporter = MetricsExporter()
+        metrics = ServeMetrics(exporter.registry)
+
+        def on_late(client_id: str, task_id: str) -> None:
+            metrics.late.inc()
+            log.info("late update from %s for task %s dropped", client_id, task_id)
+
+        hub.on_late = on_late
+        servicer = FederationServicer(
+            hub, auth, spec, ledger.list_clients, max_update_bytes=layout.size * 8
+        )
+        grpc_server = self._grpc_server(servicer)
+        metrics_server = (
+            exporter.serve(c.metrics_port, host=o.metrics_host)
+            if c.metrics_port is not None
+            else None
+        )
+        self.metrics_port = metrics_server.port if metrics_server else None
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.request_stop)
+            signal.signal(signal.SIGINT, self.request_stop)
+        grpc_server.start()
+        security = "plaintext" if o.insecure else ("mutual TLS" if o.tls_client_ca else "TLS")
+        print(
+            f"fedwarden serve: listening on {o.host}:{self.port} ({security}"
+            f"{', tokens' if o.tokens else ''}); metrics on "
+            f"{f'{o.metrics_host}:{self.metrics_port}' if metrics_server else 'none'}; "
+            f"rounds {done + 1}..{c.rounds}",
+            flush=True,
+        )
+        loop = _RoundLoop(self, coordinator, evaluator, layout, data, hub, exporter, metrics, state)
+        if state["rounds"]:  # a crash between the checkpoint and results.json loses nothing
+            checkpoint.write_json_atomic(o.state_dir / "results.json", loop.results())
+        try:
+            finished = loop.run(done + 1)
+            if finished:
+                hub.finish()
+                hub.wait_told_done(o.linger_s)
+                final = state["rounds"][-1]["accuracy"] if state["rounds"] else float("nan")
+                print(
+                    f"fedwarden serve: done, {c.rounds} rounds, accuracy {final:.3f}; results in "
+                    f"{o.state_dir}/results.json",
+                    flush=True,
+                )
+            else:
+                print(
+                    f"fedwarden serve: stopped after round {hub.last_round}; the checkpoint is "
+                    f"kept, restart with the same --state-dir to resume",
+                    flush=True,
+                )
+        finally:
+            grpc_server.stop(grace=2).wait(5)
+            if metrics_server is not None:
+                metrics_server.shutdown()
+            ledger.close()
+        return 0
+
+
+class _RoundLoop:
+    def __init__(
+        self,
+        server: Server,
+        coordinator,
+        evaluator,
+        layout,
+        data: EvalData,
+        hub: Hub,
+        exporter,
+        metrics: ServeMetrics,
+        state: dict[str, Any],
+    ):
+        self.s, self.c, self.o = server, server.config, server.options
+        self.coordinator, self.evaluator, self.layout, self.data = (
+            coordinator,
+            evaluator,
+            layout,
+            data,
+        )
+        self.hub, self.exporter, self.metrics, self.state = hub, exporter, metrics, state
+
+    def stopping(self) -> bool:
+        return self.s._stop
+
+    def run(self, first_round: int) -> bool:
+        """Runs rounds from ``first_round``; True when every round is done, False if stopped."""
+        round_number, attempt, waiting_since = first_round, 0, None
+        while round_number <= self.c.rounds:
+            if self.stopping():
+                return False
+            live = self.hub.wait_for_clients(self.o.min_clients, timeout=0.5)
+            self.metrics.agents.set(len(live))
+            if len(live) < self.o.min_clients:
+                now = time.monotonic()
+                if waiting_since is None or now - waiting_since > 30:
+                    print(
+                        f"round {round_number}: waiting for agents ({len(live)} of "
+                        f"{self.o.min_clients} connected)",
+                        flush=True,
+                    )
+                    waiting_since = now
+                continue
+            waiting_since = None
+            rng = np.random.default_rng([self.c.seed, 5, round_number, attempt])
+            selected = self.coordinator.select(live, self.c.clients_per_round, rng)
+            if not selected:
+                log.warning("round %d: every live agent is quarantined; waiting", round_number)
+                self.hub.wait_for_clients(len(live) + 1, timeout=1.0)
+                continue
+            if self._round(round_number, attempt, selected):
+                round_number, attempt = round_number + 1, 0
+            elif not self.stopping():
+                attempt += 1
+        return True
+
+    def _round(self, round_number: int, attempt: int, selected: list[str]) -> bool:
+        start = time.perf_counter()
+        payload = encode_vector(self.coordinator.weights, "float32")
+        self.hub.publish(round_number, attempt, selected, payload, sha256_hex(payload))
+        need = min(self.o.min_clients, len(selected))
+        updates, complete = self.hub.collect(
+            need, time.monotonic() + self.o.round_timeout_s, stop=self.stopping
+        )
+        answered = len({u.client_id for u in updates if u.client_id in selected})
+        if not complete:
+            if not self.stopping():
+                self.metrics.abandoned.inc()
+                print(
+                    f"round {round_number}: only {answered} of {len(selected)} selected agents "
+                    f"answered within {self.o.round_timeout_s:g} s (need {need}); re-running the "
+                    "round with a new selection",
+                    flush=True,
+                )
+            return False
+        outcome = self.coordinator.finish_round(round_number, selected, updates)
+        loss, accuracy = self.evaluator.evaluate(
+            self.layout.unflatten(self.coordinator.weights), self.data.x, self.data.y
+        )
+        elapsed = time.perf_counter() - start
+        ledger = self.coordinator.trust.ledger
+        ledger.record_round(
+            round_number, [{**row, "round": round_number} for row in outcome.clients]
+        )
+        self.exporter.observe_round(round_number, accuracy, loss, elapsed, outcome.clients)
+        for r in outcome.rejected:
+            self.exporter.count_rejected(r.reason)
+        for u in updates:
+            if u.client_id in outcome.admitted:
+                self.state["examples"][u.client_id] = int(u.num_examples)
+        self.state["rounds"].append(
+            {
+                "round": round_number,
+                "accuracy": accuracy,
+                "loss": loss,
+                "attack_success_rate": None,
+                "flagged": outcome.flagged,
+                "selected": outcome.selected,
+                "admitted": len(outcome.admitted),
+                "rejected": len(outcome.rejected),
+                "rejections": [
+                    {"client_id": r.client_id, "reason": r.reason} for r in outcome.rejected
+                ],
+                "attempts": attempt + 1,
+                "duration_s": elapsed,
+                "measurements": checkpoint.jsonable(outcome.measurements),
+            }
+        )
+        checkpoint.save(
+            self.o.state_dir,
+            round_number,
+            {
+                "coordinator": self.coordinator.state_dict(),
+                "layout": self.layout.shapes,
+                "config": self.c.to_dict(),
+                **self.state,
+            },
+        )
+        checkpoint.write_json_atomic(self.o.state_dir / "results.json", self.results())
+        self.hub.set_last_round(round_number)
+        print(
+            f"round {round_number}/{self.c.rounds}: accuracy {accuracy:.3f}, loss {loss:.3f}, "
+            f"{len(outcome.admitted)} of {len(selected)} updates admitted, "
+            f"{len(outcome.rejected)} rejected, flagged {outcome.flagged or '-'} "
+            f"({elapsed:.1f} s)",
+            flush=True,
+        )
+        return True
+
+    def results(self) -> dict[str, Any]:
+        """results.json, with the simulations' contract (ground truth about attackers: null)."""
+        rounds = self.state["rounds"]
+        last = rounds[-1]
+        snapshot = self.coordinator.trust.snapshot()
+        ids = sorted(set(snapshot) | set(self.state["examples"]))
+        o = self.o
+        return {
+            "config": self.c.to_dict(),
+            "deployment": {
+                "state_dir": str(o.state_dir),
+                "min_clients": o.min_clients,
+                "round_timeout_s": o.round_timeout_s,
+                "transport": "plaintext"
+                if o.insecure
+                else ("mutual TLS" if o.tls_client_ca else "TLS"),
+                "eval_data": o.eval_data or f"{self.data.name} test split",
+            },
+            "rounds": rounds,
+            "final": {
+                "accuracy": last["accuracy"],
+                "loss": last["loss"],
+                "attack_success_rate": None,
+                "detection": {
+                    "precision": None,
+                    "recall": None,
+                    "note": "unknown in a deployment: no ground truth",
+                },
+            },
+            "clients": {
+                cid: {
+                    "malicious": None,
+                    "trust": snapshot[cid].trust if cid in snapshot else None,
+                    "flagged": bool(snapshot[cid].flagged) if cid in snapshot else False,
+                    "num_examples": self.state["examples"].get(cid),
+                }
+                for cid in ids
+            },
+            "aggregator": repr(self.coordinator.chain),
+            "attack": None,
+        }

@@ -1,0 +1,145 @@
+"""``fedwarden serve``: run a coordinator for remote agents (see server/serve.py)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from pathlib import Path
+
+from fedwarden.errors import UsageError
+
+DESCRIPTION = """Run a coordinator: agents (fedwarden agent) on other machines connect over gRPC,
+train on their own data and submit updates; the coordinator aggregates them with the same round
+logic, defences and trust scores as simulations. Secure by default: TLS with --tls-cert/--tls-key,
+agents authenticated by --tokens and/or client certificates (--tls-client-ca); --insecure allows
+plaintext. Checkpoints after every round into --state-dir; restarted with the same --state-dir it
+resumes at the next round. SIGTERM stops it gracefully. Exits when the rounds are done."""
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fedwarden.cli import config_from_args
+    from server.serve import ServeOptions, Server
+
+    # clients: serve has no fixed population; keep validation of --clients-per-round happy.
+    config = config_from_args(args, clients=2**31 - 1, out=args.state_dir, progress=False)
+    config = dataclasses.replace(config, clients=config.clients_per_round)
+    if config.attack != "none":
+        raise UsageError(
+            "serve trains real agents; attacks exist in simulations only "
+            "(fedwarden simulate --attack ...)"
+        )
+    if config.engine != "native":
+        raise UsageError(
+            f"serve trains with the native engine only. Received: --engine {config.engine}"
+        )
+    if args.model and not args.eval_data and args.dataset is None:
+        raise UsageError("--model needs --eval-data FILE.npz (or --dataset NAME) to evaluate on")
+    options = ServeOptions(
+        state_dir=Path(args.state_dir),
+        host=args.host,
+        port=args.port,
+        metrics_host=args.metrics_host,
+        min_clients=args.min_clients,
+        round_timeout_s=args.round_timeout,
+        eval_data=args.eval_data,
+        tokens=args.tokens,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        insecure=args.insecure,
+        operators=args.operator or [],
+        compression=args.compression,
+        max_agents=args.max_agents,
+    )
+    logging.getLogger("fedwarden.serve").setLevel(logging.INFO)
+    logging.getLogger("fedwarden.checkpoint").setLevel(logging.INFO)
+    return Server(config, options).run()
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from fedwarden.cli import add_run_options
+
+    p = subparsers.add_parser(
+        "serve", help="run a coordinator for remote agents", description=DESCRIPTION
+    )
+    add_run_options(p)
+    g = p.add_argument_group("deployment")
+    g.add_argument(
+        "--eval-data",
+        metavar="FILE.npz",
+        help="held-out data (arrays x, y; optional num_classes) to evaluate on; "
+        "default: the test split of --dataset",
+    )
+    g.add_argument(
+        "--min-clients",
+        type=int,
+        default=2,
+        metavar="N",
+        help="agents that must be connected before a round starts, and updates needed "
+        "to close a round at its timeout (2)",
+    )
+    g.add_argument(
+        "--round-timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="seconds to wait for the selected agents; with fewer than --min-clients "
+        "updates by then the round is re-run with a new selection (120)",
+    )
+    g.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (127.0.0.1; 0.0.0.0 for every interface)",
+    )
+    g.add_argument("--port", type=int, default=50051, help="gRPC port (50051; 0: any free port)")
+    g.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address of /metrics (127.0.0.1; 0.0.0.0 to let Prometheus scrape it)",
+    )
+    g.add_argument(
+        "--state-dir",
+        required=True,
+        metavar="DIR",
+        help="checkpoints, ledger.sqlite and results.json; reuse it to resume",
+    )
+    g.add_argument(
+        "--tokens",
+        metavar="FILE.toml",
+        help='per-client tokens: lines of client_id = "token"; an [operators] table '
+        "names who may read trust (fedwarden trust list --server)",
+    )
+    g.add_argument("--tls-cert", metavar="FILE", help="server certificate (PEM)")
+    g.add_argument("--tls-key", metavar="FILE", help="server private key (PEM)")
+    g.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="CA (PEM) that signs client certificates: turns on mutual TLS, and the "
+        "certificate's common name is the client id",
+    )
+    g.add_argument(
+        "--operator",
+        action="append",
+        metavar="CN",
+        help="certificate common name allowed to read trust (repeatable)",
+    )
+    g.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext gRPC; without --tokens, agent identities are not checked. "
+        "Only on a trusted network",
+    )
+    g.add_argument(
+        "--compression",
+        default="none",
+        choices=("none", "gzip"),
+        help="compress what the coordinator sends (default none)",
+    )
+    g.add_argument(
+        "--max-agents",
+        type=int,
+        default=64,
+        help="agents served at once (sizes the thread pool; 64)",
+    )
+    p.set_defaults(func=cmd_serve)

@@ -1,0 +1,322 @@
+"""The gRPC servicer: translates ``fedwarden.v1`` messages to and from the hub, nothing more.
+
+Every call is authenticated first (``server/auth.py``): the identity comes from the caller's
+token or client certificate, so an agent can only ever act as itself; SubmitUpdate carries no
+client id at all. Round logic lives in ``Coordinator``; sessions and the current task in ``Hub``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+
+from server.admission import ClientUpdate
+from server.auth import Authenticator, AuthError, Identity
+from server.hub import Hub, Task, UnknownSession
+from server.proto_gen import fedwarden_v1_pb2 as pb
+from server.proto_gen import fedwarden_v1_pb2_grpc as pb_grpc
+from server.transfer import (
+    CHUNK_SIZE,
+    VECTOR_DTYPES,
+    Assembler,
+    TransferError,
+    decode_vector,
+    split,
+)
+
+MAX_WAIT_S = 30.0
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """What an agent needs to build the model, validate its data and train (one per run)."""
+
+    model: str | None
+    dataset: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    weight_shapes: tuple[tuple[int, ...], ...]
+    learning_rate: float
+    batch_size: int
+    local_epochs: int
+    seed: int = 0
+    dtype: str = "float32"
+    dp_sgd: dict[str, Any] | None = field(default=None)  # l2_norm_clip, noise_multiplier, ...
+
+    @property
+    def num_weights(self) -> int:
+        return int(sum(np.prod(s, dtype=np.int64) for s in self.weight_shapes))
+
+
+def spec_to_proto(spec: TrainingSpec) -> pb.TrainingSpec:
+    dp = spec.dp_sgd or {}
+    return pb.TrainingSpec(
+        model=spec.model or "",
+        dataset=spec.dataset,
+        input_shape=list(spec.input_shape),
+        num_classes=spec.num_classes,
+        dtype=spec.dtype,
+        weight_shapes=[pb.Shape(dims=list(s)) for s in spec.weight_shapes],
+        learning_rate=spec.learning_rate,
+        batch_size=spec.batch_size,
+        local_epochs=spec.local_epochs,
+        seed=spec.seed,
+        dp_sgd=pb.DPSGD(
+            enabled=bool(dp),
+            l2_norm_clip=dp.get("l2_norm_clip", 0.0),
+            noise_multiplier=dp.get("noise_multiplier", 0.0),
+            num_microbatches=dp.get("num_microbatches") or 0,
+        ),
+    )
+
+
+def spec_from_proto(msg: pb.TrainingSpec) -> TrainingSpec:
+    dp = None
+    if msg.dp_sgd.enabled:
+        dp = {
+            "l2_norm_clip": msg.dp_sgd.l2_norm_clip,
+            "noise_multiplier": msg.dp_sgd.noise_multiplier,
+            "num_microbatches": msg.dp_sgd.num_microbatches or None,
+        }
+    return TrainingSpec(
+        msg.model or None,
+        msg.dataset,
+        tuple(msg.input_shape),
+        msg.num_classes,
+        tuple(tuple(s.dims) for s in msg.weight_shapes),
+        msg.learning_rate,
+        msg.batch_size,
+        msg.local_epochs,
+        msg.seed,
+        msg.dtype or "float32",
+        dp,
+    )
+
+
+def trust_to_proto(rows: list[dict[str, Any]], last_round: int) -> pb.TrustReply:
+    clients = []
+    for row in rows:
+        fields = {
+            k: row[k]
+            for k in ("trust", "anomaly", "last_round", "norm", "cosine")
+            if row.get(k) is not None
+        }
+        clients.append(
+            pb.ClientTrust(
+                client_id=row["client_id"],
+                flagged=bool(row.get("flagged")),
+                quarantined=bool(row.get("quarantined")),
+                rounds=int(row.get("rounds") or 0),
+                rejected=int(row.get("rejected") or 0),
+                **fields,
+            )
+        )
+    return pb.TrustReply(last_round=last_round, clients=clients)
+
+
+def trust_from_proto(reply: pb.TrustReply) -> list[dict[str, Any]]:
+    """The rows of ``Ledger.list_clients()``, as a remote coordinator holds them."""
+    rows = []
+    for c in reply.clients:
+        row: dict[str, Any] = {
+            "client_id": c.client_id,
+            "flagged": c.flagged,
+            "quarantined": c.quarantined,
+            "rounds": c.rounds,
+            "rejected": c.rejected,
+        }
+        for key in ("trust", "anomaly", "last_round", "norm", "cosine"):
+            row[key] = getattr(c, key) if c.HasField(key) else None
+        rows.append(row)
+    return rows
+
+
+class FederationServicer(pb_grpc.FederationServicer):
+    """Args:
+    hub: sessions and the current task.
+    auth: maps credentials to identities.
+    spec: the training spec sent to agents.
+    trust_rows: returns ``Ledger.list_clients()``-shaped rows for GetTrust.
+    max_update_bytes: larger declared updates are refused without being read.
+    """
+
+    def __init__(
+        self,
+        hub: Hub,
+        auth: Authenticator,
+        spec: TrainingSpec,
+        trust_rows: Callable[[], list[dict[str, Any]]],
+        *,
+        max_update_bytes: int,
+        chunk_size: int = CHUNK_SIZE,
+    ):
+        self.hub = hub
+        self.auth = auth
+        self.spec = spec_to_proto(spec)
+        self.trust_rows = trust_rows
+        self.max_update_bytes = max_update_bytes
+        self.chunk_size = chunk_size
+
+    def _identity(self, context: grpc.ServicerContext) -> Identity:
+        common_name = None
+        if self.auth.mutual_tls:
+            names = context.auth_context().get("x509_common_name") or []
+            common_name = names[0].decode(errors="replace") if names else None
+        try:
+            return self.auth.identify(context.invocation_metadata(), common_name)
+        except AuthError as exc:
+            code = (
+                grpc.StatusCode.PERMISSION_DENIED if exc.denied else grpc.StatusCode.UNAUTHENTICATED
+            )
+            context.abort(code, str(exc))
+            raise  # abort raises; this line keeps type checkers sure we never fall through
+
+    def _agent(self, context: grpc.ServicerContext) -> str:
+        identity = self._identity(context)
+        if not identity.may_train:
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{identity.name!r} is an operator identity; it cannot train",
+            )
+        return identity.name
+
+    def _unknown_session(self, context: grpc.ServicerContext, exc: UnknownSession) -> None:
+        context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+
+    def Register(
+        self, request: pb.RegisterRequest, context: grpc.ServicerContext
+    ) -> pb.RegisterReply:
+        client_id = self._agent(context)
+        if request.client_id and request.client_id != client_id:
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"these credentials identify {client_id!r}, not {request.client_id!r}",
+            )
+        session_id = self.hub.register(client_id)
+        return pb.RegisterReply(
+            session_id=session_id,
+            last_round=self.hub.last_round,
+            total_rounds=self.hub.total_rounds,
+            done=self.hub.done,
+            spec=self.spec,
+            heartbeat_interval_s=self.hub.heartbeat_interval_s,
+        )
+
+    def GetTask(
+        self, request: pb.TaskRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.TaskChunk]:
+        client_id = self._agent(context)
+        wait = min(max(request.wait_s, 0.0), MAX_WAIT_S)
+        try:
+            task = self.hub.wait_task(client_id, request.session_id, request.last_task_id, wait)
+        except UnknownSession as exc:
+            self._unknown_session(context, exc)
+        if task == "done":
+            yield pb.TaskChunk(
+                header=pb.TaskHeader(status=pb.TaskHeader.DONE, total_rounds=self.hub.total_rounds)
+            )
+            return
+        if not isinstance(task, Task):
+            yield pb.TaskChunk(
+                header=pb.TaskHeader(
+                    status=pb.TaskHeader.NO_TASK, total_rounds=self.hub.total_rounds
+                )
+            )
+            return
+        yield pb.TaskChunk(
+            header=pb.TaskHeader(
+                status=pb.TaskHeader.TASK,
+                task_id=task.task_id,
+                round=task.round,
+                total_rounds=self.hub.total_rounds,
+                total_size=len(task.payload),
+                sha256=task.sha256,
+                spec=self.spec,
+            )
+        )
+        for seq, data in split(task.payload, self.chunk_size):
+            yield pb.TaskChunk(chunk=pb.Chunk(seq=seq, data=data))
+
+    def SubmitUpdate(
+        self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext
+    ) -> pb.SubmitReply:
+        client_id = self._agent(context)
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an update stream starts with a header")
+        header = first.header
+        try:
+            self.hub.check_session(client_id, header.session_id)
+        except UnknownSession as exc:
+            self._unknown_session(context, exc)
+        if header.dtype not in VECTOR_DTYPES:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown dtype {header.dtype!r}; send float32 or float64",
+            )
+        loss = header.loss if header.HasField("loss") else None
+        if header.total_size > self.max_update_bytes:
+            # Not read: a view of the declared shape lets admission reject it as wrong_shape.
+            values = header.total_size // np.dtype(VECTOR_DTYPES[header.dtype]).itemsize
+            placeholder = np.broadcast_to(np.float32(0), (values,))
+            update = ClientUpdate(
+                client_id, header.round, placeholder, int(header.num_examples), loss
+            )
+            status = self.hub.submit(client_id, header.session_id, header.task_id, update)
+            return pb.SubmitReply(
+                status=pb.SubmitReply.LATE if status == "late" else pb.SubmitReply.REJECTED,
+                detail=f"update of {header.total_size} bytes exceeds the limit of "
+                f"{self.max_update_bytes} bytes",
+            )
+        assembler = Assembler(header.total_size)
+        trailer = None
+        try:
+            for msg in request_iterator:
+                part = msg.WhichOneof("part")
+                if part == "chunk":
+                    assembler.add(msg.chunk.seq, msg.chunk.data)
+                elif part == "trailer":
+                    trailer = msg.trailer
+                    break
+                else:
+                    raise TransferError(f"unexpected {part} in the middle of an update stream")
+            if trailer is None:
+                raise TransferError("the update stream ended without its sha256 trailer")
+            delta = decode_vector(assembler.finish(trailer.sha256), header.dtype)
+        except TransferError as exc:
+            context.abort(grpc.StatusCode.DATA_LOSS, f"update not received intact: {exc}")
+        update = ClientUpdate(client_id, header.round, delta, int(header.num_examples), loss)
+        try:
+            status = self.hub.submit(client_id, header.session_id, header.task_id, update)
+        except UnknownSession as exc:
+            self._unknown_session(context, exc)
+        if status == "late":
+            return pb.SubmitReply(
+                status=pb.SubmitReply.LATE,
+                detail=f"task {header.task_id} is closed; the update was dropped",
+            )
+        return pb.SubmitReply(status=pb.SubmitReply.ACCEPTED)
+
+    def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> pb.HeartbeatReply:
+        client_id = self._agent(context)
+        try:
+            self.hub.heartbeat(client_id, request.session_id)
+        except UnknownSession as exc:
+            self._unknown_session(context, exc)
+        return pb.HeartbeatReply(last_round=self.hub.last_round, done=self.hub.done)
+
+    def GetTrust(self, request: pb.TrustRequest, context: grpc.ServicerContext) -> pb.TrustReply:
+        identity = self._identity(context)
+        if not identity.may_read_trust:
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{identity.name!r} may not read trust; use an operator token or "
+                "certificate (see docs/deploy.md)",
+            )
+        return trust_to_proto(self.trust_rows(), self.hub.last_round)
