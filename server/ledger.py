@@ -109,6 +109,17 @@ class LedgerError(RuntimeError):
     """The ledger file is missing, unreadable or not a fedwarden ledger."""
 
 
+def remove_ledger(path: str | os.PathLike) -> None:
+    """Deletes a ledger with its ``-wal`` and ``-shm`` files (to start a run afresh).
+
+    Deleting only the main file is unsafe: a ``-wal`` file left by a crashed run would be
+    replayed into the next database created at the same path.
+    """
+    path = Path(path)
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
 def _sql_value(column: str, value: Any) -> Any:
     """Converts a row value (numpy scalars included) to what SQLite stores; NaN becomes NULL."""
     if column in _BOOL_COLUMNS:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.ledger import Ledger, LedgerError
+from server.ledger import Ledger, LedgerError, remove_ledger
 from server.trust import ClientTrust, TrustBook, TrustPolicy, round_rows
 from server.trust_cli import trust_main
 from simulations.report import detection_summary, plot_trust_heatmap
@@ -225,6 +225,19 @@ def test_readonly_ledger_errors(tmp_path):
     Ledger(tmp_path / "ok.sqlite").close()
     with Ledger(tmp_path / "ok.sqlite", readonly=True) as ro, pytest.raises(LedgerError):
         ro.record_round(1, [])
+
+
+def test_remove_ledger_removes_the_wal_too(tmp_path):
+    path = tmp_path / "l.sqlite"
+    ledger = Ledger(path)
+    ledger.record_round(1, [{"client_id": "old", "trust": 0.1}])
+    assert Path(f"{path}-wal").exists()  # while open, the WAL holds the round
+    ledger.close()
+    remove_ledger(path)
+    remove_ledger(path)  # nothing left to remove: no error
+    assert list(tmp_path.iterdir()) == []
+    with Ledger(path) as fresh:
+        assert fresh.list_clients() == [] and fresh.last_round() == 0
 
 
 def test_trust_book_persists_and_restarts_from_the_ledger(tmp_path):
