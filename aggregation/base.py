@@ -5,12 +5,18 @@ a robust rule reduces to one row, central DP noise perturbs that row. A chain of
 step, so ``chain(clip_by_norm(5.0), trimmed_mean(0.2), gaussian_noise(...))`` reads in the order the
 data flows. Steps never mutate their inputs.
 
-Round-to-round state (adaptive clip norm, centered-clipping momentum, a noise generator) is explicit:
-``init()`` returns it, ``__call__`` takes and returns it, so the coordinator checkpoints it.
+Round-to-round state (adaptive clip norm, centered-clipping momentum, a noise generator) is
+explicit: ``init()`` returns it, ``__call__`` takes and returns it, so the coordinator checkpoints
+it.
 
 What a step observed leaves as measurements, one path to trust scoring and metrics:
 ``measurements`` holds scalars (e.g. ``clipped_count``) and ``per_client`` holds arrays of length
 K aligned with the input rows (e.g. ``krum_score``, ``trimmed_share``, ``selected``).
+
+A step that keeps its K rows in order (clipping, nearest-neighbour mixing) sets the class attribute
+``keeps_rows = True``; ``chain`` reads it (``getattr(step, "keeps_rows", False)``) to know how many
+rows the next step sees and whether that step's ``per_client`` arrays still line up with the
+clients. Steps without the attribute are taken to reduce the cohort to one row.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import numpy as np
 
 
 class AggregationError(ValueError):
-    """A step's assumptions do not hold for the cohort at hand (the message says which and how to fix)."""
+    """A step's assumptions do not hold for the cohort at hand (the message says which, and how to
+    fix it)."""
 
 
 @dataclass
@@ -48,18 +55,27 @@ class Step(Protocol):
 
 
 class StatelessStep:
-    """Base for steps without state; subclasses implement ``apply`` and, if needed, ``check``."""
+    """Base for steps without state; subclasses implement ``apply`` and, if needed, ``check``.
+
+    ``__call__`` validates the cohort with ``as_cohort``, runs ``check`` and then ``apply``; the
+    ``state`` argument is ignored and the output state is None. ``repr`` shows ``name`` and every
+    public attribute, e.g. ``trimmed_mean(trim_fraction=0.1)``.
+    """
 
     name = "step"
+    keeps_rows = False
 
     def init(self) -> Any:
         return None
 
     def check(self, num_clients: int) -> None:
         if num_clients < 1:
-            raise AggregationError(f"{self.name} needs at least one update. Received: num_clients=0.")
+            raise AggregationError(
+                f"{self.name} needs at least one update. Received: num_clients={num_clients}."
+            )
 
     def __call__(self, updates: np.ndarray, weights: np.ndarray, state: Any) -> StepOutput:
+        updates, weights = as_cohort(updates, weights)
         self.check(updates.shape[0])
         return self.apply(updates, weights)
 
@@ -68,11 +84,17 @@ class StatelessStep:
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
-        return f"{type(self).__name__}({params})"
+        return f"{self.name}({params})"
 
 
-def as_cohort(updates: np.ndarray, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Validates and normalises a cohort: a 2-D float matrix and non-negative weights of length K."""
+def as_cohort(
+    updates: np.ndarray, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Validates and normalises a cohort: a 2-D float matrix and non-negative weights of length K.
+
+    Integer updates become float32; float updates keep their dtype and are not copied. Weights
+    default to ones and become float64.
+    """
     updates = np.asarray(updates)
     if updates.ndim != 2:
         raise AggregationError(f"updates must be a (K, d) matrix. Received shape {updates.shape}.")
@@ -83,5 +105,8 @@ def as_cohort(updates: np.ndarray, weights: np.ndarray | None = None) -> tuple[n
     if weights.shape != (k,):
         raise AggregationError(f"weights must have shape ({k},). Received shape {weights.shape}.")
     if np.any(weights < 0) or not np.all(np.isfinite(weights)):
-        raise AggregationError("weights must be finite and non-negative.")
+        raise AggregationError(
+            f"weights must be finite and non-negative. Received: weights={weights}; pass example "
+            f"counts or trust multipliers (0 leaves a client out)."
+        )
     return updates, weights

@@ -1,0 +1,115 @@
+"""Shared numeric kernels of the rules: column blocks for order statistics, one Gram matrix.
+
+Private to ``aggregation``; numpy in, numpy out, no I/O. Nothing here mutates its input.
+
+Order statistics (median, trimmed mean, Bulyan) work on blocks of columns copied into a small
+transposed buffer ``(B, K)`` that fits in cache, one coordinate per row, so each coordinate's K
+values are contiguous. Within a block the rows are either sorted or partitioned: numpy >= 1.25 on
+a CPU with AVX-512 (and numpy >= 2 with AVX2) sorts float rows with SIMD networks, which measured
+4-5x faster than ``np.partition`` for K=50 (0.15 s vs 0.67 s for K=50, d=1e6 float32 on an AMD
+EPYC); elsewhere ``np.partition`` with the needed order statistics as ``kth`` is used. The choice
+depends only on the machine, so results are reproducible on a given machine.
+
+Distances come from one Gram matrix, accumulated over column blocks in float64 (exact products of
+float32 inputs), so ``||a - b||^2 = |a|^2 + |b|^2 - 2ab`` does not lose the small distances of
+nearby updates to cancellation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+# Bytes of the transposed (B, K) buffer: fits in L2 together with its source rows.
+_BLOCK_BYTES = 1 << 19
+# Columns per block of the float64 Gram accumulation.
+_GRAM_COLUMNS = 1 << 15
+
+
+def _simd_sort() -> bool:
+    try:
+        from numpy.core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # numpy >= 2 moved it; numpy 2 sorts with AVX2 too
+        try:
+            from numpy._core._multiarray_umath import __cpu_features__ as features
+        except ImportError:
+            return False
+        return bool(features.get("AVX512_SKX") or features.get("AVX2"))
+    major, minor = (int(p) for p in np.__version__.split(".")[:2])
+    return (major, minor) >= (1, 25) and bool(features.get("AVX512_SKX"))
+
+
+SIMD_SORT = _simd_sort()
+
+
+def column_blocks(
+    updates: np.ndarray, rows: np.ndarray | None = None
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yields ``(start, stop, block)``, ``block`` a ``(stop - start, K)`` transposed column copy.
+
+    ``rows`` (sorted indices) restricts the blocks to those rows. The block is a reused scratch
+    buffer: callers may reorder it in place but must copy what they keep past the next iteration.
+    """
+    d = updates.shape[1]
+    k = updates.shape[0] if rows is None else len(rows)
+    columns = max(64, _BLOCK_BYTES // max(1, k * updates.dtype.itemsize))
+    buffer = np.empty((min(columns, d), k), updates.dtype)
+    for start in range(0, d, columns):
+        stop = min(d, start + columns)
+        block = buffer[: stop - start]
+        source = updates[:, start:stop] if rows is None else updates[rows, start:stop]
+        block[...] = source.T
+        yield start, stop, block
+
+
+def order_rows(block: np.ndarray, kth: Sequence[int]) -> None:
+    """Puts the order statistics ``kth`` of every row of ``block`` in place (sorts or partitions).
+
+    After the call ``block[:, i]`` is the i-th smallest of its row for every i in ``kth``, and the
+    values between two consecutive ``kth`` positions lie between them.
+    """
+    if not len(kth):
+        return
+    if SIMD_SORT:
+        block.sort(axis=1)
+    else:
+        block.partition(sorted(set(kth)), axis=1)
+
+
+def gram(updates: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
+    """Float64 Gram matrix of the rows of ``updates``, with the rows of ``extra`` appended last."""
+    k, d = updates.shape
+    extra = None if extra is None else np.reshape(extra, (-1, d))
+    if extra is None and updates.dtype == np.float64:
+        g = updates @ updates.T
+        return 0.5 * (g + g.T)  # exactly symmetric: equal distances compare equal
+    n = k + (0 if extra is None else extra.shape[0])
+    g = np.zeros((n, n))
+    block = np.empty((n, min(d, _GRAM_COLUMNS)))
+    for start in range(0, d, _GRAM_COLUMNS):
+        stop = min(d, start + _GRAM_COLUMNS)
+        b = block[:, : stop - start]
+        b[:k] = updates[:, start:stop]
+        if extra is not None:
+            b[k:] = extra[:, start:stop]
+        g += b @ b.T
+    return 0.5 * (g + g.T)
+
+
+def row_norms(updates: np.ndarray) -> np.ndarray:
+    """Float64 L2 norm of every row, accumulated over column blocks (no (K, d) temporary)."""
+    k, d = updates.shape
+    sq = np.zeros(k)
+    for start in range(0, d, _GRAM_COLUMNS):
+        b = updates[:, start : start + _GRAM_COLUMNS].astype(np.float64)
+        sq += np.einsum("ij,ij->i", b, b)
+    return np.sqrt(sq)
+
+
+def sq_distances(g: np.ndarray) -> np.ndarray:
+    """Pairwise squared Euclidean distances from a Gram matrix, clamped at 0, zero diagonal."""
+    sq = np.diag(g)
+    dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * g, 0.0)
+    np.fill_diagonal(dist, 0.0)
+    return dist
