@@ -31,33 +31,52 @@ class LocalResult:
 
 
 class LocalTrainer:
-    def __init__(self, model: tf.keras.Model, learning_rate: float, batch_size: int, epochs: int,
-                 dp_sgd: DPSGDSettings | None = None):
+    def __init__(
+        self,
+        model: tf.keras.Model,
+        learning_rate: float,
+        batch_size: int,
+        epochs: int,
+        dp_sgd: DPSGDSettings | None = None,
+    ):
         self.model = model
         self.batch_size = batch_size
         self.epochs = epochs
         self.dp_sgd = dp_sgd
         self.layout = WeightLayout.of(model.get_weights())
         self._loss = tf.keras.losses.SparseCategoricalCrossentropy(
-            from_logits=True, reduction=tf.keras.losses.Reduction.NONE)
+            from_logits=True, reduction=tf.keras.losses.Reduction.NONE
+        )
         if dp_sgd is None:
             self._optimizer = tf.keras.optimizers.legacy.SGD(learning_rate)
         else:
             from clients.dp_sgd import dp_optimizer
 
-            self._optimizer = dp_optimizer(dp_sgd.l2_norm_clip, dp_sgd.noise_multiplier,
-                                           dp_sgd.num_microbatches or batch_size, learning_rate)
+            self._optimizer = dp_optimizer(
+                dp_sgd.l2_norm_clip,
+                dp_sgd.noise_multiplier,
+                dp_sgd.num_microbatches or batch_size,
+                learning_rate,
+            )
         x_spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
         index_spec = tf.TensorSpec((None,), tf.int32)
-        self._fit = tf.function(self._fit_steps, input_signature=[
-            x_spec, tf.TensorSpec((None,), tf.int64), index_spec, index_spec, index_spec])
+        self._fit = tf.function(
+            self._fit_steps,
+            input_signature=[
+                x_spec,
+                tf.TensorSpec((None,), tf.int64),
+                index_spec,
+                index_spec,
+                index_spec,
+            ],
+        )
         self._predict = tf.function(lambda x: model(x, training=False), input_signature=[x_spec])
 
     def _fit_steps(self, x, y, order, starts, lengths):
         variables = self.model.trainable_variables
         total = tf.constant(0.0)
         for i in tf.range(tf.shape(starts)[0]):
-            batch = order[starts[i]: starts[i] + lengths[i]]
+            batch = order[starts[i] : starts[i] + lengths[i]]
             xb, yb = tf.gather(x, batch), tf.gather(y, batch)
             with tf.GradientTape() as tape:
                 losses = self._loss(yb, self.model(xb, training=True))
@@ -74,14 +93,24 @@ class LocalTrainer:
         """
         bs = min(self.batch_size, num_examples)
         per_epoch = num_examples // bs if self.dp_sgd else -(-num_examples // bs)
-        starts = (np.arange(per_epoch) * bs)[None, :] + (np.arange(self.epochs) * num_examples)[:, None]
+        starts = (np.arange(per_epoch) * bs)[None, :] + (np.arange(self.epochs) * num_examples)[
+            :, None
+        ]
         lengths = np.minimum(bs, num_examples - (starts % num_examples))
         order = np.concatenate([rng.permutation(num_examples) for _ in range(self.epochs)])
-        return (order.astype(np.int32), starts.ravel().astype(np.int32),
-                lengths.ravel().astype(np.int32))
+        return (
+            order.astype(np.int32),
+            starts.ravel().astype(np.int32),
+            lengths.ravel().astype(np.int32),
+        )
 
-    def train(self, global_weights: list[np.ndarray], x: np.ndarray, y: np.ndarray,
-              rng: np.random.Generator) -> LocalResult:
+    def train(
+        self,
+        global_weights: list[np.ndarray],
+        x: np.ndarray,
+        y: np.ndarray,
+        rng: np.random.Generator,
+    ) -> LocalResult:
         self.model.set_weights(global_weights)
         order, starts, lengths = self.batch_plan(len(x), rng)
         loss = float(self._fit(x, y, order, starts, lengths))
@@ -91,9 +120,13 @@ class LocalTrainer:
     def predict(self, weights: list[np.ndarray], x: np.ndarray, batch: int = 4096) -> np.ndarray:
         """Logits for ``x`` under ``weights``."""
         self.model.set_weights(weights)
-        return np.concatenate([self._predict(x[i: i + batch]).numpy() for i in range(0, len(x), batch)])
+        return np.concatenate(
+            [self._predict(x[i : i + batch]).numpy() for i in range(0, len(x), batch)]
+        )
 
-    def evaluate(self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    def evaluate(
+        self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray
+    ) -> tuple[float, float]:
         """(loss, accuracy) on held-out data."""
         logits = self.predict(weights, x)
         loss = float(np.mean(self._loss(y, logits).numpy()))

@@ -89,7 +89,11 @@ class RunConfig:
         if self.num_byzantine is not None:
             return self.num_byzantine
         expected = self.malicious_fraction * self.clients_per_round
-        return int(round(expected)) if self.attack != "none" else max(1, int(0.2 * self.clients_per_round))
+        return (
+            int(round(expected))
+            if self.attack != "none"
+            else max(1, int(0.2 * self.clients_per_round))
+        )
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
@@ -117,8 +121,10 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     values = _flatten(table)
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
-        raise UsageError(f"config file {path}: unknown keys {', '.join(unknown)}. "
-                         f"Accepted keys: {', '.join(sorted(FIELDS))}")
+        raise UsageError(
+            f"config file {path}: unknown keys {', '.join(unknown)}. "
+            f"Accepted keys: {', '.join(sorted(FIELDS))}"
+        )
     return values
 
 
@@ -138,8 +144,10 @@ def _choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
 def validate(c: RunConfig) -> None:
     """Checks what can be checked without loading data; the messages name the value and the fix."""
     if c.dataset not in DATASETS and not c.dataset.endswith(".npz"):
-        raise UsageError(f"unknown dataset {c.dataset!r}. Accepted values: "
-                         f"{', '.join(DATASETS)}, or a path to a .npz file with arrays x and y")
+        raise UsageError(
+            f"unknown dataset {c.dataset!r}. Accepted values: "
+            f"{', '.join(DATASETS)}, or a path to a .npz file with arrays x and y"
+        )
     _choice("partition", c.partition, PARTITIONS)
     _choice("server optimizer", c.server_optimizer, SERVER_OPTIMIZERS)
     _choice("quarantine policy", c.quarantine, QUARANTINE_POLICIES)
@@ -147,17 +155,27 @@ def validate(c: RunConfig) -> None:
     _choice("engine", c.engine, ENGINES)
     for name in ("clients", "clients_per_round", "rounds", "local_epochs", "batch_size"):
         if getattr(c, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer. "
-                             f"Received: {getattr(c, name)}")
+            raise UsageError(
+                f"--{name.replace('_', '-')} must be a positive integer. "
+                f"Received: {getattr(c, name)}"
+            )
     if c.clients_per_round > c.clients:
-        raise UsageError(f"--clients-per-round ({c.clients_per_round}) cannot exceed --clients "
-                         f"({c.clients}); lower --clients-per-round or add clients.")
+        raise UsageError(
+            f"--clients-per-round ({c.clients_per_round}) cannot exceed --clients "
+            f"({c.clients}); lower --clients-per-round or add clients."
+        )
     if not 0.0 <= c.malicious_fraction < 1.0:
-        raise UsageError(f"--malicious-fraction must be in [0, 1). Received: {c.malicious_fraction}")
+        raise UsageError(
+            f"--malicious-fraction must be in [0, 1). Received: {c.malicious_fraction}"
+        )
     if c.attack != "none" and c.num_malicious == 0:
-        raise UsageError(f"--malicious-fraction {c.malicious_fraction} of {c.clients} clients is no "
-                         "attacker at all; raise the fraction or use --attack none.")
+        raise UsageError(
+            f"--malicious-fraction {c.malicious_fraction} of {c.clients} clients is no "
+            "attacker at all; raise the fraction or use --attack none."
+        )
     if c.alpha <= 0:
         raise UsageError(f"--alpha must be positive. Received: {c.alpha}")
     if c.lr <= 0 or c.server_lr <= 0:
-        raise UsageError(f"learning rates must be positive. Received: lr={c.lr}, server_lr={c.server_lr}")
+        raise UsageError(
+            f"learning rates must be positive. Received: lr={c.lr}, server_lr={c.server_lr}"
+        )

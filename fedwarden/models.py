@@ -12,8 +12,9 @@ import tensorflow as tf
 from fedwarden.errors import UsageError
 
 
-def build_model(spec: str | None, dataset: str, input_shape: tuple[int, ...], num_classes: int,
-                seed: int = 0) -> tf.keras.Model:
+def build_model(
+    spec: str | None, dataset: str, input_shape: tuple[int, ...], num_classes: int, seed: int = 0
+) -> tf.keras.Model:
     """Builds an uncompiled model that outputs logits.
 
     ``spec`` None picks the default for the dataset: an MLP for digits and synthetic data, a small CNN
@@ -26,13 +27,19 @@ def build_model(spec: str | None, dataset: str, input_shape: tuple[int, ...], nu
         return _user_model(spec, input_shape, num_classes)
     layers = tf.keras.layers
     if len(input_shape) == 3 and input_shape[0] >= 28:
-        body = [layers.Conv2D(16, 3, activation="relu"), layers.MaxPooling2D(),
-                layers.Conv2D(32, 3, activation="relu"), layers.MaxPooling2D(),
-                layers.Flatten(), layers.Dense(64, activation="relu")]
+        body = [
+            layers.Conv2D(16, 3, activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Conv2D(32, 3, activation="relu"),
+            layers.MaxPooling2D(),
+            layers.Flatten(),
+            layers.Dense(64, activation="relu"),
+        ]
     else:
         body = [layers.Flatten(), layers.Dense(64, activation="relu")]
-    return tf.keras.Sequential([tf.keras.Input(input_shape), *body, layers.Dense(num_classes)],
-                               name=f"{dataset}_default")
+    return tf.keras.Sequential(
+        [tf.keras.Input(input_shape), *body, layers.Dense(num_classes)], name=f"{dataset}_default"
+    )
 
 
 def _user_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> tf.keras.Model:
@@ -45,5 +52,7 @@ def _user_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> tf
         raise UsageError(f"cannot load model {spec!r}: {exc}") from None
     model = factory(input_shape, num_classes)
     if not isinstance(model, tf.keras.Model):
-        raise UsageError(f"model factory {spec!r} must return a keras Model. Received: {type(model)}")
+        raise UsageError(
+            f"model factory {spec!r} must return a keras Model. Received: {type(model)}"
+        )
     return model

@@ -27,6 +27,8 @@ class WeightLayout:
 
     def unflatten(self, vector: np.ndarray) -> list[np.ndarray]:
         if vector.shape != (self.size,):
-            raise ValueError(f"expected a vector of {self.size} values. Received shape {vector.shape}")
+            raise ValueError(
+                f"expected a vector of {self.size} values. Received shape {vector.shape}"
+            )
         cuts = np.cumsum([int(np.prod(s, dtype=np.int64)) for s in self.shapes])[:-1]
         return [part.reshape(shape) for part, shape in zip(np.split(vector, cuts), self.shapes)]

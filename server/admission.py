@@ -10,8 +10,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-REASONS = ("wrong_round", "not_selected", "duplicate", "wrong_shape", "wrong_dtype", "non_finite",
-           "too_large", "bad_example_count")
+REASONS = (
+    "wrong_round",
+    "not_selected",
+    "duplicate",
+    "wrong_shape",
+    "wrong_dtype",
+    "non_finite",
+    "too_large",
+    "bad_example_count",
+)
 
 
 @dataclass
@@ -33,8 +41,13 @@ class Rejection:
     detail: str
 
 
-def admit(updates: list[ClientUpdate], round_number: int, selected: set[str], size: int,
-          max_norm: float | None = None) -> tuple[list[ClientUpdate], list[Rejection]]:
+def admit(
+    updates: list[ClientUpdate],
+    round_number: int,
+    selected: set[str],
+    size: int,
+    max_norm: float | None = None,
+) -> tuple[list[ClientUpdate], list[Rejection]]:
     """Splits the round's updates into admitted ones and rejections (first problem found wins)."""
     admitted: list[ClientUpdate] = []
     rejected: list[Rejection] = []
@@ -49,8 +62,14 @@ def admit(updates: list[ClientUpdate], round_number: int, selected: set[str], si
     return admitted, rejected
 
 
-def _problem(u: ClientUpdate, round_number: int, selected: set[str], seen: set[str], size: int,
-             max_norm: float | None) -> tuple[str, str] | None:
+def _problem(
+    u: ClientUpdate,
+    round_number: int,
+    selected: set[str],
+    seen: set[str],
+    size: int,
+    max_norm: float | None,
+) -> tuple[str, str] | None:
     if u.round != round_number:
         return "wrong_round", f"update is for round {u.round}, the current round is {round_number}"
     if u.client_id not in selected:
@@ -65,7 +84,13 @@ def _problem(u: ClientUpdate, round_number: int, selected: set[str], seen: set[s
     if not np.all(np.isfinite(delta)):
         return "non_finite", f"{int(np.sum(~np.isfinite(delta)))} NaN or Inf values"
     if max_norm is not None and float(np.linalg.norm(delta)) > max_norm:
-        return "too_large", f"L2 norm {float(np.linalg.norm(delta)):.3g} exceeds the limit {max_norm:g}"
+        return (
+            "too_large",
+            f"L2 norm {float(np.linalg.norm(delta)):.3g} exceeds the limit {max_norm:g}",
+        )
     if not isinstance(u.num_examples, int | np.integer) or u.num_examples <= 0:
-        return "bad_example_count", f"num_examples must be a positive integer, received {u.num_examples!r}"
+        return (
+            "bad_example_count",
+            f"num_examples must be a positive integer, received {u.num_examples!r}",
+        )
     return None

@@ -20,15 +20,23 @@ def main() -> int:
     if not protos:
         return 0
     include = pathlib.Path(protoc.__file__).parent / "_proto"
-    args = ["protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--python_out={OUT}",
-            f"--grpc_python_out={OUT}", *protos]
+    args = [
+        "protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{include}",
+        f"--python_out={OUT}",
+        f"--grpc_python_out={OUT}",
+        *protos,
+    ]
     if protoc.main(args) != 0:
         print("protogen: protoc failed", file=sys.stderr)
         return 1
     # protoc writes absolute imports between generated modules; make them package-relative.
     for grpc_file in OUT.glob("*_pb2_grpc.py"):
         text = grpc_file.read_text()
-        grpc_file.write_text(re.sub(r"^import (\w+_pb2) as", r"from . import \1 as", text, flags=re.M))
+        grpc_file.write_text(
+            re.sub(r"^import (\w+_pb2) as", r"from . import \1 as", text, flags=re.M)
+        )
     (OUT / "__init__.py").touch()
     return 0
 

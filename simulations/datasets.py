@@ -41,11 +41,15 @@ def load_dataset(name: str, data_dir: str | None = None, seed: int = 0) -> Datas
         return _synthetic(seed)
     if name.endswith(".npz"):
         return _npz(Path(name), seed)
-    raise UsageError(f"unknown dataset {name!r}. Accepted values: digits, fashion_mnist, synthetic, "
-                     "or a path to a .npz file with arrays x and y")
+    raise UsageError(
+        f"unknown dataset {name!r}. Accepted values: digits, fashion_mnist, synthetic, "
+        "or a path to a .npz file with arrays x and y"
+    )
 
 
-def _split(name: str, x: np.ndarray, y: np.ndarray, seed: int, test_fraction: float = 0.25) -> Dataset:
+def _split(
+    name: str, x: np.ndarray, y: np.ndarray, seed: int, test_fraction: float = 0.25
+) -> Dataset:
     """A stratified held-out split, fixed by the seed."""
     rng = np.random.default_rng(seed)
     test_idx = []
@@ -68,8 +72,15 @@ def _digits(seed: int) -> Dataset:
 def _synthetic(seed: int, n: int = 4000, features: int = 20, classes: int = 4) -> Dataset:
     from sklearn.datasets import make_classification
 
-    x, y = make_classification(n_samples=n, n_features=features, n_informative=10, n_classes=classes,
-                               n_clusters_per_class=1, class_sep=1.5, random_state=seed)
+    x, y = make_classification(
+        n_samples=n,
+        n_features=features,
+        n_informative=10,
+        n_classes=classes,
+        n_clusters_per_class=1,
+        class_sep=1.5,
+        random_state=seed,
+    )
     x = (x - x.min(0)) / (x.max(0) - x.min(0))
     return _split("synthetic", x.astype(np.float32), y.astype(np.int64), seed)
 
@@ -96,11 +107,13 @@ def read_idx(path: Path) -> np.ndarray:
     header = 4 + 4 * ndim
     if len(raw) < header:
         raise UsageError(f"{path} is truncated: header needs {header} bytes, file has {len(raw)}")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = header + int(np.prod(dims))
     if len(raw) != expected:
-        raise UsageError(f"{path} is truncated or padded: dimensions {dims} need {expected} bytes, "
-                         f"file has {len(raw)}")
+        raise UsageError(
+            f"{path} is truncated or padded: dimensions {dims} need {expected} bytes, "
+            f"file has {len(raw)}"
+        )
     return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
 
 
@@ -108,8 +121,10 @@ def _find(directory: Path, stem: str) -> Path:
     for candidate in (directory / f"{stem}.gz", directory / stem):
         if candidate.is_file():
             return candidate
-    raise UsageError(f"Fashion-MNIST file {stem}[.gz] not found in {directory}; install Debian's "
-                     "dataset-fashion-mnist or pass --data-dir")
+    raise UsageError(
+        f"Fashion-MNIST file {stem}[.gz] not found in {directory}; install Debian's "
+        "dataset-fashion-mnist or pass --data-dir"
+    )
 
 
 def _fashion_mnist(directory: Path) -> Dataset:
@@ -118,8 +133,10 @@ def _fashion_mnist(directory: Path) -> Dataset:
         images = read_idx(_find(directory, f"{prefix}-images-idx3-ubyte"))
         labels = read_idx(_find(directory, f"{prefix}-labels-idx1-ubyte"))
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise UsageError(f"Fashion-MNIST {split} files in {directory} disagree: images "
-                             f"{images.shape}, labels {labels.shape}")
+            raise UsageError(
+                f"Fashion-MNIST {split} files in {directory} disagree: images "
+                f"{images.shape}, labels {labels.shape}"
+            )
         arrays[split] = ((images / 255.0).astype(np.float32)[..., None], labels.astype(np.int64))
     (x_train, y_train), (x_test, y_test) = arrays["train"], arrays["test"]
     return Dataset("fashion_mnist", x_train, y_train, x_test, y_test, 10)

@@ -11,11 +11,21 @@ import numpy as np
 from fedwarden.errors import UsageError
 
 
-def partition(labels: np.ndarray, num_clients: int, scheme: str, rng: np.random.Generator, *,
-              alpha: float = 0.5, shards_per_client: int = 2, min_size: int = 2) -> list[np.ndarray]:
+def partition(
+    labels: np.ndarray,
+    num_clients: int,
+    scheme: str,
+    rng: np.random.Generator,
+    *,
+    alpha: float = 0.5,
+    shards_per_client: int = 2,
+    min_size: int = 2,
+) -> list[np.ndarray]:
     if len(labels) < num_clients * min_size:
-        raise UsageError(f"{len(labels)} training examples are too few for {num_clients} clients "
-                         f"(each needs at least {min_size}); use fewer clients.")
+        raise UsageError(
+            f"{len(labels)} training examples are too few for {num_clients} clients "
+            f"(each needs at least {min_size}); use fewer clients."
+        )
     if scheme == "iid":
         return [np.sort(part) for part in np.array_split(rng.permutation(len(labels)), num_clients)]
     if scheme == "dirichlet":
@@ -25,8 +35,14 @@ def partition(labels: np.ndarray, num_clients: int, scheme: str, rng: np.random.
     raise UsageError(f"unknown partition {scheme!r}. Accepted values: iid, dirichlet, shards")
 
 
-def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator,
-              min_size: int = 2, max_tries: int = 100) -> list[np.ndarray]:
+def dirichlet(
+    labels: np.ndarray,
+    num_clients: int,
+    alpha: float,
+    rng: np.random.Generator,
+    min_size: int = 2,
+    max_tries: int = 100,
+) -> list[np.ndarray]:
     """Per class, client shares drawn from Dirichlet(alpha); small alpha means strong label skew.
 
     References: Hsu et al. 2019, "Measuring the effects of non-identical data distribution".
@@ -43,12 +59,15 @@ def dirichlet(labels: np.ndarray, num_clients: int, alpha: float, rng: np.random
         result = [np.sort(np.concatenate(p)) for p in parts]
         if min(len(p) for p in result) >= min_size:
             return result
-    raise UsageError(f"Dirichlet partition with alpha={alpha} left a client with fewer than {min_size} "
-                     f"examples in {max_tries} tries; raise --alpha or use fewer clients.")
+    raise UsageError(
+        f"Dirichlet partition with alpha={alpha} left a client with fewer than {min_size} "
+        f"examples in {max_tries} tries; raise --alpha or use fewer clients."
+    )
 
 
-def shards(labels: np.ndarray, num_clients: int, shards_per_client: int,
-           rng: np.random.Generator) -> list[np.ndarray]:
+def shards(
+    labels: np.ndarray, num_clients: int, shards_per_client: int, rng: np.random.Generator
+) -> list[np.ndarray]:
     """Sort by label, cut into equal shards, deal ``shards_per_client`` to each client.
 
     References: McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks".

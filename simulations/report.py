@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,70 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
+ROUND_COLUMNS = (
+    "round",
+    "accuracy",
+    "loss",
+    "attack_success_rate",
+    "admitted",
+    "rejected",
+    "flagged",
+    "duration_s",
+)
 
-def plot_trust_heatmap(trust_by_round: dict[str, list[float | None]], malicious: set[str],
-                       path: Path) -> Path:
+
+def write_rounds_csv(rounds: list[dict[str, Any]], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(ROUND_COLUMNS)
+        for r in rounds:
+            row = {**r, "flagged": " ".join(r["flagged"])}
+            writer.writerow(["" if row.get(c) is None else row.get(c) for c in ROUND_COLUMNS])
+
+
+def plot_accuracy(series: dict[str, list[dict[str, Any]]], path: Path, title: str = "") -> None:
+    """Test accuracy per round, one line per run (attack success rate dashed where there is one)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, rounds in series.items():
+        xs = [r["round"] for r in rounds]
+        (line,) = ax.plot(xs, [r["accuracy"] for r in rounds], label=label)
+        asr = [r.get("attack_success_rate") for r in rounds]
+        if any(a is not None for a in asr):
+            ax.plot(
+                xs,
+                [float("nan") if a is None else a for a in asr],
+                "--",
+                color=line.get_color(),
+                label=f"{label} (attack success)",
+            )
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_trust_heatmap(
+    trust_by_round: dict[str, list[float | None]], malicious: set[str], path: Path
+) -> Path:
     """Trust of every client (rows, sorted by id) in every round (columns), red = low trust.
 
     ``trust_by_round[client][i]`` is the client's trust after round i + 1, None before it was
@@ -30,9 +92,15 @@ def plot_trust_heatmap(trust_by_round: dict[str, list[float | None]], malicious:
     cmap = plt.get_cmap("RdYlGn").with_extremes(bad="0.85")  # grey: not scored yet
     height = min(max(2.5, 0.22 * len(ids) + 1.2), 40)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * num_rounds + 3), height))
-    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, vmin=0, vmax=1,
-                      interpolation="nearest",
-                      extent=(0.5, max(num_rounds, 1) + 0.5, len(ids) - 0.5, -0.5))
+    image = ax.imshow(
+        np.ma.masked_invalid(grid),
+        aspect="auto",
+        cmap=cmap,
+        vmin=0,
+        vmax=1,
+        interpolation="nearest",
+        extent=(0.5, max(num_rounds, 1) + 0.5, len(ids) - 0.5, -0.5),
+    )
     ax.set_yticks(range(len(ids)), ids, fontsize="small" if len(ids) <= 40 else "xx-small")
     bad_rows = [row for row, cid in enumerate(ids) if cid in malicious]
     for row in bad_rows:
@@ -40,8 +108,17 @@ def plot_trust_heatmap(trust_by_round: dict[str, list[float | None]], malicious:
     if bad_rows:  # a marker just left of the plot area, on the malicious clients' rows
         beside = blended_transform_factory(ax.transAxes, ax.transData)
         ax.tick_params(axis="y", pad=12)  # room for the marker between label and plot
-        ax.plot([-0.014] * len(bad_rows), bad_rows, ">", color="red", markersize=5,
-                transform=beside, clip_on=False, label="malicious", linestyle="none")
+        ax.plot(
+            [-0.014] * len(bad_rows),
+            bad_rows,
+            ">",
+            color="red",
+            markersize=5,
+            transform=beside,
+            clip_on=False,
+            label="malicious",
+            linestyle="none",
+        )
         ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize="small", frameon=False)
     ax.set_xlim(0.5, max(num_rounds, 1) + 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -67,8 +144,9 @@ def detection_summary(flagged_by_round: list[set[str]], malicious: set[str]) -> 
     final = set(flagged_by_round[-1]) if flagged_by_round else set()
     malicious = set(malicious)
     hits = len(final & malicious)
-    first = next((i + 1 for i, flagged in enumerate(flagged_by_round) if set(flagged) & malicious),
-                 None)
+    first = next(
+        (i + 1 for i, flagged in enumerate(flagged_by_round) if set(flagged) & malicious), None
+    )
     return {
         "precision": hits / len(final) if final else None,
         "recall": hits / len(malicious) if malicious else None,

@@ -1,0 +1,100 @@
+"""From a run configuration to the aggregation chain and its privacy accounting.
+
+One place for both simulations and the gRPC coordinator. With ``dp = "central"``:
+
+* aggregator ``mean`` becomes DP-FedAvg (``central_dp``: clip, sum, Gaussian noise, divide by the
+  expected cohort), which carries a formal (epsilon, delta) guarantee under Poisson client sampling;
+* any robust aggregator becomes ``clip + <aggregator> + gaussian_noise`` with the same clip and noise
+  scale. That chain is allowed and often useful against poisoning, but its epsilon is *not* a
+  guarantee: a median or trimmed mean of clipped updates does not have the clipped sum's
+  sensitivity (see ``aggregation/dp.py``). Results and the CLI say which case a run is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aggregation.accounting import central_epsilon, default_delta, validate_dp
+from aggregation.chain import Chain, parse_chain
+from aggregation.clipping import clip_by_norm
+from aggregation.dp import central_dp, gaussian_noise, is_formal_dp
+from fedwarden.config import RunConfig
+
+
+@dataclass(frozen=True)
+class CentralPrivacy:
+    noise_multiplier: float
+    clip: float
+    sampling_rate: float
+    delta: float
+    accountant: str
+    formal: bool
+    solved_for: float | None = None  # the target epsilon the noise multiplier was solved for
+
+    def epsilon(self, rounds: int) -> float:
+        return central_epsilon(
+            self.noise_multiplier, self.sampling_rate, rounds, self.delta, self.accountant
+        )
+
+    def report(self, rounds: int) -> dict:
+        return {
+            "epsilon": self.epsilon(rounds),
+            "delta": self.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "sampling_rate": self.sampling_rate,
+            "rounds": rounds,
+            "accountant": self.accountant,
+            "clip": self.clip,
+            "formal_guarantee": self.formal,
+            "client_sampling": "poisson",
+            "target_epsilon": self.solved_for,
+        }
+
+
+def central_privacy(config: RunConfig, num_clients: int) -> CentralPrivacy | None:
+    """Validates the central DP settings (noise solved from --target-epsilon when given)."""
+    if config.dp != "central":
+        return None
+    rate = config.clients_per_round / num_clients
+    delta = config.dp_delta or default_delta(num_clients)
+    noise = validate_dp(
+        mode="central",
+        noise_multiplier=config.dp_noise_multiplier,
+        clip_norm=config.dp_clip,
+        target_epsilon=config.target_epsilon,
+        delta=delta,
+        sampling_rate=rate,
+        rounds=config.rounds,
+        accountant=config.dp_accountant,
+    )
+    formal = config.aggregator.strip() == "mean"
+    return CentralPrivacy(
+        noise, config.dp_clip, rate, delta, config.dp_accountant, formal, config.target_epsilon
+    )
+
+
+def build_chain(config: RunConfig, privacy: CentralPrivacy | None, seed: int | None) -> Chain:
+    """The aggregation chain for a run; ``seed`` None draws DP noise unseeded (deployments)."""
+    if privacy is None:
+        return parse_chain(config.aggregator, num_byzantine_default=config.byzantine_budget)
+    expected = config.clients_per_round
+    if privacy.formal:
+        chain = Chain(
+            central_dp(
+                privacy.clip,
+                privacy.noise_multiplier,
+                expected,
+                seed=seed,
+                adaptive=config.dp_adaptive_clip,
+                target_quantile=config.dp_target_quantile,
+            )
+        )
+    else:
+        robust = parse_chain(config.aggregator, num_byzantine_default=config.byzantine_budget)
+        chain = Chain(
+            clip_by_norm(privacy.clip),
+            robust,
+            gaussian_noise(privacy.noise_multiplier * privacy.clip / expected, seed=seed),
+        )
+    assert is_formal_dp(chain) == privacy.formal, chain
+    return chain

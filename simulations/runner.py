@@ -1,0 +1,375 @@
+"""The in-process simulation: many clients on one machine, with attacks and defences.
+
+``Simulation`` holds what runs share (data split, compiled model, trainer), so ``fedwarden compare``
+reuses it across the cells of its grid; ``run`` executes one configuration and writes its outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from tqdm import tqdm
+
+from aggregation.accounting import default_delta, validate_dp
+from clients.dp_sgd import ClientPrivacyAccount
+from clients.training import DPSGDSettings, LocalTrainer
+from fedwarden.config import RunConfig
+from fedwarden.errors import UsageError
+from fedwarden.models import build_model
+from fedwarden.weights import WeightLayout
+from server.admission import ClientUpdate
+from server.coordinator import Coordinator, RoundOutcome
+from server.defence import build_chain, central_privacy
+from server.ledger import Ledger, remove_ledger
+from server.metrics import MetricsExporter
+from server.optimizers import ServerOptimizer
+from server.trust import TrustBook, TrustPolicy
+from simulations import report
+from simulations.attacks import Attack, build_attack
+from simulations.datasets import Dataset, load_dataset
+from simulations.partition import partition
+
+log = logging.getLogger("fedwarden.simulate")
+
+
+def client_ids(n: int) -> list[str]:
+    width = max(2, len(str(n - 1)))
+    return [f"c{i:0{width}d}" for i in range(n)]
+
+
+@dataclass
+class Federation:
+    """The data split and malicious set for one seed: identical across the runs of a comparison."""
+
+    dataset: Dataset
+    ids: list[str]
+    parts: dict[str, np.ndarray]
+    malicious: frozenset[str]
+
+
+def make_federation(config: RunConfig) -> Federation:
+    dataset = load_dataset(config.dataset, config.data_dir, config.seed)
+    rng = np.random.default_rng([config.seed, 1])
+    ids = client_ids(config.clients)
+    parts = partition(
+        dataset.y_train,
+        config.clients,
+        config.partition,
+        rng,
+        alpha=config.alpha,
+        shards_per_client=config.shards_per_client,
+    )
+    malicious = frozenset(rng.permutation(ids)[: config.num_malicious].tolist())
+    return Federation(dataset, ids, dict(zip(ids, parts)), malicious)
+
+
+class Simulation:
+    """Runs configurations that share a federation and a model architecture."""
+
+    def __init__(self, config: RunConfig, federation: Federation | None = None):
+        tf.config.experimental.enable_op_determinism()
+        self.base = config
+        self.federation = federation or make_federation(config)
+        ds = self.federation.dataset
+        self.model = build_model(config.model, ds.name, ds.input_shape, ds.num_classes, config.seed)
+        self.initial_weights = self.model.get_weights()
+        self.layout = WeightLayout.of(self.initial_weights)
+        self._trainers: dict[tuple, LocalTrainer] = {}
+
+    def trainer(self, config: RunConfig) -> LocalTrainer:
+        dp = (
+            DPSGDSettings(
+                config.dp_l2_clip, config.dp_noise_multiplier or 0.0, config.dp_microbatches
+            )
+            if config.dp_sgd
+            else None
+        )
+        key = (config.lr, config.batch_size, config.local_epochs, dp)
+        if key not in self._trainers:
+            self._trainers[key] = LocalTrainer(
+                self.model, config.lr, config.batch_size, config.local_epochs, dp
+            )
+        return self._trainers[key]
+
+    def run(self, config: RunConfig, out: Path, progress_label: str = "") -> dict[str, Any]:
+        return _Run(self, config, out, progress_label).execute()
+
+
+class _Run:
+    def __init__(self, sim: Simulation, config: RunConfig, out: Path, label: str):
+        self.sim, self.config, self.out, self.label = sim, config, out, label
+        self.fed = sim.federation
+        self.trainer = sim.trainer(config)
+        attack_params = {"num_classes": self.fed.dataset.num_classes, **config.attack_params}
+        self.attack: Attack = build_attack(config.attack, attack_params, collude=config.collude)
+        self.privacy = central_privacy(config, len(self.fed.ids))
+        self.chain = build_chain(config, self.privacy, seed=config.seed)
+        self.dp_sgd = (
+            ClientPrivacyAccount(config.dp_noise_multiplier, config.batch_size)
+            if config.dp_sgd
+            else None
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        remove_ledger(out / "ledger.sqlite")
+        self.ledger = Ledger(out / "ledger.sqlite")
+        policy = TrustPolicy(
+            decay=config.trust_decay,
+            flag_below=config.trust_flag_below,
+            unflag_above=config.trust_unflag_above,
+            quarantine=config.quarantine,
+            downweight=config.quarantine_downweight,
+            probation_rounds=config.probation_rounds,
+        )
+        self.coordinator = Coordinator(
+            sim.layout.flatten(sim.initial_weights),
+            self.chain,
+            ServerOptimizer(config.server_optimizer, config.server_lr, config.server_momentum),
+            TrustBook(policy, self.ledger),
+            anomaly_weights=config.anomaly_weights,
+        )
+        self.exporter = MetricsExporter()
+        self.server = self.exporter.serve(config.metrics_port) if config.metrics_port else None
+        self.poisoned = self._poison_data()
+        self.asr_data = self.attack.asr_inputs(self.fed.dataset.x_test, self.fed.dataset.y_test)
+
+    def _poison_data(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        if self.attack.kind != "data":
+            return {}
+        ds, poisoned = self.fed.dataset, {}
+        for i, cid in enumerate(self.fed.ids):
+            if cid in self.fed.malicious:
+                idx = self.fed.parts[cid]
+                rng = np.random.default_rng([self.config.seed, 2, i])
+                poisoned[cid] = self.attack.poison_data(ds.x_train[idx], ds.y_train[idx], rng)
+        return poisoned
+
+    def _client_data(self, cid: str, round_number: int) -> tuple[np.ndarray, np.ndarray]:
+        if cid in self.poisoned and round_number >= self.config.attack_start_round:
+            return self.poisoned[cid]
+        idx = self.fed.parts[cid]
+        return self.fed.dataset.x_train[idx], self.fed.dataset.y_train[idx]
+
+    def _local_round(self, round_number: int, selected: list[str]) -> list[ClientUpdate]:
+        weights = self.sim.layout.unflatten(self.coordinator.weights)
+        updates = []
+        for cid in selected:
+            x, y = self._client_data(cid, round_number)
+            rng = np.random.default_rng(
+                [self.config.seed, 3, round_number, self.fed.ids.index(cid)]
+            )
+            result = self.trainer.train(weights, x, y, rng)
+            if self.dp_sgd is not None:
+                self.dp_sgd.record(cid, result.num_examples, steps=result.steps)
+            updates.append(
+                ClientUpdate(cid, round_number, result.delta, result.num_examples, result.loss)
+            )
+        if self.attack.kind == "model" and round_number >= self.config.attack_start_round:
+            self._craft(round_number, updates)
+        return updates
+
+    def _craft(self, round_number: int, updates: list[ClientUpdate]) -> None:
+        bad = [u for u in updates if u.client_id in self.fed.malicious]
+        good = [u for u in updates if u.client_id not in self.fed.malicious]
+        if not bad:
+            return
+        honest = (
+            np.stack([u.delta for u in good])
+            if good
+            else np.zeros((0, self.sim.layout.size), np.float32)
+        )
+        rng = np.random.default_rng([self.config.seed, 4, round_number])
+        crafted = self.attack.craft(honest, np.stack([u.delta for u in bad]), rng)
+        for u, row in zip(bad, crafted):
+            u.delta = np.asarray(row, np.float32)
+
+    def _evaluate(self) -> tuple[float, float, float | None]:
+        ds = self.fed.dataset
+        weights = self.sim.layout.unflatten(self.coordinator.weights)
+        loss, accuracy = self.trainer.evaluate(weights, ds.x_test, ds.y_test)
+        asr = None
+        if self.asr_data is not None:
+            x, target = self.asr_data
+            asr = float(np.mean(np.argmax(self.trainer.predict(weights, x), 1) == target))
+        return loss, accuracy, asr
+
+    def _round_record(
+        self, outcome: RoundOutcome, loss: float, accuracy: float, asr: float | None, elapsed: float
+    ) -> dict[str, Any]:
+        return {
+            "round": outcome.round,
+            "accuracy": accuracy,
+            "loss": loss,
+            "attack_success_rate": asr,
+            "flagged": outcome.flagged,
+            "selected": outcome.selected,
+            "admitted": len(outcome.admitted),
+            "rejected": len(outcome.rejected),
+            "duration_s": elapsed,
+            "measurements": _jsonable(outcome.measurements),
+        }
+
+    def _export_privacy(self, record: dict[str, Any], outcome: RoundOutcome) -> None:
+        if self.privacy is not None:
+            record["epsilon"] = self.privacy.epsilon(outcome.round)
+            self.exporter.set_dp_epsilon(record["epsilon"])
+            for key, value in outcome.measurements.items():
+                if key.endswith("clip_rate"):
+                    self.exporter.set_gauge("fedwarden_dp_clip_rate", value)
+                elif key.endswith("/clip_norm"):
+                    self.exporter.set_gauge("fedwarden_dp_clip_norm", value)
+        if self.dp_sgd is not None:
+            for cid in outcome.selected:
+                self.exporter.set_dp_epsilon(self._client_epsilon(cid), client_id=cid)
+
+    def _client_epsilon(self, cid: str) -> float:
+        delta = self.config.dp_delta or default_delta(len(self.fed.parts[cid]))
+        return self.dp_sgd.epsilon(cid, delta)
+
+    def _privacy_report(self, rounds_run: int) -> dict[str, Any] | None:
+        report_: dict[str, Any] = {}
+        if self.privacy is not None:
+            report_["central"] = self.privacy.report(rounds_run)
+        if self.dp_sgd is not None:
+            per_client = {
+                cid: self._client_epsilon(cid) for cid in self.fed.ids if self.dp_sgd.steps(cid)
+            }
+            report_["client"] = {
+                "epsilon": max(per_client.values(), default=0.0),
+                "delta": self.config.dp_delta or "1/n_local^1.1 per client",
+                "noise_multiplier": self.config.dp_noise_multiplier,
+                "l2_clip": self.config.dp_l2_clip,
+                "accountant": "rdp",
+                "per_client": per_client,
+            }
+        return report_ or None
+
+    def execute(self) -> dict[str, Any]:
+        c = self.config
+        rounds: list[dict[str, Any]] = []
+        trust_by_round: dict[str, list[float | None]] = {cid: [] for cid in self.fed.ids}
+        flagged_by_round: list[set[str]] = []
+        bar = tqdm(
+            range(1, c.rounds + 1),
+            desc=self.label or "rounds",
+            unit="round",
+            disable=not c.progress,
+            leave=False,
+        )
+        try:
+            for round_number in bar:
+                start = time.perf_counter()
+                rng = np.random.default_rng([c.seed, 5, round_number])
+                selected = self.coordinator.select(
+                    self.fed.ids,
+                    c.clients_per_round,
+                    rng,
+                    poisson_rate=self.privacy.sampling_rate if self.privacy else None,
+                )
+                outcome = self.coordinator.finish_round(
+                    round_number, selected, self._local_round(round_number, selected)
+                )
+                loss, accuracy, asr = self._evaluate()
+                elapsed = time.perf_counter() - start
+                record = self._round_record(outcome, loss, accuracy, asr, elapsed)
+                self._export_privacy(record, outcome)
+                self.exporter.observe_round(round_number, accuracy, loss, elapsed, outcome.clients)
+                for r in outcome.rejected:
+                    self.exporter.count_rejected(r.reason)
+                self.exporter.write_textfile(self.out / "metrics.prom")
+                rounds.append(record)
+                snapshot = self.coordinator.trust.snapshot()
+                for cid in self.fed.ids:
+                    trust_by_round[cid].append(snapshot[cid].trust if cid in snapshot else None)
+                flagged_by_round.append(set(outcome.flagged))
+                bar.set_postfix(acc=f"{accuracy:.3f}", flagged=len(outcome.flagged))
+        finally:
+            bar.close()
+            if self.server is not None:
+                self.server.shutdown()
+        return self._write_outputs(rounds, trust_by_round, flagged_by_round)
+
+    def _write_outputs(self, rounds, trust_by_round, flagged_by_round) -> dict[str, Any]:
+        malicious = set(self.fed.malicious)
+        snapshot = self.coordinator.trust.snapshot()
+        last = rounds[-1]
+        detection = report.detection_summary(flagged_by_round, malicious)
+        results = {
+            "config": self.config.to_dict(),
+            "rounds": rounds,
+            "final": {
+                "accuracy": last["accuracy"],
+                "loss": last["loss"],
+                "attack_success_rate": last["attack_success_rate"],
+                "detection": detection,
+                "privacy": self._privacy_report(len(rounds)),
+            },
+            "clients": {
+                cid: {
+                    "malicious": cid in malicious,
+                    "trust": snapshot[cid].trust if cid in snapshot else None,
+                    "flagged": bool(snapshot[cid].flagged) if cid in snapshot else False,
+                    "num_examples": int(len(self.fed.parts[cid])),
+                }
+                for cid in self.fed.ids
+            },
+            "aggregator": repr(self.chain),
+            "attack": repr(self.attack),
+        }
+        _write_json_atomic(self.out / "results.json", results)
+        report.write_rounds_csv(rounds, self.out / "rounds.csv")
+        title = f"{self.config.dataset}: attack={self.config.attack}, aggregator={self.config.aggregator}"
+        report.plot_accuracy({self.config.aggregator: rounds}, self.out / "accuracy.png", title)
+        report.plot_trust_heatmap(trust_by_round, malicious, self.out / "trust.png")
+        return results
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_jsonable(data), indent=2))
+    os.replace(tmp, path)
+
+
+def check_config(config: RunConfig) -> None:
+    """Fails fast, before any data is loaded: attack and aggregator names, parameters, cohort size."""
+    build_attack(config.attack, {"num_classes": 10, **config.attack_params}, collude=config.collude)
+    privacy = central_privacy(config, config.clients)
+    build_chain(config, privacy, seed=None).check(config.clients_per_round)
+    if config.dp_sgd:
+        validate_dp(
+            mode="dp_sgd",
+            noise_multiplier=config.dp_noise_multiplier,
+            clip_norm=config.dp_l2_clip,
+            batch_size=config.batch_size,
+            num_microbatches=config.dp_microbatches,
+        )
+        if config.dp_noise_multiplier is None:
+            raise UsageError("--dp-sgd needs --dp-noise-multiplier (e.g. 1.1)")
+
+
+def simulate(config: RunConfig) -> dict[str, Any]:
+    check_config(config)
+    return Simulation(config).run(config, Path(config.out))
+
+
+def variant(config: RunConfig, **changes: Any) -> RunConfig:
+    return replace(config, **changes)

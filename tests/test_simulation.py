@@ -1,0 +1,165 @@
+"""The simulation runner, `fedwarden simulate` / `compare`, and the Foundation acceptance figures."""
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from fedwarden.cli import main
+from fedwarden.config import RunConfig, make_config
+from simulations.compare import compare
+from simulations.runner import simulate
+
+TINY = dict(clients=6, clients_per_round=4, rounds=3, local_epochs=1, progress=False)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fedwarden.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_results_follow_the_contract(tmp_path: Path):
+    config = make_config(
+        {},
+        {
+            **TINY,
+            "attack": "gaussian",
+            "malicious_fraction": 0.34,
+            "aggregator": "median",
+            "out": str(tmp_path),
+        },
+    )
+    results = simulate(config)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["config"]["aggregator"] == "median"
+    assert [r["round"] for r in on_disk["rounds"]] == [1, 2, 3]
+    for r in on_disk["rounds"]:
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["loss"] > 0
+        assert r["attack_success_rate"] is None and isinstance(r["flagged"], list)
+    final = on_disk["final"]
+    assert final["accuracy"] == on_disk["rounds"][-1]["accuracy"]
+    assert set(final["detection"]) >= {"precision", "recall"}
+    assert len(on_disk["clients"]) == 6
+    assert sum(c["malicious"] for c in on_disk["clients"].values()) == 2
+    for name in ("rounds.csv", "accuracy.png", "trust.png", "ledger.sqlite", "metrics.prom"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert results["final"] == final
+
+
+def test_same_seed_same_results_and_other_seed_differs(tmp_path: Path):
+    base = make_config({}, {**TINY, "seed": 7, "out": str(tmp_path / "a")})
+    first = simulate(base)
+    second = simulate(replace(base, out=str(tmp_path / "b")))
+    other = simulate(replace(base, seed=8, out=str(tmp_path / "c")))
+    accuracy = lambda res: [r["accuracy"] for r in res["rounds"]]  # noqa: E731
+    assert accuracy(first) == accuracy(second)
+    assert [r["loss"] for r in first["rounds"]] == [r["loss"] for r in second["rounds"]]
+    assert accuracy(first) != accuracy(other)
+
+
+def test_toml_config_and_flags_override(tmp_path: Path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(
+        'rounds = 2\nclients = 6\nclients_per_round = 3\naggregator = "median"\n'
+        "[trust]\ndecay = 0.9\n"
+    )
+    out = tmp_path / "out"
+    code = main(
+        [
+            "simulate",
+            "--config",
+            str(cfg),
+            "--rounds",
+            "1",
+            "--local-epochs",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    config = json.loads((out / "results.json").read_text())["config"]
+    assert (
+        config["rounds"] == 1 and config["aggregator"] == "median" and config["trust_decay"] == 0.9
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "cifar"], "unknown dataset 'cifar'. Accepted values: digits"),
+        (["--aggregator", "avg"], "avg"),
+        (["--attack", "meteor"], "meteor"),
+        (
+            ["--clients", "5", "--clients-per-round", "8"],
+            "--clients-per-round (8) cannot exceed --clients (5)",
+        ),
+        (["--aggregator", "trimmed_mean:trim_fraction=0.5"], "trim"),
+        (
+            ["--clients", "5", "--clients-per-round", "5", "--aggregator", "krum:num_byzantine=2"],
+            "krum needs",
+        ),
+        (["--dataset", "fashion_mnist", "--data-dir", "/nonexistent"], "not found in /nonexistent"),
+        (["--partition", "zipf"], "unknown partition 'zipf'"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path):
+    result = run_cli("simulate", *args, "--rounds", "1", "--out", str(tmp_path), "--no-progress")
+    assert result.returncode == 2, result.stderr
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert message in lines[0]
+
+
+def test_bad_toml_key_names_the_key(tmp_path: Path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("roundz = 3\n")
+    result = run_cli("simulate", "--config", str(cfg))
+    assert result.returncode == 2 and "unknown keys roundz" in result.stderr
+
+
+def test_every_simulate_option_has_help():
+    result = run_cli("simulate", "--help")
+    assert result.returncode == 0
+    for option in (
+        "--aggregator",
+        "--attack",
+        "--malicious-fraction",
+        "--partition",
+        "--alpha",
+        "--clients-per-round",
+        "--server-optimizer",
+        "--seed",
+        "--out",
+        "--config",
+    ):
+        assert option in result.stdout
+
+
+@pytest.mark.slow
+def test_foundation_acceptance_on_digits(tmp_path: Path):
+    """Issue 2, done-when: 20 clients all sampled, 20 rounds, 20% gaussian attackers."""
+    base = RunConfig(
+        clients=20,
+        clients_per_round=20,
+        rounds=20,
+        attack="gaussian",
+        malicious_fraction=0.2,
+        progress=False,
+    )
+    compare(base, ["gaussian"], ["mean", "trimmed_mean", "median", "multi_krum"], tmp_path)
+    matrix = json.loads((tmp_path / "matrix.json").read_text())
+    clean, attacked = matrix["none"], matrix["gaussian"]
+    acc = {g: attacked[g]["accuracy"] for g in attacked}
+    assert clean["mean"]["accuracy"] >= 0.90
+    assert acc["mean"] <= acc["trimmed_mean"] - 0.2
+    assert acc["trimmed_mean"] >= clean["mean"]["accuracy"] - 0.05
+    assert acc["median"] >= clean["mean"]["accuracy"] - 0.07
+    assert acc["multi_krum"] >= clean["mean"]["accuracy"] - 0.07
+    assert (tmp_path / "matrix.png").stat().st_size > 0
+    assert "| gaussian |" in (tmp_path / "matrix.md").read_text()
