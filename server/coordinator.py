@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from aggregation.accounting import poisson_sample
-from aggregation.base import Step
+from aggregation.base import AggregationError, Step
+from aggregation.rules import median
 from aggregation.scoring import anomaly_score, client_metrics
 from server.admission import ClientUpdate, Rejection, admit
 from server.optimizers import ServerOptimizer
@@ -57,6 +58,7 @@ class Coordinator:
         self.round = 0  # last completed round
         self.optimizer_state = optimizer.init(self.weights.size)
         self.chain_state = chain.init()
+        self._median = median()
 
     def select(
         self,
@@ -101,8 +103,12 @@ class Coordinator:
             weights = np.array([u.num_examples for u in admitted], np.float64) * multipliers
             counted = weights > 0
             per_client: dict[str, np.ndarray] = {}
-            if counted.any():
+            try:
                 out = self.chain(matrix[counted], weights[counted], self.chain_state)
+            except AggregationError as exc:  # e.g. Krum's n > 2f + 2 on a thin cohort
+                out = None
+                measurements["skipped"] = str(exc)
+            if out is not None:
                 self.chain_state = out.state
                 aggregate = out.updates[0]
                 measurements.update(out.measurements)
@@ -114,13 +120,17 @@ class Coordinator:
                     self.weights, aggregate.astype(np.float32), self.optimizer_state
                 )
             else:
-                aggregate = np.zeros_like(self.weights)
                 log.warning(
-                    "round %d: every admitted client is quarantined; weights unchanged",
+                    "round %d: no aggregate (%s); weights unchanged",
                     round_number,
+                    measurements.get("skipped", "every admitted client is quarantined"),
                 )
             losses = np.array([np.nan if u.loss is None else u.loss for u in admitted])
-            metrics = client_metrics(matrix, aggregate, losses, per_client)
+            # Scores compare each client with the cohort's coordinate-wise median, not with the
+            # round's aggregate: a plain mean is dragged by the attackers and DP noise blurs any
+            # aggregate, and one reference keeps scores comparable across aggregation rules.
+            reference = self._median(matrix, np.ones(len(ids)), None).updates[0]
+            metrics = client_metrics(matrix, reference, losses, per_client)
             anomaly = anomaly_score(metrics, self.anomaly_weights)
             rows = [
                 {

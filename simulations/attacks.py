@@ -461,6 +461,23 @@ def min_sum(*, perturbation: str = "std") -> ModelFn:
     return _optimized_attack(perturbation, use_sum=True)
 
 
+def random_direction(*, scale: float = 1.0) -> ModelFn:
+    """Random directions at the honest scale: uniform unit vectors times the median honest norm.
+
+    Norm-based filters cannot see it (its norm is typical); only its direction gives it away.
+    A project attack for testing detection beyond norms; ``scale`` multiplies the norm.
+    """
+    scale = _number("scale", scale)
+
+    def craft(honest: np.ndarray, own: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        norm = float(np.median(np.linalg.norm(_reference(honest, own), axis=1)))
+        directions = rng.normal(size=own.shape)
+        directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+        return directions * norm * scale
+
+    return craft
+
+
 def free_rider() -> ModelFn:
     """Free rider: zero update, i.e. the received global model sent back (Fraboni et al. 2021).
 
@@ -498,6 +515,7 @@ ATTACKS: dict[str, AttackSpec] = {
     "min_max": AttackSpec("model", min_max),
     "min_sum": AttackSpec("model", min_sum),
     "free_rider": AttackSpec("model", free_rider),
+    "random_direction": AttackSpec("model", random_direction),
 }
 
 

@@ -362,3 +362,18 @@ def test_bad_data_plugin_and_plugin_params(plugins):
         build_attack(f"{plugins}:NOT_CALLABLE")
     with pytest.raises(AttackError, match="cannot import"):
         build_attack("no_such_module_xyz:fn")
+
+
+def test_random_direction_has_the_median_honest_norm_and_random_directions():
+    rng = np.random.default_rng(0)
+    honest = rng.normal(size=(9, 500)).astype(np.float32) * np.arange(1, 10)[:, None]
+    attack = build_attack("random_direction")
+    crafted = attack.craft(honest, honest[:3].copy(), np.random.default_rng(1))
+    median_norm = np.median(np.linalg.norm(honest, axis=1))
+    assert np.allclose(np.linalg.norm(crafted, axis=1), median_norm, rtol=1e-5)
+    cosines = (
+        crafted
+        @ honest.mean(0)
+        / (np.linalg.norm(crafted, axis=1) * np.linalg.norm(honest.mean(0)))
+    )
+    assert np.all(np.abs(cosines) < 0.2)

@@ -1,0 +1,140 @@
+"""The transport-agnostic round logic: admission, aggregation, trust, server optimizers."""
+
+import numpy as np
+import pytest
+
+from aggregation.chain import parse_chain
+from server.admission import ClientUpdate
+from server.coordinator import Coordinator
+from server.optimizers import ServerOptimizer
+from server.trust import TrustBook, TrustPolicy
+
+D = 8
+
+
+def make(aggregator="mean", optimizer="fedavg", quarantine="none"):
+    return Coordinator(
+        np.zeros(D, np.float32),
+        parse_chain(aggregator, num_byzantine_default=1),
+        ServerOptimizer(optimizer),
+        TrustBook(TrustPolicy(quarantine=quarantine)),
+    )
+
+
+def update(cid, delta, round_number=1, n=10):
+    return ClientUpdate(cid, round_number, np.asarray(delta), n, loss=0.5)
+
+
+def test_bad_updates_are_rejected_with_reasons_and_the_round_goes_on():
+    c = make()
+    ids = ["a", "b", "c", "d", "e", "g"]
+    good = np.ones(D, np.float32)
+    nan = good.copy()
+    nan[3] = np.nan
+    updates = [
+        update("a", good),
+        update("b", nan),
+        update("c", np.ones(D + 1, np.float32)),
+        update("d", good, round_number=0),
+        update("x", good),
+        update("a", good * 2),
+        update("e", np.ones(D, np.int32)),
+        update("g", good),
+    ]
+    outcome = c.finish_round(1, ids, updates)
+    reasons = {(r.client_id, r.reason) for r in outcome.rejected}
+    assert reasons == {
+        ("b", "non_finite"),
+        ("c", "wrong_shape"),
+        ("d", "wrong_round"),
+        ("x", "not_selected"),
+        ("a", "duplicate"),
+        ("e", "wrong_dtype"),
+    }
+    assert outcome.admitted == ["a", "g"]
+    assert np.allclose(c.weights, good)  # the good updates were applied
+    trust = c.trust.snapshot()
+    assert trust["b"].trust < trust["g"].trust  # a rejection is charged to trust
+    assert trust["a"].rejected == 1 and trust["g"].rejected == 0
+
+
+def test_too_large_updates_are_rejected_when_a_limit_is_set():
+    c = make()
+    c.max_update_norm = 10.0
+    outcome = c.finish_round(
+        1,
+        ["a", "b"],
+        [update("a", np.ones(D, np.float32)), update("b", np.full(D, 100.0, np.float32))],
+    )
+    assert [(r.client_id, r.reason) for r in outcome.rejected] == [("b", "too_large")]
+
+
+def test_weighted_mean_uses_example_counts():
+    c = make()
+    c.finish_round(
+        1,
+        ["a", "b"],
+        [update("a", np.zeros(D, np.float32), n=30), update("b", np.ones(D, np.float32) * 4, n=10)],
+    )
+    assert np.allclose(c.weights, 1.0)
+
+
+def test_outlier_gets_the_highest_anomaly_and_median_ignores_it():
+    c = make("median")
+    rng = np.random.default_rng(0)
+    ids = [f"c{i}" for i in range(7)]
+    deltas = [rng.normal(1.0, 0.1, D).astype(np.float32) for _ in ids[:-1]]
+    deltas.append(np.full(D, 50.0, np.float32))
+    outcome = c.finish_round(1, ids, [update(i, d) for i, d in zip(ids, deltas)])
+    by_anomaly = max(outcome.clients, key=lambda row: row["anomaly"])
+    assert by_anomaly["client_id"] == "c6"
+    assert np.all(np.abs(c.weights - 1.0) < 0.5)
+
+
+def test_thin_cohort_skips_the_aggregate_instead_of_crashing():
+    c = make("krum:num_byzantine=2")
+    outcome = c.finish_round(
+        1, ["a", "b"], [update("a", np.ones(D, np.float32)), update("b", np.ones(D, np.float32))]
+    )
+    assert "krum needs" in outcome.measurements["skipped"]
+    assert np.all(c.weights == 0) and c.round == 1
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedavgm", "fedadam"])
+def test_server_optimizers_move_along_the_aggregate(name):
+    opt = ServerOptimizer(name, lr=0.5 if name != "fedadam" else 0.01)
+    w, state = np.zeros(4, np.float32), opt.init(4)
+    for _ in range(3):
+        w, state = opt.step(w, np.array([1, -1, 2, 0], np.float32), state)
+    assert w[0] > 0 and w[1] < 0 and w[2] > 0 and w[3] == 0
+
+
+def test_fedavgm_accumulates_momentum():
+    plain, momentum = ServerOptimizer("fedavg"), ServerOptimizer("fedavgm", momentum=0.9)
+    a, sa = np.zeros(1, np.float32), plain.init(1)
+    b, sb = np.zeros(1, np.float32), momentum.init(1)
+    for _ in range(3):
+        a, sa = plain.step(a, np.ones(1, np.float32), sa)
+        b, sb = momentum.step(b, np.ones(1, np.float32), sb)
+    assert b[0] == pytest.approx(1 + 1.9 + 2.71) and a[0] == pytest.approx(3)
+
+
+def test_state_dict_round_trip():
+    c = make("centered_clipping:radius=1.0", "fedadam")
+    c.finish_round(1, ["a"], [update("a", np.ones(D, np.float32))])
+    restored = make("centered_clipping:radius=1.0", "fedadam")
+    restored.load_state_dict(c.state_dict())
+    assert restored.round == 1 and np.array_equal(restored.weights, c.weights)
+    assert np.array_equal(restored.optimizer_state["m"], c.optimizer_state["m"])
+
+
+def test_exclude_policy_skips_quarantined_clients_in_selection():
+    c = make("median", quarantine="exclude")
+    ids = [f"c{i}" for i in range(6)]
+    rng = np.random.default_rng(0)
+    for r in range(1, 6):
+        deltas = [rng.normal(1.0, 0.1, D).astype(np.float32) for _ in ids[:-1]]
+        deltas.append(np.full(D, -80.0, np.float32))
+        c.finish_round(r, ids, [update(i, d, r) for i, d in zip(ids, deltas)])
+    assert c.trust.snapshot()["c5"].quarantined
+    assert "c5" not in c.select(ids, 6, np.random.default_rng(1))
