@@ -19,7 +19,9 @@ work for any model size):
   suspicious as huge ones), squashed by a logistic ``1 / (1 + exp(-1.5 (|z| - 3)))``: about 0.01 at
   ``|z| = 0``, 0.18 at 2, 0.5 at 3, 0.95 at 5.
 - ``loss_z``: the same for the reported local loss (dropped when losses are unknown).
-- ``cosine``: ``(1 - cosine) / 2``: 0 when aligned with the aggregate, 0.5 orthogonal, 1 opposite.
+- ``cosine``: the larger of ``(1 - cosine) / 2`` (0 aligned with the reference, 0.5 orthogonal,
+  1 opposite) and the logistic of the one-sided robust z of the cosine against the cohort (scale
+  at least 0.05), so an update that is merely unaligned stands out when honest clients agree.
 - ``krum_score``: ``max(0, 1 - median / score)``: 0 at or below the cohort's median Krum score,
   0.5 at twice it, 0.9 at ten times it. Unlike a rank it does not push the honest client that
   happens to rank last to 1.
@@ -29,8 +31,8 @@ work for any model size):
 - ``distance`` (weight 0 by default): logistic of the one-sided robust z of the distance to the
   aggregate (it largely repeats ``norm_z`` and ``cosine``).
 
-The score is the weighted quadratic mean (power mean with ``power=2``) of the components a client
-has: ``sqrt(sum(w_i * c_i**2) / sum(w_i))``. Compared with the plain weighted mean it keeps strong
+The score is the weighted cubic power mean (``power=3``) of the components a client has:
+``(sum(w_i * c_i**3) / sum(w_i)) ** (1/3)``. Compared with the plain weighted mean it keeps strong
 evidence in one or two components from being averaged away by the quiet ones (a sign-flipped
 update of ordinary norm is anomalous only in direction), while a client that is quiet everywhere
 stays near 0. On the synthetic dataset (20 clients, 10 per round, 20% attackers, 10 rounds,
@@ -262,10 +264,28 @@ def _distance_component(distance: np.ndarray) -> np.ndarray:
     return _logistic_of_abs(np.maximum(robust_z(distance), 0.0))
 
 
+def _cosine_component(cosine: np.ndarray, min_scale: float = 0.05) -> np.ndarray:
+    """The larger of the absolute ``(1 - cos) / 2`` and the logistic of the one-sided robust z.
+
+    The relative part catches updates that are merely unaligned (random directions) when the
+    honest cohort is tightly aligned; ``min_scale`` keeps a near-identical cohort from turning
+    tiny differences into large z.
+    """
+    cosine = np.clip(np.asarray(cosine, np.float64), -1.0, 1.0)
+    absolute = (1.0 - cosine) / 2.0
+    finite = np.isfinite(cosine)
+    if finite.sum() < 3:
+        return absolute
+    med = np.median(cosine[finite])
+    scale = max(_MAD_TO_SIGMA * float(np.median(np.abs(cosine[finite] - med))), min_scale)
+    below = np.maximum(med - cosine, 0.0) / scale
+    return np.maximum(absolute, _logistic_of_abs(below))
+
+
 _COMPONENTS = {
     "norm_z": lambda m: _logistic_of_abs(m["norm_z"]),
     "loss_z": lambda m: _logistic_of_abs(m["loss_z"]),
-    "cosine": lambda m: (1.0 - np.clip(m["cosine"], -1.0, 1.0)) / 2.0,
+    "cosine": lambda m: _cosine_component(m["cosine"]),
     "krum_score": lambda m: _krum_component(m["krum_score"]),
     "trimmed_share": lambda m: _trimmed_component(m["trimmed_share"]),
     "distance": lambda m: _distance_component(m["distance"]),
@@ -282,7 +302,7 @@ def anomaly_components(metrics: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def anomaly_score(
-    metrics: dict[str, np.ndarray], weights: dict[str, float] | None = None, power: float = 2.0
+    metrics: dict[str, np.ndarray], weights: dict[str, float] | None = None, power: float = 3.0
 ) -> np.ndarray:
     """One anomaly score in ``[0, 1]`` per client: the weighted power mean of the components.
 
@@ -292,8 +312,10 @@ def anomaly_score(
         weights: component name to non-negative weight, any of ``norm_z``, ``cosine``,
             ``krum_score``, ``trimmed_share``, ``loss_z``, ``distance``. Names left out get weight
             0. Defaults to :data:`DEFAULT_ANOMALY_WEIGHTS`.
-        power: exponent of the power mean, >= 1: 1 is the weighted mean, 2 (default) the
-            quadratic mean; larger values move the score towards the largest component.
+        power: exponent of the power mean, >= 1: 1 is the weighted mean, 2 the quadratic mean,
+            3 (default); larger values move the score towards the largest component. 3 was
+            chosen on digits because attacks built to match honest norms and losses (random
+            directions at the honest norm) light up only two of the five components.
 
     Returns:
         Float64 array of length K. A client with no usable component scores 0. The score is
