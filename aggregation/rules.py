@@ -101,12 +101,25 @@ def _ranking(scores: np.ndarray, updates: np.ndarray, rows: np.ndarray | None = 
             continue
         if end - start > 1:
             group = order[start:end]
-            values = updates[rows[group]]
-            differ = np.flatnonzero((values != values[0]).any(axis=0))
-            if len(differ):
-                order[start:end] = group[np.lexsort(values[:, differ].T[::-1])]
+            order[start:end] = group[_lexicographic(updates[rows[group]])]
         start = end
     return order
+
+
+def _lexicographic(values: np.ndarray) -> np.ndarray:
+    """Order of the rows of ``values`` (a few rows) in lexicographic order of their entries."""
+    differ = (values != values[0]).any(axis=0)
+    if len(values) < 2 or not differ.any():
+        return np.arange(len(values))
+    first = int(np.argmax(differ))  # every row agrees before this column
+    column = values[:, first]
+    order = []
+    for value in np.unique(column):
+        members = np.flatnonzero(column == value)
+        if len(members) > 1:
+            members = members[_lexicographic(values[members, first + 1 :])]
+        order.extend(members)
+    return np.array(order)
 
 
 class Mean(StatelessStep):
@@ -498,11 +511,12 @@ class Bulyan(StatelessStep):
             if beta == theta:
                 np.mean(block, axis=1, out=out[start:stop])
                 continue
-            # The beta values closest to the median are a run of the sorted row; pick the run
-            # whose farther end is nearest (the first such run: ties go to the smaller values).
-            below = med[:, None] - block[:, : 2 * f + 1]
-            above = block[:, beta - 1 :] - med[:, None]
-            first = np.argmin(np.maximum(below, above), axis=1)
+            # The beta values closest to the median are a run of the sorted row. The run starts
+            # after every s whose value is farther below the median than the value beta places
+            # on is above it (a monotone test, so counting finds the start; ties keep the
+            # smaller value).
+            farther = med[:, None] - block[:, : 2 * f] > block[:, beta:] - med[:, None]
+            first = np.count_nonzero(farther, axis=1)
             picked = np.take_along_axis(block, first[:, None] + window, axis=1)
             np.mean(picked, axis=1, out=out[start:stop])
         selected = np.zeros(k)

@@ -406,6 +406,28 @@ def test_trimmed_share_with_ties(x, fraction):
     assert out.per_client["trimmed_share"].sum() == pytest.approx(2 * t)
 
 
+@PROPERTY
+@given(
+    x=st.integers(7, 11).flatmap(
+        lambda k: st.lists(
+            st.lists(st.integers(-2, 2), min_size=3, max_size=3), min_size=k, max_size=k
+        )
+    )
+)
+def test_bulyan_with_ties_matches_reference(x):
+    x = np.array(x, np.float64)
+    np.testing.assert_allclose(run(bulyan(1), x, None).updates[0], ref_bulyan(x, 1), rtol=1e-12)
+
+
+def test_bulyan_window_with_duplicates_at_the_cut():
+    # f=1 of K=7: iterated Krum keeps the first five rows (theta=5); beta=3 values closest to
+    # their median 0: 0, 0.3 and one of the tied -1.5 (not both: 0.3 is closer than the second).
+    column = np.array([-1.5, -1.5, 0.0, 0.3, 9.0, 100.0, 200.0])
+    out = run(bulyan(1), column[:, None], None)
+    assert out.per_client["selected"].tolist() == [1, 1, 1, 1, 1, 0, 0]
+    assert out.updates[0, 0] == pytest.approx(np.mean([-1.5, 0.0, 0.3]))
+
+
 def test_median_float32_large_matches_numpy():
     x = np.random.default_rng(1).standard_normal((50, 100_003), dtype=np.float32)
     out = run(median(), x, None).updates
@@ -691,3 +713,12 @@ def test_from_function_wraps_plain_functions():
     x = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
     out = run(step, x, None)
     assert out.updates.dtype == np.float32 and repr(step) == "from_function(np_median)"
+
+
+def test_score_ties_break_lexicographically():
+    from aggregation.rules import _lexicographic, _ranking
+
+    rows = np.array([[1.0, 2, 3], [1, 2, 1], [0, 5, 5], [1, 2, 1], [1, 0, 9]])
+    assert _lexicographic(rows).tolist() == [2, 4, 1, 3, 0]
+    scores = np.array([1.0, 1.0, 1.0 + 1e-12, 0.5, 3.0])
+    assert _ranking(scores, rows).tolist() == [3, 2, 1, 0, 4]
