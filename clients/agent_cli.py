@@ -19,21 +19,9 @@ credentials are refused or its data does not fit the task."""
 
 def cmd_agent(args: argparse.Namespace) -> int:
     from clients.agent import Agent
-    from clients.connection import Connection, token_from
+    from clients.connection import connection_from_args
 
-    if not args.insecure and args.tls_ca is None and args.tls_cert is None:
-        logging.getLogger("fedwarden.agent").info("TLS with the system's trusted roots")
-    conn = Connection(
-        args.server,
-        client_id=args.client_id,
-        token=token_from(args.token),
-        tls_ca=args.tls_ca,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        insecure=args.insecure,
-        compression=args.compression,
-        server_name=args.tls_server_name,
-    )
+    conn = connection_from_args(args, client_id=args.client_id, compression=args.compression)
     give_up = None if args.give_up_after <= 0 else args.give_up_after
     agent = Agent(
         conn,
@@ -50,6 +38,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from clients.connection import add_connection_options
+
     p = subparsers.add_parser(
         "agent", help="train local data for a remote coordinator", description=DESCRIPTION
     )
@@ -66,30 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="FILE.npz",
         help="local training data: arrays x (features) and y (integer labels)",
     )
-    p.add_argument(
-        "--token",
-        help="this client's token (default: the FEDWARDEN_TOKEN environment "
-        "variable, which keeps it out of the process list)",
-    )
-    p.add_argument(
-        "--tls-ca",
-        metavar="FILE",
-        help="CA certificate (PEM) that signed the "
-        "coordinator's certificate (default: system roots)",
-    )
-    p.add_argument("--tls-cert", metavar="FILE", help="client certificate (PEM), for mutual TLS")
-    p.add_argument("--tls-key", metavar="FILE", help="client private key (PEM), for mutual TLS")
-    p.add_argument(
-        "--tls-server-name",
-        metavar="NAME",
-        help="host name to verify in the coordinator's certificate, when it differs "
-        "from the --server host",
-    )
-    p.add_argument(
-        "--insecure",
-        action="store_true",
-        help="plaintext connection (no TLS); only on a trusted network",
-    )
+    add_connection_options(p)
     p.add_argument(
         "--compression",
         default="none",

@@ -10,6 +10,7 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,9 +98,13 @@ def token_from(value: str | None) -> str | None:
     return value or os.environ.get("FEDWARDEN_TOKEN") or None
 
 
-def fetch_trust(conn: Connection, timeout: float = 10.0) -> list[dict[str, Any]]:
-    """Per-client trust rows from a running coordinator (``Ledger.list_clients()`` keys).
+def fetch_trust(
+    conn: Connection, client_id: str | None = None, timeout: float = 10.0
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Trust from a running coordinator: ``(clients, history)``.
 
+    ``clients`` are rows with the keys of ``Ledger.list_clients()`` (lowest trust first); with
+    ``client_id``, only that client, and ``history`` holds its rounds (``client_history`` keys).
     Raises UsageError with the coordinator's refusal or why it could not be reached.
     """
     from server.proto_gen import fedwarden_v1_pb2 as pb
@@ -109,11 +114,73 @@ def fetch_trust(conn: Connection, timeout: float = 10.0) -> list[dict[str, Any]]
     with conn.channel() as channel:
         try:
             reply = pb_grpc.FederationStub(channel).GetTrust(
-                pb.TrustRequest(), timeout=timeout, metadata=conn.metadata()
+                pb.TrustRequest(client_id=client_id or ""),
+                timeout=timeout,
+                metadata=conn.metadata(),
             )
         except grpc.RpcError as exc:
             raise UsageError(f"coordinator {conn.server}: {describe(exc)}") from None
     return trust_from_proto(reply)
+
+
+def add_connection_options(parser: argparse.ArgumentParser) -> None:
+    """--token, --tls-ca, --tls-cert, --tls-key, --tls-server-name, --insecure."""
+    parser.add_argument(
+        "--token",
+        help="token for the coordinator (default: the FEDWARDEN_TOKEN environment variable, "
+        "which keeps it out of the process list)",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="CA certificate (PEM) that signed the coordinator's certificate (default: the "
+        "system's trusted roots)",
+    )
+    parser.add_argument("--tls-cert", metavar="FILE", help="client certificate (PEM): mutual TLS")
+    parser.add_argument("--tls-key", metavar="FILE", help="client private key (PEM): mutual TLS")
+    parser.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="host name to verify in the coordinator's certificate, when it differs from the "
+        "--server host",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext connection (no TLS); only on a trusted network",
+    )
+
+
+def connection_from_args(
+    args: argparse.Namespace, client_id: str | None = None, compression: str = "none"
+) -> Connection:
+    """The Connection described by the options of ``add_connection_options``."""
+    return Connection(
+        args.server,
+        client_id=client_id,
+        token=token_from(getattr(args, "token", None)),
+        tls_ca=getattr(args, "tls_ca", None),
+        tls_cert=getattr(args, "tls_cert", None),
+        tls_key=getattr(args, "tls_key", None),
+        insecure=bool(getattr(args, "insecure", False)),
+        compression=compression,
+        server_name=getattr(args, "tls_server_name", None),
+    )
+
+
+def query_trust(args: argparse.Namespace, client_id: str | None = None) -> Any:
+    """``fedwarden trust list/show --server``: the same shapes as from a ledger file.
+
+    Without ``client_id``: the list rows; with it: the client's row plus ``history``.
+    """
+    from server.trust_cli import HISTORY_KEYS, LIST_KEYS
+
+    rows, history = fetch_trust(connection_from_args(args, client_id="trust-cli"), client_id)
+    if client_id is None:
+        return [{k: row.get(k) for k in LIST_KEYS} for row in rows]
+    data = {k: rows[0].get(k) for k in LIST_KEYS}
+    data["history"] = [{k: row.get(k) for k in HISTORY_KEYS} for row in history]
+    return data
 
 
 def describe(exc: grpc.RpcError) -> str:

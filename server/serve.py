@@ -11,6 +11,9 @@ Crash safety: the trust ledger is written during ``finish_round``, the checkpoin
 coordinator killed at any point restarts from the newest checkpoint that verifies (round R) and
 first truncates the ledger to R, so no round is repeated or lost and trust matches the weights.
 SIGTERM (or Ctrl-C) abandons a round in progress, keeps the last checkpoint and exits 0.
+
+Holding: while ``STATE_DIR/PAUSE`` exists no new round starts (``echo 5 > PAUSE``: hold before
+round 5), e.g. to look at trust before going on, or to upgrade the coordinator between rounds.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.max_receive_message_length", 8 << 20),
 ]
+PAUSE_FILE = "PAUSE"
+"""In the state dir: while it exists the coordinator starts no new round (agents stay connected).
+Empty, it holds before the next round; holding a number N, before round N."""
 COMPRESSION = {"none": grpc.Compression.NoCompression, "gzip": grpc.Compression.Gzip}
 
 
@@ -334,9 +340,7 @@ class Server:
             log.info("late update from %s for task %s dropped", client_id, task_id)
 
         hub.on_late = on_late
-        servicer = FederationServicer(
-            hub, auth, spec, ledger.list_clients, max_update_bytes=layout.size * 8
-        )
+        servicer = FederationServicer(hub, auth, spec, ledger, max_update_bytes=layout.size * 8)
         grpc_server = self._grpc_server(servicer)
         metrics_server = (
             exporter.serve(c.metrics_port, host=o.metrics_host)
@@ -409,12 +413,31 @@ class _RoundLoop:
     def stopping(self) -> bool:
         return self.s._stop
 
+    def held(self, round_number: int) -> bool:
+        """True while ``STATE_DIR/PAUSE`` exists, unless it names a later round to hold before."""
+        try:
+            text = (self.o.state_dir / PAUSE_FILE).read_text().strip()
+        except FileNotFoundError:
+            return False
+        return not (text.isdigit() and int(text) > round_number)
+
     def run(self, first_round: int) -> bool:
         """Runs rounds from ``first_round``; True when every round is done, False if stopped."""
-        round_number, attempt, waiting_since = first_round, 0, None
+        round_number, attempt, waiting_since, held = first_round, 0, None, False
         while round_number <= self.c.rounds:
             if self.stopping():
                 return False
+            if self.held(round_number):
+                if not held:
+                    print(
+                        f"round {round_number}: held by {self.o.state_dir / PAUSE_FILE}; delete "
+                        "it to continue",
+                        flush=True,
+                    )
+                held = True
+                time.sleep(0.5)
+                continue
+            held = False
             live = self.hub.wait_for_clients(self.o.min_clients, timeout=0.5)
             self.metrics.agents.set(len(live))
             if len(live) < self.o.min_clients:

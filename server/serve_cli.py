@@ -102,7 +102,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--state-dir",
         required=True,
         metavar="DIR",
-        help="checkpoints, ledger.sqlite and results.json; reuse it to resume",
+        help="checkpoints, ledger.sqlite and results.json; reuse it to resume. While a file "
+        "PAUSE exists there no new round starts (holding a number N: from round N on)",
     )
     g.add_argument(
         "--tokens",

@@ -7,7 +7,7 @@ client id at all. Round logic lives in ``Coordinator``; sessions and the current
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,7 @@ import numpy as np
 from server.admission import ClientUpdate
 from server.auth import Authenticator, AuthError, Identity
 from server.hub import Hub, Task, UnknownSession
+from server.ledger import Ledger
 from server.proto_gen import fedwarden_v1_pb2 as pb
 from server.proto_gen import fedwarden_v1_pb2_grpc as pb_grpc
 from server.transfer import (
@@ -97,29 +98,55 @@ def spec_from_proto(msg: pb.TrainingSpec) -> TrainingSpec:
     )
 
 
-def trust_to_proto(rows: list[dict[str, Any]], last_round: int) -> pb.TrustReply:
-    clients = []
-    for row in rows:
-        fields = {
-            k: row[k]
-            for k in ("trust", "anomaly", "last_round", "norm", "cosine")
-            if row.get(k) is not None
-        }
-        clients.append(
-            pb.ClientTrust(
-                client_id=row["client_id"],
-                flagged=bool(row.get("flagged")),
-                quarantined=bool(row.get("quarantined")),
-                rounds=int(row.get("rounds") or 0),
-                rejected=int(row.get("rejected") or 0),
-                **fields,
-            )
+_TRUST_FLOATS = ("trust", "anomaly", "norm", "cosine")
+_ROUND_FLOATS = (
+    "anomaly",
+    "trust",
+    "norm",
+    "norm_z",
+    "cosine",
+    "distance",
+    "krum_score",
+    "trimmed_share",
+    "loss",
+)
+
+
+def _present(row: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    return {k: row[k] for k in keys if row.get(k) is not None}
+
+
+def trust_to_proto(
+    rows: list[dict[str, Any]], last_round: int, history: list[dict[str, Any]] = ()
+) -> pb.TrustReply:
+    """``Ledger.list_clients()`` rows (and ``client_history`` rows) as a TrustReply."""
+    clients = [
+        pb.ClientTrust(
+            client_id=row["client_id"],
+            flagged=bool(row.get("flagged")),
+            quarantined=bool(row.get("quarantined")),
+            rounds=int(row.get("rounds") or 0),
+            rejected=int(row.get("rejected") or 0),
+            **_present(row, (*_TRUST_FLOATS, "last_round")),
         )
-    return pb.TrustReply(last_round=last_round, clients=clients)
+        for row in rows
+    ]
+    rounds = [
+        pb.ClientRound(
+            round=int(row["round"]),
+            flagged=bool(row.get("flagged")),
+            quarantined=bool(row.get("quarantined")),
+            rejected_reason=row.get("rejected_reason") or "",
+            **_present(row, _ROUND_FLOATS),
+        )
+        for row in history
+    ]
+    return pb.TrustReply(last_round=last_round, clients=clients, history=rounds)
 
 
-def trust_from_proto(reply: pb.TrustReply) -> list[dict[str, Any]]:
-    """The rows of ``Ledger.list_clients()``, as a remote coordinator holds them."""
+def trust_from_proto(reply: pb.TrustReply) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``(clients, history)``: rows shaped like ``Ledger.list_clients()`` and
+    ``Ledger.client_history()``, as a remote coordinator holds them."""
     rows = []
     for c in reply.clients:
         row: dict[str, Any] = {
@@ -129,10 +156,21 @@ def trust_from_proto(reply: pb.TrustReply) -> list[dict[str, Any]]:
             "rounds": c.rounds,
             "rejected": c.rejected,
         }
-        for key in ("trust", "anomaly", "last_round", "norm", "cosine"):
+        for key in (*_TRUST_FLOATS, "last_round"):
             row[key] = getattr(c, key) if c.HasField(key) else None
         rows.append(row)
-    return rows
+    history = []
+    for r in reply.history:
+        row = {
+            "round": r.round,
+            "flagged": r.flagged,
+            "quarantined": r.quarantined,
+            "rejected_reason": r.rejected_reason or None,
+        }
+        for key in _ROUND_FLOATS:
+            row[key] = getattr(r, key) if r.HasField(key) else None
+        history.append(row)
+    return rows, history
 
 
 class FederationServicer(pb_grpc.FederationServicer):
@@ -140,7 +178,8 @@ class FederationServicer(pb_grpc.FederationServicer):
     hub: sessions and the current task.
     auth: maps credentials to identities.
     spec: the training spec sent to agents.
-    trust_rows: returns ``Ledger.list_clients()``-shaped rows for GetTrust.
+    ledger: the trust ledger GetTrust reads (``list_clients``, ``get_client``,
+        ``client_history``).
     max_update_bytes: larger declared updates are refused without being read.
     """
 
@@ -149,7 +188,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         hub: Hub,
         auth: Authenticator,
         spec: TrainingSpec,
-        trust_rows: Callable[[], list[dict[str, Any]]],
+        ledger: Ledger,
         *,
         max_update_bytes: int,
         chunk_size: int = CHUNK_SIZE,
@@ -157,7 +196,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.hub = hub
         self.auth = auth
         self.spec = spec_to_proto(spec)
-        self.trust_rows = trust_rows
+        self.ledger = ledger
         self.max_update_bytes = max_update_bytes
         self.chunk_size = chunk_size
 
@@ -319,4 +358,10 @@ class FederationServicer(pb_grpc.FederationServicer):
                 f"{identity.name!r} may not read trust; use an operator token or "
                 "certificate (see docs/deploy.md)",
             )
-        return trust_to_proto(self.trust_rows(), self.hub.last_round)
+        if not request.client_id:
+            return trust_to_proto(self.ledger.list_clients(), self.hub.last_round)
+        client = self.ledger.get_client(request.client_id)
+        if client is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown client {request.client_id!r}")
+        history = self.ledger.client_history(request.client_id)
+        return trust_to_proto([client], self.hub.last_round, history)

@@ -49,8 +49,12 @@ def add_trust_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         )
         source.add_argument(
             "--server", metavar="HOST:PORT",
-            help="ask a running coordinator instead of a ledger file (not available yet)",
+            help="ask a running coordinator instead of a ledger file (needs an operator token or "
+            "certificate; see the connection options)",
         )  # fmt: skip
+        from clients.connection import add_connection_options
+
+        add_connection_options(p.add_argument_group("connection (with --server)"))
         p.add_argument(
             "--format", choices=("table", "json"), default="table",
             help="table for people (default) or json for tools",
@@ -79,16 +83,15 @@ def add_trust_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     return trust
 
 
-def query_server(address: str, client_id: str | None = None) -> Any:
-    """Hook for the gRPC transport: the ``list`` rows (or, with ``client_id``, the ``show`` object)
-    from a running coordinator at ``address``. Not implemented yet."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise UsageError(f"--server must be HOST:PORT, e.g. 127.0.0.1:7070. Received: {address!r}.")
-    raise UsageError(
-        f"--server {address}: asking a running coordinator is not available yet; "
-        "use --ledger FILE (the run's ledger.sqlite can be read while it runs)"
-    )
+def query_server(address: str, client_id: str | None = None,
+                 args: argparse.Namespace | None = None) -> Any:  # fmt: skip
+    """The ``list`` rows (or, with ``client_id``, the ``show`` object) from a running coordinator
+    at ``address``, over its GetTrust RPC (credentials from the connection options in ``args``)."""
+    from clients.connection import query_trust
+
+    args = args or argparse.Namespace(server=address)
+    args.server = address
+    return query_trust(args, client_id)
 
 
 def _open(path: str):
@@ -102,14 +105,14 @@ def _open(path: str):
 
 def _list_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.server:
-        return query_server(args.server)
+        return query_server(args.server, args=args)
     with _open(args.ledger) as ledger:
         return [{k: row.get(k) for k in LIST_KEYS} for row in ledger.list_clients()]
 
 
 def _show_data(args: argparse.Namespace) -> dict[str, Any]:
     if args.server:
-        return query_server(args.server, args.client_id)
+        return query_server(args.server, args.client_id, args)
     with _open(args.ledger) as ledger:
         client = ledger.get_client(args.client_id)
         if client is None:

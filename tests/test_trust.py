@@ -342,7 +342,7 @@ def test_trust_show_history(ledger_file, capsys):
     [
         (["trust", "show", "c99", "--ledger", "{ledger}"], "unknown client 'c99'"),
         (["trust", "list", "--ledger", "{missing}"], "ledger file not found"),
-        (["trust", "list", "--server", "127.0.0.1:7070"], "not available yet"),
+        (["trust", "list", "--server", "127.0.0.1:7070"], "unavailable"),
         (["trust", "list", "--server", "nowhere"], "HOST:PORT"),
     ],
 )
