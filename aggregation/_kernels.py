@@ -11,14 +11,27 @@ EPYC); elsewhere ``np.partition`` with the needed order statistics as ``kth`` is
 depends only on the machine, so results are reproducible on a given machine.
 
 Distances come from one Gram matrix, ``||a - b||^2 = |a|^2 + |b|^2 - 2ab`` clamped at 0, with the
-column blocks' products summed in float64.
+column blocks' products summed in float64. For large inputs the blocks are shared between
+``THREADS`` threads (2 by default; BLAS releases the GIL), each summing its contiguous share of the
+columns; the shares are added in a fixed order, so the result does not depend on timing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
+
+# Threads for the Gram matrix of large cohorts (FEDWARDEN_AGGREGATION_THREADS overrides).
+THREADS = max(1, int(os.environ.get("FEDWARDEN_AGGREGATION_THREADS", min(2, os.cpu_count() or 1))))
+# Multiply-adds below which the work stays on the calling thread.
+_THREAD_WORK = 1 << 26
+_POOL: ThreadPoolExecutor | None = None
 
 # Bytes of the transposed (B, K) buffer: fits in L2 together with its source rows.
 _BLOCK_BYTES = 1 << 19
@@ -90,18 +103,43 @@ def gram(updates: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
     extra = None if extra is None else np.reshape(extra, (-1, d)).astype(updates.dtype)
     n = k + (0 if extra is None else len(extra))
     columns = max(256, _GRAM_BYTES // (n * updates.dtype.itemsize))
+    starts = list(range(0, d, columns))
+
+    def partial(chunk: list[int]) -> np.ndarray:
+        g = np.zeros((n, n))
+        buffer = None if extra is None else np.empty((n, min(d, columns)), updates.dtype)
+        for start in chunk:
+            stop = min(d, start + columns)
+            if buffer is None:
+                block = updates[:, start:stop]
+            else:
+                block = buffer[:, : stop - start]
+                block[:k] = updates[:, start:stop]
+                block[k:] = extra[:, start:stop]
+            g += block @ block.T
+        return g
+
     g = np.zeros((n, n))
-    buffer = None if extra is None else np.empty((n, min(d, columns)), updates.dtype)
-    for start in range(0, d, columns):
-        stop = min(d, start + columns)
-        if buffer is None:
-            block = updates[:, start:stop]
-        else:
-            block = buffer[:, : stop - start]
-            block[:k] = updates[:, start:stop]
-            block[k:] = extra[:, start:stop]
-        g += block @ block.T
+    for part in _map_chunks(partial, starts, work=n * n * d):
+        g += part  # in chunk order: the same sum on every run
     return 0.5 * (g + g.T)
+
+
+def _map_chunks(fn: Callable[[list[int]], T], items: list[int], work: int) -> list[T]:
+    """``fn`` over contiguous chunks of ``items``, one per thread when ``work`` is large.
+
+    BLAS and numpy's sorts release the GIL, so big inputs use up to ``THREADS`` cores; small
+    ones stay on the calling thread, where a pool would cost more than it saves.
+    """
+    threads = min(THREADS, len(items)) if work >= _THREAD_WORK else 1
+    if threads <= 1:
+        return [fn(items)]
+    size = -(-len(items) // threads)
+    chunks = [items[i : i + size] for i in range(0, len(items), size)]
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(THREADS, thread_name_prefix="fedwarden-aggregation")
+    return list(_POOL.map(fn, chunks))
 
 
 def row_norms(updates: np.ndarray) -> np.ndarray:

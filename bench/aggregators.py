@@ -7,22 +7,23 @@ Usage::
 Both sides aggregate the same float32 matrix (K x D standard normal rows, seeded), in the same
 run: the matrix is saved once as ``.npy``; fedwarden is timed in this process, Flower in a
 subprocess that loads the same file and writes its timings and outputs back. For each rule the
-JSON records ``fedwarden_s`` and ``flower_s`` (best of ``--repeat`` / ``--flower-repeat`` runs),
-``ratio = flower_s / fedwarden_s``, ``max_abs_diff`` between the two outputs and the target ratio
-(median and trimmed mean >= 3x, Krum and Multi-Krum >= 15x). It also prints the time of one read
-of the matrix, the memory floor no rule can beat. Flower has no geometric median: that row has
-only fedwarden's time.
+JSON records ``fedwarden_s`` and ``flower_s`` (best of ``--repeat`` / ``--flower-repeat`` runs;
+Flower's Bulyan runs once), ``ratio = flower_s / fedwarden_s``, ``max_abs_diff`` between the two
+outputs and the target ratio (median and trimmed mean >= 3x, Krum and Multi-Krum >= 15x). It also
+prints the time of one read of the matrix, the memory floor no rule can beat. Flower has no
+geometric median: that row has only fedwarden's time.
 
 Flower runs from a separate venv, ``bench/.flwr-venv``, which this script creates on first use
 (``python -m venv``, then ``pip install flwr==1.12.0 numpy==<this numpy>``), so the product's
 lock stays free of Flower and both sides use the same numpy. Flower 1.12.0 is pinned because it
-is the newest release whose requirements accept the product's stack: ``protobuf>=4.25.2,<5`` and
-``numpy>=1.21,<2`` (1.13.1 and 1.14.0 require ``numpy>=1.26``; TF 2.14 pins numpy below 1.26 and
-protobuf below 5). ``--no-flower`` times fedwarden alone.
+is the newest release whose requirements accept the product's pinned stack, protobuf 4.25 (TF 2.14
+needs protobuf<5) and numpy 1.25 (TFF 0.87 needs numpy~=1.25): it asks ``protobuf>=4.25.2,<5`` and
+``numpy>=1.21,<2``, while 1.13.1 and 1.14.0 ask ``numpy>=1.26``. ``--no-flower`` times fedwarden
+alone.
 
 Flower's inputs are ``[([row], 1) for row in X]`` (every client with one example, so its weighted
 Multi-Krum average is the uniform one fedwarden computes). Its Bulyan runs Krum's double Python
-loop once per selected client, so expect about a minute for it at K=50, D=1e6.
+loop once per selected client, so expect 20 s to a minute for it at K=50, D=1e6.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def flower_worker(
     for rule in rules:
         if rule not in calls:
             continue
-        seconds, out = best_time(calls[rule], repeat)
+        seconds, out = best_time(calls[rule], 1 if rule == "bulyan" else repeat)
         timings[rule] = seconds
         np.save(Path(out_dir) / f"{rule}.npy", np.asarray(out[0]).reshape(-1))
         print(f"  flower {rule}: {seconds:.3f} s", flush=True)
@@ -155,7 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trim-fraction", type=float, default=0.1)
     p.add_argument("--rules", default=",".join(RULES), help=f"comma-separated, from {RULES}")
     p.add_argument("--repeat", type=int, default=5, help="fedwarden runs per rule (best kept)")
-    p.add_argument("--flower-repeat", type=int, default=1, help="Flower runs per rule")
+    p.add_argument(
+        "--flower-repeat",
+        type=int,
+        default=3,
+        help="Flower runs per rule (best kept; Bulyan runs once)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-flower", action="store_true", help="time fedwarden only")
     p.add_argument("--flower-venv", type=Path, default=FLOWER_VENV)

@@ -732,3 +732,19 @@ def test_score_ties_break_lexicographically():
     assert _lexicographic(rows).tolist() == [2, 4, 1, 3, 0]
     scores = np.array([1.0, 1.0, 1.0 + 1e-12, 0.5, 3.0])
     assert _ranking(scores, rows).tolist() == [3, 2, 1, 0, 4]
+
+
+def test_gram_split_over_threads_gives_the_same_result(monkeypatch):
+    x = np.random.default_rng(0).normal(size=(6, 5000)).astype(np.float32)
+    monkeypatch.setattr(kernels, "_GRAM_BYTES", 1)  # 256 columns per block: 20 blocks
+    one = kernels.gram(x, x[0])
+    monkeypatch.setattr(kernels, "THREADS", 3)
+    monkeypatch.setattr(kernels, "_THREAD_WORK", 0)
+    np.testing.assert_array_equal(kernels.gram(x, x[0]), one)
+    np.testing.assert_allclose(
+        one[:6, :6], x.astype(np.float64) @ x.T.astype(np.float64), rtol=1e-5
+    )
+    out = run(multi_krum(1), x, None)
+    np.testing.assert_allclose(
+        out.per_client["krum_score"], ref_krum_scores(x.astype(np.float64), 1), rtol=1e-5
+    )
