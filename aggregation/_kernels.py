@@ -31,7 +31,7 @@ T = TypeVar("T")
 THREADS = max(1, int(os.environ.get("FEDWARDEN_AGGREGATION_THREADS", min(2, os.cpu_count() or 1))))
 # Multiply-adds below which the work stays on the calling thread.
 _THREAD_WORK = 1 << 26
-_POOL: ThreadPoolExecutor | None = None
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (owner pid, pool)
 
 # Bytes of the transposed (B, K) buffer: fits in L2 together with its source rows.
 _BLOCK_BYTES = 1 << 19
@@ -137,9 +137,9 @@ def _map_chunks(fn: Callable[[list[int]], T], items: list[int], work: int) -> li
     size = -(-len(items) // threads)
     chunks = [items[i : i + size] for i in range(0, len(items), size)]
     global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(THREADS, thread_name_prefix="fedwarden-aggregation")
-    return list(_POOL.map(fn, chunks))
+    if _POOL is None or _POOL[0] != os.getpid():  # a forked child has no pool threads
+        _POOL = (os.getpid(), ThreadPoolExecutor(THREADS, thread_name_prefix="fedwarden-agg"))
+    return list(_POOL[1].map(fn, chunks))
 
 
 def row_norms(updates: np.ndarray) -> np.ndarray:
