@@ -155,6 +155,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"{'-' if final['attack_success_rate'] is None else format(final['attack_success_rate'], '.3f')}"
         f"  detection precision {_fmt(det.get('precision'))} recall {_fmt(det.get('recall'))}"
     )
+    print_privacy(final.get("privacy"))
     print(
         f"results in {config.out}/ (results.json, rounds.csv, accuracy.png, trust.png, ledger.sqlite)"
     )
@@ -172,6 +173,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
     table = compare(base, attacks, aggregators, Path(args.out or "runs/compare"))
     print(table)
     return 0
+
+
+def print_privacy(privacy: dict | None) -> None:
+    if not privacy:
+        return
+    central = privacy.get("central")
+    if central:
+        if central["target_epsilon"] is not None:
+            print(
+                f"noise multiplier {central['noise_multiplier']:.4g} solved for target epsilon "
+                f"{central['target_epsilon']:g} over {central['rounds']} rounds"
+            )
+        kind = (
+            "a formal guarantee (clip + mean + Gaussian noise, Poisson client sampling)"
+            if central["formal_guarantee"]
+            else "NOT a formal guarantee: noise after a robust rule has no bounded sensitivity"
+        )
+        print(
+            f"central DP: epsilon {central['epsilon']:.3g} at delta {central['delta']:.3g}, {kind}"
+        )
+    client = privacy.get("client")
+    if client:
+        print(f"DP-SGD: worst client epsilon {client['epsilon']:.3g} (delta {client['delta']})")
 
 
 def cmd_attacks(args: argparse.Namespace) -> int:

@@ -221,6 +221,7 @@ def backdoor(
     target: int = 0,
     poison_fraction: float = 0.5,
     trigger_size: int = 3,
+    boost: float = 1.0,
     num_classes: int | None = None,
 ) -> DataFn:
     """Backdoor: trigger stamped on poison_fraction=0.5 of samples relabelled to target=0.
@@ -228,7 +229,8 @@ def backdoor(
     The trigger is a white ``trigger_size`` (3) square in the bottom-right corner of images
     (BadNets), or the last ``trigger_size`` features set to 1.0 for flat data. Exactly
     ``round(poison_fraction * N)`` samples, drawn without replacement, are replaced by their
-    stamped, relabelled copies. Combine with ``scaling`` for model replacement.
+    stamped, relabelled copies. ``boost`` > 1 also scales the update trained on them (model
+    replacement, Bagdasaryan et al. 2020; the setting Sun et al. 2019 defend with norm clipping).
 
     References:
         Gu et al., "BadNets: Identifying Vulnerabilities in the Machine Learning Model
@@ -239,6 +241,7 @@ def backdoor(
     target = _label("target", target, classes)
     poison_fraction = _fraction("poison_fraction", poison_fraction)
     trigger_size = _count("trigger_size", trigger_size, 1)
+    _number("boost", boost)
 
     def poison(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple:
         chosen = rng.choice(len(y), size=round(poison_fraction * len(y)), replace=False)
@@ -605,8 +608,12 @@ class Attack:
         """The ``(m, d)`` float32 updates the m malicious clients send instead of ``own``.
 
         ``honest`` is this round's ``(h, d)`` honest updates; ``own`` the ``(m, d)`` updates
-        the malicious clients trained normally. Not a model attack: ``own`` unchanged.
+        the malicious clients trained normally. A data attack returns ``own``, times its
+        ``boost`` parameter when it has one (boosted data poisoning = model replacement).
         """
+        if self.kind == "data":
+            boost = self.params.get("boost", 1.0)
+            return own if boost == 1.0 else np.asarray(own, np.float32) * np.float32(boost)
         if self.kind != "model":
             return own
         own = np.asarray(own)

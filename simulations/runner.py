@@ -171,7 +171,7 @@ class _Run:
             updates.append(
                 ClientUpdate(cid, round_number, result.delta, result.num_examples, result.loss)
             )
-        if self.attack.kind == "model" and round_number >= self.config.attack_start_round:
+        if self.attack.kind != "none" and round_number >= self.config.attack_start_round:
             self._craft(round_number, updates)
         return updates
 

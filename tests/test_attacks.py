@@ -377,3 +377,10 @@ def test_random_direction_has_the_median_honest_norm_and_random_directions():
         / (np.linalg.norm(crafted, axis=1) * np.linalg.norm(honest.mean(0)))
     )
     assert np.all(np.abs(cosines) < 0.2)
+
+
+def test_boosted_backdoor_scales_its_trained_update_and_plain_backdoor_does_not():
+    own = np.random.default_rng(0).normal(size=(2, 30)).astype(np.float32)
+    boosted = build_attack("backdoor", {"num_classes": 10, "boost": 5})
+    assert np.allclose(boosted.craft(own[:0], own, np.random.default_rng(1)), 5 * own)
+    assert build_attack("backdoor", {"num_classes": 10}).craft(own[:0], own, None) is own
