@@ -181,9 +181,12 @@ class TrimmedMean(StatelessStep):
 
     Args:
       trim_fraction: share of the cohort trimmed at each end, in ``[0, 0.5]``.
+      num_byzantine: trim exactly this many values at each end instead (used when
+        ``trim_fraction`` is not given; a chain string fills it from the run's Byzantine budget).
+        With neither, 10% is trimmed at each end.
 
-    Assumption: at most ``floor(trim_fraction * K)`` malicious clients; each output coordinate then
-    lies within the honest clients' range.
+    Assumption: at most ``num_trimmed(K)`` malicious clients; each output coordinate then lies
+    within the honest clients' range.
 
     Per client: ``trimmed_share``, the share of the client's coordinates that were trimmed (at
     either end). When several clients tie at a cut, the trimmed slots left are split evenly among
@@ -193,7 +196,21 @@ class TrimmedMean(StatelessStep):
 
     name = "trimmed_mean"
 
-    def __init__(self, trim_fraction: float = 0.1) -> None:
+    def __init__(
+        self, trim_fraction: float | None = None, num_byzantine: int | None = None
+    ) -> None:
+        if num_byzantine is not None and (
+            isinstance(num_byzantine, bool)
+            or not isinstance(num_byzantine, int)
+            or num_byzantine < 0
+        ):
+            raise AggregationError(
+                f"num_byzantine must be a non-negative integer. Received: num_byzantine={num_byzantine!r}."
+            )
+        self.num_byzantine = num_byzantine
+        if trim_fraction is None:
+            self.trim_fraction = None if num_byzantine is not None else 0.1
+            return
         if (
             isinstance(trim_fraction, bool)
             or not isinstance(trim_fraction, int | float)
@@ -207,6 +224,8 @@ class TrimmedMean(StatelessStep):
 
     def num_trimmed(self, num_clients: int) -> int:
         """Values dropped at each end of every coordinate for a cohort of ``num_clients``."""
+        if self.trim_fraction is None:
+            return self.num_byzantine
         return math.floor(self.trim_fraction * num_clients + 1e-9)
 
     def check(self, num_clients: int) -> None:
@@ -214,9 +233,10 @@ class TrimmedMean(StatelessStep):
         t = self.num_trimmed(num_clients)
         if 2 * t >= num_clients:
             raise AggregationError(
-                f"trimmed_mean(trim_fraction={self.trim_fraction}) removes everything: it drops "
-                f"{t} values at each end of every coordinate. Received: num_clients={num_clients}; "
-                f"lower trim_fraction below {t / num_clients:g} or sample more clients."
+                f"{self!r} removes everything: it drops {t} values at each end of every "
+                f"coordinate. Received: num_clients={num_clients}; trim fewer than "
+                f"{(num_clients + 1) // 2} per side (trim_fraction or num_byzantine) or sample "
+                "more clients."
             )
 
     def apply(self, updates: np.ndarray, weights: np.ndarray) -> StepOutput:

@@ -487,7 +487,8 @@ def test_clip_measurements():
 
 
 def test_reprs_show_every_hyperparameter():
-    assert repr(trimmed_mean(0.2)) == "trimmed_mean(trim_fraction=0.2)"
+    assert repr(trimmed_mean(0.2)) == "trimmed_mean(num_byzantine=None, trim_fraction=0.2)"
+    assert trimmed_mean(num_byzantine=3).num_trimmed(20) == 3
     assert repr(multi_krum(2, 5)) == "multi_krum(num_byzantine=2, num_selected=5)"
     assert repr(bulyan(1)) == "bulyan(num_byzantine=1)"
     assert repr(centered_clipping(2.0, 3)) == "centered_clipping(radius=2.0, iterations=3)"
@@ -502,7 +503,7 @@ def test_reprs_show_every_hyperparameter():
 def test_error_trimmed_mean_removes_everything():
     with pytest.raises(AggregationError, match="removes everything") as err:
         trimmed_mean(0.5).check(4)
-    assert "num_clients=4" in str(err.value) and "lower trim_fraction" in str(err.value)
+    assert "num_clients=4" in str(err.value) and "trim fewer than" in str(err.value)
     with pytest.raises(AggregationError, match="removes everything"):
         run(trimmed_mean(0.5), np.zeros((4, 3)), None)
     trimmed_mean(0.5).check(5)  # 2 from each end of 5 leaves the median
@@ -639,8 +640,11 @@ def test_parse_chain_every_registered_name():
 @pytest.mark.parametrize(
     "spec, text",
     [
-        ("trimmed_mean", "chain(trimmed_mean(trim_fraction=0.1))"),
-        ("trimmed_mean:trim_fraction=0.2", "chain(trimmed_mean(trim_fraction=0.2))"),
+        ("trimmed_mean", "chain(trimmed_mean(num_byzantine=4, trim_fraction=None))"),
+        (
+            "trimmed_mean:trim_fraction=0.2",
+            "chain(trimmed_mean(num_byzantine=4, trim_fraction=0.2))",
+        ),
         ("clip:max_norm=5+median", "chain(clip_by_norm(max_norm=5.0), median())"),
         ("clip:max_norm=1e+3 + median", "chain(clip_by_norm(max_norm=1000.0), median())"),
         ("krum:num_byzantine=2", "chain(krum(num_byzantine=2))"),
