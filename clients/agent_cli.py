@@ -18,8 +18,10 @@ credentials are refused or its data does not fit the task."""
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
+    from clients.connection import connection_from_args, require_protocol
+
+    require_protocol()
     from clients.agent import Agent
-    from clients.connection import connection_from_args
 
     conn = connection_from_args(args, client_id=args.client_id, compression=args.compression)
     give_up = None if args.give_up_after <= 0 else args.give_up_after

@@ -89,6 +89,17 @@ class Connection:
         return tuple(meta)
 
 
+def require_protocol() -> None:
+    """Raises UsageError with the fix when the generated gRPC code is missing."""
+    try:
+        import server.proto_gen.fedwarden_v1_pb2_grpc  # noqa: F401
+    except ModuleNotFoundError:
+        raise UsageError(
+            "the gRPC code is not generated: run `python -m server.protogen` (scripts/setup does "
+            "it on install)"
+        ) from None
+
+
 def _read(path: str | None) -> bytes | None:
     return Path(path).read_bytes() if path else None
 
@@ -107,6 +118,7 @@ def fetch_trust(
     ``client_id``, only that client, and ``history`` holds its rounds (``client_history`` keys).
     Raises UsageError with the coordinator's refusal or why it could not be reached.
     """
+    require_protocol()
     from server.proto_gen import fedwarden_v1_pb2 as pb
     from server.proto_gen import fedwarden_v1_pb2_grpc as pb_grpc
     from server.service import trust_from_proto

@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -265,12 +264,3 @@ class Hub:
     def set_last_round(self, round: int) -> None:
         with self._cond:
             self.last_round = round
-
-    def status(self) -> dict[str, Any]:
-        with self._cond:
-            return {
-                "last_round": self.last_round,
-                "done": self.done,
-                "sessions": len(self._sessions),
-                "late": self.late,
-            }

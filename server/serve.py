@@ -144,29 +144,6 @@ def load_eval_data(config: RunConfig, eval_data: str | None) -> EvalData:
     return EvalData(ds.name, ds.x_test, ds.y_test, ds.num_classes)
 
 
-def build_chain(config: RunConfig):
-    """The aggregation chain of ``config``, as simulations build it (plus central DP)."""
-    from aggregation.chain import parse_chain
-
-    if config.dp == "central":
-        from aggregation.dp import central_dp
-
-        if config.dp_noise_multiplier is None:
-            raise UsageError(
-                "--dp central in serve needs --dp-noise-multiplier (the population "
-                "of a deployment is unknown, so --target-epsilon cannot be solved)"
-            )
-        return central_dp(
-            config.dp_clip,
-            config.dp_noise_multiplier,
-            expected_clients=config.clients_per_round,
-            seed=None,
-            adaptive=config.dp_adaptive_clip,
-            target_quantile=config.dp_target_quantile,
-        )
-    return parse_chain(config.aggregator, num_byzantine_default=config.byzantine_budget)
-
-
 class ServeMetrics:
     """The transport's own series, in the exporter's registry."""
 
@@ -201,6 +178,10 @@ class Server:
         self._stop = False
         self.port: int | None = None
         self.metrics_port: int | None = None
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop
 
     def request_stop(self, *_: Any) -> None:
         """Graceful stop (SIGTERM): abandon the round in progress, keep the last checkpoint."""
@@ -260,6 +241,7 @@ class Server:
         from fedwarden.models import build_model
         from fedwarden.weights import WeightLayout
         from server.coordinator import Coordinator
+        from server.defence import build_chain, central_privacy
         from server.ledger import Ledger
         from server.metrics import MetricsExporter
         from server.optimizers import ServerOptimizer
@@ -272,7 +254,10 @@ class Server:
         model = build_model(c.model, data.name, input_shape, data.num_classes, c.seed)
         evaluator = LocalTrainer(model, c.lr, c.batch_size, c.local_epochs)
         layout = WeightLayout.of(model.get_weights())
-        chain = build_chain(c)
+        # A deployment does not know its population, nor sample it the Poisson way the
+        # accountant assumes: central DP is accounted without subsampling (rate 1, conservative).
+        privacy = central_privacy(c, c.clients_per_round)
+        chain = build_chain(c, privacy, seed=None)
         chain.check(min(o.min_clients, c.clients_per_round))
 
         o.state_dir.mkdir(parents=True, exist_ok=True)
@@ -360,7 +345,9 @@ class Server:
             f"rounds {done + 1}..{c.rounds}",
             flush=True,
         )
-        loop = _RoundLoop(self, coordinator, evaluator, layout, data, hub, exporter, metrics, state)
+        loop = _RoundLoop(
+            self, coordinator, evaluator, layout, data, hub, exporter, metrics, privacy, state
+        )
         if state["rounds"]:  # a crash between the checkpoint and results.json loses nothing
             checkpoint.write_json_atomic(o.state_dir / "results.json", loop.results())
         try:
@@ -388,30 +375,29 @@ class Server:
         return 0
 
 
+@dataclass
 class _RoundLoop:
-    def __init__(
-        self,
-        server: Server,
-        coordinator,
-        evaluator,
-        layout,
-        data: EvalData,
-        hub: Hub,
-        exporter,
-        metrics: ServeMetrics,
-        state: dict[str, Any],
-    ):
-        self.s, self.c, self.o = server, server.config, server.options
-        self.coordinator, self.evaluator, self.layout, self.data = (
-            coordinator,
-            evaluator,
-            layout,
-            data,
-        )
-        self.hub, self.exporter, self.metrics, self.state = hub, exporter, metrics, state
+    server: Server
+    coordinator: Any  # server.coordinator.Coordinator
+    evaluator: Any  # clients.training.LocalTrainer, used for evaluate() only
+    layout: Any  # fedwarden.weights.WeightLayout
+    data: EvalData
+    hub: Hub
+    exporter: Any  # server.metrics.MetricsExporter
+    metrics: ServeMetrics
+    privacy: Any  # server.defence.CentralPrivacy or None
+    state: dict[str, Any]  # "rounds" (results.json records), "examples" (per client)
+
+    @property
+    def c(self) -> RunConfig:
+        return self.server.config
+
+    @property
+    def o(self) -> ServeOptions:
+        return self.server.options
 
     def stopping(self) -> bool:
-        return self.s._stop
+        return self.server.stopping
 
     def held(self, round_number: int) -> bool:
         """True while ``STATE_DIR/PAUSE`` exists, unless it names a later round to hold before."""
@@ -487,18 +473,24 @@ class _RoundLoop:
             self.layout.unflatten(self.coordinator.weights), self.data.x, self.data.y
         )
         elapsed = time.perf_counter() - start
-        ledger = self.coordinator.trust.ledger
-        ledger.record_round(
-            round_number, [{**row, "round": round_number} for row in outcome.clients]
-        )
         self.exporter.observe_round(round_number, accuracy, loss, elapsed, outcome.clients)
         for r in outcome.rejected:
             self.exporter.count_rejected(r.reason)
         for u in updates:
             if u.client_id in outcome.admitted:
                 self.state["examples"][u.client_id] = int(u.num_examples)
+        record: dict[str, Any] = {}
+        if self.privacy is not None:
+            record["epsilon"] = self.privacy.epsilon(round_number)
+            self.exporter.set_dp_epsilon(record["epsilon"])
+            for key, value in outcome.measurements.items():
+                if key.endswith("clip_rate"):
+                    self.exporter.set_gauge("fedwarden_dp_clip_rate", value)
+                elif key.endswith("/clip_norm"):
+                    self.exporter.set_gauge("fedwarden_dp_clip_norm", value)
         self.state["rounds"].append(
             {
+                **record,
                 "round": round_number,
                 "accuracy": accuracy,
                 "loss": loss,
@@ -564,6 +556,7 @@ class _RoundLoop:
                     "recall": None,
                     "note": "unknown in a deployment: no ground truth",
                 },
+                "privacy": self.privacy_report(len(rounds)),
             },
             "clients": {
                 cid: {
@@ -577,3 +570,10 @@ class _RoundLoop:
             "aggregator": repr(self.coordinator.chain),
             "attack": None,
         }
+
+    def privacy_report(self, rounds_run: int) -> dict[str, Any] | None:
+        if self.privacy is None:
+            return None
+        report = self.privacy.report(rounds_run)
+        report["client_sampling"] = "none assumed (sampling rate 1): a conservative bound"
+        return {"central": report}

@@ -18,7 +18,10 @@ resumes at the next round. SIGTERM stops it gracefully. Exits when the rounds ar
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from clients.connection import require_protocol
     from fedwarden.cli import config_from_args
+
+    require_protocol()
     from server.serve import ServeOptions, Server
 
     # clients: serve has no fixed population; keep validation of --clients-per-round happy.

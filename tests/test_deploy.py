@@ -862,65 +862,41 @@ def poll(predicate, timeout: float, what: str):
         time.sleep(0.2)
 
 
-SERVE_ARGS = [
-    "--dataset",
-    "digits",
-    "--seed",
-    "0",
-    "--local-epochs",
-    "2",
-    "--batch-size",
-    "16",
-    "--lr",
-    "0.1",
-    "--aggregator",
-    "mean",
-    "--round-timeout",
-    "60",
-]
+SERVE_ARGS = (
+    "--dataset digits --seed 0 --local-epochs 2 --batch-size 16 --lr 0.1 --aggregator mean "
+    "--round-timeout 60"
+).split()
+
+
+def split_data(out: Path, clients: int) -> None:
+    args = f"data split --dataset digits --clients {clients} --seed 0 --out {out}".split()
+    proc = run_fedwarden(*args)
+    assert proc.returncode == 0, proc.stderr
+
+
+def gen_certs(directory: Path, names: list[str]) -> dict[str, Path]:
+    """Certificates from deploy/gen-certs.sh (what docs/deploy.md tells people to run)."""
+    if shutil.which("openssl") is None:
+        return make_certs(directory, names[:-1], operator=names[-1])
+    proc = subprocess.run(
+        [str(ROOT / "deploy/gen-certs.sh"), str(directory), "localhost", *names],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return {p.name: p for p in directory.iterdir()}
 
 
 @pytest.mark.integration
 def test_deployment_survives_sigkill_and_finishes_every_round_once(tmp_path, procs):
     """The issue's done-when test: 4 agents with tokens over TLS, SIGKILL after round 3."""
     split_dir, state = tmp_path / "split", tmp_path / "state"
-    assert (
-        run_fedwarden(
-            "data",
-            "split",
-            "--dataset",
-            "digits",
-            "--clients",
-            "4",
-            "--seed",
-            "0",
-            "--out",
-            str(split_dir),
-        ).returncode
-        == 0
-    )
+    split_data(split_dir, 4)
     certs = make_certs(tmp_path / "certs", [])
     tokens = write_tokens(tmp_path / "tokens.toml")
-    serve = [
-        "serve",
-        *SERVE_ARGS,
-        "--rounds",
-        "6",
-        "--min-clients",
-        "4",
-        "--clients-per-round",
-        "4",
-        "--state-dir",
-        str(state),
-        "--tokens",
-        str(tokens),
-        "--tls-cert",
-        str(certs["server.pem"]),
-        "--tls-key",
-        str(certs["server.key"]),
-        "--metrics-port",
-        "0",
-    ]
+    serve = ["serve", *SERVE_ARGS, *"--rounds 6 --min-clients 4 --clients-per-round 4".split(),
+             "--state-dir", str(state), "--tokens", str(tokens), "--tls-cert",
+             str(certs["server.pem"]), "--tls-key", str(certs["server.key"]),
+             "--metrics-port", "0"]  # fmt: skip
     state.mkdir()
     (state / "PAUSE").write_text("4")  # hold before round 4, so the kill lands after round 3
     coordinator = Proc("coordinator", *serve, "--port", "0")
@@ -932,38 +908,16 @@ def test_deployment_survives_sigkill_and_finishes_every_round_once(tmp_path, pro
     address = f"127.0.0.1:{port}"
     tls = ["--tls-ca", str(certs["ca.pem"])]
 
-    intruder = Proc(
-        "intruder",
-        "agent",
-        "--server",
-        address,
-        "--client-id",
-        "c00",
-        "--data",
-        str(split_dir / "c00.npz"),
-        *tls,
-        "--token",
-        "f" * 32,
-    )
-    procs.append(intruder)
-    agents = []
-    for cid in TOKENS:
-        agent = Proc(
-            cid,
-            "agent",
-            "--server",
-            address,
-            "--client-id",
-            cid,
-            "--data",
-            str(split_dir / f"{cid}.npz"),
-            *tls,
-            "--backoff-max",
-            "2",
-            env={"FEDWARDEN_TOKEN": TOKENS[cid]},
-        )
-        procs.append(agent)
-        agents.append(agent)
+    def agent(name: str, cid: str, *extra: str, env=None) -> Proc:
+        p = Proc(name, "agent", "--server", address, "--client-id", cid, "--data",
+                 str(split_dir / f"{cid}.npz"), *tls, *extra, env=env)  # fmt: skip
+        procs.append(p)
+        return p
+
+    intruder = agent("intruder", "c00", "--token", "f" * 32)
+    agents = [
+        agent(c, c, "--backoff-max", "2", env={"FEDWARDEN_TOKEN": t}) for c, t in TOKENS.items()
+    ]
     assert intruder.wait(60) == 2
     intruder.wait_for(r"refused 'c00': unauthenticated: invalid token", 1)
 
@@ -976,33 +930,29 @@ def test_deployment_survives_sigkill_and_finishes_every_round_once(tmp_path, pro
     text = poll(trust_series, 30, "per-client trust on /metrics")
     for cid in TOKENS:
         assert re.search(rf'fedwarden_client_trust_score{{client_id="{cid}"}} [0-9.]+', text), cid
-    listed = run_fedwarden(
-        "trust", "list", "--server", address, *tls, "--token", OPERATOR_TOKEN, "--format", "json"
-    )
+    listed = run_fedwarden("trust", "list", "--server", address, *tls, "--token", OPERATOR_TOKEN,
+                           "--format", "json")  # fmt: skip
     assert listed.returncode == 0, listed.stderr
     assert sorted(r["client_id"] for r in json.loads(listed.stdout)) == sorted(TOKENS)
+    rounds = json.loads((state / "results.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
 
-    assert [r["round"] for r in json.loads((state / "results.json").read_text())["rounds"]] == [
-        1,
-        2,
-        3,
-    ]
     coordinator.popen.send_signal(signal.SIGKILL)
     coordinator.popen.wait(10)
     (state / "PAUSE").unlink()
-
     restarted = Proc("coordinator (restarted)", *serve, "--port", str(port))
     procs.append(restarted)
     restarted.wait_for(r"resuming after round 3 ", 120)
     restarted.wait_for(r"^round 6/6", 240)
-    for agent in agents:
-        assert agent.wait(60) == 0, agent.output()
-        agent.wait_for(r"training is over", 1)
+    for a in agents:
+        assert a.wait(60) == 0, a.output()
+        a.wait_for(r"training is over", 1)
     assert restarted.wait(60) == 0, restarted.output()
 
     results = json.loads((state / "results.json").read_text())
-    assert [r["round"] for r in results["rounds"]] == [1, 2, 3, 4, 5, 6]
-    assert results["final"]["accuracy"] >= 0.85
+    accuracy = [round(r["accuracy"], 3) for r in results["rounds"]]
+    assert [r["round"] for r in results["rounds"]] == [1, 2, 3, 4, 5, 6], accuracy
+    assert results["final"]["accuracy"] >= 0.85, accuracy
     assert results["final"]["accuracy"] == results["rounds"][-1]["accuracy"]
     assert set(results["clients"]) == set(TOKENS)
     assert all(r["admitted"] == 4 for r in results["rounds"])
@@ -1011,107 +961,66 @@ def test_deployment_survives_sigkill_and_finishes_every_round_once(tmp_path, pro
     with Ledger(state / "ledger.sqlite", readonly=True) as ledger:
         for cid in TOKENS:
             assert [h["round"] for h in ledger.client_history(cid)] == [1, 2, 3, 4, 5, 6]
-    # agents reconnected by themselves after the kill
-    assert any("retrying" in line for a in agents for line in a.lines)
+    # the agents noticed the coordinator was gone and came back by themselves
+    assert all(any("retrying" in line for line in a.lines) for a in agents)
 
 
 @pytest.mark.integration
 def test_mutual_tls_identity_comes_from_the_certificate(tmp_path, procs):
+    """mTLS with deploy/gen-certs.sh certificates; also bad data, SIGTERM and resuming."""
     split_dir, state = tmp_path / "split", tmp_path / "state"
-    assert (
-        run_fedwarden(
-            "data",
-            "split",
-            "--dataset",
-            "digits",
-            "--clients",
-            "2",
-            "--seed",
-            "0",
-            "--out",
-            str(split_dir),
-        ).returncode
-        == 0
-    )
-    certs = make_certs(tmp_path / "certs", ["c00", "c01"], operator="ops")
+    split_data(split_dir, 2)
+    certs = gen_certs(tmp_path / "certs", ["c00", "c01", "ops"])
     stranger = make_certs(tmp_path / "other-ca", ["c00"])
+    bad = tmp_path / "bad.npz"
+    x, y = load_npz(split_dir / "c00.npz")
+    y[[5, 9]] = 12
+    np.savez(bad, x=x, y=y)
+    serve = ["serve", *SERVE_ARGS, *"--rounds 2 --min-clients 2 --clients-per-round 2".split(),
+             "--state-dir", str(state), "--tls-cert", str(certs["server.pem"]), "--tls-key",
+             str(certs["server.key"]), "--tls-client-ca", str(certs["ca.pem"]),
+             "--operator", "ops"]  # fmt: skip
     state.mkdir()
     (state / "PAUSE").write_text("2")  # hold after round 1 while trust is read
-    coordinator = Proc(
-        "coordinator",
-        "serve",
-        *SERVE_ARGS,
-        "--rounds",
-        "2",
-        "--min-clients",
-        "2",
-        "--clients-per-round",
-        "2",
-        "--state-dir",
-        str(state),
-        "--port",
-        "0",
-        "--tls-cert",
-        str(certs["server.pem"]),
-        "--tls-key",
-        str(certs["server.key"]),
-        "--tls-client-ca",
-        str(certs["ca.pem"]),
-        "--operator",
-        "ops",
-    )
+    coordinator = Proc("coordinator", *serve, "--port", "0")
     procs.append(coordinator)
-    port = int(
-        coordinator.wait_for(r"listening on 127\.0\.0\.1:(\d+) \(mutual TLS\)", 120).group(1)
-    )
-    address = f"127.0.0.1:{port}"
+    listening = coordinator.wait_for(r"listening on 127\.0\.0\.1:(\d+) \(mutual TLS\)", 120)
+    port = int(listening.group(1))
 
-    def agent(name: str, cid: str, cert_name: str, files=certs) -> Proc:
-        p = Proc(
-            name,
-            "agent",
-            "--server",
-            address,
-            "--client-id",
-            cid,
-            "--data",
-            str(split_dir / f"{cid}.npz"),
-            "--tls-ca",
-            str(certs["ca.pem"]),
-            "--tls-cert",
-            str(files[f"{cert_name}.pem"]),
-            "--tls-key",
-            str(files[f"{cert_name}.key"]),
-        )
+    def agent(name: str, cid: str, cert: str, files=certs, data: Path | None = None) -> Proc:
+        p = Proc(name, "agent", "--server", f"127.0.0.1:{port}", "--client-id", cid, "--data",
+                 str(data or split_dir / f"{cid}.npz"), "--tls-ca", str(certs["ca.pem"]),
+                 "--tls-cert", str(files[f"{cert}.pem"]), "--tls-key", str(files[f"{cert}.key"]),
+                 "--backoff-max", "2")  # fmt: skip
         procs.append(p)
         return p
 
     impostor = agent("impostor", "c01", "c00")  # c00's certificate, claiming to be c01
     assert impostor.wait(60) == 2
     impostor.wait_for(r"permission_denied: these credentials identify 'c00', not 'c01'", 1)
+    unfit = agent("unfit data", "c00", "c00", data=bad)
+    assert unfit.wait(60) == 2
+    unfit.wait_for(r"refusing to train: .*bad\.npz: 2 labels are outside \[0, 10\) "
+                   r"\(first: row 5, label 12\)", 1)  # fmt: skip
     outsider = agent("outsider", "c00", "c00", files=stranger)  # a certificate from another CA
     good = [agent("c00", "c00", "c00"), agent("c01", "c01", "c01")]
     coordinator.wait_for(r"^round 2: held by", 240)
-    listed = run_fedwarden(
-        "trust",
-        "list",
-        "--server",
-        address,
-        "--tls-ca",
-        str(certs["ca.pem"]),
-        "--tls-cert",
-        str(certs["ops.pem"]),
-        "--tls-key",
-        str(certs["ops.key"]),
-        "--format",
-        "json",
-    )
+    listed = run_fedwarden("trust", "list", "--server", f"127.0.0.1:{port}", "--tls-ca",
+                           str(certs["ca.pem"]), "--tls-cert", str(certs["ops.pem"]), "--tls-key",
+                           str(certs["ops.key"]), "--format", "json")  # fmt: skip
     assert listed.returncode == 0, listed.stderr
     assert sorted(r["client_id"] for r in json.loads(listed.stdout)) == ["c00", "c01"]
+
+    coordinator.popen.send_signal(signal.SIGTERM)  # graceful: checkpoint kept, exit 0
+    assert coordinator.wait(30) == 0, coordinator.output()
+    coordinator.wait_for(r"stopped after round 1; the checkpoint is kept", 1)
     (state / "PAUSE").unlink()
+    restarted = Proc("coordinator (restarted)", *serve, "--port", str(port))
+    procs.append(restarted)
+    restarted.wait_for(r"resuming after round 1 ", 120)
     for p in good:
         assert p.wait(120) == 0, p.output()
-    assert coordinator.wait(60) == 0
+    assert restarted.wait(60) == 0, restarted.output()
     # the outsider's TLS handshake never succeeds: it retries until stopped, and never trains
     assert not any("registered" in line for line in outsider.lines)
     results = json.loads((state / "results.json").read_text())
