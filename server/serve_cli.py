@@ -32,6 +32,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "serve trains real agents; attacks exist in simulations only "
             "(fedwarden simulate --attack ...)"
         )
+    if config.dp == "central" and config.dp_delta is None:
+        raise UsageError(
+            "--dp central in serve needs --dp-delta (e.g. 1e-5): the default 1/n^1.1 needs a "
+            "population size, which a deployment does not know"
+        )
     if config.engine != "native":
         raise UsageError(
             f"serve trains with the native engine only. Received: --engine {config.engine}"
