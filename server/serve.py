@@ -337,12 +337,12 @@ class Server:
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
         grpc_server.start()
+        todo = f"rounds {done + 1}..{c.rounds}" if done < c.rounds else "every round is done"
         security = "plaintext" if o.insecure else ("mutual TLS" if o.tls_client_ca else "TLS")
         print(
             f"fedwarden serve: listening on {o.host}:{self.port} ({security}"
             f"{', tokens' if o.tokens else ''}); metrics on "
-            f"{f'{o.metrics_host}:{self.metrics_port}' if metrics_server else 'none'}; "
-            f"rounds {done + 1}..{c.rounds}",
+            f"{f'{o.metrics_host}:{self.metrics_port}' if metrics_server else 'none'}; {todo}",
             flush=True,
         )
         loop = _RoundLoop(
