@@ -130,7 +130,7 @@ class Agent:
                             describe(exc),
                         )
                         return 1
-                    delay = min(self.backoff_max_s, self.backoff_initial_s * 2**failures)
+                    delay = min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(failures, 30))
                     delay *= random.uniform(0.5, 1.0)
                     failures += 1
                     log.warning(
