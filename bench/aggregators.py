@@ -5,13 +5,15 @@ Usage::
     python bench/aggregators.py --clients 50 --dim 1000000 --json runs/bench-aggregators.json
 
 Both sides aggregate the same float32 matrix (K x D standard normal rows, seeded), in the same
-run: the matrix is saved once as ``.npy``; fedwarden is timed in this process, Flower in a
-subprocess that loads the same file and writes its timings and outputs back. For each rule the
-JSON records ``fedwarden_s`` and ``flower_s`` (best of ``--repeat`` / ``--flower-repeat`` runs;
-Flower's Bulyan runs once), ``ratio = flower_s / fedwarden_s``, ``max_abs_diff`` between the two
-outputs and the target ratio (median and trimmed mean >= 3x, Krum and Multi-Krum >= 15x). It also
-prints the time of one read of the matrix, the memory floor no rule can beat. Flower has no
-geometric median: that row has only fedwarden's time.
+run: the matrix is saved once as ``.npy``; fedwarden is timed in this process, Flower in a worker
+process (in Flower's venv) that loads the same file and times one call per request, so the two
+sides alternate run by run and see the same machine load. For each rule the JSON records
+``fedwarden_s`` and ``flower_s`` (best of ``--repeat`` / ``--flower-repeat`` runs; Flower's Bulyan
+runs once), ``ratio = flower_s / fedwarden_s``, ``max_abs_diff`` between the two outputs and the
+target ratio (median and trimmed mean >= 3x, Krum and Multi-Krum >= 15x). It also prints the time
+of one read of the matrix, the memory floor no rule can beat. Flower has no geometric median: that
+row has only fedwarden's time. On a shared machine the ratios move with the load (recorded in
+the JSON); run it more than once.
 
 Flower runs from a separate venv, ``bench/.flwr-venv``, which this script creates on first use
 (``python -m venv``, then ``pip install flwr==1.12.0 numpy==<this numpy>``), so the product's
@@ -38,6 +40,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -59,16 +62,15 @@ def best_time(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
 
 # ---------------------------------------------------------------- Flower side (runs in its venv)
 
+REPLY = "@@fedwarden-bench "  # marks the worker's replies among anything Flower prints
 
-def flower_worker(
-    matrix_path: str,
-    out_dir: str,
-    rules: list[str],
-    byzantine: int,
-    trim_fraction: float,
-    repeat: int,
-) -> None:
-    """Times Flower's functions on the saved matrix; writes timings.json and one .npy per rule."""
+
+def flower_worker(matrix_path: str, out_dir: str, byzantine: int, trim_fraction: float) -> None:
+    """Serves timing requests on stdin: one rule name per line, one timed run per request.
+
+    Replies ``REPLY {"rule": ..., "seconds": ...}`` on stdout and saves the rule's output as
+    ``OUT_DIR/<rule>.npy`` the first time.
+    """
     import flwr
     from flwr.server.strategy import aggregate as fa
 
@@ -85,16 +87,64 @@ def flower_worker(
             list(results), byzantine, fa.aggregate_krum, to_keep=0
         ),
     }
-    timings = {}
-    for rule in rules:
-        if rule not in calls:
-            continue
-        seconds, out = best_time(calls[rule], 1 if rule == "bulyan" else repeat)
-        timings[rule] = seconds
-        np.save(Path(out_dir) / f"{rule}.npy", np.asarray(out[0]).reshape(-1))
-        print(f"  flower {rule}: {seconds:.3f} s", flush=True)
-    info = {"flower_version": flwr.__version__, "numpy": np.__version__, "timings": timings}
-    (Path(out_dir) / "timings.json").write_text(json.dumps(info))
+    print(
+        REPLY + json.dumps({"flower_version": flwr.__version__, "rules": list(calls)}), flush=True
+    )
+    for line in sys.stdin:
+        rule = line.strip()
+        if rule == "quit":
+            break
+        seconds, out = best_time(calls[rule], 1)
+        path = Path(out_dir) / f"{rule}.npy"
+        if not path.exists():
+            np.save(path, np.asarray(out[0]).reshape(-1))
+        print(REPLY + json.dumps({"rule": rule, "seconds": seconds}), flush=True)
+
+
+class FlowerClient:
+    """The parent's end of a Flower worker process."""
+
+    def __init__(self, python: Path, matrix: Path, out_dir: Path, byzantine: int, trim: float):
+        cmd = [
+            str(python),
+            str(Path(__file__).resolve()),
+            "--flower-worker",
+            str(matrix),
+            str(out_dir),
+            "--byzantine",
+            str(byzantine),
+            "--trim-fraction",
+            str(trim),
+        ]
+        self.out_dir = out_dir
+        self.process = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": ""},
+        )
+        self.info = self._reply()
+
+    def _reply(self) -> dict:
+        for line in self.process.stdout:
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY) :])
+        raise RuntimeError(f"Flower worker exited with {self.process.wait()}")
+
+    def time(self, rule: str) -> float:
+        self.process.stdin.write(rule + "\n")
+        self.process.stdin.flush()
+        return self._reply()["seconds"]
+
+    def output(self, rule: str) -> np.ndarray:
+        return np.load(self.out_dir / f"{rule}.npy")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.write("quit\n")
+            self.process.stdin.close()
+        self.process.wait()
 
 
 def ensure_flower_venv(venv: Path) -> Path:
@@ -142,6 +192,43 @@ def fedwarden_steps(rules: list[str], byzantine: int, trim_fraction: float) -> d
     return {rule: builders[rule]() for rule in rules}
 
 
+def run_rule(
+    rule: str,
+    step: Any,
+    x: np.ndarray,
+    weights: np.ndarray,
+    flower: FlowerClient | None,
+    args: argparse.Namespace,
+) -> dict:
+    """Times one rule, alternating fedwarden and Flower runs so both see the same machine load."""
+    fedwarden_s, flower_s, out = float("inf"), None, None
+    flower_runs = 1 if rule == "bulyan" else args.flower_repeat
+    if flower is None or rule not in flower.info["rules"]:
+        flower_runs = 0
+    for i in range(max(args.repeat, flower_runs)):
+        if i < args.repeat:
+            seconds, out = best_time(lambda: step(x, weights, step.init()), 1)
+            fedwarden_s = min(fedwarden_s, seconds)
+        if i < flower_runs:
+            seconds = flower.time(rule)
+            flower_s = seconds if flower_s is None else min(flower_s, seconds)
+    row = {
+        "fedwarden_s": fedwarden_s,
+        "flower_s": flower_s,
+        "ratio": None,
+        "max_abs_diff": None,
+        "target_ratio": TARGETS.get(rule),
+    }
+    if flower_s is not None:
+        row["ratio"] = flower_s / fedwarden_s
+        row["max_abs_diff"] = float(np.max(np.abs(flower.output(rule) - out.updates[0])))
+        if row["target_ratio"] is not None:
+            row["meets_target"] = row["ratio"] >= row["target_ratio"]
+    shown = "" if flower_s is None else f", flower {flower_s:.3f} s"
+    print(f"  {rule}: fedwarden {fedwarden_s:.3f} s{shown}", flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=50, help="K, rows of the update matrix")
@@ -177,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     f = k // 10 if args.byzantine is None else args.byzantine
 
     if args.flower_worker:
-        flower_worker(*args.flower_worker, rules, f, args.trim_fraction, args.flower_repeat)
+        flower_worker(*args.flower_worker, f, args.trim_fraction)
         return 0
 
     steps = fedwarden_steps(rules, f, args.trim_fraction)
@@ -188,54 +275,22 @@ def main(argv: list[str] | None = None) -> int:
     floor_s, _ = best_time(lambda: x.sum(), max(3, args.repeat))
     print(f"K={k} D={args.dim} float32, f={f}, trim_fraction={args.trim_fraction}")
     print(f"memory floor (one read of the {x.nbytes / 1e6:.0f} MB matrix): {floor_s:.4f} s")
+    load_before = os.getloadavg()
 
-    results: dict[str, dict] = {}
-    outputs: dict[str, np.ndarray] = {}
-    for rule, step in steps.items():
-        seconds, out = best_time(lambda step=step: step(x, weights, step.init()), args.repeat)
-        outputs[rule] = out.updates[0]
-        results[rule] = {
-            "fedwarden_s": seconds,
-            "flower_s": None,
-            "ratio": None,
-            "max_abs_diff": None,
-            "target_ratio": TARGETS.get(rule),
-        }
-        print(f"  fedwarden {rule}: {seconds:.3f} s", flush=True)
-
-    flower_info: dict = {}
-    if not args.no_flower:
-        python = ensure_flower_venv(args.flower_venv)
-        with tempfile.TemporaryDirectory(prefix="fedwarden-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fedwarden-bench-") as tmp:
+        flower = None
+        if not args.no_flower:
+            python = ensure_flower_venv(args.flower_venv)
             matrix = Path(tmp) / "updates.npy"
             np.save(matrix, x)
-            cmd = [
-                str(python),
-                str(Path(__file__).resolve()),
-                "--flower-worker",
-                str(matrix),
-                tmp,
-                "--clients",
-                str(k),
-                "--byzantine",
-                str(f),
-                "--rules",
-                ",".join(rules),
-                "--trim-fraction",
-                str(args.trim_fraction),
-                "--flower-repeat",
-                str(args.flower_repeat),
-            ]
-            subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": ""})
-            flower_info = json.loads((Path(tmp) / "timings.json").read_text())
-            for rule, seconds in flower_info["timings"].items():
-                theirs = np.load(Path(tmp) / f"{rule}.npy")
-                row = results[rule]
-                row["flower_s"] = seconds
-                row["ratio"] = seconds / row["fedwarden_s"]
-                row["max_abs_diff"] = float(np.max(np.abs(theirs - outputs[rule])))
-                if row["target_ratio"] is not None:
-                    row["meets_target"] = row["ratio"] >= row["target_ratio"]
+            flower = FlowerClient(python, matrix, Path(tmp), f, args.trim_fraction)
+        results: dict[str, dict] = {}
+        try:
+            for rule, step in steps.items():
+                results[rule] = run_rule(rule, step, x, weights, flower, args)
+        finally:
+            if flower is not None:
+                flower.close()
 
     from aggregation.rules import ORDER_KERNEL
 
@@ -249,11 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         "memory_floor_s": floor_s,
         "numpy": np.__version__,
         "order_kernel": ORDER_KERNEL,
-        "flower_version": flower_info.get("flower_version"),
+        "flower_version": flower.info["flower_version"] if flower else None,
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(),
-            "load_average": os.getloadavg(),
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
         },
         "results": results,
     }
@@ -262,11 +318,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{'max |diff|':>12}"
     )
     for rule, row in results.items():
-        flower = "-" if row["flower_s"] is None else f"{row['flower_s']:.3f}"
+        theirs = "-" if row["flower_s"] is None else f"{row['flower_s']:.3f}"
         ratio = "-" if row["ratio"] is None else f"{row['ratio']:.1f}x"
         target = "-" if row["target_ratio"] is None else f">={row['target_ratio']:.0f}x"
         diff = "-" if row["max_abs_diff"] is None else f"{row['max_abs_diff']:.2e}"
-        print(f"{rule:<18}{row['fedwarden_s']:>12.3f}{flower:>11}{ratio:>9}{target:>8}{diff:>12}")
+        print(f"{rule:<18}{row['fedwarden_s']:>12.3f}{theirs:>11}{ratio:>9}{target:>8}{diff:>12}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))
