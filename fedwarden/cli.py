@@ -56,7 +56,7 @@ RUN_OPTIONS: list[tuple[str, Any, str]] = [
     ("rounds", int, "federated rounds (20)"),
     ("local-epochs", int, "local epochs per round (2)"),
     ("batch-size", int, "local batch size (16)"),
-    ("lr", float, "client learning rate, SGD (0.1)"),
+    ("lr", float, "client learning rate, SGD (0.2)"),
     ("server-optimizer", str, f"server optimizer: {', '.join(SERVER_OPTIMIZERS)} (fedavg)"),
     ("server-lr", float, "server learning rate (1.0)"),
     ("server-momentum", float, "momentum for fedavgm (0.9)"),

@@ -37,7 +37,7 @@ class RunConfig:
     rounds: int = 20
     local_epochs: int = 2
     batch_size: int = 16
-    lr: float = 0.1
+    lr: float = 0.2
     server_optimizer: str = "fedavg"
     server_lr: float = 1.0
     server_momentum: float = 0.9

@@ -1,0 +1,51 @@
+"""Acceptance scenarios on digits from the issues: attacks against defences, and detection."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedwarden.config import RunConfig, make_config
+from server.ledger import Ledger
+from simulations.compare import compare
+from simulations.runner import simulate
+
+pytestmark = pytest.mark.slow
+
+
+def test_robust_rules_hold_against_the_attack_suite(tmp_path: Path):
+    """Issue 3: 20 clients all sampled, 20% malicious, 20 rounds."""
+    attacks = ["alie", "ipm", "min_max", "label_flip", "scaling", "backdoor"]
+    base = RunConfig(attack="alie", malicious_fraction=0.2, progress=False)
+    compare(base, attacks, ["mean", "trimmed_mean", "median"], tmp_path)
+    matrix = json.loads((tmp_path / "matrix.json").read_text())
+    clean = max(matrix["none"][g]["accuracy"] for g in ("trimmed_mean", "median"))
+    for attack in attacks:
+        best = max(matrix[attack][g]["accuracy"] for g in ("trimmed_mean", "median"))
+        assert best >= clean - 0.10, (attack, best, clean)
+    backdoor = matrix["backdoor"]
+    assert backdoor["mean"]["attack_success_rate"] is not None
+    assert backdoor["mean"]["attack_success_rate"] > backdoor["median"]["attack_success_rate"]
+    assert matrix["alie"]["mean"]["attack_success_rate"] is None
+
+
+@pytest.mark.parametrize("attack", ["gaussian", "scaling", "random_direction"])
+def test_scores_find_exactly_the_malicious_clients(attack, tmp_path: Path):
+    """Issue 4: 20 clients, 10 per round, 20% malicious, trimmed mean, 20 rounds."""
+    config = make_config(
+        {},
+        {
+            "clients_per_round": 10,
+            "attack": attack,
+            "aggregator": "trimmed_mean",
+            "progress": False,
+            "out": str(tmp_path),
+        },
+    )
+    results = simulate(config)
+    detection = results["final"]["detection"]
+    assert detection["precision"] >= 0.9 and detection["recall"] >= 0.9
+    malicious = {c for c, v in results["clients"].items() if v["malicious"]}
+    with Ledger(tmp_path / "ledger.sqlite", readonly=True) as ledger:
+        lowest = [row["client_id"] for row in ledger.list_clients()[: len(malicious)]]
+    assert set(lowest) == malicious
