@@ -147,7 +147,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.runner import simulate
 
     config = config_from_args(args)
-    results = simulate(config)
+    results = simulate(config, resume=args.resume)
     final = results["final"]
     det = final["detection"]
     print(
@@ -223,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_run_options(p)
     p.add_argument("--out", help="output directory (runs/latest)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint (after a crash, or "
+        "with a larger --rounds)",
+    )
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser(

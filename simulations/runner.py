@@ -6,9 +6,8 @@ reuses it across the cells of its grid; ``run`` executes one configuration and w
 
 from __future__ import annotations
 
-import json
 import logging
-import os
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +24,7 @@ from fedwarden.config import RunConfig
 from fedwarden.errors import UsageError
 from fedwarden.models import build_model
 from fedwarden.weights import WeightLayout
+from server import checkpoint
 from server.admission import ClientUpdate
 from server.coordinator import Coordinator, RoundOutcome
 from server.defence import build_chain, central_privacy
@@ -99,12 +99,27 @@ class Simulation:
             )
         return self._trainers[key]
 
-    def run(self, config: RunConfig, out: Path, progress_label: str = "") -> dict[str, Any]:
-        return _Run(self, config, out, progress_label).execute()
+    def run(
+        self, config: RunConfig, out: Path, progress_label: str = "", resume: bool = False
+    ) -> dict[str, Any]:
+        return _Run(self, config, out, progress_label, resume).execute()
+
+
+# Keys that may differ between a run and its resumption.
+RESUMABLE_CHANGES = {"rounds", "out", "progress", "metrics_port"}
+
+
+@dataclass
+class _History:
+    rounds: list[dict[str, Any]]
+    trust_by_round: dict[str, list[float | None]]
+    flagged_by_round: list[set[str]]
 
 
 class _Run:
-    def __init__(self, sim: Simulation, config: RunConfig, out: Path, label: str):
+    """One configuration, checkpointed after every round into ``out/checkpoints``."""
+
+    def __init__(self, sim: Simulation, config: RunConfig, out: Path, label: str, resume: bool):
         self.sim, self.config, self.out, self.label = sim, config, out, label
         self.fed = sim.federation
         self.trainer = sim.trainer(config)
@@ -118,8 +133,15 @@ class _Run:
             else None
         )
         out.mkdir(parents=True, exist_ok=True)
-        remove_ledger(out / "ledger.sqlite")
+        self.checkpoints = out / "checkpoints"
+        saved = self._load_checkpoint() if resume else None
+        if saved is None:
+            shutil.rmtree(self.checkpoints, ignore_errors=True)
+            remove_ledger(out / "ledger.sqlite")
+        self.checkpoints.mkdir(exist_ok=True)
         self.ledger = Ledger(out / "ledger.sqlite")
+        if saved is not None:
+            self.ledger.truncate_after(saved["round"])
         policy = TrustPolicy(
             decay=config.trust_decay,
             flag_below=config.trust_flag_below,
@@ -135,10 +157,42 @@ class _Run:
             TrustBook(policy, self.ledger),
             anomaly_weights=config.anomaly_weights,
         )
+        self.history = _History([], {cid: [] for cid in self.fed.ids}, [])
+        if saved is not None:
+            self.coordinator.load_state_dict(saved["coordinator"])
+            self.history = saved["history"]
+            self.dp_sgd = saved["dp_sgd"]
         self.exporter = MetricsExporter()
         self.server = self.exporter.serve(config.metrics_port) if config.metrics_port else None
         self.poisoned = self._poison_data()
         self.asr_data = self.attack.asr_inputs(self.fed.dataset.x_test, self.fed.dataset.y_test)
+
+    def _load_checkpoint(self) -> dict[str, Any] | None:
+        saved = checkpoint.load_latest(self.checkpoints)
+        if saved is None:
+            return None
+        before, now = saved["config"], self.config.to_dict()
+        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k])
+        if changed:
+            diffs = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
+            raise UsageError(
+                f"cannot resume {self.out}: its checkpoint was made with other "
+                f"settings ({diffs}); use the same settings or another --out"
+            )
+        return saved
+
+    def _save_checkpoint(self, round_number: int) -> None:
+        checkpoint.save(
+            self.checkpoints,
+            round_number,
+            {
+                "round": round_number,
+                "config": self.config.to_dict(),
+                "history": self.history,
+                "coordinator": self.coordinator.state_dict(),
+                "dp_sgd": self.dp_sgd,
+            },
+        )
 
     def _poison_data(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         if self.attack.kind != "data":
@@ -213,7 +267,7 @@ class _Run:
             "admitted": len(outcome.admitted),
             "rejected": len(outcome.rejected),
             "duration_s": elapsed,
-            "measurements": _jsonable(outcome.measurements),
+            "measurements": checkpoint.jsonable(outcome.measurements),
         }
 
     def _export_privacy(self, record: dict[str, Any], outcome: RoundOutcome) -> None:
@@ -253,11 +307,11 @@ class _Run:
 
     def execute(self) -> dict[str, Any]:
         c = self.config
-        rounds: list[dict[str, Any]] = []
-        trust_by_round: dict[str, list[float | None]] = {cid: [] for cid in self.fed.ids}
-        flagged_by_round: list[set[str]] = []
+        history = self.history
         bar = tqdm(
-            range(1, c.rounds + 1),
+            range(self.coordinator.round + 1, c.rounds + 1),
+            initial=self.coordinator.round,
+            total=c.rounds,
             desc=self.label or "rounds",
             unit="round",
             disable=not c.progress,
@@ -284,17 +338,25 @@ class _Run:
                 for r in outcome.rejected:
                     self.exporter.count_rejected(r.reason)
                 self.exporter.write_textfile(self.out / "metrics.prom")
-                rounds.append(record)
+                history.rounds.append(record)
                 snapshot = self.coordinator.trust.snapshot()
                 for cid in self.fed.ids:
-                    trust_by_round[cid].append(snapshot[cid].trust if cid in snapshot else None)
-                flagged_by_round.append(set(outcome.flagged))
+                    history.trust_by_round[cid].append(
+                        snapshot[cid].trust if cid in snapshot else None
+                    )
+                history.flagged_by_round.append(set(outcome.flagged))
+                self._save_checkpoint(round_number)
                 bar.set_postfix(acc=f"{accuracy:.3f}", flagged=len(outcome.flagged))
         finally:
             bar.close()
             if self.server is not None:
                 self.server.shutdown()
-        return self._write_outputs(rounds, trust_by_round, flagged_by_round)
+        if not history.rounds:
+            raise UsageError(
+                f"{self.out} already holds {self.coordinator.round} rounds; "
+                "raise --rounds to continue it"
+            )
+        return self._write_outputs(history.rounds, history.trust_by_round, history.flagged_by_round)
 
     def _write_outputs(self, rounds, trust_by_round, flagged_by_round) -> dict[str, Any]:
         malicious = set(self.fed.malicious)
@@ -323,30 +385,12 @@ class _Run:
             "aggregator": repr(self.chain),
             "attack": repr(self.attack),
         }
-        _write_json_atomic(self.out / "results.json", results)
+        checkpoint.write_json_atomic(self.out / "results.json", results)
         report.write_rounds_csv(rounds, self.out / "rounds.csv")
         title = f"{self.config.dataset}: attack={self.config.attack}, aggregator={self.config.aggregator}"
         report.plot_accuracy({self.config.aggregator: rounds}, self.out / "accuracy.png", title)
         report.plot_trust_heatmap(trust_by_round, malicious, self.out / "trust.png")
         return results
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2))
-    os.replace(tmp, path)
 
 
 def check_config(config: RunConfig) -> None:
@@ -366,9 +410,9 @@ def check_config(config: RunConfig) -> None:
             raise UsageError("--dp-sgd needs --dp-noise-multiplier (e.g. 1.1)")
 
 
-def simulate(config: RunConfig) -> dict[str, Any]:
+def simulate(config: RunConfig, resume: bool = False) -> dict[str, Any]:
     check_config(config)
-    return Simulation(config).run(config, Path(config.out))
+    return Simulation(config).run(config, Path(config.out), resume=resume)
 
 
 def variant(config: RunConfig, **changes: Any) -> RunConfig:

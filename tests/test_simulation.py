@@ -1,8 +1,10 @@
 """The simulation runner, `fedwarden simulate` / `compare`, and the Foundation acceptance figures."""
 
 import json
+import sqlite3
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -10,6 +12,8 @@ import pytest
 
 from fedwarden.cli import main
 from fedwarden.config import RunConfig, make_config
+from fedwarden.errors import UsageError
+from server import checkpoint
 from simulations.compare import compare
 from simulations.runner import simulate
 
@@ -163,3 +167,72 @@ def test_foundation_acceptance_on_digits(tmp_path: Path):
     assert acc["multi_krum"] >= clean["mean"]["accuracy"] - 0.07
     assert (tmp_path / "matrix.png").stat().st_size > 0
     assert "| gaussian |" in (tmp_path / "matrix.md").read_text()
+
+
+def test_resume_continues_where_the_run_stopped_with_identical_results(tmp_path: Path):
+    settings = {
+        **TINY,
+        "rounds": 5,
+        "attack": "gaussian",
+        "malicious_fraction": 0.34,
+        "aggregator": "median",
+    }
+    straight = simulate(make_config({}, {**settings, "out": str(tmp_path / "straight")}))
+    partial = make_config({}, {**settings, "rounds": 3, "out": str(tmp_path / "resumed")})
+    simulate(partial)
+    resumed = simulate(replace(partial, rounds=5), resume=True)
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3, 4, 5]
+    assert [r["accuracy"] for r in resumed["rounds"]] == [r["accuracy"] for r in straight["rounds"]]
+    assert resumed["clients"] == straight["clients"]
+
+
+def last_checkpoint(directory: Path) -> int:
+    return (
+        max((r for r, _ in checkpoint.list_checkpoints(directory)), default=0)
+        if directory.exists()
+        else 0
+    )
+
+
+def test_sigkill_mid_run_then_resume_loses_and_repeats_no_round(tmp_path: Path):
+    out = tmp_path / "run"
+    args = [
+        sys.executable,
+        "-m",
+        "fedwarden.cli",
+        "simulate",
+        "--clients",
+        "6",
+        "--clients-per-round",
+        "4",
+        "--local-epochs",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        [*args, "--rounds", "400"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while last_checkpoint(out / "checkpoints") < 3:  # poll what the other process writes
+            assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint of round 3"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    result = run_cli("simulate", *args[4:], "--rounds", "8", "--resume")
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == list(range(1, 9))
+    with sqlite3.connect(out / "ledger.sqlite") as db:
+        rows = db.execute("SELECT round, COUNT(*) FROM client_rounds GROUP BY round").fetchall()
+    assert [r for r, _ in rows] == list(range(1, 9)) and all(n == 4 for _, n in rows)
+
+
+def test_resume_with_other_settings_is_refused(tmp_path: Path):
+    config = make_config({}, {**TINY, "rounds": 1, "out": str(tmp_path)})
+    simulate(config)
+    with pytest.raises(UsageError, match="aggregator: 'mean' -> 'median'"):
+        simulate(replace(config, rounds=2, aggregator="median"), resume=True)
