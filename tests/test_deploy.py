@@ -8,20 +8,15 @@ processes' output.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import logging
-import os
 import queue
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from concurrent import futures
 from pathlib import Path
 
@@ -48,10 +43,21 @@ from server.transfer import (
     sha256_hex,
     split,
 )
+from tests.deploy_helpers import (
+    OPERATOR_TOKEN,
+    ROOT,
+    SERVE_ARGS,
+    TOKENS,
+    Proc,
+    gen_certs,
+    make_certs,
+    metrics_text,
+    poll,
+    run_fedwarden,
+    split_data,
+    write_tokens,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-TOKENS = {"c00": "a" * 32, "c01": "b" * 32, "c02": "c" * 32, "c03": "d" * 32}
-OPERATOR_TOKEN = "e" * 32
 SPEC = TrainingSpec(None, "digits", (8, 8, 1), 10, ((64, 4), (4,)), 0.1, 16, 1)
 
 
@@ -137,14 +143,6 @@ def test_json_is_written_atomically_with_numpy_values(tmp_path):
 
 
 # -- credentials -----------------------------------------------------------------------------
-
-
-def write_tokens(path: Path, tokens: dict[str, str] = TOKENS, operator: bool = True) -> Path:
-    lines = [f'{cid} = "{tok}"' for cid, tok in tokens.items()]
-    if operator:
-        lines += ["", "[operators]", f'ops = "{OPERATOR_TOKEN}"']
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.mark.parametrize(
@@ -695,195 +693,6 @@ def test_trust_list_reads_a_running_coordinator(plaintext_server, capsys):
 
 
 # -- processes -------------------------------------------------------------------------------
-
-
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        TF_CPP_MIN_LOG_LEVEL="2",
-        TF_NUM_INTRAOP_THREADS="1",
-        TF_NUM_INTEROP_THREADS="1",
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-        CUDA_VISIBLE_DEVICES="",
-    )
-    env.pop("FEDWARDEN_TOKEN", None)
-    return env
-
-
-def run_fedwarden(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fedwarden.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
-        env=subprocess_env(),
-    )
-
-
-class Proc:
-    """A fedwarden process whose output (stdout and stderr, merged) is read line by line."""
-
-    def __init__(self, name: str, *args: str, env: dict[str, str] | None = None):
-        self.name = name
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "fedwarden.cli", *args],
-            cwd=ROOT,
-            text=True,
-            env={**subprocess_env(), **(env or {})},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.popen.stdout:
-            with self._cond:
-                self.lines.append(line.rstrip("\n"))
-                self._cond.notify_all()
-
-    def wait_for(self, pattern: str, timeout: float, start: int = 0) -> re.Match:
-        """The first output line from index ``start`` matching ``pattern``, waiting up to timeout."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            i = start
-            while True:
-                while i < len(self.lines):
-                    match = regex.search(self.lines[i])
-                    if match:
-                        return match
-                    i += 1
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or (self.popen.poll() is not None and i >= len(self.lines)):
-                    raise AssertionError(
-                        f"{self.name}: no line matching {pattern!r} within "
-                        f"{timeout} s; output:\n" + self.output()
-                    )
-                self._cond.wait(min(remaining, 0.5))
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"{self.name} still running after {timeout} s:\n" + self.output()
-            ) from None
-
-    def output(self) -> str:
-        with self._cond:
-            return "\n".join(self.lines[-60:])
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait(10)
-
-
-@pytest.fixture
-def procs():
-    started: list[Proc] = []
-    yield started
-    for p in started:
-        p.stop()
-
-
-def make_certs(directory: Path, clients: list[str], operator: str | None = None) -> dict[str, Path]:
-    """A CA, a server certificate for 127.0.0.1/localhost, and client certificates (EC P-256)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-    directory.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Path] = {}
-
-    def write(name: str, key, cert) -> None:
-        files[f"{name}.key"] = directory / f"{name}.key"
-        files[f"{name}.pem"] = directory / f"{name}.pem"
-        files[f"{name}.key"].write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        files[f"{name}.pem"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-    def build(cn: str, issuer_key, issuer_name, key, *, ca=False, server=False):
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-            .issuer_name(issuer_name or x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-        if server:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
-            )
-        if not ca:
-            usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-            builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        return builder.sign(issuer_key, hashes.SHA256())
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = build("fedwarden test CA", ca_key, None, ca_key, ca=True)
-    write("ca", ca_key, ca_cert)
-    for name in ["server", *clients, *([operator] if operator else [])]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        write(name, key, build(name, ca_key, ca_cert.subject, key, server=name == "server"))
-    return files
-
-
-def metrics_text(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        return response.read().decode()
-
-
-def poll(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.2)
-
-
-SERVE_ARGS = (
-    "--dataset digits --seed 0 --local-epochs 2 --batch-size 16 --lr 0.1 --aggregator mean "
-    "--round-timeout 60"
-).split()
-
-
-def split_data(out: Path, clients: int) -> None:
-    args = f"data split --dataset digits --clients {clients} --seed 0 --out {out}".split()
-    proc = run_fedwarden(*args)
-    assert proc.returncode == 0, proc.stderr
-
-
-def gen_certs(directory: Path, names: list[str]) -> dict[str, Path]:
-    """Certificates from deploy/gen-certs.sh (what docs/deploy.md tells people to run)."""
-    if shutil.which("openssl") is None:
-        return make_certs(directory, names[:-1], operator=names[-1])
-    proc = subprocess.run(
-        [str(ROOT / "deploy/gen-certs.sh"), str(directory), "localhost", *names],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    return {p.name: p for p in directory.iterdir()}
 
 
 @pytest.mark.integration
