@@ -6,6 +6,9 @@ long-polls for tasks: fetch the global weights, train with ``LocalTrainer``, sub
 When the coordinator goes away (a restart, a network cut) it reconnects with exponential
 backoff and jitter and registers again; when the coordinator says training is over it exits 0.
 A refused credential or unfit data stops it at once with a message naming the problem.
+
+With a ``RedTeam`` (``--attack``, see ``clients/red_team.py``) it attacks: it trains on poisoned
+data or replaces its update, and sends nothing else that sets it apart from an honest agent.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 
 from clients.connection import Connection, describe
 from clients.data import DataError, check_arrays, load_npz, prepare
+from clients.red_team import RedTeam
 from fedwarden.errors import UsageError
 from server.proto_gen import fedwarden_v1_pb2 as pb
 from server.proto_gen import fedwarden_v1_pb2_grpc as pb_grpc
@@ -57,6 +61,7 @@ class Agent:
     poll_wait_s: how long each GetTask call may wait for a task.
     backoff_initial_s, backoff_max_s: reconnect delays double from the first to the cap.
     give_up_after_s: exit 1 after this long without reaching the coordinator (None: never).
+    red_team: makes this agent an attacker (a rehearsal; see clients/red_team.py).
     """
 
     def __init__(
@@ -68,6 +73,7 @@ class Agent:
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 8.0,
         give_up_after_s: float | None = 600.0,
+        red_team: RedTeam | None = None,
     ):
         if not connection.client_id:
             raise UsageError("the agent needs --client-id")
@@ -78,6 +84,7 @@ class Agent:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self.give_up_after_s = give_up_after_s
+        self.red_team = red_team
         self.rounds_done: list[int] = []
         self._spec: TrainingSpec | None = None
         self._trainer = None
@@ -213,6 +220,11 @@ class Agent:
         self._trainer = LocalTrainer(
             model, spec.learning_rate, spec.batch_size, spec.local_epochs, dp
         )
+        if self.red_team is not None:
+            try:
+                self.red_team.bind(spec.num_classes, *self._data, seed=spec.seed)
+            except UsageError as exc:
+                raise AgentError(f"red team: {exc}") from None
         self._spec = spec
         log.info(
             "%s: %d examples fit the task (%s, input %s, %d classes)",
@@ -264,19 +276,40 @@ class Agent:
         from fedwarden.weights import WeightLayout
 
         layout = WeightLayout(spec.weight_shapes)
+        global_weights = layout.unflatten(weights)
         x, y = self._data
+        red = self.red_team
+        if red is not None:
+            x, y = red.local_data(header.round, x, y)
         rng = np.random.default_rng(
             [spec.seed, 3, header.round, zlib.crc32(self.client_id.encode())]
         )
         start = time.perf_counter()
-        result = self._trainer.train(layout.unflatten(weights), x, y, rng)
-        update = encode_vector(result.delta, "float32")
+        result = self._trainer.train(global_weights, x, y, rng)
+        delta = result.delta
+        if red is not None:
+            delta = red.craft(
+                header.round,
+                delta,
+                lambda xs, ys, r: self._trainer.train(global_weights, xs, ys, r).delta,
+            )
+        update = encode_vector(delta, "float32")
         reply = stub.SubmitUpdate(
             self._update_stream(session_id, header, result.num_examples, result.loss, update),
             timeout=300,
             metadata=self.conn.metadata(),
         )
         self._last_task_id = header.task_id
+        line = red.record(header.round, pb.SubmitReply.Status.Name(reply.status)) if red else None
+        if line and line["attacking"]:
+            log.info(
+                "%s: red team: round %d: sent %s update of norm %.4g (trained: %.4g)",
+                self.client_id,
+                header.round,
+                line["attack"],
+                line["update_norm"],
+                line["trained_norm"],
+            )
         if reply.status == pb.SubmitReply.ACCEPTED:
             self.rounds_done.append(header.round)
             log.info(

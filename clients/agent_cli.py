@@ -14,7 +14,13 @@ after round; the data never leaves this machine. TLS is the default (the server'
 checked against --tls-ca, or the system's roots); --tls-cert/--tls-key add a client certificate
 (mutual TLS); --insecure allows plaintext on a trusted network. The agent reconnects with backoff
 when the coordinator restarts, exits 0 when training is over, and exits 2 with a message when its
-credentials are refused or its data does not fit the task."""
+credentials are refused or its data does not fit the task.
+
+Red team: --attack NAME makes this agent an attacker, to rehearse an attack on your own
+deployment with the same attacks as simulations (fedwarden attacks lists them). Nothing it sends
+marks it as one; --red-team-report FILE records what it sent each round, and fedwarden trust
+report scores the coordinator's flags against that file. Attacks that need the other clients'
+updates estimate them from this agent's own data (see clients/red_team.py)."""
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -24,6 +30,21 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from clients.agent import Agent
 
     conn = connection_from_args(args, client_id=args.client_id, compression=args.compression)
+    red_team = None
+    if args.attack:
+        from clients.red_team import RedTeam
+        from simulations.attacks import parse_attack_params
+
+        red_team = RedTeam(
+            args.attack,
+            parse_attack_params(args.attack_param or []),
+            args.client_id,
+            start_round=args.attack_start_round,
+            cohort=args.attack_cohort,
+            report=args.red_team_report,
+        )
+    elif args.attack_param or args.red_team_report:
+        raise UsageError("--attack-param and --red-team-report need --attack NAME")
     give_up = None if args.give_up_after <= 0 else args.give_up_after
     agent = Agent(
         conn,
@@ -31,6 +52,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         poll_wait_s=args.poll_wait,
         give_up_after_s=give_up,
         backoff_max_s=args.backoff_max,
+        red_team=red_team,
     )
     logging.getLogger("fedwarden.agent").setLevel(logging.INFO)
     try:
@@ -85,5 +107,39 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=600.0,
         metavar="S",
         help="exit 1 after this long without reaching the coordinator; 0 = never (600)",
+    )
+    g = p.add_argument_group("red team (rehearse an attack on your own deployment)")
+    g.add_argument(
+        "--attack",
+        metavar="NAME",
+        help="attack to run: a name from `fedwarden attacks` (data or model poisoning), or "
+        "package.module:callable",
+    )
+    g.add_argument(
+        "--attack-param",
+        action="append",
+        metavar="KEY=VALUE",
+        help="attack parameter, repeatable (e.g. boost=10); literature defaults otherwise",
+    )
+    g.add_argument(
+        "--attack-start-round",
+        type=int,
+        default=1,
+        metavar="R",
+        help="first round to attack in; honest before (1)",
+    )
+    g.add_argument(
+        "--attack-cohort",
+        type=int,
+        default=10,
+        metavar="N",
+        help="clients per round the attacker assumes, for attacks that depend on it "
+        "(scaling's boost, ALIE's z, the estimated honest updates; 10)",
+    )
+    g.add_argument(
+        "--red-team-report",
+        metavar="FILE",
+        help="append one JSON line per update sent: round, attack, params, whether it "
+        "attacked, update norm, the coordinator's answer (for fedwarden trust report)",
     )
     p.set_defaults(func=cmd_agent)

@@ -1,0 +1,197 @@
+"""Red-team agents and the live privacy budget (issue 10).
+
+Unit tests cover the non-omniscient attack estimates and the red-team bookkeeping without
+sockets; the integration tests start a coordinator and agents as processes on 127.0.0.1 (helpers
+in tests/deploy_helpers.py: nothing waits with a fixed sleep).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clients.red_team import (
+    ESTIMATE_SAMPLES,
+    RedTeam,
+    honest_reference,
+    needs_spread,
+    read_reports,
+)
+from fedwarden.errors import UsageError
+from simulations.attacks import ATTACKS, alie_z, build_attack
+from tests.deploy_helpers import run_fedwarden
+
+D = 300
+
+
+def honest_population(rng: np.random.Generator, n: int, d: int = D) -> np.ndarray:
+    """n honest updates around a common direction, with per-coordinate spread."""
+    mean = rng.normal(0.0, 1.0, d)
+    return mean + rng.normal(0.0, 0.5, (n, d)) * rng.uniform(0.5, 1.5, d)
+
+
+# -- the estimates ---------------------------------------------------------------------------
+
+
+def test_reference_rows_have_the_samples_mean_and_std_exactly():
+    rng = np.random.default_rng(0)
+    samples = rng.normal(size=(ESTIMATE_SAMPLES, D))
+    rows = honest_reference(samples, 9, rng)
+    assert rows.shape == (9, D) and rows.dtype == np.float32
+    np.testing.assert_allclose(rows.mean(0), samples.mean(0), atol=1e-5)
+    np.testing.assert_allclose(rows.std(0), samples.std(0, ddof=1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(honest_reference(samples, 1, rng)[0], samples.mean(0), rtol=1e-6)
+
+
+def test_one_sample_is_repeated_without_a_copy():
+    own = np.arange(5, dtype=np.float32)
+    rows = honest_reference(own[None], 4, np.random.default_rng(0))
+    assert rows.shape == (4, 5) and not rows.flags.writeable
+    assert (rows == own).all()
+    with pytest.raises(ValueError, match="samples must be shaped"):
+        honest_reference(np.zeros((0, 5)), 4, np.random.default_rng(0))
+
+
+def test_only_attacks_that_read_honest_values_pay_for_an_estimate(monkeypatch):
+    spread = {n for n in ATTACKS if needs_spread(build_attack(n, {"num_classes": 10}))}
+    assert spread == {"alie", "ipm", "min_max", "min_sum", "random_direction"}
+    assert needs_spread(build_attack("gaussian", {"relative": True}))
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    assert needs_spread(build_attack("attack_plugins:push_away"))
+    assert not needs_spread(build_attack("attack_plugins:relabel_all"))
+
+
+def estimated(rng: np.random.Generator, honest: np.ndarray) -> np.ndarray:
+    """The agent's view: its own update and resampled ones stand in for ESTIMATE_SAMPLES draws."""
+    return honest_reference(honest[:ESTIMATE_SAMPLES], len(honest), rng)
+
+
+def test_non_omniscient_alie_stays_within_z_estimated_stds_of_the_estimated_mean():
+    rng = np.random.default_rng(1)
+    honest = honest_population(rng, 9)
+    ref = estimated(rng, honest)
+    own = honest[:1]
+    sent = build_attack("alie").craft(ref, own, rng)[0]
+    z = alie_z(10, 1)
+    est_mean, est_std = honest[:ESTIMATE_SAMPLES].mean(0), honest[:ESTIMATE_SAMPLES].std(0, ddof=1)
+    np.testing.assert_allclose(sent, est_mean - z * est_std, rtol=1e-4, atol=1e-4)
+    # and it lands near the omniscient ALIE, relative to the honest updates' size
+    omniscient = build_attack("alie").craft(honest, own, rng)[0]
+    gap = np.linalg.norm(sent - omniscient) / np.median(np.linalg.norm(honest, axis=1))
+    assert gap < 0.3, gap  # an honest update is about 0.4 from the honest mean here
+
+
+def test_non_omniscient_ipm_and_min_max_still_oppose_the_true_honest_mean():
+    rng = np.random.default_rng(2)
+    honest = honest_population(rng, 9)
+    true_mean = honest.mean(0)
+    ref = estimated(rng, honest)
+    for name in ("ipm", "min_max", "min_sum"):
+        sent = build_attack(name).craft(ref, honest[:1], rng)[0]
+        assert sent @ true_mean < (honest[:1] @ true_mean).item(), name
+    ipm = build_attack("ipm").craft(ref, honest[:1], rng)[0]
+    assert ipm @ true_mean < 0
+
+
+# -- the red team's bookkeeping ---------------------------------------------------------------
+
+
+class FakeTraining:
+    """``train(x, y, rng)``: an update from the data's mean label, counting its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        self.calls += 1
+        return np.full(D, y.mean(), np.float32) + rng.normal(0, 0.1, D).astype(np.float32)
+
+
+def local_data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(3)
+    return rng.random((40, 8, 8, 1), dtype=np.float32), rng.integers(0, 10, 40)
+
+
+@pytest.mark.parametrize("attack, extra_trainings", [("gaussian", 0), ("scaling", 0), ("alie", 3)])
+def test_red_team_attacks_from_its_start_round_and_reports_what_it_sent(
+    tmp_path, attack, extra_trainings
+):
+    report = tmp_path / "red.jsonl"
+    red = RedTeam(attack, {}, "c04", start_round=2, cohort=5, report=report)
+    x, y = local_data()
+    red.bind(10, x, y, seed=0)
+    train = FakeTraining()
+    trained = train(x, y, np.random.default_rng(0))
+    train.calls = 0
+    assert (red.craft(1, trained, train) == trained).all()  # honest before the start round
+    red.record(1, "ACCEPTED")
+    sent = red.craft(2, trained, train)
+    red.record(2, "ACCEPTED")
+    assert train.calls == extra_trainings
+    if attack == "scaling":  # default boost n / m with the assumed cohort n = 5
+        np.testing.assert_allclose(sent, 5 * trained, rtol=1e-6)
+    lines = read_reports([report])
+    assert [(r["round"], r["attacking"]) for r in lines] == [(1, False), (2, True)]
+    assert lines[1]["update_norm"] == pytest.approx(float(np.linalg.norm(sent)), rel=1e-6)
+    assert lines[0]["update_norm"] == pytest.approx(lines[0]["trained_norm"])
+    assert lines[1]["attack"] == attack and lines[1]["status"] == "ACCEPTED"
+    assert lines[1]["estimate_samples"] == 1 + extra_trainings and "num_classes" not in str(lines)
+
+
+def test_a_data_attack_trains_on_poisoned_data_once_it_starts():
+    red = RedTeam("label_flip", {}, "c04", start_round=3)
+    x, y = local_data()
+    red.bind(10, x, y, seed=0)
+    assert red.local_data(2, x, y)[1] is y
+    flipped = red.local_data(3, x, y)[1]
+    assert (flipped == 9 - y).all()
+    boosted = RedTeam("backdoor", {"boost": 4.0}, "c04")
+    boosted.bind(10, x, y, seed=0)
+    own = np.ones(D, np.float32)
+    np.testing.assert_allclose(boosted.craft(1, own, FakeTraining()), 4 * own)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(attack="nope"), "unknown attack 'nope'"),
+        (dict(attack="scaling", params={"bost": 2}), "has no parameter 'bost'"),
+        (dict(attack="none"), "honest agent"),
+        (dict(attack="gaussian", cohort=1), "--attack-cohort must be >= 2"),
+        (dict(attack="gaussian", start_round=0), "--attack-start-round must be >= 1"),
+    ],
+)
+def test_bad_red_team_options_are_usage_errors(kwargs, message):
+    kwargs = {"params": {}, "client_id": "c04", **kwargs}
+    with pytest.raises(UsageError, match=message):
+        RedTeam(kwargs.pop("attack"), kwargs.pop("params"), **kwargs)
+
+
+def test_class_ranges_are_checked_when_the_task_names_its_classes():
+    red = RedTeam("backdoor", {"target": 12}, "c04")  # fine until the task says 10 classes
+    with pytest.raises(UsageError, match="target must be a class in 0..9"):
+        red.bind(10, *local_data(), seed=0)
+
+
+def test_agent_cli_refuses_a_bad_attack_before_connecting(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((3, 2), np.float32), y=np.array([0, 1, 2]))
+    base = ["agent", "--server", "127.0.0.1:9", "--client-id", "c04", "--data",
+            str(tmp_path / "d.npz"), "--insecure"]  # fmt: skip
+    proc = run_fedwarden(*base, "--attack", "scaling", "--attack-param", "boost", timeout=60)
+    assert proc.returncode == 2 and "bad --attack-param 'boost'" in proc.stderr, proc.stderr
+    proc = run_fedwarden(*base, "--red-team-report", str(tmp_path / "r.jsonl"), timeout=60)
+    assert proc.returncode == 2 and "need --attack NAME" in proc.stderr, proc.stderr
+
+
+def test_reports_must_be_json_lines(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"round": 1}\n')
+    with pytest.raises(UsageError, match="needs client_id, round, attacking"):
+        read_reports([bad])
+    bad.write_text("not json\n")
+    with pytest.raises(UsageError, match="bad.jsonl:1: not a JSON line"):
+        read_reports([bad])
+    with pytest.raises(UsageError, match="not found"):
+        read_reports([tmp_path / "missing.jsonl"])
