@@ -5,6 +5,7 @@
     fedwarden trust list --ledger runs/latest/ledger.sqlite            # lowest trust first
     fedwarden trust list --ledger runs/latest/ledger.sqlite --format json
     fedwarden trust show c07 --ledger runs/latest/ledger.sqlite        # c07's round history
+    fedwarden trust report --ledger state/ledger.sqlite --red-team c04.jsonl  # a rehearsal's score
 
 The ledger is opened read-only, so this works while a run is writing it. Problems (a missing
 file, an unknown client) end with one line on stderr and exit code 2.
@@ -40,7 +41,7 @@ def add_trust_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         description="Read per-client trust, anomaly and flags from a run's SQLite ledger "
         "(safe while the run is writing it).",
     )
-    sub = trust.add_subparsers(dest="trust_command", required=True, metavar="{list,show}")
+    sub = trust.add_subparsers(dest="trust_command", required=True, metavar="{list,show,report}")
 
     def common(p: argparse.ArgumentParser) -> None:
         source = p.add_mutually_exclusive_group(required=True)
@@ -80,6 +81,24 @@ def add_trust_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("client_id", metavar="CLIENT_ID", help="the client, e.g. c07")
     common(p)
     p.set_defaults(func=cmd_trust_show)
+
+    p = sub.add_parser(
+        "report",
+        help="score the flags against red-team reports",
+        description="Score a deployment's flags against what red-team agents (fedwarden agent "
+        "--attack ... --red-team-report FILE) say they did: the attackers are the clients whose "
+        "report shows an attacking update the coordinator took (not LATE). Precision and "
+        "recall of the flags at the last round in the ledger, the first round any attacker was "
+        "flagged, and per attacker the rounds from its first attack to its flag: the same "
+        "figures simulations report.",
+    )  # fmt: skip
+    p.add_argument("--ledger", required=True, metavar="FILE", help="the coordinator's ledger")
+    p.add_argument(
+        "--red-team", required=True, action="extend", nargs="+", metavar="FILE",
+        help="red-team report(s) (JSON lines), one per red-team agent",
+    )  # fmt: skip
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=cmd_trust_report)
     return trust
 
 
@@ -165,6 +184,73 @@ def cmd_trust_show(args: argparse.Namespace) -> int:
     print(format_table([data], LIST_KEYS))
     print()
     print(format_table(data["history"], HISTORY_KEYS))
+    return 0
+
+
+def flags_by_round(ledger: Any) -> list[set[str]]:
+    """The flagged clients after each round 1..last (a client keeps its flag between rounds)."""
+    flagged: dict[str, bool] = {}
+    out = []
+    for r in range(1, ledger.last_round() + 1):
+        for row in ledger.round_rows(r):
+            flagged[row["client_id"]] = bool(row["flagged"])
+        out.append({c for c, f in flagged.items() if f})
+    return out
+
+
+def red_team_scores(flagged: list[set[str]], reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """Detection figures of ``flags_by_round`` output against red-team report lines.
+
+    Returns ``simulations.report.detection_summary``'s precision, recall and
+    first_detection_round, plus ``rounds``, ``flagged`` (at the last round), ``false_positives``
+    and ``attackers``: per attacker its attack, first attacking round, first round flagged after
+    it and ``rounds_to_detection`` (rounds from its first attack to its flag, both counted).
+    """
+    from simulations.report import detection_summary
+
+    rounds = len(flagged)
+    attackers: dict[str, dict[str, Any]] = {}
+    for line in sorted(reports, key=lambda line: line["round"]):
+        cid, r = str(line["client_id"]), int(line["round"])
+        if line["attacking"] and line.get("status") != "LATE" and r <= rounds:
+            attackers.setdefault(cid, {"attack": line.get("attack"), "first_attack_round": r})
+    for cid, a in attackers.items():
+        caught = [r for r in range(a["first_attack_round"], rounds + 1) if cid in flagged[r - 1]]
+        a["first_flagged_round"] = caught[0] if caught else None
+        a["rounds_to_detection"] = caught[0] - a["first_attack_round"] + 1 if caught else None
+    final = flagged[-1] if flagged else set()
+    return {
+        **detection_summary(flagged, set(attackers)),
+        "rounds": rounds,
+        "flagged": sorted(final),
+        "false_positives": sorted(final - set(attackers)),
+        "attackers": dict(sorted(attackers.items())),
+    }
+
+
+def cmd_trust_report(args: argparse.Namespace) -> int:
+    from clients.red_team import read_reports
+
+    reports = read_reports(args.red_team)
+    with _open(args.ledger) as ledger:
+        scores = red_team_scores(flags_by_round(ledger), reports)
+    if args.format == "json":
+        print(json.dumps(scores, indent=2))
+        return 0
+    print(
+        f"{scores['rounds']} rounds in the ledger; attackers (from the red-team reports): "
+        f"{', '.join(scores['attackers']) or 'none'}; flagged at the last round: "
+        f"{', '.join(scores['flagged']) or 'none'}"
+    )
+    print(
+        f"precision {_fmt(scores['precision'])}  recall {_fmt(scores['recall'])}  "
+        f"first detection round {_fmt(scores['first_detection_round'])}"
+    )
+    rows = [{"client_id": c, **a} for c, a in scores["attackers"].items()]
+    if rows:
+        print()
+        print(format_table(rows, ("client_id", "attack", "first_attack_round",
+                                  "first_flagged_round", "rounds_to_detection")))  # fmt: skip
     return 0
 
 

@@ -7,6 +7,7 @@ in tests/deploy_helpers.py: nothing waits with a fixed sleep).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -195,3 +196,41 @@ def test_reports_must_be_json_lines(tmp_path):
         read_reports([bad])
     with pytest.raises(UsageError, match="not found"):
         read_reports([tmp_path / "missing.jsonl"])
+
+
+# -- fedwarden trust report -------------------------------------------------------------------
+
+
+def report_line(cid: str, r: int, attacking: bool, status: str = "ACCEPTED") -> str:
+    return json.dumps({"client_id": cid, "round": r, "attacking": attacking, "attack": "gaussian",
+                       "update_norm": 1.0, "status": status})  # fmt: skip
+
+
+def test_trust_report_scores_the_ledger_flags_against_the_red_team(tmp_path, capsys):
+    from server.ledger import Ledger
+    from server.trust_cli import trust_main
+
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        flags = {1: [], 2: ["c04"], 3: ["c04", "c01"], 4: ["c04"]}
+        for r, flagged in flags.items():
+            selected = ["c00", "c01", "c04"] if r != 4 else ["c00", "c04"]  # c01 keeps its flag
+            ledger.record_round(r, [{"client_id": c, "trust": 0.9, "flagged": c in flagged}
+                                    for c in selected])  # fmt: skip
+    red = tmp_path / "c04.jsonl"
+    red.write_text("\n".join(report_line("c04", r, r >= 2) for r in (1, 2, 3, 4)) + "\n")
+    late = tmp_path / "c05.jsonl"  # an attacker whose only attacking update came too late
+    late.write_text(report_line("c05", 1, False) + "\n" + report_line("c05", 2, True, "LATE"))
+    argv = ["trust", "report", "--ledger", str(tmp_path / "ledger.sqlite"), "--red-team"]
+    assert trust_main([*argv, str(red), str(late), "--format", "json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["rounds"] == 4 and scores["flagged"] == ["c01", "c04"]
+    assert scores["precision"] == 0.5 and scores["recall"] == 1.0
+    assert scores["first_detection_round"] == 2 and scores["false_positives"] == ["c01"]
+    assert scores["attackers"] == {
+        "c04": {"attack": "gaussian", "first_attack_round": 2, "first_flagged_round": 2,
+                "rounds_to_detection": 1}
+    }  # fmt: skip
+    assert trust_main([*argv, str(red)]) == 0
+    assert "precision 0.5  recall 1" in capsys.readouterr().out
+    assert trust_main([*argv, str(tmp_path / "none.jsonl")]) == 2
+    assert "red-team report not found" in capsys.readouterr().err
