@@ -2,6 +2,11 @@
 
 A rejected update is never silently dropped: it comes back with a reason, which the coordinator logs,
 counts (``fedwarden_updates_rejected_total{reason}``) and charges to the client's trust.
+
+The gRPC transport refuses some updates on arrival, before admission (``ARRIVAL_REASONS``): they
+are logged and counted under the same metric but not charged to trust, because a network fault
+(an agent killed mid-upload, a cut connection) looks the same as a hostile stream, and an update
+that never arrived cannot be attributed with certainty.
 """
 
 from __future__ import annotations
@@ -19,6 +24,15 @@ REASONS = (
     "non_finite",
     "too_large",
     "bad_example_count",
+    "oversized",
+)
+ARRIVAL_REASONS = (
+    "damaged_stream",  # gap, wrong chunk order, overflow, short, bad digest, cut off mid-upload
+    "unknown_session",  # a session id the sender does not hold (e.g. another client's)
+    "unauthenticated",  # missing or invalid credentials, or an identity that may not train
+    "wrong_dtype",  # a dtype name the protocol does not know
+    "busy",  # too many concurrent calls from one identity
+    "late",  # for a task that is closed (an earlier round, or a re-run attempt)
 )
 
 
@@ -76,6 +90,9 @@ def _problem(
         return "not_selected", f"{u.client_id} was not selected for round {round_number}"
     if u.client_id in seen:
         return "duplicate", f"{u.client_id} already submitted for round {round_number}"
+    declared = u.metadata.get("declared_bytes")
+    if declared is not None:
+        return "oversized", f"update of {declared} bytes declared; the model has {size} values"
     delta = u.delta
     if not isinstance(delta, np.ndarray) or delta.shape != (size,):
         return "wrong_shape", f"expected {size} values, received shape {np.shape(delta)}"

@@ -107,11 +107,17 @@ class Hub:
                 session.told_done = True
 
     def wait_task(
-        self, client_id: str, session_id: str, last_task_id: str, timeout: float
+        self,
+        client_id: str,
+        session_id: str,
+        last_task_id: str,
+        timeout: float,
+        gone: Callable[[], bool] = lambda: False,
     ) -> Task | str | None:
         """Blocks up to ``timeout`` s for a task for this client other than ``last_task_id``.
 
-        Returns the Task, ``"done"`` when training is over, or None when the wait ran out.
+        Returns the Task, ``"done"`` when training is over, or None when the wait ran out or
+        ``gone()`` turned true (the caller hung up: its thread is freed within a second).
         """
         deadline = self.clock() + max(0.0, timeout)
         with self._cond:
@@ -131,7 +137,7 @@ class Hub:
                     ):
                         return task
                     remaining = deadline - self.clock()
-                    if remaining <= 0:
+                    if remaining <= 0 or gone():
                         return None
                     self._cond.wait(min(remaining, 1.0))
             finally:

@@ -21,7 +21,8 @@ Metrics (gauges unless marked):
 - ``fedwarden_round``: last completed round; ``fedwarden_rounds_total`` (counter): rounds
   completed by this process; ``fedwarden_round_duration_seconds`` (histogram): wall time
 - ``fedwarden_test_accuracy``, ``fedwarden_test_loss``: held-out metrics of the last evaluation
-- ``fedwarden_updates_rejected_total{reason}`` (counter): updates rejected at admission
+- ``fedwarden_updates_rejected_total{reason}`` (counter): updates rejected at admission, or
+  refused on arrival by the gRPC transport (reasons: ``server/admission.py``)
 - ``fedwarden_dp_epsilon``: central DP epsilon spent so far
 - ``fedwarden_dp_clip_rate``, ``fedwarden_dp_clip_norm``, ...: set with ``set_gauge``
 

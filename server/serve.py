@@ -322,10 +322,27 @@ class Server:
 
         def on_late(client_id: str, task_id: str) -> None:
             metrics.late.inc()
+            exporter.count_rejected("late")
             log.info("late update from %s for task %s dropped", client_id, task_id)
 
+        def on_rejected(client_id: str, reason: str, detail: str) -> None:
+            exporter.count_rejected(reason)
+            log.warning(
+                "update from %s refused on arrival (%s): %s",
+                client_id or "an unidentified caller",
+                reason,
+                detail,
+            )
+
         hub.on_late = on_late
-        servicer = FederationServicer(hub, auth, spec, ledger, max_update_bytes=layout.size * 8)
+        servicer = FederationServicer(
+            hub,
+            auth,
+            spec,
+            ledger,
+            max_update_bytes=layout.size * 8,
+            on_rejected=on_rejected,
+        )
         grpc_server = self._grpc_server(servicer)
         metrics_server = (
             exporter.serve(c.metrics_port, host=o.metrics_host)

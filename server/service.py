@@ -3,13 +3,22 @@
 Every call is authenticated first (``server/auth.py``): the identity comes from the caller's
 token or client certificate, so an agent can only ever act as itself; SubmitUpdate carries no
 client id at all. Round logic lives in ``Coordinator``; sessions and the current task in ``Hub``.
+
+Hostile or broken uploads are refused on arrival with a status that says why (a damaged or cut
+stream, another client's session, bad credentials, an unknown dtype, too many concurrent calls)
+and reported through ``on_rejected(client_id, reason, detail)`` with a reason of
+``server.admission.ARRIVAL_REASONS``; an oversized update is not read and goes to admission as
+``oversized``. One identity holds at most ``max_calls_per_client`` streaming calls at once, so a
+client cannot take every worker thread away from the others.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import numpy as np
@@ -181,6 +190,10 @@ class FederationServicer(pb_grpc.FederationServicer):
     ledger: the trust ledger GetTrust reads (``list_clients``, ``get_client``,
         ``client_history``).
     max_update_bytes: larger declared updates are refused without being read.
+    on_rejected: called as ``(client_id, reason, detail)`` for every update refused on
+        arrival (client_id is "" when the caller could not be identified).
+    max_calls_per_client: streaming calls (GetTask, SubmitUpdate) one identity may hold at
+        once; more are refused with RESOURCE_EXHAUSTED (an agent needs two).
     """
 
     def __init__(
@@ -192,6 +205,8 @@ class FederationServicer(pb_grpc.FederationServicer):
         *,
         max_update_bytes: int,
         chunk_size: int = CHUNK_SIZE,
+        on_rejected: Callable[[str, str, str], None] | None = None,
+        max_calls_per_client: int = 4,
     ):
         self.hub = hub
         self.auth = auth
@@ -199,8 +214,49 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.ledger = ledger
         self.max_update_bytes = max_update_bytes
         self.chunk_size = chunk_size
+        self.on_rejected = on_rejected or (lambda client_id, reason, detail: None)
+        self.max_calls_per_client = max_calls_per_client
+        self._calls: dict[str, int] = {}
+        self._calls_lock = threading.Lock()
 
-    def _identity(self, context: grpc.ServicerContext) -> Identity:
+    def _refuse(
+        self,
+        context: grpc.ServicerContext,
+        client_id: str,
+        reason: str,
+        code: grpc.StatusCode,
+        detail: str,
+    ) -> NoReturn:
+        self.on_rejected(client_id, reason, detail)
+        context.abort(code, detail)
+        raise AssertionError("context.abort returned")  # it raises; keeps type checkers sure
+
+    @contextmanager
+    def _call_slot(self, client_id: str, context: grpc.ServicerContext, update: bool):
+        """Holds one of the identity's streaming-call slots for the duration of a call."""
+        with self._calls_lock:
+            held = self._calls.get(client_id, 0)
+            if held < self.max_calls_per_client:
+                self._calls[client_id] = held + 1
+        if held >= self.max_calls_per_client:
+            detail = (
+                f"{client_id!r} already holds {held} streaming calls (the limit is "
+                f"{self.max_calls_per_client}); retry when one has finished"
+            )
+            if update:
+                self._refuse(context, client_id, "busy", grpc.StatusCode.RESOURCE_EXHAUSTED, detail)
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, detail)
+        try:
+            yield
+        finally:
+            with self._calls_lock:
+                left = self._calls[client_id] - 1
+                if left:
+                    self._calls[client_id] = left
+                else:
+                    del self._calls[client_id]
+
+    def _identity(self, context: grpc.ServicerContext, update: bool = False) -> Identity:
         common_name = None
         if self.auth.mutual_tls:
             names = context.auth_context().get("x509_common_name") or []
@@ -211,16 +267,20 @@ class FederationServicer(pb_grpc.FederationServicer):
             code = (
                 grpc.StatusCode.PERMISSION_DENIED if exc.denied else grpc.StatusCode.UNAUTHENTICATED
             )
+            if update:
+                self._refuse(context, "", "unauthenticated", code, str(exc))
             context.abort(code, str(exc))
             raise  # abort raises; this line keeps type checkers sure we never fall through
 
-    def _agent(self, context: grpc.ServicerContext) -> str:
-        identity = self._identity(context)
+    def _agent(self, context: grpc.ServicerContext, update: bool = False) -> str:
+        identity = self._identity(context, update)
         if not identity.may_train:
-            context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"{identity.name!r} is an operator identity; it cannot train",
-            )
+            detail = f"{identity.name!r} is an operator identity; it cannot train"
+            if update:
+                self._refuse(
+                    context, "", "unauthenticated", grpc.StatusCode.PERMISSION_DENIED, detail
+                )
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, detail)
         return identity.name
 
     def _unknown_session(self, context: grpc.ServicerContext, exc: UnknownSession) -> None:
@@ -249,9 +309,21 @@ class FederationServicer(pb_grpc.FederationServicer):
         self, request: pb.TaskRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.TaskChunk]:
         client_id = self._agent(context)
+        with self._call_slot(client_id, context, update=False):
+            yield from self._task_stream(client_id, request, context)
+
+    def _task_stream(
+        self, client_id: str, request: pb.TaskRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.TaskChunk]:
         wait = min(max(request.wait_s, 0.0), MAX_WAIT_S)
         try:
-            task = self.hub.wait_task(client_id, request.session_id, request.last_task_id, wait)
+            task = self.hub.wait_task(
+                client_id,
+                request.session_id,
+                request.last_task_id,
+                wait,
+                gone=lambda: not context.is_active(),
+            )
         except UnknownSession as exc:
             self._unknown_session(context, exc)
         if task == "done":
@@ -283,27 +355,48 @@ class FederationServicer(pb_grpc.FederationServicer):
     def SubmitUpdate(
         self, request_iterator: Iterator[pb.UpdateChunk], context: grpc.ServicerContext
     ) -> pb.SubmitReply:
-        client_id = self._agent(context)
-        first = next(request_iterator, None)
+        client_id = self._agent(context, update=True)
+        with self._call_slot(client_id, context, update=True):
+            return self._receive_update(client_id, request_iterator, context)
+
+    def _receive_update(
+        self,
+        client_id: str,
+        request_iterator: Iterator[pb.UpdateChunk],
+        context: grpc.ServicerContext,
+    ) -> pb.SubmitReply:
+        def damaged(code: grpc.StatusCode, detail: str) -> NoReturn:
+            self._refuse(context, client_id, "damaged_stream", code, detail)
+
+        try:
+            first = next(request_iterator, None)
+        except grpc.RpcError:
+            first = None
         if first is None or first.WhichOneof("part") != "header":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "an update stream starts with a header")
+            damaged(grpc.StatusCode.INVALID_ARGUMENT, "an update stream starts with a header")
         header = first.header
         try:
             self.hub.check_session(client_id, header.session_id)
         except UnknownSession as exc:
-            self._unknown_session(context, exc)
+            self._refuse(context, client_id, "unknown_session", grpc.StatusCode.NOT_FOUND, str(exc))
         if header.dtype not in VECTOR_DTYPES:
-            context.abort(
+            self._refuse(
+                context,
+                client_id,
+                "wrong_dtype",
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"unknown dtype {header.dtype!r}; send float32 or float64",
             )
         loss = header.loss if header.HasField("loss") else None
         if header.total_size > self.max_update_bytes:
-            # Not read: a view of the declared shape lets admission reject it as wrong_shape.
-            values = header.total_size // np.dtype(VECTOR_DTYPES[header.dtype]).itemsize
-            placeholder = np.broadcast_to(np.float32(0), (values,))
+            # Not read: admission rejects it as oversized and charges it to the sender's trust.
             update = ClientUpdate(
-                client_id, header.round, placeholder, int(header.num_examples), loss
+                client_id,
+                header.round,
+                np.zeros(0, np.float32),
+                int(header.num_examples),
+                loss,
+                metadata={"declared_bytes": int(header.total_size)},
             )
             status = self.hub.submit(client_id, header.session_id, header.task_id, update)
             return pb.SubmitReply(
@@ -327,12 +420,14 @@ class FederationServicer(pb_grpc.FederationServicer):
                 raise TransferError("the update stream ended without its sha256 trailer")
             delta = decode_vector(assembler.finish(trailer.sha256), header.dtype)
         except TransferError as exc:
-            context.abort(grpc.StatusCode.DATA_LOSS, f"update not received intact: {exc}")
+            damaged(grpc.StatusCode.DATA_LOSS, f"update not received intact: {exc}")
+        except grpc.RpcError:
+            damaged(grpc.StatusCode.CANCELLED, "the update stream was cut off mid-upload")
         update = ClientUpdate(client_id, header.round, delta, int(header.num_examples), loss)
         try:
             status = self.hub.submit(client_id, header.session_id, header.task_id, update)
         except UnknownSession as exc:
-            self._unknown_session(context, exc)
+            self._refuse(context, client_id, "unknown_session", grpc.StatusCode.NOT_FOUND, str(exc))
         if status == "late":
             return pb.SubmitReply(
                 status=pb.SubmitReply.LATE,

@@ -1,7 +1,8 @@
 """Helpers for tests that run a coordinator and agents as real processes on 127.0.0.1.
 
-Shared by tests/test_deploy.py and tests/test_red_team.py; the ``procs`` fixture (in
-tests/conftest.py) stops every ``Proc`` a test started. Nothing waits with a fixed sleep: every
+Shared by tests/test_deploy.py, tests/test_red_team.py and the reliability tests; the ``procs``
+fixture (in tests/conftest.py) stops every ``Proc`` a test started. ``FakeContext`` and
+``make_servicer`` drive the gRPC servicer without sockets. Nothing waits with a fixed sleep: every
 wait polls with a deadline or reads the processes' output.
 """
 
@@ -19,9 +20,18 @@ import time
 import urllib.request
 from pathlib import Path
 
+import grpc
+
+from server.auth import Authenticator
+from server.hub import Hub
+from server.proto_gen import fedwarden_v1_pb2 as pb
+from server.service import FederationServicer, TrainingSpec
+from server.transfer import sha256_hex, split
+
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = {"c00": "a" * 32, "c01": "b" * 32, "c02": "c" * 32, "c03": "d" * 32}
 OPERATOR_TOKEN = "e" * 32
+SPEC = TrainingSpec(None, "digits", (8, 8, 1), 10, ((64, 4), (4,)), 0.1, 16, 1)
 
 
 def write_tokens(path: Path, tokens: dict[str, str] = TOKENS, operator: bool = True) -> Path:
@@ -211,3 +221,98 @@ def gen_certs(directory: Path, names: list[str]) -> dict[str, Path]:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return {p.name: p for p in directory.iterdir()}
+
+
+# -- the servicer, without sockets -----------------------------------------------------------
+
+
+class Aborted(Exception):
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code}: {details}")
+        self.code, self.details = code, details
+
+
+class FakeContext:
+    """The parts of grpc.ServicerContext the servicer uses."""
+
+    def __init__(self, token: str | None = None, common_name: str | None = None):
+        self.metadata = [("authorization", f"Bearer {token}")] if token else []
+        self.common_name = common_name
+
+    def invocation_metadata(self):
+        return self.metadata
+
+    def auth_context(self):
+        return {"x509_common_name": [self.common_name.encode()]} if self.common_name else {}
+
+    def abort(self, code, details):
+        raise Aborted(code, details)
+
+    def is_active(self):
+        return True
+
+    def peer(self):
+        return "ipv4:127.0.0.1:1"
+
+
+class FakeLedger:
+    def list_clients(self):
+        return [
+            {
+                "client_id": "c01",
+                "trust": 0.4,
+                "anomaly": 0.7,
+                "flagged": True,
+                "rounds": 2,
+                "last_round": 2,
+                "rejected": 1,
+                "norm": 3.0,
+                "cosine": None,
+            }
+        ]
+
+    def get_client(self, client_id):
+        return self.list_clients()[0] if client_id == "c01" else None
+
+    def client_history(self, client_id):
+        return [
+            {"round": 1, "trust": 0.9, "anomaly": 0.1, "flagged": False, "norm": 1.0},
+            {"round": 2, "trust": 0.4, "rejected_reason": "non_finite"},
+        ]
+
+
+def make_servicer(hub: Hub | None = None, **kwargs) -> FederationServicer:
+    auth = Authenticator(TOKENS, {"ops": OPERATOR_TOKEN})
+    return FederationServicer(
+        hub or Hub(3), auth, SPEC, FakeLedger(), max_update_bytes=SPEC.num_weights * 8, **kwargs
+    )
+
+
+def register(servicer: FederationServicer, cid: str) -> str:
+    reply = servicer.Register(pb.RegisterRequest(client_id=cid), FakeContext(TOKENS[cid]))
+    return reply.session_id
+
+
+def update_stream(
+    session: str,
+    task_id: str,
+    payload: bytes,
+    round: int = 1,
+    dtype="float32",
+    digest: str | None = None,
+    chunk_size: int = 100,
+):
+    yield pb.UpdateChunk(
+        header=pb.UpdateHeader(
+            session_id=session,
+            task_id=task_id,
+            round=round,
+            num_examples=10,
+            loss=0.5,
+            dtype=dtype,
+            total_size=len(payload),
+        )
+    )
+    for seq, data in split(payload, chunk_size=chunk_size):
+        yield pb.UpdateChunk(chunk=pb.Chunk(seq=seq, data=data))
+    yield pb.UpdateChunk(trailer=pb.UpdateTrailer(sha256=digest or sha256_hex(payload)))

@@ -47,19 +47,23 @@ from tests.deploy_helpers import (
     OPERATOR_TOKEN,
     ROOT,
     SERVE_ARGS,
+    SPEC,
     TOKENS,
+    Aborted,
+    FakeContext,
+    FakeLedger,
     Proc,
     gen_certs,
     make_certs,
+    make_servicer,
     metrics_text,
     poll,
+    register,
     run_fedwarden,
     split_data,
+    update_stream,
     write_tokens,
 )
-
-SPEC = TrainingSpec(None, "digits", (8, 8, 1), 10, ((64, 4), (4,)), 0.1, 16, 1)
-
 
 # -- chunked transfer ------------------------------------------------------------------------
 
@@ -189,92 +193,6 @@ def test_identity_comes_from_the_credentials(tmp_path):
 # -- the servicer, without sockets -----------------------------------------------------------
 
 
-class Aborted(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str):
-        super().__init__(f"{code}: {details}")
-        self.code, self.details = code, details
-
-
-class FakeContext:
-    """The parts of grpc.ServicerContext the servicer uses."""
-
-    def __init__(self, token: str | None = None, common_name: str | None = None):
-        self.metadata = [("authorization", f"Bearer {token}")] if token else []
-        self.common_name = common_name
-
-    def invocation_metadata(self):
-        return self.metadata
-
-    def auth_context(self):
-        return {"x509_common_name": [self.common_name.encode()]} if self.common_name else {}
-
-    def abort(self, code, details):
-        raise Aborted(code, details)
-
-
-class FakeLedger:
-    def list_clients(self):
-        return [
-            {
-                "client_id": "c01",
-                "trust": 0.4,
-                "anomaly": 0.7,
-                "flagged": True,
-                "rounds": 2,
-                "last_round": 2,
-                "rejected": 1,
-                "norm": 3.0,
-                "cosine": None,
-            }
-        ]
-
-    def get_client(self, client_id):
-        return self.list_clients()[0] if client_id == "c01" else None
-
-    def client_history(self, client_id):
-        return [
-            {"round": 1, "trust": 0.9, "anomaly": 0.1, "flagged": False, "norm": 1.0},
-            {"round": 2, "trust": 0.4, "rejected_reason": "non_finite"},
-        ]
-
-
-def make_servicer(hub: Hub | None = None, **kwargs) -> FederationServicer:
-    auth = Authenticator(TOKENS, {"ops": OPERATOR_TOKEN})
-    return FederationServicer(
-        hub or Hub(3), auth, SPEC, FakeLedger(), max_update_bytes=SPEC.num_weights * 8, **kwargs
-    )
-
-
-def register(servicer: FederationServicer, cid: str) -> str:
-    reply = servicer.Register(pb.RegisterRequest(client_id=cid), FakeContext(TOKENS[cid]))
-    return reply.session_id
-
-
-def update_stream(
-    session: str,
-    task_id: str,
-    payload: bytes,
-    round: int = 1,
-    dtype="float32",
-    digest: str | None = None,
-    chunk_size: int = 100,
-):
-    yield pb.UpdateChunk(
-        header=pb.UpdateHeader(
-            session_id=session,
-            task_id=task_id,
-            round=round,
-            num_examples=10,
-            loss=0.5,
-            dtype=dtype,
-            total_size=len(payload),
-        )
-    )
-    for seq, data in split(payload, chunk_size=chunk_size):
-        yield pb.UpdateChunk(chunk=pb.Chunk(seq=seq, data=data))
-    yield pb.UpdateChunk(trailer=pb.UpdateTrailer(sha256=digest or sha256_hex(payload)))
-
-
 def test_register_refuses_wrong_tokens_and_borrowed_ids():
     servicer = make_servicer()
     with pytest.raises(Aborted) as err:
@@ -382,7 +300,7 @@ def test_bad_updates_reach_admission_with_a_reason():
         "c00": "wrong_shape",
         "c01": "non_finite",
         "c02": "wrong_dtype",
-        "c03": "wrong_shape",
+        "c03": "oversized",
     }
 
 
