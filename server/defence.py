@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aggregation.accounting import central_epsilon, default_delta, validate_dp
+from aggregation.accounting import DPConfigError, central_epsilon, default_delta, validate_dp
 from aggregation.chain import Chain, parse_chain
 from aggregation.clipping import clip_by_norm
 from aggregation.dp import central_dp, gaussian_noise, is_formal_dp
@@ -30,11 +30,16 @@ class CentralPrivacy:
     accountant: str
     formal: bool
     solved_for: float | None = None  # the target epsilon the noise multiplier was solved for
+    budget: float | None = None  # a run that stops before its epsilon would exceed this
 
     def epsilon(self, rounds: int) -> float:
         return central_epsilon(
             self.noise_multiplier, self.sampling_rate, rounds, self.delta, self.accountant
         )
+
+    def allows(self, rounds: int) -> bool:
+        """Whether ``rounds`` rounds in all stay within the budget (always, without one)."""
+        return self.budget is None or self.epsilon(rounds) <= self.budget
 
     def report(self, rounds: int) -> dict:
         return {
@@ -48,29 +53,48 @@ class CentralPrivacy:
             "formal_guarantee": self.formal,
             "client_sampling": "poisson",
             "target_epsilon": self.solved_for,
+            **({"epsilon_budget": self.budget} if self.budget is not None else {}),
         }
 
 
-def central_privacy(config: RunConfig, num_clients: int) -> CentralPrivacy | None:
-    """Validates the central DP settings (noise solved from --target-epsilon when given)."""
+def central_privacy(
+    config: RunConfig, num_clients: int, *, budget: bool = False
+) -> CentralPrivacy | None:
+    """Validates the central DP settings (noise solved from --target-epsilon when given).
+
+    With ``budget`` (the coordinator), --target-epsilon is also a budget: the run stops before a
+    round that would exceed it (``CentralPrivacy.allows``), and it may come with
+    --dp-noise-multiplier, which is then used as given (not solved for --rounds).
+    """
     if config.dp != "central":
         return None
     rate = config.clients_per_round / num_clients
     delta = config.dp_delta or default_delta(num_clients)
+    target = config.target_epsilon
+    if target is not None and not target > 0:
+        raise DPConfigError(f"target_epsilon must be > 0. Received: target_epsilon={target}.")
+    solve = None if budget and config.dp_noise_multiplier is not None else target
     noise = validate_dp(
         mode="central",
         noise_multiplier=config.dp_noise_multiplier,
         clip_norm=config.dp_clip,
-        target_epsilon=config.target_epsilon,
+        target_epsilon=solve,
         delta=delta,
         sampling_rate=rate,
         rounds=config.rounds,
         accountant=config.dp_accountant,
     )
     formal = config.aggregator.strip() == "mean"
-    return CentralPrivacy(
-        noise, config.dp_clip, rate, delta, config.dp_accountant, formal, config.target_epsilon
-    )
+    privacy = CentralPrivacy(
+        noise, config.dp_clip, rate, delta, config.dp_accountant, formal, solve,
+        target if budget else None,
+    )  # fmt: skip
+    if privacy.budget is not None and not privacy.allows(1):
+        raise DPConfigError(
+            f"target_epsilon={target} is spent by a single round: epsilon {privacy.epsilon(1):.4g}"
+            f" with noise_multiplier={noise:g} at delta={delta:g}. Raise the target or the noise."
+        )
+    return privacy
 
 
 def build_chain(config: RunConfig, privacy: CentralPrivacy | None, seed: int | None) -> Chain:

@@ -12,6 +12,13 @@ coordinator killed at any point restarts from the newest checkpoint that verifie
 first truncates the ledger to R, so no round is repeated or lost and trust matches the weights.
 SIGTERM (or Ctrl-C) abandons a round in progress, keeps the last checkpoint and exits 0.
 
+Privacy budget: with ``--dp central --target-epsilon E`` the accountant runs in the loop. After
+every round the coordinator publishes ``fedwarden_dp_epsilon``; before starting a round it asks
+whether that round would take epsilon above E, and if so it stops cleanly (checkpoint kept, one
+log line, agents told training is over, exit 0): ``--rounds`` is an upper bound. The noise
+multiplier is ``--dp-noise-multiplier`` when given, else solved so that ``--rounds`` rounds
+spend exactly E. Epsilon is accounted with sampling rate 1 (see ``run``) at ``--dp-delta``.
+
 Holding: while ``STATE_DIR/PAUSE`` exists no new round starts (``echo 5 > PAUSE``: hold before
 round 5), e.g. to look at trust before going on, or to upgrade the coordinator between rounds.
 """
@@ -256,7 +263,7 @@ class Server:
         layout = WeightLayout.of(model.get_weights())
         # A deployment does not know its population, nor sample it the Poisson way the
         # accountant assumes: central DP is accounted without subsampling (rate 1, conservative).
-        privacy = central_privacy(c, c.clients_per_round)
+        privacy = central_privacy(c, c.clients_per_round, budget=True)
         chain = build_chain(c, privacy, seed=None)
         chain.check(min(o.min_clients, c.clients_per_round))
 
@@ -319,6 +326,8 @@ class Server:
         hub.set_last_round(done)
         exporter = MetricsExporter()
         metrics = ServeMetrics(exporter.registry)
+        if privacy is not None and done:
+            exporter.set_dp_epsilon(privacy.epsilon(done))
 
         def on_late(client_id: str, task_id: str) -> None:
             metrics.late.inc()
@@ -362,19 +371,37 @@ class Server:
             f"{f'{o.metrics_host}:{self.metrics_port}' if metrics_server else 'none'}; {todo}",
             flush=True,
         )
+        if privacy is not None:
+            how = "given" if privacy.solved_for is None else f"solved for {c.rounds} rounds"
+            budget = (
+                f"; stops before epsilon would exceed {privacy.budget:g}"
+                if privacy.budget is not None
+                else ""
+            )
+            print(
+                f"fedwarden serve: central DP, noise multiplier {privacy.noise_multiplier:.4g} "
+                f"({how}), delta {privacy.delta:g}, accounted with sampling rate 1{budget}",
+                flush=True,
+            )
         loop = _RoundLoop(
             self, coordinator, evaluator, layout, data, hub, exporter, metrics, privacy, state
         )
         if state["rounds"]:  # a crash between the checkpoint and results.json loses nothing
             checkpoint.write_json_atomic(o.state_dir / "results.json", loop.results())
         try:
-            finished = loop.run(done + 1)
-            if finished:
+            ending = loop.run(done + 1)
+            if ending != "stopped":
                 hub.finish()
                 hub.wait_told_done(o.linger_s)
                 final = state["rounds"][-1]["accuracy"] if state["rounds"] else float("nan")
+                why = (
+                    f"{c.rounds} rounds"
+                    if ending == "done"
+                    else f"privacy budget spent after round {hub.last_round} (epsilon "
+                    f"{privacy.epsilon(hub.last_round):.4g} <= target {privacy.budget:g})"
+                )
                 print(
-                    f"fedwarden serve: done, {c.rounds} rounds, accuracy {final:.3f}; results in "
+                    f"fedwarden serve: done, {why}, accuracy {final:.3f}; results in "
                     f"{o.state_dir}/results.json",
                     flush=True,
                 )
@@ -424,12 +451,23 @@ class _RoundLoop:
             return False
         return not (text.isdigit() and int(text) > round_number)
 
-    def run(self, first_round: int) -> bool:
-        """Runs rounds from ``first_round``; True when every round is done, False if stopped."""
+    def run(self, first_round: int) -> str:
+        """Runs rounds from ``first_round``: "done" (every round), "budget" (the privacy budget
+        allows no more) or "stopped" (a stop was requested)."""
         round_number, attempt, waiting_since, held = first_round, 0, None, False
         while round_number <= self.c.rounds:
             if self.stopping():
-                return False
+                return "stopped"
+            if self.privacy is not None and not self.privacy.allows(round_number):
+                spent = self.privacy.epsilon(round_number - 1) if round_number > 1 else 0.0
+                print(
+                    f"round {round_number}: not started: it would take epsilon from {spent:.4g} "
+                    f"to {self.privacy.epsilon(round_number):.4g}, above the target "
+                    f"{self.privacy.budget:g} (delta {self.privacy.delta:g}); stopping with the "
+                    f"checkpoint of round {round_number - 1}",
+                    flush=True,
+                )
+                return "budget"
             if self.held(round_number):
                 if not held:
                     print(
@@ -464,7 +502,7 @@ class _RoundLoop:
                 round_number, attempt = round_number + 1, 0
             elif not self.stopping():
                 attempt += 1
-        return True
+        return "done"
 
     def _round(self, round_number: int, attempt: int, selected: list[str]) -> bool:
         start = time.perf_counter()

@@ -14,7 +14,14 @@ train on their own data and submit updates; the coordinator aggregates them with
 logic, defences and trust scores as simulations. Secure by default: TLS with --tls-cert/--tls-key,
 agents authenticated by --tokens and/or client certificates (--tls-client-ca); --insecure allows
 plaintext. Checkpoints after every round into --state-dir; restarted with the same --state-dir it
-resumes at the next round. SIGTERM stops it gracefully. Exits when the rounds are done."""
+resumes at the next round. SIGTERM stops it gracefully. Exits when the rounds are done.
+
+Central DP (--dp central) needs --dp-delta and is accounted without subsampling (sampling rate
+1: a deployment does not know its population). --target-epsilon E is then a budget: the
+coordinator publishes fedwarden_dp_epsilon after every round and stops cleanly (exit 0) before
+a round that would take epsilon above E, so --rounds is an upper bound. With
+--dp-noise-multiplier the noise is as given; without, it is solved so that --rounds rounds spend
+E."""
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -8,8 +8,10 @@ in tests/deploy_helpers.py: nothing waits with a fixed sleep).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+import dp_accounting
 import numpy as np
 import pytest
 
@@ -22,7 +24,16 @@ from clients.red_team import (
 )
 from fedwarden.errors import UsageError
 from simulations.attacks import ATTACKS, alie_z, build_attack
-from tests.deploy_helpers import run_fedwarden
+from tests.deploy_helpers import (
+    OPERATOR_TOKEN,
+    SERVE_ARGS,
+    TOKENS,
+    Proc,
+    metrics_text,
+    run_fedwarden,
+    split_data,
+    write_tokens,
+)
 
 D = 300
 
@@ -234,3 +245,119 @@ def test_trust_report_scores_the_ledger_flags_against_the_red_team(tmp_path, cap
     assert "precision 0.5  recall 1" in capsys.readouterr().out
     assert trust_main([*argv, str(tmp_path / "none.jsonl")]) == 2
     assert "red-team report not found" in capsys.readouterr().err
+
+
+# -- processes: a rehearsal and a privacy budget on 127.0.0.1 --------------------------------
+
+RED_TOKENS = {**TOKENS, "c04": "f" * 32}
+
+
+@pytest.mark.integration
+def test_a_red_team_agent_ends_flagged_and_the_report_scores_it(tmp_path, procs):
+    """The issue's done-when test: four honest agents and one gaussian red-team agent."""
+    split_dir, state, red_report = tmp_path / "split", tmp_path / "state", tmp_path / "c04.jsonl"
+    split_data(split_dir, 5)
+    tokens = write_tokens(tmp_path / "tokens.toml", RED_TOKENS)
+    state.mkdir()
+    (state / "PAUSE").write_text("4")  # hold after round 3 while trust is read from the server
+    coordinator = Proc("coordinator", "serve", *SERVE_ARGS, "--aggregator", "trimmed_mean",
+                       *"--rounds 4 --min-clients 5 --clients-per-round 5 --port 0".split(),
+                       "--state-dir", str(state), "--tokens", str(tokens), "--insecure")  # fmt: skip
+    procs.append(coordinator)
+    port = int(coordinator.wait_for(r"listening on 127\.0\.0\.1:(\d+)", 120).group(1))
+    address = f"127.0.0.1:{port}"
+
+    def agent(cid: str, *extra: str) -> Proc:
+        p = Proc(cid, "agent", "--server", address, "--client-id", cid, "--data",
+                 str(split_dir / f"{cid}.npz"), "--insecure", *extra,
+                 env={"FEDWARDEN_TOKEN": RED_TOKENS[cid]})  # fmt: skip
+        procs.append(p)
+        return p
+
+    honest = [agent(cid) for cid in TOKENS]
+    red = agent("c04", "--attack", "gaussian", "--attack-cohort", "5",
+                "--red-team-report", str(red_report))  # fmt: skip
+    coordinator.wait_for(r"^round 4: held by", 600)
+    listed = run_fedwarden("trust", "list", "--server", address, "--insecure", "--token",
+                           OPERATOR_TOKEN, "--format", "json")  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
+    assert [r["client_id"] for r in rows][0] == "c04", rows  # lowest trust first
+    assert {r["client_id"]: bool(r["flagged"]) for r in rows} == {**dict.fromkeys(TOKENS, False),
+                                                                  "c04": True}  # fmt: skip
+    (state / "PAUSE").unlink()
+    for p in [*honest, red]:
+        assert p.wait(300) == 0, p.output()
+    assert coordinator.wait(60) == 0, coordinator.output()
+    red.wait_for(r"c04: red team: round 4: sent gaussian update", 1)
+
+    lines = [json.loads(line) for line in red_report.read_text().splitlines()]
+    assert [(r["round"], r["attacking"], r["status"]) for r in lines] == [
+        (r, True, "ACCEPTED") for r in (1, 2, 3, 4)
+    ]
+    report = run_fedwarden("trust", "report", "--ledger", str(state / "ledger.sqlite"),
+                           "--red-team", str(red_report), "--format", "json")  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    scores = json.loads(report.stdout)
+    assert scores["precision"] == 1.0 and scores["recall"] == 1.0, scores
+    assert scores["flagged"] == ["c04"] and scores["attackers"]["c04"]["rounds_to_detection"] <= 3
+    # nothing the coordinator received or wrote marks c04 as an attacker
+    results = json.loads((state / "results.json").read_text())
+    assert results["clients"]["c04"]["malicious"] is None and results["attack"] is None
+    assert not any("gaussian" in line or "red team" in line for line in coordinator.lines)
+
+
+def independent_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
+    """The Gaussian mechanism composed ``rounds`` times, straight from dp_accounting (RDP)."""
+    accountant = dp_accounting.rdp.RdpAccountant()
+    accountant.compose(dp_accounting.GaussianDpEvent(noise_multiplier), rounds)
+    return accountant.get_epsilon(delta)
+
+
+@pytest.mark.integration
+def test_a_dp_run_stops_at_its_target_epsilon(tmp_path, procs):
+    z, delta, target = 1.5, 1e-5, 6.0
+    assert independent_epsilon(z, 3, delta) <= target < independent_epsilon(z, 4, delta)
+    split_dir, state = tmp_path / "split", tmp_path / "state"
+    split_data(split_dir, 2)
+    state.mkdir()
+    (state / "PAUSE").write_text("3")  # hold before round 3 to read the live epsilon
+    serve = ["serve", *SERVE_ARGS, *"--rounds 10 --min-clients 2 --clients-per-round 2".split(),
+             "--dp", "central", "--dp-clip", "1.0", "--dp-noise-multiplier", str(z), "--dp-delta",
+             str(delta), "--target-epsilon", str(target), "--state-dir", str(state),
+             "--insecure", "--metrics-port", "0"]  # fmt: skip
+    coordinator = Proc("coordinator", *serve, "--port", "0")
+    procs.append(coordinator)
+    listening = coordinator.wait_for(
+        r"listening on 127\.0\.0\.1:(\d+).*metrics on 127\.0\.0\.1:(\d+)", 120
+    )
+    port, metrics_port = int(listening.group(1)), int(listening.group(2))
+    coordinator.wait_for(r"stops before epsilon would exceed 6", 1)
+    agents = []
+    for cid in ("c00", "c01"):
+        agents.append(Proc(cid, "agent", "--server", f"127.0.0.1:{port}", "--client-id", cid,
+                           "--data", str(split_dir / f"{cid}.npz"), "--insecure"))  # fmt: skip
+        procs.append(agents[-1])
+    coordinator.wait_for(r"^round 3: held by", 300)
+    live = re.search(r"^fedwarden_dp_epsilon ([0-9.e+-]+)$", metrics_text(metrics_port), re.M)
+    assert live and float(live.group(1)) == pytest.approx(independent_epsilon(z, 2, delta))
+    (state / "PAUSE").unlink()
+    coordinator.wait_for(r"^round 4: not started: it would take epsilon from 5\.58\d* to "
+                         r"6\.6\d*, above the target 6", 300)  # fmt: skip
+    assert coordinator.wait(60) == 0, coordinator.output()
+    coordinator.wait_for(r"done, privacy budget spent after round 3", 1)
+    for a in agents:
+        assert a.wait(60) == 0, a.output()
+
+    results = json.loads((state / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [1, 2, 3]
+    central = results["final"]["privacy"]["central"]
+    assert central["epsilon"] <= target and central["epsilon_budget"] == target
+    assert central["epsilon"] == pytest.approx(independent_epsilon(z, 3, delta), rel=1e-6)
+    assert [r["epsilon"] for r in results["rounds"]] == pytest.approx(
+        [independent_epsilon(z, r, delta) for r in (1, 2, 3)], rel=1e-6
+    )
+    # restarted, it has nothing left to spend: it says so and exits 0 at once
+    again = run_fedwarden(*serve, "--port", "0")
+    assert again.returncode == 0, again.stderr
+    assert "resuming after round 3" in again.stdout and "round 4: not started" in again.stdout
