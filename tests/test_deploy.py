@@ -832,3 +832,17 @@ def test_compose_file_is_valid():
         assert re.search(rf"^  {service}:", config, re.M), service
     prometheus = (ROOT / "deploy/prometheus.yml").read_text()
     assert "coordinator:9100" in prometheus
+
+    # the optional red-team profile: one attacker agent whose command the agent CLI accepts
+    red = subprocess.run(
+        [compose, "-f", str(ROOT / "docker-compose.yml"), "--profile", "red-team", "config"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )  # fmt: skip
+    assert red.returncode == 0, red.stderr
+    block = re.search(r"^  agent-red-team:\n((?:    .*\n|  - .*\n)+)", red.stdout, re.M)
+    assert block and re.search(r"^    profiles:\n    - red-team$", block.group(1), re.M)
+    command = re.search(r"^    command:\n((?:    - .*\n)+)", block.group(1), re.M).group(1)
+    from fedwarden.cli import build_parser
+
+    args = build_parser().parse_args(re.findall(r"^    - (.*)$", command, re.M))
+    assert args.command == "agent" and args.attack == "gaussian" and args.red_team_report
