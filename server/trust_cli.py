@@ -242,8 +242,9 @@ def cmd_trust_report(args: argparse.Namespace) -> int:
         f"{', '.join(scores['attackers']) or 'none'}; flagged at the last round: "
         f"{', '.join(scores['flagged']) or 'none'}"
     )
+    share = {k: "-" if scores[k] is None else f"{scores[k]:.2f}" for k in ("precision", "recall")}
     print(
-        f"precision {_fmt(scores['precision'])}  recall {_fmt(scores['recall'])}  "
+        f"precision {share['precision']}  recall {share['recall']}  "
         f"first detection round {_fmt(scores['first_detection_round'])}"
     )
     rows = [{"client_id": c, **a} for c, a in scores["attackers"].items()]

@@ -242,7 +242,7 @@ def test_trust_report_scores_the_ledger_flags_against_the_red_team(tmp_path, cap
                 "rounds_to_detection": 1}
     }  # fmt: skip
     assert trust_main([*argv, str(red)]) == 0
-    assert "precision 0.5  recall 1" in capsys.readouterr().out
+    assert "precision 0.50  recall 1.00  first detection round 2" in capsys.readouterr().out
     assert trust_main([*argv, str(tmp_path / "none.jsonl")]) == 2
     assert "red-team report not found" in capsys.readouterr().err
 
