@@ -126,10 +126,14 @@ def local_data() -> tuple[np.ndarray, np.ndarray]:
     return rng.random((40, 8, 8, 1), dtype=np.float32), rng.integers(0, 10, 40)
 
 
-@pytest.mark.parametrize("attack, extra_trainings", [("gaussian", 0), ("scaling", 0), ("alie", 3)])
+@pytest.mark.parametrize(
+    "attack, extra_trainings",
+    [("gaussian", 0), ("scaling", 0), ("alie", 3), ("attack_plugins:push_away", 3)],
+)
 def test_red_team_attacks_from_its_start_round_and_reports_what_it_sent(
-    tmp_path, attack, extra_trainings
+    tmp_path, monkeypatch, attack, extra_trainings
 ):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
     report = tmp_path / "red.jsonl"
     red = RedTeam(attack, {}, "c04", start_round=2, cohort=5, report=report)
     x, y = local_data()
@@ -144,6 +148,8 @@ def test_red_team_attacks_from_its_start_round_and_reports_what_it_sent(
     assert train.calls == extra_trainings
     if attack == "scaling":  # default boost n / m with the assumed cohort n = 5
         np.testing.assert_allclose(sent, 5 * trained, rtol=1e-6)
+    if attack.endswith("push_away"):  # the plugin gets 4 stand-in rows: -2 * their mean
+        assert sent @ trained < 0
     lines = read_reports([report])
     assert [(r["round"], r["attacking"]) for r in lines] == [(1, False), (2, True)]
     assert lines[1]["update_norm"] == pytest.approx(float(np.linalg.norm(sent)), rel=1e-6)
