@@ -97,7 +97,10 @@ def add_trust_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--red-team", required=True, action="extend", nargs="+", metavar="FILE",
         help="red-team report(s) (JSON lines), one per red-team agent",
     )  # fmt: skip
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument(
+        "--format", choices=("table", "json"), default="table",
+        help="table for people (default) or json for tools",
+    )  # fmt: skip
     p.set_defaults(func=cmd_trust_report)
     return trust
 
