@@ -37,7 +37,9 @@ with different data, so the estimated std is smaller than the real one under non
 and min-max then stay closer to the honest mean than their omniscient forms (stealthier, weaker).
 Recent global-model deltas are not used: they show the previous round's aggregate after the
 server optimizer, not this round's spread, and only when the agent was selected twice running.
-Attackers do not collude across agents (there is no side channel between them).
+Attackers do not collude across agents (there is no side channel between them). The extra
+trainings make a spread-estimating agent slower to answer; the coordinator does not score
+timing, but a real one might.
 
 Report (JSON lines, appended): one object per update sent, with keys ``client_id``, ``round``,
 ``attack``, ``params``, ``attacking``, ``update_norm`` (what was sent), ``trained_norm`` (the
