@@ -7,6 +7,11 @@ When the coordinator goes away (a restart, a network cut) it reconnects with exp
 backoff and jitter and registers again; when the coordinator says training is over it exits 0.
 A refused credential or unfit data stops it at once with a message naming the problem.
 
+Data (.npz or .csv, see ``clients/data.py``) is validated against the task before any training:
+rows with a problem (NaN, values out of range, unknown labels, duplicates, ...) are skipped and
+reported in the log with their row numbers and counts; with ``strict`` any problem stops the
+agent instead. Whole-file problems (wrong schema, shape or dtype) always stop it.
+
 With a ``RedTeam`` (``--attack``, see ``clients/red_team.py``) it attacks: it trains on poisoned
 data or replaces its update, and sends nothing else that sets it apart from an honest agent.
 """
@@ -24,7 +29,7 @@ import grpc
 import numpy as np
 
 from clients.connection import Connection, describe
-from clients.data import DataError, check_arrays, load_npz, prepare
+from clients.data import LocalData, Validation, load_data, validate
 from clients.red_team import RedTeam
 from fedwarden.errors import UsageError
 from server.proto_gen import fedwarden_v1_pb2 as pb
@@ -62,6 +67,8 @@ class Agent:
     backoff_initial_s, backoff_max_s: reconnect delays double from the first to the cap.
     give_up_after_s: exit 1 after this long without reaching the coordinator (None: never).
     red_team: makes this agent an attacker (a rehearsal; see clients/red_team.py).
+    strict: refuse to train when any row of the data has a problem (default: skip those rows
+        and report them).
     """
 
     def __init__(
@@ -74,6 +81,7 @@ class Agent:
         backoff_max_s: float = 8.0,
         give_up_after_s: float | None = 600.0,
         red_team: RedTeam | None = None,
+        strict: bool = False,
     ):
         if not connection.client_id:
             raise UsageError("the agent needs --client-id")
@@ -85,20 +93,20 @@ class Agent:
         self.backoff_max_s = backoff_max_s
         self.give_up_after_s = give_up_after_s
         self.red_team = red_team
+        self.strict = strict
+        self.data_report: dict | None = None  # what validation kept and skipped, for the task
         self.rounds_done: list[int] = []
         self._spec: TrainingSpec | None = None
         self._trainer = None
         self._data: tuple[np.ndarray, np.ndarray] | None = None
         self._last_task_id = ""
-        self._raw: tuple[np.ndarray, np.ndarray] | None = None
+        self._raw: LocalData | None = None
         self._registered = False
 
     def run(self) -> int:
         """Trains until the coordinator says training is over (0) or gives up (1)."""
-        self._raw = x, y = load_npz(self.data_path)
-        problems = check_arrays(x, y)
-        if problems:
-            raise AgentError(f"{self.data_path}: " + "; ".join(p.message for p in problems))
+        self._raw = load_data(self.data_path)
+        self._check(validate(self._raw))  # what can be checked before the task is known
         failures, failing_since = 0, None
         while True:
             with self.conn.channel() as channel:
@@ -153,10 +161,11 @@ class Agent:
     def _serve_session(self, stub: pb_grpc.FederationStub) -> None:
         self._registered = False
         meta = self.conn.metadata()
-        x, y = self._raw
         reply = stub.Register(
             pb.RegisterRequest(
-                client_id=self.client_id, num_examples=len(y), agent_version=AGENT_VERSION
+                client_id=self.client_id,
+                num_examples=len(self._raw.index),
+                agent_version=AGENT_VERSION,
             ),
             timeout=15,
             metadata=meta,
@@ -195,11 +204,34 @@ class Agent:
         """Validates the data against the spec and builds the trainer (once per spec)."""
         if spec == self._spec:
             return
-        x, y = self._raw
-        try:
-            self._data = prepare(x, y, spec.input_shape, spec.num_classes, self.data_path)
-        except DataError as exc:
-            raise AgentError(f"refusing to train: {exc}") from None
+        from simulations.datasets import feature_range
+
+        checked = validate(
+            self._raw, spec.input_shape, spec.num_classes, feature_range(spec.dataset)
+        )
+        self._check(checked)
+        if checked.problems:
+            log.warning("%s: skipping rows of its data: %s", self.client_id, checked.report())
+        self.data_report = checked.to_dict()
+        self._data = checked.x, checked.y
+        self._trainer = self._build_trainer(spec)
+        if self.red_team is not None:
+            try:
+                self.red_team.bind(spec.num_classes, *self._data, seed=spec.seed)
+            except UsageError as exc:
+                raise AgentError(f"red team: {exc}") from None
+        self._spec = spec
+        log.info(
+            "%s: %d examples fit the task (%s, input %s, %d classes)",
+            self.client_id,
+            len(self._data[1]),
+            spec.dataset,
+            spec.input_shape,
+            spec.num_classes,
+        )
+
+    def _build_trainer(self, spec: TrainingSpec):
+        """The local trainer for the task (``train(weights, x, y, rng)`` returns the update)."""
         from clients.training import DPSGDSettings, LocalTrainer
         from fedwarden.models import build_model
         from fedwarden.weights import WeightLayout
@@ -217,23 +249,17 @@ class Agent:
                 spec.dp_sgd["noise_multiplier"],
                 spec.dp_sgd["num_microbatches"],
             )
-        self._trainer = LocalTrainer(
-            model, spec.learning_rate, spec.batch_size, spec.local_epochs, dp
-        )
-        if self.red_team is not None:
-            try:
-                self.red_team.bind(spec.num_classes, *self._data, seed=spec.seed)
-            except UsageError as exc:
-                raise AgentError(f"red team: {exc}") from None
-        self._spec = spec
-        log.info(
-            "%s: %d examples fit the task (%s, input %s, %d classes)",
-            self.client_id,
-            len(self._data[1]),
-            spec.dataset,
-            spec.input_shape,
-            spec.num_classes,
-        )
+        return LocalTrainer(model, spec.learning_rate, spec.batch_size, spec.local_epochs, dp)
+
+    def _check(self, checked: Validation) -> None:
+        """Stops the agent on a whole-file problem, or on any problem with ``strict``."""
+        if checked.fatal:
+            raise AgentError(f"refusing to train: {checked.describe()}")
+        if self.strict and checked.problems:
+            raise AgentError(
+                f"refusing to train: {checked.describe()} (--strict: without it the agent "
+                f"would skip these {checked.skipped} of {checked.total} rows)"
+            )
 
     def _fetch(self, stub, session_id: str) -> tuple[pb.TaskHeader, bytes | None]:
         stream = stub.GetTask(

@@ -14,7 +14,9 @@ after round; the data never leaves this machine. TLS is the default (the server'
 checked against --tls-ca, or the system's roots); --tls-cert/--tls-key add a client certificate
 (mutual TLS); --insecure allows plaintext on a trusted network. The agent reconnects with backoff
 when the coordinator restarts, exits 0 when training is over, and exits 2 with a message when its
-credentials are refused or its data does not fit the task.
+credentials are refused or its data does not fit the task. Rows of the data with a problem (NaN,
+values out of range, unknown labels, duplicates) are skipped and reported with their row numbers;
+--strict refuses to train instead.
 
 Red team: --attack NAME makes this agent an attacker, to rehearse an attack on your own
 deployment with the same attacks as simulations (fedwarden attacks lists them). Nothing it sends
@@ -53,6 +55,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         give_up_after_s=give_up,
         backoff_max_s=args.backoff_max,
         red_team=red_team,
+        strict=args.strict,
     )
     logging.getLogger("fedwarden.agent").setLevel(logging.INFO)
     try:
@@ -77,8 +80,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data",
         required=True,
-        metavar="FILE.npz",
-        help="local training data: arrays x (features) and y (integer labels)",
+        metavar="FILE",
+        help="local training data: FILE.npz with arrays x (features) and y (integer labels), "
+        "or FILE.csv with a header line, a 'label' column (integer class) and one column per "
+        "feature (the task's input flattened row-major, e.g. 64 for digits)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse to train if any row of the data has a problem (NaN, out of range, unknown "
+        "label, duplicate, unparseable); by default those rows are skipped and reported",
     )
     add_connection_options(p)
     p.add_argument(

@@ -16,6 +16,13 @@ import numpy as np
 from fedwarden.errors import UsageError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FEATURE_RANGES = {"digits": (0.0, 1.0), "fashion_mnist": (0.0, 1.0), "synthetic": (0.0, 1.0)}
+"""The range of every feature of the built-in datasets (agents check their local data with it)."""
+
+
+def feature_range(name: str) -> tuple[float, float] | None:
+    """``(low, high)`` of a built-in dataset's features; None for a dataset from files."""
+    return FEATURE_RANGES.get(name)
 
 
 @dataclass(frozen=True)

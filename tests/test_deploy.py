@@ -714,18 +714,20 @@ def test_mutual_tls_identity_comes_from_the_certificate(tmp_path, procs):
     listening = coordinator.wait_for(r"listening on 127\.0\.0\.1:(\d+) \(mutual TLS\)", 120)
     port = int(listening.group(1))
 
-    def agent(name: str, cid: str, cert: str, files=certs, data: Path | None = None) -> Proc:
+    def agent(
+        name: str, cid: str, cert: str, *extra: str, files=certs, data: Path | None = None
+    ) -> Proc:
         p = Proc(name, "agent", "--server", f"127.0.0.1:{port}", "--client-id", cid, "--data",
                  str(data or split_dir / f"{cid}.npz"), "--tls-ca", str(certs["ca.pem"]),
                  "--tls-cert", str(files[f"{cert}.pem"]), "--tls-key", str(files[f"{cert}.key"]),
-                 "--backoff-max", "2")  # fmt: skip
+                 "--backoff-max", "2", *extra)  # fmt: skip
         procs.append(p)
         return p
 
     impostor = agent("impostor", "c01", "c00")  # c00's certificate, claiming to be c01
     assert impostor.wait(60) == 2
     impostor.wait_for(r"permission_denied: these credentials identify 'c00', not 'c01'", 1)
-    unfit = agent("unfit data", "c00", "c00", data=bad)
+    unfit = agent("unfit data", "c00", "c00", "--strict", data=bad)  # without it: rows skipped
     assert unfit.wait(60) == 2
     unfit.wait_for(r"refusing to train: .*bad\.npz: 2 labels are outside \[0, 10\) "
                    r"\(first: row 5, label 12\)", 1)  # fmt: skip
