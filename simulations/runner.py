@@ -92,7 +92,11 @@ class Simulation:
             if config.dp_sgd
             else None
         )
-        key = (config.lr, config.batch_size, config.local_epochs, dp)
+        key = (config.engine, config.lr, config.batch_size, config.local_epochs, dp)
+        if key not in self._trainers and config.engine == "tff":
+            from simulations.tff_engine import TFFTrainer  # imports TFF (slow): only when asked
+
+            self._trainers[key] = TFFTrainer.for_simulation(self, config)
         if key not in self._trainers:
             self._trainers[key] = LocalTrainer(
                 self.model, config.lr, config.batch_size, config.local_epochs, dp
@@ -127,6 +131,10 @@ class _Run:
         self.attack: Attack = build_attack(config.attack, attack_params, collude=config.collude)
         self.privacy = central_privacy(config, len(self.fed.ids))
         self.chain = build_chain(config, self.privacy, seed=config.seed)
+        if config.engine == "tff":  # TFF's own aggregator for mean-based chains
+            from aggregation.tff import tff_step
+
+            self.chain = tff_step(self.chain)
         self.dp_sgd = (
             ClientPrivacyAccount(config.dp_noise_multiplier, config.batch_size)
             if config.dp_sgd
@@ -213,13 +221,17 @@ class _Run:
 
     def _local_round(self, round_number: int, selected: list[str]) -> list[ClientUpdate]:
         weights = self.sim.layout.unflatten(self.coordinator.weights)
+        data = [self._client_data(cid, round_number) for cid in selected]
+        rngs = [
+            np.random.default_rng([self.config.seed, 3, round_number, self.fed.ids.index(cid)])
+            for cid in selected
+        ]
+        if hasattr(self.trainer, "train_cohort"):  # the tff engine: one TFF call per round
+            results = self.trainer.train_cohort(weights, data, rngs)
+        else:
+            results = [self.trainer.train(weights, x, y, r) for (x, y), r in zip(data, rngs)]
         updates = []
-        for cid in selected:
-            x, y = self._client_data(cid, round_number)
-            rng = np.random.default_rng(
-                [self.config.seed, 3, round_number, self.fed.ids.index(cid)]
-            )
-            result = self.trainer.train(weights, x, y, rng)
+        for cid, result in zip(selected, results):
             if self.dp_sgd is not None:
                 self.dp_sgd.record(cid, result.num_examples, steps=result.steps)
             updates.append(
