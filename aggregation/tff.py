@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 import tensorflow_federated as tff
 
 from aggregation.base import AggregationError, StepOutput, as_cohort
@@ -111,8 +112,9 @@ class TFFAggregatorStep:
       formal_dp: declares the factory a DP-FedAvg mechanism (``aggregation.dp.is_formal_dp``).
 
     The aggregation process is built on the first call, for the update dimension seen then
-    (later calls must keep it); its state is the step state, so a checkpoint carries it (the
-    adaptive clip of ``gaussian_adaptive``, for example). Measurements are TFF's, flattened to
+    (later calls must keep it). The step state is the TFF process state as a tuple of numpy
+    leaves (``tf.nest.flatten``; None before the first call), so a checkpoint pickles it and
+    carries, for example, the adaptive clip of ``gaussian_adaptive``. Measurements are TFF's, flattened to
     ``"<key>/<key>"`` scalars (``clipped_count``, ``clipping_norm``, ``dp_query_metrics/...``).
     Unweighted factories ignore the client weights, like ``central_dp``.
     """
@@ -133,6 +135,7 @@ class TFFAggregatorStep:
         self.formal_dp = formal_dp
         self.weighted = isinstance(factory, tff.aggregators.WeightedAggregationFactory)
         self._process: Any = None
+        self._template: Any = None
         self._size: int | None = None
 
     def __repr__(self) -> str:
@@ -142,10 +145,12 @@ class TFFAggregatorStep:
         if self._process is None:
             tff_runtime.stop_workers_at_exit()
             value_type = tff.TensorType(np.float32, [size])
-            if self.weighted:
-                self._process = self.factory.create(value_type, tff.TensorType(np.float32))
-            else:
-                self._process = self.factory.create(value_type)
+            with tff_runtime.tracing_without_determinism():  # TFF's DP noise ops take no seed
+                if self.weighted:
+                    self._process = self.factory.create(value_type, tff.TensorType(np.float32))
+                else:
+                    self._process = self.factory.create(value_type)
+            self._template = self._process.initialize()
             self._size = size
         elif size != self._size:
             raise AggregationError(
@@ -166,8 +171,7 @@ class TFFAggregatorStep:
         updates, weights = as_cohort(updates, weights)
         self.check(updates.shape[0])
         process = self._build(updates.shape[1])
-        if state is None:
-            state = process.initialize()
+        state = self._template if state is None else tf.nest.pack_sequence_as(self._template, state)
         # One value per client, in row order: CLIENTS-placed arguments are lists in TFF's
         # Python execution context.
         values = [row for row in updates.astype(np.float32)]
@@ -178,4 +182,5 @@ class TFFAggregatorStep:
         measurements: dict[str, float] = {}
         _scalars("", output.measurements, measurements)
         aggregate = np.asarray(output.result, np.float32)[None, :]
-        return StepOutput(aggregate, np.array([weights.sum()]), output.state, measurements)
+        leaves = tuple(np.asarray(leaf) for leaf in tf.nest.flatten(output.state))
+        return StepOutput(aggregate, np.array([weights.sum()]), leaves, measurements)

@@ -1,4 +1,4 @@
-"""Housekeeping for TFF's local runtime: stop its worker process when Python exits.
+"""Housekeeping for TFF's local runtime: its worker process, and tracing under op determinism.
 
 TFF's default execution context (``set_sync_local_cpp_execution_context``) runs computations in
 a ``worker_binary`` child process. In tensorflow-federated 0.87 nothing stops that child at
@@ -7,14 +7,22 @@ the parent's stdout (a shell pipe such as ``python run.py | tail`` then never en
 ``stop_workers_at_exit()`` registers an ``atexit`` hook that interrupts (SIGINT, what TFF itself
 sends) and reaps this process's own ``worker_binary`` children, found by parent pid in ``/proc``;
 other processes' workers are never touched. Elsewhere than Linux it does nothing.
+
+``tracing_without_determinism()`` lets TFF trace computations with unseeded random ops (its DP
+aggregators take no seed) in a process that enabled ``tf.config.experimental.
+enable_op_determinism()``, as simulations do; TF refuses to build such ops otherwise.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator
+
+from tensorflow.python.framework import config as tf_config
 
 _registered = False
 
@@ -70,3 +78,20 @@ def stop_workers_at_exit() -> None:
     if not _registered:
         atexit.register(stop_workers)
         _registered = True
+
+
+@contextlib.contextmanager
+def tracing_without_determinism() -> Iterator[None]:
+    """Disables TF op determinism inside the block (restored after), for tracing unseeded ops.
+
+    The computation then runs in TFF's worker process, which never had determinism enabled, so
+    this changes what TF accepts at trace time, not what the computation does.
+    """
+    enabled = tf_config.is_op_determinism_enabled()
+    if enabled:
+        tf_config.disable_op_determinism()
+    try:
+        yield
+    finally:
+        if enabled:
+            tf_config.enable_op_determinism()

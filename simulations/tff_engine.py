@@ -17,7 +17,7 @@ Three layers, each usable alone:
 Mean-based chains (``mean``, ``clip + mean``, ``central_dp``) are aggregated by TFF's own
 aggregators (``aggregation/tff.py``); every other chain by fedwarden's numpy steps.
 
-Example (runs as is, about a minute on two cores)::
+Example (runs as is; a few seconds once TensorFlow and TFF are imported)::
 
     import numpy as np
     import tensorflow as tf

@@ -5,6 +5,7 @@ TFF takes seconds to import and to trace a computation: models and cohorts here 
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 from dataclasses import replace
@@ -114,7 +115,7 @@ def test_tff_aggregators_agree_with_fedwarden_chains(chain):
         )
         weights = rng.integers(5, 60, size=7).astype(np.float64)
         a, b = chain(updates, weights, ours), step(updates, weights, theirs)
-        ours, theirs = a.state, b.state
+        ours, theirs = a.state, pickle.loads(pickle.dumps(b.state))  # checkpoints pickle states
         np.testing.assert_allclose(b.updates, a.updates, rtol=1e-5, atol=1e-6)
 
 
@@ -185,6 +186,29 @@ def test_simulate_engine_tff_matches_native(tmp_path: Path):
         assert all(c["trust"] is not None for c in on_disk["clients"].values() if c["malicious"])
     native, tff_run = (np.array([r["accuracy"] for r in runs[e]["rounds"]]) for e in runs)
     np.testing.assert_allclose(tff_run, native, atol=0.02)
+
+
+def test_simulate_engine_tff_central_dp_uses_tffs_dp_aggregator(tmp_path: Path):
+    config = make_config(
+        {},
+        dict(
+            clients=8,
+            clients_per_round=6,
+            rounds=2,
+            local_epochs=1,
+            aggregator="mean",
+            dp="central",
+            dp_noise_multiplier=0.3,
+            dp_adaptive_clip=True,
+            engine="tff",
+            progress=False,
+            out=str(tmp_path),
+        ),
+    )
+    results = simulate(config)
+    assert "DifferentiallyPrivateFactory" in results["aggregator"]
+    assert results["rounds"][-1]["measurements"]["dp_query_metrics/clip"] > 0
+    assert 0.0 <= results["final"]["accuracy"] <= 1.0
 
 
 def test_tff_worker_is_stopped_at_exit():
