@@ -199,6 +199,7 @@ class Agent:
                 self._train_and_submit(stub, reply.session_id, header, payload)
         finally:
             stop.set()
+            beat.join(2.0)  # no heartbeat may start on the channel the caller is about to close
 
     def _prepare(self, spec: TrainingSpec) -> None:
         """Validates the data against the spec and builds the trainer (once per spec)."""
@@ -384,3 +385,5 @@ class Agent:
                 )
             except grpc.RpcError as exc:  # the main loop notices and reconnects
                 log.debug("%s: heartbeat failed: %s", self.client_id, describe(exc))
+            except ValueError:  # the channel closed under a heartbeat: the session is over
+                return

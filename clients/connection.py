@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,9 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.initial_reconnect_backoff_ms", 500),
     ("grpc.max_reconnect_backoff_ms", 5_000),
+    # a connection of its own, not one shared with other channels to the same address in this
+    # process (agents run one per process, but tests and load runs hold hundreds in one)
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 COMPRESSION = {"none": grpc.Compression.NoCompression, "gzip": grpc.Compression.Gzip}
 
@@ -35,7 +38,7 @@ COMPRESSION = {"none": grpc.Compression.NoCompression, "gzip": grpc.Compression.
 class Connection:
     server: str  # HOST:PORT
     client_id: str | None = None
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # never in logs or tracebacks
     tls_ca: str | None = None  # None: the system's trusted roots
     tls_cert: str | None = None  # client certificate, for mutual TLS
     tls_key: str | None = None

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 LABEL_COLUMN = "label"
+MAX_LABEL = 2**31  # labels are class indices; without a task's num_classes, below this
 SHOWN_ROWS = 5  # rows listed in a report line; DataProblem.rows holds them all
 
 
@@ -279,16 +280,16 @@ def check_labels(
         return [
             DataProblem("dtype", len(y), None, f"y has dtype {y.dtype}; labels must be integers")
         ]
-    upper = np.inf if num_classes is None else num_classes
+    upper = MAX_LABEL if num_classes is None else num_classes
     with np.errstate(invalid="ignore"):
         bad = whole & ((y < 0) | (y >= upper))
     if bad.any():
         rows = np.flatnonzero(bad)
-        accepted = f"[0, {num_classes})" if num_classes is not None else ">= 0"
+        accepted = f"[0, {upper})"
         label = y[rows[0]].item()
         label = int(label) if float(label).is_integer() else label
         what = f"labels are outside {accepted}"
-        problems.append(_per_row("label_range", rows, name, what, f"label {label!r}"))
+        problems.append(_per_row("label_range", rows, name, what, f"label {repr(label)[:20]}"))
     return problems
 
 

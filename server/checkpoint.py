@@ -7,7 +7,9 @@ round and the sha256 of the pickled bytes after it. The newest ``keep`` files ar
 previous good one survives a corrupted newest one); older ones are removed.
 
 ``load_latest(state_dir)`` returns the payload of the newest checkpoint whose checksum verifies,
-logging which file it used and any file it skipped, or None when there is none.
+logging which file it used and any file it skipped (and removing temporary files a crash left
+mid-write), or None when there is none. When checkpoint files exist but none verifies it
+raises CheckpointError rather than let a run start again from round 0 over them.
 
 The payload is pickled (numpy arrays, optimizer and aggregation-chain state of any shape): a
 state directory is trusted local storage, like the process's own memory. Never load a checkpoint
@@ -33,14 +35,18 @@ from typing import Any
 
 import numpy as np
 
+from fedwarden.errors import UsageError
+from server import faults
+
 log = logging.getLogger("fedwarden.checkpoint")
 
 MAGIC = b"FEDWARDEN-CHECKPOINT-1"
 _NAME = re.compile(r"^checkpoint-(\d{6,})\.ckpt$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint file is truncated, corrupted or not a fedwarden checkpoint."""
+class CheckpointError(UsageError):
+    """A checkpoint file is truncated, corrupted or not a fedwarden checkpoint (the command
+    line reports it in one line, like any problem with what the user gave it)."""
 
 
 def path_for(state_dir: str | os.PathLike, round: int) -> Path:
@@ -65,7 +71,7 @@ def save(state_dir: str | os.PathLike, round: int, payload: dict[str, Any], keep
     body = pickle.dumps({**payload, "round": int(round)}, protocol=pickle.HIGHEST_PROTOCOL)
     header = b"%s %d %s\n" % (MAGIC, round, hashlib.sha256(body).hexdigest().encode())
     target = path_for(directory, round)
-    _atomic_write(target, [header, body])
+    _atomic_write(target, [header, body], fault=("checkpoint", round))
     for _, old in list_checkpoints(directory)[max(keep, 1) :]:
         old.unlink(missing_ok=True)
     return target
@@ -96,15 +102,29 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_latest(state_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The newest checkpoint that verifies (falling back to older ones), or None."""
-    for round, path in list_checkpoints(state_dir):
+    """The newest checkpoint that verifies (falling back to older ones), or None if there is
+    none at all; raises CheckpointError if there are some and none verifies."""
+    directory = Path(state_dir)
+    if directory.is_dir():
+        for stale in directory.glob(".checkpoint-*.tmp"):
+            log.warning("removing %s, a checkpoint left half-written by a crash", stale.name)
+            stale.unlink(missing_ok=True)
+    found = list_checkpoints(state_dir)
+    problems = []
+    for round, path in found:
         try:
             payload = read(path)
         except CheckpointError as exc:
             log.warning("skipping checkpoint of round %d: %s", round, exc)
+            problems.append(str(exc))
             continue
         log.info("resuming from %s (round %d)", path, round)
         return payload
+    if found:
+        raise CheckpointError(
+            f"no checkpoint in {state_dir} verifies ({'; '.join(problems)}); restore one from "
+            "a backup, or move them away to start the run again from round 0"
+        )
     return None
 
 
@@ -127,12 +147,15 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def _atomic_write(target: Path, parts: list[bytes]) -> None:
+def _atomic_write(target: Path, parts: list[bytes], fault: tuple[str, int] | None = None) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             for part in parts:
                 f.write(part)
+                if fault:  # test-only: die with part of the file on disk (server/faults.py)
+                    f.flush()
+                    faults.point(*fault)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)

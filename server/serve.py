@@ -10,7 +10,11 @@ and a checkpoint of everything needed to resume, followed by ``results.json``.
 Crash safety: the trust ledger is written during ``finish_round``, the checkpoint after it. A
 coordinator killed at any point restarts from the newest checkpoint that verifies (round R) and
 first truncates the ledger to R, so no round is repeated or lost and trust matches the weights.
-SIGTERM (or Ctrl-C) abandons a round in progress, keeps the last checkpoint and exits 0.
+SIGTERM (or Ctrl-C) abandons a round in progress, keeps the last checkpoint and exits 0. When
+the state dir cannot be written (disk full, permissions) the coordinator stops with a one-line
+message and exit code 2, keeping nothing of the round it could not persist; restarted once the
+problem is fixed, it resumes after the last round it did persist. ``server/faults.py`` kills it
+at chosen points of a round, for the tests of all this.
 
 Privacy budget: with ``--dp central --target-epsilon E`` the accountant runs in the loop. After
 every round the coordinator publishes ``fedwarden_dp_epsilon``; before starting a round it asks
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sqlite3
 import threading
 import time
 from concurrent import futures
@@ -40,7 +45,7 @@ from prometheus_client import Counter, Gauge
 
 from fedwarden.config import RunConfig
 from fedwarden.errors import UsageError
-from server import checkpoint
+from server import checkpoint, faults
 from server.auth import Authenticator, load_tokens
 from server.hub import Hub
 from server.proto_gen import fedwarden_v1_pb2_grpc as pb_grpc
@@ -275,14 +280,24 @@ class Server:
                 f"{o.state_dir} holds a run of another model (weight shapes "
                 f"{saved['layout']}); use a new --state-dir"
             )
-        ledger = Ledger(o.state_dir / "ledger.sqlite")
-        if ledger.last_round() < done:
-            log.warning(
-                "ledger ends at round %d but the checkpoint at %d: trust restarts from the ledger",
-                ledger.last_round(),
-                done,
-            )
-        ledger.truncate_after(done)
+        try:
+            ledger = Ledger(o.state_dir / "ledger.sqlite")
+            if ledger.last_round() < done:
+                log.warning(
+                    "ledger ends at round %d but the checkpoint at %d: trust restarts from the "
+                    "ledger",
+                    ledger.last_round(),
+                    done,
+                )
+            if ledger.last_round() > done:
+                print(
+                    f"fedwarden serve: the ledger holds rounds after {done}, the last checkpoint"
+                    " (a crash before it was written): they are dropped and will be re-run",
+                    flush=True,
+                )
+            ledger.truncate_after(done)
+        except (OSError, sqlite3.Error) as exc:
+            raise UsageError(f"cannot open the trust ledger in {o.state_dir}: {exc}") from None
         policy = TrustPolicy(
             decay=c.trust_decay,
             flag_below=c.trust_flag_below,
@@ -387,7 +402,11 @@ class Server:
             self, coordinator, evaluator, layout, data, hub, exporter, metrics, privacy, state
         )
         if state["rounds"]:  # a crash between the checkpoint and results.json loses nothing
-            checkpoint.write_json_atomic(o.state_dir / "results.json", loop.results())
+            try:
+                checkpoint.write_json_atomic(o.state_dir / "results.json", loop.results())
+            except OSError as exc:
+                grpc_server.stop(0)
+                raise unwritable(o.state_dir, done, exc) from None
         try:
             ending = loop.run(done + 1)
             if ending != "stopped":
@@ -417,6 +436,18 @@ class Server:
                 metrics_server.shutdown()
             ledger.close()
         return 0
+
+
+def unwritable(state_dir: Path, round_number: int, exc: Exception) -> UsageError:
+    """The error that stops a coordinator whose state dir cannot be written (e.g. disk full)."""
+    saved = checkpoint.list_checkpoints(state_dir)
+    kept = f"round {saved[0][0]}" if saved else "nothing"
+    return UsageError(
+        f"round {round_number}: cannot write the state dir {state_dir} "
+        f"({type(exc).__name__}: {exc}); the coordinator stops, its last checkpoint is "
+        f"{kept}: free space or fix the directory, then restart with the same --state-dir "
+        "to resume from it"
+    )
 
 
 @dataclass
@@ -508,6 +539,7 @@ class _RoundLoop:
         start = time.perf_counter()
         payload = encode_vector(self.coordinator.weights, "float32")
         self.hub.publish(round_number, attempt, selected, payload, sha256_hex(payload))
+        faults.point("collect", round_number)
         need = min(self.o.min_clients, len(selected))
         updates, complete = self.hub.collect(
             need, time.monotonic() + self.o.round_timeout_s, stop=self.stopping
@@ -523,7 +555,12 @@ class _RoundLoop:
                     flush=True,
                 )
             return False
-        outcome = self.coordinator.finish_round(round_number, selected, updates)
+        faults.point("aggregate", round_number)
+        try:
+            outcome = self.coordinator.finish_round(round_number, selected, updates)
+        except (OSError, sqlite3.Error) as exc:  # the ledger could not be written
+            raise unwritable(self.o.state_dir, round_number, exc) from None
+        faults.point("ledger", round_number)
         loss, accuracy = self.evaluator.evaluate(
             self.layout.unflatten(self.coordinator.weights), self.data.x, self.data.y
         )
@@ -562,17 +599,21 @@ class _RoundLoop:
                 "measurements": checkpoint.jsonable(outcome.measurements),
             }
         )
-        checkpoint.save(
-            self.o.state_dir,
-            round_number,
-            {
-                "coordinator": self.coordinator.state_dict(),
-                "layout": self.layout.shapes,
-                "config": self.c.to_dict(),
-                **self.state,
-            },
-        )
-        checkpoint.write_json_atomic(self.o.state_dir / "results.json", self.results())
+        try:
+            checkpoint.save(
+                self.o.state_dir,
+                round_number,
+                {
+                    "coordinator": self.coordinator.state_dict(),
+                    "layout": self.layout.shapes,
+                    "config": self.c.to_dict(),
+                    **self.state,
+                },
+            )
+            faults.point("results", round_number)
+            checkpoint.write_json_atomic(self.o.state_dir / "results.json", self.results())
+        except OSError as exc:
+            raise unwritable(self.o.state_dir, round_number, exc) from None
         self.hub.set_last_round(round_number)
         print(
             f"round {round_number}/{self.c.rounds}: accuracy {accuracy:.3f}, loss {loss:.3f}, "
