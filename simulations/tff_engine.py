@@ -237,7 +237,8 @@ class RobustFedAvgProcess:
 
     Built by :func:`build_robust_fedavg_process`; shaped like a ``tff.learning`` training
     process: ``initialize()``, ``next(state, client_datasets, client_ids)`` returning a
-    ``tff.learning.templates.LearningProcessOutput(state, metrics)``, ``get_model_weights(state)``.
+    ``tff.learning.templates.LearningProcessOutput(state, metrics)``, ``get_model_weights(state)``,
+    and ``select(available, k, rng)`` to sample a cohort that skips quarantined clients.
     It is a Python object rather than a ``tff.Computation``: the chain (a median, Krum, ...) runs
     in numpy on the stacked client deltas, which is what lets it see every client's update.
 
@@ -306,6 +307,16 @@ class RobustFedAvgProcess:
 
     def get_model_weights(self, state: RobustFedAvgState) -> tff.learning.models.ModelWeights:
         return state.model_weights
+
+    def select(self, available: Sequence[str], k: int, rng: np.random.Generator) -> list[str]:
+        """Samples up to ``k`` client ids, skipping quarantined ones (the native engine's rule).
+
+        Optional: ``next`` trains whichever clients it is given, but under
+        ``TrustPolicy(quarantine="exclude")`` this is how excluded clients stay out.
+        """
+        if self._coordinator is None:
+            raise UsageError("call initialize() before select().")
+        return self._coordinator.select([str(c) for c in available], k, rng)
 
     def next(
         self,

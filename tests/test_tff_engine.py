@@ -29,6 +29,7 @@ from clients.training import LocalTrainer  # noqa: E402
 from fedwarden.config import make_config  # noqa: E402
 from fedwarden.errors import UsageError  # noqa: E402
 from fedwarden.models import build_model  # noqa: E402
+from server.trust import TrustPolicy  # noqa: E402
 from simulations.runner import simulate  # noqa: E402
 from simulations.tff_engine import (  # noqa: E402
     TFFTrainer,
@@ -66,7 +67,10 @@ def client_datasets(n: int, seed: int = 0, size: int = 24) -> list[tf.data.Datas
 
 def test_process_runs_two_rounds_and_keys_scores_by_client_id():
     process = build_robust_fedavg_process(
-        MODEL_FN, tff.learning.optimizers.build_sgdm(0.1), chain="median"
+        MODEL_FN,
+        tff.learning.optimizers.build_sgdm(0.1),
+        chain="median",
+        trust_policy=TrustPolicy(quarantine="exclude"),
     )
     state = process.initialize()
     initial = [np.array(w) for w in process.get_model_weights(state).trainable]
@@ -87,6 +91,8 @@ def test_process_runs_two_rounds_and_keys_scores_by_client_id():
         assert np.isfinite(metrics["train"]["loss"])
     assert state.trust["mallory"].trust < min(state.trust[c].trust for c in metrics["clients"])
     assert state.trust["mallory"].rejected == 2
+    assert "mallory" in metrics["flagged"]  # trust 1 -> 0.7 -> 0.49, below 0.55
+    assert process.select(ids, 5, np.random.default_rng(0)) == ["alice", "bob", "carol", "dave"]
     trained = process.get_model_weights(state).trainable
     assert any(not np.allclose(a, b) for a, b in zip(initial, trained))
     with pytest.raises(UsageError, match="state is from round 1"):
