@@ -111,7 +111,10 @@ def load_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
                     f"{path} must hold arrays 'x' and 'y'; missing {', '.join(missing)} "
                     f"(found: {', '.join(data.files) or 'nothing'})"
                 )
-            return data["x"], data["y"]
+            x, y = data["x"], data["y"]
+            if not isinstance(x, np.ndarray) or not isinstance(y, np.ndarray):
+                raise DataError(f"{path}: 'x' and 'y' must be .npy arrays in the archive")
+            return x, y
     except DataError:
         raise
     except Exception as exc:  # a damaged archive fails in zipfile, zlib or numpy's header parser

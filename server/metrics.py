@@ -199,6 +199,22 @@ class MetricsExporter:
                 self._clients[cid] = {**self._clients.get(cid, {}), **row, "client_id": cid}
             self._relabel()
 
+    def restore(
+        self, round: int, accuracy: float | None, loss: float | None, clients: list[dict[str, Any]]
+    ) -> None:
+        """Sets the last round's values and the clients' rows as a restarted process resumes
+        (from its checkpoint and ledger), without counting a round this process did not run."""
+        self._round.set(round)
+        if _value(accuracy) is not None:
+            self._accuracy.set(float(accuracy))
+        if _value(loss) is not None:
+            self._loss.set(float(loss))
+        with self._lock:
+            for row in clients:
+                cid = str(row["client_id"])
+                self._clients[cid] = {**self._clients.get(cid, {}), **row, "client_id": cid}
+            self._relabel()
+
     def forget_client(self, client_id: str) -> None:
         """Drops a client that left the federation, with its series."""
         with self._lock:

@@ -341,6 +341,9 @@ class Server:
         hub.set_last_round(done)
         exporter = MetricsExporter()
         metrics = ServeMetrics(exporter.registry)
+        if state["rounds"]:  # a restarted coordinator shows trust before its first round
+            last = state["rounds"][-1]
+            exporter.restore(done, last["accuracy"], last["loss"], ledger.list_clients())
         if privacy is not None and done:
             exporter.set_dp_epsilon(privacy.epsilon(done))
 

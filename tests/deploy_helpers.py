@@ -68,14 +68,23 @@ def run_fedwarden(*args: str, timeout: float = 120) -> subprocess.CompletedProce
 
 
 class Proc:
-    """A fedwarden process whose output (stdout and stderr, merged) is read line by line."""
+    """A fedwarden process whose output (stdout and stderr, merged) is read line by line.
 
-    def __init__(self, name: str, *args: str, env: dict[str, str] | None = None):
+    ``module`` runs another module of the project instead of the CLI (e.g. tests.load_harness).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        module: str = "fedwarden.cli",
+    ):
         self.name = name
         self.lines: list[str] = []
         self._cond = threading.Condition()
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "fedwarden.cli", *args],
+            [sys.executable, "-m", module, *args],
             cwd=ROOT,
             text=True,
             env={**subprocess_env(), **(env or {})},
