@@ -13,7 +13,9 @@ sockets (a cut upload, one identity flooding the worker threads). The coverage-g
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -598,3 +600,87 @@ def test_fuzzers_find_nothing(target, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"Done {runs} runs" in proc.stderr
+
+
+# -- a real coordinator process: every refusal reaches /metrics, the rounds go on -------------
+
+
+@pytest.mark.integration
+def test_a_live_coordinator_counts_each_hostile_upload_and_finishes_its_rounds(tmp_path, procs):
+    from server.ledger import Ledger
+    from tests.deploy_helpers import Proc, metrics_text
+    from tests.load_harness import AgentPool, serve_args, write_client_data, write_tokens
+
+    light, hostile = ["c00", "c01", "c02"], "c03"
+    files = write_client_data(tmp_path / "data", [*light, hostile])
+    tokens = write_tokens(tmp_path / "tokens.toml", [*light, hostile])
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "PAUSE").write_text("1")
+    args = serve_args(state, tmp_path / "tokens.toml", 2, 3, 4, "--insecure", "--round-timeout", "5")  # fmt: skip
+    coordinator = Proc("coordinator", *args)
+    procs.append(coordinator)
+    found = coordinator.wait_for(
+        r"listening on 127\.0\.0\.1:(\d+).*metrics on 127\.0\.0\.1:(\d+)", 300
+    )  # noqa: E501
+    address, metrics_port = f"127.0.0.1:{found.group(1)}", int(found.group(2))
+    channel = grpc.insecure_channel(address)
+    stub = pb_grpc.FederationStub(channel)
+    own = (("authorization", f"Bearer {tokens[hostile]}"),)
+    session = stub.Register(
+        pb.RegisterRequest(client_id=hostile), metadata=own, timeout=30
+    ).session_id  # noqa: E501
+    pool = AgentPool(address, tokens, files)
+    pool.start(light)
+    coordinator.wait_for(r"^round 1: held by", 60)
+    (state / "PAUSE").write_text("2")  # round 1 may start; hold before round 2
+    task = next(
+        stub.GetTask(pb.TaskRequest(session_id=session, wait_s=30), metadata=own, timeout=60)
+    ).header  # noqa: E501
+    assert task.status == pb.TaskHeader.TASK and task.round == 1
+    n = int(sum(np.prod(s.dims) for s in task.spec.weight_shapes))
+    bench = Bench(None, None, {hostile: session}, "", task.task_id)
+
+    def upload(msgs, metadata=own):
+        try:
+            return stub.SubmitUpdate(iter(msgs), metadata=metadata, timeout=30).status
+        except grpc.RpcError as exc:
+            return exc.code()
+
+    ones = encode_vector(np.ones(n, np.float32))
+    nan = np.ones(n, np.float32)
+    nan[0] = np.nan
+    msgs = [header(bench, hostile, ones, round=1)]
+    msgs += [
+        pb.UpdateChunk(chunk=pb.Chunk(seq=s, data=d)) for s, d in reversed(chunks_of(ones, 100))
+    ]  # noqa: E501
+    bad_token = (("authorization", "Bearer " + "f" * 32),)
+    assert (
+        upload(stream(bench, hostile, ones, round=1), bad_token) == grpc.StatusCode.UNAUTHENTICATED
+    )  # noqa: E501
+    assert (
+        upload(stream(bench, hostile, ones, round=1, session_id="0" * 16))
+        == grpc.StatusCode.NOT_FOUND
+    )  # noqa: E501
+    assert upload(msgs) == grpc.StatusCode.DATA_LOSS  # chunks in the wrong order
+    assert upload(stream(bench, hostile, encode_vector(nan), round=1)) == pb.SubmitReply.ACCEPTED
+    coordinator.wait_for(r"^round 2: held by", 120)
+    # a replay of round 1's upload, now that round 1 is closed
+    assert upload(stream(bench, hostile, encode_vector(nan), round=1)) == pb.SubmitReply.LATE
+    text = metrics_text(metrics_port)  # the servicer counts before it answers
+    counted = dict(re.findall(r'fedwarden_updates_rejected_total\{reason="(\w+)"\} (\S+)', text))
+    assert {k: float(v) for k, v in counted.items()} == {
+        "unauthenticated": 1.0, "unknown_session": 1.0, "damaged_stream": 1.0, "non_finite": 1.0,
+        "late": 1.0,
+    }  # fmt: skip
+    (state / "PAUSE").unlink()
+    assert coordinator.wait(300) == 0, coordinator.output()
+    assert all(code == 0 for code in pool.join(120).values())
+    channel.close()
+    results = json.loads((state / "results.json").read_text())
+    assert [r["round"] for r in results["rounds"]] == [1, 2]
+    assert [r["admitted"] for r in results["rounds"]] == [3, 3]
+    assert results["rounds"][0]["rejections"] == [{"client_id": hostile, "reason": "non_finite"}]
+    with Ledger(state / "ledger.sqlite", readonly=True) as ledger:
+        (row,) = ledger.client_history(hostile)
+        assert row["rejected_reason"] == "non_finite" and row["norm"] is None
