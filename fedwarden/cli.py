@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # hides CUDA plugin noise on CPU-only machines
+# Hides CUDA plugin noise on CPU-only machines. Set, not defaulted: importing jax (via
+# tensorflow) sets it to 1 in the parent environment, which child processes inherit.
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = os.environ.get("FEDWARDEN_TF_LOG_LEVEL", "3")
 
 from fedwarden.config import (  # noqa: E402
     DATASETS,

@@ -26,10 +26,10 @@ def compare(base: RunConfig, attacks: list[str], aggregators: list[str], out: Pa
         for a in rows
         for g in aggregators
     }
+    federation = make_federation(base)
     for config in configs.values():
         validate(config)
-        check_config(config)
-    federation = make_federation(base)
+        check_config(config, federation.dataset.num_classes)
     clean = replace(federation, malicious=frozenset())
     simulation = Simulation(base, federation)  # one data split and one compiled model for all cells
     matrix: dict[str, dict[str, dict]] = {a: {} for a in rows}

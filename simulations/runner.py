@@ -405,9 +405,11 @@ class _Run:
         return results
 
 
-def check_config(config: RunConfig) -> None:
-    """Fails fast, before any data is loaded: attack and aggregator names, parameters, cohort size."""
-    build_attack(config.attack, {"num_classes": 10, **config.attack_params}, collude=config.collude)
+def check_config(config: RunConfig, num_classes: int) -> None:
+    """Fails fast, before any training: attack and aggregator names, parameters, cohort size, DP."""
+    build_attack(
+        config.attack, {"num_classes": num_classes, **config.attack_params}, collude=config.collude
+    )
     privacy = central_privacy(config, config.clients)
     build_chain(config, privacy, seed=None).check(config.clients_per_round)
     if config.dp_sgd:
@@ -423,8 +425,9 @@ def check_config(config: RunConfig) -> None:
 
 
 def simulate(config: RunConfig, resume: bool = False) -> dict[str, Any]:
-    check_config(config)
-    return Simulation(config).run(config, Path(config.out), resume=resume)
+    federation = make_federation(config)
+    check_config(config, federation.dataset.num_classes)
+    return Simulation(config, federation).run(config, Path(config.out), resume=resume)
 
 
 def variant(config: RunConfig, **changes: Any) -> RunConfig:
