@@ -150,18 +150,42 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     results = simulate(config, resume=args.resume)
-    final = results["final"]
-    det = final["detection"]
-    print(
-        f"accuracy {final['accuracy']:.3f}  attack success "
-        f"{'-' if final['attack_success_rate'] is None else format(final['attack_success_rate'], '.3f')}"
-        f"  detection precision {_fmt(det.get('precision'))} recall {_fmt(det.get('recall'))}"
-    )
-    print_privacy(final.get("privacy"))
+    print(summary_table(results))
+    print_privacy(results["final"].get("privacy"))
     print(
         f"results in {config.out}/ (results.json, rounds.csv, accuracy.png, trust.png, ledger.sqlite)"
     )
     return 0
+
+
+def summary_table(results: dict) -> str:
+    """The end-of-run table: accuracy, attack success, detection, the least trusted clients."""
+    from simulations.report import fmt, markdown_table
+
+    final, det = results["final"], results["final"]["detection"]
+    rows = [
+        ["test accuracy", fmt(final["accuracy"])],
+        ["test loss", fmt(final["loss"])],
+        ["attack success rate", fmt(final["attack_success_rate"])],
+        ["detection precision / recall", f"{fmt(det['precision'])} / {fmt(det['recall'])}"],
+        ["first detection (round)", fmt(det["first_detection_round"])],
+    ]
+    clients = results["clients"]
+    scored = sorted(
+        (c for c in clients if clients[c]["trust"] is not None), key=lambda c: clients[c]["trust"]
+    )
+    flagged = [c for c in scored if clients[c]["flagged"]]
+    rows.append(["flagged clients", " ".join(flagged) or "-"])
+    rows.append(
+        [
+            "least trusted",
+            " ".join(
+                f"{c} ({clients[c]['trust']:.2f}{', malicious' if clients[c]['malicious'] else ''})"
+                for c in scored[:3]
+            ),
+        ]
+    )
+    return markdown_table(["after " + str(len(results["rounds"])) + " rounds", ""], rows)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
