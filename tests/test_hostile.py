@@ -262,10 +262,12 @@ def mutate(msgs: list[pb.UpdateChunk], how: str, rng, bench: Bench) -> list[pb.U
         msgs[-1].trailer.sha256 = rng.choice(["", "0" * 64, "zz", msgs[-1].trailer.sha256[::-1]])
     elif how == "size":
         head.total_size = rng.choice(
-            [0, 1, max(0, head.total_size - 1), head.total_size + 4, 2**64 - 1]
+            [0, 1, max(0, head.total_size - 1), (head.total_size + 4) % 2**64, 2**64 - 1]
         )
     elif how == "seq":
-        msgs[i].chunk.seq = rng.choice([msgs[i].chunk.seq + 1, 2**64 - 1, 0 if i > 1 else 7])
+        msgs[i].chunk.seq = rng.choice(
+            [(msgs[i].chunk.seq + 1) % 2**64, 2**64 - 1, 0 if i > 1 else 7]
+        )
     elif how == "dtype":
         head.dtype = rng.choice(["float64", "int32", "float16", "", "float32 ", "complex64"])
     elif how == "session":
