@@ -1,4 +1,4 @@
-.PHONY: setup demo test test-fast lint proto lock bench
+.PHONY: setup demo test test-fast lint proto lock bench reliability
 PY := .venv/bin/python
 
 setup:
@@ -26,3 +26,8 @@ bench: setup
 # Rebuild requirements.lock from the top-level pins in a scratch venv.
 lock:
 	./scripts/relock
+
+# The heavy variants of the reliability tests (RELIABILITY.md): 200 agents, random crashes,
+# 50 000 fuzz runs per parser, 2000 hypothesis examples. About 20 minutes on 2 cores.
+reliability: setup
+	FEDWARDEN_HEAVY=1 $(PY) -m pytest -q -s tests/test_load.py tests/test_faults.py tests/test_hostile.py tests/test_agent_data.py
