@@ -598,7 +598,8 @@ def test_fuzzers_find_nothing(target, tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests/fuzz_parsers.py"), target, f"-runs={runs}",
          f"-artifact_prefix={tmp_path}/", "-max_len=4096", "-seed=1"],
-        capture_output=True, text=True, timeout=1800, cwd=ROOT, env=subprocess_env(),
+        capture_output=True, text=True, timeout=1800, cwd=ROOT,
+        env={**subprocess_env(), "TMPDIR": str(tmp_path)},  # the fuzzer's scratch files
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"Done {runs} runs" in proc.stderr
