@@ -1,4 +1,4 @@
-"""From a run configuration to the aggregation chain and its privacy accounting.
+"""From a run configuration to the aggregation chain, its privacy accounting and the trust policy.
 
 One place for both simulations and the gRPC coordinator. With ``dp = "central"``:
 
@@ -19,6 +19,7 @@ from aggregation.chain import Chain, parse_chain
 from aggregation.clipping import clip_by_norm
 from aggregation.dp import central_dp, gaussian_noise, is_formal_dp
 from fedwarden.config import RunConfig
+from server.trust import TrustPolicy
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,17 @@ class CentralPrivacy:
             "target_epsilon": self.solved_for,
             **({"epsilon_budget": self.budget} if self.budget is not None else {}),
         }
+
+
+def trust_policy(config: RunConfig) -> TrustPolicy:
+    return TrustPolicy(
+        decay=config.trust_decay,
+        flag_below=config.trust_flag_below,
+        unflag_above=config.trust_unflag_above,
+        quarantine=config.quarantine,
+        downweight=config.quarantine_downweight,
+        probation_rounds=config.probation_rounds,
+    )
 
 
 def central_privacy(

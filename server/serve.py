@@ -253,11 +253,11 @@ class Server:
         from fedwarden.models import build_model
         from fedwarden.weights import WeightLayout
         from server.coordinator import Coordinator
-        from server.defence import build_chain, central_privacy
+        from server.defence import build_chain, central_privacy, trust_policy
         from server.ledger import Ledger
         from server.metrics import MetricsExporter
         from server.optimizers import ServerOptimizer
-        from server.trust import TrustBook, TrustPolicy
+        from server.trust import TrustBook
 
         c, o = self.config, self.options
         auth = self._authenticator()
@@ -298,14 +298,7 @@ class Server:
             ledger.truncate_after(done)
         except (OSError, sqlite3.Error) as exc:
             raise UsageError(f"cannot open the trust ledger in {o.state_dir}: {exc}") from None
-        policy = TrustPolicy(
-            decay=c.trust_decay,
-            flag_below=c.trust_flag_below,
-            unflag_above=c.trust_unflag_above,
-            quarantine=c.quarantine,
-            downweight=c.quarantine_downweight,
-            probation_rounds=c.probation_rounds,
-        )
+        policy = trust_policy(c)
         coordinator = Coordinator(
             layout.flatten(model.get_weights()),
             chain,

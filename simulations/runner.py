@@ -27,11 +27,11 @@ from fedwarden.weights import WeightLayout
 from server import checkpoint
 from server.admission import ClientUpdate
 from server.coordinator import Coordinator, RoundOutcome
-from server.defence import build_chain, central_privacy
+from server.defence import build_chain, central_privacy, trust_policy
 from server.ledger import Ledger, remove_ledger
 from server.metrics import MetricsExporter
 from server.optimizers import ServerOptimizer
-from server.trust import TrustBook, TrustPolicy
+from server.trust import TrustBook
 from simulations import report
 from simulations.attacks import Attack, build_attack
 from simulations.datasets import Dataset, load_dataset
@@ -150,14 +150,7 @@ class _Run:
         self.ledger = Ledger(out / "ledger.sqlite")
         if saved is not None:
             self.ledger.truncate_after(saved["round"])
-        policy = TrustPolicy(
-            decay=config.trust_decay,
-            flag_below=config.trust_flag_below,
-            unflag_above=config.trust_unflag_above,
-            quarantine=config.quarantine,
-            downweight=config.quarantine_downweight,
-            probation_rounds=config.probation_rounds,
-        )
+        policy = trust_policy(config)
         self.coordinator = Coordinator(
             sim.layout.flatten(sim.initial_weights),
             self.chain,
