@@ -4,11 +4,16 @@ A process (a simulation, or an agent) builds one ``LocalTrainer``. Each client's
 global weights into the same model and runs all its local steps in one call of one ``tf.function``
 whose input signature has a free batch dimension, so nothing is retraced per client or per round.
 
-``train_cohort`` (simulations) trains a cohort on a few copies of the model at once, one Python
-thread per copy: TensorFlow releases the GIL while a compiled function runs, and the small ops
-of one client's step (batch 16 convolutions) leave cores idle that another client's steps fill.
-Each client still trains alone from the global weights with its own shuffle, on deterministic
-kernels, so its result does not depend on which copy trained it (random ops aside, see there).
+``train_cohort`` (simulations) trains a cohort on several copies of the model at once, one Python
+thread per copy: TensorFlow releases the GIL while a compiled function runs. The ops of one
+client's step are small (batch 16 convolutions), and split over several cores they spend much of
+their time waiting for each other; one core per copy, each running its clients' ops on its own,
+keeps every core busy. So a simulation process asks TensorFlow for one thread per op
+(``one_thread_per_op``) and a copy per core; ``predict`` then shares the rows between the
+copies. Each client still trains alone from the global weights with its own shuffle, on
+deterministic kernels, so its result does not depend on which copy trained it (random ops
+aside, see ``train_cohort``). TensorFlow's results do depend on its thread count (kernels split
+their sums by thread), as they already depend on the machine's core count.
 """
 
 from __future__ import annotations
@@ -17,11 +22,14 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import tensorflow as tf
 
 from fedwarden.weights import WeightLayout
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -41,10 +49,34 @@ class LocalResult:
 
 @dataclass
 class _Replica:
-    """A copy of the model with its own optimizer and compiled training function."""
+    """A copy of the model with its own optimizer and compiled functions."""
 
     model: tf.keras.Model
     fit: Callable[..., tf.Tensor]
+    predict: Callable[[tf.Tensor], tf.Tensor]
+
+
+MAX_COPIES = 8
+"""Most model copies a trainer makes by default (one per core up to this)."""
+
+
+def default_copies() -> int:
+    return min(MAX_COPIES, os.cpu_count() or 1)
+
+
+def one_thread_per_op() -> bool:
+    """Asks TensorFlow to give each op one core (or ``cores // default_copies()``); True if set.
+
+    It has to happen before TensorFlow's runtime starts (the first op of the process); later it
+    changes nothing and returns whether the setting was already that. For processes that train
+    through ``train_cohort`` (simulations): see the module docstring.
+    """
+    threads = max(1, (os.cpu_count() or 1) // default_copies())
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    except RuntimeError:  # the runtime has started: the thread pools are fixed
+        pass
+    return tf.config.threading.get_intra_op_parallelism_threads() == threads
 
 
 class LocalTrainer:
@@ -57,14 +89,14 @@ class LocalTrainer:
         dp_sgd: DPSGDSettings | None = None,
         copies: int | None = None,
     ):
-        """``copies``: most model copies ``train_cohort`` uses at once (default: the CPU count, at
-        most 4); 1 trains one client after the other on ``model``."""
+        """``copies``: most model copies ``train_cohort`` and ``predict`` use at once (default:
+        one per core, at most ``MAX_COPIES``); 1 trains one client after the other on ``model``."""
         self.model = model
         self.learning_rate = learning_rate
         self.batch_size = batch_size
         self.epochs = epochs
         self.dp_sgd = dp_sgd
-        self.copies = max(1, copies or min(4, os.cpu_count() or 1))
+        self.copies = max(1, copies or default_copies())
         self.layout = WeightLayout.of(model.get_weights())
         self._loss = tf.keras.losses.SparseCategoricalCrossentropy(
             from_logits=True, reduction=tf.keras.losses.Reduction.NONE
@@ -72,9 +104,6 @@ class LocalTrainer:
         self._x_spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
         self._replicas = [self._replica(model)]
         self._pool: ThreadPoolExecutor | None = None
-        self._predict = tf.function(
-            lambda x: model(x, training=False), input_signature=[self._x_spec]
-        )
 
     def _replica(self, model: tf.keras.Model) -> _Replica:
         if self.dp_sgd is None:
@@ -105,7 +134,11 @@ class LocalTrainer:
 
         index_spec = tf.TensorSpec((None,), tf.int32)
         signature = [self._x_spec, tf.TensorSpec((None,), tf.int64), *[index_spec] * 3]
-        return _Replica(model, tf.function(fit_steps, input_signature=signature))
+        return _Replica(
+            model,
+            tf.function(fit_steps, input_signature=signature),
+            tf.function(lambda x: model(x, training=False), input_signature=[self._x_spec]),
+        )
 
     def batch_plan(self, num_examples: int, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
         """Shuffled example order for all epochs, cut into batches that do not cross epochs.
@@ -147,25 +180,31 @@ class LocalTrainer:
         each copy's own stream: repeatable run to run, but not the client-by-client draws.
         """
         replicas = self._ready_replicas(min(len(data), self.copies))
-        if len(replicas) == 1:
-            return [self.train(global_weights, x, y, r) for (x, y), r in zip(data, rngs)]
+        return self._on_copies(
+            replicas,
+            len(data),
+            lambda replica, i: self._train_on(replica, global_weights, *data[i], rngs[i]),
+        )
+
+    def _on_copies(
+        self, replicas: list[_Replica], n: int, job: Callable[[_Replica, int], T]
+    ) -> list[T]:
+        """``[job(copy, i) for i in range(n)]``, copy k doing jobs k, k + c, k + 2c, ... in turn."""
+        c = len(replicas)
+        if c == 1:
+            return [job(replicas[0], i) for i in range(n)]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.copies, thread_name_prefix="fedwarden-train")
-        n = len(replicas)
-
-        def share(k: int) -> list[LocalResult]:  # copy k trains clients k, k + n, k + 2n, ...
-            return [
-                self._train_on(replicas[k], global_weights, *data[i], rngs[i])
-                for i in range(k, len(data), n)
-            ]
-
-        shares = list(self._pool.map(share, range(n)))
-        return [shares[i % n][i // n] for i in range(len(data))]
+        shares = list(
+            self._pool.map(lambda k: [job(replicas[k], i) for i in range(k, n, c)], range(c))
+        )
+        return [shares[i % c][i // c] for i in range(n)]
 
     def _ready_replicas(self, n: int) -> list[_Replica]:
         """The first ``n`` copies, made and traced here, in the calling thread, on first use.
 
-        A model ``clone_model`` cannot copy (a subclassed model) keeps training on one copy.
+        A model ``clone_model`` cannot copy (a custom layer it cannot rebuild from its config)
+        keeps training on the copies made so far.
         """
         while len(self._replicas) < n:
             try:
@@ -176,6 +215,7 @@ class LocalTrainer:
             self._replicas.append(self._replica(model))
         for replica in self._replicas[:n]:  # tracing stays out of the worker threads
             replica.fit.get_concrete_function()
+            replica.predict.get_concrete_function()
         return self._replicas[:n]
 
     def _train_on(
@@ -195,11 +235,17 @@ class LocalTrainer:
         return LocalResult(delta, loss, len(starts), len(x))
 
     def predict(self, weights: list[np.ndarray], x: np.ndarray, batch: int = 4096) -> np.ndarray:
-        """Logits for ``x`` under ``weights``."""
-        self.model.set_weights(weights)
-        return np.concatenate(
-            [self._predict(x[i : i + batch]).numpy() for i in range(0, len(x), batch)]
+        """Logits for ``x`` under ``weights``, in chunks of at most ``batch`` rows shared by the
+        model copies."""
+        replicas = self._ready_replicas(self.copies)
+        for replica in replicas:
+            replica.model.set_weights(weights)
+        n = len(replicas) * -(-len(x) // (len(replicas) * batch))  # a multiple of the copies
+        size = -(-len(x) // max(n, 1))
+        chunks = self._on_copies(
+            replicas, n, lambda replica, i: replica.predict(x[i * size : (i + 1) * size]).numpy()
         )
+        return np.concatenate(chunks) if chunks else replicas[0].predict(x).numpy()
 
     def evaluate(
         self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray

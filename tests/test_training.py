@@ -65,3 +65,15 @@ def test_a_model_that_cannot_be_cloned_trains_on_one_copy():
     rngs = [np.random.default_rng(i) for i in range(3)]
     results = trainer.train_cohort(model.get_weights(), data, rngs)
     assert len(results) == 3 and trainer.copies == 1
+
+
+def test_predict_shares_rows_between_copies_and_agrees_with_one_copy():
+    model = build_model(None, "digits", (8, 8, 1), 10, seed=0)
+    weights = model.get_weights()
+    x = np.random.default_rng(2).random((101, 8, 8, 1), dtype=np.float32)
+    one = LocalTrainer(model, 0.1, 16, 1, copies=1).predict(weights, x, batch=16)
+    shared = LocalTrainer(model, 0.1, 16, 1, copies=3)
+    logits = shared.predict(weights, x, batch=16)
+    assert len(shared._replicas) == 3 and logits.shape == (101, 10)
+    np.testing.assert_allclose(logits, one, rtol=1e-5, atol=1e-6)
+    assert shared.predict(weights, x[:0]).shape == (0, 10)
