@@ -68,7 +68,12 @@ METRIC_NAMES = ("norm", "norm_z", "cosine", "distance", "krum_score", "trimmed_s
 
 _MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 _MEANAD_TO_SIGMA = 1.2533  # the same for the mean absolute deviation (fallback when MAD is 0)
-_BLOCK = 1 << 16  # columns processed at a time: bounds the float64 copies for large d
+_BLOCK_BYTES = 1 << 23  # float64 bytes of one column block: temporaries stay O(1) in K and d
+
+
+def _columns(rows: int) -> int:
+    """Columns per block so that a float64 block of ``rows`` rows holds ``_BLOCK_BYTES``."""
+    return max(256, _BLOCK_BYTES // (8 * max(rows, 1)))
 
 
 def robust_z(x: np.ndarray) -> np.ndarray:
@@ -96,9 +101,13 @@ def _gram(updates: np.ndarray, aggregate: np.ndarray) -> np.ndarray:
     """The (K+1, K+1) float64 Gram matrix of the rows of ``updates`` and ``aggregate`` (last)."""
     k, d = updates.shape
     gram = np.zeros((k + 1, k + 1), np.float64)
-    for start in range(0, max(d, 1), _BLOCK):
-        cols = slice(start, start + _BLOCK)
-        block = np.vstack([updates[:, cols], aggregate[None, cols]]).astype(np.float64)
+    columns = _columns(k + 1)
+    buffer = np.empty((k + 1, min(columns, d)), np.float64)  # reused: no per-block allocation
+    for start in range(0, d, columns):
+        stop = min(d, start + columns)
+        block = buffer[:, : stop - start]
+        block[:k] = updates[:, start:stop]
+        block[k] = aggregate[start:stop]
         gram += block @ block.T
     return gram
 
@@ -137,8 +146,9 @@ def trimmed_shares(updates: np.ndarray, trim_ratio: float = DEFAULT_TRIM_RATIO) 
     if k < 2 * t + 1 or d == 0:
         return np.full(k, np.nan)
     counts = np.zeros(k, np.int64)
-    for start in range(0, d, _BLOCK):
-        order = np.argsort(updates[:, start : start + _BLOCK], axis=0, kind="stable")
+    columns = _columns(k)
+    for start in range(0, d, columns):
+        order = np.argsort(updates[:, start : start + columns], axis=0, kind="stable")
         counts += np.bincount(order[:t].ravel(), minlength=k)
         counts += np.bincount(order[k - t :].ravel(), minlength=k)
     return counts / d
@@ -183,8 +193,8 @@ def client_metrics(
         ``losses`` is None).
 
     Norms, cosines, distances and Krum scores all come from one float64 Gram matrix of the
-    rows and the aggregate, accumulated over column blocks, so memory stays ``O(K^2)`` beyond the
-    input for any d.
+    rows and the aggregate, accumulated over column blocks of a fixed byte size, so memory stays
+    ``O(K^2)`` plus a few MB beyond the input for any K and d.
     """
     updates = np.asarray(updates)
     if updates.ndim != 2:

@@ -103,8 +103,10 @@ class Coordinator:
             weights = np.array([u.num_examples for u in admitted], np.float64) * multipliers
             counted = weights > 0
             per_client: dict[str, np.ndarray] = {}
+            # Boolean indexing copies the whole matrix; only a round with weight-0 clients needs it.
+            cohort = matrix if counted.all() else matrix[counted]
             try:
-                out = self.chain(matrix[counted], weights[counted], self.chain_state)
+                out = self.chain(cohort, weights[counted], self.chain_state)
             except AggregationError as exc:  # e.g. Krum's n > 2f + 2 on a thin cohort
                 out = None
                 measurements["skipped"] = str(exc)

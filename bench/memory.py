@@ -1,0 +1,160 @@
+"""Benchmark: peak resident memory of one coordinator round with many large updates.
+
+Usage::
+
+    python bench/memory.py --clients 100 --dim 1000000 --json runs/bench-memory.json
+
+For each aggregation chain, a fresh subprocess builds ``--clients`` float32 updates of ``--dim``
+parameters (standard normal, seeded; the updates a transport would hand over), a ``Coordinator``
+with that chain, and runs ``finish_round`` once: admission, the update matrix, the chain, the
+per-client scores, trust, the server step. It reports, in MB:
+
+- ``baseline_mb``: resident memory after the imports;
+- ``inputs_mb``: what the updates themselves add (K x d x 4 bytes, the client results as received);
+- ``peak_mb``: the process's peak resident memory (``getrusage``), the figure the 2 GB target is
+  about; ``round_extra_mb`` = peak - resident before the round: what ``finish_round`` adds;
+- ``matrix_mb`` (K x d x 4) and ``round_copies``: ``round_extra_mb / matrix_mb``, the number of
+  update-matrix-sized buffers the round holds at its peak (the stacked matrix is one);
+- ``round_s``: the wall time of ``finish_round``.
+
+The run imports numpy and the round's modules only, so the figures are the round's;
+``--with-tensorflow`` imports TensorFlow first, as a simulation or ``fedwarden serve`` process
+does, and so shows the resident memory such a process reaches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAINS = ("median", "trimmed_mean", "multi_krum", "clip:max_norm=1000+median")
+TARGET_MB = 2048
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_chain(
+    chain: str, clients: int, dim: int, byzantine: int, seed: int, with_tensorflow: bool = False
+) -> dict[str, Any]:
+    """One round in this process; call it in a fresh process so the peak is this round's."""
+    sys.path.insert(0, str(ROOT))
+    if with_tensorflow:
+        import tensorflow as tf
+
+        tf.constant(0.0)  # starts the runtime, as any simulation does
+    import numpy as np
+
+    from aggregation.chain import parse_chain
+    from server.admission import ClientUpdate
+    from server.coordinator import Coordinator
+    from server.optimizers import ServerOptimizer
+    from server.trust import TrustBook, TrustPolicy
+
+    baseline = _rss_mb()
+    rng = np.random.default_rng(seed)
+    updates = [
+        ClientUpdate(
+            f"c{i:03d}", 1, rng.standard_normal(dim, dtype=np.float32), 100, float(rng.random())
+        )
+        for i in range(clients)
+    ]
+    coordinator = Coordinator(
+        np.zeros(dim, np.float32),
+        parse_chain(chain, num_byzantine_default=byzantine),
+        ServerOptimizer("fedavg", 1.0),
+        TrustBook(TrustPolicy()),
+    )
+    before = _rss_mb()
+    start = time.perf_counter()
+    outcome = coordinator.finish_round(1, [u.client_id for u in updates], updates)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    matrix_mb = clients * dim * 4 / 2**20
+    return {
+        "chain": chain,
+        "admitted": len(outcome.admitted),
+        "baseline_mb": baseline,
+        "inputs_mb": before - baseline,
+        "peak_mb": peak,
+        "round_extra_mb": peak - before,
+        "matrix_mb": matrix_mb,
+        "round_copies": (peak - before) / matrix_mb,
+        "round_s": seconds,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--dim", type=int, default=1_000_000)
+    parser.add_argument("--byzantine", type=int, default=10, help="f for multi_krum")
+    parser.add_argument("--chains", default=",".join(CHAINS), help="comma-separated chain specs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--with-tensorflow",
+        action="store_true",
+        help="import TensorFlow first (a simulation's RSS)",
+    )
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        result = run_chain(
+            args.worker, args.clients, args.dim, args.byzantine, args.seed, args.with_tensorflow
+        )
+        print(json.dumps(result))
+        return 0
+    results = []
+    print(
+        f"K={args.clients}, d={args.dim:,} float32: update matrix "
+        f"{args.clients * args.dim * 4 / 2**20:.0f} MB; load {os.getloadavg()[0]:.1f}"
+        + ("; TensorFlow imported" if args.with_tensorflow else "")
+    )
+    print(f"{'chain':28} {'peak_mb':>8} {'inputs':>7} {'round+':>7} {'copies':>6} {'round_s':>7}")
+    for chain in args.chains.split(","):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", chain]
+        cmd += ["--clients", str(args.clients), "--dim", str(args.dim)]
+        cmd += ["--byzantine", str(args.byzantine), "--seed", str(args.seed)]
+        cmd += ["--with-tensorflow"] if args.with_tensorflow else []
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            print(done.stderr[-3000:], file=sys.stderr)
+            return 1
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        results.append(r)
+        print(
+            f"{chain:28} {r['peak_mb']:8.0f} {r['inputs_mb']:7.0f} {r['round_extra_mb']:7.0f} "
+            f"{r['round_copies']:6.2f} {r['round_s']:7.2f}"
+        )
+    worst = max(r["peak_mb"] for r in results)
+    verdict = "under" if worst < TARGET_MB else "OVER"
+    print(f"largest peak {worst:.0f} MB: {verdict} the {TARGET_MB} MB target")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        document = {
+            "clients": args.clients,
+            "dim": args.dim,
+            "byzantine": args.byzantine,
+            "with_tensorflow": args.with_tensorflow,
+            "target_mb": TARGET_MB,
+            "load_average": os.getloadavg(),
+            "cpus": os.cpu_count(),
+            "results": results,
+        }
+        args.json.write_text(json.dumps(document, indent=2))
+    return 0 if worst < TARGET_MB else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
