@@ -144,6 +144,8 @@ def _fashion_mnist(directory: Path) -> Dataset:
                 f"Fashion-MNIST {split} files in {directory} disagree: images "
                 f"{images.shape}, labels {labels.shape}"
             )
-        arrays[split] = ((images / 255.0).astype(np.float32)[..., None], labels.astype(np.int64))
+        # float32 division gives the same values as float64 then rounding, without the float64
+        # copy (376 MB for the training images).
+        arrays[split] = ((images / np.float32(255.0))[..., None], labels.astype(np.int64))
     (x_train, y_train), (x_test, y_test) = arrays["train"], arrays["test"]
     return Dataset("fashion_mnist", x_train, y_train, x_test, y_test, 10)
