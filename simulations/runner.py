@@ -222,10 +222,8 @@ class _Run:
             np.random.default_rng([self.config.seed, 3, round_number, self.fed.ids.index(cid)])
             for cid in selected
         ]
-        if hasattr(self.trainer, "train_cohort"):  # the tff engine: one TFF call per round
-            results = self.trainer.train_cohort(weights, data, rngs)
-        else:
-            results = [self.trainer.train(weights, x, y, r) for (x, y), r in zip(data, rngs)]
+        # The whole cohort in one call: native model copies in parallel, or one TFF call.
+        results = self.trainer.train_cohort(weights, data, rngs)
         updates = []
         for cid, result in zip(selected, results):
             if self.dp_sgd is not None:
