@@ -50,6 +50,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from aggregation._kernels import column_blocks, order_rows
+
 DEFAULT_ANOMALY_WEIGHTS: dict[str, float] = {
     "norm_z": 0.25,
     "cosine": 0.25,
@@ -140,17 +142,29 @@ def trimmed_shares(updates: np.ndarray, trim_ratio: float = DEFAULT_TRIM_RATIO) 
     ``t = max(1, floor(trim_ratio * K))`` rows are trimmed per side and coordinate (at least one,
     so small cohorts still say something). With ``K < 3`` nothing would be left after trimming,
     and the shares are NaN. Ties are broken by row order, as a stable sort does.
+
+    Per column the t-th smallest and t-th largest values are found by sorting cache-sized blocks
+    of columns (``_kernels.column_blocks``); the rows at or beyond them are the trimmed ones. The
+    rare column where a cut value repeats gets the stable sort's tie-break explicitly.
     """
     k, d = updates.shape
     t = max(1, int(np.floor(trim_ratio * k)))
     if k < 2 * t + 1 or d == 0:
         return np.full(k, np.nan)
     counts = np.zeros(k, np.int64)
-    columns = _columns(k)
-    for start in range(0, d, columns):
-        order = np.argsort(updates[:, start : start + columns], axis=0, kind="stable")
-        counts += np.bincount(order[:t].ravel(), minlength=k)
-        counts += np.bincount(order[k - t :].ravel(), minlength=k)
+    for start, stop, block in column_blocks(updates):
+        order_rows(block, (t - 1, k - t))
+        source = updates[:, start:stop]
+        low = source <= block[:, t - 1]  # exactly t per column unless the cut value repeats
+        high = source >= block[:, k - t]
+        tied = np.flatnonzero((low.sum(axis=0) > t) | (high.sum(axis=0) > t))
+        if len(tied):
+            low[:, tied] = high[:, tied] = False
+            for j in tied:
+                order = np.argsort(source[:, j], kind="stable")
+                counts[order[:t]] += 1
+                counts[order[k - t :]] += 1
+        counts += low.sum(axis=1) + high.sum(axis=1)
     return counts / d
 
 

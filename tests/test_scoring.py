@@ -68,6 +68,24 @@ def test_trimmed_shares_average_to_twice_the_trim():
     assert np.isnan(trimmed_shares(updates[:2])).all()
 
 
+@pytest.mark.parametrize("values", ["continuous", "few_levels"])
+def test_trimmed_shares_match_a_stable_sort_of_every_column(values):
+    """The blocked order statistics give the stable argsort's answer, ties included."""
+    rng = np.random.default_rng(3)
+    for k, d, ratio in [(5, 700, 0.2), (11, 3000, 0.1), (40, 1500, 0.3), (7, 1, 0.45)]:
+        if values == "continuous":
+            x = rng.standard_normal((k, d)).astype(np.float32)
+        else:  # most columns have tied cut values
+            x = rng.integers(0, 3, (k, d)).astype(np.float32)
+        t = max(1, int(np.floor(ratio * k)))
+        order = np.argsort(x, axis=0, kind="stable")
+        expected = (
+            np.bincount(order[:t].ravel(), minlength=k)
+            + np.bincount(order[k - t :].ravel(), minlength=k)
+        ) / d
+        np.testing.assert_array_equal(trimmed_shares(x, ratio), expected)
+
+
 def test_robust_z_handles_degenerate_scales():
     assert robust_z(np.ones(5)).tolist() == [0.0] * 5
     z = robust_z(np.array([1.0, 1.0, 1.0, 1.0, 9.0]))  # MAD is 0: falls back to the mean deviation
