@@ -6,14 +6,14 @@ whose input signature has a free batch dimension, so nothing is retraced per cli
 
 ``train_cohort`` (simulations) trains a cohort on several copies of the model at once, one Python
 thread per copy: TensorFlow releases the GIL while a compiled function runs. The ops of one
-client's step are small (batch 16 convolutions), and split over several cores they spend much of
-their time waiting for each other; one core per copy, each running its clients' ops on its own,
-keeps every core busy. So a simulation process asks TensorFlow for one thread per op
-(``one_thread_per_op``) and a copy per core; ``predict`` then shares the rows between the
-copies. Each client still trains alone from the global weights with its own shuffle, on
-deterministic kernels, so its result does not depend on which copy trained it (random ops
-aside, see ``train_cohort``). TensorFlow's results do depend on its thread count (kernels split
-their sums by thread), as they already depend on the machine's core count.
+client's step are small (batch 16 convolutions) and gain little from a second thread, so a
+simulation process asks TensorFlow for one thread per op (``one_thread_per_op``) and keeps a copy
+per core: ten Fashion-MNIST clients trained in 1.05 s one after the other, 0.8-0.9 s on two
+copies with two threads per op, 0.5-0.6 s on two copies with one (2 cores; docs/performance.md).
+``predict`` shares its rows between the copies. Each client still trains alone from the global
+weights with its own shuffle, on deterministic kernels, so its result does not depend on which
+copy trained it (random ops aside, see ``train_cohort``). TensorFlow's results do depend on its
+thread count (kernels split their sums by thread), as they already depend on the core count.
 """
 
 from __future__ import annotations
