@@ -18,7 +18,7 @@ lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
 proto: setup
-	$(PY) -m server.protogen
+	$(PY) -m fedwarden.protocol.protogen
 
 bench: setup
 	$(PY) bench/aggregators.py --clients 50 --dim 1000000 --json runs/bench-aggregators.json

@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from aggregation import rules
-from aggregation.base import AggregationError, Step, StepOutput, as_cohort
-from aggregation.clipping import clip_by_norm
+from fedwarden.aggregation import rules
+from fedwarden.aggregation.base import AggregationError, Step, StepOutput, as_cohort
+from fedwarden.aggregation.clipping import clip_by_norm
 
 __all__ = ["REGISTRY", "Chain", "chain", "parse_chain"]
 
@@ -51,8 +51,8 @@ REGISTRY: dict[str, Callable[..., Any] | str] = {
     "nearest_neighbor_mixing": rules.nearest_neighbor_mixing,
     "clip": clip_by_norm,
     "clip_by_norm": clip_by_norm,
-    "central_dp": "aggregation.dp:central_dp",
-    "gaussian_noise": "aggregation.dp:gaussian_noise",
+    "central_dp": "fedwarden.aggregation.dp:central_dp",
+    "gaussian_noise": "fedwarden.aggregation.dp:gaussian_noise",
 }
 
 

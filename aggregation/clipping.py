@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from aggregation._kernels import row_norms
-from aggregation.base import AggregationError, StepOutput, as_cohort
+from fedwarden.aggregation._kernels import row_norms
+from fedwarden.aggregation.base import AggregationError, StepOutput, as_cohort
 
 __all__ = ["ClipByNorm", "clip_by_norm", "clip_rows"]
 

@@ -10,7 +10,7 @@ query's global state is kept in the step state, so a checkpoint carries the adap
 
 Why only ``central_dp`` is formal: under add/remove-one-client adjacency, adding or removing one
 client changes the *sum of clipped updates* by a vector of norm at most C, so Gaussian noise of std
-z*C gives the subsampled-Gaussian guarantee that ``aggregation.accounting.central_epsilon``
+z*C gives the subsampled-Gaussian guarantee that ``fedwarden.aggregation.accounting.central_epsilon``
 computes. A robust rule of clipped updates (coordinate-wise median, trimmed mean, Krum, ...) has no
 such bound: adding one client moves the order statistics of every coordinate, by up to the spread
 of the cohort (not C/n), so its sensitivity depends on the other clients' data. The Gaussian
@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from aggregation.accounting import DPConfigError
-from aggregation.base import AggregationError, StepOutput, as_cohort
-from aggregation.clipping import ClipByNorm
+from fedwarden.aggregation.accounting import DPConfigError
+from fedwarden.aggregation.base import AggregationError, StepOutput, as_cohort
+from fedwarden.aggregation.clipping import ClipByNorm
 
 
 @dataclass

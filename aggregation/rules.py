@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from aggregation._kernels import SIMD_SORT, column_blocks, gram, order_rows, sq_distances
-from aggregation.base import AggregationError, StatelessStep, StepOutput, as_cohort
+from fedwarden.aggregation._kernels import SIMD_SORT, column_blocks, gram, order_rows, sq_distances
+from fedwarden.aggregation.base import AggregationError, StatelessStep, StepOutput, as_cohort
 
 __all__ = [
     "Bulyan",

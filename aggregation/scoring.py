@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from aggregation._kernels import column_blocks, order_rows
+from fedwarden.aggregation._kernels import column_blocks, order_rows
 
 DEFAULT_ANOMALY_WEIGHTS: dict[str, float] = {
     "norm_z": 0.25,

@@ -31,12 +31,12 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from aggregation.base import AggregationError, StepOutput, as_cohort
-from aggregation.chain import Chain
-from aggregation.clipping import ClipByNorm
-from aggregation.dp import CentralDP
-from aggregation.rules import Mean
 from fedwarden import tff_runtime
+from fedwarden.aggregation.base import AggregationError, StepOutput, as_cohort
+from fedwarden.aggregation.chain import Chain
+from fedwarden.aggregation.clipping import ClipByNorm
+from fedwarden.aggregation.dp import CentralDP
+from fedwarden.aggregation.rules import Mean
 
 __all__ = ["TFFAggregatorStep", "tff_factory", "tff_step"]
 
@@ -109,7 +109,7 @@ class TFFAggregatorStep:
 
     Args:
       factory: a ``tff.aggregators`` weighted or unweighted factory for a float32 vector.
-      formal_dp: declares the factory a DP-FedAvg mechanism (``aggregation.dp.is_formal_dp``).
+      formal_dp: declares the factory a DP-FedAvg mechanism (``fedwarden.aggregation.dp.is_formal_dp``).
 
     The aggregation process is built on the first call, for the update dimension seen then
     (later calls must keep it). The step state is the TFF process state as a tuple of numpy

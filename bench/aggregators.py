@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             if flower is not None:
                 flower.close()
 
-    from aggregation.rules import ORDER_KERNEL
+    from fedwarden.aggregation.rules import ORDER_KERNEL
 
     report = {
         "clients": k,

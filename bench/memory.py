@@ -55,11 +55,11 @@ def run_chain(
         tf.constant(0.0)  # starts the runtime, as any simulation does
     import numpy as np
 
-    from aggregation.chain import parse_chain
-    from server.admission import ClientUpdate
-    from server.coordinator import Coordinator
-    from server.optimizers import ServerOptimizer
-    from server.trust import TrustBook, TrustPolicy
+    from fedwarden.aggregation.chain import parse_chain
+    from fedwarden.server.admission import ClientUpdate
+    from fedwarden.server.coordinator import Coordinator
+    from fedwarden.server.optimizers import ServerOptimizer
+    from fedwarden.server.trust import TrustBook, TrustPolicy
 
     baseline = _rss_mb()
     rng = np.random.default_rng(seed)

@@ -84,7 +84,7 @@ def run_engine(workload: dict[str, Any], engine: str, out: Path) -> dict[str, An
 
     sys.path.insert(0, str(ROOT))
     from fedwarden.config import make_config
-    from simulations.runner import Simulation
+    from fedwarden.simulations.runner import Simulation
 
     start = time.perf_counter()
     config = make_config(

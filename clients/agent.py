@@ -7,7 +7,7 @@ When the coordinator goes away (a restart, a network cut) it reconnects with exp
 backoff and jitter and registers again; when the coordinator says training is over it exits 0.
 A refused credential or unfit data stops it at once with a message naming the problem.
 
-Data (.npz or .csv, see ``clients/data.py``) is validated against the task before any training:
+Data (.npz or .csv, see ``fedwarden/data/validation.py``) is validated against the task before any training:
 rows with a problem (NaN, values out of range, unknown labels, duplicates, ...) are skipped and
 reported in the log with their row numbers and counts; with ``strict`` any problem stops the
 agent instead. Whole-file problems (wrong schema, shape or dtype) always stop it.
@@ -28,14 +28,14 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 
-from clients.connection import Connection, describe
-from clients.data import LocalData, Validation, load_data, validate
-from clients.red_team import RedTeam
+from fedwarden.clients.red_team import RedTeam
+from fedwarden.data.validation import LocalData, Validation, load_data, validate
 from fedwarden.errors import UsageError
-from server.proto_gen import fedwarden_v1_pb2 as pb
-from server.proto_gen import fedwarden_v1_pb2_grpc as pb_grpc
-from server.service import TrainingSpec, spec_from_proto
-from server.transfer import (
+from fedwarden.protocol.connection import Connection, describe
+from fedwarden.protocol.convert import TrainingSpec, spec_from_proto
+from fedwarden.protocol.proto_gen import fedwarden_v1_pb2 as pb
+from fedwarden.protocol.proto_gen import fedwarden_v1_pb2_grpc as pb_grpc
+from fedwarden.protocol.transfer import (
     Assembler,
     TransferError,
     decode_vector,
@@ -205,7 +205,7 @@ class Agent:
         """Validates the data against the spec and builds the trainer (once per spec)."""
         if spec == self._spec:
             return
-        from simulations.datasets import feature_range
+        from fedwarden.data.datasets import feature_range
 
         checked = validate(
             self._raw, spec.input_shape, spec.num_classes, feature_range(spec.dataset)
@@ -233,7 +233,7 @@ class Agent:
 
     def _build_trainer(self, spec: TrainingSpec):
         """The local trainer for the task (``train(weights, x, y, rng)`` returns the update)."""
-        from clients.training import DPSGDSettings, LocalTrainer
+        from fedwarden.clients.training import DPSGDSettings, LocalTrainer
         from fedwarden.models import build_model
         from fedwarden.weights import WeightLayout
 

@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from aggregation.accounting import DPConfigError, composed_epsilon, dpsgd_epsilon
+from fedwarden.aggregation.accounting import DPConfigError, composed_epsilon, dpsgd_epsilon
 
 
 def dp_optimizer(

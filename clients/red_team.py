@@ -1,7 +1,7 @@
 """Red-team agents: the simulations' attacks, run by a real agent against a real coordinator.
 
 ``fedwarden agent ... --attack NAME`` turns an agent into an attacker with the same
-implementations as ``fedwarden simulate`` (``simulations/attacks.py``, plugins included). Nothing
+implementations as ``fedwarden simulate`` (``fedwarden/attacks.py``, plugins included). Nothing
 it sends marks it: it registers, trains and submits like any agent, so the coordinator's
 detection is tested for real. Only the agent's own ``--red-team-report FILE`` says what it did.
 
@@ -58,8 +58,8 @@ from typing import Any
 
 import numpy as np
 
+from fedwarden.attacks import Attack, AttackError, build_attack
 from fedwarden.errors import UsageError
-from simulations.attacks import Attack, AttackError, build_attack
 
 ESTIMATE_SAMPLES = 4
 """The own honest update plus this many minus one bootstrap updates, for spread estimates."""

@@ -109,7 +109,7 @@ class LocalTrainer:
         if self.dp_sgd is None:
             optimizer = tf.keras.optimizers.legacy.SGD(self.learning_rate)
         else:
-            from clients.dp_sgd import dp_optimizer
+            from fedwarden.clients.dp_sgd import dp_optimizer
 
             optimizer = dp_optimizer(
                 self.dp_sgd.l2_norm_clip,

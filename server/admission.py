@@ -11,7 +11,7 @@ that never arrived cannot be attributed with certainty.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -25,6 +25,7 @@ REASONS = (
     "too_large",
     "bad_example_count",
     "oversized",
+    "overflow",  # finite on its own, but it made the round's aggregate non-finite
 )
 ARRIVAL_REASONS = (
     "damaged_stream",  # gap, wrong chunk order, overflow, short, bad digest, cut off mid-upload
@@ -72,7 +73,7 @@ def admit(
             rejected.append(Rejection(u.client_id, *problem))
         else:
             seen.add(u.client_id)
-            admitted.append(u)
+            admitted.append(replace(u, delta=u.delta.astype(np.float32, copy=False)))
     return admitted, rejected
 
 
@@ -98,13 +99,16 @@ def _problem(
         return "wrong_shape", f"expected {size} values, received shape {np.shape(delta)}"
     if delta.dtype not in (np.float32, np.float64):
         return "wrong_dtype", f"expected float32 or float64, received {delta.dtype}"
-    if not np.all(np.isfinite(delta)):
-        return "non_finite", f"{int(np.sum(~np.isfinite(delta)))} NaN or Inf values"
-    if max_norm is not None and float(np.linalg.norm(delta)) > max_norm:
-        return (
-            "too_large",
-            f"L2 norm {float(np.linalg.norm(delta)):.3g} exceeds the limit {max_norm:g}",
-        )
+    # Checked in the model's dtype: a float64 value beyond float32's range is finite here but
+    # infinite once converted, and the update matrix is float32.
+    with np.errstate(over="ignore"):
+        values = delta.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(values)):
+        return "non_finite", f"{int(np.sum(~np.isfinite(values)))} NaN or Inf values as float32"
+    if max_norm is not None:
+        norm = float(np.linalg.norm(values.astype(np.float64)))
+        if norm > max_norm:
+            return "too_large", f"L2 norm {norm:.3g} exceeds the limit {max_norm:g}"
     if not isinstance(u.num_examples, int | np.integer) or u.num_examples <= 0:
         return (
             "bad_example_count",

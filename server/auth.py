@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedwarden.errors import UsageError
+from fedwarden.protocol.convert import CLIENT_ID_HEADER
 
-CLIENT_ID_HEADER = "x-fedwarden-client-id"
 MIN_TOKEN_LENGTH = 16
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from fedwarden.errors import UsageError
-from server import faults
+from fedwarden.server import faults
 
 log = logging.getLogger("fedwarden.checkpoint")
 
@@ -129,21 +130,28 @@ def load_latest(state_dir: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Writes ``data`` as indented JSON (numpy values converted) through tmp + fsync + replace."""
-    text = json.dumps(jsonable(data), indent=2)
+    """Writes ``data`` as strict, indented JSON through tmp + fsync + replace.
+
+    Numpy values become plain Python and NaN or infinite floats become ``null``, so every JSON
+    parser reads the file (``json.dumps`` would otherwise write the non-standard ``NaN``).
+    """
+    text = json.dumps(jsonable(data), indent=2, allow_nan=False)
     _atomic_write(Path(path), [text.encode()])
 
 
 def jsonable(value: Any) -> Any:
-    """``value`` with numpy arrays and scalars (nested in dicts, lists, tuples) as plain Python."""
+    """``value`` with numpy arrays and scalars (nested in dicts, lists, tuples) as plain Python,
+    and NaN or infinite floats as None."""
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return value.tolist()
+        return jsonable(value.tolist())
     if isinstance(value, np.generic):
-        return value.item()
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value
 
 

@@ -15,13 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from aggregation.accounting import poisson_sample
-from aggregation.base import AggregationError, Step
-from aggregation.rules import median
-from aggregation.scoring import anomaly_score, client_metrics
-from server.admission import ClientUpdate, Rejection, admit
-from server.optimizers import ServerOptimizer
-from server.trust import TrustBook
+from fedwarden.aggregation.accounting import poisson_sample
+from fedwarden.aggregation.base import AggregationError, Step
+from fedwarden.aggregation.rules import median
+from fedwarden.aggregation.scoring import anomaly_score, client_metrics
+from fedwarden.server.admission import ClientUpdate, Rejection, admit
+from fedwarden.server.optimizers import ServerOptimizer
+from fedwarden.server.trust import TrustBook
 
 log = logging.getLogger("fedwarden.coordinator")
 
@@ -38,6 +38,26 @@ class RoundOutcome:
     duration_s: float = 0.0
 
 
+DEFAULT_MAX_WEIGHT_RATIO = 4.0
+"""A client's aggregation weight is at most this multiple of the cohort's median example count."""
+
+
+def bounded_weights(num_examples: list[int], max_ratio: float | None) -> np.ndarray:
+    """Example counts as aggregation weights, capped at ``max_ratio`` times the cohort median.
+
+    Reported counts are the client's word; without a cap one client claiming ``2**64 - 1``
+    examples owns a weighted mean. None leaves the counts as reported.
+    """
+    counts = np.array([float(n) for n in num_examples], np.float64)
+    if max_ratio is None or counts.size == 0:
+        return counts
+    return np.minimum(counts, max_ratio * float(np.median(counts)))
+
+
+def _finite(values: np.ndarray) -> bool:
+    return bool(np.all(np.isfinite(values)))
+
+
 class Coordinator:
     def __init__(
         self,
@@ -48,6 +68,7 @@ class Coordinator:
         *,
         max_update_norm: float | None = None,
         anomaly_weights: dict[str, float] | None = None,
+        max_weight_ratio: float | None = DEFAULT_MAX_WEIGHT_RATIO,
     ):
         self.weights = np.asarray(weights, np.float32)
         self.chain = chain
@@ -55,6 +76,7 @@ class Coordinator:
         self.trust = trust
         self.max_update_norm = max_update_norm
         self.anomaly_weights = anomaly_weights or None
+        self.max_weight_ratio = max_weight_ratio
         self.round = 0  # last completed round
         self.optimizer_state = optimizer.init(self.weights.size)
         self.chain_state = chain.init()
@@ -96,36 +118,53 @@ class Coordinator:
             )
         measurements: dict[str, Any] = {}
         rows: list[dict[str, Any]] = []
+        if admitted:
+            matrix = np.stack([u.delta for u in admitted])
+            weights = bounded_weights(
+                [u.num_examples for u in admitted], self.max_weight_ratio
+            ) * np.array([self.trust.weight_multiplier(u.client_id) for u in admitted])
+            out, error = self._aggregate(matrix, weights)
+            if error is None and not _finite(out.updates[0]):
+                keep = self._drop_overflow(matrix, weights)
+                for i in np.flatnonzero(~keep):
+                    rejected.append(
+                        Rejection(
+                            admitted[i].client_id,
+                            "overflow",
+                            "the round's aggregate was not finite with this update and finite "
+                            "without it",
+                        )
+                    )
+                    log.warning("round %d: %s made the aggregate overflow; rejected",
+                                round_number, admitted[i].client_id)  # fmt: skip
+                admitted = [u for u, k in zip(admitted, keep) if k]
+                matrix, weights = matrix[keep], weights[keep]
+                out, error = self._aggregate(matrix, weights) if admitted else (None, "empty")
         ids = [u.client_id for u in admitted]
         if admitted:
-            matrix = np.stack([u.delta.astype(np.float32, copy=False) for u in admitted])
-            multipliers = np.array([self.trust.weight_multiplier(c) for c in ids])
-            weights = np.array([u.num_examples for u in admitted], np.float64) * multipliers
             counted = weights > 0
             per_client: dict[str, np.ndarray] = {}
-            # Boolean indexing copies the whole matrix; only a round with weight-0 clients needs it.
-            cohort = matrix if counted.all() else matrix[counted]
-            try:
-                out = self.chain(cohort, weights[counted], self.chain_state)
-            except AggregationError as exc:  # e.g. Krum's n > 2f + 2 on a thin cohort
-                out = None
-                measurements["skipped"] = str(exc)
-            if out is not None:
-                self.chain_state = out.state
-                aggregate = out.updates[0]
-                measurements.update(out.measurements)
-                for name, values in out.per_client.items():
-                    full = np.full(len(ids), np.nan)
-                    full[counted] = values
-                    per_client[name] = full
-                self.weights, self.optimizer_state = self.optimizer.step(
-                    self.weights, aggregate.astype(np.float32), self.optimizer_state
+            if error is not None:
+                measurements["skipped"] = error
+            if out is not None and error is None:
+                new_weights, new_optimizer_state = self.optimizer.step(
+                    self.weights, out.updates[0].astype(np.float32), self.optimizer_state
                 )
-            else:
+                if _finite(new_weights):
+                    self.weights, self.optimizer_state = new_weights, new_optimizer_state
+                    self.chain_state = out.state
+                    measurements.update(out.measurements)
+                    for name, values in out.per_client.items():
+                        full = np.full(len(ids), np.nan)
+                        full[counted] = values
+                        per_client[name] = full
+                else:
+                    measurements["skipped"] = "the server optimizer produced non-finite weights"
+            if "skipped" in measurements:
                 log.warning(
                     "round %d: no aggregate (%s); weights unchanged",
                     round_number,
-                    measurements.get("skipped", "every admitted client is quarantined"),
+                    measurements["skipped"],
                 )
             losses = np.array([np.nan if u.loss is None else u.loss for u in admitted])
             # Scores compare each client with the cohort's coordinate-wise median, not with the
@@ -173,6 +212,35 @@ class Coordinator:
             measurements,
             time.perf_counter() - start,
         )
+
+    def _aggregate(self, matrix: np.ndarray, weights: np.ndarray) -> tuple[Any, str | None]:
+        """The chain's output on the clients with positive weight, or the reason there is none."""
+        counted = weights > 0
+        if not counted.any():
+            return None, "every admitted client is quarantined"
+        # Boolean indexing copies the whole matrix; only a round with weight-0 clients needs it.
+        cohort = matrix if counted.all() else matrix[counted]
+        try:
+            return self.chain(cohort, weights[counted], self.chain_state), None
+        except AggregationError as exc:  # e.g. Krum's n > 2f + 2 on a thin cohort
+            return None, str(exc)
+
+    def _drop_overflow(self, matrix: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """Which rows to keep so that the aggregate is finite: the largest updates go first.
+
+        Every row is finite as float32, yet sums of rows near float32's limit overflow; the rows
+        that caused it are the ones with the largest norms.
+        """
+        norms = np.array([np.linalg.norm(row.astype(np.float64)) for row in matrix])
+        keep = np.ones(len(matrix), bool)
+        for i in np.argsort(-norms, kind="stable"):
+            keep[i] = False
+            if not keep.any():
+                break
+            out, error = self._aggregate(matrix[keep], weights[keep])
+            if error is not None or _finite(out.updates[0]):
+                break
+        return keep
 
     def state_dict(self) -> dict[str, Any]:
         return {

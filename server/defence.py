@@ -14,12 +14,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aggregation.accounting import DPConfigError, central_epsilon, default_delta, validate_dp
-from aggregation.chain import Chain, parse_chain
-from aggregation.clipping import clip_by_norm
-from aggregation.dp import central_dp, gaussian_noise, is_formal_dp
+from fedwarden.aggregation.accounting import (
+    DPConfigError,
+    central_epsilon,
+    default_delta,
+    validate_dp,
+)
+from fedwarden.aggregation.chain import Chain, parse_chain
+from fedwarden.aggregation.clipping import clip_by_norm
+from fedwarden.aggregation.dp import central_dp, gaussian_noise, is_formal_dp
 from fedwarden.config import RunConfig
-from server.trust import TrustPolicy
+from fedwarden.server.trust import TrustPolicy
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.admission import ClientUpdate
+from fedwarden.server.admission import ClientUpdate
 
 
 @dataclass(frozen=True)

@@ -45,12 +45,13 @@ from prometheus_client import Counter, Gauge
 
 from fedwarden.config import RunConfig
 from fedwarden.errors import UsageError
-from server import checkpoint, faults
-from server.auth import Authenticator, load_tokens
-from server.hub import Hub
-from server.proto_gen import fedwarden_v1_pb2_grpc as pb_grpc
-from server.service import FederationServicer, TrainingSpec
-from server.transfer import encode_vector, sha256_hex
+from fedwarden.protocol.convert import TrainingSpec
+from fedwarden.protocol.proto_gen import fedwarden_v1_pb2_grpc as pb_grpc
+from fedwarden.protocol.transfer import encode_vector, sha256_hex
+from fedwarden.server import checkpoint, faults
+from fedwarden.server.auth import Authenticator, load_tokens
+from fedwarden.server.hub import Hub
+from fedwarden.server.service import FederationServicer
 
 log = logging.getLogger("fedwarden.serve")
 
@@ -137,7 +138,7 @@ class EvalData:
 def load_eval_data(config: RunConfig, eval_data: str | None) -> EvalData:
     """The held-out data: ``--eval-data FILE.npz``, else the test split of ``--dataset``."""
     if eval_data:
-        from clients.data import DataError, check_arrays, load_npz
+        from fedwarden.data.validation import DataError, check_arrays, load_npz
 
         try:
             x, y = load_npz(eval_data)
@@ -150,7 +151,7 @@ def load_eval_data(config: RunConfig, eval_data: str | None) -> EvalData:
             raise UsageError(f"--eval-data {eval_data}: " + "; ".join(p.message for p in problems))
         num_classes = stored or int(y.max()) + 1
         return EvalData(Path(eval_data).stem, x.astype(np.float32), y.astype(np.int64), num_classes)
-    from simulations.datasets import load_dataset
+    from fedwarden.data.datasets import load_dataset
 
     ds = load_dataset(config.dataset, config.data_dir, config.seed)
     return EvalData(ds.name, ds.x_test, ds.y_test, ds.num_classes)
@@ -249,15 +250,15 @@ class Server:
     # -- the run -----------------------------------------------------------------------------
 
     def run(self) -> int:
-        from clients.training import LocalTrainer
+        from fedwarden.clients.training import LocalTrainer
         from fedwarden.models import build_model
+        from fedwarden.server.coordinator import Coordinator
+        from fedwarden.server.defence import build_chain, central_privacy, trust_policy
+        from fedwarden.server.ledger import Ledger
+        from fedwarden.server.metrics import MetricsExporter
+        from fedwarden.server.optimizers import ServerOptimizer
+        from fedwarden.server.trust import TrustBook
         from fedwarden.weights import WeightLayout
-        from server.coordinator import Coordinator
-        from server.defence import build_chain, central_privacy, trust_policy
-        from server.ledger import Ledger
-        from server.metrics import MetricsExporter
-        from server.optimizers import ServerOptimizer
-        from server.trust import TrustBook
 
         c, o = self.config, self.options
         auth = self._authenticator()
@@ -449,14 +450,14 @@ def unwritable(state_dir: Path, round_number: int, exc: Exception) -> UsageError
 @dataclass
 class _RoundLoop:
     server: Server
-    coordinator: Any  # server.coordinator.Coordinator
-    evaluator: Any  # clients.training.LocalTrainer, used for evaluate() only
+    coordinator: Any  # fedwarden.server.coordinator.Coordinator
+    evaluator: Any  # fedwarden.clients.training.LocalTrainer, used for evaluate() only
     layout: Any  # fedwarden.weights.WeightLayout
     data: EvalData
     hub: Hub
-    exporter: Any  # server.metrics.MetricsExporter
+    exporter: Any  # fedwarden.server.metrics.MetricsExporter
     metrics: ServeMetrics
-    privacy: Any  # server.defence.CentralPrivacy or None
+    privacy: Any  # fedwarden.server.defence.CentralPrivacy or None
     state: dict[str, Any]  # "rounds" (results.json records), "examples" (per client)
 
     @property

@@ -7,7 +7,7 @@ client id at all. Round logic lives in ``Coordinator``; sessions and the current
 Hostile or broken uploads are refused on arrival with a status that says why (a damaged or cut
 stream, another client's session, bad credentials, an unknown dtype, too many concurrent calls)
 and reported through ``on_rejected(client_id, reason, detail)`` with a reason of
-``server.admission.ARRIVAL_REASONS``; an oversized update is not read and goes to admission as
+``fedwarden.server.admission.ARRIVAL_REASONS``; an oversized update is not read and goes to admission as
 ``oversized``. One identity holds at most ``max_calls_per_client`` streaming calls at once, so a
 client cannot take every worker thread away from the others.
 """
@@ -17,19 +17,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import grpc
 import numpy as np
 
-from server.admission import ClientUpdate
-from server.auth import Authenticator, AuthError, Identity
-from server.hub import Hub, Task, UnknownSession
-from server.ledger import Ledger
-from server.proto_gen import fedwarden_v1_pb2 as pb
-from server.proto_gen import fedwarden_v1_pb2_grpc as pb_grpc
-from server.transfer import (
+from fedwarden.protocol.convert import TrainingSpec, spec_to_proto, trust_to_proto
+from fedwarden.protocol.proto_gen import fedwarden_v1_pb2 as pb
+from fedwarden.protocol.proto_gen import fedwarden_v1_pb2_grpc as pb_grpc
+from fedwarden.protocol.transfer import (
     CHUNK_SIZE,
     VECTOR_DTYPES,
     Assembler,
@@ -37,149 +33,12 @@ from server.transfer import (
     decode_vector,
     split,
 )
+from fedwarden.server.admission import ClientUpdate
+from fedwarden.server.auth import Authenticator, AuthError, Identity
+from fedwarden.server.hub import Hub, Task, UnknownSession
+from fedwarden.server.ledger import Ledger
 
 MAX_WAIT_S = 30.0
-
-
-@dataclass(frozen=True)
-class TrainingSpec:
-    """What an agent needs to build the model, validate its data and train (one per run)."""
-
-    model: str | None
-    dataset: str
-    input_shape: tuple[int, ...]
-    num_classes: int
-    weight_shapes: tuple[tuple[int, ...], ...]
-    learning_rate: float
-    batch_size: int
-    local_epochs: int
-    seed: int = 0
-    dtype: str = "float32"
-    dp_sgd: dict[str, Any] | None = field(default=None)  # l2_norm_clip, noise_multiplier, ...
-
-    @property
-    def num_weights(self) -> int:
-        return int(sum(np.prod(s, dtype=np.int64) for s in self.weight_shapes))
-
-
-def spec_to_proto(spec: TrainingSpec) -> pb.TrainingSpec:
-    dp = spec.dp_sgd or {}
-    return pb.TrainingSpec(
-        model=spec.model or "",
-        dataset=spec.dataset,
-        input_shape=list(spec.input_shape),
-        num_classes=spec.num_classes,
-        dtype=spec.dtype,
-        weight_shapes=[pb.Shape(dims=list(s)) for s in spec.weight_shapes],
-        learning_rate=spec.learning_rate,
-        batch_size=spec.batch_size,
-        local_epochs=spec.local_epochs,
-        seed=spec.seed,
-        dp_sgd=pb.DPSGD(
-            enabled=bool(dp),
-            l2_norm_clip=dp.get("l2_norm_clip", 0.0),
-            noise_multiplier=dp.get("noise_multiplier", 0.0),
-            num_microbatches=dp.get("num_microbatches") or 0,
-        ),
-    )
-
-
-def spec_from_proto(msg: pb.TrainingSpec) -> TrainingSpec:
-    dp = None
-    if msg.dp_sgd.enabled:
-        dp = {
-            "l2_norm_clip": msg.dp_sgd.l2_norm_clip,
-            "noise_multiplier": msg.dp_sgd.noise_multiplier,
-            "num_microbatches": msg.dp_sgd.num_microbatches or None,
-        }
-    return TrainingSpec(
-        msg.model or None,
-        msg.dataset,
-        tuple(msg.input_shape),
-        msg.num_classes,
-        tuple(tuple(s.dims) for s in msg.weight_shapes),
-        msg.learning_rate,
-        msg.batch_size,
-        msg.local_epochs,
-        msg.seed,
-        msg.dtype or "float32",
-        dp,
-    )
-
-
-_TRUST_FLOATS = ("trust", "anomaly", "norm", "cosine")
-_ROUND_FLOATS = (
-    "anomaly",
-    "trust",
-    "norm",
-    "norm_z",
-    "cosine",
-    "distance",
-    "krum_score",
-    "trimmed_share",
-    "loss",
-)
-
-
-def _present(row: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    return {k: row[k] for k in keys if row.get(k) is not None}
-
-
-def trust_to_proto(
-    rows: list[dict[str, Any]], last_round: int, history: list[dict[str, Any]] = ()
-) -> pb.TrustReply:
-    """``Ledger.list_clients()`` rows (and ``client_history`` rows) as a TrustReply."""
-    clients = [
-        pb.ClientTrust(
-            client_id=row["client_id"],
-            flagged=bool(row.get("flagged")),
-            quarantined=bool(row.get("quarantined")),
-            rounds=int(row.get("rounds") or 0),
-            rejected=int(row.get("rejected") or 0),
-            **_present(row, (*_TRUST_FLOATS, "last_round")),
-        )
-        for row in rows
-    ]
-    rounds = [
-        pb.ClientRound(
-            round=int(row["round"]),
-            flagged=bool(row.get("flagged")),
-            quarantined=bool(row.get("quarantined")),
-            rejected_reason=row.get("rejected_reason") or "",
-            **_present(row, _ROUND_FLOATS),
-        )
-        for row in history
-    ]
-    return pb.TrustReply(last_round=last_round, clients=clients, history=rounds)
-
-
-def trust_from_proto(reply: pb.TrustReply) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """``(clients, history)``: rows shaped like ``Ledger.list_clients()`` and
-    ``Ledger.client_history()``, as a remote coordinator holds them."""
-    rows = []
-    for c in reply.clients:
-        row: dict[str, Any] = {
-            "client_id": c.client_id,
-            "flagged": c.flagged,
-            "quarantined": c.quarantined,
-            "rounds": c.rounds,
-            "rejected": c.rejected,
-        }
-        for key in (*_TRUST_FLOATS, "last_round"):
-            row[key] = getattr(c, key) if c.HasField(key) else None
-        rows.append(row)
-    history = []
-    for r in reply.history:
-        row = {
-            "round": r.round,
-            "flagged": r.flagged,
-            "quarantined": r.quarantined,
-            "rejected_reason": r.rejected_reason or None,
-        }
-        for key in _ROUND_FLOATS:
-            row[key] = getattr(r, key) if r.HasField(key) else None
-        history.append(row)
-    return rows, history
 
 
 class FederationServicer(pb_grpc.FederationServicer):

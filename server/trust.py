@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from server.ledger import Ledger
+    from fedwarden.server.ledger import Ledger
 
 QUARANTINE_MODES = ("none", "exclude", "downweight")
 

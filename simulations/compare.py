@@ -14,8 +14,8 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from fedwarden.config import RunConfig, validate  # noqa: E402
-from simulations.report import fmt, markdown_table  # noqa: E402
-from simulations.runner import Simulation, check_config, make_federation  # noqa: E402
+from fedwarden.simulations.report import fmt, markdown_table  # noqa: E402
+from fedwarden.simulations.runner import Simulation, check_config, make_federation  # noqa: E402
 
 
 def compare(base: RunConfig, attacks: list[str], aggregators: list[str], out: Path) -> str:

@@ -17,25 +17,25 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from aggregation.accounting import default_delta, validate_dp
-from clients.dp_sgd import ClientPrivacyAccount
-from clients.training import DPSGDSettings, LocalTrainer, one_thread_per_op
+from fedwarden.aggregation.accounting import default_delta, validate_dp
+from fedwarden.attacks import Attack, build_attack
+from fedwarden.clients.dp_sgd import ClientPrivacyAccount
+from fedwarden.clients.training import DPSGDSettings, LocalTrainer, one_thread_per_op
 from fedwarden.config import RunConfig
+from fedwarden.data.datasets import Dataset, load_dataset
+from fedwarden.data.partition import partition
 from fedwarden.errors import UsageError
 from fedwarden.models import build_model
+from fedwarden.server import checkpoint
+from fedwarden.server.admission import ClientUpdate
+from fedwarden.server.coordinator import Coordinator, RoundOutcome
+from fedwarden.server.defence import build_chain, central_privacy, trust_policy
+from fedwarden.server.ledger import Ledger, remove_ledger
+from fedwarden.server.metrics import MetricsExporter
+from fedwarden.server.optimizers import ServerOptimizer
+from fedwarden.server.trust import TrustBook
+from fedwarden.simulations import report
 from fedwarden.weights import WeightLayout
-from server import checkpoint
-from server.admission import ClientUpdate
-from server.coordinator import Coordinator, RoundOutcome
-from server.defence import build_chain, central_privacy, trust_policy
-from server.ledger import Ledger, remove_ledger
-from server.metrics import MetricsExporter
-from server.optimizers import ServerOptimizer
-from server.trust import TrustBook
-from simulations import report
-from simulations.attacks import Attack, build_attack
-from simulations.datasets import Dataset, load_dataset
-from simulations.partition import partition
 
 log = logging.getLogger("fedwarden.simulate")
 
@@ -75,7 +75,7 @@ class Simulation:
     """Runs configurations that share a federation and a model architecture."""
 
     def __init__(self, config: RunConfig, federation: Federation | None = None):
-        # One thread per op and one model copy per core (clients.training): faster rounds.
+        # One thread per op and one model copy per core (fedwarden.clients.training): faster rounds.
         # Only possible before TensorFlow's first op; later, TF keeps its thread count.
         one_thread_per_op()
         tf.config.experimental.enable_op_determinism()
@@ -97,7 +97,9 @@ class Simulation:
         )
         key = (config.engine, config.lr, config.batch_size, config.local_epochs, dp)
         if key not in self._trainers and config.engine == "tff":
-            from simulations.tff_engine import TFFTrainer  # imports TFF (slow): only when asked
+            from fedwarden.simulations.tff_engine import (
+                TFFTrainer,  # imports TFF (slow): only when asked
+            )
 
             self._trainers[key] = TFFTrainer.for_simulation(self, config)
         if key not in self._trainers:
@@ -135,7 +137,7 @@ class _Run:
         self.privacy = central_privacy(config, len(self.fed.ids))
         self.chain = build_chain(config, self.privacy, seed=config.seed)
         if config.engine == "tff":  # TFF's own aggregator for mean-based chains
-            from aggregation.tff import tff_step
+            from fedwarden.aggregation.tff import tff_step
 
             self.chain = tff_step(self.chain)
         self.dp_sgd = (

@@ -22,7 +22,7 @@ Example (runs as is; a few seconds once TensorFlow and TFF are imported)::
     import numpy as np
     import tensorflow as tf
     import tensorflow_federated as tff
-    from simulations.tff_engine import build_robust_fedavg_process
+    from fedwarden.simulations.tff_engine import build_robust_fedavg_process
 
     spec = (tf.TensorSpec([None, 4], tf.float32), tf.TensorSpec([None], tf.int64))
 
@@ -62,18 +62,18 @@ import tensorflow_federated as tff
 # the module is internal to TFF, so the pinned tensorflow-federated 0.87.0 is what was tested.
 from tensorflow_federated.python.learning.templates import model_delta_client_work
 
-from aggregation.base import Step
-from aggregation.chain import parse_chain
-from aggregation.tff import tff_factory, tff_step
-from clients.training import LocalResult, LocalTrainer
 from fedwarden import tff_runtime
+from fedwarden.aggregation.base import Step
+from fedwarden.aggregation.chain import parse_chain
+from fedwarden.aggregation.tff import tff_factory, tff_step
+from fedwarden.clients.training import LocalResult, LocalTrainer
 from fedwarden.errors import UsageError
 from fedwarden.models import build_model
+from fedwarden.server.admission import ClientUpdate
+from fedwarden.server.coordinator import Coordinator
+from fedwarden.server.optimizers import ServerOptimizer
+from fedwarden.server.trust import ClientTrust, TrustBook, TrustPolicy
 from fedwarden.weights import WeightLayout
-from server.admission import ClientUpdate
-from server.coordinator import Coordinator
-from server.optimizers import ServerOptimizer
-from server.trust import ClientTrust, TrustBook, TrustPolicy
 
 log = logging.getLogger("fedwarden.tff")
 
@@ -242,7 +242,7 @@ class RobustFedAvgProcess:
     It is a Python object rather than a ``tff.Computation``: the chain (a median, Krum, ...) runs
     in numpy on the stacked client deltas, which is what lets it see every client's update.
 
-    Trust lives in the process (one :class:`~server.trust.TrustBook`, optionally persisted by its
+    Trust lives in the process (one :class:`~fedwarden.server.trust.TrustBook`, optionally persisted by its
     ledger), so ``next`` takes the state the previous call returned; ``initialize()`` starts over
     with fresh trust.
 
@@ -409,7 +409,7 @@ def build_robust_fedavg_process(
         for ``tff.learning.algorithms.build_weighted_fed_avg``.
       client_optimizer: a ``tff.learning.optimizers.Optimizer`` (or a no-argument function
         returning one) for local training.
-      chain: an aggregation step (``aggregation.chain(clip_by_norm(5.0), median())``) or a chain
+      chain: an aggregation step (``fedwarden.aggregation.chain(clip_by_norm(5.0), median())``) or a chain
         string (``"clip:max_norm=5+trimmed_mean:trim_fraction=0.2"``, see ``parse_chain``).
       server_optimizer: fedwarden's server optimizer; default FedAvg with learning rate 1.
       trust_policy: trust decay, flag thresholds, quarantine; default ``TrustPolicy()``.
@@ -417,9 +417,9 @@ def build_robust_fedavg_process(
         ``Ledger``, to persist trust); default an in-memory book under ``trust_policy``.
       num_byzantine: f for rules that take it (Krum, Bulyan, ...) when ``chain`` is a string.
       use_tff_aggregators: aggregate mean-based chains with TFF's own aggregators
-        (``aggregation.tff.tff_factory``); False keeps fedwarden's numpy steps for every chain.
+        (``fedwarden.aggregation.tff.tff_factory``); False keeps fedwarden's numpy steps for every chain.
       max_update_norm: admission rejects updates with a larger L2 norm (None: no limit).
-      anomaly_weights: weights of the anomaly score's components (``aggregation.scoring``).
+      anomaly_weights: weights of the anomaly score's components (``fedwarden.aggregation.scoring``).
 
     Returns:
       A :class:`RobustFedAvgProcess`; the module docstring has a runnable example.
@@ -450,7 +450,7 @@ def build_tff_fedavg(
     """Plain ``tff.learning.algorithms.build_weighted_fed_avg`` for a mean-based chain.
 
     For users who want TFF's own process end to end (no per-client scores or trust): the chain
-    must be one ``aggregation.tff.tff_factory`` maps (mean, clip + mean, central_dp). The server
+    must be one ``fedwarden.aggregation.tff.tff_factory`` maps (mean, clip + mean, central_dp). The server
     optimizer is SGD with learning rate 1, i.e. FedAvg, as in :func:`build_robust_fedavg_process`.
     """
     step = parse_chain(chain) if isinstance(chain, str) else chain
@@ -532,7 +532,7 @@ class TFFTrainer:
 
     @classmethod
     def for_simulation(cls, sim: Any, config: Any) -> TFFTrainer:
-        """The trainer for a ``simulations.runner.Simulation`` run under ``config``."""
+        """The trainer for a ``fedwarden.simulations.runner.Simulation`` run under ``config``."""
         ds = sim.federation.dataset
 
         def build_keras() -> tf.keras.Model:

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from simulations.attacks import fedwarden_data_attack
+from fedwarden.attacks import fedwarden_data_attack
 
 
 def push_away(honest, num_malicious, rng, strength=2.0):

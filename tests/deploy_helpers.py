@@ -22,11 +22,12 @@ from pathlib import Path
 
 import grpc
 
-from server.auth import Authenticator
-from server.hub import Hub
-from server.proto_gen import fedwarden_v1_pb2 as pb
-from server.service import FederationServicer, TrainingSpec
-from server.transfer import sha256_hex, split
+from fedwarden.protocol.convert import TrainingSpec
+from fedwarden.protocol.proto_gen import fedwarden_v1_pb2 as pb
+from fedwarden.protocol.transfer import sha256_hex, split
+from fedwarden.server.auth import Authenticator
+from fedwarden.server.hub import Hub
+from fedwarden.server.service import FederationServicer
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENS = {"c00": "a" * 32, "c01": "b" * 32, "c02": "c" * 32, "c03": "d" * 32}
@@ -58,7 +59,7 @@ def subprocess_env() -> dict[str, str]:
 
 def run_fedwarden(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "fedwarden.cli", *args],
+        [sys.executable, "-m", "fedwarden", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -78,7 +79,7 @@ class Proc:
         name: str,
         *args: str,
         env: dict[str, str] | None = None,
-        module: str = "fedwarden.cli",
+        module: str = "fedwarden",
     ):
         self.name = name
         self.lines: list[str] = []

@@ -2,11 +2,11 @@
 
 Targets:
 
-- ``transfer``: chunk reassembly and vector decoding (server/transfer.py).
+- ``transfer``: chunk reassembly and vector decoding (fedwarden/protocol/transfer.py).
 - ``update``: a whole SubmitUpdate stream into the servicer, then admission (server/service.py,
   server/admission.py): the messages are built from the fuzzer's bytes.
-- ``idx``: the IDX reader of simulations/datasets.py, plain and gzipped.
-- ``npz``, ``csv``: the agent's data loaders and validation (clients/data.py).
+- ``idx``: the IDX reader of fedwarden/data/datasets.py, plain and gzipped.
+- ``npz``, ``csv``: the agent's data loaders and validation (fedwarden/data/validation.py).
 
 Each target accepts the parser's own error (TransferError, an aborted call, UsageError,
 DataError) and checks the invariants of what it returns; any other exception is a finding, and
@@ -34,14 +34,11 @@ sys.path.insert(0, str(ROOT))
 with atheris.instrument_imports(include=["server", "clients", "simulations"]):
     import numpy as np
 
-    from clients.data import DataError, LocalData, load_csv, load_npz, validate
+    from fedwarden.data.datasets import read_idx
+    from fedwarden.data.validation import DataError, LocalData, load_csv, load_npz, validate
     from fedwarden.errors import UsageError
-    from server.admission import ARRIVAL_REASONS, REASONS, admit
-    from server.auth import Authenticator
-    from server.hub import Hub
-    from server.proto_gen import fedwarden_v1_pb2 as pb
-    from server.service import FederationServicer
-    from server.transfer import (
+    from fedwarden.protocol.proto_gen import fedwarden_v1_pb2 as pb
+    from fedwarden.protocol.transfer import (
         VECTOR_DTYPES,
         Assembler,
         TransferError,
@@ -49,7 +46,10 @@ with atheris.instrument_imports(include=["server", "clients", "simulations"]):
         encode_vector,
         sha256_hex,
     )
-    from simulations.datasets import read_idx
+    from fedwarden.server.admission import ARRIVAL_REASONS, REASONS, admit
+    from fedwarden.server.auth import Authenticator
+    from fedwarden.server.hub import Hub
+    from fedwarden.server.service import FederationServicer
 
 from tests.deploy_helpers import OPERATOR_TOKEN, SPEC, TOKENS, Aborted, FakeContext, FakeLedger  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Light agents and load runs against a real coordinator process (issue 9).
 
-A ``LightAgent`` is the real ``clients.agent.Agent`` (registration, data validation, long polls,
+A ``LightAgent`` is the real ``fedwarden.clients.agent.Agent`` (registration, data validation, long polls,
 heartbeats, chunked uploads, reconnects with backoff) with numpy softmax regression in place of
 Keras, so one process can hold hundreds of agents. The coordinator is a real ``fedwarden serve``
 process with the tiny model plugin (tests/tiny_model.py, 84 weights) on the synthetic dataset.
@@ -31,12 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from clients.agent import Agent, AgentError
-from clients.connection import Connection
-from clients.training import LocalResult
-from server.proto_gen import fedwarden_v1_pb2 as pb
-from server.service import TrainingSpec
-from server.transfer import sha256_hex, split
+from fedwarden.clients.agent import Agent, AgentError
+from fedwarden.clients.training import LocalResult
+from fedwarden.protocol.connection import Connection
+from fedwarden.protocol.convert import TrainingSpec
+from fedwarden.protocol.proto_gen import fedwarden_v1_pb2 as pb
+from fedwarden.protocol.transfer import sha256_hex, split
 from tests.deploy_helpers import Proc
 
 MODEL = "tests.tiny_model:linear"
@@ -92,7 +92,7 @@ class LightAgent(Agent):
 
 def write_client_data(directory: Path, ids: list[str], seed: int = 0) -> dict[str, Path]:
     """The synthetic dataset's training split, shuffled and dealt out: one .npz per client."""
-    from simulations.datasets import load_dataset
+    from fedwarden.data.datasets import load_dataset
 
     data = load_dataset("synthetic", seed=seed)
     order = np.random.default_rng(seed).permutation(len(data.y_train))

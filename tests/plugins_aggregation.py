@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from aggregation.base import StatelessStep, StepOutput
+from fedwarden.aggregation.base import StatelessStep, StepOutput
 
 
 def coordinate_max(updates, weights):
@@ -38,7 +38,7 @@ def make_scaled_mean(scale=1.0):
 
 def make_robust(num_byzantine):
     """Factory plugin that takes the run's Byzantine budget."""
-    from aggregation import krum
+    from fedwarden.aggregation import krum
 
     return krum(num_byzantine)
 

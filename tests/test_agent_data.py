@@ -17,11 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from clients.agent import Agent, AgentError
-from clients.connection import Connection
-from clients.data import DataError, LocalData, load_csv, load_data, load_npz, validate
+from fedwarden.clients.agent import Agent, AgentError
+from fedwarden.data.datasets import feature_range, read_idx
+from fedwarden.data.validation import DataError, LocalData, load_csv, load_data, load_npz, validate
 from fedwarden.errors import UsageError
-from simulations.datasets import feature_range, read_idx
+from fedwarden.protocol.connection import Connection
 from tests.deploy_helpers import run_fedwarden
 
 SHAPE, CLASSES, RANGE = (2, 3), 4, (0.0, 1.0)
@@ -242,7 +242,7 @@ def bad_csv(tmp_path) -> Path:
 def test_strict_refuses_before_connecting_and_the_default_reports_what_it_skips(
     bad_csv, monkeypatch, caplog
 ):
-    from server.service import TrainingSpec
+    from fedwarden.protocol.convert import TrainingSpec
 
     spec = TrainingSpec("tests.tiny_model:linear", "synthetic", SHAPE, CLASSES, ((6, 4), (4,)), 0.1, 8, 1)  # fmt: skip
     assert feature_range("synthetic") == RANGE

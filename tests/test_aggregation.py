@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import aggregation._kernels as kernels
-from aggregation import (
+import fedwarden.aggregation._kernels as kernels
+from fedwarden.aggregation import (
     REGISTRY,
     AggregationError,
     Step,
@@ -730,7 +730,7 @@ def test_from_function_wraps_plain_functions():
 
 
 def test_score_ties_break_lexicographically():
-    from aggregation.rules import _lexicographic, _ranking
+    from fedwarden.aggregation.rules import _lexicographic, _ranking
 
     rows = np.array([[1.0, 2, 3], [1, 2, 1], [0, 5, 5], [1, 2, 1], [1, 0, 9]])
     assert _lexicographic(rows).tolist() == [2, 4, 1, 3, 0]

@@ -1,4 +1,4 @@
-"""Defining property of each attack in simulations/attacks.py, plus the plugin contract."""
+"""Defining property of each attack in fedwarden/attacks.py, plus the plugin contract."""
 
 from pathlib import Path
 from statistics import NormalDist
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simulations.attacks import (
+from fedwarden.attacks import (
     ATTACKS,
     AttackError,
     alie_z,

@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 
-from aggregation.chain import parse_chain
-from server.admission import ClientUpdate
-from server.coordinator import Coordinator
-from server.optimizers import ServerOptimizer
-from server.trust import TrustBook, TrustPolicy
+from fedwarden.aggregation.base import StatelessStep, StepOutput
+from fedwarden.aggregation.chain import parse_chain
+from fedwarden.server.admission import ClientUpdate
+from fedwarden.server.coordinator import Coordinator
+from fedwarden.server.optimizers import ServerOptimizer
+from fedwarden.server.trust import TrustBook, TrustPolicy
 
 D = 8
 
@@ -138,3 +139,81 @@ def test_exclude_policy_skips_quarantined_clients_in_selection():
         c.finish_round(r, ids, [update(i, d, r) for i, d in zip(ids, deltas)])
     assert c.trust.snapshot()["c5"].quarantined
     assert "c5" not in c.select(ids, 6, np.random.default_rng(1))
+
+
+HONEST = [f"h{i}" for i in range(4)]
+
+
+def hostile_round(aggregator, hostile_delta, hostile_n=10):
+    c = make(aggregator)
+    honest = np.full(D, 0.1, np.float32)
+    updates = [update(cid, honest) for cid in HONEST]
+    updates.append(ClientUpdate("evil", 1, hostile_delta, hostile_n, loss=0.5))
+    return c, c.finish_round(1, [*HONEST, "evil"], updates)
+
+
+@pytest.mark.parametrize(
+    "aggregator", ["mean", "clip:max_norm=1+mean", "clip:max_norm=5+trimmed_mean"]
+)
+def test_a_float64_update_beyond_float32_range_is_rejected_not_committed(aggregator):
+    # 1e300 is finite as float64 and infinite as float32, the dtype of the update matrix.
+    c, outcome = hostile_round(aggregator, np.full(D, 1e300, np.float64))
+    assert [(r.client_id, r.reason) for r in outcome.rejected] == [("evil", "non_finite")]
+    assert np.all(np.isfinite(c.weights)) and np.allclose(c.weights, 0.1, atol=1e-6)
+    trust = c.trust.snapshot()
+    assert trust["evil"].trust < min(trust[h].trust for h in HONEST)
+
+
+class Float32Sum(StatelessStep):
+    """A rule that sums in float32, as a user's plugin might: rows near float32's limit overflow."""
+
+    name = "float32_sum"
+
+    def apply(self, updates, weights):
+        total = np.sum(updates, axis=0, dtype=np.float32)
+        return StepOutput(total[None, :] / len(updates), np.ones(1))
+
+
+def test_an_update_that_overflows_the_aggregate_is_rejected_and_the_round_still_counts():
+    # Finite float32 values near the limit pass admission; the sum overflows to Inf.
+    c = Coordinator(
+        np.zeros(D, np.float32), Float32Sum(), ServerOptimizer("fedavg"), TrustBook(TrustPolicy())
+    )
+    honest = np.full(D, 0.1, np.float32)
+    updates = [update(cid, honest) for cid in HONEST]
+    updates += [update("evil", np.full(D, 3e38, np.float32)), update("evil2", np.full(D, 2e38))]
+    outcome = c.finish_round(1, [*HONEST, "evil", "evil2"], updates)
+    assert [(r.client_id, r.reason) for r in outcome.rejected] == [("evil", "overflow")]
+    assert sorted(outcome.admitted) == sorted([*HONEST, "evil2"])  # evil2 alone does not overflow
+    assert np.all(np.isfinite(c.weights))
+    assert c.trust.snapshot()["evil"].rejected == 1
+
+
+def test_a_huge_reported_example_count_buys_a_bounded_weight():
+    c, outcome = hostile_round("mean", np.full(D, -100.0, np.float32), hostile_n=2**64 - 1)
+    assert outcome.rejected == []
+    ratio = c.max_weight_ratio  # the attacker weighs at most ratio x the median count (10)
+    expected = (4 * 10 * 0.1 + ratio * 10 * -100.0) / (4 * 10 + ratio * 10)
+    assert np.allclose(c.weights, expected, rtol=1e-5)
+    assert expected > -100.0 * ratio / (4 + ratio) - 1e-6  # not the attacker's model
+
+
+def test_jsonable_turns_non_finite_floats_into_null():
+    from fedwarden.server.checkpoint import jsonable
+
+    data = {"a": float("nan"), "b": [np.float32("inf"), 1.5], "c": np.array([np.nan, 2.0])}
+    assert jsonable(data) == {"a": None, "b": [None, 1.5], "c": [None, 2.0]}
+
+
+def test_write_json_atomic_never_writes_nan(tmp_path):
+    import json
+
+    from fedwarden.server.checkpoint import write_json_atomic
+
+    path = tmp_path / "results.json"
+    write_json_atomic(path, {"final": {"accuracy": float("nan")}})
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    assert json.loads(path.read_text(), parse_constant=refuse) == {"final": {"accuracy": None}}

@@ -4,9 +4,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedwarden.data.datasets import FASHION_MNIST_DIR, load_dataset, read_idx
+from fedwarden.data.partition import partition
 from fedwarden.errors import UsageError
-from simulations.datasets import FASHION_MNIST_DIR, load_dataset, read_idx
-from simulations.partition import partition
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:

@@ -24,18 +24,13 @@ import grpc
 import numpy as np
 import pytest
 
-from clients.connection import Connection, fetch_trust
-from clients.data import DataError, check_arrays, check_labels, load_npz, prepare
+from fedwarden.data.validation import DataError, check_arrays, check_labels, load_npz, prepare
 from fedwarden.errors import UsageError
-from server import checkpoint
-from server.admission import admit
-from server.auth import Authenticator, AuthError, load_tokens
-from server.hub import Hub
-from server.proto_gen import fedwarden_v1_pb2 as pb
-from server.proto_gen import fedwarden_v1_pb2_grpc as pb_grpc
-from server.serve import ServeOptions
-from server.service import FederationServicer, TrainingSpec, spec_from_proto, spec_to_proto
-from server.transfer import (
+from fedwarden.protocol.connection import Connection, fetch_trust
+from fedwarden.protocol.convert import TrainingSpec, spec_from_proto, spec_to_proto
+from fedwarden.protocol.proto_gen import fedwarden_v1_pb2 as pb
+from fedwarden.protocol.proto_gen import fedwarden_v1_pb2_grpc as pb_grpc
+from fedwarden.protocol.transfer import (
     Assembler,
     TransferError,
     decode_vector,
@@ -43,6 +38,12 @@ from server.transfer import (
     sha256_hex,
     split,
 )
+from fedwarden.server import checkpoint
+from fedwarden.server.admission import admit
+from fedwarden.server.auth import Authenticator, AuthError, load_tokens
+from fedwarden.server.hub import Hub
+from fedwarden.server.serve import ServeOptions
+from fedwarden.server.service import FederationServicer
 from tests.deploy_helpers import (
     OPERATOR_TOKEN,
     ROOT,
@@ -357,7 +358,7 @@ def test_a_long_poll_wakes_up_when_a_task_is_published():
 
 
 def test_collect_closes_on_time_with_enough_updates_and_abandons_without():
-    from server.admission import ClientUpdate
+    from fedwarden.server.admission import ClientUpdate
 
     hub = Hub(2)
     sessions = {c: hub.register(c) for c in ("c00", "c01", "c02")}
@@ -408,7 +409,7 @@ def test_npz_loading_reports_missing_arrays(tmp_path):
 
 
 def test_data_split_writes_one_file_per_client(tmp_path):
-    from fedwarden.cli import main
+    from fedwarden.cli.main import main
 
     out = tmp_path / "split"
     argv = [
@@ -553,7 +554,7 @@ def test_a_50_mb_model_travels_both_ways(plaintext_server, compression):
 
 
 def test_trust_list_reads_a_running_coordinator(plaintext_server, capsys):
-    from fedwarden.cli import main
+    from fedwarden.cli.main import main
 
     _, port = plaintext_server
     address = f"127.0.0.1:{port}"
@@ -683,7 +684,7 @@ def test_deployment_survives_sigkill_and_finishes_every_round_once(tmp_path, pro
     assert results["final"]["accuracy"] == results["rounds"][-1]["accuracy"]
     assert set(results["clients"]) == set(TOKENS)
     assert all(r["admitted"] == 4 for r in results["rounds"])
-    from server.ledger import Ledger
+    from fedwarden.server.ledger import Ledger
 
     with Ledger(state / "ledger.sqlite", readonly=True) as ledger:
         for cid in TOKENS:
@@ -764,8 +765,8 @@ def exported_metric_names() -> set[str]:
     """Every metric name the coordinator exports (server/metrics.py and server/serve.py)."""
     from prometheus_client import CollectorRegistry
 
-    from server.metrics import MetricsExporter
-    from server.serve import ServeMetrics
+    from fedwarden.server.metrics import MetricsExporter
+    from fedwarden.server.serve import ServeMetrics
 
     exporter = MetricsExporter(CollectorRegistry())
     ServeMetrics(exporter.registry)
@@ -844,7 +845,7 @@ def test_compose_file_is_valid():
     block = re.search(r"^  agent-red-team:\n((?:    .*\n|  - .*\n)+)", red.stdout, re.M)
     assert block and re.search(r"^    profiles:\n    - red-team$", block.group(1), re.M)
     command = re.search(r"^    command:\n((?:    - .*\n)+)", block.group(1), re.M).group(1)
-    from fedwarden.cli import build_parser
+    from fedwarden.cli.main import build_parser
 
     args = build_parser().parse_args(re.findall(r"^    - (.*)$", command, re.M))
     assert args.command == "agent" and args.attack == "gaussian" and args.red_team_report

@@ -9,7 +9,7 @@ import dp_accounting
 import numpy as np
 import pytest
 
-from aggregation.accounting import (
+from fedwarden.aggregation.accounting import (
     DPConfigError,
     central_epsilon,
     default_delta,
@@ -18,11 +18,11 @@ from aggregation.accounting import (
     solve_noise_multiplier,
     validate_dp,
 )
-from aggregation.base import AggregationError, StepOutput
-from aggregation.chain import chain, parse_chain
-from aggregation.clipping import clip_by_norm
-from aggregation.dp import adaptive_clip_by_norm, central_dp, gaussian_noise, is_formal_dp
-from aggregation.rules import median
+from fedwarden.aggregation.base import AggregationError, StepOutput
+from fedwarden.aggregation.chain import chain, parse_chain
+from fedwarden.aggregation.clipping import clip_by_norm
+from fedwarden.aggregation.dp import adaptive_clip_by_norm, central_dp, gaussian_noise, is_formal_dp
+from fedwarden.aggregation.rules import median
 
 DELTA = 1e-5
 
@@ -323,7 +323,7 @@ def test_adaptive_clip_by_norm_tracks_median_norm():
 def test_dp_sgd_fit_runs_and_account_reports_epsilon():
     import tensorflow as tf
 
-    from clients.dp_sgd import ClientPrivacyAccount, dp_optimizer, per_example_loss
+    from fedwarden.clients.dp_sgd import ClientPrivacyAccount, dp_optimizer, per_example_loss
 
     tf.keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
@@ -353,7 +353,7 @@ def test_dp_sgd_fit_runs_and_account_reports_epsilon():
 
 
 def test_dp_sgd_bad_config():
-    from clients.dp_sgd import ClientPrivacyAccount, dp_optimizer
+    from fedwarden.clients.dp_sgd import ClientPrivacyAccount, dp_optimizer
 
     with pytest.raises(DPConfigError, match="l2_norm_clip=0"):
         dp_optimizer(0.0, 1.0)

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import pytest
 
-from server import checkpoint
-from server.auth import Authenticator, AuthError
-from server.faults import POINTS
-from server.hub import Hub, UnknownSession
-from server.ledger import Ledger
+from fedwarden.server import checkpoint
+from fedwarden.server.auth import Authenticator, AuthError
+from fedwarden.server.faults import POINTS
+from fedwarden.server.hub import Hub, UnknownSession
+from fedwarden.server.ledger import Ledger
 from tests.deploy_helpers import Proc, make_certs, metrics_text, poll, run_fedwarden
 from tests.load_harness import AgentPool, serve_args, write_client_data, write_tokens
 
@@ -86,7 +86,7 @@ def test_tokens_are_compared_in_constant_time_against_every_entry(monkeypatch):
         calls.append((a, b))
         return original(a, b)
 
-    monkeypatch.setattr("server.auth.hmac.compare_digest", spy)
+    monkeypatch.setattr("fedwarden.server.auth.hmac.compare_digest", spy)
     for offered in (tokens["c00"], tokens["c04"], "0" * 32, tokens["c00"][:-1] + "x", "short"):
         calls.clear()
         try:
@@ -106,7 +106,7 @@ def test_session_ids_are_compared_in_constant_time(monkeypatch):
     seen = []
     original = secrets.compare_digest
     monkeypatch.setattr(
-        "server.hub.secrets.compare_digest", lambda a, b: seen.append(b) or original(a, b)
+        "fedwarden.server.hub.secrets.compare_digest", lambda a, b: seen.append(b) or original(a, b)
     )
     hub.heartbeat("c00", session)
     with pytest.raises(UnknownSession):

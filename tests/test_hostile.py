@@ -30,19 +30,25 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aggregation.chain import parse_chain
-from server import checkpoint
-from server.admission import ARRIVAL_REASONS, REASONS, admit
-from server.auth import Authenticator
-from server.coordinator import Coordinator
-from server.hub import Hub
-from server.ledger import Ledger
-from server.optimizers import ServerOptimizer
-from server.proto_gen import fedwarden_v1_pb2 as pb
-from server.proto_gen import fedwarden_v1_pb2_grpc as pb_grpc
-from server.service import FederationServicer
-from server.transfer import Assembler, TransferError, decode_vector, encode_vector, sha256_hex
-from server.trust import TrustBook, TrustPolicy
+from fedwarden.aggregation.chain import parse_chain
+from fedwarden.protocol.proto_gen import fedwarden_v1_pb2 as pb
+from fedwarden.protocol.proto_gen import fedwarden_v1_pb2_grpc as pb_grpc
+from fedwarden.protocol.transfer import (
+    Assembler,
+    TransferError,
+    decode_vector,
+    encode_vector,
+    sha256_hex,
+)
+from fedwarden.server import checkpoint
+from fedwarden.server.admission import ARRIVAL_REASONS, REASONS, admit
+from fedwarden.server.auth import Authenticator
+from fedwarden.server.coordinator import Coordinator
+from fedwarden.server.hub import Hub
+from fedwarden.server.ledger import Ledger
+from fedwarden.server.optimizers import ServerOptimizer
+from fedwarden.server.service import FederationServicer
+from fedwarden.server.trust import TrustBook, TrustPolicy
 from tests.deploy_helpers import (
     OPERATOR_TOKEN,
     ROOT,
@@ -610,7 +616,7 @@ def test_fuzzers_find_nothing(target, tmp_path):
 
 @pytest.mark.integration
 def test_a_live_coordinator_counts_each_hostile_upload_and_finishes_its_rounds(tmp_path, procs):
-    from server.ledger import Ledger
+    from fedwarden.server.ledger import Ledger
     from tests.deploy_helpers import Proc, metrics_text
     from tests.load_harness import AgentPool, serve_args, write_client_data, write_tokens
 

@@ -20,7 +20,7 @@ def test_prometheus_scrapes_trust_scores_from_a_live_simulation(tmp_path: Path):
         [
             sys.executable,
             "-m",
-            "fedwarden.cli",
+            "fedwarden",
             "simulate",
             "--rounds",
             "400",

@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.metrics import MetricsExporter
+from fedwarden.server.metrics import MetricsExporter
 
 try:
     from tests.prom import PrometheusServer, http_get, prometheus_binary, promtool_binary

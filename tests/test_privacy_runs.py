@@ -8,7 +8,7 @@ import dp_accounting
 import pytest
 
 from fedwarden.config import make_config
-from simulations.runner import simulate
+from fedwarden.simulations.runner import simulate
 
 SMALL = dict(clients=20, clients_per_round=10, rounds=4, local_epochs=1, progress=False)
 
@@ -117,7 +117,7 @@ def test_dp_sgd_reports_per_client_epsilon_falling_with_more_noise(tmp_path: Pat
 )
 def test_bad_dp_settings_exit_2_with_one_line(args, message, tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "fedwarden.cli", "simulate", *args, "--out", str(tmp_path)],
+        [sys.executable, "-m", "fedwarden", "simulate", *args, "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=300,

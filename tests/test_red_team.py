@@ -15,7 +15,8 @@ import dp_accounting
 import numpy as np
 import pytest
 
-from clients.red_team import (
+from fedwarden.attacks import ATTACKS, alie_z, build_attack
+from fedwarden.clients.red_team import (
     ESTIMATE_SAMPLES,
     RedTeam,
     honest_reference,
@@ -23,7 +24,6 @@ from clients.red_team import (
     read_reports,
 )
 from fedwarden.errors import UsageError
-from simulations.attacks import ATTACKS, alie_z, build_attack
 from tests.deploy_helpers import (
     OPERATOR_TOKEN,
     SERVE_ARGS,
@@ -224,8 +224,8 @@ def report_line(cid: str, r: int, attacking: bool, status: str = "ACCEPTED") -> 
 
 
 def test_trust_report_scores_the_ledger_flags_against_the_red_team(tmp_path, capsys):
-    from server.ledger import Ledger
-    from server.trust_cli import trust_main
+    from fedwarden.cli.trust import trust_main
+    from fedwarden.server.ledger import Ledger
 
     with Ledger(tmp_path / "ledger.sqlite") as ledger:
         flags = {1: [], 2: ["c04"], 3: ["c04", "c01"], 4: ["c04"]}

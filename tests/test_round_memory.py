@@ -10,11 +10,11 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from aggregation.chain import parse_chain
-from server.admission import ClientUpdate
-from server.coordinator import Coordinator
-from server.optimizers import ServerOptimizer
-from server.trust import TrustBook, TrustPolicy
+from fedwarden.aggregation.chain import parse_chain
+from fedwarden.server.admission import ClientUpdate
+from fedwarden.server.coordinator import Coordinator
+from fedwarden.server.optimizers import ServerOptimizer
+from fedwarden.server.trust import TrustBook, TrustPolicy
 
 K, D = 50, 200_000
 MATRIX_BYTES = K * D * 4

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from fedwarden.config import RunConfig, make_config
-from server.ledger import Ledger
-from simulations.compare import compare
-from simulations.runner import simulate
+from fedwarden.server.ledger import Ledger
+from fedwarden.simulations.compare import compare
+from fedwarden.simulations.runner import simulate
 
 pytestmark = pytest.mark.slow
 

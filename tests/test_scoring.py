@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from aggregation.scoring import (
+from fedwarden.aggregation.scoring import (
     DEFAULT_ANOMALY_WEIGHTS,
     METRIC_NAMES,
     anomaly_components,

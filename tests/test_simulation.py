@@ -10,19 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from fedwarden.cli import main
+from fedwarden.cli.main import main
 from fedwarden.config import RunConfig, make_config
 from fedwarden.errors import UsageError
-from server import checkpoint
-from simulations.compare import compare
-from simulations.runner import simulate
+from fedwarden.server import checkpoint
+from fedwarden.simulations.compare import compare
+from fedwarden.simulations.runner import simulate
 
 TINY = dict(clients=6, clients_per_round=4, rounds=3, local_epochs=1, progress=False)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "fedwarden.cli", *args], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "fedwarden", *args], capture_output=True, text=True, timeout=300
     )
 
 
@@ -199,7 +199,7 @@ def test_sigkill_mid_run_then_resume_loses_and_repeats_no_round(tmp_path: Path):
     args = [
         sys.executable,
         "-m",
-        "fedwarden.cli",
+        "fedwarden.cli.main",
         "simulate",
         "--clients",
         "6",

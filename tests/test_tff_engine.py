@@ -22,16 +22,16 @@ tff = pytest.importorskip("tensorflow_federated")
 if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "1":
     del os.environ["TF_CPP_MIN_LOG_LEVEL"]
 
-from aggregation.chain import Chain, parse_chain  # noqa: E402
-from aggregation.dp import central_dp, is_formal_dp  # noqa: E402
-from aggregation.tff import TFFAggregatorStep, tff_factory, tff_step  # noqa: E402
-from clients.training import LocalTrainer  # noqa: E402
+from fedwarden.aggregation.chain import Chain, parse_chain  # noqa: E402
+from fedwarden.aggregation.dp import central_dp, is_formal_dp  # noqa: E402
+from fedwarden.aggregation.tff import TFFAggregatorStep, tff_factory, tff_step  # noqa: E402
+from fedwarden.clients.training import LocalTrainer  # noqa: E402
 from fedwarden.config import make_config  # noqa: E402
 from fedwarden.errors import UsageError  # noqa: E402
 from fedwarden.models import build_model  # noqa: E402
-from server.trust import TrustPolicy  # noqa: E402
-from simulations.runner import simulate  # noqa: E402
-from simulations.tff_engine import (  # noqa: E402
+from fedwarden.server.trust import TrustPolicy  # noqa: E402
+from fedwarden.simulations.runner import simulate  # noqa: E402
+from fedwarden.simulations.tff_engine import (  # noqa: E402
     TFFTrainer,
     build_robust_fedavg_process,
     build_tff_fedavg,
@@ -220,8 +220,8 @@ def test_simulate_engine_tff_central_dp_uses_tffs_dp_aggregator(tmp_path: Path):
 def test_tff_worker_is_stopped_at_exit():
     script = (
         "import numpy as np\n"
-        "from aggregation.chain import parse_chain\n"
-        "from aggregation.tff import tff_step\n"
+        "from fedwarden.aggregation.chain import parse_chain\n"
+        "from fedwarden.aggregation.tff import tff_step\n"
         "from fedwarden import tff_runtime\n"
         "step = tff_step(parse_chain('mean'))\n"
         "step(np.ones((3, 5), np.float32), np.ones(3), step.init())\n"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from clients.training import LocalTrainer
+from fedwarden.clients.training import LocalTrainer
 from fedwarden.models import build_model
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.ledger import Ledger, LedgerError, remove_ledger
-from server.trust import ClientTrust, TrustBook, TrustPolicy, round_rows
-from server.trust_cli import trust_main
-from simulations.report import detection_summary, plot_trust_heatmap
+from fedwarden.cli.trust import trust_main
+from fedwarden.server.ledger import Ledger, LedgerError, remove_ledger
+from fedwarden.server.trust import ClientTrust, TrustBook, TrustPolicy, round_rows
+from fedwarden.simulations.report import detection_summary, plot_trust_heatmap
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -195,7 +195,7 @@ def test_a_second_process_reads_while_a_writer_holds_a_transaction(tmp_path):
     writer.execute("UPDATE clients SET trust = 0.0 WHERE client_id = 'a'")
     reader = textwrap.dedent(f"""
         import json
-        from server.ledger import Ledger
+        from fedwarden.server.ledger import Ledger
         with Ledger({str(path)!r}, readonly=True) as ledger:
             print(json.dumps([ledger.list_clients(), ledger.last_round()]))
     """)
@@ -354,7 +354,7 @@ def test_trust_errors_are_one_line_and_exit_2(ledger_file, capsys, argv, message
 
 
 def test_trust_through_the_fedwarden_command(ledger_file, capsys):
-    cli = pytest.importorskip("fedwarden.cli")
+    cli = pytest.importorskip("fedwarden.cli.main")
     assert cli.main(["trust", "list", "--ledger", str(ledger_file), "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["client_id"] == "c02"
     assert cli.main(["trust", "show", "zz", "--ledger", str(ledger_file)]) == 2

@@ -25,11 +25,11 @@ E."""
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from clients.connection import require_protocol
-    from fedwarden.cli import config_from_args
+    from fedwarden.cli.main import config_from_args
+    from fedwarden.protocol.connection import require_protocol
 
     require_protocol()
-    from server.serve import ServeOptions, Server
+    from fedwarden.server.serve import ServeOptions, Server
 
     # clients: serve has no fixed population; keep validation of --clients-per-round happy.
     config = config_from_args(args, clients=2**31 - 1, out=args.state_dir, progress=False)
@@ -73,7 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from fedwarden.cli import add_run_options
+    from fedwarden.cli.main import add_run_options
 
     p = subparsers.add_parser(
         "serve", help="run a coordinator for remote agents", description=DESCRIPTION

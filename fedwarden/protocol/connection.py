@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from fedwarden.errors import UsageError
-from server.auth import CLIENT_ID_HEADER
+from fedwarden.protocol.convert import CLIENT_ID_HEADER
 
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
@@ -95,10 +95,10 @@ class Connection:
 def require_protocol() -> None:
     """Raises UsageError with the fix when the generated gRPC code is missing."""
     try:
-        import server.proto_gen.fedwarden_v1_pb2_grpc  # noqa: F401
+        import fedwarden.protocol.proto_gen.fedwarden_v1_pb2_grpc  # noqa: F401
     except ModuleNotFoundError:
         raise UsageError(
-            "the gRPC code is not generated: run `python -m server.protogen` (scripts/setup does "
+            "the gRPC code is not generated: run `python -m fedwarden.protocol.protogen` (scripts/setup does "
             "it on install)"
         ) from None
 
@@ -122,9 +122,9 @@ def fetch_trust(
     Raises UsageError with the coordinator's refusal or why it could not be reached.
     """
     require_protocol()
-    from server.proto_gen import fedwarden_v1_pb2 as pb
-    from server.proto_gen import fedwarden_v1_pb2_grpc as pb_grpc
-    from server.service import trust_from_proto
+    from fedwarden.protocol.convert import trust_from_proto
+    from fedwarden.protocol.proto_gen import fedwarden_v1_pb2 as pb
+    from fedwarden.protocol.proto_gen import fedwarden_v1_pb2_grpc as pb_grpc
 
     with conn.channel() as channel:
         try:
@@ -188,7 +188,7 @@ def query_trust(args: argparse.Namespace, client_id: str | None = None) -> Any:
 
     Without ``client_id``: the list rows; with it: the client's row plus ``history``.
     """
-    from server.trust_cli import HISTORY_KEYS, LIST_KEYS
+    from fedwarden.records import HISTORY_KEYS, LIST_KEYS
 
     rows, history = fetch_trust(connection_from_args(args, client_id="trust-cli"), client_id)
     if client_id is None:

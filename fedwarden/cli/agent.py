@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from clients.data import DataError
+from fedwarden.data.validation import DataError
 from fedwarden.errors import UsageError
 
 DESCRIPTION = """Join a coordinator (fedwarden serve) as one client: validate the local data
@@ -26,16 +26,16 @@ updates estimate them from this agent's own data (see clients/red_team.py)."""
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from clients.connection import connection_from_args, require_protocol
+    from fedwarden.protocol.connection import connection_from_args, require_protocol
 
     require_protocol()
-    from clients.agent import Agent
+    from fedwarden.clients.agent import Agent
 
     conn = connection_from_args(args, client_id=args.client_id, compression=args.compression)
     red_team = None
     if args.attack:
-        from clients.red_team import RedTeam
-        from simulations.attacks import parse_attack_params
+        from fedwarden.attacks import parse_attack_params
+        from fedwarden.clients.red_team import RedTeam
 
         red_team = RedTeam(
             args.attack,
@@ -65,7 +65,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from clients.connection import add_connection_options
+    from fedwarden.protocol.connection import add_connection_options
 
     p = subparsers.add_parser(
         "agent", help="train local data for a remote coordinator", description=DESCRIPTION

@@ -1,6 +1,6 @@
-"""Regenerates the gRPC code from server/proto into server/proto_gen (never edited by hand).
+"""Regenerates the gRPC code from proto/ into proto_gen/ beside this file (never edited by hand).
 
-Run: python -m server.protogen   (scripts/setup does this on install)
+Run: python -m fedwarden.protocol.protogen   (scripts/setup does this on install)
 """
 
 import pathlib

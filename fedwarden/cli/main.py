@@ -131,7 +131,7 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
         {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name, _ in FLAGS}
     )
     if args.attack_param:
-        from simulations.attacks import parse_attack_params
+        from fedwarden.attacks import parse_attack_params
 
         flags["attack_params"] = {
             **file_values.get("attack_params", {}),
@@ -146,7 +146,7 @@ def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from simulations.runner import simulate
+    from fedwarden.simulations.runner import simulate
 
     config = config_from_args(args)
     results = simulate(config, resume=args.resume)
@@ -160,7 +160,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def summary_table(results: dict) -> str:
     """The end-of-run table: accuracy, attack success, detection, the least trusted clients."""
-    from simulations.report import fmt, markdown_table
+    from fedwarden.simulations.report import fmt, markdown_table
 
     final, det = results["final"], results["final"]["detection"]
     rows = [
@@ -189,7 +189,7 @@ def summary_table(results: dict) -> str:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from simulations.compare import compare
+    from fedwarden.simulations.compare import compare
 
     attacks = [a for a in args.attacks.split(",") if a]
     aggregators = [a for a in args.aggregators.split(",") if a]
@@ -225,10 +225,10 @@ def print_privacy(privacy: dict | None) -> None:
 
 
 def cmd_attacks(args: argparse.Namespace) -> int:
-    from simulations.attacks import describe_attacks
+    from fedwarden.attacks import describe_attacks
 
     print("\n".join(describe_attacks()))
-    print("or package.module:callable (see simulations/attacks.py for the plugin contract)")
+    print("or package.module:callable (see fedwarden/attacks.py for the plugin contract)")
     return 0
 
 
@@ -272,27 +272,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("attacks", help="list the built-in attacks with their default parameters")
     p.set_defaults(func=cmd_attacks)
 
-    from server.trust_cli import add_trust_parser
+    from fedwarden.cli import agent, data, serve, trust
 
-    add_trust_parser(sub)
-    for extra in ("server.serve_cli", "clients.agent_cli", "simulations.data_cli"):
-        try:
-            module = __import__(extra, fromlist=["add_parser"])
-        except ModuleNotFoundError as exc:
-            if exc.name != extra:
-                raise
-            continue
-        module.add_parser(sub)
+    trust.add_trust_parser(sub)
+    serve.add_parser(sub)
+    agent.add_parser(sub)
+    data.add_parser(sub)
     return parser
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    from aggregation.base import AggregationError
-    from simulations.attacks import AttackError
+    from fedwarden.aggregation.base import AggregationError
+    from fedwarden.attacks import AttackError
 
     errors: list[type[BaseException]] = [UsageError, AggregationError, AttackError]
     try:
-        from aggregation.accounting import DPConfigError
+        from fedwarden.aggregation.accounting import DPConfigError
 
         errors.append(DPConfigError)
     except ImportError:

@@ -19,14 +19,7 @@ import sys
 from typing import Any
 
 from fedwarden.errors import UsageError
-
-LIST_KEYS = ("client_id", "trust", "anomaly", "flagged", "quarantined", "rounds", "last_round",
-             "rejected")  # fmt: skip
-"""Keys of each ``trust list --format json`` entry (the first five are the stable contract)."""
-
-HISTORY_KEYS = ("round", "anomaly", "trust", "flagged", "quarantined", "norm", "norm_z", "cosine",
-                "distance", "krum_score", "trimmed_share", "loss", "rejected_reason")  # fmt: skip
-"""Keys of each round in ``trust show --format json``."""
+from fedwarden.records import HISTORY_KEYS, LIST_KEYS
 
 
 def add_trust_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -53,7 +46,7 @@ def add_trust_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
             help="ask a running coordinator instead of a ledger file (needs an operator token or "
             "certificate; see the connection options)",
         )  # fmt: skip
-        from clients.connection import add_connection_options
+        from fedwarden.protocol.connection import add_connection_options
 
         add_connection_options(p.add_argument_group("connection (with --server)"))
         p.add_argument(
@@ -109,7 +102,7 @@ def query_server(address: str, client_id: str | None = None,
                  args: argparse.Namespace | None = None) -> Any:  # fmt: skip
     """The ``list`` rows (or, with ``client_id``, the ``show`` object) from a running coordinator
     at ``address``, over its GetTrust RPC (credentials from the connection options in ``args``)."""
-    from clients.connection import query_trust
+    from fedwarden.protocol.connection import query_trust
 
     args = args or argparse.Namespace(server=address)
     args.server = address
@@ -117,7 +110,7 @@ def query_server(address: str, client_id: str | None = None,
 
 
 def _open(path: str):
-    from server.ledger import Ledger, LedgerError
+    from fedwarden.server.ledger import Ledger, LedgerError
 
     try:
         return Ledger(path, readonly=True)
@@ -204,12 +197,12 @@ def flags_by_round(ledger: Any) -> list[set[str]]:
 def red_team_scores(flagged: list[set[str]], reports: list[dict[str, Any]]) -> dict[str, Any]:
     """Detection figures of ``flags_by_round`` output against red-team report lines.
 
-    Returns ``simulations.report.detection_summary``'s precision, recall and
+    Returns ``fedwarden.simulations.report.detection_summary``'s precision, recall and
     first_detection_round, plus ``rounds``, ``flagged`` (at the last round), ``false_positives``
     and ``attackers``: per attacker its attack, first attacking round, first round flagged after
     it and ``rounds_to_detection`` (rounds from its first attack to its flag, both counted).
     """
-    from simulations.report import detection_summary
+    from fedwarden.simulations.report import detection_summary
 
     rounds = len(flagged)
     attackers: dict[str, dict[str, Any]] = {}
@@ -232,7 +225,7 @@ def red_team_scores(flagged: list[set[str]], reports: list[dict[str, Any]]) -> d
 
 
 def cmd_trust_report(args: argparse.Namespace) -> int:
-    from clients.red_team import read_reports
+    from fedwarden.clients.red_team import read_reports
 
     reports = read_reports(args.red_team)
     with _open(args.ledger) as ledger:

@@ -36,8 +36,8 @@ def split_dataset(
     data_dir: str | None = None,
 ) -> dict[str, int]:
     """Writes the split; returns the number of examples per client id."""
-    from simulations.datasets import load_dataset
-    from simulations.partition import partition as make_partition
+    from fedwarden.data.datasets import load_dataset
+    from fedwarden.data.partition import partition as make_partition
 
     if clients < 1:
         raise UsageError(f"--clients must be a positive integer. Received: {clients}")

@@ -1,0 +1,1 @@
+"""The ``fedwarden`` command: one module per subcommand, registered explicitly in ``main``."""

@@ -1,0 +1,1 @@
+"""The wire protocol both sides speak: the ``.proto``, its generated code, chunked transfer, conversions."""
