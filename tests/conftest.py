@@ -13,3 +13,11 @@ def procs():
     yield started
     for p in started:
         p.stop()
+
+
+@pytest.fixture(scope="session")
+def wire(tmp_path_factory):
+    """The protocol modules generated from the .proto file alone (tests/wire_client.py)."""
+    from tests.wire_client import PROTO, generate
+
+    return generate(PROTO, tmp_path_factory.mktemp("wire"))
