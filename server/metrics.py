@@ -56,6 +56,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from fedwarden.server.admission import ARRIVAL_REASONS, REASONS
+
 ROUND_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 EXTRA_GAUGES = {
@@ -158,6 +160,8 @@ class MetricsExporter:
             "fedwarden_updates_rejected", "Client updates rejected at admission.", ["reason"],
             registry=r,
         )  # fmt: skip
+        for reason in (*REASONS, *ARRIVAL_REASONS):  # zeros, so rates and sums exist from the start
+            self._rejected.labels(reason=reason)
         self._epsilon = Gauge(
             "fedwarden_dp_epsilon", "Central DP epsilon spent so far (at the run's delta).",
             registry=r,
