@@ -15,7 +15,10 @@ checks them, and returns the function that does the work:
 - model builder returns ``craft(honest, own, rng) -> (m, d)``, where ``honest`` is this
   round's honest updates (omniscient attacker, as in the papers; when no honest client was
   sampled it is the malicious clients' own updates, the non-omniscient variant) and ``own``
-  the malicious clients' normally trained updates.
+  the malicious clients' normally trained updates. Rule-aware builders (``agr_tailored``,
+  ``alie_optimized``, ``ipm_optimized``) return ``craft(honest, own, rng, aggregate)``, marked
+  ``uses_aggregate``: ``aggregate(updates (K, d)) -> (d,)`` is the aggregation rule in use, which
+  the caller passes (this module sits below ``fedwarden.aggregation`` and never imports it).
 
 Adding an attack is one builder plus one registry line.
 
@@ -251,6 +254,70 @@ def backdoor(
         return x_new, y_new
 
     return poison
+
+
+def dba(
+    *,
+    target: int = 0,
+    poison_fraction: float = 0.3125,
+    trigger_size: int = 4,
+    num_parts: int = 4,
+    boost: float = 1.0,
+    num_classes: int | None = None,
+) -> DataFn:
+    """Distributed backdoor (DBA): each attacker trains on one part of the global trigger.
+
+    The global trigger is the ``trigger_size`` (4) square of ``backdoor``; it is cut into
+    ``num_parts`` (4) horizontal bands, so each local trigger is a 1 x 4 bar as in the paper's
+    MNIST setting (the paper leaves a gap between the bars; here they touch). The k-th
+    malicious client poisoned gets band k mod num_parts; ``poison_fraction`` = 20/64 of its
+    samples (the paper's 20 poisoned images per batch of 64) carry its band and the label
+    ``target``. The attack success rate is measured with the full trigger, as in the paper.
+
+    References:
+        Xie, Huang, Chen and Li, "DBA: Distributed Backdoor Attacks against Federated
+        Learning", ICLR 2020.
+    """
+    classes = _num_classes(num_classes, "dba", required=False)
+    target = _label("target", target, classes)
+    poison_fraction = _fraction("poison_fraction", poison_fraction)
+    trigger_size = _count("trigger_size", trigger_size, 1)
+    num_parts = _count("num_parts", num_parts, 1)
+    if num_parts > trigger_size:
+        raise AttackError(
+            f"num_parts must be at most trigger_size={trigger_size}. Received: num_parts={num_parts}"
+        )
+    _number("boost", boost)
+    clients_poisoned = [0]
+
+    def poison(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple:
+        part = clients_poisoned[0] % num_parts
+        clients_poisoned[0] += 1
+        chosen = rng.choice(len(y), size=round(poison_fraction * len(y)), replace=False)
+        x_new, y_new = x.copy(), y.copy()
+        x_new[chosen] = stamp_trigger_part(x[chosen], trigger_size, part, num_parts)
+        y_new[chosen] = target
+        return x_new, y_new
+
+    return poison
+
+
+def stamp_trigger_part(x: np.ndarray, size: int, part: int, num_parts: int) -> np.ndarray:
+    """``stamp_trigger``'s square restricted to its ``part``-th of ``num_parts`` horizontal bands.
+
+    Flat features ``(N, F)``: the matching slice of the last ``size`` features. The bands of all
+    parts together are exactly ``stamp_trigger(x, size)``.
+    """
+    full = stamp_trigger(x, size)
+    lo, hi = part * size // num_parts, (part + 1) * size // num_parts
+    out = np.array(x, copy=True)
+    if x.ndim == 2:
+        columns = slice(x.shape[1] - size + lo, x.shape[1] - size + hi)
+        out[:, columns] = full[:, columns]
+    else:
+        rows = slice(x.shape[1] - size + lo, x.shape[1] - size + hi)
+        out[:, rows] = full[:, rows]
+    return out
 
 
 def label_noise(*, num_classes: int | None = None, fraction: float = 0.5) -> DataFn:
@@ -495,6 +562,269 @@ def free_rider() -> ModelFn:
     return craft
 
 
+# ---------------------------------------------------------------- rule-aware model attacks
+#
+# The strongest published attacks search their scale against the aggregation rule in use. The
+# rule reaches them as ``aggregate(updates (K, d)) -> (d,)`` (attacks sit below aggregation, so
+# the caller passes it: the simulation runner hands in its own chain). Without it they target
+# the plain mean.
+
+AggregateFn = Callable[[np.ndarray], np.ndarray]
+
+
+def _rule_aware(craft: Callable) -> Callable:
+    """Marks a craft function that takes the aggregation rule as a fourth argument."""
+    craft.uses_aggregate = True
+    return craft
+
+
+def _mean_rule(updates: np.ndarray) -> np.ndarray:
+    return updates.mean(axis=0)
+
+
+def _aggregated(aggregate: AggregateFn | None, bad: np.ndarray, honest: np.ndarray) -> np.ndarray:
+    rule = aggregate or _mean_rule
+    cohort = np.concatenate([bad, honest]).astype(np.float32)
+    return np.asarray(rule(cohort), dtype=np.float64).reshape(-1)
+
+
+def _halving_search(
+    objective: Callable[[float], float], start: float = 10.0, tolerance: float = 1e-5
+) -> float:
+    """The scale search of Shejwalkar & Houmansadr 2021, Algorithm 1 (gamma_init=10, tau=1e-5).
+
+    Steps up by half the last step while the objective grows, down otherwise, halving the step
+    each time, until the step is below ``tolerance``. Unlike the paper's loop, which compares
+    with the previous value only, it returns the best scale seen (0 if no scale beats doing
+    nothing), so a rule that no scale can move gets the honest mean.
+    """
+    best_scale, best = 0.0, objective(0.0)
+    scale, step, previous = start, start / 2.0, -np.inf
+    while step > tolerance:
+        value = objective(scale)
+        if value > best:
+            best_scale, best = scale, value
+        scale = scale + step if value > previous else max(scale - step, 0.0)
+        previous = value
+        step /= 2.0
+    return best_scale
+
+
+def _direction(perturbation: str, centered: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    if perturbation == "std":
+        return -np.sqrt((centered * centered).mean(axis=0))
+    if perturbation == "sign":
+        return -np.sign(mean)
+    norm = np.linalg.norm(mean)
+    return -mean / norm if norm > 0 else np.zeros_like(mean)
+
+
+def _tailored(perturbation: str, start: float, tolerance: float) -> ModelFn:
+    """Mean + gamma * p with gamma maximising ||rule(crafted + honest) - honest mean||."""
+
+    @_rule_aware
+    def craft(honest, own, rng, aggregate=None) -> np.ndarray:
+        ref = _reference(honest, own)
+        mean = ref.mean(axis=0)
+        p = _direction(perturbation, ref - mean, mean)
+        m = len(own)
+
+        def deviation(gamma: float) -> float:
+            bad = _rows(mean + gamma * p, m)
+            return float(np.linalg.norm(_aggregated(aggregate, bad, ref) - mean))
+
+        return _rows(mean + _halving_search(deviation, start, tolerance) * p, m)
+
+    return craft
+
+
+def agr_tailored(
+    *, perturbation: str = "std", gamma_init: float = 10.0, tolerance: float = 1e-5
+) -> ModelFn:
+    """AGR-tailored (Shejwalkar & Houmansadr 2021): mean + gamma * p, gamma searched on the rule.
+
+    Maximises the deviation ``||rule(malicious + honest) - honest mean||`` over gamma with the
+    paper's halving search from ``gamma_init`` = 10 down to steps of ``tolerance`` = 1e-5, using
+    the aggregation rule actually in use (passed by the caller; the mean without it). The
+    perturbation p is -std (default), "unit_vec" or "sign", as in ``min_max``. ``gamma_init`` is
+    the strength knob (it bounds the search at about 2 * gamma_init).
+
+    References:
+        Shejwalkar and Houmansadr, "Manipulating the Byzantine: Optimizing Model Poisoning
+        Attacks and Defenses for Federated Learning", NDSS 2021 (AGR-tailored attacks).
+    """
+    _check_perturbation(perturbation)
+    return _tailored(
+        perturbation, _number("gamma_init", gamma_init), _number("tolerance", tolerance)
+    )
+
+
+def _check_perturbation(perturbation: str) -> None:
+    if perturbation not in PERTURBATIONS:
+        raise AttackError(
+            f"perturbation must be one of {', '.join(PERTURBATIONS)}. "
+            f"Received: perturbation={perturbation!r}"
+        )
+
+
+def alie_optimized(*, z_init: float = 1.0, tolerance: float = 1e-5) -> ModelFn:
+    """ALIE with z optimised against the rule: mean - z * std, z maximising the deviation.
+
+    Same crafted vector as ``alie``, but z is searched (halving search from ``z_init``, the
+    strength knob) to maximise ``||rule(malicious + honest) - honest mean||`` for the rule in
+    use, as the later literature runs ALIE (Shejwalkar & Houmansadr 2021 optimise the same
+    -std direction), rather than the paper's closed-form z.
+
+    References:
+        Baruch et al., "A Little Is Enough: Circumventing Defenses For Distributed
+        Learning", NeurIPS 2019.
+        Shejwalkar and Houmansadr, NDSS 2021 (scale optimisation against the rule).
+    """
+    return _tailored("std", _number("z_init", z_init), _number("tolerance", tolerance))
+
+
+IPM_EPSILONS = tuple(float(e) for e in np.geomspace(0.01, 100.0, 25))
+
+
+def ipm_optimized(*, max_epsilon: float = 100.0) -> ModelFn:
+    """IPM with epsilon optimised against the rule: -epsilon * honest mean, epsilon in [0.01, 100].
+
+    Picks, from 25 log-spaced values between 0.01 and ``max_epsilon`` (the strength knob; 100
+    is the paper's large setting, 0.1 its small one), the epsilon whose crafted updates make
+    the rule's output have the lowest inner product with the honest mean, the quantity the
+    attack is named after.
+
+    References:
+        Xie, Koyejo and Gupta, "Fall of Empires: Breaking Byzantine-tolerant SGD by Inner
+        Product Manipulation", UAI 2019.
+    """
+    max_epsilon = _number("max_epsilon", max_epsilon)
+    candidates = [e for e in IPM_EPSILONS if e <= max_epsilon] or [max_epsilon]
+
+    @_rule_aware
+    def craft(honest, own, rng, aggregate=None) -> np.ndarray:
+        ref = _reference(honest, own)
+        mean = ref.mean(axis=0)
+
+        def inner(epsilon: float) -> float:
+            return float(_aggregated(aggregate, _rows(-epsilon * mean, len(own)), ref) @ mean)
+
+        best = min(candidates, key=inner)
+        return _rows(-best * mean, len(own))
+
+    return craft
+
+
+def fang_trim(*, b: float = 2.0) -> ModelFn:
+    """Fang et al.'s full-knowledge trim attack: push every coordinate against the honest direction.
+
+    For each coordinate j with honest direction s_j = sign(mean_j), the malicious values are
+    drawn uniformly beyond the honest extreme on the other side: where s_j > 0, from
+    [min_j / b, min_j] if min_j > 0 else [b * min_j, min_j]; where s_j <= 0, from
+    [max_j, b * max_j] if max_j > 0 else [max_j, max_j / b]. b = 2 as in the paper; a larger b
+    is a stronger (and more visible) attack. Built against trimmed mean and median.
+
+    References:
+        Fang, Cao, Jia and Gong, "Local Model Poisoning Attacks to Byzantine-Robust Federated
+        Learning", USENIX Security 2020 (Section 4.3, full knowledge).
+    """
+    b = _number("b", b)
+    if b <= 1.0:
+        raise AttackError(f"b must be greater than 1. Received: b={b!r}")
+
+    def craft(honest: np.ndarray, own: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        ref = _reference(honest, own)
+        lo, hi = ref.min(axis=0), ref.max(axis=0)
+        below = np.where(lo > 0, lo / b, b * lo), lo  # range under the honest minimum
+        above = hi, np.where(hi > 0, b * hi, hi / b)  # range over the honest maximum
+        push_down = ref.mean(axis=0) > 0
+        start = np.where(push_down, below[0], above[0])
+        stop = np.where(push_down, below[1], above[1])
+        return start + rng.uniform(size=own.shape) * (stop - start)
+
+    return craft
+
+
+def _krum_choice(updates: np.ndarray, num_byzantine: int) -> int:
+    sq = (updates * updates).sum(axis=1)
+    dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * updates @ updates.T, 0.0)
+    np.fill_diagonal(dist, np.inf)
+    neighbours = max(len(updates) - num_byzantine - 2, 1)
+    return int(np.argmin(np.sort(dist, axis=1)[:, :neighbours].sum(axis=1)))
+
+
+def fang_krum(*, threshold: float = 1e-5) -> ModelFn:
+    """Fang et al.'s full-knowledge Krum attack: -lambda * s, the largest lambda Krum still picks.
+
+    With s the sign of the honest mean update, every malicious client sends ``-lambda * s``
+    (the paper's w'_1 with its copies at epsilon -> 0). lambda starts at the paper's upper bound,
+    ``min_i sum_{l in Gamma_i} ||x_l - x_i|| / ((n - 2c - 1) sqrt(d)) + max_i ||x_i|| / sqrt(d)``
+    over honest i (Gamma_i: its n - c - 2 nearest honest updates), and is halved until Krum with
+    f = c picks a malicious update or lambda falls under ``threshold`` (1e-5, the paper's; the
+    strength knob: a larger threshold gives up sooner). With n - 2c - 1 <= 0 the bound's first
+    term is dropped.
+
+    References:
+        Fang, Cao, Jia and Gong, "Local Model Poisoning Attacks to Byzantine-Robust Federated
+        Learning", USENIX Security 2020 (Section 4.2, full knowledge).
+    """
+    threshold = _number("threshold", threshold)
+
+    def craft(honest: np.ndarray, own: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        ref = _reference(honest, own)
+        h, d = ref.shape
+        c = len(own)
+        n = h + c
+        s = np.sign(ref.mean(axis=0))
+        dist = np.sqrt(np.maximum(((ref[:, None, :] - ref[None, :, :]) ** 2).sum(-1), 0.0))
+        np.fill_diagonal(dist, np.inf)
+        near = min(max(n - c - 2, 1), max(h - 1, 1))
+        bound = np.max(np.linalg.norm(ref, axis=1)) / math.sqrt(d)
+        if n - 2 * c - 1 > 0 and h > 1:
+            spread = np.sort(dist, axis=1)[:, :near].sum(axis=1).min()
+            bound += spread / ((n - 2 * c - 1) * math.sqrt(d))
+        lam = bound
+        while lam >= threshold:
+            cohort = np.concatenate([_rows(-lam * s, c), ref])
+            if _krum_choice(cohort, c) < c:
+                return _rows(-lam * s, c)
+            lam /= 2.0
+        return _rows(-lam * s, c)
+
+    return craft
+
+
+def mimic() -> ModelFn:
+    """Mimic (Karimireddy, He and Jaggi 2022): every attacker copies one chosen honest update.
+
+    The copied client is the honest one farthest along the honest updates' top principal
+    direction (found by power iteration), so the copies over-weight the direction in which the
+    clients' data differ most; under heterogeneity this biases robust rules towards one
+    client's data without ever sending an outlier. The paper estimates the direction over a
+    warm-up phase with all workers present; with sampled cohorts this picks it afresh each
+    round from the honest updates in it.
+
+    References:
+        Karimireddy, He and Jaggi, "Byzantine-Robust Learning on Heterogeneous Datasets via
+        Bucketing", ICLR 2022 (mimic attack).
+    """
+
+    def craft(honest: np.ndarray, own: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        ref = _reference(honest, own)
+        centered = ref - ref.mean(axis=0)
+        v = rng.normal(size=ref.shape[1])
+        for _ in range(20):  # power iteration on centered^T centered
+            v = centered.T @ (centered @ v)
+            norm = np.linalg.norm(v)
+            if norm == 0:
+                break
+            v /= norm
+        chosen = int(np.argmax(np.abs(centered @ v)))
+        return _rows(ref[chosen], len(own))
+
+    return craft
+
+
 # ---------------------------------------------------------------------------- registry
 
 
@@ -519,6 +849,13 @@ ATTACKS: dict[str, AttackSpec] = {
     "min_sum": AttackSpec("model", min_sum),
     "free_rider": AttackSpec("model", free_rider),
     "random_direction": AttackSpec("model", random_direction),
+    "dba": AttackSpec("data", dba),
+    "fang_trim": AttackSpec("model", fang_trim),
+    "fang_krum": AttackSpec("model", fang_krum),
+    "agr_tailored": AttackSpec("model", agr_tailored),
+    "alie_optimized": AttackSpec("model", alie_optimized),
+    "ipm_optimized": AttackSpec("model", ipm_optimized),
+    "mimic": AttackSpec("model", mimic),
 }
 
 
@@ -555,6 +892,8 @@ class Attack:
         self.target_class: int | None = target if kind == "data" and _is_int(target) else None
         self._fn = fn
         self._plugin = plugin
+        # Rule-aware attacks search their scale against the aggregation rule in use.
+        self.uses_aggregate = bool(getattr(fn, "uses_aggregate", False))
 
     def __repr__(self) -> str:
         return (
@@ -604,12 +943,21 @@ class Attack:
         y_new = y_new.astype(y.dtype, copy=np.may_share_memory(y_new, y))
         return x_new, y_new
 
-    def craft(self, honest: np.ndarray, own: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def craft(
+        self,
+        honest: np.ndarray,
+        own: np.ndarray,
+        rng: np.random.Generator,
+        aggregate: AggregateFn | None = None,
+    ) -> np.ndarray:
         """The ``(m, d)`` float32 updates the m malicious clients send instead of ``own``.
 
         ``honest`` is this round's ``(h, d)`` honest updates; ``own`` the ``(m, d)`` updates
-        the malicious clients trained normally. A data attack returns ``own``, times its
-        ``boost`` parameter when it has one (boosted data poisoning = model replacement).
+        the malicious clients trained normally. ``aggregate(updates (K, d)) -> (d,)`` is the
+        aggregation rule in use, for the attacks that search their scale against it
+        (``uses_aggregate``); they target the mean without it. A data attack returns ``own``,
+        times its ``boost`` parameter when it has one (boosted data poisoning = model
+        replacement).
         """
         if self.kind == "data":
             boost = self.params.get("boost", 1.0)
@@ -630,6 +978,8 @@ class Attack:
             return own.astype(np.float32)
         if self._plugin:
             out = self._call(_readonly(honest), len(own), rng)
+        elif self.uses_aggregate:
+            out = self._fn(_readonly(honest), _readonly(own), rng, aggregate)
         else:
             out = self._call(_readonly(honest), _readonly(own), rng)
         out = np.asarray(out)

@@ -248,9 +248,16 @@ class _Run:
             else np.zeros((0, self.sim.layout.size), np.float32)
         )
         rng = np.random.default_rng([self.config.seed, 4, round_number])
-        crafted = self.attack.craft(honest, np.stack([u.delta for u in bad]), rng)
+        rule = self._attacked_rule if self.attack.uses_aggregate else None
+        crafted = self.attack.craft(honest, np.stack([u.delta for u in bad]), rng, rule)
         for u, row in zip(bad, crafted):
             u.delta = np.asarray(row, np.float32)
+
+    def _attacked_rule(self, updates: np.ndarray) -> np.ndarray:
+        """The run's chain on ``updates`` with this round's state, for rule-aware attacks (the
+        omniscient attacker of Shejwalkar & Houmansadr 2021 knows the rule); state not advanced."""
+        weights = np.ones(len(updates))
+        return self.chain(updates, weights, self.coordinator.chain_state).updates[0]
 
     def _evaluate(self) -> tuple[float, float, float | None]:
         ds = self.fed.dataset

@@ -384,3 +384,128 @@ def test_boosted_backdoor_scales_its_trained_update_and_plain_backdoor_does_not(
     boosted = build_attack("backdoor", {"num_classes": 10, "boost": 5})
     assert np.allclose(boosted.craft(own[:0], own, np.random.default_rng(1)), 5 * own)
     assert build_attack("backdoor", {"num_classes": 10}).craft(own[:0], own, None) is own
+
+
+# ---------------------------------------------------------------- strongest published variants
+
+
+def _trimmed_mean(rows, t):
+    ordered = np.sort(np.asarray(rows, np.float64), axis=0)
+    return ordered[t : len(rows) - t].mean(axis=0)
+
+
+def _median(rows):
+    return np.median(np.asarray(rows, np.float64), axis=0)
+
+
+def _deviation(rule, bad, honest):
+    return np.linalg.norm(rule(np.concatenate([bad, honest])) - honest.astype(np.float64).mean(0))
+
+
+def test_fang_trim_moves_trimmed_mean_against_the_honest_direction():
+    # Fang et al. 2020, Sec. 4.3: each coordinate of the trimmed mean moves opposite to the
+    # direction it would take without attack.
+    bad, honest, _ = craft("fang_trim", h=8, m=3, d=200)
+    s = np.sign(honest.astype(np.float64).mean(0))
+    clean = _trimmed_mean(honest, 1)
+    attacked = _trimmed_mean(np.concatenate([bad, honest]), 3)
+    assert np.all((attacked - clean) * s <= 1e-7)
+    assert np.mean((attacked - clean) * s < 0) > 0.9
+    below, above = bad.min(0) <= honest.min(0), bad.max(0) >= honest.max(0)
+    assert np.all(np.where(s > 0, below, above))  # beyond the honest extreme, as the paper crafts
+
+
+def test_fang_trim_strength_knob_widens_the_range():
+    weak, honest, _ = craft("fang_trim", {"b": 1.5}, d=200)
+    strong, _, _ = craft("fang_trim", {"b": 4.0}, d=200)
+    centre = honest.astype(np.float64).mean(0)
+    assert np.abs(strong - centre).mean() > np.abs(weak - centre).mean()
+
+
+def test_fang_krum_gets_a_reversed_update_selected_by_krum():
+    from fedwarden.aggregation.rules import krum
+
+    # Heterogeneous honest updates (spread larger than their mean), the regime of the paper.
+    rng = np.random.default_rng(0)
+    honest = (rng.normal(0.0, 0.1, 100) + rng.normal(0.0, 0.3, (8, 100))).astype(np.float32)
+    bad = build_attack("fang_krum").craft(honest, honest[:3].copy(), rng)
+    cohort = np.concatenate([bad, honest])
+    out = krum(3)(cohort, np.ones(len(cohort)), None)
+    assert out.per_client["selected"][:3].sum() == 1  # Krum picks a malicious update
+    assert out.updates[0] @ honest.astype(np.float64).mean(0) < 0  # against the honest direction
+
+
+def test_agr_tailored_searches_against_the_rule_it_is_given():
+    honest, own = updates(h=8, m=3, d=100)
+    rng = np.random.default_rng(0)
+    attack = build_attack("agr_tailored")
+    assert attack.uses_aggregate
+    seen = []
+
+    def rule(rows):
+        seen.append(rows.shape)
+        return _median(rows)
+
+    bad = attack.craft(honest, own, rng, rule)
+    assert seen and all(shape == (11, 100) for shape in seen)
+    agnostic = build_attack("min_max").craft(honest, own, rng)
+    formula = build_attack("alie").craft(honest, own, rng)
+    tailored = _deviation(_median, bad, honest)
+    assert tailored >= _deviation(_median, agnostic, honest) - 1e-6
+    assert tailored >= _deviation(_median, formula, honest) - 1e-6
+
+
+def test_agr_tailored_sends_the_honest_mean_when_no_scale_moves_the_rule():
+    honest, own = updates()
+    bad = build_attack("agr_tailored").craft(
+        honest, own, np.random.default_rng(0), lambda rows: np.zeros(rows.shape[1])
+    )
+    np.testing.assert_allclose(bad[0], honest.astype(np.float64).mean(0), atol=1e-6)
+
+
+def test_alie_optimized_beats_the_closed_form_z_on_the_rule_in_use():
+    honest, own = updates(h=8, m=3, d=100, seed=3)
+    rng = np.random.default_rng(0)
+    rule = lambda rows: _trimmed_mean(rows, 3)  # noqa: E731
+    optimized = build_attack("alie_optimized").craft(honest, own, rng, rule)
+    closed_form = build_attack("alie").craft(honest, own, rng)
+    assert _deviation(rule, optimized, honest) >= _deviation(rule, closed_form, honest) - 1e-6
+    std = honest.astype(np.float64).std(0)
+    z = (honest.astype(np.float64).mean(0) - optimized[0]) / std
+    assert np.allclose(z, z[0], rtol=1e-3)  # still mean - z * std, one z for every coordinate
+
+
+def test_ipm_optimized_reverses_the_mean_where_the_paper_small_epsilon_does_not():
+    # Xie et al. 2019: against the mean, epsilon must exceed h / m to flip the inner product.
+    honest, own = updates(h=8, m=3, d=50)
+    mean_rule = lambda rows: rows.astype(np.float64).mean(0)  # noqa: E731
+    direction = honest.astype(np.float64).mean(0)
+    rng = np.random.default_rng(0)
+    small = build_attack("ipm", {"epsilon": 0.1}).craft(honest, own, rng)
+    best = build_attack("ipm_optimized").craft(honest, own, rng, mean_rule)
+    assert mean_rule(np.concatenate([small, honest])) @ direction > 0
+    assert mean_rule(np.concatenate([best, honest])) @ direction < 0
+    weak = build_attack("ipm_optimized", {"max_epsilon": 0.1}).craft(honest, own, rng, mean_rule)
+    assert mean_rule(np.concatenate([weak, honest])) @ direction > 0
+
+
+def test_mimic_copies_the_honest_update_farthest_along_the_main_direction():
+    honest, own = updates(h=8, m=3, d=30)
+    honest[5] += 0.5 * np.linspace(-1, 1, 30).astype(np.float32)  # one client stands out
+    bad = build_attack("mimic").craft(honest, own, np.random.default_rng(0))
+    np.testing.assert_array_equal(bad, np.repeat(honest[5:6], 3, axis=0))
+
+
+def test_dba_clients_carry_disjoint_parts_that_make_up_the_global_trigger():
+    attack = build_attack("dba", {"num_classes": NUM_CLASSES})
+    x = np.zeros((64, 8, 8, 1), np.float32)
+    y = np.ones(64, np.int64)
+    stamped = []
+    for client in range(4):
+        x_new, y_new = attack.poison_data(x, y, np.random.default_rng(client))
+        assert (y_new == 0).sum() == 20  # 20 of 64, the paper's poisoned share of a batch
+        stamped.append(x_new[y_new == 0][0, ..., 0] > 0)
+    assert all((a & b).sum() == 0 for i, a in enumerate(stamped) for b in stamped[i + 1 :])
+    union = np.logical_or.reduce(stamped)
+    np.testing.assert_array_equal(union, attack.trigger(x[:1])[0, ..., 0] > 0)
+    assert all(part.sum() == 4 for part in stamped)  # 1 x 4 bars
