@@ -54,7 +54,7 @@ def test_every_panel_returns_data_from_a_live_deployment(tmp_path, procs):
     (state / "PAUSE").write_text("5")  # hold after round 4 while Prometheus is queried
     coordinator = Proc("coordinator", "serve", *SERVE_ARGS, "--aggregator", "mean",
                        *"--rounds 5 --min-clients 5 --clients-per-round 5 --port 0".split(),
-                       "--dp", "central", "--dp-clip", "5", "--dp-noise-multiplier", "0.01",
+                       "--dp", "central", "--dp-clip", "5", "--dp-noise-multiplier", "0.01", "--dp-delta", "1e-5",
                        "--metrics-port", "0", "--state-dir", str(state), "--tokens", str(tokens),
                        "--insecure")  # fmt: skip
     procs.append(coordinator)
