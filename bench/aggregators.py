@@ -179,7 +179,7 @@ def ensure_flower_venv(venv: Path) -> Path:
 
 def fedwarden_steps(rules: list[str], byzantine: int, trim_fraction: float) -> dict:
     sys.path.insert(0, str(ROOT))
-    import aggregation as agg
+    import fedwarden.aggregation as agg
 
     builders = {
         "median": lambda: agg.median(),

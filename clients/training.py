@@ -27,6 +27,7 @@ from typing import TypeVar
 import numpy as np
 import tensorflow as tf
 
+from fedwarden.models import loss_and_accuracy
 from fedwarden.weights import WeightLayout
 
 T = TypeVar("T")
@@ -251,6 +252,4 @@ class LocalTrainer:
         self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray
     ) -> tuple[float, float]:
         """(loss, accuracy) on held-out data."""
-        logits = self.predict(weights, x)
-        loss = float(np.mean(self._loss(y, logits).numpy()))
-        return loss, float(np.mean(np.argmax(logits, 1) == y))
+        return loss_and_accuracy(self.predict(weights, x), y)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 
+import numpy as np
 import tensorflow as tf
 
 from fedwarden.errors import UsageError
@@ -56,3 +57,43 @@ def _user_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> tf
             f"model factory {spec!r} must return a keras Model. Received: {type(model)}"
         )
     return model
+
+
+def loss_and_accuracy(logits: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``logits`` (N, classes) against integer labels ``y``."""
+    losses = tf.keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+    return float(np.mean(losses.numpy())), float(np.mean(np.argmax(logits, 1) == y))
+
+
+class Evaluator:
+    """Held-out evaluation of a model's weights: what a coordinator needs, without training.
+
+    Args:
+      model: the run's Keras model (logits); its weights are overwritten by each call.
+      batch: rows per forward pass.
+
+    Example::
+
+        evaluator = Evaluator(build_model(None, "digits", (8, 8, 1), 10))
+        loss, accuracy = evaluator.evaluate(model.get_weights(), x_test, y_test)
+    """
+
+    def __init__(self, model: tf.keras.Model, batch: int = 512):
+        self.model = model
+        self.batch = batch
+        spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32)
+        self._forward = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+
+    def predict(self, weights: list[np.ndarray], x: np.ndarray) -> np.ndarray:
+        """Logits for ``x`` under ``weights``."""
+        self.model.set_weights(weights)
+        chunks = [
+            self._forward(x[i : i + self.batch]).numpy() for i in range(0, len(x), self.batch)
+        ]
+        return np.concatenate(chunks) if chunks else self._forward(x).numpy()
+
+    def evaluate(
+        self, weights: list[np.ndarray], x: np.ndarray, y: np.ndarray
+    ) -> tuple[float, float]:
+        """(loss, accuracy) of ``weights`` on ``x``, ``y``."""
+        return loss_and_accuracy(self.predict(weights, x), y)

@@ -250,8 +250,7 @@ class Server:
     # -- the run -----------------------------------------------------------------------------
 
     def run(self) -> int:
-        from fedwarden.clients.training import LocalTrainer
-        from fedwarden.models import build_model
+        from fedwarden.models import Evaluator, build_model
         from fedwarden.server.coordinator import Coordinator
         from fedwarden.server.defence import build_chain, central_privacy, trust_policy
         from fedwarden.server.ledger import Ledger
@@ -265,7 +264,7 @@ class Server:
         data = load_eval_data(c, o.eval_data)
         input_shape = tuple(int(d) for d in data.x.shape[1:])
         model = build_model(c.model, data.name, input_shape, data.num_classes, c.seed)
-        evaluator = LocalTrainer(model, c.lr, c.batch_size, c.local_epochs)
+        evaluator = Evaluator(model)
         layout = WeightLayout.of(model.get_weights())
         # A deployment does not know its population, nor sample it the Poisson way the
         # accountant assumes: central DP is accounted without subsampling (rate 1, conservative).
@@ -451,7 +450,7 @@ def unwritable(state_dir: Path, round_number: int, exc: Exception) -> UsageError
 class _RoundLoop:
     server: Server
     coordinator: Any  # fedwarden.server.coordinator.Coordinator
-    evaluator: Any  # fedwarden.clients.training.LocalTrainer, used for evaluate() only
+    evaluator: Any  # fedwarden.models.Evaluator
     layout: Any  # fedwarden.weights.WeightLayout
     data: EvalData
     hub: Hub
