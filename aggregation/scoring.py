@@ -51,6 +51,7 @@ from __future__ import annotations
 import numpy as np
 
 from fedwarden.aggregation._kernels import column_blocks, order_rows
+from fedwarden.aggregation.detection import cluster_outliers, cosine_matrix, nearest_pair_gap
 
 DEFAULT_ANOMALY_WEIGHTS: dict[str, float] = {
     "norm_z": 0.25,
@@ -59,14 +60,22 @@ DEFAULT_ANOMALY_WEIGHTS: dict[str, float] = {
     "trimmed_share": 0.15,
     "loss_z": 0.15,
     "distance": 0.0,
+    "collusion": 0.25,
+    "centrality": 0.15,
+    "cluster": 0.1,
+    "history": 0.1,
 }
 """Component weights of :func:`anomaly_score` (they need not sum to 1; only ratios count)."""
 
 DEFAULT_TRIM_RATIO = 0.1
 """Share of rows trimmed per side when the chain does not supply ``trimmed_share``."""
 
-METRIC_NAMES = ("norm", "norm_z", "cosine", "distance", "krum_score", "trimmed_share", "loss_z")
+METRIC_NAMES = ("norm", "norm_z", "cosine", "distance", "krum_score", "trimmed_share", "loss_z",
+                "pair_gap", "cluster_outlier")  # fmt: skip
 """Keys of the dict returned by :func:`client_metrics`, each an array of length K."""
+
+HISTORY_METRIC = "history_error"
+"""Key under which the coordinator adds ``detection.HistoryForecast`` errors to the metrics."""
 
 _MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 _MEANAD_TO_SIGMA = 1.2533  # the same for the mean absolute deviation (fallback when MAD is 0)
@@ -249,6 +258,7 @@ def client_metrics(
             raise ValueError(f"losses must have shape ({k},). Received shape {losses.shape}.")
         loss_z = robust_z(losses)
 
+    pairwise = cosine_matrix(gram[:k, :k])
     return {
         "norm": norm,
         "norm_z": robust_z(norm),
@@ -257,6 +267,8 @@ def client_metrics(
         "krum_score": krum,
         "trimmed_share": trimmed,
         "loss_z": loss_z,
+        "pair_gap": nearest_pair_gap(gram[:k, :k]),
+        "cluster_outlier": cluster_outliers(pairwise),
     }
 
 
@@ -306,6 +318,34 @@ def _cosine_component(cosine: np.ndarray, min_scale: float = 0.05) -> np.ndarray
     return np.maximum(absolute, _logistic_of_abs(below))
 
 
+def _smaller_than_cohort(gap: np.ndarray, min_scale: float) -> np.ndarray:
+    """Logistic of the one-sided robust z of ``-log(gap)`` within the cohort.
+
+    On the log scale a gap of 0.001 is as far below 0.01 as 0.01 is below 0.1: near-identical
+    updates stand out however close the honest cohort is. ``min_scale`` (in log units) keeps a
+    cohort with equal gaps from turning small differences into large z.
+    """
+    gap = np.asarray(gap, np.float64)
+    gap = np.log(np.maximum(gap, 1e-6))
+    finite = np.isfinite(gap)
+    if finite.sum() < 3:
+        return np.full(gap.shape, np.nan)
+    med = np.median(gap[finite])
+    scale = max(_MAD_TO_SIGMA * float(np.median(np.abs(gap[finite] - med))), min_scale)
+    return np.where(finite, _logistic_of_abs(np.maximum(med - gap, 0.0) / scale), np.nan)
+
+
+def _history_component(error: np.ndarray, min_scale: float = 0.1) -> np.ndarray:
+    """Logistic of the one-sided robust z of the forecast error (NaN for clients without one)."""
+    error = np.asarray(error, np.float64)
+    finite = np.isfinite(error)
+    if finite.sum() < 3:
+        return np.full(error.shape, np.nan)
+    med = np.median(error[finite])
+    scale = max(_MAD_TO_SIGMA * float(np.median(np.abs(error[finite] - med))), min_scale)
+    return np.where(finite, _logistic_of_abs(np.maximum(error - med, 0.0) / scale), np.nan)
+
+
 _COMPONENTS = {
     "norm_z": lambda m: _logistic_of_abs(m["norm_z"]),
     "loss_z": lambda m: _logistic_of_abs(m["loss_z"]),
@@ -313,7 +353,17 @@ _COMPONENTS = {
     "krum_score": lambda m: _krum_component(m["krum_score"]),
     "trimmed_share": lambda m: _trimmed_component(m["trimmed_share"]),
     "distance": lambda m: _distance_component(m["distance"]),
+    "collusion": lambda m: _smaller_than_cohort(m["pair_gap"], min_scale=0.7),
+    "centrality": lambda m: _smaller_than_cohort(1.0 - np.asarray(m["cosine"]), min_scale=0.7),
+    "cluster": lambda m: np.asarray(m["cluster_outlier"], np.float64),
+    "history": lambda m: _history_component(m[HISTORY_METRIC]),
 }
+_SOURCES = {
+    "collusion": "pair_gap",
+    "centrality": "cosine",
+    "cluster": "cluster_outlier",
+    "history": HISTORY_METRIC,
+}  # components whose measurement has another name
 
 
 def anomaly_components(metrics: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -321,7 +371,7 @@ def anomaly_components(metrics: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {
         name: np.asarray(fn(metrics), np.float64)
         for name, fn in _COMPONENTS.items()
-        if name in metrics
+        if _SOURCES.get(name, name) in metrics
     }
 
 

@@ -18,7 +18,13 @@ import numpy as np
 from fedwarden.aggregation.accounting import poisson_sample
 from fedwarden.aggregation.base import AggregationError, Step
 from fedwarden.aggregation.rules import median
-from fedwarden.aggregation.scoring import anomaly_score, client_metrics
+from fedwarden.aggregation.detection import HistoryForecast
+from fedwarden.aggregation.scoring import (
+    HISTORY_METRIC,
+    anomaly_components,
+    anomaly_score,
+    client_metrics,
+)
 from fedwarden.server.admission import ClientUpdate, Rejection, admit
 from fedwarden.server.optimizers import ServerOptimizer
 from fedwarden.server.trust import TrustBook
@@ -80,6 +86,7 @@ class Coordinator:
         self.round = 0  # last completed round
         self.optimizer_state = optimizer.init(self.weights.size)
         self.chain_state = chain.init()
+        self.history = HistoryForecast()  # each client's consistency with its own past updates
         self._median = median()
 
     def select(
@@ -172,7 +179,9 @@ class Coordinator:
             # aggregate, and one reference keeps scores comparable across aggregation rules.
             reference = self._median(matrix, np.ones(len(ids)), None).updates[0]
             metrics = client_metrics(matrix, reference, losses, per_client)
+            metrics[HISTORY_METRIC] = self.history.step(ids, matrix, reference)
             anomaly = anomaly_score(metrics, self.anomaly_weights)
+            components = anomaly_components(metrics)
             rows = [
                 {
                     "client_id": c,
@@ -183,7 +192,7 @@ class Coordinator:
                 for i, (c, w, a) in enumerate(zip(ids, weights, anomaly))
             ]
         else:
-            anomaly, metrics, losses = np.zeros(0), None, None
+            anomaly, metrics, losses, components = np.zeros(0), None, None, None
             log.warning("round %d: no update admitted; weights unchanged", round_number)
         rejected_counts: dict[str, int] = {}
         for r in rejected:
@@ -196,10 +205,12 @@ class Coordinator:
             metrics=metrics,
             losses=losses,
             reasons={r.client_id: r.reason for r in rejected},
+            components=components,
         )
         for row in rows:
             state = states[row["client_id"]]
-            row.update(trust=state.trust, flagged=state.flagged, quarantined=state.quarantined)
+            row.update(trust=state.trust, flagged=state.flagged, quarantined=state.quarantined,
+                       evidence=state.evidence, explanation=state.explanation)  # fmt: skip
         self.round = round_number
         flagged = sorted(c for c, s in self.trust.snapshot().items() if s.flagged)
         return RoundOutcome(
@@ -248,6 +259,7 @@ class Coordinator:
             "weights": self.weights,
             "optimizer_state": self.optimizer_state,
             "chain_state": self.chain_state,
+            "history": self.history.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -255,3 +267,5 @@ class Coordinator:
         self.weights = np.asarray(state["weights"], np.float32)
         self.optimizer_state = state["optimizer_state"]
         self.chain_state = state["chain_state"]
+        if "history" in state:  # checkpoints from before the history signal have none
+            self.history.load_state_dict(state["history"])

@@ -6,8 +6,11 @@ round is written in one transaction, so a reader sees a round entirely or not at
 Tables:
 
 - ``client_rounds``: one row per (round, client_id): the round's measurements (norm, norm_z,
-  cosine, distance, krum_score, trimmed_share, loss), the anomaly score, the trust after the
-  round, flagged/quarantined state and, for a rejected update, the reason.
+  cosine, distance, krum_score, trimmed_share, loss, pair_gap, cluster_outlier,
+  history_error), the anomaly score, the trust after the round, flagged/quarantined state, the
+  flag evidence and, for a flagged client, the explanation; ``signals`` (JSON) holds the anomaly
+  components behind the score and ``evidence_state`` (JSON) the running sums a restart resumes
+  from; for a rejected update, the reason.
 - ``clients``: one row per client, derived from ``client_rounds`` in the same transaction: trust,
   anomaly, flagged, quarantined (and since when) as of its latest round, the number of rounds it
   took part in, its last round and how many of its updates were rejected. Deriving it (instead
@@ -34,7 +37,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 ROUND_COLUMNS = (
     "norm",
@@ -44,17 +47,32 @@ ROUND_COLUMNS = (
     "krum_score",
     "trimmed_share",
     "loss",
+    "pair_gap",
+    "cluster_outlier",
+    "history_error",
     "anomaly",
     "trust",
     "flagged",
     "quarantined",
     "quarantined_since",
     "rejected_reason",
+    "evidence",
+    "explanation",
+    "signals",
+    "evidence_state",
 )
 """Columns of ``client_rounds`` besides (round, client_id); a row dict may omit any (NULL)."""
 
 _BOOL_COLUMNS = ("flagged", "quarantined")
-_TEXT_COLUMNS = ("rejected_reason",)
+_TEXT_COLUMNS = ("rejected_reason", "explanation", "signals", "evidence_state")
+# Columns added in schema 2, with their types: a schema-1 ledger gains them when opened.
+_ADDED_COLUMNS = {
+    "client_rounds": {"pair_gap": "REAL", "cluster_outlier": "REAL", "history_error": "REAL",
+                      "evidence": "REAL", "explanation": "TEXT", "signals": "TEXT",
+                      "evidence_state": "TEXT"},
+    "clients": {"evidence": "REAL", "explanation": "TEXT", "signals": "TEXT",
+                "evidence_state": "TEXT"},
+}  # fmt: skip
 _INT_COLUMNS = ("quarantined_since",)
 
 _SCHEMA = """
@@ -67,7 +85,11 @@ CREATE TABLE IF NOT EXISTS clients (
     quarantined_since INTEGER,
     rounds INTEGER NOT NULL DEFAULT 0,
     last_round INTEGER,
-    rejected INTEGER NOT NULL DEFAULT 0
+    rejected INTEGER NOT NULL DEFAULT 0,
+    evidence REAL,
+    explanation TEXT,
+    signals TEXT,
+    evidence_state TEXT
 );
 CREATE TABLE IF NOT EXISTS client_rounds (
     round INTEGER NOT NULL,
@@ -79,12 +101,19 @@ CREATE TABLE IF NOT EXISTS client_rounds (
     krum_score REAL,
     trimmed_share REAL,
     loss REAL,
+    pair_gap REAL,
+    cluster_outlier REAL,
+    history_error REAL,
     anomaly REAL,
     trust REAL,
     flagged INTEGER NOT NULL DEFAULT 0,
     quarantined INTEGER NOT NULL DEFAULT 0,
     quarantined_since INTEGER,
     rejected_reason TEXT,
+    evidence REAL,
+    explanation TEXT,
+    signals TEXT,
+    evidence_state TEXT,
     PRIMARY KEY (round, client_id)
 );
 CREATE INDEX IF NOT EXISTS client_rounds_by_client ON client_rounds (client_id, round);
@@ -94,9 +123,10 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 # Rebuilds the clients rows of the clients in the temp table `touched` from their history.
 _REFRESH_CLIENTS = """
 INSERT OR REPLACE INTO clients (client_id, trust, anomaly, flagged, quarantined, quarantined_since,
-                                rounds, last_round, rejected)
+                                rounds, last_round, rejected, evidence, explanation, signals,
+                                evidence_state)
 SELECT r.client_id, r.trust, r.anomaly, r.flagged, r.quarantined, r.quarantined_since,
-       agg.n, agg.last, agg.rejected
+       agg.n, agg.last, agg.rejected, r.evidence, r.explanation, r.signals, r.evidence_state
 FROM (SELECT client_id, COUNT(*) AS n, MAX(round) AS last,
              SUM(rejected_reason IS NOT NULL) AS rejected
       FROM client_rounds WHERE client_id IN (SELECT client_id FROM touched)
@@ -183,6 +213,7 @@ class Ledger:
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._conn.executescript(_SCHEMA)
+            self._add_missing_columns()
             self._conn.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
                 (SCHEMA_VERSION,),
@@ -190,6 +221,17 @@ class Ledger:
         except sqlite3.DatabaseError as err:
             self._conn.close()
             raise LedgerError(f"cannot open ledger {self.path}: {err}") from err
+
+    def _add_missing_columns(self) -> None:
+        """Brings a schema-1 ledger (from before the detection signals) to the current columns."""
+        for table, columns in _ADDED_COLUMNS.items():
+            have = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+            for name, kind in columns.items():
+                if name not in have:
+                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+        self._conn.execute(
+            "UPDATE meta SET value = ? WHERE key = 'schema_version'", (SCHEMA_VERSION,)
+        )
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -301,11 +343,11 @@ class Ledger:
         """Every client, lowest trust first (ties by client_id), with its latest norm and cosine.
 
         Keys: client_id, trust, anomaly, flagged, quarantined, quarantined_since, rounds,
-        last_round, rejected, norm, cosine.
+        last_round, rejected, evidence, explanation, signals, evidence_state (NULL in a schema-1
+        ledger opened read-only), norm, cosine.
         """
         return self._query(
-            "SELECT c.client_id, c.trust, c.anomaly, c.flagged, c.quarantined, "
-            "c.quarantined_since, c.rounds, c.last_round, c.rejected, r.norm, r.cosine "
+            "SELECT c.*, r.norm, r.cosine "
             "FROM clients AS c LEFT JOIN client_rounds AS r "
             "ON r.client_id = c.client_id AND r.round = c.last_round "
             "ORDER BY c.trust IS NULL, c.trust, c.client_id"
@@ -320,6 +362,12 @@ class Ledger:
         """The client's ``client_rounds`` rows, oldest round first (empty if unknown)."""
         return self._query(
             "SELECT * FROM client_rounds WHERE client_id = ? ORDER BY round", (client_id,)
+        )
+
+    def rows_since(self, round: int) -> list[dict[str, Any]]:
+        """All rows of the rounds after ``round``, by round then client_id."""
+        return self._query(
+            "SELECT * FROM client_rounds WHERE round > ? ORDER BY round, client_id", (int(round),)
         )
 
     def round_rows(self, round: int) -> list[dict[str, Any]]:

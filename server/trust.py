@@ -7,9 +7,35 @@ After each round, for every client that took part::
 where ``anomaly_t`` is the client's anomaly score (``aggregation/scoring.py``) and a rejected
 update counts as anomaly 1.0. Clients not selected keep their trust.
 
-Flags use hysteresis: a client is flagged when its trust drops below ``flag_below`` and stays
-flagged until it rises above ``unflag_above``, so a client hovering near one threshold does not
-flap. A flagged client is quarantined according to the policy:
+Flags come from evidence (``flag_rule="evidence"``, the default). Each round's anomaly scores
+join a pool of the last ``window_rounds`` rounds of every client's scores, and a client's score
+becomes a z-score against that population: ``z = (anomaly - median) / scale``, the median and
+scale (1.4826 MAD, at least ``min_scale``) of the pool, so 20% attackers move neither much. Each
+client accumulates its own z-scores over the rounds it took part in, older ones weighted down
+by ``evidence_memory`` per round seen::
+
+    S = memory * S + z        Q = memory**2 * Q + 1        evidence = S / sqrt(Q)
+
+For a client whose scores are drawn from the population, ``evidence`` is a standard score
+whatever the number of rounds it was seen (a sum of n z-scores over sqrt(n)): a client sampled
+once is judged on that one round, and one sampled ten times needs a smaller excess per round to
+reach the same evidence. A client is flagged when its evidence exceeds ``z_(1 - fpr)``, the
+standard normal quantile of the configured ``false_positive_rate``, and unflagged when it falls
+``unflag_margin`` below that line. Each z is clipped to ``[-z_floor, z_cap]``: banked good rounds
+cannot hide a later attack for long, and one round can flag but not convict for ever. The
+pooled scores are not exactly normal, so the measured rate differs from the nominal one;
+docs/results.md has both.
+
+Trust itself is still the exponentially weighted average above (what dashboards plot); the
+evidence is that same deviation from the population, standardised by how much of it there is.
+``flag_rule="threshold"`` restores the fixed line: flagged below ``flag_below``, unflagged above
+``unflag_above`` (hysteresis).
+
+Every flagged client carries an ``explanation``: the signals (``scoring.anomaly_components``)
+whose accumulated excess over the population's median is largest, e.g. ``"evidence 5.1 over 2
+rounds: collusion 1.00 (typical 0.01), centrality 0.93 (typical 0.02)"``.
+
+A flagged client is quarantined according to the policy:
 
 - ``"none"``: flagged only (reported, weight unchanged).
 - ``"downweight"``: still selected, its aggregation weight multiplied by ``downweight``.
@@ -30,8 +56,11 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -40,6 +69,8 @@ if TYPE_CHECKING:
     from fedwarden.server.ledger import Ledger
 
 QUARANTINE_MODES = ("none", "exclude", "downweight")
+FLAG_RULES = ("evidence", "threshold")
+_MAD_TO_SIGMA = 1.4826
 
 
 @dataclass
@@ -56,6 +87,17 @@ class TrustPolicy:
         probation_rounds: under ``"exclude"``, rounds a quarantined client is not selected
             before it may be sampled again on probation.
         initial_trust: trust of a client never seen before, in [0, 1].
+        flag_rule: ``"evidence"`` (default) or ``"threshold"`` (see the module docstring).
+        false_positive_rate: under ``"evidence"``, the nominal share of honest clients flagged:
+            the flag line is the standard normal quantile ``z_(1 - rate)``, in (0, 0.5).
+        unflag_margin: a flagged client is unflagged when its evidence falls this far below the
+            flag line (hysteresis, in z units).
+        evidence_memory: weight of a client's earlier rounds in its evidence, per round seen,
+            in [0, 1).
+        window_rounds: rounds of scores in the population pool.
+        min_scale: smallest population scale of the anomaly score, so a very uniform honest
+            cohort does not turn tiny differences into large z.
+        z_floor, z_cap: one round's z is clipped to ``[-z_floor, z_cap]``.
     """
 
     decay: float = 0.7
@@ -65,8 +107,47 @@ class TrustPolicy:
     downweight: float = 0.1
     probation_rounds: int = 3
     initial_trust: float = 1.0
+    flag_rule: str = "evidence"
+    false_positive_rate: float = 0.005
+    unflag_margin: float = 1.0
+    evidence_memory: float = 0.6
+    window_rounds: int = 10
+    min_scale: float = 0.03
+    z_floor: float = 2.0
+    z_cap: float = 8.0
+
+    @property
+    def flag_z(self) -> float:
+        """The evidence above which a client is flagged, ``z_(1 - false_positive_rate)``."""
+        return NormalDist().inv_cdf(1.0 - self.false_positive_rate)
 
     def __post_init__(self) -> None:
+        if self.flag_rule not in FLAG_RULES:
+            raise ValueError(
+                f"flag_rule must be one of {', '.join(FLAG_RULES)}. "
+                f"Received: flag_rule={self.flag_rule!r}."
+            )
+        if not 0.0 < self.false_positive_rate < 0.5:
+            raise ValueError(
+                "false_positive_rate must be in (0, 0.5), e.g. 0.01. "
+                f"Received: false_positive_rate={self.false_positive_rate!r}."
+            )
+        if not 0.0 <= self.evidence_memory < 1.0:
+            raise ValueError(
+                f"evidence_memory must be in [0, 1). Received: {self.evidence_memory!r}."
+            )
+        for name in ("unflag_margin", "min_scale", "z_floor", "z_cap"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be finite and >= 0. Received: {name}={value!r}.")
+        if (
+            isinstance(self.window_rounds, bool)
+            or not isinstance(self.window_rounds, int)
+            or (self.window_rounds < 1)
+        ):
+            raise ValueError(
+                f"window_rounds must be an integer >= 1. Received: {self.window_rounds!r}."
+            )
         if not 0.0 <= self.decay < 1.0:
             raise ValueError(
                 f"trust decay must be in [0, 1) (the EWMA weight of history). "
@@ -117,10 +198,24 @@ class ClientTrust:
     rejected: int = 0
     norm: float | None = None
     cosine: float | None = None
+    evidence: float | None = None
+    explanation: str | None = None
+    signals: dict[str, float] = field(default_factory=dict)  # last round's anomaly components
+    # running sums behind ``evidence``: S, Q and each signal's weighted excess over the population
+    evidence_sum: float = 0.0
+    evidence_sq: float = 0.0
+    excess: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """A plain dict (the shape ``MetricsExporter.observe_round`` takes)."""
         return dataclasses.asdict(self)
+
+    def evidence_state(self) -> str:
+        """The running sums as JSON, for the ledger (a restart continues from them)."""
+        return json.dumps(
+            {"sum": self.evidence_sum, "sq": self.evidence_sq, "excess": self.excess},
+            sort_keys=True,
+        )
 
 
 def _opt_float(value: Any) -> float | None:
@@ -145,9 +240,15 @@ class TrustBook:
         self.ledger = ledger
         self._clients: dict[str, ClientTrust] = {}
         self._round = 0
+        # the population pool: per round, every scored client's anomaly and signals
+        self._pool: deque[tuple[np.ndarray, dict[str, np.ndarray]]] = deque(
+            maxlen=policy.window_rounds
+        )
         if ledger is not None:
             self._round = ledger.last_round()
+            self._restore_pool(ledger)
             for row in ledger.list_clients():
+                sums = json.loads(row.get("evidence_state") or "{}")
                 self._clients[row["client_id"]] = ClientTrust(
                     client_id=row["client_id"],
                     trust=policy.initial_trust if row["trust"] is None else float(row["trust"]),
@@ -160,7 +261,28 @@ class TrustBook:
                     rejected=int(row["rejected"]),
                     norm=_opt_float(row["norm"]),
                     cosine=_opt_float(row["cosine"]),
+                    evidence=_opt_float(row.get("evidence")),
+                    explanation=row.get("explanation"),
+                    signals=json.loads(row.get("signals") or "{}"),
+                    evidence_sum=float(sums.get("sum", 0.0)),
+                    evidence_sq=float(sums.get("sq", 0.0)),
+                    excess=dict(sums.get("excess", {})),
                 )
+
+    def _restore_pool(self, ledger: Ledger) -> None:
+        rows = ledger.rows_since(self._round - self.policy.window_rounds)
+        for r in sorted({row["round"] for row in rows}):
+            scored = [
+                row for row in rows
+                if row["round"] == r and row["anomaly"] is not None and row["rejected_reason"] is None
+            ]  # fmt: skip
+            signals = [json.loads(row.get("signals") or "{}") for row in scored]
+            names = sorted({n for sig in signals for n in sig})
+            self._pool.append((
+                np.array([row["anomaly"] for row in scored], np.float64),
+                {n: np.array([np.nan if sig.get(n) is None else sig[n] for sig in signals])
+                 for n in names},
+            ))  # fmt: skip
 
     @property
     def last_round(self) -> int:
@@ -177,6 +299,7 @@ class TrustBook:
         metrics: dict[str, np.ndarray] | None = None,
         losses: np.ndarray | None = None,
         reasons: dict[str, str] | None = None,
+        components: dict[str, np.ndarray] | None = None,
     ) -> dict[str, ClientTrust]:
         """Applies one round's anomaly scores; returns the new state of every client touched.
 
@@ -192,6 +315,8 @@ class TrustBook:
             losses: ``(K,)`` reported losses, recorded in the ledger.
             reasons: client_id to the rejection reason, recorded in the ledger (default
                 ``"rejected"``).
+            components: the round's ``anomaly_components`` (aligned with ``client_ids``): the
+                signals behind each score, kept for explanations and recorded in the ledger.
         """
         round = int(round)
         if round <= self._round:
@@ -217,12 +342,27 @@ class TrustBook:
         for cid in rejected:
             scores[cid] = 1.0
         index = {cid: i for i, cid in enumerate(client_ids)}
+        components = {
+            name: np.asarray(values, np.float64).reshape(-1) for name, values in
+            (components or {}).items()
+        }  # fmt: skip
+        scored = [i for i, cid in enumerate(client_ids) if cid not in rejected]
+        if scored:
+            self._pool.append((anomaly[scored], {n: v[scored] for n, v in components.items()}))
+        center, scale, typical = self._population()
 
         touched: dict[str, ClientTrust] = {}
         for cid, score in scores.items():
             state = self._clients.get(cid) or ClientTrust(cid, trust=self.policy.initial_trust)
-            self._step(state, round, score, rejected.get(cid, 0))
             i = index.get(cid)
+            signals = {} if i is None or cid in rejected else {
+                n: float(v[i]) for n, v in components.items() if np.isfinite(v[i])
+            }  # fmt: skip
+            previous = state.trust
+            self._step(state, round, score, rejected.get(cid, 0))
+            self._weigh(state, (score - center) / scale, signals, typical)
+            rejection = reasons.get(cid, "rejected") if cid in rejected else None
+            self._decide(state, round, previous, rejection, typical)
             if metrics is not None and i is not None:
                 state.norm = _opt_float(metrics["norm"][i]) if "norm" in metrics else None
                 state.cosine = _opt_float(metrics["cosine"][i]) if "cosine" in metrics else None
@@ -235,18 +375,68 @@ class TrustBook:
             self.ledger.record_round(round, rows)
         return touched
 
+    def _population(self) -> tuple[float, float, dict[str, float]]:
+        """Median and scale of the pooled anomaly scores, and each signal's pooled median."""
+        pooled = np.concatenate([a for a, _ in self._pool]) if self._pool else np.zeros(0)
+        if pooled.size == 0:
+            return 0.0, max(self.policy.min_scale, 1e-9), {}
+        center = float(np.median(pooled))
+        mad = _MAD_TO_SIGMA * float(np.median(np.abs(pooled - center)))
+        typical: dict[str, float] = {}
+        for name in sorted({n for _, sig in self._pool for n in sig}):
+            values = np.concatenate([sig[name] for _, sig in self._pool if name in sig])
+            values = values[np.isfinite(values)]
+            if values.size:
+                typical[name] = float(np.median(values))
+        return center, max(mad, self.policy.min_scale, 1e-9), typical
+
+    def _weigh(
+        self, state: ClientTrust, z: float, signals: dict[str, float], typical: dict[str, float]
+    ) -> None:
+        """Folds one round's z-score (and each signal's excess) into the client's evidence."""
+        p = self.policy
+        z = min(max(z, -p.z_floor), p.z_cap)
+        m = p.evidence_memory
+        state.evidence_sum = m * state.evidence_sum + z
+        state.evidence_sq = m * m * state.evidence_sq + 1.0
+        state.evidence = state.evidence_sum / math.sqrt(state.evidence_sq)
+        state.signals = signals
+        names = set(state.excess) | set(signals)
+        state.excess = {
+            n: m * state.excess.get(n, 0.0) + (signals[n] - typical.get(n, 0.0) if n in signals
+                                               else 0.0)
+            for n in sorted(names)
+        }  # fmt: skip
+
     def _step(self, state: ClientTrust, round: int, anomaly: float, n_rejected: int) -> None:
         p = self.policy
-        previous = state.trust
-        state.trust = p.decay * previous + (1.0 - p.decay) * (1.0 - anomaly)
+        state.trust = p.decay * state.trust + (1.0 - p.decay) * (1.0 - anomaly)
         state.anomaly = anomaly
         state.rounds += 1
         state.last_round = round
         state.rejected += n_rejected
-        if not state.flagged and state.trust < p.flag_below:
+
+    def _decide(
+        self,
+        state: ClientTrust,
+        round: int,
+        previous: float,
+        rejection: str | None,
+        typical: dict[str, float],
+    ) -> None:
+        """Flag, explanation and quarantine after the client's round (trust was ``previous``)."""
+        p = self.policy
+        if p.flag_rule == "threshold":
+            flag_now = state.trust < p.flag_below
+            clear_now = state.trust > p.unflag_above
+        else:
+            flag_now = state.evidence > p.flag_z
+            clear_now = state.evidence < p.flag_z - p.unflag_margin
+        if not state.flagged and flag_now:
             state.flagged = True
-        elif state.flagged and state.trust > p.unflag_above:
+        elif state.flagged and clear_now:
             state.flagged = False
+        state.explanation = explain(state, typical, rejection) if state.flagged else None
         if p.quarantine == "none" or not state.flagged:
             state.quarantined, state.quarantined_since = False, None
         elif not state.quarantined:
@@ -292,6 +482,31 @@ class TrustBook:
         )
 
 
+def explain(
+    state: ClientTrust, typical: dict[str, float], rejection: str | None = None, top: int = 3
+) -> str:
+    """Why a client is flagged: its evidence and the signals with the largest excess.
+
+    The signals are ranked by their accumulated excess over the population's median (weighted
+    like the evidence); each shows the client's last value and the population's typical one.
+    """
+    parts = []
+    if state.evidence is not None:
+        parts.append(f"evidence {state.evidence:.1f} over {state.rounds} round(s)")
+    if rejection is not None:
+        parts.append(f"update rejected ({rejection})")
+    ranked = sorted(
+        ((excess, name) for name, excess in state.excess.items() if excess > 0), reverse=True
+    )[:top]
+    signals = [
+        f"{name} {state.signals[name]:.2f} (typical {typical.get(name, 0.0):.2f})"
+        if name in state.signals else f"{name} +{excess:.2f} earlier"
+        for excess, name in ranked
+    ]  # fmt: skip
+    head = "; ".join(parts)
+    return f"{head}: {', '.join(signals)}" if signals else head
+
+
 def round_rows(
     states: dict[str, ClientTrust],
     client_ids: list[str],
@@ -321,6 +536,10 @@ def round_rows(
             "flagged": s.flagged,
             "quarantined": s.quarantined,
             "quarantined_since": s.quarantined_since,
+            "evidence": s.evidence,
+            "explanation": s.explanation,
+            "signals": json.dumps(s.signals, sort_keys=True) if s.signals else None,
+            "evidence_state": s.evidence_state(),
         }
         i = index.get(cid)
         if i is not None:

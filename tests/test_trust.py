@@ -75,7 +75,8 @@ def test_update_validates_inputs():
 
 
 def test_hysteresis_one_bad_round_does_not_quarantine_for_good():
-    policy = TrustPolicy(decay=0.5, flag_below=0.55, unflag_above=0.7, quarantine="downweight")
+    policy = TrustPolicy(decay=0.5, flag_below=0.55, unflag_above=0.7, quarantine="downweight",
+                         flag_rule="threshold")  # fmt: skip
     book = TrustBook(policy)
     run(book, 1, {"honest": 1.0})  # one bad round: 1.0 -> 0.5, flagged
     assert book.get("honest").flagged and book.weight_multiplier("honest") == policy.downweight
@@ -99,7 +100,7 @@ def test_persistent_attacker_is_flagged_and_excluded_honest_are_not():
 
 def test_probation_path_back_under_exclude():
     policy = TrustPolicy(decay=0.5, flag_below=0.55, unflag_above=0.7, quarantine="exclude",
-                         probation_rounds=2)  # fmt: skip
+                         probation_rounds=2, flag_rule="threshold")  # fmt: skip
     book = TrustBook(policy)
     run(book, 1, {"c": 1.0})  # trust 0.5: quarantined in round 1
     assert book.get("c").quarantined_since == 1
@@ -118,7 +119,7 @@ def test_probation_path_back_under_exclude():
 
 def test_misbehaving_on_probation_restarts_exclusion():
     policy = TrustPolicy(decay=0.5, flag_below=0.55, unflag_above=0.7, quarantine="exclude",
-                         probation_rounds=1)  # fmt: skip
+                         probation_rounds=1, flag_rule="threshold")  # fmt: skip
     book = TrustBook(policy)
     run(book, 1, {"c": 1.0})
     run(book, 2, {})
@@ -128,7 +129,7 @@ def test_misbehaving_on_probation_restarts_exclusion():
 
 
 def test_policy_none_flags_without_quarantine():
-    book = TrustBook(TrustPolicy(decay=0.0, quarantine="none"))
+    book = TrustBook(TrustPolicy(decay=0.0, quarantine="none", flag_rule="threshold"))
     run(book, 1, {"x": 0.9})
     assert book.get("x").flagged and not book.get("x").quarantined
     assert book.weight_multiplier("x") == 1.0 and not book.is_excluded("x")
@@ -242,7 +243,7 @@ def test_remove_ledger_removes_the_wal_too(tmp_path):
 
 def test_trust_book_persists_and_restarts_from_the_ledger(tmp_path):
     path = tmp_path / "l.sqlite"
-    policy = TrustPolicy(quarantine="exclude", probation_rounds=4)
+    policy = TrustPolicy(quarantine="exclude", probation_rounds=4, flag_rule="threshold")
     metrics = {"norm": np.array([1.0, 30.0]), "cosine": np.array([0.9, -0.8])}
     with Ledger(path) as ledger:
         book = TrustBook(policy, ledger)

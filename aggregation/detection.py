@@ -1,0 +1,269 @@
+"""Signals across clients and across rounds, for the anomaly score (``scoring.py``).
+
+numpy in, numpy out, no I/O. The per-round cohort statistics of ``scoring.client_metrics`` see
+one round at a time and each client on its own; the attacks built to hide (ALIE, Min-Max,
+Min-Sum) sit inside the honest spread on every such statistic. What gives them away is how the
+clients relate to each other and to their own past:
+
+- **collusion** (after FoolsGold, Fung et al. 2020, which uses the largest pairwise cosine):
+  each client's relative distance to its nearest other client, :func:`nearest_pair_gap`.
+  Honest clients train on different data with different SGD noise, so no two of them send
+  near-identical updates; colluders who send one crafted vector, or jointly crafted ones, do.
+- **cluster membership** (FLAME, Nguyen et al. 2022): HDBSCAN on the cohort's cosine distances
+  with a minimum cluster size of a majority, :func:`cluster_outliers`; a client outside the
+  majority cluster is an outlier.
+- **consistency with its own history** (FLDetector, Zhang et al. 2022; FLANDERS, Gabrielli et al.
+  2023): :class:`HistoryForecast` forecasts each client's next deviation from the cohort's
+  reference from the deviations it sent before, on a :class:`CountSketch` of the update (512
+  numbers by default, whatever the model size), and reports how far the new deviation lands
+  from the forecast.
+
+State is explicit: :meth:`HistoryForecast.state_dict` returns plain arrays for the coordinator's
+checkpoint, and :meth:`HistoryForecast.load_state_dict` restores it.
+
+References:
+    Fung, Yoon, Beschastnikh. The Limitations of Federated Learning in Sybil Settings. RAID 2020.
+    Nguyen et al. FLAME: Taming Backdoors in Federated Learning. USENIX Security 2022.
+    Zhang, Cao, Jia, Gong. FLDetector: Defending Federated Learning Against Model Poisoning
+    Attacks via Detecting Malicious Clients. KDD 2022.
+    Gabrielli, Belli, Matrullo, Miozzo, Tolomei. A Byzantine-Resilient Aggregation Scheme for
+    Federated Learning via Matrix Autoregression on Client Updates (FLANDERS). 2023.
+    Charikar, Chen, Farach-Colton. Finding Frequent Items in Data Streams. ICALP 2002.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DEFAULT_SKETCH_DIM = 512
+"""Numbers kept per client by :class:`HistoryForecast` (2 KB of float32 per client)."""
+
+_MIN_CLUSTER_COHORT = 4  # below this a "majority cluster" says nothing
+
+
+def cosine_matrix(gram: np.ndarray) -> np.ndarray:
+    """Pairwise cosine similarities from a Gram matrix (0 where either vector is zero)."""
+    gram = np.asarray(gram, np.float64)
+    norm = np.sqrt(np.maximum(np.diag(gram), 0.0))
+    denom = np.outer(norm, norm)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(denom > 0, gram / np.where(denom > 0, denom, 1.0), 0.0)
+    return np.clip(cos, -1.0, 1.0)
+
+
+def nearest_pair_gap(gram: np.ndarray) -> np.ndarray:
+    """Each client's relative distance to its nearest other client, ``|x_i - x_j| / (|x_i| + |x_j|)``.
+
+    0 for two identical updates, about 0.7 for orthogonal ones of equal norm, 1 for opposite
+    ones. Unlike the cosine it does not call a scaled copy of an honest update (model
+    replacement) a twin of it: ``10 x`` and ``x`` are 0.82 apart. NaN for a client alone or
+    whose pairs are all zero vectors.
+
+    Args:
+        gram: ``(K, K)`` Gram matrix of the updates.
+
+    Returns:
+        Float64 array of length K.
+    """
+    gram = np.asarray(gram, np.float64)
+    k = gram.shape[0]
+    if k < 2:
+        return np.full(k, np.nan)
+    sq = np.diag(gram)
+    norm = np.sqrt(np.maximum(sq, 0.0))
+    dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0))
+    denom = norm[:, None] + norm[None, :]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        gap = np.where(denom > 0, dist / np.where(denom > 0, denom, 1.0), np.nan)
+    np.fill_diagonal(gap, np.inf)
+    gap = np.where(np.isnan(gap), np.inf, gap).min(axis=1)
+    return np.where(np.isfinite(gap), np.clip(gap, 0.0, 1.0), np.nan)
+
+
+def cluster_outliers(cosines: np.ndarray, min_scale: float = 0.05) -> np.ndarray:
+    """How far each client sits outside the cohort's majority cluster, in [0, 1] (FLAME).
+
+    HDBSCAN on cosine distances ``1 - cos`` with ``min_cluster_size = K // 2 + 1``,
+    ``min_samples = 1`` and a single cluster allowed, FLAME's settings, finds the majority
+    cluster. FLAME drops every client outside it; in a homogeneous cohort HDBSCAN leaves about a
+    third of the clients out, so here the verdict is graded: a client outside the cluster scores
+    the logistic of the robust z of its mean distance to the cluster's members against the
+    members' own mean distances to each other (``1 / (1 + exp(-1.5 (z - 3)))``), and members
+    score 0. Cohorts smaller than 4, or where HDBSCAN finds no cluster, get NaN.
+
+    Args:
+        cosines: ``(K, K)`` pairwise cosine similarities.
+        min_scale: smallest scale of the members' mean distances (cosine-distance units).
+
+    Returns:
+        Float64 array of length K.
+    """
+    cosines = np.asarray(cosines, np.float64)
+    k = cosines.shape[0]
+    if k < _MIN_CLUSTER_COHORT:
+        return np.full(k, np.nan)
+    from sklearn.cluster import HDBSCAN  # imported here: only this signal needs scikit-learn
+
+    distance = np.clip(1.0 - cosines, 0.0, 2.0)
+    np.fill_diagonal(distance, 0.0)
+    distance = (distance + distance.T) / 2.0
+    labels = HDBSCAN(
+        min_cluster_size=k // 2 + 1,
+        min_samples=1,
+        metric="precomputed",
+        allow_single_cluster=True,
+    ).fit_predict(distance)
+    clustered = labels[labels >= 0]
+    if clustered.size == 0:
+        return np.full(k, np.nan)
+    members = labels == np.bincount(clustered).argmax()
+    to_members = distance[:, members].sum(axis=1) / np.maximum(members.sum() - members, 1)
+    inside = to_members[members]
+    med = float(np.median(inside))
+    scale = max(1.4826 * float(np.median(np.abs(inside - med))), min_scale)
+    score = 1.0 / (1.0 + np.exp(-1.5 * ((to_members - med) / scale - 3.0)))
+    return np.where(members, 0.0, score)
+
+
+class CountSketch:
+    """A fixed random projection of ``d``-vectors to ``dim`` numbers (Charikar et al. 2002).
+
+    Coordinate ``j`` is added, with a random sign, to bucket ``h(j)``. Inner products, norms and
+    cosines are preserved in expectation with relative error about ``1 / sqrt(dim)``, and the
+    projection costs one pass over the update and ``8 d`` bytes of indices, never a ``d x dim``
+    matrix. The same ``(d, dim, seed)`` always gives the same projection, so only the seed needs
+    saving.
+
+    Args:
+        d: length of the vectors to sketch.
+        dim: sketch length.
+        seed: seed of the hash and signs.
+    """
+
+    def __init__(self, d: int, dim: int = DEFAULT_SKETCH_DIM, seed: int = 0):
+        if dim < 1 or d < 1:
+            raise ValueError(f"CountSketch needs d >= 1 and dim >= 1. Received: d={d}, dim={dim}.")
+        self.d, self.dim, self.seed = int(d), int(dim), int(seed)
+        rng = np.random.default_rng([self.seed, self.d, self.dim])
+        self._bucket = rng.integers(0, self.dim, self.d, dtype=np.int64)
+        self._sign = rng.choice(np.array([-1.0, 1.0]), self.d)
+
+    def __call__(self, vectors: np.ndarray) -> np.ndarray:
+        """``(K, d)`` (or ``(d,)``) in, ``(K, dim)`` (or ``(dim,)``) float64 out."""
+        vectors = np.asarray(vectors)
+        single = vectors.ndim == 1
+        rows = vectors.reshape(1, -1) if single else vectors
+        if rows.shape[1] != self.d:
+            raise ValueError(
+                f"expected vectors of length {self.d}. Received shape {vectors.shape}."
+            )
+        out = np.stack(
+            [np.bincount(self._bucket, row * self._sign, self.dim) for row in rows]
+        ) if len(rows) else np.zeros((0, self.dim))  # fmt: skip
+        return out[0] if single else out
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(rows, axis=-1, keepdims=True)
+    return np.where(norm > 0, rows / np.where(norm > 0, norm, 1.0), 0.0)
+
+
+class HistoryForecast:
+    """Each client's consistency with its own past updates, on a sketch of the update.
+
+    A client's *deviation* in a round is its sketched update minus the sketched reference (the
+    cohort's coordinate-wise median), as a unit vector: the direction in which its data pull it
+    away from the consensus. An honest client's data do not change between rounds, so neither
+    does that direction much; the forecast of its next deviation is the exponentially weighted
+    average of its past ones (weight ``memory`` on the past), and the signal is the forecast
+    error ``1 - cos(deviation, forecast)``, 0 on forecast, 1 unrelated, 2 reversed. A client's
+    first round has no forecast (NaN). The predicted update is the reference plus the forecast
+    deviation at the observed length; only its direction is scored here, the norm signals cover
+    the length.
+
+    Args:
+        sketch_dim: numbers kept per client.
+        memory: weight of the past in the forecast, in [0, 1).
+        seed: seed of the sketch.
+    """
+
+    def __init__(self, sketch_dim: int = DEFAULT_SKETCH_DIM, memory: float = 0.5, seed: int = 0):
+        if not 0.0 <= memory < 1.0:
+            raise ValueError(f"memory must be in [0, 1). Received: memory={memory!r}.")
+        self.sketch_dim, self.memory, self.seed = int(sketch_dim), float(memory), int(seed)
+        self._sketch: CountSketch | None = None
+        self._forecast: dict[str, np.ndarray] = {}
+        self._seen: dict[str, int] = {}
+
+    def _deviations(self, updates: np.ndarray, reference: np.ndarray) -> np.ndarray:
+        d = updates.shape[1]
+        if self._sketch is None or self._sketch.d != d:
+            self._sketch = CountSketch(d, self.sketch_dim, self.seed)
+        return _unit(self._sketch(updates) - self._sketch(reference)[None, :])
+
+    def step(self, client_ids: list[str], updates: np.ndarray, reference: np.ndarray) -> np.ndarray:
+        """Forecast errors of this round's updates, then folds them into the history.
+
+        Args:
+            client_ids: one id per row of ``updates``.
+            updates: ``(K, d)`` update matrix.
+            reference: ``(d,)`` the cohort's reference (its coordinate-wise median).
+
+        Returns:
+            Float64 array of length K: ``1 - cos`` to the forecast, NaN for a client never seen.
+        """
+        updates = np.asarray(updates)
+        if len(client_ids) != len(updates):
+            raise ValueError(
+                f"need one client id per update row. Received {len(client_ids)} ids for "
+                f"{len(updates)} rows."
+            )
+        errors = np.full(len(client_ids), np.nan)
+        if len(updates) == 0:
+            return errors
+        deviations = self._deviations(updates, np.asarray(reference).reshape(-1))
+        for i, cid in enumerate(client_ids):
+            past = self._forecast.get(cid)
+            now = deviations[i].astype(np.float32)
+            if past is not None and np.any(past) and np.any(now):
+                errors[i] = 1.0 - float(np.dot(_unit(past), now))
+            if past is None:
+                self._forecast[cid] = now
+            else:
+                self._forecast[cid] = (self.memory * past + (1.0 - self.memory) * now).astype(
+                    np.float32
+                )
+            self._seen[cid] = self._seen.get(cid, 0) + 1
+        return errors
+
+    def seen(self, client_id: str) -> int:
+        """Rounds in which the client's update entered the history."""
+        return self._seen.get(client_id, 0)
+
+    def state_dict(self) -> dict:
+        """Plain data for a checkpoint: settings, ids, a ``(n, sketch_dim)`` float32 array."""
+        ids = sorted(self._forecast)
+        return {
+            "sketch_dim": self.sketch_dim,
+            "memory": self.memory,
+            "seed": self.seed,
+            "client_ids": ids,
+            "forecast": np.stack([self._forecast[c] for c in ids]) if ids else
+            np.zeros((0, self.sketch_dim), np.float32),
+            "seen": [self._seen.get(c, 0) for c in ids],
+        }  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores :meth:`state_dict` output (settings included)."""
+        self.sketch_dim, self.memory = int(state["sketch_dim"]), float(state["memory"])
+        self.seed = int(state["seed"])
+        self._sketch = None
+        forecast = np.asarray(state["forecast"], np.float32)
+        self._forecast = {c: forecast[i].copy() for i, c in enumerate(state["client_ids"])}
+        self._seen = {c: int(n) for c, n in zip(state["client_ids"], state["seen"], strict=True)}
+
+    def __repr__(self) -> str:
+        return (
+            f"HistoryForecast(sketch_dim={self.sketch_dim}, memory={self.memory}, "
+            f"clients={len(self._forecast)})"
+        )
