@@ -1,39 +1,57 @@
-"""Shared numeric kernels of the rules: column blocks for order statistics, one Gram matrix.
+"""Shared numeric kernels of the rules: order statistics over columns, one Gram matrix.
 
 Private to ``aggregation``; numpy in, numpy out, no I/O. Nothing here mutates its input.
 
-Order statistics (median, trimmed mean, Bulyan) work on blocks of columns copied into a small
-transposed buffer ``(B, K)`` that fits in cache, one coordinate per row, so each coordinate's K
-values are contiguous. Within a block the rows are either sorted or partitioned: numpy >= 1.25 on
-a CPU with AVX-512 (and numpy >= 2 with AVX2) sorts float rows with SIMD networks, which measured
-4-5x faster than ``np.partition`` for K=50 (0.15 s vs 0.67 s for K=50, d=1e6 float32 on an AMD
-EPYC); elsewhere ``np.partition`` with the needed order statistics as ``kth`` is used. The choice
-depends only on the machine, so results are reproducible on a given machine.
+**Order statistics** (median, trimmed mean and its trimmed shares, Bulyan's coordinate step) run
+on one of three paths, each exact (the same values a full sort of every column gives):
 
-Distances come from one Gram matrix, ``||a - b||^2 = |a|^2 + |b|^2 - 2ab`` clamped at 0, with the
-column blocks' products summed in float64. For large inputs the blocks are shared between
-``THREADS`` threads (2 by default; BLAS releases the GIL), each summing its contiguous share of the
-columns; the shares are added in a fixed order, so the result does not depend on timing.
+- ``numba``: sorting networks over blocks of columns, compiled by numba (``_networks``); SIMD
+  minimum and maximum of whatever width the CPU has, so it is as fast on an AVX2 or ARM CPU as
+  on one with AVX-512. Used for float32 and float64 cohorts of up to ``NETWORK_MAX_CLIENTS``
+  rows; larger cohorts and other dtypes take the numpy path of this CPU.
+- ``numpy-sort``: cache-sized blocks of columns copied into a transposed ``(B, K)`` buffer and
+  sorted row by row with ``ndarray.sort``, which numpy >= 1.25 vectorises with AVX-512 only.
+- ``numpy-partition``: the same blocks, ``np.partition`` at the needed order statistics.
+
+``FEDWARDEN_KERNEL`` (``auto``, the default, or one of the three) chooses the path when the
+module is imported; ``auto`` takes ``numba`` when it is installed, else ``numpy-sort`` on a CPU
+where numpy's sort is vectorised and ``numpy-partition`` elsewhere. Each path shares the columns
+between ``THREADS`` threads (numba's kernels and numpy's sorts release the GIL); per-client
+counts are added in a fixed order, so the result does not depend on timing.
+
+**Distances** come from one Gram matrix, ``||a - b||^2 = |a|^2 + |b|^2 - 2ab`` clamped at 0, with
+the column blocks' products (BLAS ``syrk`` in the input dtype) summed in float64, over
+``THREADS`` threads for large inputs.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
 T = TypeVar("T")
 
-# Threads for the Gram matrix of large cohorts (FEDWARDEN_AGGREGATION_THREADS overrides).
+PATHS = ("numba", "numpy-sort", "numpy-partition")
+"""The order-statistic kernel paths ``FEDWARDEN_KERNEL`` can force."""
+
+# Threads for large inputs (FEDWARDEN_AGGREGATION_THREADS overrides).
 THREADS = max(1, int(os.environ.get("FEDWARDEN_AGGREGATION_THREADS", min(2, os.cpu_count() or 1))))
-# Multiply-adds below which the work stays on the calling thread.
+# Multiply-adds (Gram) or values (order statistics) below which work stays on the calling thread.
 _THREAD_WORK = 1 << 26
+_THREAD_VALUES = 1 << 20
 _POOL: tuple[int, ThreadPoolExecutor] | None = None  # (owner pid, pool)
 
-# Bytes of the transposed (B, K) buffer: fits in L2 together with its source rows.
+# Largest cohort sorted by a network: 2392 compare-exchanges per column for the median of 200,
+# 11,600 for 512; beyond that the numpy path's O(K) selection per column wins.
+NETWORK_MAX_CLIENTS = 512
+# Bytes of one network block (K rows of `width` columns): stays in L1/L2 through the network.
+_NETWORK_BYTES = 1 << 15
+# Bytes of the transposed (B, K) buffer of the numpy path: fits in L2 with its source rows.
 _BLOCK_BYTES = 1 << 19
 # Bytes of one column block of the Gram accumulation (the block stays in L2 through syrk).
 _GRAM_BYTES = 1 << 21
@@ -55,6 +73,251 @@ def _simd_sort() -> bool:
 
 
 SIMD_SORT = _simd_sort()
+"""Whether numpy's sort is SIMD-vectorised on this CPU (``NPY_DISABLE_CPU_FEATURES`` counts)."""
+
+
+def _path(value: str) -> str:
+    if value == "auto":
+        if importlib.util.find_spec("numba") is not None:
+            return "numba"
+        return "numpy-sort" if SIMD_SORT else "numpy-partition"
+    if value not in PATHS:
+        raise ValueError(
+            f"FEDWARDEN_KERNEL must be auto or one of {', '.join(PATHS)}. Received: "
+            f"FEDWARDEN_KERNEL={value!r}."
+        )
+    if value == "numba" and importlib.util.find_spec("numba") is None:
+        raise ImportError(
+            "FEDWARDEN_KERNEL=numba needs numba. Received: numba is not installed; install the "
+            "locked requirements (requirements.lock) or choose another kernel."
+        )
+    return value
+
+
+PATH = _path(os.environ.get("FEDWARDEN_KERNEL", "auto").strip().lower() or "auto")
+"""The order-statistic path this process uses (tests set it to run every path)."""
+
+
+def order_kernel(num_rows: int, dtype: Any = np.float32) -> str:
+    """The path that computes order statistics of ``num_rows`` rows of ``dtype`` here."""
+    if PATH == "numba":
+        if np.dtype(dtype) in (np.float32, np.float64) and num_rows <= NETWORK_MAX_CLIENTS:
+            return "numba"
+        return "numpy-sort" if SIMD_SORT else "numpy-partition"
+    return PATH
+
+
+def _nets() -> Any:
+    from fedwarden.aggregation import _networks  # imports numba: only when the path runs
+
+    return _networks
+
+
+def _width(rows: int, dtype: np.dtype) -> int:
+    """Columns per network block: a multiple of 16 that keeps ``rows`` rows in L1/L2."""
+    return int(np.clip(_NETWORK_BYTES // (rows * dtype.itemsize) // 16 * 16, 16, 256))
+
+
+def _column_ranges(d: int, work: int, align: int = 1) -> list[tuple[int, int]]:
+    """``[0, d)`` cut into one contiguous range per thread (one range when ``work`` is small)."""
+    threads = min(THREADS, max(1, d // max(align, 1))) if work >= _THREAD_VALUES else 1
+    size = -(-d // threads)
+    size = -(-size // align) * align
+    return [(s, min(d, s + size)) for s in range(0, d, size)] or [(0, 0)]
+
+
+def _over_columns(fn: Callable[[int, int], T], d: int, k: int, align: int = 1) -> list[T]:
+    """``fn(start, stop)`` over column ranges, on the pool when the input is large, in order."""
+    ranges = _column_ranges(d, k * d, align)
+    if len(ranges) == 1:
+        return [fn(*ranges[0])]
+    return list(_pool().map(lambda r: fn(*r), ranges))
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None or _POOL[0] != os.getpid():  # a forked child has no pool threads
+        _POOL = (os.getpid(), ThreadPoolExecutor(THREADS, thread_name_prefix="fedwarden-agg"))
+    return _POOL[1]
+
+
+# ---------------------------------------------------------------- order statistics
+
+
+def median(updates: np.ndarray) -> np.ndarray:
+    """Coordinate-wise median ``(d,)`` in the input dtype; mean of the middle two when K is even.
+
+    The mean is taken as ``0.5 * a + 0.5 * b`` in the input dtype (never overflows), the value
+    ``np.median`` gives.
+    """
+    k, d = updates.shape
+    out = np.empty(d, updates.dtype)
+    if order_kernel(k, updates.dtype) == "numba":
+        nets = _nets()
+        x = np.ascontiguousarray(updates)
+        pairs = nets.network(k, tuple(sorted({(k - 1) // 2, k // 2})))
+        width = _width(k, x.dtype)
+        half = x.dtype.type(0.5)
+        _over_columns(
+            lambda s, e: nets.median_columns(x, pairs, half, out, s, e, width), d, k, width
+        )
+        return out
+    lo, hi = (k - 1) // 2, k // 2
+
+    def chunk(start: int, stop: int) -> None:
+        for s, e, block in column_blocks(updates[:, start:stop]):
+            order_rows(block, (lo, hi))
+            if lo == hi:
+                out[start + s : start + e] = block[:, lo]
+            else:
+                np.add(0.5 * block[:, lo], 0.5 * block[:, hi], out=out[start + s : start + e])
+
+    _over_columns(chunk, d, k)
+    return out
+
+
+def trimmed_mean(updates: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinate-wise mean without the ``t`` smallest and largest values, and trimmed counts.
+
+    Returns ``(mean (d,) in the input dtype, trimmed (K,) float64)``: ``trimmed[i]`` is the
+    number of columns where row i was trimmed, at either end. Where several rows tie at a cut,
+    the slots left are split evenly among them (``slots / tied`` each), so the counts do not
+    depend on the row order and sum to ``2 t d``.
+    """
+    k, d = updates.shape
+    out = np.empty(d, updates.dtype)
+    if order_kernel(k, updates.dtype) == "numba":
+        parts = _trim_numba(updates, t, out, stable=False)
+        return out, sum((c + s for c, s in parts), np.zeros(k))
+    kth = (t - 1, t, k - t - 1, k - t) if t else ()
+
+    def chunk(start: int, stop: int) -> np.ndarray:
+        trimmed = np.zeros(k)
+        for s, e, block in column_blocks(updates[:, start:stop]):
+            order_rows(block, kth)
+            mean = out[start + s : start + e]
+            np.sum(block[:, t : k - t], axis=1, out=mean)
+            mean /= mean.dtype.type(k - 2 * t)
+            if t:
+                trimmed += _trimmed_in_block(updates[:, start + s : start + e], block, t, False)
+        return trimmed
+
+    return out, sum(_over_columns(chunk, d, k), np.zeros(k))
+
+
+def trimmed_counts(updates: np.ndarray, t: int) -> np.ndarray:
+    """Per row, the number of columns where a ``t``-per-side trimmed mean trims it (int64).
+
+    Ties at a cut are broken by row order, as a stable sort of each column does: the first tied
+    rows are trimmed at the low cut, the last ones at the high cut.
+    """
+    k, d = updates.shape
+    if order_kernel(k, updates.dtype) == "numba":
+        return sum((c for c, _ in _trim_numba(updates, t, None, stable=True)), np.zeros(k, int))
+
+    def chunk(start: int, stop: int) -> np.ndarray:
+        counts = np.zeros(k, np.int64)
+        for s, e, block in column_blocks(updates[:, start:stop]):
+            order_rows(block, (t - 1, t, k - t - 1, k - t))
+            counts += _trimmed_in_block(updates[:, start + s : start + e], block, t, True)
+        return counts
+
+    return sum(_over_columns(chunk, d, k), np.zeros(k, np.int64))
+
+
+def _trim_numba(
+    updates: np.ndarray, t: int, out: np.ndarray | None, stable: bool
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    nets = _nets()
+    x = np.ascontiguousarray(updates)
+    k, d = x.shape
+    pairs = nets.network(k, tuple(range(max(t - 1, 0), k - max(t - 1, 0)))) if t else None
+    pairs = nets.network(0) if pairs is None else pairs  # t = 0: nothing to order
+    width = _width(k, x.dtype)
+    sink = np.empty(0, x.dtype) if out is None else out  # empty: counts only
+    keep = x.dtype.type(k - 2 * t)
+
+    def chunk(s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
+        counts, shared = np.zeros(k, np.int64), np.zeros(k)
+        nets.trim_columns(x, pairs, t, keep, stable, sink, counts, shared, s, e, width)
+        return counts, shared
+
+    return _over_columns(chunk, d, k, width)
+
+
+def _trimmed_in_block(source: np.ndarray, block: np.ndarray, t: int, stable: bool) -> np.ndarray:
+    """Per-row trimmed counts of one block whose rows ``block`` (columns) hold the order stats.
+
+    ``stable``: ties at a cut go to the first (low) or last (high) tied rows, an int64 vector;
+    otherwise they are split evenly, a float64 vector.
+    """
+    k = source.shape[0]
+    counts = np.zeros(k, np.int64 if stable else np.float64)
+    for cut, inner, low in (
+        (block[:, t - 1], block[:, t], True),
+        (block[:, k - t], block[:, k - t - 1], False),
+    ):
+        beyond = source <= cut if low else source >= cut
+        tied = np.flatnonzero(inner == cut)  # more rows at or beyond the cut than slots
+        if len(tied):
+            values, cuts = source[:, tied], cut[tied]
+            equal = values == cuts
+            strict = beyond[:, tied] & ~equal
+            need = t - strict.sum(axis=0)
+            beyond[:, tied] = False
+            if stable:  # a stable sort trims the first tied rows low and the last ones high
+                rank = np.cumsum(equal, axis=0) if low else np.cumsum(equal[::-1], axis=0)[::-1]
+                counts += (strict | (equal & (rank <= need))).sum(axis=1)
+            else:
+                counts += strict.sum(axis=1) + equal @ (need / equal.sum(axis=0))
+        counts += beyond.sum(axis=1)
+    return counts
+
+
+def bulyan_mean(updates: np.ndarray, rows: np.ndarray, f: int) -> np.ndarray:
+    """Bulyan's coordinate step: per column, the mean of the ``beta = len(rows) - 2f`` values of
+    the selected ``rows`` closest to their median (ties: the smaller value); ``(d,)``, input dtype.
+    """
+    k, d = updates.shape
+    theta = len(rows)
+    beta = theta - 2 * f
+    out = np.empty(d, updates.dtype)
+    if order_kernel(theta, updates.dtype) == "numba":
+        nets = _nets()
+        x = np.ascontiguousarray(updates)
+        pairs = nets.network(theta)
+        width = _width(theta, x.dtype)
+        half, count = x.dtype.type(0.5), x.dtype.type(beta)
+        picked = np.asarray(rows, np.int64)
+        _over_columns(
+            lambda s, e: nets.bulyan_columns(x, picked, pairs, f, half, count, out, s, e, width),
+            d,
+            theta,
+            width,
+        )
+        return out
+    lo, hi = (theta - 1) // 2, theta // 2
+    window = np.arange(beta)
+
+    def chunk(start: int, stop: int) -> None:
+        for s, e, block in column_blocks(updates[:, start:stop], rows):
+            block.sort(axis=1)
+            target = out[start + s : start + e]
+            if beta == theta:
+                np.mean(block, axis=1, out=target)
+                continue
+            med = 0.5 * block[:, lo] + 0.5 * block[:, hi]
+            # The beta values closest to the median are a run of the sorted row. The run starts
+            # after every s whose value is farther below the median than the value beta places
+            # on is above it (a monotone test, so counting finds the start; ties keep the
+            # smaller value).
+            farther = med[:, None] - block[:, : 2 * f] > block[:, beta:] - med[:, None]
+            first = np.count_nonzero(farther, axis=1)
+            picked = np.take_along_axis(block, first[:, None] + window, axis=1)
+            np.mean(picked, axis=1, out=target)
+
+    _over_columns(chunk, d, theta)
+    return out
 
 
 def column_blocks(
@@ -85,10 +348,13 @@ def order_rows(block: np.ndarray, kth: Sequence[int]) -> None:
     """
     if not len(kth):
         return
-    if SIMD_SORT:
+    if PATH == "numpy-sort" or (PATH != "numpy-partition" and SIMD_SORT):
         block.sort(axis=1)
     else:
         block.partition(sorted(set(kth)), axis=1)
+
+
+# ---------------------------------------------------------------- distances
 
 
 def gram(updates: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
@@ -128,18 +394,15 @@ def gram(updates: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
 def _map_chunks(fn: Callable[[list[int]], T], items: list[int], work: int) -> list[T]:
     """``fn`` over contiguous chunks of ``items``, one per thread when ``work`` is large.
 
-    BLAS and numpy's sorts release the GIL, so big inputs use up to ``THREADS`` cores; small
-    ones stay on the calling thread, where a pool would cost more than it saves.
+    BLAS releases the GIL, so big inputs use up to ``THREADS`` cores; small ones stay on the
+    calling thread, where a pool would cost more than it saves.
     """
     threads = min(THREADS, len(items)) if work >= _THREAD_WORK else 1
     if threads <= 1:
         return [fn(items)]
     size = -(-len(items) // threads)
     chunks = [items[i : i + size] for i in range(0, len(items), size)]
-    global _POOL
-    if _POOL is None or _POOL[0] != os.getpid():  # a forked child has no pool threads
-        _POOL = (os.getpid(), ThreadPoolExecutor(THREADS, thread_name_prefix="fedwarden-agg"))
-    return list(_POOL[1].map(fn, chunks))
+    return list(_pool().map(fn, chunks))
 
 
 def row_norms(updates: np.ndarray) -> np.ndarray:

@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from fedwarden.aggregation._kernels import SIMD_SORT, column_blocks, gram, order_rows, sq_distances
+from fedwarden.aggregation import _kernels as kernels
+from fedwarden.aggregation._kernels import gram, sq_distances
 from fedwarden.aggregation.base import AggregationError, StatelessStep, StepOutput, as_cohort
 
 __all__ = [
@@ -158,16 +159,7 @@ class Median(StatelessStep):
     name = "median"
 
     def apply(self, updates: np.ndarray, weights: np.ndarray) -> StepOutput:
-        k, d = updates.shape
-        lo, hi = (k - 1) // 2, k // 2
-        out = np.empty(d, updates.dtype)
-        for start, stop, block in column_blocks(updates):
-            order_rows(block, (lo, hi))
-            if lo == hi:
-                out[start:stop] = block[:, lo]
-            else:  # halves first: never overflows
-                np.add(0.5 * block[:, lo], 0.5 * block[:, hi], out=out[start:stop])
-        return _one_row(out, weights)
+        return _one_row(kernels.median(updates), weights)
 
 
 class TrimmedMean(StatelessStep):
@@ -242,67 +234,13 @@ class TrimmedMean(StatelessStep):
     def apply(self, updates: np.ndarray, weights: np.ndarray) -> StepOutput:
         k, d = updates.shape
         t = self.num_trimmed(k)
-        out = np.empty(d, updates.dtype)
-        counts = np.zeros(k, np.int64)
-        shared = np.zeros(k)  # trimmed shares of tied values at a cut
-        kth = (t - 1, t, k - t - 1, k - t) if t else ()
-        acc = low = high = None  # per-client trimmed counts per column, flushed before 255
-        added = 0
-        for start, stop, block in column_blocks(updates):
-            order_rows(block, kth)
-            np.sum(block[:, t : k - t], axis=1, out=out[start:stop])
-            if not t:
-                continue
-            n = stop - start
-            if acc is None:  # the first block is the widest
-                acc = np.zeros((k, n), np.uint8)
-                low, high = np.empty((k, n), bool), np.empty((k, n), bool)
-            source = updates[:, start:stop]
-            cut_lo, cut_hi = block[:, t - 1].copy(), block[:, k - t].copy()
-            lo, hi = low[:, :n], high[:, :n]
-            np.less_equal(source, cut_lo, out=lo)
-            np.greater_equal(source, cut_hi, out=hi)
-            shared += _split_ties(source, lo, cut_lo, block[:, t] == cut_lo, t)
-            shared += _split_ties(source, hi, cut_hi, block[:, k - t - 1] == cut_hi, t)
-            a = acc[:, :n]
-            a += lo.view(np.uint8)
-            a += hi.view(np.uint8)
-            added += 2
-            if added >= 254:
-                counts += acc.sum(axis=1, dtype=np.int64)
-                acc[...] = 0
-                added = 0
-        if acc is not None:
-            counts += acc.sum(axis=1, dtype=np.int64)
-        out /= out.dtype.type(k - 2 * t)
+        out, trimmed = kernels.trimmed_mean(updates, t)
         return _one_row(
             out,
             weights,
             measurements={"trimmed_per_side": t},
-            per_client={"trimmed_share": (counts + shared) / max(d, 1)},
+            per_client={"trimmed_share": trimmed / max(d, 1)},
         )
-
-
-def _split_ties(
-    source: np.ndarray, mask: np.ndarray, cut: np.ndarray, tied: np.ndarray, t: int
-) -> np.ndarray:
-    """Shares out the trimmed slots of the columns where the cut value is tied; a (K,) vector.
-
-    ``mask`` marks the values at or beyond ``cut``; in a ``tied`` column it holds more than ``t``
-    clients. Values strictly beyond the cut are trimmed; the ``need`` remaining slots are split
-    evenly among the ``m`` clients equal to the cut, ``need / m`` each (what a random order of the
-    tied clients gives on average, so the result does not depend on client order). Those columns
-    are cleared from ``mask`` and returned as per-client sums instead.
-    """
-    cols = np.flatnonzero(tied)
-    if not len(cols):
-        return np.zeros(source.shape[0])
-    values, cuts = source[:, cols], cut[cols]
-    equal = values == cuts
-    beyond = mask[:, cols] & ~equal
-    need = t - beyond.sum(axis=0)
-    mask[:, cols] = False
-    return beyond.sum(axis=1) + equal @ (need / equal.sum(axis=0))
 
 
 class Krum(StatelessStep):
@@ -506,9 +444,9 @@ class Bulyan(StatelessStep):
             )
 
     def apply(self, updates: np.ndarray, weights: np.ndarray) -> StepOutput:
-        k, d = updates.shape
+        k = updates.shape[0]
         f = self.num_byzantine
-        theta, beta = k - 2 * f, k - 4 * f
+        theta = k - 2 * f
         dist = sq_distances(gram(updates))
         remaining = np.arange(k)
         chosen: list[int] = []
@@ -522,23 +460,7 @@ class Bulyan(StatelessStep):
             chosen.append(int(remaining[pick]))
             remaining = np.delete(remaining, pick)
         rows = np.sort(chosen)
-        lo, hi = (theta - 1) // 2, theta // 2
-        window = np.arange(beta)
-        out = np.empty(d, updates.dtype)
-        for start, stop, block in column_blocks(updates, rows):
-            block.sort(axis=1)
-            med = 0.5 * block[:, lo] + 0.5 * block[:, hi]
-            if beta == theta:
-                np.mean(block, axis=1, out=out[start:stop])
-                continue
-            # The beta values closest to the median are a run of the sorted row. The run starts
-            # after every s whose value is farther below the median than the value beta places
-            # on is above it (a monotone test, so counting finds the start; ties keep the
-            # smaller value).
-            farther = med[:, None] - block[:, : 2 * f] > block[:, beta:] - med[:, None]
-            first = np.count_nonzero(farther, axis=1)
-            picked = np.take_along_axis(block, first[:, None] + window, axis=1)
-            np.mean(picked, axis=1, out=out[start:stop])
+        out = kernels.bulyan_mean(updates, rows, f)
         selected = np.zeros(k)
         selected[rows] = 1.0
         return _one_row(out, weights, per_client={"selected": selected, "krum_score": first_scores})
@@ -716,4 +638,4 @@ nearest_neighbor_mixing = NearestNeighborMixing
 from_function = FunctionRule
 
 # Used by tests and the benchmark to report which kernel ran.
-ORDER_KERNEL = "sort" if SIMD_SORT else "partition"
+ORDER_KERNEL = kernels.PATH

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedwarden.aggregation._kernels import column_blocks, order_rows
+from fedwarden.aggregation import _kernels
 from fedwarden.aggregation.detection import cluster_outliers, cosine_matrix, nearest_pair_gap
 
 DEFAULT_ANOMALY_WEIGHTS: dict[str, float] = {
@@ -152,29 +152,14 @@ def trimmed_shares(updates: np.ndarray, trim_ratio: float = DEFAULT_TRIM_RATIO) 
     so small cohorts still say something). With ``K < 3`` nothing would be left after trimming,
     and the shares are NaN. Ties are broken by row order, as a stable sort does.
 
-    Per column the t-th smallest and t-th largest values are found by sorting cache-sized blocks
-    of columns (``_kernels.column_blocks``); the rows at or beyond them are the trimmed ones. The
-    rare column where a cut value repeats gets the stable sort's tie-break explicitly.
+    The per-column order statistics and counts come from ``_kernels.trimmed_counts`` (sorting
+    networks over column blocks, or numpy's sort), which gives a stable sort's tie-break.
     """
     k, d = updates.shape
     t = max(1, int(np.floor(trim_ratio * k)))
     if k < 2 * t + 1 or d == 0:
         return np.full(k, np.nan)
-    counts = np.zeros(k, np.int64)
-    for start, stop, block in column_blocks(updates):
-        order_rows(block, (t - 1, k - t))
-        source = updates[:, start:stop]
-        low = source <= block[:, t - 1]  # exactly t per column unless the cut value repeats
-        high = source >= block[:, k - t]
-        tied = np.flatnonzero((low.sum(axis=0) > t) | (high.sum(axis=0) > t))
-        if len(tied):
-            low[:, tied] = high[:, tied] = False
-            for j in tied:
-                order = np.argsort(source[:, j], kind="stable")
-                counts[order[:t]] += 1
-                counts[order[k - t :]] += 1
-        counts += low.sum(axis=1) + high.sum(axis=1)
-    return counts / d
+    return _kernels.trimmed_counts(updates, t) / d
 
 
 def _per_client(per_client: dict[str, np.ndarray], key: str, k: int) -> np.ndarray | None:
