@@ -51,6 +51,14 @@ REGISTRY: dict[str, Callable[..., Any] | str] = {
     "nearest_neighbor_mixing": rules.nearest_neighbor_mixing,
     "clip": clip_by_norm,
     "clip_by_norm": clip_by_norm,
+    "bucketing": "fedwarden.aggregation.preaggregation:bucketing",
+    "arc": "fedwarden.aggregation.preaggregation:adaptive_robust_clipping",
+    "client_momentum": "fedwarden.aggregation.preaggregation:client_momentum",
+    "signguard": "fedwarden.aggregation.filtering:signguard",
+    "dnc": "fedwarden.aggregation.filtering:dnc",
+    "flame": "fedwarden.aggregation.filtering:flame",
+    "clipped_clustering": "fedwarden.aggregation.filtering:clipped_clustering",
+    "fltrust": "fedwarden.aggregation.filtering:fltrust",
     "central_dp": "fedwarden.aggregation.dp:central_dp",
     "gaussian_noise": "fedwarden.aggregation.dp:gaussian_noise",
 }
@@ -58,6 +66,13 @@ REGISTRY: dict[str, Callable[..., Any] | str] = {
 
 def _keeps_rows(step: Any) -> bool:
     return bool(getattr(step, "keeps_rows", False))
+
+
+def _rows_after(step: Any, rows: int) -> int:
+    """Rows the next step sees: a step may say (``output_rows``, e.g. bucketing), else K or 1."""
+    if hasattr(step, "output_rows"):
+        return int(step.output_rows(rows))
+    return rows if _keeps_rows(step) else 1
 
 
 def _flatten(prefix: str, values: Mapping[str, Any], into: dict[str, Any]) -> None:
@@ -91,6 +106,8 @@ class Chain:
                 )
         self.steps = tuple(steps)
         self.keeps_rows = all(_keeps_rows(s) for s in steps)
+        # Steps with per-client state (client momentum) get the cohort's ids from the caller.
+        self.uses_client_ids = any(getattr(s, "uses_client_ids", False) for s in steps)
         self._keys: list[str] = []
         for step in steps:
             key, n = step.name, 1
@@ -111,7 +128,7 @@ class Chain:
         rows = num_clients
         for step in self.steps:
             step.check(rows)
-            rows = rows if _keeps_rows(step) else 1
+            rows = _rows_after(step, rows)
 
     def _states(self, state: Any) -> tuple[Any, ...]:
         if isinstance(state, list):  # a checkpoint written as JSON or msgpack
@@ -126,7 +143,11 @@ class Chain:
             )
         return state
 
-    def __call__(self, updates: np.ndarray, weights: np.ndarray, state: Any) -> StepOutput:
+    def __call__(
+        self, updates: np.ndarray, weights: np.ndarray, state: Any, client_ids: Any = None
+    ) -> StepOutput:
+        """Runs the steps; ``client_ids`` (one per row) reach the steps that use them while the
+        rows still are the clients'."""
         updates, weights = as_cohort(updates, weights)
         states = self._states(state)
         k = updates.shape[0]
@@ -136,7 +157,10 @@ class Chain:
         per_client: dict[str, np.ndarray] = {}
         owner: dict[str, str] = {}
         for step, key, child_state in zip(self.steps, self._keys, states, strict=True):
-            out = step(updates, weights, child_state)
+            if getattr(step, "uses_client_ids", False):
+                out = step(updates, weights, child_state, client_ids=client_ids if aligned else None)
+            else:
+                out = step(updates, weights, child_state)
             new_states.append(out.state)
             _flatten(key, out.measurements, measurements)
             if aligned:

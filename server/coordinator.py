@@ -17,8 +17,8 @@ import numpy as np
 
 from fedwarden.aggregation.accounting import poisson_sample
 from fedwarden.aggregation.base import AggregationError, Step
-from fedwarden.aggregation.rules import median
 from fedwarden.aggregation.detection import HistoryForecast
+from fedwarden.aggregation.rules import median
 from fedwarden.aggregation.scoring import (
     HISTORY_METRIC,
     anomaly_components,
@@ -130,7 +130,7 @@ class Coordinator:
             weights = bounded_weights(
                 [u.num_examples for u in admitted], self.max_weight_ratio
             ) * np.array([self.trust.weight_multiplier(u.client_id) for u in admitted])
-            out, error = self._aggregate(matrix, weights)
+            out, error = self._aggregate(matrix, weights, [u.client_id for u in admitted])
             if error is None and not _finite(out.updates[0]):
                 keep = self._drop_overflow(matrix, weights)
                 for i in np.flatnonzero(~keep):
@@ -146,7 +146,11 @@ class Coordinator:
                                 round_number, admitted[i].client_id)  # fmt: skip
                 admitted = [u for u, k in zip(admitted, keep) if k]
                 matrix, weights = matrix[keep], weights[keep]
-                out, error = self._aggregate(matrix, weights) if admitted else (None, "empty")
+                out, error = (
+                    self._aggregate(matrix, weights, [u.client_id for u in admitted])
+                    if admitted
+                    else (None, "empty")
+                )
         ids = [u.client_id for u in admitted]
         if admitted:
             counted = weights > 0
@@ -224,14 +228,22 @@ class Coordinator:
             time.perf_counter() - start,
         )
 
-    def _aggregate(self, matrix: np.ndarray, weights: np.ndarray) -> tuple[Any, str | None]:
-        """The chain's output on the clients with positive weight, or the reason there is none."""
+    def _aggregate(
+        self, matrix: np.ndarray, weights: np.ndarray, ids: list[str] | None = None
+    ) -> tuple[Any, str | None]:
+        """The chain's output on the clients with positive weight, or the reason there is none.
+
+        A chain with per-client state (client momentum) also gets the counted clients' ids."""
         counted = weights > 0
         if not counted.any():
             return None, "every admitted client is quarantined"
         # Boolean indexing copies the whole matrix; only a round with weight-0 clients needs it.
         cohort = matrix if counted.all() else matrix[counted]
         try:
+            if ids is not None and getattr(self.chain, "uses_client_ids", False):
+                cohort_ids = [c for c, k in zip(ids, counted) if k]
+                out = self.chain(cohort, weights[counted], self.chain_state, client_ids=cohort_ids)
+                return out, None
             return self.chain(cohort, weights[counted], self.chain_state), None
         except AggregationError as exc:  # e.g. Krum's n > 2f + 2 on a thin cohort
             return None, str(exc)

@@ -12,6 +12,7 @@ One place for both simulations and the gRPC coordinator. With ``dp = "central"``
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from fedwarden.aggregation.accounting import (
@@ -20,11 +21,15 @@ from fedwarden.aggregation.accounting import (
     default_delta,
     validate_dp,
 )
+from fedwarden.aggregation.base import AggregationError
+from fedwarden.aggregation.budget import check_budget, resolve_budget
 from fedwarden.aggregation.chain import Chain, parse_chain
 from fedwarden.aggregation.clipping import clip_by_norm
 from fedwarden.aggregation.dp import central_dp, gaussian_noise, is_formal_dp
 from fedwarden.config import RunConfig
 from fedwarden.server.trust import TrustPolicy
+
+log = logging.getLogger("fedwarden.defence")
 
 
 @dataclass(frozen=True)
@@ -114,10 +119,33 @@ def central_privacy(
     return privacy
 
 
+def byzantine_budget(config: RunConfig) -> int:
+    """f per round: ``num_byzantine`` as given (a count, or a fraction in (0, 1)), else the 99%
+    quantile of the attackers a sampled cohort holds at ``malicious_fraction``
+    (``fedwarden.aggregation.budget``)."""
+    return resolve_budget(
+        config.num_byzantine, config.clients, config.clients_per_round, config.malicious_fraction
+    )
+
+
+def warn_if_budget_unmet(config: RunConfig) -> str | None:
+    """Logs (and returns) why the chain's assumptions fail at the budget, naming what would hold."""
+    try:
+        check_budget(
+            config.aggregator, config.clients_per_round, byzantine_budget(config), config.clients,
+            config.malicious_fraction,
+        )  # fmt: skip
+    except AggregationError as err:
+        log.warning("Byzantine budget: %s", err)
+        return str(err)
+    return None
+
+
 def build_chain(config: RunConfig, privacy: CentralPrivacy | None, seed: int | None) -> Chain:
     """The aggregation chain for a run; ``seed`` None draws DP noise unseeded (deployments)."""
+    warn_if_budget_unmet(config)
     if privacy is None:
-        return parse_chain(config.aggregator, num_byzantine_default=config.byzantine_budget)
+        return parse_chain(config.aggregator, num_byzantine_default=byzantine_budget(config))
     expected = config.clients_per_round
     if privacy.formal:
         chain = Chain(
@@ -131,7 +159,7 @@ def build_chain(config: RunConfig, privacy: CentralPrivacy | None, seed: int | N
             )
         )
     else:
-        robust = parse_chain(config.aggregator, num_byzantine_default=config.byzantine_budget)
+        robust = parse_chain(config.aggregator, num_byzantine_default=byzantine_budget(config))
         chain = Chain(
             clip_by_norm(privacy.clip),
             robust,
