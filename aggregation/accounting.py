@@ -25,7 +25,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import dp_accounting
 import numpy as np
 
 ACCOUNTANTS = ("rdp", "pld")
@@ -36,7 +35,9 @@ class DPConfigError(ValueError):
     """A DP setting is invalid or unreachable; the message names the value and the fix."""
 
 
-def _make_accountant(accountant: str) -> dp_accounting.PrivacyAccountant:
+def _make_accountant(accountant: str) -> Any:  # a dp_accounting.PrivacyAccountant
+    import dp_accounting  # here, not at the top: it loads scipy (1 s), which a CLI check should not
+
     if accountant == "rdp":
         return dp_accounting.rdp.RdpAccountant()
     if accountant == "pld":
@@ -75,6 +76,8 @@ def composed_epsilon(
     Returns:
       Epsilon (``math.inf`` if any composed event has zero noise, 0.0 if nothing was composed).
     """
+    import dp_accounting
+
     _check_delta(delta)
     acc = _make_accountant(accountant)
     composed = False
@@ -166,6 +169,8 @@ def solve_noise_multiplier(
         )
     if rounds < 1:
         raise DPConfigError(f"rounds must be >= 1. Received: rounds={rounds}.")
+    import dp_accounting
+
     _check_rate(sampling_rate)
     _check_delta(delta)
 

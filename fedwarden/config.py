@@ -1,16 +1,47 @@
-"""Run configuration: defaults, then a TOML file, then command-line flags (each overrides the last).
+"""The run configuration: one typed, nested object, each section validated when it is built.
 
-A TOML file uses the flag names with underscores. Tables flatten into prefixed keys, so
-``[trust] decay = 0.8`` is the same as ``trust_decay = 0.8`` and ``--trust-decay 0.8``.
+Sections (frozen dataclasses; their defaults are the only defaults):
+
+* ``data``: dataset, partition and the number of clients;
+* ``model``: the Keras model;
+* ``training``: rounds, cohort, local and server optimisation, engine, seed;
+* ``attack``: the simulated attack and who runs it;
+* ``defence``: the aggregation chain;
+* ``trust``: trust scores, flags and quarantine;
+* ``central_dp``: DP-FedAvg on the server (``--dp central``);
+* ``dp_sgd``: DP-SGD on the clients (``--dp-sgd``);
+* ``output``: where results go and how progress shows.
+
+Three ways in, each mapped onto the sections once:
+
+* Python: ``RunConfig(rounds=5, attack="alie")`` (the flat names, as below) or
+  ``Config(training=TrainingConfig(rounds=5))``; ``RunConfig.sections`` is the nested ``Config``;
+* TOML: tables named like the sections (``[training] rounds = 5``, ``[trust] decay = 0.8``) or
+  the flat names at the top level (``rounds = 5``, ``trust_decay = 0.8``);
+* flags: the flat names with dashes (``--rounds 5``, ``--trust-decay 0.8``).
+
+The flat name of a field is its section field name unless the field says otherwise
+(``trust.decay`` is ``trust_decay``, ``central_dp.noise_multiplier`` is ``dp_noise_multiplier``,
+``dp_sgd.noise_multiplier`` is ``dp_sgd_noise_multiplier``). Every check here is plain Python:
+a bad setting is refused in milliseconds, before TensorFlow is imported. Checks that need the
+aggregation rules or the attacks (a chain's cohort size, an attack's parameters) are in
+``fedwarden.simulations.preflight``.
+
+Example::
+
+    config = RunConfig(clients=10, attack="gaussian", aggregator="median")
+    config.sections.training.clients_per_round  # 10: every client, unless given
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from fedwarden.errors import UsageError
 
@@ -19,69 +50,541 @@ PARTITIONS = ("iid", "dirichlet", "shards")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
 QUARANTINE_POLICIES = ("none", "exclude", "downweight")
 DP_MODES = ("none", "central")
+DP_ACCOUNTANTS = ("rdp", "pld")
 ENGINES = ("native", "tff")
 
 
-@dataclass
-class RunConfig:
-    # data and model
-    dataset: str = "digits"
-    data_dir: str | None = None
-    model: str | None = None
-    partition: str = "iid"
-    alpha: float = 0.5
-    shards_per_client: int = 2
-    # federation
-    clients: int = 20
-    clients_per_round: int = 20
-    rounds: int = 20
-    local_epochs: int = 2
-    batch_size: int = 16
-    lr: float = 0.2
-    server_optimizer: str = "fedavg"
-    server_lr: float = 1.0
-    server_momentum: float = 0.9
-    # attack
-    attack: str = "none"
-    attack_params: dict[str, Any] = field(default_factory=dict)
-    malicious_fraction: float = 0.2
-    attack_start_round: int = 1
-    collude: bool = False
-    # defence
-    aggregator: str = "mean"
-    num_byzantine: int | None = None
-    trust_decay: float = 0.7
-    trust_flag_below: float = 0.55
-    trust_unflag_above: float = 0.7
-    quarantine: str = "none"
-    quarantine_downweight: float = 0.1
-    probation_rounds: int = 3
-    anomaly_weights: dict[str, float] = field(default_factory=dict)
-    # differential privacy
-    dp: str = "none"
-    dp_clip: float = 1.0
-    dp_noise_multiplier: float | None = None
-    dp_adaptive_clip: bool = False
-    dp_target_quantile: float = 0.5
-    dp_delta: float | None = None
-    target_epsilon: float | None = None
-    dp_accountant: str = "rdp"
-    dp_sgd: bool = False
-    dp_l2_clip: float = 1.0
-    dp_microbatches: int | None = None
-    # run
-    engine: str = "native"
-    seed: int = 0
-    out: str = "runs/latest"
-    metrics_port: int | None = None
-    progress: bool = True
+def count_or_fraction(text: str) -> int | float:
+    """A count (``3``) or a fraction (``0.2``), as ``--num-byzantine`` takes."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    kind: type | None = None,
+    flat: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    metavar: str | None = None,
+    default_text: str | None = None,
+) -> Any:
+    """A configuration field: its default, help, type and range, declared once.
+
+    Args:
+      default: the default value (None: not set).
+      help: one line for ``--help``.
+      kind: ``int``, ``float``, ``str``, ``bool`` or ``dict``; default: the type of ``default``.
+      flat: the flat name (TOML top level, keyword of ``RunConfig``, flag with dashes), if it is
+        not the field's own name.
+      choices: the accepted strings.
+      low, high: the accepted range; ``low_open``/``high_open`` exclude the bound itself.
+      metavar: the placeholder in ``--help``.
+      default_text: what ``--help`` says the default is, when it is not ``default`` itself.
+    """
+    kind = kind or type(default)
+    metadata = dict(
+        help=help, kind=kind, flat=flat, choices=choices, low=low, high=high,
+        low_open=low_open, high_open=high_open, metavar=metavar,
+        default_text=default_text,
+    )  # fmt: skip
+    if kind is dict:
+        return field(default_factory=lambda: dict(default or {}), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def flat_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flat") or f.name
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    return "--" + flat_name(f).replace("_", "-")
+
+
+def _describe_range(m: dict[str, Any]) -> str:
+    low, high = m["low"], m["high"]
+    if low is not None and high is not None:
+        return (
+            f"in {'(' if m['low_open'] else '['}{low:g}, {high:g}{')' if m['high_open'] else ']'}"
+        )
+    if low is not None:
+        return f"{'>' if m['low_open'] else '>='} {low:g}"
+    return f"{'<' if m['high_open'] else '<='} {high:g}"
+
+
+_KIND_WORDS = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true or false",
+    count_or_fraction: "a number",
+}
+
+
+def check_value(f: dataclasses.Field, value: Any) -> Any:
+    """Checks one field's value against its declared type, choices and range; returns it
+    (an int where a float is expected becomes a float)."""
+    m, name = f.metadata, flag_name(f)
+    if value is None:
+        if f.default is None:
+            return None
+        raise UsageError(f"{name} needs a value. Received: None")
+    kind = m["kind"]
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise UsageError(f"{flat_name(f)} must be a table of key = value. Received: {value!r}")
+        return dict(value)
+    accepted = (int, float) if kind in (float, count_or_fraction) else kind
+    wrong = isinstance(value, bool) != (kind is bool) or not isinstance(value, accepted)
+    if wrong:
+        raise UsageError(
+            f"{name} must be {_KIND_WORDS[kind]}. Received: {value!r} ({type(value).__name__})"
+        )
+    if kind is float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise UsageError(f"{name} must be a finite number. Received: {value}")
+    if m["choices"] and value not in m["choices"]:
+        raise UsageError(f"{name} must be one of {', '.join(m['choices'])}. Received: {value!r}")
+    low, high = m["low"], m["high"]
+    if (
+        (low is not None and (value <= low if m["low_open"] else value < low))
+        or (high is not None and (value >= high if m["high_open"] else value > high))
+    ):  # fmt: skip
+        raise UsageError(f"{name} must be {_describe_range(m)}. Received: {value!r}")
+    return value
+
+
+class Section:
+    """A group of settings checked when built: each field, then ``check()`` across fields."""
+
+    title: ClassVar[str]
+    key: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, check_value(f, getattr(self, f.name)))
+        self.check()
+
+    def check(self) -> None:
+        """Checks that involve more than one field of the section."""
+
+
+@dataclass(frozen=True)
+class DataConfig(Section):
+    title: ClassVar[str] = "data"
+    key: ClassVar[str] = "data"
+
+    dataset: str = option(
+        "digits",
+        f"{', '.join(DATASETS)}, or FILE.npz with arrays x and y",
+        metavar="NAME",
+    )
+    data_dir: str | None = option(
+        None, "directory of the Fashion-MNIST IDX files", default_text="/usr/share/datasets/fashion-mnist",
+        kind=str, metavar="DIR",
+    )  # fmt: skip
+    clients: int = option(20, "number of clients", low=1, metavar="N")
+    partition: str = option("iid", "how the data is split among clients", choices=PARTITIONS)
+    alpha: float = option(
+        0.5, "Dirichlet concentration of --partition dirichlet; smaller is more skewed",
+        low=0, low_open=True,
+    )  # fmt: skip
+    shards_per_client: int = option(2, "label shards per client of --partition shards", low=1)
+
+    def check(self) -> None:
+        if self.dataset not in DATASETS and not self.dataset.endswith(".npz"):
+            raise UsageError(
+                f"--dataset must be one of {', '.join(DATASETS)}, or a path to a .npz file with "
+                f"arrays x and y. Received: {self.dataset!r}"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig(Section):
+    title: ClassVar[str] = "model"
+    key: ClassVar[str] = "model"
+
+    name: str | None = option(
+        None,
+        "your model: package.module:function(input_shape, num_classes) -> keras.Model",
+        kind=str,
+        flat="model",
+        metavar="MODULE:FUNCTION",
+        default_text="the dataset's own",
+    )  # fmt: skip
+
+    def check(self) -> None:
+        if self.name is not None and ":" not in self.name:
+            raise UsageError(f"--model must be package.module:function. Received: {self.name!r}")
+
+
+@dataclass(frozen=True)
+class TrainingConfig(Section):
+    title: ClassVar[str] = "training"
+    key: ClassVar[str] = "training"
+
+    rounds: int = option(20, "federated rounds", low=1, metavar="N")
+    clients_per_round: int | None = option(
+        None,
+        "clients sampled each round",
+        default_text="every client",
+        kind=int,
+        low=1,
+        metavar="K",
+    )
+    local_epochs: int = option(2, "local epochs per round", low=1, metavar="N")
+    batch_size: int = option(16, "local batch size", low=1, metavar="B")
+    lr: float = option(0.2, "client learning rate (SGD)", low=0, low_open=True)
+    server_optimizer: str = option("fedavg", "server optimizer", choices=SERVER_OPTIMIZERS)
+    server_lr: float = option(1.0, "server learning rate", low=0, low_open=True)
+    server_momentum: float = option(
+        0.9, "momentum of --server-optimizer fedavgm", low=0, high=1, high_open=True
+    )
+    engine: str = option("native", "client training engine", choices=ENGINES)
+    seed: int = option(0, "random seed; same seed, same results", low=0)
+
+
+@dataclass(frozen=True)
+class AttackConfig(Section):
+    title: ClassVar[str] = "attack"
+    key: ClassVar[str] = "attack"
+
+    name: str = option(
+        "none", "attack name (see `fedwarden attacks`), or package.module:callable",
+        flat="attack", metavar="NAME",
+    )  # fmt: skip
+    params: dict = option(
+        {}, "attack parameters", kind=dict, flat="attack_params", metavar="KEY=VALUE"
+    )
+    malicious_fraction: float = option(
+        0.2, "fraction of clients that are malicious", low=0, high=1, high_open=True
+    )
+    start_round: int = option(
+        1, "first round in which attackers attack", low=1, flat="attack_start_round"
+    )
+    collude: bool = option(False, "attackers share one crafted update")
+
+    def check(self) -> None:
+        if self.params and self.name == "none":
+            raise UsageError(
+                f"--attack-param has no effect without --attack. Received: {self.params}"
+            )
+
+
+@dataclass(frozen=True)
+class DefenceConfig(Section):
+    title: ClassVar[str] = "defence"
+    key: ClassVar[str] = "defence"
+
+    aggregator: str = option(
+        "mean",
+        "aggregation chain: mean, median, trimmed_mean:trim_fraction=0.2, "
+        "clip:max_norm=5+median, krum, ..., or package.module:callable",
+        metavar="CHAIN",
+    )
+    num_byzantine: int | float | None = option(
+        None,
+        "f assumed by krum, multi_krum, bulyan, nnm: a count, or a fraction in (0, 1) of the "
+        "cohort",
+        kind=count_or_fraction,
+        low=0,
+        metavar="F",
+        default_text="the attackers a sampled cohort holds at --malicious-fraction",
+    )
+
+    def check(self) -> None:
+        if not self.aggregator.strip():
+            raise UsageError("--aggregator needs a chain, e.g. median. Received: ''")
+        f = self.num_byzantine
+        if isinstance(f, float) and not 0 < f < 1:
+            raise UsageError(
+                f"--num-byzantine must be a count (an integer >= 0) or a fraction in (0, 1). "
+                f"Received: {f}"
+            )
+
+
+@dataclass(frozen=True)
+class TrustConfig(Section):
+    title: ClassVar[str] = "trust"
+    key: ClassVar[str] = "trust"
+
+    decay: float = option(
+        0.7, "weight of history in the trust score's moving average",
+        low=0, high=1, high_open=True, flat="trust_decay",
+    )  # fmt: skip
+    flag_below: float = option(
+        0.55, "flag a client whose trust falls below this",
+        low=0, high=1, high_open=True, flat="trust_flag_below",
+    )  # fmt: skip
+    unflag_above: float = option(
+        0.7, "unflag it once its trust rises above this (hysteresis)",
+        low=0, high=1, high_open=True, flat="trust_unflag_above",
+    )  # fmt: skip
+    quarantine: str = option("none", "what flagged clients get", choices=QUARANTINE_POLICIES)
+    quarantine_downweight: float = option(
+        0.1, "weight multiplier under --quarantine downweight", low=0, high=1
+    )
+    probation_rounds: int = option(
+        3, "rounds an excluded client waits before it may earn its way back", low=0
+    )
+    anomaly_weights: dict = option(
+        {}, "weights of the anomaly measurements (TOML only; see aggregation/scoring.py)",
+        kind=dict,
+    )  # fmt: skip
+
+    def check(self) -> None:
+        if not self.flag_below < self.unflag_above:
+            raise UsageError(
+                f"--trust-unflag-above must be above --trust-flag-below (hysteresis). Received: "
+                f"flag_below={self.flag_below}, unflag_above={self.unflag_above}; raise "
+                "--trust-unflag-above or lower --trust-flag-below"
+            )
+        for key, weight in self.anomaly_weights.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+                raise UsageError(
+                    f"anomaly_weights must map measurement names to numbers >= 0. "
+                    f"Received: {key} = {weight!r}"
+                )
+
+
+@dataclass(frozen=True)
+class CentralDPConfig(Section):
+    title: ClassVar[str] = "central differential privacy (DP-FedAvg)"
+    key: ClassVar[str] = "central_dp"
+
+    mode: str = option("none", "server-side differential privacy", choices=DP_MODES, flat="dp")
+    clip: float = option(1.0, "L2 clip of each client update", low=0, low_open=True, flat="dp_clip")
+    noise_multiplier: float | None = option(
+        None, "noise std / clip of the central mechanism", default_text="solved from --target-epsilon",
+        kind=float, low=0, flat="dp_noise_multiplier", metavar="Z",
+    )  # fmt: skip
+    target_epsilon: float | None = option(
+        None, "solve the noise multiplier for this epsilon (serve: stop before exceeding it)",
+        kind=float, low=0, low_open=True, metavar="EPS",
+    )  # fmt: skip
+    delta: float | None = option(
+        None, "delta of the epsilon reports, central and DP-SGD", default_text="1/n^1.1",
+        kind=float, low=0, high=1, low_open=True, high_open=True, flat="dp_delta",
+    )  # fmt: skip
+    accountant: str = option(
+        "rdp", "privacy accountant", choices=DP_ACCOUNTANTS, flat="dp_accountant"
+    )
+    adaptive_clip: bool = option(
+        False, "adapt the clip to --dp-target-quantile (Andrew et al. 2021)",
+        flat="dp_adaptive_clip",
+    )  # fmt: skip
+    target_quantile: float = option(
+        0.5, "adaptive clip: target quantile of the update norms",
+        low=0, high=1, low_open=True, high_open=True, flat="dp_target_quantile",
+    )  # fmt: skip
+
+    def check(self) -> None:
+        if self.mode == "none":
+            given = [
+                flag
+                for flag, value in (
+                    ("--dp-noise-multiplier", self.noise_multiplier),
+                    ("--target-epsilon", self.target_epsilon),
+                    ("--dp-adaptive-clip", self.adaptive_clip or None),
+                )
+                if value is not None
+            ]
+            if given:
+                raise UsageError(
+                    f"{', '.join(given)} need --dp central. Received: --dp none; add --dp "
+                    "central (DP-SGD's noise on the clients is --dp-sgd-noise-multiplier)"
+                )
+        elif self.noise_multiplier is None and self.target_epsilon is None:
+            raise UsageError(
+                "--dp central needs --dp-noise-multiplier Z or --target-epsilon EPS. "
+                "Received: neither"
+            )
+
+
+@dataclass(frozen=True)
+class DPSGDConfig(Section):
+    title: ClassVar[str] = "DP-SGD on the clients"
+    key: ClassVar[str] = "dp_sgd"
+
+    enabled: bool = option(
+        False, "train every client with DP-SGD (tensorflow-privacy)", flat="dp_sgd"
+    )
+    l2_clip: float = option(1.0, "per-example L2 clip", low=0, low_open=True, flat="dp_l2_clip")
+    noise_multiplier: float | None = option(
+        None, "noise std / clip of DP-SGD", kind=float, low=0,
+        flat="dp_sgd_noise_multiplier", metavar="Z",
+    )  # fmt: skip
+    microbatches: int | None = option(
+        None, "microbatches per batch; must divide --batch-size", default_text="one per example",
+        kind=int, low=1, flat="dp_microbatches", metavar="M",
+    )  # fmt: skip
+
+    def check(self) -> None:
+        if self.enabled and self.noise_multiplier is None:
+            raise UsageError(
+                "--dp-sgd needs --dp-sgd-noise-multiplier Z (e.g. 1.1). Received: none"
+            )
+        if not self.enabled and (self.noise_multiplier is not None or self.microbatches):
+            raise UsageError(
+                "--dp-sgd-noise-multiplier and --dp-microbatches only apply with --dp-sgd. "
+                f"Received: noise_multiplier={self.noise_multiplier}, "
+                f"microbatches={self.microbatches}; add --dp-sgd"
+            )
+
+
+@dataclass(frozen=True)
+class OutputConfig(Section):
+    title: ClassVar[str] = "output"
+    key: ClassVar[str] = "output"
+
+    out: str = option("runs/latest", "output directory", metavar="DIR")
+    metrics_port: int | None = option(
+        None, "serve Prometheus /metrics on this port while running",
+        kind=int, low=0, high=65535, metavar="PORT",
+    )  # fmt: skip
+    progress: bool = option(True, "progress bar")
+
+
+SECTIONS: tuple[type[Section], ...] = (
+    DataConfig,
+    ModelConfig,
+    TrainingConfig,
+    AttackConfig,
+    DefenceConfig,
+    TrustConfig,
+    CentralDPConfig,
+    DPSGDConfig,
+    OutputConfig,
+)
+
+
+def _fields() -> Iterator[tuple[type[Section], dataclasses.Field]]:
+    for section in SECTIONS:
+        for f in dataclasses.fields(section):
+            yield section, f
+
+
+FLAT: dict[str, tuple[type[Section], dataclasses.Field]] = {
+    flat_name(f): (section, f) for section, f in _fields()
+}
+"""Every flat name -> (its section, its field)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """The nested configuration; checks across sections when built.
+
+    Attributes are the sections; ``flat()`` gives the ``RunConfig`` view.
+    """
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    defence: DefenceConfig = field(default_factory=DefenceConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
+    central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
+    dp_sgd: DPSGDConfig = field(default_factory=DPSGDConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:
+        d, t, a, s = self.data, self.training, self.attack, self.dp_sgd
+        if t.clients_per_round is None:
+            object.__setattr__(
+                self, "training", dataclasses.replace(t, clients_per_round=d.clients)
+            )
+        elif t.clients_per_round > d.clients:
+            raise UsageError(
+                f"--clients-per-round ({t.clients_per_round}) cannot exceed --clients "
+                f"({d.clients}); lower --clients-per-round or add clients"
+            )
+        if a.name != "none" and num_malicious(a, d.clients) == 0:
+            raise UsageError(
+                f"--malicious-fraction {a.malicious_fraction} of {d.clients} clients is no "
+                "attacker at all; raise the fraction or use --attack none"
+            )
+        if a.name != "none" and a.start_round > t.rounds:
+            raise UsageError(
+                f"--attack-start-round ({a.start_round}) is after the last round "
+                f"({t.rounds}); lower it or raise --rounds"
+            )
+        if s.enabled and s.microbatches and t.batch_size % s.microbatches:
+            raise UsageError(
+                f"--dp-microbatches must divide --batch-size. Received: "
+                f"microbatches={s.microbatches}, batch_size={t.batch_size}"
+            )
+
+    def flat(self) -> Any:
+        """The ``RunConfig`` view."""
+        return RunConfig(**self.to_flat_dict())
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        return {
+            flat_name(f): getattr(getattr(self, section.key), f.name) for section, f in _fields()
+        }
 
     def to_dict(self) -> dict[str, Any]:
+        """The nested form, as in a TOML file (and ``results.json``'s ``settings``)."""
         return dataclasses.asdict(self)
+
+
+def num_malicious(attack: AttackConfig, clients: int) -> int:
+    return 0 if attack.name == "none" else int(round(attack.malicious_fraction * clients))
+
+
+def build_config(values: dict[str, Any]) -> Config:
+    """The nested ``Config`` from flat names (``{"rounds": 5, "trust_decay": 0.8}``)."""
+    unknown = sorted(set(values) - set(FLAT))
+    if unknown:
+        raise UsageError(
+            f"unknown settings {', '.join(unknown)}. Accepted: {', '.join(sorted(FLAT))}"
+        )
+    per_section: dict[str, dict[str, Any]] = {s.key: {} for s in SECTIONS}
+    for name, value in values.items():
+        section, f = FLAT[name]
+        per_section[section.key][f.name] = value
+    return Config(**{s.key: s(**per_section[s.key]) for s in SECTIONS})
+
+
+def _flat_fields() -> list[tuple[str, Any, dataclasses.Field]]:
+    fields = []
+    for name, (_, f) in FLAT.items():
+        default = (
+            dataclasses.field(default_factory=f.default_factory)
+            if f.default is dataclasses.MISSING
+            else dataclasses.field(default=f.default)
+        )
+        fields.append((name, Any, default))
+    fields.append(("sections", Config, dataclasses.field(init=False, repr=False, compare=False)))
+    return fields
+
+
+class _FlatView:
+    """Methods of ``RunConfig``, the flat view of a ``Config``."""
+
+    def __post_init__(self) -> None:
+        sections = build_config({name: getattr(self, name) for name in FLAT})
+        object.__setattr__(self, "sections", sections)
+        for name, value in sections.to_flat_dict().items():  # resolved: clients_per_round, floats
+            object.__setattr__(self, name, value)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in FLAT}
 
     @property
     def num_malicious(self) -> int:
-        return 0 if self.attack == "none" else int(round(self.malicious_fraction * self.clients))
+        return num_malicious(self.sections.attack, self.clients)
 
     @property
     def byzantine_budget(self) -> int:
@@ -96,86 +599,67 @@ class RunConfig:
         )
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+RunConfig = dataclasses.make_dataclass("RunConfig", _flat_fields(), bases=(_FlatView,), frozen=True)
+RunConfig.__module__ = __name__
+RunConfig.__doc__ = """The flat view of a ``Config``: every setting by its flat name.
+
+``RunConfig(rounds=5, trust_decay=0.8)`` builds and checks the sections (``config.sections`` is
+the nested ``Config``); ``dataclasses.replace(config, rounds=3)`` builds a new, checked one.
+The fields are generated from the sections, so a default is written once, in its section.
+"""
+FIELDS = FLAT  # the accepted flat names (older name)
 
 
-def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def _flatten_table(table: dict[str, Any], path: str) -> dict[str, Any]:
+    """Flat names from a TOML table: section tables, flat keys, or prefixed tables."""
+    sections = {s.key: s for s in SECTIONS}
     flat: dict[str, Any] = {}
-    for key, value in table.items():
-        name = f"{prefix}{key}".replace("-", "_")
-        if isinstance(value, dict) and name not in ("attack_params", "anomaly_weights"):
-            flat.update(_flatten(value, f"{name}_"))
+    for raw_key, value in table.items():
+        key = raw_key.replace("-", "_")
+        if key in sections and isinstance(value, dict):
+            names = {f.name: flat_name(f) for f in dataclasses.fields(sections[key])}
+            for sub, sub_value in value.items():
+                sub = sub.replace("-", "_")
+                name = names.get(sub, sub if sub in FLAT else f"{key}_{sub}")
+                flat[name] = sub_value
+        elif isinstance(value, dict) and key not in FLAT:
+            flat.update({f"{key}_{k}": v for k, v in _flatten_table(value, path).items()})
         else:
-            flat[name] = value
+            flat[key] = value
     return flat
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
+    """The flat settings of a TOML file, each type- and range-checked (errors name the file)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"config file not found: {path}")
     try:
         table = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
-    values = _flatten(table)
-    unknown = sorted(set(values) - set(FIELDS))
+    values = _flatten_table(table, str(path))
+    unknown = sorted(set(values) - set(FLAT))
     if unknown:
         raise UsageError(
             f"config file {path}: unknown keys {', '.join(unknown)}. "
-            f"Accepted keys: {', '.join(sorted(FIELDS))}"
+            f"Accepted keys: {', '.join(sorted(FLAT))} (or the same inside "
+            f"[{'], ['.join(s.key for s in SECTIONS)}] tables)"
         )
+    for name, value in values.items():
+        try:
+            check_value(FLAT[name][1], value)
+        except UsageError as exc:
+            raise UsageError(f"config file {path}: {name}: {exc}") from None
     return values
 
 
 def make_config(file_values: dict[str, Any], flag_values: dict[str, Any]) -> RunConfig:
     """Merges file values and flags (flags win; None means 'not given') and validates the result."""
     merged = {**file_values, **{k: v for k, v in flag_values.items() if v is not None}}
-    config = RunConfig(**merged)
-    validate(config)
-    return config
+    return RunConfig(**merged)
 
 
-def _choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
-    if value not in accepted:
-        raise UsageError(f"unknown {name} {value!r}. Accepted values: {', '.join(accepted)}")
-
-
-def validate(c: RunConfig) -> None:
-    """Checks what can be checked without loading data; the messages name the value and the fix."""
-    if c.dataset not in DATASETS and not c.dataset.endswith(".npz"):
-        raise UsageError(
-            f"unknown dataset {c.dataset!r}. Accepted values: "
-            f"{', '.join(DATASETS)}, or a path to a .npz file with arrays x and y"
-        )
-    _choice("partition", c.partition, PARTITIONS)
-    _choice("server optimizer", c.server_optimizer, SERVER_OPTIMIZERS)
-    _choice("quarantine policy", c.quarantine, QUARANTINE_POLICIES)
-    _choice("dp mode", c.dp, DP_MODES)
-    _choice("engine", c.engine, ENGINES)
-    for name in ("clients", "clients_per_round", "rounds", "local_epochs", "batch_size"):
-        if getattr(c, name) < 1:
-            raise UsageError(
-                f"--{name.replace('_', '-')} must be a positive integer. "
-                f"Received: {getattr(c, name)}"
-            )
-    if c.clients_per_round > c.clients:
-        raise UsageError(
-            f"--clients-per-round ({c.clients_per_round}) cannot exceed --clients "
-            f"({c.clients}); lower --clients-per-round or add clients."
-        )
-    if not 0.0 <= c.malicious_fraction < 1.0:
-        raise UsageError(
-            f"--malicious-fraction must be in [0, 1). Received: {c.malicious_fraction}"
-        )
-    if c.attack != "none" and c.num_malicious == 0:
-        raise UsageError(
-            f"--malicious-fraction {c.malicious_fraction} of {c.clients} clients is no "
-            "attacker at all; raise the fraction or use --attack none."
-        )
-    if c.alpha <= 0:
-        raise UsageError(f"--alpha must be positive. Received: {c.alpha}")
-    if c.lr <= 0 or c.server_lr <= 0:
-        raise UsageError(
-            f"learning rates must be positive. Received: lr={c.lr}, server_lr={c.server_lr}"
-        )
+def validate(config: RunConfig) -> None:
+    """Kept for callers of the old API: a ``RunConfig`` is validated when it is built."""
+    RunConfig(**config.to_dict())

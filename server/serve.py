@@ -324,7 +324,7 @@ class Server:
             c.seed,
             dp_sgd={
                 "l2_norm_clip": c.dp_l2_clip,
-                "noise_multiplier": c.dp_noise_multiplier or 0.0,
+                "noise_multiplier": c.dp_sgd_noise_multiplier,
                 "num_microbatches": c.dp_microbatches,
             }
             if c.dp_sgd

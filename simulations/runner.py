@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from fedwarden.aggregation.accounting import default_delta, validate_dp
+from fedwarden.aggregation.accounting import default_delta
 from fedwarden.attacks import Attack, build_attack
 from fedwarden.clients.dp_sgd import ClientPrivacyAccount
 from fedwarden.clients.training import DPSGDSettings, LocalTrainer, one_thread_per_op
@@ -35,6 +35,7 @@ from fedwarden.server.metrics import MetricsExporter
 from fedwarden.server.optimizers import ServerOptimizer
 from fedwarden.server.trust import TrustBook
 from fedwarden.simulations import report
+from fedwarden.simulations.preflight import check_run
 from fedwarden.weights import WeightLayout
 
 log = logging.getLogger("fedwarden.simulate")
@@ -90,7 +91,7 @@ class Simulation:
     def trainer(self, config: RunConfig) -> LocalTrainer:
         dp = (
             DPSGDSettings(
-                config.dp_l2_clip, config.dp_noise_multiplier or 0.0, config.dp_microbatches
+                config.dp_l2_clip, config.dp_sgd_noise_multiplier, config.dp_microbatches
             )
             if config.dp_sgd
             else None
@@ -141,7 +142,7 @@ class _Run:
 
             self.chain = tff_step(self.chain)
         self.dp_sgd = (
-            ClientPrivacyAccount(config.dp_noise_multiplier, config.batch_size)
+            ClientPrivacyAccount(config.dp_sgd_noise_multiplier, config.batch_size)
             if config.dp_sgd
             else None
         )
@@ -313,7 +314,7 @@ class _Run:
             report_["client"] = {
                 "epsilon": max(per_client.values(), default=0.0),
                 "delta": self.config.dp_delta or "1/n_local^1.1 per client",
-                "noise_multiplier": self.config.dp_noise_multiplier,
+                "noise_multiplier": self.config.dp_sgd_noise_multiplier,
                 "l2_clip": self.config.dp_l2_clip,
                 "accountant": "rdp",
                 "per_client": per_client,
@@ -408,23 +409,9 @@ class _Run:
         return results
 
 
-def check_config(config: RunConfig, num_classes: int) -> None:
-    """Fails fast, before any training: attack and aggregator names, parameters, cohort size, DP."""
-    build_attack(
-        config.attack, {"num_classes": num_classes, **config.attack_params}, collude=config.collude
-    )
-    privacy = central_privacy(config, config.clients)
-    build_chain(config, privacy, seed=None).check(config.clients_per_round)
-    if config.dp_sgd:
-        validate_dp(
-            mode="dp_sgd",
-            noise_multiplier=config.dp_noise_multiplier,
-            clip_norm=config.dp_l2_clip,
-            batch_size=config.batch_size,
-            num_microbatches=config.dp_microbatches,
-        )
-        if config.dp_noise_multiplier is None:
-            raise UsageError("--dp-sgd needs --dp-noise-multiplier (e.g. 1.1)")
+def check_config(config: RunConfig, num_classes: int | None = None) -> None:
+    """Fails fast, before any training (see ``fedwarden.simulations.preflight.check_run``)."""
+    check_run(config)
 
 
 def simulate(config: RunConfig, resume: bool = False) -> dict[str, Any]:

@@ -77,7 +77,7 @@ def test_dp_sgd_reports_per_client_epsilon_falling_with_more_noise(tmp_path: Pat
                 **SMALL,
                 "rounds": 2,
                 "dp_sgd": True,
-                "dp_noise_multiplier": z,
+                "dp_sgd_noise_multiplier": z,
                 "out": str(tmp_path / str(z)),
             },
         )
@@ -94,7 +94,7 @@ def test_dp_sgd_reports_per_client_epsilon_falling_with_more_noise(tmp_path: Pat
         (["--dp", "central", "--dp-noise-multiplier", "0"], "noise_multiplier must be > 0"),
         (
             ["--dp", "central", "--dp-noise-multiplier", "1", "--dp-clip", "0"],
-            "clip_norm must be > 0",
+            "--dp-clip must be > 0",
         ),
         (
             [
@@ -110,8 +110,8 @@ def test_dp_sgd_reports_per_client_epsilon_falling_with_more_noise(tmp_path: Pat
             "is unreachable",
         ),
         (
-            ["--dp-sgd", "--dp-noise-multiplier", "1", "--dp-microbatches", "5"],
-            "must divide batch_size",
+            ["--dp-sgd", "--dp-sgd-noise-multiplier", "1", "--dp-microbatches", "5"],
+            "--dp-microbatches must divide --batch-size",
         ),
     ],
 )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 
-from fedwarden.data.validation import DataError
 from fedwarden.errors import UsageError
 
 DESCRIPTION = """Join a coordinator (fedwarden serve) as one client: validate the local data
@@ -30,6 +29,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     require_protocol()
     from fedwarden.clients.agent import Agent
+    from fedwarden.data.validation import DataError
 
     conn = connection_from_args(args, client_id=args.client_id, compression=args.compression)
     red_team = None

@@ -1,14 +1,18 @@
-"""The ``fedwarden`` command: simulate, compare, serve, agent, data, trust.
+"""The fedwarden command: simulate, compare, serve, agent, data, trust.
 
-Every subcommand's ``--help`` explains every option. Bad input ends with one line naming the
-problem and exit code 2, never a traceback.
+Every subcommand's ``--help`` lists its options by group (data, model and training; attack;
+defence; trust; privacy; output), each default once. Settings come from ``fedwarden.config``
+(the one place that declares and checks them) and are checked before TensorFlow is imported.
+Every user error ends with one line on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,137 +22,234 @@ from typing import Any
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = os.environ.get("FEDWARDEN_TF_LOG_LEVEL", "3")
 
 from fedwarden.config import (  # noqa: E402
-    DATASETS,
-    DP_MODES,
-    ENGINES,
-    PARTITIONS,
-    QUARANTINE_POLICIES,
-    SERVER_OPTIMIZERS,
+    FLAT,
+    AttackConfig,
+    CentralDPConfig,
+    DataConfig,
+    DefenceConfig,
+    DPSGDConfig,
+    ModelConfig,
+    OutputConfig,
     RunConfig,
+    TrainingConfig,
+    TrustConfig,
+    count_or_fraction,
+    flag_name,
+    flat_name,
     load_toml,
     make_config,
 )
 from fedwarden.errors import UsageError  # noqa: E402
 
-RUN_OPTIONS: list[tuple[str, Any, str]] = [
-    (
-        "dataset",
-        str,
-        f"dataset: {', '.join(DATASETS)}, or a .npz file with arrays x, y (default digits)",
-    ),
-    (
-        "data-dir",
-        str,
-        "directory of the Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist)",
-    ),
-    (
-        "model",
-        str,
-        "user model as package.module:function(input_shape, num_classes) -> keras.Model",
-    ),
-    ("partition", str, f"how data is split among clients: {', '.join(PARTITIONS)} (default iid)"),
-    (
-        "alpha",
-        float,
-        "Dirichlet concentration for --partition dirichlet; smaller is more skewed (0.5)",
-    ),
-    ("shards-per-client", int, "label shards per client for --partition shards (2)"),
-    ("clients", int, "number of clients (20)"),
-    ("clients-per-round", int, "clients sampled each round (20)"),
-    ("rounds", int, "federated rounds (20)"),
-    ("local-epochs", int, "local epochs per round (2)"),
-    ("batch-size", int, "local batch size (16)"),
-    ("lr", float, "client learning rate, SGD (0.2)"),
-    ("server-optimizer", str, f"server optimizer: {', '.join(SERVER_OPTIMIZERS)} (fedavg)"),
-    ("server-lr", float, "server learning rate (1.0)"),
-    ("server-momentum", float, "momentum for fedavgm (0.9)"),
-    ("attack", str, "attack name, or package.module:callable (none); see `fedwarden attacks`"),
-    ("malicious-fraction", float, "fraction of clients that are malicious (0.2)"),
-    ("attack-start-round", int, "first round in which attackers attack (1)"),
-    (
-        "aggregator",
-        str,
-        "aggregation chain, e.g. mean, median, trimmed_mean:trim_fraction=0.2, "
-        "clip:max_norm=5+median, krum:num_byzantine=2, or package.module:callable",
-    ),
-    (
-        "num-byzantine",
-        int,
-        "f assumed by krum, multi_krum, bulyan (default: expected attackers per round)",
-    ),
-    ("trust-decay", float, "weight of history in the trust score's moving average (0.7)"),
-    ("trust-flag-below", float, "flag a client whose trust falls below this (0.55)"),
-    ("trust-unflag-above", float, "unflag once trust rises above this; hysteresis (0.7)"),
-    ("quarantine", str, f"what flagged clients get: {', '.join(QUARANTINE_POLICIES)} (none)"),
-    ("quarantine-downweight", float, "weight multiplier under --quarantine downweight (0.1)"),
-    (
-        "probation-rounds",
-        int,
-        "rounds an excluded client waits before it may earn its way back (3)",
-    ),
-    ("dp", str, f"server-side differential privacy: {', '.join(DP_MODES)} (none)"),
-    ("dp-clip", float, "DP-FedAvg: L2 clip of each client update (1.0)"),
-    ("dp-noise-multiplier", float, "DP noise multiplier, central or DP-SGD"),
-    ("dp-target-quantile", float, "adaptive clip: target quantile of update norms (0.5)"),
-    ("dp-delta", float, "delta for epsilon reports (default 1/n^1.1)"),
-    ("target-epsilon", float, "solve for the noise multiplier that meets this epsilon"),
-    ("dp-accountant", str, "rdp or pld (rdp)"),
-    ("dp-l2-clip", float, "DP-SGD per-example L2 clip (1.0)"),
-    ("dp-microbatches", int, "DP-SGD microbatches; must divide --batch-size"),
-    ("engine", str, f"client training engine: {', '.join(ENGINES)} (native)"),
-    ("seed", int, "random seed; same seed, same results (0)"),
-    ("metrics-port", int, "serve Prometheus /metrics on this port while running"),
-]
-FLAGS = [
-    ("collude", "attackers share one crafted update"),
-    ("dp-adaptive-clip", "adapt the DP clip norm to --dp-target-quantile (Andrew et al. 2021)"),
-    ("dp-sgd", "train clients with DP-SGD (tensorflow-privacy)"),
-]
+DESCRIPTION = (
+    "Federated training of Keras models that holds up when some clients are poisoned: "
+    "simulations with attacks and defences, a coordinator and agents for real deployments, "
+    "and per-client trust scores."
+)
+GROUPS: tuple[tuple[str, tuple[type, ...]], ...] = (
+    ("data, model and training", (DataConfig, ModelConfig, TrainingConfig)),
+    ("attack", (AttackConfig,)),
+    ("defence", (DefenceConfig,)),
+    ("trust", (TrustConfig,)),
+    ("privacy", (CentralDPConfig, DPSGDConfig)),
+    ("output", (OutputConfig,)),
+)
+TOML_ONLY = {"anomaly_weights"}
+METAVARS = {int: "N", float: "X", str: "NAME", count_or_fraction: "F"}
 
 
-def add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="TOML file with the same keys as these flags; flags win")
-    for name, kind, text in RUN_OPTIONS:
-        parser.add_argument(f"--{name}", type=kind, default=None, help=text)
-    for name, text in FLAGS:
-        parser.add_argument(f"--{name}", action="store_true", default=None, help=text)
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) that say what to do instead."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}{_hint(self.prog, message)}\n")
+
+
+def _hint(prog: str, message: str) -> str:
+    if "unrecognized arguments" not in message:
+        return f" (see {prog} --help)"
+    given = [w.split("=")[0] for w in message.split(":", 1)[1].split() if w.startswith("--")]
+    known = {flag_name(f) for _, f in FLAT.values()} | {"--attack-param", "--no-progress"}
+    elsewhere = [flag for flag in given if flag in known]
+    if not elsewhere:
+        return f" (see {prog} --help)"
+    return (
+        f"; {', '.join(elsewhere)} {'is a setting' if len(elsewhere) == 1 else 'are settings'} "
+        f"{prog} does not use (see {prog} --help)"
+    )
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as package_version
+
+    try:
+        return package_version("fedwarden")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+class VersionAction(argparse.Action):
+    """``--version``, looked up only when asked (reading package metadata takes a while)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        parser.exit(0, f"fedwarden {version()}\n")
+
+
+def _help(f: dataclasses.Field) -> str:
+    m = f.metadata
+    plain = f.default is None or isinstance(f.default, bool)  # nothing worth showing
+    default = m["default_text"] or (None if plain else f.default)
+    if m["kind"] is dict or default is None or default is dataclasses.MISSING:
+        return m["help"]
+    return f"{m['help']} (default: {default})"
+
+
+def add_settings(parser: argparse.ArgumentParser, skip: frozenset[str] = frozenset()) -> None:
+    """Adds every setting of ``fedwarden.config`` except ``skip`` (flat names), by group.
+
+    Every option defaults to None (not given), so a TOML file's value stands unless a flag is
+    given; the defaults themselves live in the sections.
+    """
     parser.add_argument(
-        "--attack-param",
-        action="append",
-        default=None,
-        metavar="KEY=VALUE",
-        help="attack parameter (repeatable), e.g. --attack-param boost=10",
+        "--config",
+        metavar="FILE.toml",
+        help="settings from a TOML file: the flat names (rounds = 5) or section tables "
+        "([training] rounds = 5); flags win",
     )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for title, sections in GROUPS:
+        fields = [
+            f
+            for section in sections
+            for f in dataclasses.fields(section)
+            if flat_name(f) not in skip | TOML_ONLY
+        ]
+        if not fields:
+            continue
+        group = parser.add_argument_group(title)
+        for f in fields:
+            name, m = flat_name(f), f.metadata
+            if name == "attack_params":
+                group.add_argument(
+                    "--attack-param", dest=name, action="append", metavar="KEY=VALUE",
+                    help="attack parameter, repeatable, e.g. --attack-param boost=10",
+                )  # fmt: skip
+            elif m["kind"] is bool and f.default:
+                group.add_argument(
+                    "--no-" + name.replace("_", "-"), dest=name, action="store_const",
+                    const=False, default=None, help="no " + m["help"],
+                )  # fmt: skip
+            elif m["kind"] is bool:
+                group.add_argument(
+                    flag_name(f), dest=name, action="store_const", const=True, default=None,
+                    help=m["help"],
+                )  # fmt: skip
+            else:
+                group.add_argument(
+                    flag_name(f), dest=name, type=m["kind"], choices=m["choices"],
+                    metavar=None if m["choices"] else m["metavar"] or METAVARS[m["kind"]],
+                    default=None, help=_help(f),
+                )  # fmt: skip
 
 
-def config_from_args(args: argparse.Namespace, **overrides: Any) -> RunConfig:
-    file_values = load_toml(args.config) if args.config else {}
-    flags = {
-        name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name, _, _ in RUN_OPTIONS
-    }
-    flags.update(
-        {name.replace("-", "_"): getattr(args, name.replace("-", "_")) for name, _ in FLAGS}
-    )
-    if args.attack_param:
+def config_from_args(
+    args: argparse.Namespace, skip: frozenset[str] = frozenset(), **overrides: Any
+) -> RunConfig:
+    """The run's settings: defaults, then ``--config`` FILE, then flags, then ``overrides``.
+
+    A TOML key in ``skip`` (a setting this command does not use) is refused.
+    """
+    file_values = load_toml(args.config) if getattr(args, "config", None) else {}
+    unused = sorted(set(file_values) & skip)
+    if unused:
+        raise UsageError(
+            f"config file {args.config}: {', '.join(unused)} "
+            f"{'is' if len(unused) == 1 else 'are'} not used by this command; remove "
+            f"{'it' if len(unused) == 1 else 'them'}"
+        )
+    flags = {name: getattr(args, name) for name in FLAT if hasattr(args, name)}
+    if flags.get("attack_params"):
         from fedwarden.attacks import parse_attack_params
 
         flags["attack_params"] = {
             **file_values.get("attack_params", {}),
-            **parse_attack_params(args.attack_param),
+            **parse_attack_params(flags["attack_params"]),
         }
-    if args.no_progress:
-        flags["progress"] = False
-    if getattr(args, "out", None):
-        flags["out"] = args.out
     flags.update(overrides)
     return make_config(file_values, flags)
 
 
+def check_out_dir(
+    out: Path, *, resume: bool = False, rounds: int | None = None, replaces: bool = True
+) -> None:
+    """Refuses an output directory that cannot be written, or a --resume with nothing to do;
+    says so when a run (``replaces``) will replace the one already there."""
+    if resume:
+        from fedwarden.server.checkpoint import list_checkpoints
+
+        saved = list_checkpoints(out / "checkpoints") if out.is_dir() else []
+        if not saved:
+            raise UsageError(
+                f"--resume: no checkpoint in {out}/checkpoints to continue; check --out, or "
+                "run without --resume to start a new run there"
+            )
+        done = saved[0][0]
+        if rounds is not None and rounds <= done:
+            raise UsageError(
+                f"--resume: {out} already holds {done} rounds and --rounds is {rounds}; pass "
+                f"--rounds above {done} to continue it"
+            )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".fedwarden-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write to the output directory {out}: {exc.strerror or exc}; pick a "
+            "writable --out"
+        ) from None
+    if (
+        replaces
+        and not resume
+        and any((out / name).exists() for name in ("results.json", "ledger.sqlite"))
+    ):
+        print(
+            f"note: replacing the run in {out} (results, ledger, checkpoints); "
+            "--resume continues it instead",
+            file=sys.stderr,
+        )
+
+
+def check_port_free(
+    port: int | None, host: str = "127.0.0.1", flag: str = "--metrics-port"
+) -> None:
+    """Refuses a port another process listens on (0, any free port, and None are fine)."""
+    if not port:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise UsageError(
+                f"{flag} {port}: cannot listen on {host}:{port} ({exc.strerror or exc}); pick "
+                "another port, or 0 for any free one"
+            ) from None
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedwarden.simulations.runner import simulate
+    from fedwarden.simulations.preflight import check_run
 
     config = config_from_args(args)
+    check_run(config)
+    check_port_free(config.metrics_port)
+    check_out_dir(Path(config.out), resume=args.resume, rounds=config.rounds)
+    from fedwarden.simulations.runner import simulate  # TensorFlow from here on
+
     results = simulate(config, resume=args.resume)
     print(summary_table(results))
     print_privacy(results["final"].get("privacy"))
@@ -188,16 +289,30 @@ def summary_table(results: dict) -> str:
     return markdown_table(["after " + str(len(results["rounds"])) + " rounds", ""], rows)
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from fedwarden.simulations.compare import compare
+COMPARE_SKIPS = frozenset({"attack", "aggregator", "metrics_port"})
 
-    attacks = [a for a in args.attacks.split(",") if a]
-    aggregators = [a for a in args.aggregators.split(",") if a]
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from fedwarden.simulations.preflight import cell_config, check_run
+
+    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
+    aggregators = [a.strip() for a in args.aggregators.split(",") if a.strip()]
     if not attacks or not aggregators:
-        raise UsageError("--attacks and --aggregators each need at least one name")
-    base = config_from_args(args, attack=next((a for a in attacks if a != "none"), "none"))
-    table = compare(base, attacks, aggregators, Path(args.out or "runs/compare"))
-    print(table)
+        raise UsageError(
+            "--attacks and --aggregators each need at least one name. Received: "
+            f"--attacks {args.attacks!r} --aggregators {args.aggregators!r}"
+        )
+    out = Path(args.out or "runs/compare")
+    base = config_from_args(
+        args, COMPARE_SKIPS, attack=next((a for a in attacks if a != "none"), "none"), out=str(out)
+    )
+    for attack in attacks:
+        for aggregator in aggregators:
+            check_run(cell_config(base, attack, aggregator))
+    check_out_dir(out)
+    from fedwarden.simulations.compare import compare  # TensorFlow from here on
+
+    print(compare(base, attacks, aggregators, out))
     return 0
 
 
@@ -232,14 +347,16 @@ def cmd_attacks(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt(value: Any) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedwarden", description=__doc__.splitlines()[0])
+    parser = Parser(
+        prog="fedwarden",
+        allow_abbrev=False,
+        description=DESCRIPTION,
+        epilog="`fedwarden COMMAND --help` lists each command's options.",
+    )
+    parser.add_argument("--version", action=VersionAction, help="show the version and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every rejected update")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(
         "simulate",
@@ -247,8 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run many clients on this machine, with attacks and defences. "
         "With no options: digits, 20 clients, 20 rounds, no attack, mean.",
     )
-    add_run_options(p)
-    p.add_argument("--out", help="output directory (runs/latest)")
+    add_settings(p)
     p.add_argument(
         "--resume",
         action="store_true",
@@ -261,13 +377,23 @@ def build_parser() -> argparse.ArgumentParser:
         "compare",
         help="run every attack against every aggregator",
         description="Runs each (attack, aggregator) pair on the same data split and "
-        "seed, plus a clean baseline; writes matrix.json/.md/.png.",
+        "seed, plus a clean baseline; writes matrix.json, matrix.md and matrix.png, and each "
+        "run's outputs under OUT/runs/.",
     )
-    add_run_options(p)
-    p.add_argument("--attacks", required=True, help="comma-separated attack names")
-    p.add_argument("--aggregators", required=True, help="comma-separated aggregator chains")
-    p.add_argument("--out", help="output directory (runs/compare)")
-    p.set_defaults(func=cmd_compare)
+    g = p.add_argument_group("grid")
+    g.add_argument(
+        "--attacks", required=True, metavar="A,B,...",
+        help="comma-separated attack names (see `fedwarden attacks`)",
+    )  # fmt: skip
+    g.add_argument(
+        "--aggregators", required=True, metavar="CHAIN,CHAIN,...",
+        help="comma-separated aggregation chains, e.g. mean,median,clip:max_norm=5+median",
+    )  # fmt: skip
+    add_settings(p, COMPARE_SKIPS)
+    p.set_defaults(func=cmd_compare, out=None)
+    for action in p._actions:  # compare's own default output directory
+        if action.dest == "out":
+            action.help = "output directory (default: runs/compare)"
 
     p = sub.add_parser("attacks", help="list the built-in attacks with their default parameters")
     p.set_defaults(func=cmd_attacks)
@@ -278,35 +404,62 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(sub)
     agent.add_parser(sub)
     data.add_parser(sub)
+    _strict(parser)
     return parser
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    from fedwarden.aggregation.base import AggregationError
-    from fedwarden.attacks import AttackError
+def _strict(parser: argparse.ArgumentParser) -> None:
+    """No abbreviated flags (``serve --clients`` must not mean --clients-per-round), and each
+    subcommand's parser recorded, to report what it does not accept."""
+    parser.allow_abbrev = False
+    parser.set_defaults(_parser=parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _strict(child)
 
-    errors: list[type[BaseException]] = [UsageError, AggregationError, AttackError]
-    try:
-        from fedwarden.aggregation.accounting import DPConfigError
 
-        errors.append(DPConfigError)
-    except ImportError:
-        pass
-    return tuple(errors)
+# Errors that mean bad input, by the module that defines them: checked only once that module has
+# been imported (whatever raised one imported it), so catching them loads nothing.
+USER_ERRORS = (
+    ("fedwarden.aggregation.base", "AggregationError"),
+    ("fedwarden.attacks", "AttackError"),
+    ("fedwarden.aggregation.accounting", "DPConfigError"),
+)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, UsageError):
+        return True
+    for module, name in USER_ERRORS:
+        loaded = sys.modules.get(module)
+        if loaded is not None and isinstance(exc, getattr(loaded, name)):
+            return True
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the subcommand's parser, which knows what it would ignore
+        args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     try:
         return args.func(args)
-    except user_errors() as exc:
-        print(f"fedwarden {args.command}: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        if not is_user_error(exc):
+            raise
+        message = " ".join(str(exc).split())  # one line, whatever the exception held
+        print(f"fedwarden {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`fedwarden trust list ... | head`): nothing is wrong, and
+        # nothing more can be written; keep the interpreter's final flush quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

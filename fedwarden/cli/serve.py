@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 from pathlib import Path
 
@@ -24,32 +23,47 @@ a round that would take epsilon above E, so --rounds is an upper bound. With
 E."""
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+# Settings a coordinator has no use for: its clients are the agents that connect, with their own
+# data; attacks are rehearsed with red-team agents; it trains nothing itself; it writes --state-dir.
+SERVE_SKIPS = frozenset(
+    {
+        "clients", "partition", "alpha", "shards_per_client",
+        "attack", "attack_params", "malicious_fraction", "attack_start_round", "collude",
+        "engine", "out", "progress",
+    }
+)  # fmt: skip
+
+
+def serve_config(args: argparse.Namespace):
+    """The coordinator's RunConfig: its cohort is also its (unknown) population."""
     from fedwarden.cli.main import config_from_args
+
+    cohort = args.clients_per_round
+    population = {} if cohort is None else {"clients": cohort}
+    return config_from_args(args, SERVE_SKIPS, out=args.state_dir, progress=False, **population)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fedwarden.cli.main import check_out_dir, check_port_free
     from fedwarden.protocol.connection import require_protocol
+    from fedwarden.simulations.preflight import check_run
 
-    require_protocol()
-    from fedwarden.server.serve import ServeOptions, Server
-
-    # clients: serve has no fixed population; keep validation of --clients-per-round happy.
-    config = config_from_args(args, clients=2**31 - 1, out=args.state_dir, progress=False)
-    config = dataclasses.replace(config, clients=config.clients_per_round)
-    if config.attack != "none":
-        raise UsageError(
-            "serve trains real agents; attacks exist in simulations only "
-            "(fedwarden simulate --attack ...)"
-        )
+    config = serve_config(args)
     if config.dp == "central" and config.dp_delta is None:
         raise UsageError(
             "--dp central in serve needs --dp-delta (e.g. 1e-5): the default 1/n^1.1 needs a "
             "population size, which a deployment does not know"
         )
-    if config.engine != "native":
-        raise UsageError(
-            f"serve trains with the native engine only. Received: --engine {config.engine}"
-        )
     if args.model and not args.eval_data and args.dataset is None:
         raise UsageError("--model needs --eval-data FILE.npz (or --dataset NAME) to evaluate on")
+    if args.port and not 0 < args.port < 65536:
+        raise UsageError(f"--port must be in [0, 65535]. Received: {args.port}")
+    if args.max_agents < 1:
+        raise UsageError(f"--max-agents must be a positive integer. Received: {args.max_agents}")
+    check_run(config, cohort=min(args.min_clients, config.clients_per_round), deployment=True)
+    require_protocol()
+    from fedwarden.server.serve import ServeOptions, Server
+
     options = ServeOptions(
         state_dir=Path(args.state_dir),
         host=args.host,
@@ -67,18 +81,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         compression=args.compression,
         max_agents=args.max_agents,
     )
+    options.check()
+    check_port_free(config.metrics_port, args.metrics_host)
+    check_port_free(args.port, args.host, "--port")
+    check_out_dir(Path(args.state_dir), replaces=False)  # restarted: it resumes
     logging.getLogger("fedwarden.serve").setLevel(logging.INFO)
     logging.getLogger("fedwarden.checkpoint").setLevel(logging.INFO)
     return Server(config, options).run()
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from fedwarden.cli.main import add_run_options
+    from fedwarden.cli.main import add_settings
 
     p = subparsers.add_parser(
         "serve", help="run a coordinator for remote agents", description=DESCRIPTION
     )
-    add_run_options(p)
+    add_settings(p, SERVE_SKIPS)
     g = p.add_argument_group("deployment")
     g.add_argument(
         "--eval-data",

@@ -1,0 +1,78 @@
+"""The checks of a run that need the attacks and the aggregation rules, without TensorFlow.
+
+``RunConfig`` checks each setting and the sections against each other when it is built;
+``check_run`` adds what only the attack and the chain know (an attack's parameters, a rule's
+cohort size, the DP settings the accountant accepts). Both take milliseconds, so every entry
+point (``simulate``, ``compare``, ``serve``, ``fedwarden.simulate``) runs them before it loads
+TensorFlow or any data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from fedwarden.config import DATASETS, RunConfig
+from fedwarden.errors import UsageError
+
+# Classes of the built-in datasets (fedwarden.data.datasets), known without loading them.
+BUILTIN_CLASSES = {"digits": 10, "fashion_mnist": 10, "synthetic": 4}
+
+
+def num_classes(config: RunConfig) -> int:
+    """The dataset's number of classes, read without loading its features."""
+    if config.dataset in DATASETS:
+        return BUILTIN_CLASSES[config.dataset]
+    import numpy as np
+
+    path = Path(config.dataset)
+    if not path.is_file():
+        raise UsageError(f"--dataset file not found: {path}")
+    try:
+        with np.load(path) as f:
+            return int(f["y"].max()) + 1
+    except (OSError, ValueError, KeyError) as exc:
+        raise UsageError(
+            f"--dataset {path} is not a .npz file with arrays x and y ({exc})"
+        ) from None
+
+
+def check_run(config: RunConfig, *, cohort: int | None = None, deployment: bool = False) -> None:
+    """Refuses a run that would fail after loading data: attack, chain and DP settings.
+
+    Args:
+      config: the run's settings (already checked one by one when built).
+      cohort: the fewest updates a round may aggregate; default ``clients_per_round``.
+      deployment: a coordinator (``serve``): central DP accounted without subsampling and
+        --target-epsilon a budget; no attack.
+    """
+    from fedwarden.attacks import build_attack
+    from fedwarden.server.defence import build_chain, central_privacy
+
+    classes = None if deployment else num_classes(config)
+    if not deployment:
+        build_attack(
+            config.attack, {"num_classes": classes, **config.attack_params}, collude=config.collude
+        )
+    population = config.clients_per_round if deployment else config.clients
+    privacy = central_privacy(config, population, budget=deployment)
+    build_chain(config, privacy, seed=None).check(cohort or config.clients_per_round)
+    if config.dp_sgd:
+        from fedwarden.aggregation.accounting import validate_dp
+
+        validate_dp(
+            mode="dp_sgd",
+            noise_multiplier=config.dp_sgd_noise_multiplier,
+            clip_norm=config.dp_l2_clip,
+            batch_size=config.batch_size,
+            num_microbatches=config.dp_microbatches,
+        )
+
+
+def cell_config(base: RunConfig, attack: str, aggregator: str) -> RunConfig:
+    """One cell of ``fedwarden compare``: the base settings with this attack and aggregator
+    (the clean row drops the attack parameters)."""
+    params = base.attack_params if attack != "none" else {}
+    return dataclasses.replace(
+        base, attack=attack, attack_params=params, aggregator=aggregator, progress=False
+    )
