@@ -32,7 +32,8 @@ ARRIVAL_REASONS = (
     "unknown_session",  # a session id the sender does not hold (e.g. another client's)
     "unauthenticated",  # missing or invalid credentials, or an identity that may not train
     "wrong_dtype",  # a dtype name the protocol does not know
-    "busy",  # too many concurrent calls from one identity
+    "busy",  # too many concurrent calls from one identity, or in all
+    "too_slow",  # stalled, or below the minimum transfer rate: cancelled by the call guard
     "late",  # for a task that is closed (an earlier round, or a re-run attempt)
 )
 

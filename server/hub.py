@@ -9,6 +9,16 @@ every wait has a deadline. No round logic lives here: the loop hands what ``coll
 A task is one attempt at a round, named ``{instance}-{round}-{attempt}``: a coordinator that
 restarts, or re-runs a round whose attempt timed out, publishes a new task id, and updates for
 any other task id are late (dropped and counted, not charged to trust).
+
+Silence: a session is offered for selection only while it is heard from (a poll, a heartbeat)
+within ``liveness_s``; with ``poll_to_select`` (open mode, where anyone can register any number
+of ids) only once it has asked for a task: a registration alone is not an agent.
+``collect`` closes a round as soon as ``target`` selected clients answered (the round loop
+selects more than it needs), or as soon as every selected client either answered or went quiet.
+A selected client that did not answer an attempt that ran to its end (or whose session died) is
+*silent*; silence is counted per client, apart from malice: it does not change trust. After
+``max_silences`` silent attempts in a row a client is benched, not selected, for
+``bench_rounds`` rounds; ``take_silence`` hands the round's silent clients to the ledger.
 """
 
 from __future__ import annotations
@@ -22,6 +32,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedwarden.server.admission import ClientUpdate
+from fedwarden.server.trust import TrustBook
+
+SILENT = "silent"
+"""The ledger's ``rejected_reason`` of a round a selected client did not answer."""
 
 
 @dataclass(frozen=True)
@@ -39,12 +53,14 @@ class _Session:
     last_seen: float
     polling: int = 0  # GetTask calls in progress (a waiting agent is alive)
     told_done: bool = False
+    polled: bool = False  # asked for a task at least once: an agent, not a bare registration
 
 
 @dataclass
 class Collected:
     updates: list[ClientUpdate]
     answered: set[str] = field(default_factory=set)  # selected clients that submitted
+    target: int = 0  # answers that close the attempt at once
 
 
 class UnknownSession(LookupError):
@@ -59,6 +75,9 @@ class Hub:
         liveness_s: a session not heard from for this long is not offered for selection.
         heartbeat_interval_s: what agents are told to use.
         clock: monotonic seconds (tests pass a fake).
+        max_silences: silent attempts in a row after which a client is benched.
+        bench_rounds: rounds a benched client is not selected for.
+        poll_to_select: offer a session for selection only once it asked for a task.
     """
 
     def __init__(
@@ -68,12 +87,18 @@ class Hub:
         liveness_s: float = 10.0,
         heartbeat_interval_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
+        max_silences: int = 3,
+        bench_rounds: int = 5,
+        poll_to_select: bool = False,
     ):
         self.instance = secrets.token_hex(4)
         self.total_rounds = total_rounds
         self.liveness_s = liveness_s
         self.heartbeat_interval_s = heartbeat_interval_s
         self.clock = clock
+        self.max_silences = max_silences
+        self.bench_rounds = bench_rounds
+        self.poll_to_select = poll_to_select
         self.last_round = 0
         self.done = False
         self.late = 0
@@ -82,6 +107,10 @@ class Hub:
         self._task: Task | None = None
         self._collected: Collected | None = None
         self.on_late: Callable[[str, str], None] = lambda client_id, task_id: None
+        self.silences: dict[str, int] = {}  # per client, since the coordinator started
+        self._silent_in_a_row: dict[str, int] = {}
+        self._benched_until: dict[str, int] = {}  # client -> last round it sits out
+        self._silent_this_round: set[str] = set()
 
     # -- servicer side ---------------------------------------------------------------------------
 
@@ -123,6 +152,7 @@ class Hub:
         with self._cond:
             session = self._session(client_id, session_id)
             session.polling += 1
+            session.polled = True
             try:
                 while True:
                     if self.done:
@@ -184,15 +214,34 @@ class Hub:
 
     # -- round-loop side -------------------------------------------------------------------------
 
+    def _alive(self, client_id: str, now: float) -> bool:
+        s = self._sessions.get(client_id)
+        return s is not None and (s.polling > 0 or now - s.last_seen <= self.liveness_s)
+
     def live_clients(self) -> list[str]:
-        """Clients with a session heard from within ``liveness_s`` (or polling right now)."""
+        """Clients to select from: a session heard from within ``liveness_s`` (or polling right
+        now) that is not benched for silence (and, with ``poll_to_select``, asked for a task).
+        Sessions silent for ten times ``liveness_s`` are forgotten (register again)."""
         with self._cond:
             now = self.clock()
+            for c in [c for c, s in self._sessions.items()
+                      if s.polling == 0 and now - s.last_seen > 10 * self.liveness_s]:  # fmt: skip
+                del self._sessions[c]
             return sorted(
                 c
                 for c, s in self._sessions.items()
-                if s.polling > 0 or now - s.last_seen <= self.liveness_s
+                if (s.polled or not self.poll_to_select)
+                and self._alive(c, now)
+                and not self.benched(c)
             )
+
+    def benched(self, client_id: str) -> bool:
+        """True while the client sits out rounds for repeated silence."""
+        return self.last_round < self._benched_until.get(client_id, -1)
+
+    def benched_clients(self) -> list[str]:
+        with self._cond:
+            return sorted(c for c in self._benched_until if self.benched(c))
 
     def wait_for_clients(self, n: int, timeout: float) -> list[str]:
         """Waits up to ``timeout`` s for at least ``n`` live clients; returns the live ones."""
@@ -205,43 +254,70 @@ class Hub:
                 self._cond.wait(min(deadline - self.clock(), 0.5))
 
     def publish(
-        self, round: int, attempt: int, selected: list[str], payload: bytes, sha256: str
+        self,
+        round: int,
+        attempt: int,
+        selected: list[str],
+        payload: bytes,
+        sha256: str,
+        target: int | None = None,
     ) -> Task:
+        """Opens an attempt at ``round`` for ``selected``; ``target`` answers close it at once
+        (default: every selected client)."""
         with self._cond:
             task = Task(
                 f"{self.instance}-{round}-{attempt}", round, frozenset(selected), payload, sha256
             )
-            self._task, self._collected = task, Collected([])
+            target = len(selected) if target is None else min(target, len(selected))
+            self._task, self._collected = task, Collected([], target=target)
             self._cond.notify_all()
             return task
 
     def collect(
         self, min_updates: int, deadline: float, stop: Callable[[], bool] = lambda: False
     ) -> tuple[list[ClientUpdate], bool]:
-        """Waits until every selected client answered, or ``deadline`` passes; closes the task.
+        """Waits until the attempt's target of selected clients answered, every selected client
+        answered or went quiet, or ``deadline`` passes; closes the task and counts the silent.
 
-        Returns ``(updates, complete)``: ``complete`` is False when the deadline passed with
+        Returns ``(updates, complete)``: ``complete`` is False when the attempt ended with
         fewer than ``min_updates`` answers (or ``stop()`` turned true): abandon the attempt.
         """
         with self._cond:
             task, collected = self._task, self._collected
             assert task is not None and collected is not None, "collect() before publish()"
             while True:
-                answered = len(collected.answered)
-                if answered == len(task.selected):
-                    complete = True
+                answered = collected.answered
+                if len(answered) >= collected.target:
+                    complete, silent = True, set()  # the others were spares, not silent
                     break
                 if stop():
-                    complete = False
+                    complete, silent = False, set()
                     break
-                remaining = deadline - self.clock()
-                if remaining <= 0:
-                    complete = answered >= min_updates
+                now = self.clock()
+                awaited = {c for c in task.selected - answered if self._alive(c, now)}
+                if now >= deadline or not awaited:
+                    complete, silent = len(answered) >= min_updates, task.selected - answered
                     break
-                self._cond.wait(min(remaining, 0.5))
+                self._cond.wait(min(deadline - now, 0.5))
+            for c in answered:
+                self._silent_in_a_row.pop(c, None)
+            for c in silent:
+                self.silences[c] = self.silences.get(c, 0) + 1
+                self._silent_in_a_row[c] = self._silent_in_a_row.get(c, 0) + 1
+                if self._silent_in_a_row[c] >= self.max_silences:
+                    self._benched_until[c] = self.last_round + self.bench_rounds
+            self._silent_this_round = (self._silent_this_round | silent) - answered
             self._task = self._collected = None
             self._cond.notify_all()
             return collected.updates, complete
+
+    def take_silence(self) -> dict[str, int]:
+        """The clients silent in the current round (in an attempt, and not answering a later
+        one), each with its count of silent attempts so far; clears the round's record."""
+        with self._cond:
+            silent = {c: self.silences[c] for c in sorted(self._silent_this_round)}
+            self._silent_this_round = set()
+            return silent
 
     def finish(self) -> None:
         """Training is over: every poll answers DONE from now on."""
@@ -270,3 +346,37 @@ class Hub:
     def set_last_round(self, round: int) -> None:
         with self._cond:
             self.last_round = round
+
+
+def record_silence(trust: TrustBook, round: int, silent: dict[str, int]) -> None:
+    """Writes a ``silent`` row for each silent client of ``round`` to the trust ledger, with the
+    client's trust unchanged (silence is not evidence of malice)."""
+    if trust.ledger is None or not silent:
+        return
+    rows = []
+    for cid in silent:
+        state = trust.get(cid)
+        row = {"client_id": cid, "rejected_reason": SILENT}
+        if state is not None:
+            row.update(
+                trust=state.trust,
+                anomaly=state.anomaly,
+                flagged=state.flagged,
+                quarantined=state.quarantined,
+                quarantined_since=state.quarantined_since,
+            )
+        rows.append(row)
+    trust.ledger.record_round(round, rows)
+
+
+def client_rows(trust: TrustBook, silences: dict[str, int]) -> list[dict]:
+    """Every known client's trust state and silence count, for the metrics exporter: a client
+    whose updates are rejected, or who never answers, is exported like any other."""
+    rows = {
+        cid: {"client_id": cid, "trust": s.trust, "anomaly": s.anomaly, "flagged": s.flagged,
+              "norm": s.norm, "cosine": s.cosine}
+        for cid, s in trust.snapshot().items()
+    }  # fmt: skip
+    for cid, n in silences.items():
+        rows.setdefault(cid, {"client_id": cid})["silent"] = n
+    return list(rows.values())

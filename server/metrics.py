@@ -16,7 +16,16 @@ Metrics (gauges unless marked):
 - ``fedwarden_client_update_norm{client_id}``: L2 norm of its last admitted update
 - ``fedwarden_client_cosine_similarity{client_id}``: cosine of that update to the aggregate
 - ``fedwarden_client_flagged{client_id}``: 1 if flagged, else 0
+- ``fedwarden_client_flag_evidence{client_id}``: evidence that the client misbehaves (a standard
+  score; ``server/trust.py`` flags it above the line its false-positive rate sets)
+- ``fedwarden_client_flag_signal_excess{client_id,signal}``: for a flagged client only, each
+  signal's accumulated excess over the population (``collusion``, ``cosine``, ...): why it is
+  flagged and by how much, as ``fedwarden trust show`` explains it
 - ``fedwarden_client_dp_epsilon{client_id}``: DP-SGD epsilon spent by the client
+- ``fedwarden_client_refused_updates{client_id}``: its updates rejected at admission or refused
+  on arrival, since the exporter started
+- ``fedwarden_client_silent_attempts{client_id}``: round attempts it was selected for and did not
+  answer, since the coordinator started (silence, not malice: it does not change trust)
 - ``fedwarden_clients_flagged``: number of clients flagged (all, not only the labelled ones)
 - ``fedwarden_round``: last completed round; ``fedwarden_rounds_total`` (counter): rounds
   completed by this process; ``fedwarden_round_duration_seconds`` (histogram): wall time
@@ -25,6 +34,17 @@ Metrics (gauges unless marked):
   refused on arrival by the gRPC transport (reasons: ``server/admission.py``)
 - ``fedwarden_dp_epsilon``: central DP epsilon spent so far
 - ``fedwarden_dp_clip_rate``, ``fedwarden_dp_clip_norm``, ...: set with ``set_gauge``
+
+Serving: loopback by default, at most ``max_connections`` connections at once (more are closed
+on arrival), each with a ``timeout_s`` socket timeout (a client that sends or reads nothing is
+dropped). A web config file in the Prometheus exporter-toolkit format adds TLS and basic auth::
+
+    tls_server_config:
+      cert_file: metrics.pem
+      key_file: metrics.key
+      client_ca_file: ca.pem              # optional: then client certificates are required
+    basic_auth_users:
+      prometheus: $2b$12$...              # bcrypt hash: htpasswd -nBC 12 "" | tr -d ':'
 
 Example::
 
@@ -38,9 +58,14 @@ Example::
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import math
 import os
 import re
+import socket
+import ssl
 import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -80,6 +105,12 @@ _CLIENT_GAUGES = (
     ("cosine", "fedwarden_client_cosine_similarity", "Cosine similarity of the client's last "
      "update to the robust aggregate.", "cosine"),
     ("flagged", "fedwarden_client_flagged", "1 if the client is flagged, else 0.", "flagged"),
+    ("evidence", "fedwarden_client_flag_evidence", "Evidence (a standard score) that the client "
+     "misbehaves; flagged above the false-positive rate's line.", "evidence"),
+    ("refused", "fedwarden_client_refused_updates", "Updates of the client rejected at admission "
+     "or refused on arrival.", "refused"),
+    ("silent", "fedwarden_client_silent_attempts", "Round attempts the client was selected for "
+     "and did not answer.", "silent"),
 )  # fmt: skip
 
 
@@ -143,6 +174,11 @@ class MetricsExporter:
             "fedwarden_client_dp_epsilon", "DP-SGD epsilon spent by the client.", ["client_id"],
             registry=r,
         )  # fmt: skip
+        self._signal_excess = Gauge(
+            "fedwarden_client_flag_signal_excess", "A flagged client's accumulated excess over "
+            "the population in one anomaly signal.", ["client_id", "signal"], registry=r,
+        )  # fmt: skip
+        self._signal_labels: dict[str, set[str]] = {}  # flagged clients' signal series
         self._clients_flagged = Gauge(
             "fedwarden_clients_flagged", "Number of clients currently flagged.", registry=r
         )
@@ -197,6 +233,11 @@ class MetricsExporter:
             self._accuracy.set(float(accuracy))
         if _value(loss) is not None:
             self._loss.set(float(loss))
+        self.update_clients(clients)
+
+    def update_clients(self, clients: list[dict[str, Any]]) -> None:
+        """Merges rows (``client_id`` and any per-client values) into the clients' latest rows,
+        without counting a round: e.g. every known client's trust after a round."""
         with self._lock:
             for row in clients:
                 cid = str(row["client_id"])
@@ -213,11 +254,7 @@ class MetricsExporter:
             self._accuracy.set(float(accuracy))
         if _value(loss) is not None:
             self._loss.set(float(loss))
-        with self._lock:
-            for row in clients:
-                cid = str(row["client_id"])
-                self._clients[cid] = {**self._clients.get(cid, {}), **row, "client_id": cid}
-            self._relabel()
+        self.update_clients(clients)
 
     def forget_client(self, client_id: str) -> None:
         """Drops a client that left the federation, with its series."""
@@ -256,16 +293,38 @@ class MetricsExporter:
                     self._client_gauges[attr].labels(client_id=cid).set(value)
             if cid in self._epsilons:
                 self._client_epsilon.labels(client_id=cid).set(self._epsilons[cid])
+        for cid in set(self._signal_labels) | keep:
+            self._set_signal_excess(cid, cid in keep)
         self._labelled = keep
         self._clients_flagged.set(sum(bool(r.get("flagged")) for r in self._clients.values()))
 
     # -- counters and extra gauges ---------------------------------------------------------
 
-    def count_rejected(self, reason: str, n: int = 1) -> None:
-        """Counts ``n`` updates rejected at admission for ``reason`` (e.g. ``non_finite``)."""
+    def _set_signal_excess(self, cid: str, labelled: bool) -> None:
+        """A flagged, labelled client's positive signal excesses; nobody else has the series."""
+        row = self._clients.get(cid, {})
+        excess = (row.get("signal_excess") or {}) if labelled and row.get("flagged") else {}
+        shown = {name: float(v) for name, v in excess.items() if _value(v) and v > 0}
+        for name in self._signal_labels.get(cid, set()) - set(shown):
+            self._signal_excess.remove(cid, name)
+        for name, value in shown.items():
+            self._signal_excess.labels(client_id=cid, signal=name).set(value)
+        if shown:
+            self._signal_labels[cid] = set(shown)
+        else:
+            self._signal_labels.pop(cid, None)
+
+    def count_rejected(self, reason: str, n: int = 1, client_id: str | None = None) -> None:
+        """Counts ``n`` updates rejected for ``reason`` (e.g. ``non_finite``), and against
+        ``client_id`` when the sender is known (``fedwarden_client_refused_updates``)."""
         if n < 0:
             raise ValueError(f"n must be >= 0. Received: n={n}.")
         self._rejected.labels(reason=str(reason)).inc(n)
+        if client_id is not None:
+            with self._lock:
+                row = self._clients.setdefault(client_id, {"client_id": client_id})
+                row["refused"] = row.get("refused", 0) + n
+                self._relabel()
 
     def set_dp_epsilon(self, epsilon: float, client_id: str | None = None) -> None:
         """Sets the central epsilon, or a client's DP-SGD epsilon when ``client_id`` is given.
@@ -326,13 +385,37 @@ class MetricsExporter:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> MetricsServer:
+    def serve(
+        self,
+        port: int,
+        host: str = "127.0.0.1",
+        *,
+        web_config: str | os.PathLike | None = None,
+        max_connections: int = 16,
+        timeout_s: float = 5.0,
+    ) -> MetricsServer:
         """Serves ``/metrics`` on ``host:port`` from a daemon thread (port 0: the OS picks one,
-        read it from the returned server's ``port``)."""
+        read it from the returned server's ``port``).
+
+        Args:
+            port, host: where to listen (loopback unless told otherwise).
+            web_config: an exporter-toolkit web config file (TLS, basic auth; see above).
+            max_connections: connections served at once; more are closed on arrival.
+            timeout_s: socket timeout of each connection (TLS handshake, request, response).
+        """
+        config = WebConfig.load(web_config) if web_config else WebConfig()
         registry = self.registry
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = timeout_s
+
             def do_GET(self) -> None:
+                if not config.authorized(self.headers.get("Authorization")):
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", 'Basic realm="fedwarden"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if self.path.split("?")[0] not in ("/", "/metrics"):
                     self.send_error(404, "try /metrics")
                     return
@@ -346,8 +429,7 @@ class MetricsExporter:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        httpd = ThreadingHTTPServer((host, port), Handler)
-        httpd.daemon_threads = True
+        httpd = _BoundedHTTPServer((host, port), Handler, max_connections, config.ssl_context())
         thread = threading.Thread(
             target=httpd.serve_forever, name=f"fedwarden-metrics-{port}", daemon=True
         )
@@ -356,3 +438,134 @@ class MetricsExporter:
 
     def __repr__(self) -> str:
         return f"MetricsExporter(max_client_series={self.max_client_series})"
+
+
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """One thread per connection, at most ``max_connections`` of them: a connection beyond the
+    cap is closed at once. TLS, when configured, is negotiated in the connection's thread under
+    its socket timeout, so a silent client cannot hold the accept loop."""
+
+    daemon_threads = True
+
+    def __init__(self, address, handler, max_connections: int, tls: ssl.SSLContext | None):
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1. Received: {max_connections}.")
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._tls = tls
+        self.refused = 0
+        super().__init__(address, handler)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            if self._tls is not None:
+                request.settimeout(self.RequestHandlerClass.timeout)
+                try:
+                    request = self._tls.wrap_socket(request, server_side=True)
+                except (OSError, ssl.SSLError):
+                    self.shutdown_request(request)
+                    return
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def shutdown_request(self, request) -> None:
+        try:
+            request.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        request.close()
+
+
+class WebConfig:
+    """TLS and basic auth of ``/metrics``, from a Prometheus exporter-toolkit web config file.
+
+    Supported keys: ``tls_server_config`` (``cert_file``, ``key_file``, optional
+    ``client_ca_file`` with ``client_auth_type`` ``RequireAndVerifyClientCert`` (the default
+    with a CA) or ``VerifyClientCertIfGiven``, optional ``min_version`` ``TLS12``/``TLS13``) and
+    ``basic_auth_users`` (user: bcrypt hash). Paths are relative to the file.
+    """
+
+    def __init__(self, tls: dict[str, Any] | None = None, users: dict[str, str] | None = None):
+        self.tls = tls
+        self.users = {u: h.encode() for u, h in (users or {}).items()}
+        self._verified: set[bytes] = set()  # digests of header values that passed bcrypt
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> WebConfig:
+        import yaml
+
+        path = Path(path)
+        try:
+            table = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ValueError(f"metrics web config {path}: {exc}") from None
+        unknown = sorted(set(table) - {"tls_server_config", "basic_auth_users"})
+        if not isinstance(table, dict) or unknown:
+            raise ValueError(
+                f"metrics web config {path}: supported keys are tls_server_config and "
+                f"basic_auth_users. Received: {unknown or type(table).__name__}"
+            )
+        tls = table.get("tls_server_config")
+        if tls is not None:
+            if not isinstance(tls, dict) or not tls.get("cert_file") or not tls.get("key_file"):
+                raise ValueError(
+                    f"metrics web config {path}: tls_server_config needs cert_file and key_file"
+                )
+            tls = {k: str(path.parent / v) if k.endswith("_file") else v for k, v in tls.items()}
+        users = table.get("basic_auth_users") or {}
+        for user, hashed in users.items():
+            if not isinstance(hashed, str) or not hashed.startswith(("$2a$", "$2b$", "$2y$")):
+                raise ValueError(
+                    f"metrics web config {path}: the password of {user!r} must be a bcrypt "
+                    "hash ($2b$...), e.g. from htpasswd -nBC 12 USER"
+                )
+        if users:
+            import bcrypt  # noqa: F401  (fail at startup, not at the first scrape)
+        return cls(tls, users)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if self.tls is None:
+            return None
+        tls = self.tls
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = {"TLS13": ssl.TLSVersion.TLSv1_3}.get(
+            tls.get("min_version", "TLS12"), ssl.TLSVersion.TLSv1_2
+        )
+        context.load_cert_chain(tls["cert_file"], tls["key_file"])
+        if tls.get("client_ca_file"):
+            context.load_verify_locations(tls["client_ca_file"])
+            optional = tls.get("client_auth_type") == "VerifyClientCertIfGiven"
+            context.verify_mode = ssl.CERT_OPTIONAL if optional else ssl.CERT_REQUIRED
+        return context
+
+    def authorized(self, header: str | None) -> bool:
+        """True without users, else for ``Basic`` credentials whose password matches."""
+        if not self.users:
+            return True
+        if not header or not header.startswith("Basic "):
+            return False
+        digest = hashlib.sha256(header.encode()).digest()
+        if any(hmac.compare_digest(digest, seen) for seen in self._verified):
+            return True
+        try:
+            user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        import bcrypt
+
+        hashed = self.users.get(user)
+        if hashed is None or not bcrypt.checkpw(password.encode(), hashed):
+            return False
+        self._verified.add(digest)  # bcrypt is slow on purpose; Prometheus scrapes often
+        return True

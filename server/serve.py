@@ -30,6 +30,7 @@ round 5), e.g. to look at trust before going on, or to upgrade the coordinator b
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import sqlite3
 import threading
@@ -46,12 +47,11 @@ from prometheus_client import Counter, Gauge
 from fedwarden.config import RunConfig
 from fedwarden.errors import UsageError
 from fedwarden.protocol.convert import TrainingSpec
-from fedwarden.protocol.proto_gen import fedwarden_v1_pb2_grpc as pb_grpc
 from fedwarden.protocol.transfer import encode_vector, sha256_hex
 from fedwarden.server import checkpoint, faults
-from fedwarden.server.auth import Authenticator, load_tokens
-from fedwarden.server.hub import Hub
-from fedwarden.server.service import FederationServicer
+from fedwarden.server.auth import AllowList, Authenticator, load_tokens
+from fedwarden.server.hub import Hub, client_rows, record_silence
+from fedwarden.server.service import CallGuard, CallLimits, FederationServicer, add_to_server
 
 log = logging.getLogger("fedwarden.serve")
 
@@ -87,6 +87,16 @@ class ServeOptions:
     liveness_s: float = 10.0
     heartbeat_s: float = 2.0
     linger_s: float = 15.0  # after the last round, how long to wait for agents to hear DONE
+    allow_clients: str | None = None
+    allow_open_network: bool = False
+    stall_timeout_s: float = 10.0
+    min_transfer_rate: float = 64 * 1024
+    idle_timeout_s: float = 300.0
+    overselect: float = 1.3
+    max_attempts: int = 5
+    max_silences: int = 3
+    bench_rounds: int = 5
+    metrics_web_config: str | None = None
 
     def check(self) -> None:
         """Refuses insecure or contradictory settings with a message that says what to pass."""
@@ -105,12 +115,27 @@ class ServeOptions:
                     "--tls-client-ca FILE so each agent's identity comes from its "
                     "credentials (or --insecure for an open demo)"
                 )
+            if self.tls_client_ca and not (self.tokens or self.allow_clients):
+                raise UsageError(
+                    "mutual TLS needs --allow-clients FILE (client ids, optionally with "
+                    "certificate fingerprints) or --tokens: otherwise every certificate the "
+                    "CA ever signed is a training identity"
+                )
+        if self.insecure and not self.tokens and not _loopback(self.host):
+            if not self.allow_open_network:
+                raise UsageError(
+                    f"an open coordinator (--insecure without --tokens) listens on loopback "
+                    f"only. Received: --host {self.host}; use --tokens, or "
+                    "--allow-open-network if anyone who can reach it may train"
+                )
         for flag, path in (
             ("--tls-cert", self.tls_cert),
             ("--tls-key", self.tls_key),
             ("--tls-client-ca", self.tls_client_ca),
             ("--tokens", self.tokens),
             ("--eval-data", self.eval_data),
+            ("--allow-clients", self.allow_clients),
+            ("--metrics-web-config", self.metrics_web_config),
         ):
             if path and not Path(path).is_file():
                 raise UsageError(f"{flag} file not found: {path}")
@@ -120,11 +145,54 @@ class ServeOptions:
             )
         if self.round_timeout_s <= 0:
             raise UsageError(f"--round-timeout must be positive. Received: {self.round_timeout_s}")
+        for flag, value in (
+            ("--stall-timeout", self.stall_timeout_s),
+            ("--min-transfer-rate", self.min_transfer_rate),
+            ("--idle-timeout", self.idle_timeout_s),
+        ):
+            if value <= 0:
+                raise UsageError(f"{flag} must be positive. Received: {value}")
+        if self.metrics_web_config:
+            from fedwarden.server.metrics import WebConfig
+
+            try:
+                WebConfig.load(self.metrics_web_config)
+            except (ValueError, ImportError) as exc:
+                raise UsageError(f"--metrics-web-config: {exc}") from None
+        if self.overselect < 1:
+            raise UsageError(f"--overselect must be at least 1. Received: {self.overselect}")
+        for flag, count in (("--max-attempts", self.max_attempts),
+                            ("--max-silences", self.max_silences)):  # fmt: skip
+            if count < 1:
+                raise UsageError(f"{flag} must be a positive integer. Received: {count}")
         if self.compression not in COMPRESSION:
             raise UsageError(
                 f"unknown compression {self.compression!r}. Accepted values: "
                 f"{', '.join(COMPRESSION)}"
             )
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def call_limits(options: ServeOptions) -> CallLimits:
+    """Every call may wait on an agent; streaming calls are two per agent, and the unary calls
+    (Register, Heartbeat, GetTrust) keep one worker per agent plus a few of their own."""
+    streams = 2 * options.max_agents
+    return CallLimits(
+        max_calls=streams + options.max_agents + 8,
+        max_streams=streams,
+        stall_s=options.stall_timeout_s,
+        min_rate=options.min_transfer_rate,
+    )
 
 
 @dataclass
@@ -206,7 +274,11 @@ class Server:
         o = self.options
         tokens, operator_tokens = load_tokens(o.tokens) if o.tokens else ({}, {})
         auth = Authenticator(
-            tokens, operator_tokens, mutual_tls=bool(o.tls_client_ca), operator_names=o.operators
+            tokens,
+            operator_tokens,
+            mutual_tls=bool(o.tls_client_ca),
+            operator_names=o.operators,
+            allow=AllowList(o.allow_clients) if o.allow_clients else None,
         )
         if auth.open:
             log.warning(
@@ -217,16 +289,28 @@ class Server:
             log.warning("plaintext transport (--insecure): tokens travel unencrypted")
         return auth
 
-    def _grpc_server(self, servicer: FederationServicer) -> grpc.Server:
+    def _grpc_server(self, servicer: FederationServicer, guard: CallGuard) -> grpc.Server:
         o = self.options
+        limits = guard.limits
+        # One worker per call the guard admits, and gRPC refuses any call beyond that: no call
+        # ever queues behind a stalled one. Idle connections and silent handshakes are closed.
+        idle_ms = int(o.idle_timeout_s * 1000)
         server = grpc.server(
             futures.ThreadPoolExecutor(
-                max_workers=3 * o.max_agents + 8, thread_name_prefix="fedwarden-grpc"
+                max_workers=limits.max_calls + 2, thread_name_prefix="fedwarden-grpc"
             ),
-            options=SERVER_OPTIONS,
+            options=[
+                *SERVER_OPTIONS,
+                ("grpc.max_connection_idle_ms", idle_ms),
+                ("grpc.server_handshake_timeout_ms", int(limits.stall_s * 1000)),
+                ("grpc.keepalive_time_ms", min(idle_ms, 60_000)),
+                ("grpc.keepalive_timeout_ms", int(limits.stall_s * 1000)),
+                ("grpc.max_concurrent_streams", 16),
+            ],
+            maximum_concurrent_rpcs=limits.max_calls + 2,
             compression=COMPRESSION[o.compression],
         )
-        pb_grpc.add_FederationServicer_to_server(servicer, server)
+        add_to_server(servicer, server, guard)
         address = f"{o.host}:{o.port}"
         try:
             if o.insecure:
@@ -330,7 +414,14 @@ class Server:
             if c.dp_sgd
             else None,
         )
-        hub = Hub(c.rounds, liveness_s=o.liveness_s, heartbeat_interval_s=o.heartbeat_s)
+        hub = Hub(
+            c.rounds,
+            liveness_s=o.liveness_s,
+            heartbeat_interval_s=o.heartbeat_s,
+            max_silences=o.max_silences,
+            bench_rounds=o.bench_rounds,
+            poll_to_select=auth.open,
+        )
         hub.set_last_round(done)
         exporter = MetricsExporter()
         metrics = ServeMetrics(exporter.registry)
@@ -346,7 +437,7 @@ class Server:
             log.info("late update from %s for task %s dropped", client_id, task_id)
 
         def on_rejected(client_id: str, reason: str, detail: str) -> None:
-            exporter.count_rejected(reason)
+            exporter.count_rejected(reason, client_id=client_id or None)
             log.warning(
                 "update from %s refused on arrival (%s): %s",
                 client_id or "an unidentified caller",
@@ -363,9 +454,11 @@ class Server:
             max_update_bytes=layout.size * 8,
             on_rejected=on_rejected,
         )
-        grpc_server = self._grpc_server(servicer)
+        guard = CallGuard(call_limits(o))
+        guard.start()
+        grpc_server = self._grpc_server(servicer, guard)
         metrics_server = (
-            exporter.serve(c.metrics_port, host=o.metrics_host)
+            exporter.serve(c.metrics_port, host=o.metrics_host, web_config=o.metrics_web_config)
             if c.metrics_port is not None
             else None
         )
@@ -428,6 +521,7 @@ class Server:
                 )
         finally:
             grpc_server.stop(grace=2).wait(5)
+            guard.stop()
             if metrics_server is not None:
                 metrics_server.shutdown()
             ledger.close()
@@ -511,16 +605,21 @@ class _RoundLoop:
             if len(live) < self.o.min_clients:
                 now = time.monotonic()
                 if waiting_since is None or now - waiting_since > 30:
+                    benched = self.hub.benched_clients()
                     print(
                         f"round {round_number}: waiting for agents ({len(live)} of "
-                        f"{self.o.min_clients} connected)",
+                        f"{self.o.min_clients} connected"
+                        + (f"; benched for silence: {', '.join(benched)}" if benched else "")
+                        + ")",
                         flush=True,
                     )
                     waiting_since = now
                 continue
             waiting_since = None
             rng = np.random.default_rng([self.c.seed, 5, round_number, attempt])
-            selected = self.coordinator.select(live, self.c.clients_per_round, rng)
+            # Over-selection (Bonawitz et al. 2019): the round closes at clients_per_round answers.
+            want = math.ceil(self.c.clients_per_round * self.o.overselect)
+            selected = self.coordinator.select(live, want, rng)
             if not selected:
                 log.warning("round %d: every live agent is quarantined; waiting", round_number)
                 self.hub.wait_for_clients(len(live) + 1, timeout=1.0)
@@ -529,12 +628,22 @@ class _RoundLoop:
                 round_number, attempt = round_number + 1, 0
             elif not self.stopping():
                 attempt += 1
+                if attempt >= self.o.max_attempts:
+                    raise UsageError(
+                        f"round {round_number}: {attempt} attempts abandoned (--max-attempts); "
+                        f"silent so far: {self.hub.silences or 'nobody'}. The checkpoint of "
+                        f"round {round_number - 1} is kept: restart with the same --state-dir "
+                        "once enough agents answer"
+                    )
         return "done"
 
     def _round(self, round_number: int, attempt: int, selected: list[str]) -> bool:
         start = time.perf_counter()
         payload = encode_vector(self.coordinator.weights, "float32")
-        self.hub.publish(round_number, attempt, selected, payload, sha256_hex(payload))
+        self.hub.publish(
+            round_number, attempt, selected, payload, sha256_hex(payload),
+            target=self.c.clients_per_round,
+        )  # fmt: skip
         faults.point("collect", round_number)
         need = min(self.o.min_clients, len(selected))
         updates, complete = self.hub.collect(
@@ -542,6 +651,7 @@ class _RoundLoop:
         )
         answered = len({u.client_id for u in updates if u.client_id in selected})
         if not complete:
+            self.exporter.update_clients(client_rows(self.coordinator.trust, self.hub.silences))
             if not self.stopping():
                 self.metrics.abandoned.inc()
                 print(
@@ -556,14 +666,20 @@ class _RoundLoop:
             outcome = self.coordinator.finish_round(round_number, selected, updates)
         except (OSError, sqlite3.Error) as exc:  # the ledger could not be written
             raise unwritable(self.o.state_dir, round_number, exc) from None
+        silent = self.hub.take_silence()
+        try:
+            record_silence(self.coordinator.trust, round_number, silent)
+        except (OSError, sqlite3.Error) as exc:
+            raise unwritable(self.o.state_dir, round_number, exc) from None
         faults.point("ledger", round_number)
         loss, accuracy = self.evaluator.evaluate(
             self.layout.unflatten(self.coordinator.weights), self.data.x, self.data.y
         )
         elapsed = time.perf_counter() - start
         self.exporter.observe_round(round_number, accuracy, loss, elapsed, outcome.clients)
+        self.exporter.update_clients(client_rows(self.coordinator.trust, self.hub.silences))
         for r in outcome.rejected:
-            self.exporter.count_rejected(r.reason)
+            self.exporter.count_rejected(r.reason, client_id=r.client_id)
         for u in updates:
             if u.client_id in outcome.admitted:
                 self.state["examples"][u.client_id] = int(u.num_examples)

@@ -704,10 +704,12 @@ def test_mutual_tls_identity_comes_from_the_certificate(tmp_path, procs):
     x, y = load_npz(split_dir / "c00.npz")
     y[[5, 9]] = 12
     np.savez(bad, x=x, y=y)
+    allow = tmp_path / "allow.txt"
+    allow.write_text("c00\nc01\n")
     serve = ["serve", *SERVE_ARGS, *"--rounds 2 --min-clients 2 --clients-per-round 2".split(),
              "--state-dir", str(state), "--tls-cert", str(certs["server.pem"]), "--tls-key",
              str(certs["server.key"]), "--tls-client-ca", str(certs["ca.pem"]),
-             "--operator", "ops"]  # fmt: skip
+             "--operator", "ops", "--allow-clients", str(allow)]  # fmt: skip
     state.mkdir()
     (state / "PAUSE").write_text("2")  # hold after round 1 while trust is read
     coordinator = Proc("coordinator", *serve, "--port", "0")

@@ -80,6 +80,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         operators=args.operator or [],
         compression=args.compression,
         max_agents=args.max_agents,
+        allow_clients=args.allow_clients,
+        allow_open_network=args.allow_open_network,
+        stall_timeout_s=args.stall_timeout,
+        min_transfer_rate=args.min_transfer_rate,
+        idle_timeout_s=args.idle_timeout,
+        overselect=args.overselect,
+        max_attempts=args.max_attempts,
+        max_silences=args.max_silences,
+        bench_rounds=args.bench_rounds,
+        metrics_web_config=args.metrics_web_config,
     )
     options.check()
     check_port_free(config.metrics_port, args.metrics_host)
@@ -176,4 +186,79 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=64,
         help="agents served at once (sizes the thread pool; 64)",
     )
+    add_hostile_client_options(g)
     p.set_defaults(func=cmd_serve)
+
+
+def add_hostile_client_options(g: argparse._ArgumentGroup) -> None:
+    """Options that bound what one client (or a crowd of fake ones) can take from the server."""
+    g.add_argument(
+        "--allow-clients",
+        metavar="FILE",
+        help="allow-list of training identities: lines of client_id, optionally followed by "
+        "sha256:<certificate fingerprint>; re-read when it changes (delete a line to revoke). "
+        "Required for mutual TLS without --tokens",
+    )
+    g.add_argument(
+        "--allow-open-network",
+        action="store_true",
+        help="let an open coordinator (--insecure without --tokens: anyone can claim any id) "
+        "listen on a non-loopback --host",
+    )
+    g.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="a call waiting on its agent with no byte moving for this long is cancelled (10)",
+    )
+    g.add_argument(
+        "--min-transfer-rate",
+        type=float,
+        default=64 * 1024,
+        metavar="BYTES/S",
+        help="uploads and task downloads must average this rate, after --stall-timeout of "
+        "grace (65536)",
+    )
+    g.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="connections with no call for this long are closed (300)",
+    )
+    g.add_argument(
+        "--overselect",
+        type=float,
+        default=1.3,
+        metavar="F",
+        help="select F times --clients-per-round agents; a round closes once "
+        "--clients-per-round of them answered (1.3)",
+    )
+    g.add_argument(
+        "--max-attempts",
+        type=int,
+        default=5,
+        metavar="N",
+        help="attempts at one round before the coordinator stops (exit 2, checkpoint kept) (5)",
+    )
+    g.add_argument(
+        "--max-silences",
+        type=int,
+        default=3,
+        metavar="N",
+        help="an agent selected and silent N attempts in a row is benched (3)",
+    )
+    g.add_argument(
+        "--bench-rounds",
+        type=int,
+        default=5,
+        metavar="N",
+        help="rounds a benched agent is not selected for (5)",
+    )
+    g.add_argument(
+        "--metrics-web-config",
+        metavar="FILE.yml",
+        help="TLS and basic auth for /metrics, in the Prometheus exporter-toolkit web config "
+        "format (tls_server_config, basic_auth_users with bcrypt hashes)",
+    )
