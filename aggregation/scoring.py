@@ -409,3 +409,21 @@ def anomaly_score(
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(weight_sum > 0, total / np.where(weight_sum > 0, weight_sum, 1.0), 0.0)
     return np.clip(np.power(mean, 1.0 / power), 0.0, 1.0)
+
+
+def cohort_anomaly(updates: np.ndarray, weights: dict[str, float] | None = None) -> np.ndarray:
+    """Every row's anomaly score against its cohort, as the coordinator scores a round.
+
+    The reference is the cohort's coordinate-wise median, as in ``Coordinator.finish_round``;
+    losses and the per-client history are not known here (they stay out of the score). This is
+    the scoring rule a detector-aware attacker evaluates (``fedwarden.attacks.detector_aware``).
+
+    Args:
+        updates: ``(K, d)`` update matrix.
+        weights: component weights, :data:`DEFAULT_ANOMALY_WEIGHTS` by default.
+
+    Returns:
+        Float64 array of length K.
+    """
+    updates = np.asarray(updates)
+    return anomaly_score(client_metrics(updates, np.median(updates, axis=0), None), weights)

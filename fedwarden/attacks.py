@@ -825,6 +825,84 @@ def mimic() -> ModelFn:
     return craft
 
 
+# ---------------------------------------------------------------- detector-aware model attack
+
+DEFAULT_SCORER = "fedwarden.aggregation.scoring:cohort_anomaly"
+"""The scoring rule ``detector_aware`` evaluates, named rather than imported (attacks sit below
+``fedwarden.aggregation``)."""
+
+
+def detector_aware(
+    *, score: Any = DEFAULT_SCORER, z: float = 1.0, direction: str = "mean",
+    min_scale: float = 0.03, max_gamma: float = 64.0,
+) -> ModelFn:  # fmt: skip
+    """An attacker that reads the detector: the strongest push whose anomaly stays unflagged.
+
+    Each attacker starts from its own honestly trained update (so it keeps its own spread, its
+    own history and no twin among the attackers) and adds ``gamma * n * p``: ``p`` the unit
+    vector against the honest mean (``direction="mean"``, as IPM) or against the honest
+    coordinate spread (``"std"``, as ALIE), ``n`` the attackers' median update norm. gamma, the
+    same for all attackers, is the largest (up to ``max_gamma``) for which ``score``, evaluated
+    on the whole cohort, keeps every attacker at or below ``median + z * scale`` of the honest
+    clients' scores (scale: 1.4826 MAD, at least ``min_scale``), found by doubling and
+    bisection as the optimised attacks search their strength. The detector flags at
+    ``z_(1 - false_positive_rate)`` (2.58 at 0.005) on evidence that grows with rounds seen, so
+    ``z`` is the strength knob: about ``z / 2`` of evidence per round survives ``server/trust.py``'s
+    accumulation indefinitely with memory 0.6.
+
+    What it cannot see: the server's per-client history signal and the population pool of
+    earlier rounds; its own round's cohort stands in for the population.
+
+    Args:
+        score: ``score(updates (K, d)) -> (K,)`` anomaly scores, or its ``"module:callable"``
+            name (default: the coordinator's cohort scoring).
+        z: how many honest scales above the honest median each attacker may score.
+        direction: ``"mean"`` or ``"std"``.
+        min_scale: smallest scale of the honest scores.
+        max_gamma: largest push, in units of the attackers' update norm.
+    """
+    z = _number("z", z, positive=False)
+    min_scale = _number("min_scale", min_scale)
+    max_gamma = _number("max_gamma", max_gamma)
+    if direction not in ("mean", "std"):
+        raise AttackError(f"direction must be mean or std. Received: direction={direction!r}")
+    scorer = _load_plugin(score) if isinstance(score, str) else score
+    if not callable(scorer):
+        raise AttackError(f"score must be a callable or 'module:callable'. Received: {score!r}")
+
+    def craft(honest: np.ndarray, own: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        own = np.asarray(own, np.float64)
+        if len(honest) < 2:  # nothing to hide among: send the honest update
+            return own
+        ref = np.asarray(honest, np.float64)
+        p = -ref.mean(axis=0) if direction == "mean" else -ref.std(axis=0)
+        norm = float(np.linalg.norm(p))
+        if norm == 0:
+            return own
+        push = p / norm * float(np.median(np.linalg.norm(own, axis=1)))
+
+        def unflagged(gamma: float) -> bool:
+            scores = np.asarray(scorer(np.concatenate([ref, own + gamma * push])), np.float64)
+            mine, theirs = scores[len(ref):], scores[: len(ref)]
+            med = float(np.median(theirs))
+            scale = max(1.4826 * float(np.median(np.abs(theirs - med))), min_scale)
+            return bool(np.max(mine) <= med + z * scale)
+
+        if not unflagged(0.0):
+            return own
+        lo, hi = 0.0, min(0.25, max_gamma)
+        while hi < max_gamma and unflagged(hi):
+            lo, hi = hi, min(2.0 * hi, max_gamma)
+        if unflagged(hi):
+            return own + hi * push
+        for _ in range(12):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if unflagged(mid) else (lo, mid)
+        return own + lo * push
+
+    return craft
+
+
 # ---------------------------------------------------------------------------- registry
 
 
@@ -856,6 +934,7 @@ ATTACKS: dict[str, AttackSpec] = {
     "alie_optimized": AttackSpec("model", alie_optimized),
     "ipm_optimized": AttackSpec("model", ipm_optimized),
     "mimic": AttackSpec("model", mimic),
+    "detector_aware": AttackSpec("model", detector_aware),
 }
 
 

@@ -6,9 +6,10 @@ are listed.
 """
 
 LIST_KEYS = ("client_id", "trust", "anomaly", "flagged", "quarantined", "rounds", "last_round",
-             "rejected")  # fmt: skip
+             "rejected", "evidence", "explanation")  # fmt: skip
 """Keys of each ``trust list --format json`` entry (the first five are the stable contract)."""
 
 HISTORY_KEYS = ("round", "anomaly", "trust", "flagged", "quarantined", "norm", "norm_z", "cosine",
-                "distance", "krum_score", "trimmed_share", "loss", "rejected_reason")  # fmt: skip
+                "distance", "krum_score", "trimmed_share", "loss", "pair_gap", "cluster_outlier",
+                "history_error", "evidence", "rejected_reason", "explanation")  # fmt: skip
 """Keys of each round in ``trust show --format json``."""

@@ -214,7 +214,8 @@ class Coordinator:
         for row in rows:
             state = states[row["client_id"]]
             row.update(trust=state.trust, flagged=state.flagged, quarantined=state.quarantined,
-                       evidence=state.evidence, explanation=state.explanation)  # fmt: skip
+                       evidence=state.evidence, explanation=state.explanation,
+                       signal_excess=state.excess)  # fmt: skip
         self.round = round_number
         flagged = sorted(c for c, s in self.trust.snapshot().items() if s.flagged)
         return RoundOutcome(

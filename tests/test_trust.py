@@ -377,3 +377,159 @@ def test_trust_heatmap_writes_a_png(tmp_path):
     path = tmp_path / "trust.png"
     plot_trust_heatmap({"c1": [None, 0.9, 0.8], "c2": [0.7, 0.4, 0.2]}, {"c2"}, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- flags from evidence ---------------------------------------------------------------------------
+
+
+def population_rounds(rounds: int, clients: int = 40, per_round: int = 10, seed: int = 0):
+    """Rounds of honest-looking anomaly scores: ids sampled per round, scores around 0.2."""
+    rng = np.random.default_rng(seed)
+    ids = [f"h{i:02d}" for i in range(clients)]
+    for r in range(1, rounds + 1):
+        cohort = sorted(rng.choice(ids, per_round, replace=False).tolist())
+        yield r, cohort, np.clip(rng.normal(0.2, 0.05, per_round), 0, 1)
+
+
+def test_a_client_seen_once_is_judged_on_that_round_and_explained():
+    book = TrustBook(TrustPolicy())
+    for r, cohort, scores in population_rounds(6):
+        comp = {"collusion": np.full(len(cohort), 0.02), "cosine": np.full(len(cohort), 0.1)}
+        if r == 6:  # the newcomer's only round: a twin of nobody but anomalous in one signal
+            cohort, scores = [*cohort, "x"], np.append(scores, 0.6)
+            comp = {"collusion": np.append(comp["collusion"], 0.98),
+                    "cosine": np.append(comp["cosine"], 0.12)}  # fmt: skip
+        book.update(r, cohort, scores, {}, components=comp)
+    x = book.get("x")
+    assert x.rounds == 1 and x.flagged and x.evidence > book.policy.flag_z
+    assert x.explanation.startswith("evidence") and "collusion 0.98 (typical 0.02)" in x.explanation
+    assert "cosine" not in x.explanation.split(":")[1].split(",")[0]  # the top signal is collusion
+    assert book.flagged() == {"x"}
+
+
+@pytest.mark.parametrize("rate", [0.005, 0.05])
+def test_flag_rate_of_a_normal_population_is_near_the_configured_rate(rate):
+    book = TrustBook(TrustPolicy(false_positive_rate=rate))
+    flagged = scored = 0
+    for r, cohort, scores in population_rounds(200, clients=100, per_round=20, seed=1):
+        states = book.update(r, cohort, scores, {})
+        scored += len(states)
+        flagged += sum(s.flagged for s in states.values())
+    assert 0.2 * rate < flagged / scored < 2.5 * rate
+
+
+def test_a_modest_persistent_excess_is_flagged_after_a_few_rounds_not_at_once():
+    book = TrustBook(TrustPolicy())
+    first_flag = None
+    for r, cohort, scores in population_rounds(12, seed=2):
+        states = book.update(r, [*cohort, "m"], np.append(scores, 0.2 + 1.6 * 0.05), {})
+        if first_flag is None and states["m"].flagged:
+            first_flag = r
+    assert first_flag is not None and 2 <= first_flag <= 8
+    assert all(not book.get(c).flagged for c in book.snapshot() if c != "m")
+
+
+def test_evidence_and_population_survive_a_restart(tmp_path):
+    path = tmp_path / "l.sqlite"
+    rounds = list(population_rounds(8, seed=3))
+
+    def feed(book, r, cohort, scores):
+        comp = {"norm_z": np.linspace(0, 1, len(cohort) + 1)}
+        return book.update(r, [*cohort, "m"], np.append(scores, 0.5), {}, components=comp)
+
+    with Ledger(path) as ledger:
+        book = TrustBook(TrustPolicy(), ledger)
+        for r, cohort, scores in rounds[:5]:
+            feed(book, r, cohort, scores)
+        for r, cohort, scores in rounds[5:]:
+            expected = feed(book, r, cohort, scores)
+    with Ledger(path) as ledger:
+        ledger.truncate_after(5)
+        resumed = TrustBook(TrustPolicy(), ledger)
+        assert resumed.get("m").flagged and "norm_z" in resumed.get("m").explanation
+        for r, cohort, scores in rounds[5:]:
+            got = feed(resumed, r, cohort, scores)
+    for cid, state in expected.items():
+        assert got[cid].evidence == pytest.approx(state.evidence), cid
+        assert got[cid].flagged == state.flagged and got[cid].explanation == state.explanation
+
+
+def test_a_schema_1_ledger_gains_the_detection_columns(tmp_path):
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE clients (client_id TEXT PRIMARY KEY, trust REAL, anomaly REAL, flagged "
+        "INTEGER NOT NULL DEFAULT 0, quarantined INTEGER NOT NULL DEFAULT 0, quarantined_since "
+        "INTEGER, rounds INTEGER NOT NULL DEFAULT 0, last_round INTEGER, rejected INTEGER NOT "
+        "NULL DEFAULT 0);"
+        "CREATE TABLE client_rounds (round INTEGER NOT NULL, client_id TEXT NOT NULL, norm REAL, "
+        "norm_z REAL, cosine REAL, distance REAL, krum_score REAL, trimmed_share REAL, loss REAL, "
+        "anomaly REAL, trust REAL, flagged INTEGER NOT NULL DEFAULT 0, quarantined INTEGER NOT "
+        "NULL DEFAULT 0, quarantined_since INTEGER, rejected_reason TEXT, "
+        "PRIMARY KEY (round, client_id));"
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);"
+        "INSERT INTO meta VALUES ('schema_version', '1'), ('last_round', '1');"
+        "INSERT INTO client_rounds (round, client_id, anomaly, trust) VALUES (1, 'a', 0.1, 0.97);"
+        "INSERT INTO clients (client_id, trust, anomaly, rounds, last_round) "
+        "VALUES ('a', 0.97, 0.1, 1, 1);"
+    )
+    conn.commit()
+    conn.close()
+    with Ledger(path, readonly=True) as old:  # read-only: read as it is
+        assert old.list_clients()[0]["client_id"] == "a"
+    with Ledger(path) as ledger:
+        book = TrustBook(TrustPolicy(), ledger)
+        book.update(2, ["a"], np.array([0.2]), {}, components={"cosine": np.array([0.3])})
+        assert ledger.get_meta("schema_version") == "2"
+        assert json.loads(ledger.client_history("a")[-1]["signals"]) == {"cosine": 0.3}
+
+
+@pytest.fixture
+def flagged_ledger(tmp_path) -> Path:
+    """A ledger where client m is flagged, mostly for collusion."""
+    path = tmp_path / "flagged.sqlite"
+    with Ledger(path) as ledger:
+        book = TrustBook(TrustPolicy(), ledger)
+        for r, cohort, scores in population_rounds(4, seed=4):
+            ids = [*cohort, "m"]
+            comp = {"collusion": np.append(np.full(len(cohort), 0.01), 1.0),
+                    "norm_z": np.full(len(ids), 0.05)}  # fmt: skip
+            book.update(r, ids, np.append(scores, 0.7), {}, components=comp)
+    return path
+
+
+def test_trust_show_and_report_say_why_a_client_is_flagged(flagged_ledger, tmp_path, capsys):
+    assert trust_main(["trust", "show", "m", "--ledger", str(flagged_ledger),
+                       "--format", "json"]) == 0  # fmt: skip
+    data = json.loads(capsys.readouterr().out)
+    assert data["flagged"] and "collusion 1.00 (typical 0.01)" in data["explanation"]
+    assert data["history"][-1]["evidence"] > 2.5
+    report = tmp_path / "m.jsonl"
+    report.write_text(
+        "\n".join(
+            json.dumps({"client_id": "m", "round": r, "attacking": True, "attack": "alie"})
+            for r in (1, 2, 3, 4)
+        )
+    )
+    assert trust_main(["trust", "report", "--ledger", str(flagged_ledger), "--red-team",
+                       str(report)]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "why each flagged client is flagged:" in out and "m: evidence" in out
+    assert "collusion 1.00" in out
+
+
+def test_metrics_carry_a_flagged_clients_signals_and_drop_them_when_unflagged():
+    from fedwarden.server.metrics import MetricsExporter
+
+    exporter = MetricsExporter()
+    flagged = {"client_id": "m", "trust": 0.4, "flagged": True, "evidence": 4.2,
+               "signal_excess": {"collusion": 0.9, "norm_z": -0.1}}  # fmt: skip
+    exporter.observe_round(1, 0.9, 0.3, 1.0, [flagged, {"client_id": "h", "trust": 0.9}])
+    text = exporter.render().decode()
+    assert 'fedwarden_client_flag_signal_excess{client_id="m",signal="collusion"} 0.9' in text
+    assert (
+        'signal="norm_z"' not in text
+        and 'fedwarden_client_flag_evidence{client_id="m"} 4.2' in text
+    )
+    exporter.observe_round(2, 0.9, 0.3, 1.0, [{**flagged, "flagged": False}])
+    assert "fedwarden_client_flag_signal_excess{" not in exporter.render().decode()

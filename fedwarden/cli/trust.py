@@ -224,12 +224,22 @@ def red_team_scores(flagged: list[set[str]], reports: list[dict[str, Any]]) -> d
     }
 
 
+def flag_explanations(ledger: Any, client_ids: set[str]) -> dict[str, str | None]:
+    """Each client's latest explanation in the ledger: why it is flagged (None if it is not)."""
+    out = {}
+    for cid in sorted(client_ids):
+        row = ledger.get_client(cid)
+        out[cid] = None if row is None else row.get("explanation")
+    return out
+
+
 def cmd_trust_report(args: argparse.Namespace) -> int:
     from fedwarden.clients.red_team import read_reports
 
     reports = read_reports(args.red_team)
     with _open(args.ledger) as ledger:
         scores = red_team_scores(flags_by_round(ledger), reports)
+        scores["explanations"] = flag_explanations(ledger, set(scores["flagged"]))
     if args.format == "json":
         print(json.dumps(scores, indent=2))
         return 0
@@ -248,6 +258,12 @@ def cmd_trust_report(args: argparse.Namespace) -> int:
         print()
         print(format_table(rows, ("client_id", "attack", "first_attack_round",
                                   "first_flagged_round", "rounds_to_detection")))  # fmt: skip
+    if scores["explanations"]:
+        print()
+        print("why each flagged client is flagged:")
+        for cid, why in scores["explanations"].items():
+            mark = "" if cid in scores["attackers"] else " (false positive)"
+            print(f"  {cid}{mark}: {why or '-'}")
     return 0
 
 
