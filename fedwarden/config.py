@@ -48,6 +48,7 @@ from fedwarden.errors import UsageError
 DATASETS = ("digits", "fashion_mnist", "synthetic")
 PARTITIONS = ("iid", "dirichlet", "shards")
 SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam")
+FLAG_RULES = ("evidence", "threshold")
 QUARANTINE_POLICIES = ("none", "exclude", "downweight")
 DP_MODES = ("none", "central")
 DP_ACCOUNTANTS = ("rdp", "pld")
@@ -327,6 +328,15 @@ class TrustConfig(Section):
     unflag_above: float = option(
         0.7, "unflag it once its trust rises above this (hysteresis)",
         low=0, high=1, high_open=True, flat="trust_unflag_above",
+    )  # fmt: skip
+    flag_rule: str = option(
+        "evidence", "evidence: flag on a client's anomaly against the population's, weighed by "
+        "rounds seen (server/trust.py); threshold: flag below --trust-flag-below",
+        choices=FLAG_RULES, flat="trust_flag_rule",
+    )  # fmt: skip
+    false_positive_rate: float = option(
+        0.005, "nominal share of honest clients flagged under --trust-flag-rule evidence",
+        low=0, high=0.5, low_open=True, high_open=True, flat="trust_false_positive_rate",
     )  # fmt: skip
     quarantine: str = option("none", "what flagged clients get", choices=QUARANTINE_POLICIES)
     quarantine_downweight: float = option(

@@ -76,6 +76,8 @@ def trust_policy(config: RunConfig) -> TrustPolicy:
         quarantine=config.quarantine,
         downweight=config.quarantine_downweight,
         probation_rounds=config.probation_rounds,
+        flag_rule=config.trust_flag_rule,
+        false_positive_rate=config.trust_false_positive_rate,
     )
 
 
