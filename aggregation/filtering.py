@@ -417,7 +417,7 @@ class FLTrust:
 
     The server update is an explicit input: ``bind_reference(fn)`` with ``fn() -> (d,)``, called
     once per aggregation; ``fedwarden simulate`` binds one that trains on ``root_size`` examples
-    of the held-out split. ``check`` refuses to run unbound.
+    of the held-out split. Calling it unbound raises AggregationError.
 
     Args:
       root_size: examples in the root set (100 as in the paper), read by whoever binds the
@@ -450,17 +450,17 @@ class FLTrust:
             raise AggregationError(
                 f"fltrust needs at least one update. Received: num_clients={num_clients}."
             )
+
+    def __call__(self, updates: np.ndarray, weights: np.ndarray, state: Any) -> StepOutput:
+        updates, weights = as_cohort(updates, weights)
+        k, d = updates.shape
+        self.check(k)
         if self._reference is None:
             raise AggregationError(
                 "fltrust needs the server's update on its root set and none is bound. Received: "
                 "an unbound fltrust step; call bind_reference(fn) (fedwarden simulate does it "
                 "from the held-out split), or choose another rule."
             )
-
-    def __call__(self, updates: np.ndarray, weights: np.ndarray, state: Any) -> StepOutput:
-        updates, weights = as_cohort(updates, weights)
-        k, d = updates.shape
-        self.check(k)
         g0 = np.asarray(self._reference(), np.float64).reshape(-1)
         if g0.shape != (d,):
             raise AggregationError(
@@ -487,3 +487,10 @@ dnc = DnC
 flame = Flame
 clipped_clustering = ClippedClustering
 fltrust = FLTrust
+
+
+def reference_steps(step: Any) -> list[Any]:
+    """The steps in ``step`` (a chain, nested or not) that need a server reference update."""
+    if hasattr(step, "bind_reference"):
+        return [step]
+    return [found for child in getattr(step, "steps", ()) for found in reference_steps(child)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from fedwarden.aggregation.accounting import default_delta
+from fedwarden.aggregation.filtering import reference_steps
 from fedwarden.attacks import Attack, build_attack
 from fedwarden.clients.dp_sgd import ClientPrivacyAccount
 from fedwarden.clients.training import DPSGDSettings, LocalTrainer, one_thread_per_op
@@ -137,6 +139,8 @@ class _Run:
         self.attack: Attack = build_attack(config.attack, attack_params, collude=config.collude)
         self.privacy = central_privacy(config, len(self.fed.ids))
         self.chain = build_chain(config, self.privacy, seed=config.seed)
+        for step in reference_steps(self.chain):  # FLTrust: the server's own update
+            step.bind_reference(self._root_update(step.root_size))
         if config.engine == "tff":  # TFF's own aggregator for mean-based chains
             from fedwarden.aggregation.tff import tff_step
 
@@ -253,6 +257,20 @@ class _Run:
         crafted = self.attack.craft(honest, np.stack([u.delta for u in bad]), rng, rule)
         for u, row in zip(bad, crafted):
             u.delta = np.asarray(row, np.float32)
+
+    def _root_update(self, size: int) -> Callable[[], np.ndarray]:
+        """FLTrust's server update: the current model trained on ``size`` examples of the held-out
+        split (never client data; they stay in the test set, 100 of 17,500 on Fashion-MNIST)."""
+        ds = self.fed.dataset
+        idx = np.random.default_rng([self.config.seed, 5]).permutation(len(ds.y_test))[:size]
+        x, y = ds.x_test[idx], ds.y_test[idx]
+
+        def update() -> np.ndarray:
+            weights = self.sim.layout.unflatten(self.coordinator.weights)
+            rng = np.random.default_rng([self.config.seed, 6, self.coordinator.round])
+            return self.trainer.train_cohort(weights, [(x, y)], [rng])[0].delta
+
+        return update
 
     def _attacked_rule(self, updates: np.ndarray) -> np.ndarray:
         """The run's chain on ``updates`` with this round's state, for rule-aware attacks (the
