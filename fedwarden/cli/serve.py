@@ -34,13 +34,31 @@ SERVE_SKIPS = frozenset(
 )  # fmt: skip
 
 
+SERVE_AGGREGATOR = "median"
+"""serve's chain when neither --aggregator nor --config names one. Real agents report their own
+example counts and send whatever values they like: a coordinate-wise median stays within the
+honest clients' values with any cohort of which fewer than half are hostile, needs no norm bound
+that depends on the model, and ignores the counts. With --dp central the default stays ``mean``,
+the only chain whose epsilon is a formal guarantee (its clip bounds each client)."""
+
+
 def serve_config(args: argparse.Namespace):
     """The coordinator's RunConfig: its cohort is also its (unknown) population."""
     from fedwarden.cli.main import config_from_args
+    from fedwarden.config import load_toml
 
     cohort = args.clients_per_round
-    population = {} if cohort is None else {"clients": cohort}
-    return config_from_args(args, SERVE_SKIPS, out=args.state_dir, progress=False, **population)
+    overrides = {} if cohort is None else {"clients": cohort}
+    config = config_from_args(args, SERVE_SKIPS, out=args.state_dir, progress=False, **overrides)
+    named = args.aggregator is not None or (
+        getattr(args, "config", None) and "aggregator" in load_toml(args.config)
+    )
+    if named or config.dp == "central":
+        return config
+    return config_from_args(
+        args, SERVE_SKIPS, out=args.state_dir, progress=False, aggregator=SERVE_AGGREGATOR,
+        **overrides,
+    )  # fmt: skip
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -107,6 +125,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "serve", help="run a coordinator for remote agents", description=DESCRIPTION
     )
     add_settings(p, SERVE_SKIPS)
+    (aggregator,) = [a for a in p._actions if "--aggregator" in a.option_strings]
+    aggregator.help = aggregator.help.replace(
+        "(default: mean)", f"(default: {SERVE_AGGREGATOR}; mean with --dp central)"
+    )
     g = p.add_argument_group("deployment")
     g.add_argument(
         "--eval-data",
