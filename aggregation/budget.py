@@ -122,10 +122,12 @@ def resolve_budget(
     return int(num_byzantine)
 
 
-def _step_names(spec: str) -> list[str]:
-    import re
-
-    return [t.split(":", 1)[0].strip() for t in re.split(r"\+(?=\s*[A-Za-z_])", spec)]
+def _step_names(step: object) -> list[str]:
+    """Names of the steps in a (possibly nested) chain."""
+    children = getattr(step, "steps", None)
+    if children is None:
+        return [getattr(step, "name", "")]
+    return [name for child in children for name in _step_names(child)]
 
 
 def budget_problems(spec: str, cohort: int, num_byzantine: int) -> list[str]:
@@ -133,19 +135,19 @@ def budget_problems(spec: str, cohort: int, num_byzantine: int) -> list[str]:
 
     Empty when its assumptions hold. Checks the chain's own ``check`` (krum's K > 2f + 2, a
     trimmed mean that would trim everything, ...) and the honest majority that median-type
-    rules need.
+    rules need (named chains such as ``auto`` are looked into).
     """
     from fedwarden.aggregation.chain import parse_chain
 
+    built = parse_chain(spec, num_byzantine_default=num_byzantine)
     try:
-        parse_chain(spec, num_byzantine_default=num_byzantine).check(cohort)
+        built.check(cohort)
     except AggregationError as err:
-        if "bind_reference" not in str(err):  # fltrust is bound at run time
-            return [str(err)]
+        return [str(err)]
     f = num_byzantine
     return [
         f"{name} assumes fewer than half of the {cohort} updates are malicious; the budget is {f}."
-        for name in _step_names(spec)
+        for name in _step_names(built)
         if name in MAJORITY_RULES and 2 * f >= cohort
     ]
 

@@ -59,6 +59,7 @@ REGISTRY: dict[str, Callable[..., Any] | str] = {
     "flame": "fedwarden.aggregation.filtering:flame",
     "clipped_clustering": "fedwarden.aggregation.filtering:clipped_clustering",
     "fltrust": "fedwarden.aggregation.filtering:fltrust",
+    "auto": "fedwarden.aggregation.recommended:auto",
     "central_dp": "fedwarden.aggregation.dp:central_dp",
     "gaussian_noise": "fedwarden.aggregation.dp:gaussian_noise",
 }

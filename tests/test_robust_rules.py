@@ -234,3 +234,17 @@ def test_budget_check_names_what_would_work():
     assert "median" in str(err.value) or "fltrust" in str(err.value)
     assert "fltrust" in recommended_rules(10, 5)
     check_budget("median", num_clients=10, num_byzantine=4)
+
+
+def test_auto_is_the_documented_chain_and_its_budget_is_checked_inside():
+    from fedwarden.aggregation.recommended import AUTO_SPEC
+
+    built = parse_chain("auto", num_byzantine_default=2)
+    assert repr(built) == f"chain({parse_chain(AUTO_SPEC, num_byzantine_default=2)!r})"
+    rng = np.random.default_rng(0)
+    updates = rng.normal(size=(10, 20)).astype(np.float32)
+    out = built(updates, np.ones(10), built.init())
+    assert out.updates.shape == (1, 20)
+    assert all(key.startswith("auto/") for key in out.measurements)
+    with pytest.raises(AggregationError, match="fltrust"):
+        check_budget("auto", num_clients=10, num_byzantine=5)
