@@ -619,7 +619,26 @@ def _direction(perturbation: str, centered: np.ndarray, mean: np.ndarray) -> np.
     return -mean / norm if norm > 0 else np.zeros_like(mean)
 
 
-def _tailored(perturbation: str, start: float, tolerance: float) -> ModelFn:
+STEALTH = ("none", "min_max", "min_sum")
+
+
+def _within(stealth: str, ref: np.ndarray) -> Callable[[np.ndarray], bool]:
+    """Whether a crafted vector meets min-max's or min-sum's distance bound (always, for none)."""
+    sq = (ref * ref).sum(axis=1)
+    pair = np.maximum(sq[:, None] + sq[None, :] - 2.0 * ref @ ref.T, 0.0)
+
+    def ok(v: np.ndarray) -> bool:
+        dist = np.maximum(sq - 2.0 * ref @ v + v @ v, 0.0)
+        if stealth == "min_max":
+            return bool(np.sqrt(dist.max()) <= np.sqrt(pair.max()))
+        if stealth == "min_sum":
+            return bool(dist.sum() <= pair.sum(axis=1).max())
+        return True
+
+    return ok
+
+
+def _tailored(perturbation: str, start: float, tolerance: float, stealth: str = "none") -> ModelFn:
     """Mean + gamma * p with gamma maximising ||rule(crafted + honest) - honest mean||."""
 
     @_rule_aware
@@ -628,8 +647,11 @@ def _tailored(perturbation: str, start: float, tolerance: float) -> ModelFn:
         mean = ref.mean(axis=0)
         p = _direction(perturbation, ref - mean, mean)
         m = len(own)
+        within = _within(stealth, ref)
 
         def deviation(gamma: float) -> float:
+            if not within(mean + gamma * p):
+                return -np.inf
             bad = _rows(mean + gamma * p, m)
             return float(np.linalg.norm(_aggregated(aggregate, bad, ref) - mean))
 
@@ -639,7 +661,11 @@ def _tailored(perturbation: str, start: float, tolerance: float) -> ModelFn:
 
 
 def agr_tailored(
-    *, perturbation: str = "std", gamma_init: float = 10.0, tolerance: float = 1e-5
+    *,
+    perturbation: str = "std",
+    gamma_init: float = 10.0,
+    tolerance: float = 1e-5,
+    stealth: str = "none",
 ) -> ModelFn:
     """AGR-tailored (Shejwalkar & Houmansadr 2021): mean + gamma * p, gamma searched on the rule.
 
@@ -647,15 +673,20 @@ def agr_tailored(
     paper's halving search from ``gamma_init`` = 10 down to steps of ``tolerance`` = 1e-5, using
     the aggregation rule actually in use (passed by the caller; the mean without it). The
     perturbation p is -std (default), "unit_vec" or "sign", as in ``min_max``. ``gamma_init`` is
-    the strength knob (it bounds the search at about 2 * gamma_init).
+    the strength knob (it bounds the search at about 2 * gamma_init). ``stealth`` "min_max" or
+    "min_sum" only accepts scales that also meet that attack's distance bound (the malicious
+    update no farther from the honest ones than they are from each other), so distance-based
+    detectors see nothing unusual: min-max and min-sum searched against the rule in use.
 
     References:
         Shejwalkar and Houmansadr, "Manipulating the Byzantine: Optimizing Model Poisoning
         Attacks and Defenses for Federated Learning", NDSS 2021 (AGR-tailored attacks).
     """
     _check_perturbation(perturbation)
+    if stealth not in STEALTH:
+        raise AttackError(f"stealth must be one of {', '.join(STEALTH)}. Received: {stealth!r}")
     return _tailored(
-        perturbation, _number("gamma_init", gamma_init), _number("tolerance", tolerance)
+        perturbation, _number("gamma_init", gamma_init), _number("tolerance", tolerance), stealth
     )
 
 
@@ -883,7 +914,7 @@ def detector_aware(
 
         def unflagged(gamma: float) -> bool:
             scores = np.asarray(scorer(np.concatenate([ref, own + gamma * push])), np.float64)
-            mine, theirs = scores[len(ref):], scores[: len(ref)]
+            mine, theirs = scores[len(ref) :], scores[: len(ref)]
             med = float(np.median(theirs))
             scale = max(1.4826 * float(np.median(np.abs(theirs - med))), min_scale)
             return bool(np.max(mine) <= med + z * scale)

@@ -509,3 +509,21 @@ def test_dba_clients_carry_disjoint_parts_that_make_up_the_global_trigger():
     union = np.logical_or.reduce(stamped)
     np.testing.assert_array_equal(union, attack.trigger(x[:1])[0, ..., 0] > 0)
     assert all(part.sum() == 4 for part in stamped)  # 1 x 4 bars
+
+
+@pytest.mark.parametrize("stealth", ["min_max", "min_sum"])
+def test_agr_tailored_with_stealth_stays_within_the_honest_distances(stealth):
+    # Shejwalkar & Houmansadr 2021: min-max keeps the malicious update's largest distance to an
+    # honest one within the largest honest pairwise distance; min-sum does so for the sums.
+    honest, own = updates(h=8, m=3, d=60)
+    rule = lambda rows: _trimmed_mean(rows, 3)  # noqa: E731
+    free = build_attack("agr_tailored").craft(honest, own, np.random.default_rng(0), rule)
+    bad = build_attack("agr_tailored", {"stealth": stealth}).craft(
+        honest, own, np.random.default_rng(0), rule
+    )
+    d_bad, d_pair = sq_dists(bad[:1], honest)[0], sq_dists(honest, honest)
+    if stealth == "min_max":
+        assert d_bad.max() <= d_pair.max() * (1 + 1e-4)
+    else:
+        assert d_bad.sum() <= d_pair.sum(axis=1).max() * (1 + 1e-4)
+    assert _deviation(rule, bad, honest) <= _deviation(rule, free, honest) + 1e-6
