@@ -9,7 +9,10 @@ TensorFlow or any data.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 from fedwarden.config import DATASETS, RunConfig
@@ -37,6 +40,17 @@ def num_classes(config: RunConfig) -> int:
         ) from None
 
 
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    log = logging.getLogger(logger)
+    before = log.disabled
+    log.disabled = True
+    try:
+        yield
+    finally:
+        log.disabled = before
+
+
 def check_run(config: RunConfig, *, cohort: int | None = None, deployment: bool = False) -> None:
     """Refuses a run that would fail after loading data: attack, chain and DP settings.
 
@@ -46,6 +60,7 @@ def check_run(config: RunConfig, *, cohort: int | None = None, deployment: bool 
       deployment: a coordinator (``serve``): central DP accounted without subsampling and
         --target-epsilon a budget; no attack.
     """
+    from fedwarden.aggregation.chain import parse_chain
     from fedwarden.attacks import build_attack
     from fedwarden.server.defence import build_chain, central_privacy
 
@@ -54,9 +69,13 @@ def check_run(config: RunConfig, *, cohort: int | None = None, deployment: bool 
         build_attack(
             config.attack, {"num_classes": classes, **config.attack_params}, collude=config.collude
         )
+    # A misspelt chain is an error, before build_chain weighs its Byzantine budget (a warning).
+    parse_chain(config.aggregator, num_byzantine_default=1)
     population = config.clients_per_round if deployment else config.clients
     privacy = central_privacy(config, population, budget=deployment)
-    build_chain(config, privacy, seed=None).check(cohort or config.clients_per_round)
+    with _quiet("fedwarden.defence"):  # its warnings come once, when the run builds its chain
+        chain = build_chain(config, privacy, seed=None)
+    chain.check(cohort or config.clients_per_round)
     if config.dp_sgd:
         from fedwarden.aggregation.accounting import validate_dp
 

@@ -212,7 +212,7 @@ def test_simulate_engine_tff_central_dp_uses_tffs_dp_aggregator(tmp_path: Path):
         ),
     )
     results = simulate(config)
-    assert "DifferentiallyPrivateFactory" in results["aggregator"]
+    assert "DifferentiallyPrivateFactory" in json.dumps(results["aggregator"])
     assert results["rounds"][-1]["measurements"]["dp_query_metrics/clip"] > 0
     assert 0.0 <= results["final"]["accuracy"] <= 1.0
 

@@ -13,10 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
-from fedwarden.config import DATASETS, PARTITIONS
-from fedwarden.errors import UsageError
+from fedwarden.config import DATASETS, PARTITIONS, DataConfig, TrainingConfig
 
 
 def client_ids(n: int) -> list[str]:
@@ -36,11 +33,17 @@ def split_dataset(
     data_dir: str | None = None,
 ) -> dict[str, int]:
     """Writes the split; returns the number of examples per client id."""
+    import numpy as np
+
     from fedwarden.data.datasets import load_dataset
     from fedwarden.data.partition import partition as make_partition
 
-    if clients < 1:
-        raise UsageError(f"--clients must be a positive integer. Received: {clients}")
+    # The same checks, and messages, as the settings of a simulation.
+    DataConfig(
+        dataset=dataset, data_dir=data_dir, clients=clients, partition=partition, alpha=alpha,
+        shards_per_client=shards_per_client,
+    )  # fmt: skip
+    TrainingConfig(seed=seed)
     ds = load_dataset(dataset, data_dir, seed)
     rng = np.random.default_rng([seed, 1])
     parts = make_partition(
@@ -69,12 +72,6 @@ def split_dataset(
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    if args.partition not in PARTITIONS:
-        raise UsageError(
-            f"unknown partition {args.partition!r}. Accepted values: {', '.join(PARTITIONS)}"
-        )
-    if args.alpha <= 0:
-        raise UsageError(f"--alpha must be positive. Received: {args.alpha}")
     out = Path(args.out)
     sizes = split_dataset(
         args.dataset,
@@ -109,24 +106,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--dataset", required=True, help=f"{', '.join(DATASETS)}, or a .npz file with arrays x, y"
     )
     s.add_argument("--clients", type=int, required=True, help="number of client files to write")
-    s.add_argument("--partition", default="iid", help=f"{', '.join(PARTITIONS)} (default iid)")
+    s.add_argument(
+        "--partition", default="iid", choices=PARTITIONS, help="how to split (default: iid)"
+    )
     s.add_argument(
         "--alpha",
         type=float,
         default=0.5,
-        help="Dirichlet concentration for --partition dirichlet; smaller is more skewed (0.5)",
+        help="Dirichlet concentration for --partition dirichlet; smaller is more skewed "
+        "(default: 0.5)",
     )
     s.add_argument(
         "--shards-per-client",
         type=int,
         default=2,
-        help="label shards per client for --partition shards (2)",
+        help="label shards per client for --partition shards (default: 2)",
     )
     s.add_argument(
         "--seed",
         type=int,
         default=0,
-        help="seed of the held-out split and the partition (0); give serve the same",
+        help="seed of the held-out split and the partition; give serve the same (default: 0)",
     )
     s.add_argument("--data-dir", help="directory of the Fashion-MNIST IDX files")
     s.add_argument("--out", required=True, help="output directory")

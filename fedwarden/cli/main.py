@@ -96,7 +96,8 @@ class VersionAction(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
-        parser.exit(0, f"fedwarden {version()}\n")
+        print(f"fedwarden {version()}")
+        parser.exit(0)
 
 
 def _help(f: dataclasses.Field) -> str:
@@ -439,6 +440,16 @@ def is_user_error(exc: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except BrokenPipeError:
+        # The reader went away (`fedwarden trust list ... | head`): nothing is wrong, and
+        # nothing more can be written; keep the interpreter's final flush quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # reported by the subcommand's parser, which knows what it would ignore
@@ -455,11 +466,6 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(exc).split())  # one line, whatever the exception held
         print(f"fedwarden {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except BrokenPipeError:
-        # The reader went away (`fedwarden trust list ... | head`): nothing is wrong, and
-        # nothing more can be written; keep the interpreter's final flush quiet too.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

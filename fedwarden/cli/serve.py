@@ -48,7 +48,7 @@ def serve_config(args: argparse.Namespace):
     from fedwarden.config import load_toml
 
     cohort = args.clients_per_round
-    overrides = {} if cohort is None else {"clients": cohort}
+    overrides = {} if cohort is None else {"clients": max(cohort, 1)}  # a bad cohort: its own error
     config = config_from_args(args, SERVE_SKIPS, out=args.state_dir, progress=False, **overrides)
     named = args.aggregator is not None or (
         getattr(args, "config", None) and "aggregator" in load_toml(args.config)
