@@ -21,6 +21,7 @@ TensorFlow is imported: a bad one raises :class:`fedwarden.errors.UsageError` (o
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from fedwarden.config import Config, RunConfig
@@ -55,6 +56,7 @@ def simulate(
 
     run = _config(config, settings)
     check_run(run)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # as the CLI: no CUDA plugin noise
     from fedwarden.simulations.runner import simulate as run_simulation  # TensorFlow from here
 
     return run_simulation(run, resume=resume)
