@@ -34,6 +34,24 @@ log = logging.getLogger("fedwarden.coordinator")
 
 @dataclass
 class RoundOutcome:
+    """What ``Coordinator.finish_round`` did with one round's updates.
+
+    Attributes:
+      round: the round number.
+      selected: the cohort the transport selected, as given.
+      admitted: ids of the clients whose updates were admitted and aggregated (a client whose
+        update made the aggregate overflow is moved to ``rejected``).
+      rejected: one ``Rejection(client_id, reason, detail)`` per refused update; reasons such as
+        ``non_finite``, ``wrong_shape``, ``not_selected``, ``overflow``.
+      clients: one row per admitted client: ``client_id``, ``weight`` (its aggregation weight),
+        ``anomaly``, the scoring metrics (``norm``, ``cosine``, ...), then trust's verdict
+        (``trust``, ``flagged``, ``quarantined`` and the evidence behind it).
+      flagged: every client currently flagged, not only this round's cohort.
+      measurements: the chain's measurements (``"<step>/<name>"``, e.g.
+        ``"central_dp/clip_rate"``); ``skipped`` with the reason when the weights did not move.
+      duration_s: wall time of ``finish_round``.
+    """
+
     round: int
     selected: list[str]
     admitted: list[str]
@@ -65,6 +83,37 @@ def _finite(values: np.ndarray) -> bool:
 
 
 class Coordinator:
+    """The server side of federated rounds: admission, robust aggregation, scores and trust.
+
+    Every transport (simulated clients, gRPC agents, TFF) drives the same object: ``select`` a
+    cohort, gather its updates, ``finish_round``. The coordinator holds the global weights
+    (flat float32), the chain and optimizer states and the trust book; ``state_dict`` and
+    ``load_state_dict`` carry them through a checkpoint (trust persists in its ledger).
+
+    Args:
+      weights: the initial global weights, flat (``fedwarden.weights.WeightLayout.flatten``).
+      chain: the aggregation step, ``(updates (K, d), weights (K,), state) -> StepOutput``
+        (``fedwarden.aggregation.chain`` or ``parse_chain``).
+      optimizer: the server optimizer applied to the aggregate (FedAvg, FedAvgM, FedAdam).
+      trust: per-client trust; it may down-weight or exclude clients and writes the ledger.
+      max_update_norm: admission refuses updates with a larger L2 norm (None: no limit).
+      anomaly_weights: weights of the anomaly score's components (default: the scoring's).
+      max_weight_ratio: a client's aggregation weight is at most this multiple of the cohort's
+        median example count (None: counts as reported).
+
+    Example::
+
+        coordinator = Coordinator(np.zeros(d, np.float32), parse_chain("median"),
+                                  ServerOptimizer("fedavg", 1.0), TrustBook(TrustPolicy()))
+        cohort = coordinator.select(client_ids, 10, np.random.default_rng(0))
+        updates = [ClientUpdate(cid, 1, delta, num_examples) for cid, delta, ... in ...]
+        outcome = coordinator.finish_round(1, cohort, updates)
+        coordinator.weights  # the new global weights
+
+    ``fedwarden.server.driver.RoundDriver`` runs this loop with evaluation, checkpoints and
+    metrics around it.
+    """
+
     def __init__(
         self,
         weights: np.ndarray,
@@ -111,6 +160,27 @@ class Coordinator:
     def finish_round(
         self, round_number: int, selected: list[str], updates: list[ClientUpdate]
     ) -> RoundOutcome:
+        """Admits, aggregates and scores one round's updates, then updates trust and weights.
+
+        Args:
+          round_number: the round these updates answer; updates tagged with another round are
+            rejected (``wrong_round``), so must be ``self.round + 1`` in a normal run.
+          selected: the cohort; updates from anyone else are rejected (``not_selected``).
+          updates: ``ClientUpdate`` deltas (trained minus global weights, flat, any float
+            dtype), at most one per client; they are not modified.
+
+        Returns:
+          A :class:`RoundOutcome`. Side effects: ``weights``, the optimizer and chain states
+          and ``round`` advance; trust is updated (and written to the ledger, if any).
+
+        What it assumes: every admitted delta has ``weights.size`` entries (admission checks
+        it). What it guarantees: the weights stay finite. An aggregate that is not finite is
+        rolled back: the updates that made it overflow (largest norms first) are rejected
+        (``overflow``) and the rest aggregated again; when the rule cannot run (e.g. Krum on a
+        thin cohort), everyone is quarantined, or the optimizer step is not finite, the
+        weights stay as they were and ``measurements["skipped"]`` says why. Clients are
+        scored against the cohort's coordinate-wise median whatever the rule.
+        """
         start = time.perf_counter()
         admitted, rejected = admit(
             updates, round_number, set(selected), self.weights.size, self.max_update_norm
@@ -267,6 +337,7 @@ class Coordinator:
         return keep
 
     def state_dict(self) -> dict[str, Any]:
+        """Round, weights, optimizer and chain states: what a checkpoint needs besides trust."""
         return {
             "round": self.round,
             "weights": self.weights,
