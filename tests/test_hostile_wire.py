@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 
 from tests.deploy_helpers import Proc, make_certs, poll, run_fedwarden
-from tests.wire_client import WireClient, held_open
+from tests.wire_client import Task, WireClient, held_open
 from tests.wire_helpers import TINY_MODEL, start_serve
 
 pytestmark = pytest.mark.integration
@@ -123,7 +123,7 @@ def test_stalled_uploads_from_many_identities_leave_register_and_heartbeat_serve
         # each attacker opens 4 uploads (its per-identity limit) that send a header, then nothing
         fake = wire.pb.TaskHeader(task_id="x", round=1)
         fake.spec.weight_shapes.add(dims=[84])
-        task = type("T", (), {"header": fake, "size": 84, "round": 1})()
+        task = Task(fake, b"")  # no round is open: the upload only has to start
         calls = []
         for client in clients[1:]:
             header = client.update_messages(task, 0.0)[:1]
@@ -157,6 +157,17 @@ def test_stalled_uploads_from_many_identities_leave_register_and_heartbeat_serve
         assert not release.is_set()
         text = scrape(live.metrics_port)
         assert metric(text, "fedwarden_updates_rejected_total", reason="too_slow") >= 1
+        # a unary call that sends its headers and never its message is cancelled too
+        register = honest.channel.stream_unary(
+            "/fedwarden.v1.Federation/Register",
+            request_serializer=wire.pb.RegisterRequest.SerializeToString,
+            response_deserializer=wire.pb.RegisterReply.FromString,
+        )
+        headers_only = register.future(held_open([], release), metadata=honest.metadata,
+                                       timeout=120)  # fmt: skip
+        with pytest.raises(grpc.RpcError) as err:
+            headers_only.result(timeout=20)
+        assert err.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
         # a TCP connection that never speaks is closed within the handshake timeout (stall)
         with socket.create_connection(("127.0.0.1", int(live.address.rsplit(":", 1)[1]))) as raw:
             assert closed_by_peer([raw], within=15)
