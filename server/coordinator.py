@@ -166,15 +166,15 @@ class Coordinator:
           round_number: the round these updates answer; updates tagged with another round are
             rejected (``wrong_round``), so must be ``self.round + 1`` in a normal run.
           selected: the cohort; updates from anyone else are rejected (``not_selected``).
-          updates: ``ClientUpdate`` deltas (trained minus global weights, flat, any float
-            dtype), at most one per client; they are not modified.
+          updates: ``ClientUpdate`` deltas (trained minus global weights, flat), at most one
+            per client (a second is rejected as ``duplicate``); they are not modified.
 
         Returns:
           A :class:`RoundOutcome`. Side effects: ``weights``, the optimizer and chain states
           and ``round`` advance; trust is updated (and written to the ledger, if any).
 
-        What it assumes: every admitted delta has ``weights.size`` entries (admission checks
-        it). What it guarantees: the weights stay finite. An aggregate that is not finite is
+        What it assumes: nothing about the updates; admission checks round, sender, shape,
+        dtype, finiteness and example counts, and refuses with a reason. What it guarantees: the weights stay finite. An aggregate that is not finite is
         rolled back: the updates that made it overflow (largest norms first) are rejected
         (``overflow``) and the rest aggregated again; when the rule cannot run (e.g. Krum on a
         thin cohort), everyone is quarantined, or the optimizer step is not finite, the

@@ -35,6 +35,7 @@ import signal
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +51,24 @@ from fedwarden.protocol.convert import TrainingSpec
 from fedwarden.protocol.transfer import encode_vector, sha256_hex
 from fedwarden.server import checkpoint, faults
 from fedwarden.server.auth import AllowList, Authenticator, load_tokens
+from fedwarden.server.callbacks import (
+    Callback,
+    Checkpoint,
+    LambdaCallback,
+    MetricsExport,
+    Pause,
+    PrivacyAccount,
+)
+from fedwarden.server.coordinator import Coordinator
+from fedwarden.server.defence import build_chain, central_privacy, trust_policy
+from fedwarden.server.driver import Cohort, History, RoundDriver, RunInfo, check_resume, unwritable
 from fedwarden.server.hub import Hub, client_rows, record_silence
+from fedwarden.server.ledger import Ledger
+from fedwarden.server.metrics import MetricsExporter
+from fedwarden.server.optimizers import ServerOptimizer
 from fedwarden.server.service import CallGuard, CallLimits, FederationServicer, add_to_server
+from fedwarden.server.trust import TrustBook
+from fedwarden.weights import WeightLayout
 
 log = logging.getLogger("fedwarden.serve")
 
@@ -202,6 +219,10 @@ class EvalData:
     y: np.ndarray
     num_classes: int
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.x.shape[1:])
+
 
 def load_eval_data(config: RunConfig, eval_data: str | None) -> EvalData:
     """The held-out data: ``--eval-data FILE.npz``, else the test split of ``--dataset``."""
@@ -259,6 +280,7 @@ class Server:
         self._stop = False
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.driver: RoundDriver | None = None
 
     @property
     def stopping(self) -> bool:
@@ -267,6 +289,8 @@ class Server:
     def request_stop(self, *_: Any) -> None:
         """Graceful stop (SIGTERM): abandon the round in progress, keep the last checkpoint."""
         self._stop = True
+        if self.driver is not None:
+            self.driver.stop("stopped")
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -331,89 +355,38 @@ class Server:
         self.port = port
         return server
 
-    # -- the run -----------------------------------------------------------------------------
+    # -- the run, in its seams ------------------------------------------------------------------
 
     def run(self) -> int:
-        from fedwarden.models import Evaluator, build_model
-        from fedwarden.server.coordinator import Coordinator
-        from fedwarden.server.defence import build_chain, central_privacy, trust_policy
-        from fedwarden.server.ledger import Ledger
-        from fedwarden.server.metrics import MetricsExporter
-        from fedwarden.server.optimizers import ServerOptimizer
-        from fedwarden.server.trust import TrustBook
-        from fedwarden.weights import WeightLayout
+        """Serves rounds until ``--rounds`` are done, the privacy budget is spent or a stop is
+        requested; returns the exit code (0). Raises UsageError for what the user must fix."""
+        from fedwarden.models import Evaluator, build_model  # TensorFlow: only when serving
 
         c, o = self.config, self.options
         auth = self._authenticator()
         data = load_eval_data(c, o.eval_data)
-        input_shape = tuple(int(d) for d in data.x.shape[1:])
-        model = build_model(c.model, data.name, input_shape, data.num_classes, c.seed)
-        evaluator = Evaluator(model)
-        layout = WeightLayout.of(model.get_weights())
+        model = build_model(c.model, data.name, data.input_shape, data.num_classes, c.seed)
+        evaluator, layout = Evaluator(model), WeightLayout.of(model.get_weights())
         # A deployment does not know its population, nor sample it the Poisson way the
         # accountant assumes: central DP is accounted without subsampling (rate 1, conservative).
         privacy = central_privacy(c, c.clients_per_round, budget=True)
         chain = build_chain(c, privacy, seed=None)
         chain.check(min(o.min_clients, c.clients_per_round))
-
-        o.state_dir.mkdir(parents=True, exist_ok=True)
-        saved = checkpoint.load_latest(o.state_dir)
-        done = 0 if saved is None else int(saved["round"])
-        if saved is not None and tuple(map(tuple, saved["layout"])) != layout.shapes:
-            raise UsageError(
-                f"{o.state_dir} holds a run of another model (weight shapes "
-                f"{saved['layout']}); use a new --state-dir"
-            )
-        try:
-            ledger = Ledger(o.state_dir / "ledger.sqlite")
-            if ledger.last_round() < done:
-                log.warning(
-                    "ledger ends at round %d but the checkpoint at %d: trust restarts from the "
-                    "ledger",
-                    ledger.last_round(),
-                    done,
-                )
-            if ledger.last_round() > done:
-                print(
-                    f"fedwarden serve: the ledger holds rounds after {done}, the last checkpoint"
-                    " (a crash before it was written): they are dropped and will be re-run",
-                    flush=True,
-                )
-            ledger.truncate_after(done)
-        except (OSError, sqlite3.Error) as exc:
-            raise UsageError(f"cannot open the trust ledger in {o.state_dir}: {exc}") from None
-        policy = trust_policy(c)
+        saved, ledger = self._open_state(layout)
         coordinator = Coordinator(
             layout.flatten(model.get_weights()),
             chain,
             ServerOptimizer(c.server_optimizer, c.server_lr, c.server_momentum),
-            TrustBook(policy, ledger),
+            TrustBook(trust_policy(c), ledger),
             anomaly_weights=c.anomaly_weights,
         )
-        state: dict[str, Any] = {"rounds": [], "examples": {}}
+        history = None
         if saved is not None:
             coordinator.load_state_dict(saved["coordinator"])
-            state = {"rounds": saved["rounds"], "examples": saved["examples"]}
-            print(f"fedwarden serve: resuming after round {done} from {o.state_dir}", flush=True)
-
-        spec = TrainingSpec(
-            c.model,
-            data.name,
-            input_shape,
-            data.num_classes,
-            layout.shapes,
-            c.lr,
-            c.batch_size,
-            c.local_epochs,
-            c.seed,
-            dp_sgd={
-                "l2_norm_clip": c.dp_l2_clip,
-                "noise_multiplier": c.dp_sgd_noise_multiplier,
-                "num_microbatches": c.dp_microbatches,
-            }
-            if c.dp_sgd
-            else None,
-        )
+            history = History.from_state(saved)
+            print(f"fedwarden serve: resuming after round {coordinator.round} from "
+                  f"{o.state_dir}", flush=True)  # fmt: skip
+        done = coordinator.round
         hub = Hub(
             c.rounds,
             liveness_s=o.liveness_s,
@@ -425,11 +398,121 @@ class Server:
         hub.set_last_round(done)
         exporter = MetricsExporter()
         metrics = ServeMetrics(exporter.registry)
-        if state["rounds"]:  # a restarted coordinator shows trust before its first round
-            last = state["rounds"][-1]
+        account = PrivacyAccount(
+            privacy, exporter=exporter,
+            sampling_note="none assumed (sampling rate 1): a conservative bound",
+        )  # fmt: skip
+        writer = Checkpoint(o.state_dir, o.state_dir / "results.json", self._run_info(data),
+                            account, shapes=layout.shapes)  # fmt: skip
+        self.driver = RoundDriver(
+            coordinator,
+            HubTransport(hub, c, o, metrics, exporter, lambda: self.stopping),
+            lambda weights: (*evaluator.evaluate(layout.unflatten(weights), data.x, data.y), None),
+            c.rounds,
+            [
+                account,
+                Pause(o.state_dir / PAUSE_FILE),
+                MetricsExport(exporter, per_client_rejections=True),
+                Silences(hub, exporter, o.state_dir),
+                writer,
+                LambdaCallback(on_round_end=lambda r, logs: hub.set_last_round(r)),
+                RoundLog(c.rounds),
+            ],
+            history=history,
+            state_dir=o.state_dir,
+        )
+        if self._stop:
+            self.driver.stop("stopped")
+        if history is not None and history.rounds:
+            # a restarted coordinator shows trust before its first round
+            last = history.rounds[-1]
             exporter.restore(done, last["accuracy"], last["loss"], ledger.list_clients())
-        if privacy is not None and done:
-            exporter.set_dp_epsilon(privacy.epsilon(done))
+            if privacy is not None:
+                exporter.set_dp_epsilon(privacy.epsilon(done))
+        spec = self._spec(data, layout)
+        grpc_server, metrics_server = self._start(
+            hub, auth, spec, ledger, layout, exporter, metrics
+        )
+        try:
+            self._announce(done, metrics_server is not None, privacy)
+            if history is not None and history.rounds:
+                try:  # a crash between the checkpoint and results.json loses nothing
+                    writer.write_results()
+                except OSError as exc:
+                    raise unwritable(o.state_dir, done, exc) from None
+            self._finish(self.driver.run(), hub, privacy)
+        finally:
+            grpc_server.stop(grace=2).wait(5)
+            self.guard.stop()
+            if metrics_server is not None:
+                metrics_server.shutdown()
+            ledger.close()
+        return 0
+
+    def _open_state(self, layout: WeightLayout) -> tuple[dict[str, Any] | None, Ledger]:
+        """The newest checkpoint that verifies (checked against these settings) and the ledger,
+        truncated to the checkpoint's round so that trust matches the weights."""
+        o = self.options
+        o.state_dir.mkdir(parents=True, exist_ok=True)
+        saved = checkpoint.load_latest(o.state_dir)
+        done = 0 if saved is None else int(saved["round"])
+        if saved is not None:
+            check_resume(saved, self.config.to_dict(), layout.shapes, o.state_dir)
+        try:
+            ledger = Ledger(o.state_dir / "ledger.sqlite")
+            if ledger.last_round() < done:
+                log.warning("ledger ends at round %d but the checkpoint at %d: trust restarts "
+                            "from the ledger", ledger.last_round(), done)  # fmt: skip
+            if ledger.last_round() > done:
+                print(
+                    f"fedwarden serve: the ledger holds rounds after {done}, the last checkpoint"
+                    " (a crash before it was written): they are dropped and will be re-run",
+                    flush=True,
+                )
+            ledger.truncate_after(done)
+        except (OSError, sqlite3.Error) as exc:
+            raise UsageError(f"cannot open the trust ledger in {o.state_dir}: {exc}") from None
+        return saved, ledger
+
+    def _run_info(self, data: EvalData) -> RunInfo:
+        o = self.options
+        return RunInfo(
+            self.config.to_dict(),
+            detection=lambda flagged: {
+                "precision": None,
+                "recall": None,
+                "note": "unknown in a deployment: no ground truth",
+            },
+            extra={
+                "deployment": {
+                    "state_dir": str(o.state_dir),
+                    "min_clients": o.min_clients,
+                    "round_timeout_s": o.round_timeout_s,
+                    "transport": self._security(),
+                    "eval_data": o.eval_data or f"{data.name} test split",
+                }
+            },
+        )
+
+    def _security(self) -> str:
+        o = self.options
+        return "plaintext" if o.insecure else ("mutual TLS" if o.tls_client_ca else "TLS")
+
+    def _spec(self, data: EvalData, layout: WeightLayout) -> TrainingSpec:
+        c = self.config
+        dp_sgd = {
+            "l2_norm_clip": c.dp_l2_clip,
+            "noise_multiplier": c.dp_sgd_noise_multiplier,
+            "num_microbatches": c.dp_microbatches,
+        }
+        return TrainingSpec(
+            c.model, data.name, data.input_shape, data.num_classes, layout.shapes, c.lr,
+            c.batch_size, c.local_epochs, c.seed, dp_sgd=dp_sgd if c.dp_sgd else None,
+        )  # fmt: skip
+
+    def _start(self, hub, auth, spec, ledger, layout, exporter, metrics):
+        """Starts the gRPC service (and /metrics); returns both servers."""
+        c, o = self.config, self.options
 
         def on_late(client_id: str, task_id: str) -> None:
             metrics.late.inc()
@@ -454,9 +537,9 @@ class Server:
             max_update_bytes=layout.size * 8,
             on_rejected=on_rejected,
         )
-        guard = CallGuard(call_limits(o))
-        guard.start()
-        grpc_server = self._grpc_server(servicer, guard)
+        self.guard = CallGuard(call_limits(o))
+        self.guard.start()
+        grpc_server = self._grpc_server(servicer, self.guard)
         metrics_server = (
             exporter.serve(c.metrics_port, host=o.metrics_host, web_config=o.metrics_web_config)
             if c.metrics_port is not None
@@ -467,12 +550,15 @@ class Server:
             signal.signal(signal.SIGTERM, self.request_stop)
             signal.signal(signal.SIGINT, self.request_stop)
         grpc_server.start()
+        return grpc_server, metrics_server
+
+    def _announce(self, done: int, metrics: bool, privacy: Any) -> None:
+        c, o = self.config, self.options
         todo = f"rounds {done + 1}..{c.rounds}" if done < c.rounds else "every round is done"
-        security = "plaintext" if o.insecure else ("mutual TLS" if o.tls_client_ca else "TLS")
         print(
-            f"fedwarden serve: listening on {o.host}:{self.port} ({security}"
+            f"fedwarden serve: listening on {o.host}:{self.port} ({self._security()}"
             f"{', tokens' if o.tokens else ''}); metrics on "
-            f"{f'{o.metrics_host}:{self.metrics_port}' if metrics_server else 'none'}; {todo}",
+            f"{f'{o.metrics_host}:{self.metrics_port}' if metrics else 'none'}; {todo}",
             flush=True,
         )
         if privacy is not None:
@@ -487,159 +573,81 @@ class Server:
                 f"({how}), delta {privacy.delta:g}, accounted with sampling rate 1{budget}",
                 flush=True,
             )
-        loop = _RoundLoop(
-            self, coordinator, evaluator, layout, data, hub, exporter, metrics, privacy, state
+
+    def _finish(self, ending: str, hub: Hub, privacy: Any) -> None:
+        """Tells agents training is over (unless stopped) and says how the run ended."""
+        o = self.options
+        if ending == "stopped":
+            print(
+                f"fedwarden serve: stopped after round {hub.last_round}; the checkpoint is "
+                f"kept, restart with the same --state-dir to resume",
+                flush=True,
+            )
+            return
+        hub.finish()
+        hub.wait_told_done(o.linger_s)
+        rounds = self.driver.history.rounds
+        final = rounds[-1]["accuracy"] if rounds else float("nan")
+        why = (
+            f"{self.config.rounds} rounds"
+            if ending == "done"
+            else f"privacy budget spent after round {hub.last_round} (epsilon "
+            f"{privacy.epsilon(hub.last_round):.4g} <= target {privacy.budget:g})"
         )
-        if state["rounds"]:  # a crash between the checkpoint and results.json loses nothing
-            try:
-                checkpoint.write_json_atomic(o.state_dir / "results.json", loop.results())
-            except OSError as exc:
-                grpc_server.stop(0)
-                raise unwritable(o.state_dir, done, exc) from None
-        try:
-            ending = loop.run(done + 1)
-            if ending != "stopped":
-                hub.finish()
-                hub.wait_told_done(o.linger_s)
-                final = state["rounds"][-1]["accuracy"] if state["rounds"] else float("nan")
-                why = (
-                    f"{c.rounds} rounds"
-                    if ending == "done"
-                    else f"privacy budget spent after round {hub.last_round} (epsilon "
-                    f"{privacy.epsilon(hub.last_round):.4g} <= target {privacy.budget:g})"
-                )
+        print(f"fedwarden serve: done, {why}, accuracy {final:.3f}; results in "
+              f"{o.state_dir}/results.json", flush=True)  # fmt: skip
+
+
+class HubTransport:
+    """The deployment's transport: the round's cohort among the agents connected to the hub.
+
+    Waits for ``min_clients`` live agents, selects K (``[seed, 5, round, attempt]``), publishes
+    the weights and collects updates until every selected agent answered, or the round timeout
+    passed with at least ``min(min_clients, K)`` of them; otherwise the attempt is abandoned
+    (None) and the driver asks again, for a fresh selection.
+    """
+
+    def __init__(
+        self,
+        hub: Hub,
+        config: RunConfig,
+        options: ServeOptions,
+        metrics: ServeMetrics,
+        exporter: Any,
+        stopping: Callable[[], bool],
+    ):
+        self.hub, self.c, self.o = hub, config, options
+        self.metrics, self.exporter, self.stopping = metrics, exporter, stopping
+        self.attempts: dict[int, int] = {}  # round -> attempts abandoned so far
+        self._waiting_since: float | None = None
+
+    def collect(self, round_number: int, coordinator: Coordinator) -> Cohort | None:
+        live = self.hub.wait_for_clients(self.o.min_clients, timeout=0.5)
+        self.metrics.agents.set(len(live))
+        if len(live) < self.o.min_clients:
+            now = time.monotonic()
+            if self._waiting_since is None or now - self._waiting_since > 30:
+                benched = self.hub.benched_clients()
                 print(
-                    f"fedwarden serve: done, {why}, accuracy {final:.3f}; results in "
-                    f"{o.state_dir}/results.json",
+                    f"round {round_number}: waiting for agents ({len(live)} of "
+                    f"{self.o.min_clients} connected"
+                    + (f"; benched for silence: {', '.join(benched)}" if benched else "")
+                    + ")",
                     flush=True,
                 )
-            else:
-                print(
-                    f"fedwarden serve: stopped after round {hub.last_round}; the checkpoint is "
-                    f"kept, restart with the same --state-dir to resume",
-                    flush=True,
-                )
-        finally:
-            grpc_server.stop(grace=2).wait(5)
-            guard.stop()
-            if metrics_server is not None:
-                metrics_server.shutdown()
-            ledger.close()
-        return 0
-
-
-def unwritable(state_dir: Path, round_number: int, exc: Exception) -> UsageError:
-    """The error that stops a coordinator whose state dir cannot be written (e.g. disk full)."""
-    saved = checkpoint.list_checkpoints(state_dir)
-    kept = f"round {saved[0][0]}" if saved else "nothing"
-    return UsageError(
-        f"round {round_number}: cannot write the state dir {state_dir} "
-        f"({type(exc).__name__}: {exc}); the coordinator stops, its last checkpoint is "
-        f"{kept}: free space or fix the directory, then restart with the same --state-dir "
-        "to resume from it"
-    )
-
-
-@dataclass
-class _RoundLoop:
-    server: Server
-    coordinator: Any  # fedwarden.server.coordinator.Coordinator
-    evaluator: Any  # fedwarden.models.Evaluator
-    layout: Any  # fedwarden.weights.WeightLayout
-    data: EvalData
-    hub: Hub
-    exporter: Any  # fedwarden.server.metrics.MetricsExporter
-    metrics: ServeMetrics
-    privacy: Any  # fedwarden.server.defence.CentralPrivacy or None
-    state: dict[str, Any]  # "rounds" (results.json records), "examples" (per client)
-
-    @property
-    def c(self) -> RunConfig:
-        return self.server.config
-
-    @property
-    def o(self) -> ServeOptions:
-        return self.server.options
-
-    def stopping(self) -> bool:
-        return self.server.stopping
-
-    def held(self, round_number: int) -> bool:
-        """True while ``STATE_DIR/PAUSE`` exists, unless it names a later round to hold before."""
-        try:
-            text = (self.o.state_dir / PAUSE_FILE).read_text().strip()
-        except FileNotFoundError:
-            return False
-        return not (text.isdigit() and int(text) > round_number)
-
-    def run(self, first_round: int) -> str:
-        """Runs rounds from ``first_round``: "done" (every round), "budget" (the privacy budget
-        allows no more) or "stopped" (a stop was requested)."""
-        round_number, attempt, waiting_since, held = first_round, 0, None, False
-        while round_number <= self.c.rounds:
-            if self.stopping():
-                return "stopped"
-            if self.privacy is not None and not self.privacy.allows(round_number):
-                spent = self.privacy.epsilon(round_number - 1) if round_number > 1 else 0.0
-                print(
-                    f"round {round_number}: not started: it would take epsilon from {spent:.4g} "
-                    f"to {self.privacy.epsilon(round_number):.4g}, above the target "
-                    f"{self.privacy.budget:g} (delta {self.privacy.delta:g}); stopping with the "
-                    f"checkpoint of round {round_number - 1}",
-                    flush=True,
-                )
-                return "budget"
-            if self.held(round_number):
-                if not held:
-                    print(
-                        f"round {round_number}: held by {self.o.state_dir / PAUSE_FILE}; delete "
-                        "it to continue",
-                        flush=True,
-                    )
-                held = True
-                time.sleep(0.5)
-                continue
-            held = False
-            live = self.hub.wait_for_clients(self.o.min_clients, timeout=0.5)
-            self.metrics.agents.set(len(live))
-            if len(live) < self.o.min_clients:
-                now = time.monotonic()
-                if waiting_since is None or now - waiting_since > 30:
-                    benched = self.hub.benched_clients()
-                    print(
-                        f"round {round_number}: waiting for agents ({len(live)} of "
-                        f"{self.o.min_clients} connected"
-                        + (f"; benched for silence: {', '.join(benched)}" if benched else "")
-                        + ")",
-                        flush=True,
-                    )
-                    waiting_since = now
-                continue
-            waiting_since = None
-            rng = np.random.default_rng([self.c.seed, 5, round_number, attempt])
-            # Over-selection (Bonawitz et al. 2019): the round closes at clients_per_round answers.
-            want = math.ceil(self.c.clients_per_round * self.o.overselect)
-            selected = self.coordinator.select(live, want, rng)
-            if not selected:
-                log.warning("round %d: every live agent is quarantined; waiting", round_number)
-                self.hub.wait_for_clients(len(live) + 1, timeout=1.0)
-                continue
-            if self._round(round_number, attempt, selected):
-                round_number, attempt = round_number + 1, 0
-            elif not self.stopping():
-                attempt += 1
-                if attempt >= self.o.max_attempts:
-                    raise UsageError(
-                        f"round {round_number}: {attempt} attempts abandoned (--max-attempts); "
-                        f"silent so far: {self.hub.silences or 'nobody'}. The checkpoint of "
-                        f"round {round_number - 1} is kept: restart with the same --state-dir "
-                        "once enough agents answer"
-                    )
-        return "done"
-
-    def _round(self, round_number: int, attempt: int, selected: list[str]) -> bool:
-        start = time.perf_counter()
-        payload = encode_vector(self.coordinator.weights, "float32")
+                self._waiting_since = now
+            return None
+        self._waiting_since = None
+        attempt = self.attempts.get(round_number, 0)
+        rng = np.random.default_rng([self.c.seed, 5, round_number, attempt])
+        # Over-selection (Bonawitz et al. 2019): the round closes at clients_per_round answers.
+        want = math.ceil(self.c.clients_per_round * self.o.overselect)
+        selected = coordinator.select(live, want, rng)
+        if not selected:
+            log.warning("round %d: every live agent is quarantined; waiting", round_number)
+            self.hub.wait_for_clients(len(live) + 1, timeout=1.0)
+            return None
+        payload = encode_vector(coordinator.weights, "float32")
         self.hub.publish(
             round_number, attempt, selected, payload, sha256_hex(payload),
             target=self.c.clients_per_round,
@@ -649,139 +657,56 @@ class _RoundLoop:
         updates, complete = self.hub.collect(
             need, time.monotonic() + self.o.round_timeout_s, stop=self.stopping
         )
-        answered = len({u.client_id for u in updates if u.client_id in selected})
-        if not complete:
-            self.exporter.update_clients(client_rows(self.coordinator.trust, self.hub.silences))
-            if not self.stopping():
-                self.metrics.abandoned.inc()
-                print(
-                    f"round {round_number}: only {answered} of {len(selected)} selected agents "
-                    f"answered within {self.o.round_timeout_s:g} s (need {need}); re-running the "
-                    "round with a new selection",
-                    flush=True,
-                )
-            return False
-        faults.point("aggregate", round_number)
-        try:
-            outcome = self.coordinator.finish_round(round_number, selected, updates)
-        except (OSError, sqlite3.Error) as exc:  # the ledger could not be written
-            raise unwritable(self.o.state_dir, round_number, exc) from None
-        silent = self.hub.take_silence()
-        try:
-            record_silence(self.coordinator.trust, round_number, silent)
-        except (OSError, sqlite3.Error) as exc:
-            raise unwritable(self.o.state_dir, round_number, exc) from None
-        faults.point("ledger", round_number)
-        loss, accuracy = self.evaluator.evaluate(
-            self.layout.unflatten(self.coordinator.weights), self.data.x, self.data.y
-        )
-        elapsed = time.perf_counter() - start
-        self.exporter.observe_round(round_number, accuracy, loss, elapsed, outcome.clients)
-        self.exporter.update_clients(client_rows(self.coordinator.trust, self.hub.silences))
-        for r in outcome.rejected:
-            self.exporter.count_rejected(r.reason, client_id=r.client_id)
-        for u in updates:
-            if u.client_id in outcome.admitted:
-                self.state["examples"][u.client_id] = int(u.num_examples)
-        record: dict[str, Any] = {}
-        if self.privacy is not None:
-            record["epsilon"] = self.privacy.epsilon(round_number)
-            self.exporter.set_dp_epsilon(record["epsilon"])
-            for key, value in outcome.measurements.items():
-                if key.endswith("clip_rate"):
-                    self.exporter.set_gauge("fedwarden_dp_clip_rate", value)
-                elif key.endswith("/clip_norm"):
-                    self.exporter.set_gauge("fedwarden_dp_clip_norm", value)
-        self.state["rounds"].append(
-            {
-                **record,
-                "round": round_number,
-                "accuracy": accuracy,
-                "loss": loss,
-                "attack_success_rate": None,
-                "flagged": outcome.flagged,
-                "selected": outcome.selected,
-                "admitted": len(outcome.admitted),
-                "rejected": len(outcome.rejected),
-                "rejections": [
-                    {"client_id": r.client_id, "reason": r.reason} for r in outcome.rejected
-                ],
-                "attempts": attempt + 1,
-                "duration_s": elapsed,
-                "measurements": checkpoint.jsonable(outcome.measurements),
-            }
-        )
-        try:
-            checkpoint.save(
-                self.o.state_dir,
-                round_number,
-                {
-                    "coordinator": self.coordinator.state_dict(),
-                    "layout": self.layout.shapes,
-                    "config": self.c.to_dict(),
-                    **self.state,
-                },
+        if complete:
+            return Cohort(selected, updates, attempt)
+        self.exporter.update_clients(client_rows(coordinator.trust, self.hub.silences))
+        if not self.stopping():
+            self.attempts[round_number] = attempt + 1
+            self.metrics.abandoned.inc()
+            answered = len({u.client_id for u in updates if u.client_id in selected})
+            print(
+                f"round {round_number}: only {answered} of {len(selected)} selected agents "
+                f"answered within {self.o.round_timeout_s:g} s (need {need}); re-running the "
+                "round with a new selection",
+                flush=True,
             )
-            faults.point("results", round_number)
-            checkpoint.write_json_atomic(self.o.state_dir / "results.json", self.results())
-        except OSError as exc:
-            raise unwritable(self.o.state_dir, round_number, exc) from None
-        self.hub.set_last_round(round_number)
+            if attempt + 1 >= self.o.max_attempts:
+                raise UsageError(
+                    f"round {round_number}: {attempt + 1} attempts abandoned (--max-attempts); "
+                    f"silent so far: {self.hub.silences or 'nobody'}. The checkpoint of "
+                    f"round {round_number - 1} is kept: restart with the same --state-dir "
+                    "once enough agents answer"
+                )
+        return None
+
+
+class Silences(Callback):
+    """Charges the selected agents that stayed silent this round to their trust (ledger first,
+    before the checkpoint) and exports every client's row with its silences."""
+
+    def __init__(self, hub: Hub, exporter: Any, state_dir: Path):
+        self.hub, self.exporter, self.state_dir = hub, exporter, state_dir
+
+    def on_round_end(self, round: int, logs: dict[str, Any]) -> None:
+        trust = self.driver.coordinator.trust
+        try:
+            record_silence(trust, round, self.hub.take_silence())
+        except (OSError, sqlite3.Error) as exc:
+            raise unwritable(self.state_dir, round, exc) from None
+        self.exporter.update_clients(client_rows(trust, self.hub.silences))
+
+
+class RoundLog(Callback):
+    """One line per round on stdout: accuracy, loss, admissions, rejections, flags, time."""
+
+    def __init__(self, rounds: int):
+        self.rounds = rounds
+
+    def on_round_end(self, round: int, logs: dict[str, Any]) -> None:
         print(
-            f"round {round_number}/{self.c.rounds}: accuracy {accuracy:.3f}, loss {loss:.3f}, "
-            f"{len(outcome.admitted)} of {len(selected)} updates admitted, "
-            f"{len(outcome.rejected)} rejected, flagged {outcome.flagged or '-'} "
-            f"({elapsed:.1f} s)",
+            f"round {round}/{self.rounds}: accuracy {logs['accuracy']:.3f}, loss "
+            f"{logs['loss']:.3f}, {logs['admitted']} of {len(logs['selected'])} updates "
+            f"admitted, {logs['rejected']} rejected, flagged {logs['flagged'] or '-'} "
+            f"({logs['duration_s']:.1f} s)",
             flush=True,
         )
-        return True
-
-    def results(self) -> dict[str, Any]:
-        """results.json, with the simulations' contract (ground truth about attackers: null)."""
-        rounds = self.state["rounds"]
-        last = rounds[-1]
-        snapshot = self.coordinator.trust.snapshot()
-        ids = sorted(set(snapshot) | set(self.state["examples"]))
-        o = self.o
-        return {
-            "config": self.c.to_dict(),
-            "deployment": {
-                "state_dir": str(o.state_dir),
-                "min_clients": o.min_clients,
-                "round_timeout_s": o.round_timeout_s,
-                "transport": "plaintext"
-                if o.insecure
-                else ("mutual TLS" if o.tls_client_ca else "TLS"),
-                "eval_data": o.eval_data or f"{self.data.name} test split",
-            },
-            "rounds": rounds,
-            "final": {
-                "accuracy": last["accuracy"],
-                "loss": last["loss"],
-                "attack_success_rate": None,
-                "detection": {
-                    "precision": None,
-                    "recall": None,
-                    "note": "unknown in a deployment: no ground truth",
-                },
-                "privacy": self.privacy_report(len(rounds)),
-            },
-            "clients": {
-                cid: {
-                    "malicious": None,
-                    "trust": snapshot[cid].trust if cid in snapshot else None,
-                    "flagged": bool(snapshot[cid].flagged) if cid in snapshot else False,
-                    "num_examples": self.state["examples"].get(cid),
-                }
-                for cid in ids
-            },
-            "aggregator": repr(self.coordinator.chain),
-            "attack": None,
-        }
-
-    def privacy_report(self, rounds_run: int) -> dict[str, Any] | None:
-        if self.privacy is None:
-            return None
-        report = self.privacy.report(rounds_run)
-        report["client_sampling"] = "none assumed (sampling rate 1): a conservative bound"
-        return {"central": report}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,10 +27,13 @@ from fedwarden.data.datasets import Dataset, load_dataset
 from fedwarden.data.partition import partition
 from fedwarden.errors import UsageError
 from fedwarden.models import build_model
+from fedwarden.results import describe_attack
 from fedwarden.server import checkpoint
 from fedwarden.server.admission import ClientUpdate
-from fedwarden.server.coordinator import Coordinator, RoundOutcome
+from fedwarden.server.callbacks import Callback, Checkpoint, MetricsExport, PrivacyAccount
+from fedwarden.server.coordinator import Coordinator
 from fedwarden.server.defence import build_chain, central_privacy, trust_policy
+from fedwarden.server.driver import Cohort, History, RoundDriver, RunInfo, check_resume
 from fedwarden.server.ledger import Ledger, remove_ledger
 from fedwarden.server.metrics import MetricsExporter
 from fedwarden.server.optimizers import ServerOptimizer
@@ -117,15 +119,43 @@ class Simulation:
         return _Run(self, config, out, progress_label, resume).execute()
 
 
-# Keys that may differ between a run and its resumption.
-RESUMABLE_CHANGES = {"rounds", "out", "progress", "metrics_port"}
+class InProcessClients:
+    """The simulation's transport: the selected clients train here, attackers craft their updates.
+
+    Selection follows the seed (``[seed, 5, round]``), Poisson when the central DP accountant
+    assumes it; the cohort trains in one ``train_cohort`` call (native model copies in parallel,
+    or one TFF computation); DP-SGD steps go to ``dp_sgd``, the run's client privacy account.
+    """
+
+    def __init__(self, run: _Run):
+        self.run = run
+
+    def collect(self, round_number: int, coordinator: Coordinator) -> Cohort:
+        r, c = self.run, self.run.config
+        rng = np.random.default_rng([c.seed, 5, round_number])
+        rate = r.privacy.sampling_rate if r.privacy else None
+        selected = coordinator.select(r.fed.ids, c.clients_per_round, rng, poisson_rate=rate)
+        return Cohort(selected, r.local_round(round_number, selected, coordinator.weights))
 
 
-@dataclass
-class _History:
-    rounds: list[dict[str, Any]]
-    trust_by_round: dict[str, list[float | None]]
-    flagged_by_round: list[set[str]]
+class Progress(Callback):
+    """A tqdm bar over the run's rounds, with the last accuracy and the flagged count."""
+
+    def __init__(self, total: int, label: str, enabled: bool):
+        self.total, self.label, self.enabled = total, label, enabled
+        self.bar: tqdm | None = None
+
+    def on_run_begin(self, logs: dict[str, Any]) -> None:
+        done = logs["first_round"] - 1
+        self.bar = tqdm(initial=done, total=self.total, desc=self.label or "rounds", unit="round",
+                        disable=not self.enabled, leave=False)  # fmt: skip
+
+    def on_round_end(self, round: int, logs: dict[str, Any]) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(acc=f"{logs['accuracy']:.3f}", flagged=len(logs["flagged"]))
+
+    def on_run_end(self, logs: dict[str, Any]) -> None:
+        self.bar.close()
 
 
 class _Run:
@@ -145,65 +175,75 @@ class _Run:
             from fedwarden.aggregation.tff import tff_step
 
             self.chain = tff_step(self.chain)
-        self.dp_sgd = (
-            ClientPrivacyAccount(config.dp_sgd_noise_multiplier, config.batch_size)
-            if config.dp_sgd
-            else None
-        )
         out.mkdir(parents=True, exist_ok=True)
         self.checkpoints = out / "checkpoints"
-        saved = self._load_checkpoint() if resume else None
-        if saved is None:
+        saved = checkpoint.load_latest(self.checkpoints) if resume else None
+        if saved is not None:
+            check_resume(saved, config.to_dict(), sim.layout.shapes, out)
+        else:
             shutil.rmtree(self.checkpoints, ignore_errors=True)
             remove_ledger(out / "ledger.sqlite")
         self.checkpoints.mkdir(exist_ok=True)
         self.ledger = Ledger(out / "ledger.sqlite")
         if saved is not None:
             self.ledger.truncate_after(saved["round"])
-        policy = trust_policy(config)
         self.coordinator = Coordinator(
             sim.layout.flatten(sim.initial_weights),
             self.chain,
             ServerOptimizer(config.server_optimizer, config.server_lr, config.server_momentum),
-            TrustBook(policy, self.ledger),
+            TrustBook(trust_policy(config), self.ledger),
             anomaly_weights=config.anomaly_weights,
         )
-        self.history = _History([], {cid: [] for cid in self.fed.ids}, [])
+        self.dp_sgd = (
+            ClientPrivacyAccount(config.dp_sgd_noise_multiplier, config.batch_size)
+            if config.dp_sgd
+            else None
+        )
+        history = None
         if saved is not None:
             self.coordinator.load_state_dict(saved["coordinator"])
-            self.history = saved["history"]
+            history = History.from_state(saved)
             self.dp_sgd = saved["dp_sgd"]
         self.exporter = MetricsExporter()
-        self.server = self.exporter.serve(config.metrics_port) if config.metrics_port else None
+        self.account = PrivacyAccount(
+            self.privacy,
+            self.dp_sgd,
+            lambda cid: config.dp_delta or default_delta(len(self.fed.parts[cid])),
+            {
+                "delta": config.dp_delta or "1/n_local^1.1 per client",
+                "noise_multiplier": config.dp_sgd_noise_multiplier,
+                "l2_clip": config.dp_l2_clip,
+            },
+            self.exporter,
+        )
+        info = RunInfo(
+            config.to_dict(),
+            population={cid: int(len(self.fed.parts[cid])) for cid in self.fed.ids},
+            malicious=self.fed.malicious,
+            attack=describe_attack(self.attack),
+            detection=lambda flagged: report.detection_summary(flagged, set(self.fed.malicious)),
+        )
+        self.checkpointer = Checkpoint(
+            self.checkpoints, out / "results.json", info, self.account,
+            extra_state=lambda: {"dp_sgd": self.dp_sgd}, shapes=sim.layout.shapes,
+        )  # fmt: skip
+        self.driver = RoundDriver(
+            self.coordinator,
+            InProcessClients(self),
+            self._evaluate,
+            config.rounds,
+            [
+                self.account,
+                MetricsExport(self.exporter, out / "metrics.prom"),
+                self.checkpointer,
+                Progress(config.rounds, label, config.progress),
+            ],
+            history=history,
+            population=self.fed.ids,
+            state_dir=self.checkpoints,
+        )
         self.poisoned = self._poison_data()
         self.asr_data = self.attack.asr_inputs(self.fed.dataset.x_test, self.fed.dataset.y_test)
-
-    def _load_checkpoint(self) -> dict[str, Any] | None:
-        saved = checkpoint.load_latest(self.checkpoints)
-        if saved is None:
-            return None
-        before, now = saved["config"], self.config.to_dict()
-        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k])
-        if changed:
-            diffs = ", ".join(f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in changed)
-            raise UsageError(
-                f"cannot resume {self.out}: its checkpoint was made with other "
-                f"settings ({diffs}); use the same settings or another --out"
-            )
-        return saved
-
-    def _save_checkpoint(self, round_number: int) -> None:
-        checkpoint.save(
-            self.checkpoints,
-            round_number,
-            {
-                "round": round_number,
-                "config": self.config.to_dict(),
-                "history": self.history,
-                "coordinator": self.coordinator.state_dict(),
-                "dp_sgd": self.dp_sgd,
-            },
-        )
 
     def _poison_data(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         if self.attack.kind != "data":
@@ -222,8 +262,10 @@ class _Run:
         idx = self.fed.parts[cid]
         return self.fed.dataset.x_train[idx], self.fed.dataset.y_train[idx]
 
-    def _local_round(self, round_number: int, selected: list[str]) -> list[ClientUpdate]:
-        weights = self.sim.layout.unflatten(self.coordinator.weights)
+    def local_round(
+        self, round_number: int, selected: list[str], flat_weights: np.ndarray
+    ) -> list[ClientUpdate]:
+        weights = self.sim.layout.unflatten(flat_weights)
         data = [self._client_data(cid, round_number) for cid in selected]
         rngs = [
             np.random.default_rng([self.config.seed, 3, round_number, self.fed.ids.index(cid)])
@@ -278,9 +320,9 @@ class _Run:
         weights = np.ones(len(updates))
         return self.chain(updates, weights, self.coordinator.chain_state).updates[0]
 
-    def _evaluate(self) -> tuple[float, float, float | None]:
+    def _evaluate(self, flat_weights: np.ndarray) -> tuple[float, float, float | None]:
         ds = self.fed.dataset
-        weights = self.sim.layout.unflatten(self.coordinator.weights)
+        weights = self.sim.layout.unflatten(flat_weights)
         loss, accuracy = self.trainer.evaluate(weights, ds.x_test, ds.y_test)
         asr = None
         if self.asr_data is not None:
@@ -288,142 +330,29 @@ class _Run:
             asr = float(np.mean(np.argmax(self.trainer.predict(weights, x), 1) == target))
         return loss, accuracy, asr
 
-    def _round_record(
-        self, outcome: RoundOutcome, loss: float, accuracy: float, asr: float | None, elapsed: float
-    ) -> dict[str, Any]:
-        return {
-            "round": outcome.round,
-            "accuracy": accuracy,
-            "loss": loss,
-            "attack_success_rate": asr,
-            "flagged": outcome.flagged,
-            "selected": outcome.selected,
-            "admitted": len(outcome.admitted),
-            "rejected": len(outcome.rejected),
-            "duration_s": elapsed,
-            "measurements": checkpoint.jsonable(outcome.measurements),
-        }
-
-    def _export_privacy(self, record: dict[str, Any], outcome: RoundOutcome) -> None:
-        if self.privacy is not None:
-            record["epsilon"] = self.privacy.epsilon(outcome.round)
-            self.exporter.set_dp_epsilon(record["epsilon"])
-            for key, value in outcome.measurements.items():
-                if key.endswith("clip_rate"):
-                    self.exporter.set_gauge("fedwarden_dp_clip_rate", value)
-                elif key.endswith("/clip_norm"):
-                    self.exporter.set_gauge("fedwarden_dp_clip_norm", value)
-        if self.dp_sgd is not None:
-            for cid in outcome.selected:
-                self.exporter.set_dp_epsilon(self._client_epsilon(cid), client_id=cid)
-
-    def _client_epsilon(self, cid: str) -> float:
-        delta = self.config.dp_delta or default_delta(len(self.fed.parts[cid]))
-        return self.dp_sgd.epsilon(cid, delta)
-
-    def _privacy_report(self, rounds_run: int) -> dict[str, Any] | None:
-        report_: dict[str, Any] = {}
-        if self.privacy is not None:
-            report_["central"] = self.privacy.report(rounds_run)
-        if self.dp_sgd is not None:
-            per_client = {
-                cid: self._client_epsilon(cid) for cid in self.fed.ids if self.dp_sgd.steps(cid)
-            }
-            report_["client"] = {
-                "epsilon": max(per_client.values(), default=0.0),
-                "delta": self.config.dp_delta or "1/n_local^1.1 per client",
-                "noise_multiplier": self.config.dp_sgd_noise_multiplier,
-                "l2_clip": self.config.dp_l2_clip,
-                "accountant": "rdp",
-                "per_client": per_client,
-            }
-        return report_ or None
-
     def execute(self) -> dict[str, Any]:
-        c = self.config
-        history = self.history
-        bar = tqdm(
-            range(self.coordinator.round + 1, c.rounds + 1),
-            initial=self.coordinator.round,
-            total=c.rounds,
-            desc=self.label or "rounds",
-            unit="round",
-            disable=not c.progress,
-            leave=False,
-        )
+        server = self.exporter.serve(self.config.metrics_port) if self.config.metrics_port else None
         try:
-            for round_number in bar:
-                start = time.perf_counter()
-                rng = np.random.default_rng([c.seed, 5, round_number])
-                selected = self.coordinator.select(
-                    self.fed.ids,
-                    c.clients_per_round,
-                    rng,
-                    poisson_rate=self.privacy.sampling_rate if self.privacy else None,
-                )
-                outcome = self.coordinator.finish_round(
-                    round_number, selected, self._local_round(round_number, selected)
-                )
-                loss, accuracy, asr = self._evaluate()
-                elapsed = time.perf_counter() - start
-                record = self._round_record(outcome, loss, accuracy, asr, elapsed)
-                self._export_privacy(record, outcome)
-                self.exporter.observe_round(round_number, accuracy, loss, elapsed, outcome.clients)
-                for r in outcome.rejected:
-                    self.exporter.count_rejected(r.reason)
-                self.exporter.write_textfile(self.out / "metrics.prom")
-                history.rounds.append(record)
-                snapshot = self.coordinator.trust.snapshot()
-                for cid in self.fed.ids:
-                    history.trust_by_round[cid].append(
-                        snapshot[cid].trust if cid in snapshot else None
-                    )
-                history.flagged_by_round.append(set(outcome.flagged))
-                self._save_checkpoint(round_number)
-                bar.set_postfix(acc=f"{accuracy:.3f}", flagged=len(outcome.flagged))
+            self.driver.run()
         finally:
-            bar.close()
-            if self.server is not None:
-                self.server.shutdown()
-        if not history.rounds:
+            if server is not None:
+                server.shutdown()
+        rounds = self.driver.history.rounds
+        if not rounds:
             raise UsageError(
                 f"{self.out} already holds {self.coordinator.round} rounds; "
                 "raise --rounds to continue it"
             )
-        return self._write_outputs(history.rounds, history.trust_by_round, history.flagged_by_round)
+        return self._write_outputs()
 
-    def _write_outputs(self, rounds, trust_by_round, flagged_by_round) -> dict[str, Any]:
-        malicious = set(self.fed.malicious)
-        snapshot = self.coordinator.trust.snapshot()
-        last = rounds[-1]
-        detection = report.detection_summary(flagged_by_round, malicious)
-        results = {
-            "config": self.config.to_dict(),
-            "rounds": rounds,
-            "final": {
-                "accuracy": last["accuracy"],
-                "loss": last["loss"],
-                "attack_success_rate": last["attack_success_rate"],
-                "detection": detection,
-                "privacy": self._privacy_report(len(rounds)),
-            },
-            "clients": {
-                cid: {
-                    "malicious": cid in malicious,
-                    "trust": snapshot[cid].trust if cid in snapshot else None,
-                    "flagged": bool(snapshot[cid].flagged) if cid in snapshot else False,
-                    "num_examples": int(len(self.fed.parts[cid])),
-                }
-                for cid in self.fed.ids
-            },
-            "aggregator": repr(self.chain),
-            "attack": repr(self.attack),
-        }
-        checkpoint.write_json_atomic(self.out / "results.json", results)
-        report.write_rounds_csv(rounds, self.out / "rounds.csv")
-        title = f"{self.config.dataset}: attack={self.config.attack}, aggregator={self.config.aggregator}"
-        report.plot_accuracy({self.config.aggregator: rounds}, self.out / "accuracy.png", title)
-        report.plot_trust_heatmap(trust_by_round, malicious, self.out / "trust.png")
+    def _write_outputs(self) -> dict[str, Any]:
+        results = self.checkpointer.results()
+        history = self.driver.history
+        report.write_rounds_csv(history.rounds, self.out / "rounds.csv")
+        c = self.config
+        title = f"{c.dataset}: attack={c.attack}, aggregator={c.aggregator}"
+        report.plot_accuracy({c.aggregator: history.rounds}, self.out / "accuracy.png", title)
+        report.plot_trust_heatmap(history.trust, set(self.fed.malicious), self.out / "trust.png")
         return results
 
 

@@ -3,7 +3,8 @@
 Layers, lowest first (README "Layout"): the foundations in ``fedwarden/`` (errors, config,
 models, weights, records, attacks, plugins, data, protocol); ``fedwarden.aggregation``;
 ``fedwarden.server`` and ``fedwarden.clients`` side by side, never importing each other;
-``fedwarden.simulations``; the command line ``fedwarden.cli`` (and ``fedwarden.__main__``).
+``fedwarden.simulations``; the command line ``fedwarden.cli``, the Python API ``fedwarden.api``
+and ``fedwarden.__main__``.
 A module may import its own layer and the layers below it. Imports inside functions count too.
 """
 
@@ -22,7 +23,9 @@ SUBPACKAGE_DIRS = {
     "clients": "fedwarden.clients",
     "simulations": "fedwarden.simulations",
 }
-LAYERS = {"aggregation": 1, "server": 2, "clients": 2, "simulations": 3, "cli": 4, "__main__": 4}
+# The Python API (fedwarden.api: simulate, chain) sits on top, beside the command line.
+LAYERS = {"aggregation": 1, "server": 2, "clients": 2, "simulations": 3, "cli": 4, "api": 4,
+          "__main__": 4}  # fmt: skip
 BARE_NAMES = {"server", "clients", "aggregation", "simulations"}
 SKIP_PARTS = {".venv", "proto_gen", ".git", "node_modules", "__pycache__"}
 
