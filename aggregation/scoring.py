@@ -54,16 +54,16 @@ from fedwarden.aggregation import _kernels
 from fedwarden.aggregation.detection import cluster_outliers, cosine_matrix, nearest_pair_gap
 
 DEFAULT_ANOMALY_WEIGHTS: dict[str, float] = {
-    "norm_z": 0.25,
-    "cosine": 0.25,
-    "krum_score": 0.2,
+    "norm_z": 0.15,
+    "cosine": 0.15,
+    "krum_score": 0.1,
     "trimmed_share": 0.15,
-    "loss_z": 0.15,
+    "loss_z": 0.05,
     "distance": 0.0,
-    "collusion": 0.25,
-    "centrality": 0.15,
-    "cluster": 0.1,
-    "history": 0.1,
+    "collusion": 0.4,
+    "centrality": 0.2,
+    "cluster": 0.15,
+    "history": 0.05,
 }
 """Component weights of :func:`anomaly_score` (they need not sum to 1; only ratios count)."""
 
@@ -285,7 +285,28 @@ def _distance_component(distance: np.ndarray) -> np.ndarray:
     return _logistic_of_abs(np.maximum(robust_z(distance), 0.0))
 
 
-def _cosine_component(cosine: np.ndarray, min_scale: float = 0.05) -> np.ndarray:
+def _norm_component(metrics: dict[str, np.ndarray], min_scale: float = 0.1) -> np.ndarray:
+    """Logistic of the two-sided robust z of the log norm (``norm_z``'s when norms are absent).
+
+    Norms are positive and spread multiplicatively: on the log scale an honest client with twice
+    the median data stays near the cohort, while a zero update (a free rider, log norm -inf) and
+    a boosted or noise update are far out. ``min_scale`` (log units) floors the spread.
+    """
+    if "norm" not in metrics:
+        return _logistic_of_abs(metrics["norm_z"])
+    norm = np.asarray(metrics["norm"], np.float64)
+    with np.errstate(divide="ignore"):
+        log_norm = np.log(norm)
+    finite = np.isfinite(log_norm)
+    if finite.sum() < 3:
+        return _logistic_of_abs(metrics["norm_z"])
+    med = np.median(log_norm[finite])
+    scale = max(_MAD_TO_SIGMA * float(np.median(np.abs(log_norm[finite] - med))), min_scale)
+    z = np.where(norm == 0, np.inf, (log_norm - med) / scale)
+    return np.where(np.isnan(norm), np.nan, _logistic_of_abs(np.nan_to_num(z, posinf=1e6)))
+
+
+def _cosine_component(cosine: np.ndarray, min_scale: float = 0.15) -> np.ndarray:
     """The larger of the absolute ``(1 - cos) / 2`` and the logistic of the one-sided robust z.
 
     The relative part catches updates that are merely unaligned (random directions) when the
@@ -332,7 +353,7 @@ def _history_component(error: np.ndarray, min_scale: float = 0.1) -> np.ndarray:
 
 
 _COMPONENTS = {
-    "norm_z": lambda m: _logistic_of_abs(m["norm_z"]),
+    "norm_z": _norm_component,
     "loss_z": lambda m: _logistic_of_abs(m["loss_z"]),
     "cosine": lambda m: _cosine_component(m["cosine"]),
     "krum_score": lambda m: _krum_component(m["krum_score"]),
@@ -361,7 +382,7 @@ def anomaly_components(metrics: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def anomaly_score(
-    metrics: dict[str, np.ndarray], weights: dict[str, float] | None = None, power: float = 3.0
+    metrics: dict[str, np.ndarray], weights: dict[str, float] | None = None, power: float = 1.0
 ) -> np.ndarray:
     """One anomaly score in ``[0, 1]`` per client: the weighted power mean of the components.
 

@@ -71,6 +71,8 @@ if TYPE_CHECKING:
 QUARANTINE_MODES = ("none", "exclude", "downweight")
 FLAG_RULES = ("evidence", "threshold")
 _MAD_TO_SIGMA = 1.4826
+# A Laplace(b) has MAD b ln 2, so its scale in our units (1.4826 MAD) is 1.4826 ln 2 b = 1.0277 b.
+_LAPLACE_SCALE = _MAD_TO_SIGMA * math.log(2.0)
 
 
 @dataclass
@@ -98,6 +100,9 @@ class TrustPolicy:
         min_scale: smallest population scale of the anomaly score, so a very uniform honest
             cohort does not turn tiny differences into large z.
         z_floor, z_cap: one round's z is clipped to ``[-z_floor, z_cap]``.
+        tail_quantile: when set, the population scale is at least
+            ``(quantile(pool, q) - median) / z_q``: the spread of the pool's upper tail, which
+            honest heterogeneity makes heavier than a normal's.
     """
 
     decay: float = 0.7
@@ -115,11 +120,18 @@ class TrustPolicy:
     min_scale: float = 0.03
     z_floor: float = 2.0
     z_cap: float = 8.0
+    tail_quantile: float | None = None
 
     @property
     def flag_z(self) -> float:
-        """The evidence above which a client is flagged, ``z_(1 - false_positive_rate)``."""
-        return NormalDist().inv_cdf(1.0 - self.false_positive_rate)
+        """The evidence above which a client is flagged: the ``1 - false_positive_rate`` quantile
+        of a Laplace distribution in the same robust units, ``ln(0.5 / rate) / 1.0277``.
+
+        Honest clients' anomaly scores have exponential, not normal, upper tails (skewed data
+        and one-off outlying rounds), so the normal quantile would flag several times the
+        stated rate; the Laplace line is 4.5 at 0.005 where the normal one is 2.6.
+        """
+        return math.log(0.5 / self.false_positive_rate) / _LAPLACE_SCALE
 
     def __post_init__(self) -> None:
         if self.flag_rule not in FLAG_RULES:
@@ -382,6 +394,9 @@ class TrustBook:
             return 0.0, max(self.policy.min_scale, 1e-9), {}
         center = float(np.median(pooled))
         mad = _MAD_TO_SIGMA * float(np.median(np.abs(pooled - center)))
+        q = self.policy.tail_quantile
+        if q is not None:
+            mad = max(mad, (float(np.quantile(pooled, q)) - center) / NormalDist().inv_cdf(q))
         typical: dict[str, float] = {}
         for name in sorted({n for _, sig in self._pool for n in sig}):
             values = np.concatenate([sig[name] for _, sig in self._pool if name in sig])

@@ -106,7 +106,8 @@ def test_outlier_gets_the_highest_anomaly(attack):
     m = client_metrics(updates, np.median(updates, axis=0), losses, {})
     scores = anomaly_score(m)
     assert np.argmax(scores) == 4
-    assert scores[4] > 0.5 > np.max(np.delete(scores, 4))
+    # the flag rule (server/trust.py) is relative: what counts is the distance to the cohort
+    assert scores[4] > 0.25 and scores[4] > 8 * np.max(np.delete(scores, 4))
 
 
 def test_scores_lie_in_unit_interval_even_for_extreme_inputs():
@@ -161,7 +162,8 @@ def test_power_mean_combination():
     weights = {"cosine": 0.5, "norm_z": 0.25, "krum_score": 0.25}
     plain = sum(w * comps[k] for k, w in weights.items()) / sum(weights.values())
     np.testing.assert_allclose(anomaly_score(m, weights, power=1), plain)
-    quadratic = anomaly_score(m, weights)
+    np.testing.assert_allclose(anomaly_score(m, weights), plain)  # power 1 is the default
+    quadratic = anomaly_score(m, weights, power=3)
     assert np.all(quadratic >= plain - 1e-12)  # power mean inequality
     assert quadratic[0] > plain[0] + 0.1  # strong direction evidence is not averaged away
     with pytest.raises(ValueError, match="power"):
