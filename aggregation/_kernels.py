@@ -51,6 +51,7 @@ _POOL: tuple[int, ThreadPoolExecutor] | None = None  # (owner pid, pool)
 NETWORK_MAX_CLIENTS = 512
 # Bytes of one network block (K rows of `width` columns): stays in L1/L2 through the network.
 _NETWORK_BYTES = 1 << 15
+_MAX_WIDTH = 256
 # Bytes of the transposed (B, K) buffer of the numpy path: fits in L2 with its source rows.
 _BLOCK_BYTES = 1 << 19
 # Bytes of one column block of the Gram accumulation (the block stays in L2 through syrk).
@@ -115,7 +116,7 @@ def _nets() -> Any:
 
 def _width(rows: int, dtype: np.dtype) -> int:
     """Columns per network block: a multiple of 16 that keeps ``rows`` rows in L1/L2."""
-    return int(np.clip(_NETWORK_BYTES // (rows * dtype.itemsize) // 16 * 16, 16, 256))
+    return int(np.clip(_NETWORK_BYTES // (rows * dtype.itemsize) // 16 * 16, 16, _MAX_WIDTH))
 
 
 def _column_ranges(d: int, work: int, align: int = 1) -> list[tuple[int, int]]:

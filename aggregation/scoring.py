@@ -79,12 +79,6 @@ HISTORY_METRIC = "history_error"
 
 _MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 _MEANAD_TO_SIGMA = 1.2533  # the same for the mean absolute deviation (fallback when MAD is 0)
-_BLOCK_BYTES = 1 << 23  # float64 bytes of one column block: temporaries stay O(1) in K and d
-
-
-def _columns(rows: int) -> int:
-    """Columns per block so that a float64 block of ``rows`` rows holds ``_BLOCK_BYTES``."""
-    return max(256, _BLOCK_BYTES // (8 * max(rows, 1)))
 
 
 def robust_z(x: np.ndarray) -> np.ndarray:
@@ -106,21 +100,6 @@ def robust_z(x: np.ndarray) -> np.ndarray:
     if scale <= 0:
         return np.where(finite, 0.0, np.nan)
     return (x - med) / scale
-
-
-def _gram(updates: np.ndarray, aggregate: np.ndarray) -> np.ndarray:
-    """The (K+1, K+1) float64 Gram matrix of the rows of ``updates`` and ``aggregate`` (last)."""
-    k, d = updates.shape
-    gram = np.zeros((k + 1, k + 1), np.float64)
-    columns = _columns(k + 1)
-    buffer = np.empty((k + 1, min(columns, d)), np.float64)  # reused: no per-block allocation
-    for start in range(0, d, columns):
-        stop = min(d, start + columns)
-        block = buffer[:, : stop - start]
-        block[:k] = updates[:, start:stop]
-        block[k] = aggregate[start:stop]
-        gram += block @ block.T
-    return gram
 
 
 def krum_scores(sq_dist: np.ndarray, num_byzantine: int | None = None) -> np.ndarray:
@@ -200,9 +179,10 @@ def client_metrics(
         :func:`trimmed_shares`, 10% trim); ``loss_z``, the robust z-score of the loss (NaN when
         ``losses`` is None).
 
-    Norms, cosines, distances and Krum scores all come from one float64 Gram matrix of the
-    rows and the aggregate, accumulated over column blocks of a fixed byte size, so memory stays
-    ``O(K^2)`` plus a few MB beyond the input for any K and d.
+    Norms, cosines, distances and Krum scores all come from one Gram matrix of the rows and the
+    aggregate (``_kernels.gram``: BLAS products in the input dtype over column blocks of a fixed
+    byte size, summed in float64, on two threads), so memory stays ``O(K^2)`` plus a few MB
+    beyond the input for any K and d.
     """
     updates = np.asarray(updates)
     if updates.ndim != 2:
@@ -216,7 +196,7 @@ def client_metrics(
         )
     per_client = per_client or {}
 
-    gram = _gram(updates, aggregate)
+    gram = _kernels.gram(updates, aggregate)
     sq_norm = np.diag(gram)
     norm_all = np.sqrt(sq_norm)
     norm, agg_norm = norm_all[:k], norm_all[k]
