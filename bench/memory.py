@@ -15,7 +15,10 @@ per-client scores, trust, the server step. It reports, in MB:
   about; ``round_extra_mb`` = peak - resident before the round: what ``finish_round`` adds;
 - ``matrix_mb`` (K x d x 4) and ``round_copies``: ``round_extra_mb / matrix_mb``, the number of
   update-matrix-sized buffers the round holds at its peak (the stacked matrix is one);
-- ``round_s``: the wall time of ``finish_round``.
+- ``round_s``: the wall time of the first ``finish_round`` (it includes loading the compiled
+  aggregation kernels, once per process); with ``--rounds N`` > 1, ``warm_round_s`` is the best
+  of the next N - 1 rounds on the same coordinator (same updates, new round numbers), the time a
+  round takes in a running server, and ``kernel`` the order-statistic path that ran.
 
 The run imports numpy and the round's modules only, so the figures are the round's;
 ``--with-tensorflow`` imports TensorFlow first, as a simulation or ``fedwarden serve`` process
@@ -45,7 +48,13 @@ def _rss_mb() -> float:
 
 
 def run_chain(
-    chain: str, clients: int, dim: int, byzantine: int, seed: int, with_tensorflow: bool = False
+    chain: str,
+    clients: int,
+    dim: int,
+    byzantine: int,
+    seed: int,
+    with_tensorflow: bool = False,
+    rounds: int = 1,
 ) -> dict[str, Any]:
     """One round in this process; call it in a fresh process so the peak is this round's."""
     sys.path.insert(0, str(ROOT))
@@ -79,7 +88,17 @@ def run_chain(
     start = time.perf_counter()
     outcome = coordinator.finish_round(1, [u.client_id for u in updates], updates)
     seconds = time.perf_counter() - start
+    warm = []
+    for number in range(2, rounds + 1):
+        again = [
+            ClientUpdate(u.client_id, number, u.delta, u.num_examples, u.loss) for u in updates
+        ]
+        start = time.perf_counter()
+        coordinator.finish_round(number, [u.client_id for u in again], again)
+        warm.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from fedwarden.aggregation._kernels import order_kernel
+
     matrix_mb = clients * dim * 4 / 2**20
     return {
         "chain": chain,
@@ -91,6 +110,9 @@ def run_chain(
         "matrix_mb": matrix_mb,
         "round_copies": (peak - before) / matrix_mb,
         "round_s": seconds,
+        "warm_round_s": min(warm) if warm else None,
+        "kernel": order_kernel(clients),
+        "load_average": os.getloadavg(),
     }
 
 
@@ -102,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chains", default=",".join(CHAINS), help="comma-separated chain specs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--rounds", type=int, default=1, help="rounds per chain; the first is timed apart"
+    )
+    parser.add_argument(
         "--with-tensorflow",
         action="store_true",
         help="import TensorFlow first (a simulation's RSS)",
@@ -111,7 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         result = run_chain(
-            args.worker, args.clients, args.dim, args.byzantine, args.seed, args.with_tensorflow
+            args.worker,
+            args.clients,
+            args.dim,
+            args.byzantine,
+            args.seed,
+            args.with_tensorflow,
+            args.rounds,
         )
         print(json.dumps(result))
         return 0
@@ -121,11 +152,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.clients * args.dim * 4 / 2**20:.0f} MB; load {os.getloadavg()[0]:.1f}"
         + ("; TensorFlow imported" if args.with_tensorflow else "")
     )
-    print(f"{'chain':28} {'peak_mb':>8} {'inputs':>7} {'round+':>7} {'copies':>6} {'round_s':>7}")
+    print(
+        f"{'chain':28} {'peak_mb':>8} {'inputs':>7} {'round+':>7} {'copies':>6} {'round_s':>7}"
+        f" {'warm_s':>7} {'load':>5}"
+    )
     for chain in args.chains.split(","):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", chain]
         cmd += ["--clients", str(args.clients), "--dim", str(args.dim)]
         cmd += ["--byzantine", str(args.byzantine), "--seed", str(args.seed)]
+        cmd += ["--rounds", str(args.rounds)]
         cmd += ["--with-tensorflow"] if args.with_tensorflow else []
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
         if done.returncode != 0:
@@ -135,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append(r)
         print(
             f"{chain:28} {r['peak_mb']:8.0f} {r['inputs_mb']:7.0f} {r['round_extra_mb']:7.0f} "
-            f"{r['round_copies']:6.2f} {r['round_s']:7.2f}"
+            f"{r['round_copies']:6.2f} {r['round_s']:7.2f} "
+            + ("      -" if r["warm_round_s"] is None else f"{r['warm_round_s']:7.2f}")
+            + f" {r['load_average'][0]:5.1f}"
         )
     worst = max(r["peak_mb"] for r in results)
     verdict = "under" if worst < TARGET_MB else "OVER"
