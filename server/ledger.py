@@ -205,6 +205,8 @@ class Ledger:
                 raise LedgerError(f"not a fedwarden ledger (no trust tables): {self.path}")
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A new ledger is private (trust history); SQLite gives its -wal and -shm files its mode.
+        self.path.touch(mode=0o600)
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
         self._conn = sqlite3.connect(
             self.path, timeout=30, isolation_level=None, check_same_thread=False
