@@ -184,7 +184,8 @@ class DnC:
 
     References:
       Shejwalkar and Houmansadr 2021, "Manipulating the Byzantine: Optimizing Model Poisoning
-      Attacks and Defenses for Federated Learning", NDSS 2021 (Algorithm 2; their c = 1).
+      Attacks and Defenses for Federated Learning", NDSS 2021 (Algorithm 2; one iteration,
+      10,000 coordinates and c = 1 as in the Blades benchmark's port of the authors' code).
 
     Args:
       num_byzantine: f, the malicious clients to tolerate.
@@ -203,7 +204,7 @@ class DnC:
     def __init__(
         self,
         num_byzantine: int,
-        iterations: int = 5,
+        iterations: int = 1,
         subsample: int = 10000,
         filter_fraction: float = 1.0,
         seed: int = 0,
