@@ -248,3 +248,26 @@ def test_auto_is_the_documented_chain_and_its_budget_is_checked_inside():
     assert all(key.startswith("auto/") for key in out.measurements)
     with pytest.raises(AggregationError, match="fltrust"):
         check_budget("auto", num_clients=10, num_byzantine=5)
+
+
+def test_every_new_stateful_step_survives_a_checkpoint(tmp_path):
+    from fedwarden.server import checkpoint
+
+    step = chain(client_momentum(), bucketing(bucket_size=1), signguard(), clipped_clustering())
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 30)).astype(np.float32)
+    ids = [f"c{i}" for i in range(6)]
+    first = step(x, np.ones(6), step.init(), client_ids=ids)
+    checkpoint.save(tmp_path, 1, {"chain_state": first.state})
+    restored = checkpoint.load_latest(tmp_path)["chain_state"]
+    again = step(x, np.ones(6), restored, client_ids=ids)
+    expected = step(x, np.ones(6), first.state, client_ids=ids)
+    np.testing.assert_array_equal(again.updates, expected.updates)
+    for name in ("dnc", "flame"):
+        other = parse_chain(name, num_byzantine_default=1)
+        out = other(x, np.ones(6), other.init())
+        checkpoint.save(tmp_path / name, 1, {"s": out.state})
+        back = checkpoint.load_latest(tmp_path / name)["s"]
+        np.testing.assert_array_equal(
+            other(x, np.ones(6), back).updates, other(x, np.ones(6), out.state).updates
+        )
