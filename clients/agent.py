@@ -24,6 +24,7 @@ import threading
 import time
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
@@ -59,6 +60,52 @@ class AgentError(UsageError):
     """The agent cannot go on: refused credentials, unfit data, an incompatible coordinator."""
 
 
+@dataclass(frozen=True)
+class SpecPin:
+    """What this agent accepts from the coordinator's training spec; a spec that differs is
+    refused before any model code is imported or any training runs.
+
+    Args:
+      model: the model factory the agent will build: ``"default"`` (the dataset's own model) or
+        ``package.module:function``; None accepts whatever the spec names.
+      min_dp_noise_multiplier: DP-SGD must be on with at least this noise multiplier.
+      max_dp_l2_clip: DP-SGD must be on with a per-example clip of at most this norm.
+    """
+
+    model: str | None = None
+    min_dp_noise_multiplier: float | None = None
+    max_dp_l2_clip: float | None = None
+
+    def problem(self, spec: TrainingSpec) -> str | None:
+        """Why ``spec`` is refused, or None."""
+        named = spec.model or "default"
+        if self.model is not None and named != self.model:
+            return (
+                f"the coordinator's spec names the model {named!r}; this agent is pinned to "
+                f"{self.model!r} (--pin-model)"
+            )
+        if self.min_dp_noise_multiplier is None and self.max_dp_l2_clip is None:
+            return None
+        dp = spec.dp_sgd
+        if not dp:
+            return "the coordinator's spec turns DP-SGD off; this agent requires it"
+        if (
+            self.min_dp_noise_multiplier is not None
+            and dp["noise_multiplier"] < self.min_dp_noise_multiplier
+        ):
+            return (
+                f"the coordinator's spec sets the DP-SGD noise multiplier to "
+                f"{dp['noise_multiplier']:g}; this agent requires at least "
+                f"{self.min_dp_noise_multiplier:g} (--min-dp-noise-multiplier)"
+            )
+        if self.max_dp_l2_clip is not None and dp["l2_norm_clip"] > self.max_dp_l2_clip:
+            return (
+                f"the coordinator's spec sets the DP-SGD clip to {dp['l2_norm_clip']:g}; this "
+                f"agent requires at most {self.max_dp_l2_clip:g} (--max-dp-l2-clip)"
+            )
+        return None
+
+
 class Agent:
     """Args:
     connection: how to reach the coordinator, with the client id and credentials.
@@ -69,6 +116,8 @@ class Agent:
     red_team: makes this agent an attacker (a rehearsal; see clients/red_team.py).
     strict: refuse to train when any row of the data has a problem (default: skip those rows
         and report them).
+    pin: the model and minimum DP-SGD setting this agent accepts (``SpecPin``); None accepts
+        any spec.
     """
 
     def __init__(
@@ -82,6 +131,7 @@ class Agent:
         give_up_after_s: float | None = 600.0,
         red_team: RedTeam | None = None,
         strict: bool = False,
+        pin: SpecPin | None = None,
     ):
         if not connection.client_id:
             raise UsageError("the agent needs --client-id")
@@ -94,6 +144,7 @@ class Agent:
         self.give_up_after_s = give_up_after_s
         self.red_team = red_team
         self.strict = strict
+        self.pin = pin
         self.data_report: dict | None = None  # what validation kept and skipped, for the task
         self.rounds_done: list[int] = []
         self._spec: TrainingSpec | None = None
@@ -205,6 +256,9 @@ class Agent:
         """Validates the data against the spec and builds the trainer (once per spec)."""
         if spec == self._spec:
             return
+        problem = self.pin.problem(spec) if self.pin else None
+        if problem:
+            raise AgentError(f"refusing the task: {problem}")
         from fedwarden.data.datasets import feature_range
 
         checked = validate(

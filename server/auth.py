@@ -106,6 +106,13 @@ def load_tokens(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, str]
             seen[token] = name
     if not clients and not operators:
         raise UsageError(f'tokens file {path} holds no tokens (lines of client_id = "token")')
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        log.warning(
+            "tokens file %s is readable or writable by others (mode %o): anyone who can read it "
+            "can act as any client; chmod 600 %s",
+            path, mode, path,
+        )  # fmt: skip
     return dict(clients), dict(operators)
 
 

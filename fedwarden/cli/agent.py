@@ -28,7 +28,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     from fedwarden.protocol.connection import connection_from_args, require_protocol
 
     require_protocol()
-    from fedwarden.clients.agent import Agent
+    from fedwarden.clients.agent import Agent, SpecPin
     from fedwarden.data.validation import DataError
 
     conn = connection_from_args(args, client_id=args.client_id, compression=args.compression)
@@ -48,6 +48,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     elif args.attack_param or args.red_team_report:
         raise UsageError("--attack-param and --red-team-report need --attack NAME")
     give_up = None if args.give_up_after <= 0 else args.give_up_after
+    pin = SpecPin(args.pin_model, args.min_dp_noise_multiplier, args.max_dp_l2_clip)
     agent = Agent(
         conn,
         args.data,
@@ -56,6 +57,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         backoff_max_s=args.backoff_max,
         red_team=red_team,
         strict=args.strict,
+        pin=pin,
     )
     logging.getLogger("fedwarden.agent").setLevel(logging.INFO)
     try:
@@ -90,6 +92,26 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="refuse to train if any row of the data has a problem (NaN, out of range, unknown "
         "label, duplicate, unparseable); by default those rows are skipped and reported",
+    )
+    pins = p.add_argument_group("what this agent accepts from the coordinator")
+    pins.add_argument(
+        "--pin-model",
+        metavar="FACTORY",
+        help="refuse a task unless the coordinator's spec names this model: 'default' (the "
+        "dataset's own) or package.module:function; without it the agent imports whatever "
+        "model the spec names",
+    )
+    pins.add_argument(
+        "--min-dp-noise-multiplier",
+        type=float,
+        metavar="Z",
+        help="refuse a task unless it trains with DP-SGD at a noise multiplier of at least Z",
+    )
+    pins.add_argument(
+        "--max-dp-l2-clip",
+        type=float,
+        metavar="C",
+        help="refuse a task unless it trains with DP-SGD at a per-example clip of at most C",
     )
     add_connection_options(p)
     p.add_argument(

@@ -93,13 +93,25 @@ def _synthetic(seed: int, n: int = 4000, features: int = 20, classes: int = 4) -
 
 
 def _npz(path: Path, seed: int) -> Dataset:
+    """A dataset file, checked as an agent checks its data (``fedwarden/data/validation.py``).
+
+    A problem (NaN or Inf, a label that is not a class index, a wrong shape or dtype, ...)
+    refuses the file with the offending rows named, rather than training on them or dropping
+    them quietly. Rows that repeat an earlier one are kept: a dataset may hold them.
+    """
+    from fedwarden.data.validation import DataError, LocalData, load_npz, validate
+
     if not path.is_file():
         raise UsageError(f"dataset file not found: {path}")
-    with np.load(path) as data:
-        if "x" not in data or "y" not in data:
-            raise UsageError(f"{path} must hold arrays 'x' and 'y'. Found: {', '.join(data.files)}")
-        x, y = data["x"].astype(np.float32), data["y"].astype(np.int64)
-    return _split(path.stem, x, y, seed)
+    try:
+        x, y = load_npz(path)
+    except DataError as exc:
+        raise UsageError(str(exc)) from None
+    checked = validate(LocalData(x, y, str(path)), tuple(x.shape[1:]) if x.ndim > 1 else None)
+    problems = [p.message for p in checked.problems if p.check != "duplicate"]
+    if problems:
+        raise UsageError(f"{path}: {'; '.join(problems)}; fix or remove these rows")
+    return _split(path.stem, x.astype(np.float32), y.astype(np.int64), seed)
 
 
 def read_idx(path: Path) -> np.ndarray:
