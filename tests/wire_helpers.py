@@ -43,6 +43,7 @@ def write_tokens(path: Path, ids: list[str]) -> dict[str, str]:
     tokens = {cid: secrets.token_hex(16) for cid in [*ids, OPERATOR]}
     lines = [f'{cid} = "{tokens[cid]}"' for cid in ids]
     lines += ["", "[operators]", f'{OPERATOR} = "{tokens[OPERATOR]}"']
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600)
     path.write_text("\n".join(lines) + "\n")
     return tokens
