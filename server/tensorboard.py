@@ -6,8 +6,8 @@ after every round so ``tensorboard --logdir`` shows a running simulation or depl
 * round scalars: ``round/accuracy``, ``round/loss``, ``round/attack_success_rate``,
   ``detection/precision``, ``detection/recall``, ``privacy/epsilon``, and every numeric
   aggregation measurement under ``aggregation/`` (clip norm, rows trimmed or selected, ...);
-* per-client scalars ``client_trust/<id>`` and ``client_anomaly/<id>``, laid out by the custom
-  scalars plugin as one chart of all clients each;
+* per-client scalars ``client_trust/<id>`` and ``client_anomaly/<id>`` for each round's cohort,
+  laid out by the custom scalars plugin as one chart of all clients each;
 * histograms of the cohort's update norms and anomaly scores;
 * the trust heatmap (clients x rounds, malicious clients marked on the left) as an image.
 
@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from fedwarden.server.callbacks import Callback
+
 ROUND_SCALARS = {
     "accuracy": "round/accuracy",
     "loss": "round/loss",
@@ -37,6 +39,7 @@ ROUND_SCALARS = {
 }
 CLIENT_SCALARS = {"trust": "client_trust", "anomaly": "client_anomaly"}
 HEATMAP_EVERY = 5  # rounds between heatmap images (each is a full re-render)
+HEATMAP_MAX_CLIENTS = 500  # beyond this the heatmap is not drawn (rows of a few pixels each)
 _CELL = 6  # pixels per heatmap cell
 
 
@@ -87,7 +90,8 @@ class TensorBoardWriter:
           record: the round's record (``round`` plus any of the keys of ``ROUND_SCALARS`` and a
             ``measurements`` dict); None or non-finite values are skipped.
           clients: the round's scored client rows (``client_id``, ``anomaly``, ``norm``, ...).
-          trust: every known client's trust after the round (None for a client not seen yet).
+          trust: every known client's trust after the round (None for a client not seen yet);
+            the heatmap shows them all, up to ``HEATMAP_MAX_CLIENTS``.
         """
         tf = self._tf
         step = int(record["round"])
@@ -96,17 +100,17 @@ class TensorBoardWriter:
                 _scalar(tf, tag, record.get(key), step)
             for key, value in (record.get("measurements") or {}).items():
                 _scalar(tf, f"aggregation/{key}", value, step)
-            for row in clients:
+            for row in clients:  # the cohort only: a population of 10,000 is not charted
                 cid = row["client_id"]
                 _scalar(tf, f"client_anomaly/{cid}", row.get("anomaly"), step)
-            for cid, value in trust.items():
-                _scalar(tf, f"client_trust/{cid}", value, step)
+                _scalar(tf, f"client_trust/{cid}", trust.get(cid), step)
             for key in ("norm", "anomaly"):
                 values = [row[key] for row in clients if _finite(row.get(key))]
                 if values:
                     tf.summary.histogram(f"cohort/update_{key}", np.array(values), step=step)
-            for cid in trust:
-                self._trust_history.setdefault(cid, [math.nan] * self._rounds)
+            if len(trust) <= HEATMAP_MAX_CLIENTS:
+                for cid in trust:
+                    self._trust_history.setdefault(cid, [math.nan] * self._rounds)
             for cid, history in self._trust_history.items():
                 value = trust.get(cid)
                 history.append(float(value) if _finite(value) else math.nan)
@@ -151,3 +155,52 @@ def _finite(value: Any) -> bool:
 def _scalar(tf: Any, tag: str, value: Any, step: int) -> None:
     if _finite(value):
         tf.summary.scalar(tag, float(value), step=step)
+
+
+class TensorBoard(Callback):
+    """The round driver's callback writing a run to TensorBoard (Keras' ``TensorBoard`` for
+    federations): ``RoundDriver(..., callbacks=[TensorBoard("runs/tb/median")])``.
+
+    Args:
+      logdir: the run's directory.
+      malicious: the known malicious clients (simulations); with them, each round also gets
+        ``detection/precision`` and ``detection/recall`` of the clients flagged so far.
+    """
+
+    def __init__(self, logdir: str | Path, malicious: set[str] | frozenset[str] = frozenset()):
+        self.logdir, self.malicious = Path(logdir), set(malicious)
+        self.writer: TensorBoardWriter | None = None
+
+    def on_run_begin(self, logs: dict[str, Any]) -> None:
+        self.writer = TensorBoardWriter(self.logdir, self.malicious)
+
+    def on_round_end(self, round: int, logs: dict[str, Any]) -> None:
+        record = dict(logs)
+        if self.malicious:
+            record.update(detection(set(logs.get("flagged") or ()), self.malicious))
+        snapshot = self.driver.coordinator.trust.snapshot()
+        trust = {cid: state.trust for cid, state in snapshot.items()}
+        for cid in self.driver.population or ():
+            trust.setdefault(cid, None)
+        self.writer.write_round(record, self.driver.outcome.clients, trust)
+
+    def on_run_end(self, logs: dict[str, Any]) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def detection(flagged: set[str], malicious: set[str]) -> dict[str, float | None]:
+    """Precision (None when nothing is flagged) and recall of ``flagged`` against ``malicious``."""
+    hits = len(flagged & malicious)
+    return {
+        "precision": hits / len(flagged) if flagged else None,
+        "recall": hits / len(malicious) if malicious else None,
+    }
+
+
+def log_dir(setting: str | None, out: Path) -> Path | None:
+    """Where a run's TensorBoard logs go: ``setting``, ``out/tensorboard`` when None, or
+    nowhere for ``"off"``."""
+    if setting == "off":
+        return None
+    return Path(setting) if setting else Path(out) / "tensorboard"

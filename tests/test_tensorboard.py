@@ -114,3 +114,21 @@ def _poll_json(proc, url, ready, timeout=120.0):
             pass
         time.sleep(0.2)  # polling interval of a readiness check, not a wait for a result
     raise AssertionError(f"{url} not ready after {timeout} s; last answer {last!r}")
+
+
+@pytest.mark.slow
+def test_simulate_and_compare_write_tensorboard_runs(tmp_path):
+    import fedwarden
+
+    common = dict(clients=6, clients_per_round=6, rounds=2, local_epochs=1, progress=False)
+    fedwarden.simulate(out=str(tmp_path / "sim"), attack="gaussian", aggregator="median", **common)
+    _, values = scalars(tmp_path / "sim" / "tensorboard")
+    assert [step for step, _ in values["round/accuracy"]] == [1, 2]
+    assert "detection/recall" in values and any(t.startswith("client_trust/") for t in values)
+
+    tb = tmp_path / "tb"
+    fedwarden.compare(["gaussian"], ["mean", "median"], out=str(tmp_path / "grid"),
+                      tensorboard=str(tb), **common)  # fmt: skip
+    runs = sorted(p.name for p in tb.iterdir())
+    assert len(runs) == 4 and all(any((tb / r).glob("events.out.tfevents.*")) for r in runs), runs
+    assert not (tmp_path / "grid" / "runs" / runs[0] / "tensorboard").exists()
