@@ -19,12 +19,12 @@ by ``evidence_memory`` per round seen::
 For a client whose scores are drawn from the population, ``evidence`` is a standard score
 whatever the number of rounds it was seen (a sum of n z-scores over sqrt(n)): a client sampled
 once is judged on that one round, and one sampled ten times needs a smaller excess per round to
-reach the same evidence. A client is flagged when its evidence exceeds ``z_(1 - fpr)``, the
-standard normal quantile of the configured ``false_positive_rate``, and unflagged when it falls
-``unflag_margin`` below that line. Each z is clipped to ``[-z_floor, z_cap]``: banked good rounds
-cannot hide a later attack for long, and one round can flag but not convict for ever. The
-pooled scores are not exactly normal, so the measured rate differs from the nominal one;
-docs/results.md has both.
+reach the same evidence. A client is flagged when its evidence exceeds the flag line set by the
+configured ``false_positive_rate`` (:attr:`TrustPolicy.flag_z`: the Laplace quantile, 4.48 at the
+default 0.005, since honest anomaly scores have exponential upper tails), and unflagged when it
+falls ``unflag_margin`` below that line. Each z is clipped to ``[-z_floor, z_cap]``: banked good
+rounds cannot hide a later attack for long, and one round can flag but not convict for ever. The
+rate is nominal; docs/results.md has the measured rates (Dirichlet 0.1, 0.5, iid).
 
 Trust itself is still the exponentially weighted average above (what dashboards plot); the
 evidence is that same deviation from the population, standardised by how much of it there is.
@@ -90,8 +90,8 @@ class TrustPolicy:
             before it may be sampled again on probation.
         initial_trust: trust of a client never seen before, in [0, 1].
         flag_rule: ``"evidence"`` (default) or ``"threshold"`` (see the module docstring).
-        false_positive_rate: under ``"evidence"``, the nominal share of honest clients flagged:
-            the flag line is the standard normal quantile ``z_(1 - rate)``, in (0, 0.5).
+        false_positive_rate: under ``"evidence"``, the nominal share of honest client-rounds
+            flagged, in (0, 0.5); :attr:`flag_z` turns it into the flag line.
         unflag_margin: a flagged client is unflagged when its evidence falls this far below the
             flag line (hysteresis, in z units).
         evidence_memory: weight of a client's earlier rounds in its evidence, per round seen,
