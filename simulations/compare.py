@@ -14,50 +14,129 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from fedwarden.config import RunConfig, validate  # noqa: E402
+from fedwarden.data.datasets import load_dataset  # noqa: E402
+from fedwarden.simulations.preflight import cell_config  # noqa: E402
 from fedwarden.simulations.report import fmt, markdown_table  # noqa: E402
 from fedwarden.simulations.runner import Simulation, check_config, make_federation  # noqa: E402
 
 
-def compare(base: RunConfig, attacks: list[str], aggregators: list[str], out: Path) -> str:
-    """Runs the grid (plus a clean row), writes matrix.json, matrix.md, matrix.png; returns the table."""
+def compare(
+    base: RunConfig,
+    attacks: list[str],
+    aggregators: list[str],
+    out: Path,
+    seeds: list[int] | None = None,
+    ray_address: str | None = None,
+    cpus_per_run: float = 1.0,
+) -> str:
+    """Runs the grid (plus a clean row), writes matrix.json, matrix.md, matrix.png; returns the table.
+
+    Args:
+      base: the settings every run shares; each run changes its attack, aggregator and seed.
+      attacks: the attack rows (a clean ``none`` row is added if missing).
+      aggregators: the aggregator columns.
+      out: the grid's directory; run outputs go to ``out/runs/ATTACK__AGGREGATOR`` (with
+        ``__seedN`` appended when there are several seeds).
+      seeds: the seeds to run (default: ``base.seed``); with several, each cell of the matrix
+        holds their mean and standard deviation, and each seed's own figures.
+      ray_address: run every (attack, aggregator, seed) as a Ray task on this cluster (see
+        ``ray_grid.connect``); the outputs are the same as those of a local run.
+      cpus_per_run: CPUs each Ray task asks for.
+
+    Returns:
+      The markdown table written to matrix.md.
+    """
+    seeds = list(dict.fromkeys(seeds or [base.seed]))
     rows = (["none"] if "none" not in attacks else []) + list(attacks)
     configs = {
-        (a, g): replace(base, attack=a, aggregator=g, progress=False)
+        (a, g, s): replace(cell_config(base, a, g), seed=s)
         for a in rows
         for g in aggregators
+        for s in seeds
     }
-    federation = make_federation(base)
+    dirs = {key: out / "runs" / _run_name(*key, several_seeds=len(seeds) > 1) for key in configs}
+    num_classes = load_dataset(base.dataset, base.data_dir, base.seed).num_classes
     for config in configs.values():
         validate(config)
-        check_config(config, federation.dataset.num_classes)
-    clean = replace(federation, malicious=frozenset())
-    simulation = Simulation(base, federation)  # one data split and one compiled model for all cells
-    matrix: dict[str, dict[str, dict]] = {a: {} for a in rows}
+        check_config(config, num_classes)
     out.mkdir(parents=True, exist_ok=True)
-    with tqdm(total=len(configs), desc="compare", unit="run", disable=not base.progress) as bar:
-        for (attack, aggregator), config in configs.items():
-            bar.set_postfix_str(f"{attack} x {aggregator}")
-            simulation.federation = clean if attack == "none" else federation
-            cell_dir = out / "runs" / f"{_slug(attack)}__{_slug(aggregator)}"
-            final = simulation.run(config, cell_dir)["final"]
-            matrix[attack][aggregator] = {
-                "accuracy": final["accuracy"],
-                "attack_success_rate": final["attack_success_rate"],
-                "detection": final["detection"],
-            }
-            bar.update()
+    if ray_address:
+        from fedwarden.simulations.ray_grid import run_grid
+
+        outputs = run_grid(configs, dirs, ray_address, cpus_per_run, progress=base.progress)
+        finals = {key: output.final for key, output in outputs.items()}
+        placement = {
+            dirs[key].name: {"node_id": o.node_id, "hostname": o.hostname, "pid": o.pid}
+            for key, o in outputs.items()
+        }
+        (out / "placement.json").write_text(json.dumps(placement, indent=2))
+    else:
+        finals = _run_here(base, configs, dirs)
+    matrix = {
+        a: {g: _cell([finals[(a, g, s)] for s in seeds], seeds) for g in aggregators} for a in rows
+    }
     (out / "matrix.json").write_text(json.dumps(matrix, indent=2))
-    table = _table(matrix, aggregators, base)
+    table = _table(matrix, aggregators, base, seeds)
     (out / "matrix.md").write_text(table + "\n")
     _heatmap(matrix, rows, aggregators, out / "matrix.png", base)
     return table
+
+
+def _run_here(base: RunConfig, configs: dict, dirs: dict) -> dict:
+    """Runs the grid in this process, one run after the other; the final metrics by key."""
+    finals = {}
+    with tqdm(total=len(configs), desc="compare", unit="run", disable=not base.progress) as bar:
+        for seed in dict.fromkeys(s for _, _, s in configs):
+            runs = {key: config for key, config in configs.items() if key[2] == seed}
+            # The malicious set is the one an attacked run of this seed draws (as a Ray task does).
+            attacked = next((c for (a, _, _), c in runs.items() if a != "none"), base)
+            federation = make_federation(attacked)
+            clean = replace(federation, malicious=frozenset())
+            # One data split and one compiled model for all the runs of a seed.
+            simulation = Simulation(attacked, federation)
+            for key, config in runs.items():
+                bar.set_postfix_str(f"{key[0]} x {key[1]}, seed {seed}")
+                simulation.federation = clean if key[0] == "none" else federation
+                finals[key] = simulation.run(config, dirs[key])["final"]
+                bar.update()
+    return finals
+
+
+def _cell(finals: list[dict], seeds: list[int]) -> dict:
+    """One matrix cell: a run's figures, or with several seeds their mean, spread and each run."""
+    cells = [
+        {
+            "accuracy": final["accuracy"],
+            "attack_success_rate": final["attack_success_rate"],
+            "detection": final["detection"],
+        }
+        for final in finals
+    ]
+    if len(cells) == 1:
+        return cells[0]
+    accuracy = np.array([c["accuracy"] for c in cells])
+    asr = [c["attack_success_rate"] for c in cells]
+    summary = {
+        "accuracy": float(accuracy.mean()),
+        "accuracy_std": float(accuracy.std(ddof=1)),
+        "accuracy_min": float(accuracy.min()),
+        "accuracy_max": float(accuracy.max()),
+        "attack_success_rate": None if None in asr else float(np.mean(asr)),
+        "attack_success_rate_std": None if None in asr else float(np.std(asr, ddof=1)),
+    }
+    return {**summary, "seeds": {str(s): c for s, c in zip(seeds, cells)}}
+
+
+def _run_name(attack: str, aggregator: str, seed: int, several_seeds: bool) -> str:
+    name = f"{_slug(attack)}__{_slug(aggregator)}"
+    return f"{name}__seed{seed}" if several_seeds else name
 
 
 def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "_-" else "-" for ch in name)
 
 
-def _table(matrix: dict, aggregators: list[str], base: RunConfig) -> str:
+def _table(matrix: dict, aggregators: list[str], base: RunConfig, seeds: list[int]) -> str:
     clean = matrix["none"]
     header = ["attack", *aggregators]
     body = []
@@ -66,16 +145,23 @@ def _table(matrix: dict, aggregators: list[str], base: RunConfig) -> str:
         for g in aggregators:
             cell = cells[g]
             text = fmt(cell["accuracy"])
+            if "accuracy_std" in cell:
+                text += f" ± {cell['accuracy_std']:.3f}"
             if attack != "none":
                 text += f" ({cell['accuracy'] - clean[g]['accuracy']:+.2f})"
             if cell["attack_success_rate"] is not None:
                 text += f", ASR {cell['attack_success_rate']:.2f}"
             row.append(text)
         body.append(row)
+    runs = (
+        f"seed {seeds[0]}"
+        if len(seeds) == 1
+        else f"seeds {', '.join(map(str, seeds))} (mean ± standard deviation over the seeds)"
+    )
     caption = (
         f"Final test accuracy on {base.dataset}: {base.clients} clients, "
         f"{base.clients_per_round} per round, {base.rounds} rounds, "
-        f"{base.malicious_fraction:.0%} malicious, seed {base.seed}. "
+        f"{base.malicious_fraction:.0%} malicious, {runs}. "
         "In brackets: change against the clean run with the same aggregator."
     )
     return caption + "\n\n" + markdown_table(header, body)
@@ -89,9 +175,12 @@ def _heatmap(
     image = ax.imshow(values, vmin=0, vmax=1, cmap="RdYlGn")
     ax.set_xticks(range(len(aggregators)), aggregators, rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), rows)
-    for i in range(len(rows)):
-        for j in range(len(aggregators)):
-            ax.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=9)
+    for i, attack in enumerate(rows):
+        for j, aggregator in enumerate(aggregators):
+            text = f"{values[i, j]:.2f}"
+            if "accuracy_std" in matrix[attack][aggregator]:
+                text += f"\n±{matrix[attack][aggregator]['accuracy_std']:.2f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=9)
     ax.set_title(f"final accuracy, {base.dataset}, {base.malicious_fraction:.0%} malicious")
     fig.colorbar(image, ax=ax, fraction=0.04)
     fig.tight_layout()

@@ -293,6 +293,19 @@ def summary_table(results: dict) -> str:
 COMPARE_SKIPS = frozenset({"attack", "aggregator", "metrics_port"})
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds 0,1,2`` as a list of distinct non-negative integers, in the order given."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or any(seed < 0 for seed in seeds):
+        raise UsageError(
+            f"--seeds must be comma-separated integers >= 0, e.g. 0,1,2. Received: {text!r}"
+        )
+    return list(dict.fromkeys(seeds))
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from fedwarden.simulations.preflight import cell_config, check_run
 
@@ -307,13 +320,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     base = config_from_args(
         args, COMPARE_SKIPS, attack=next((a for a in attacks if a != "none"), "none"), out=str(out)
     )
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     for attack in attacks:
         for aggregator in aggregators:
             check_run(cell_config(base, attack, aggregator))
     check_out_dir(out)
     from fedwarden.simulations.compare import compare  # TensorFlow from here on
 
-    print(compare(base, attacks, aggregators, out))
+    ray = {"ray_address": args.ray_address, "cpus_per_run": args.ray_cpus_per_run}
+    print(compare(base, attacks, aggregators, out, seeds=seeds, **ray))
     return 0
 
 
@@ -389,6 +404,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--aggregators", required=True, metavar="CHAIN,CHAIN,...",
         help="comma-separated aggregation chains, e.g. mean,median,clip:max_norm=5+median",
+    )  # fmt: skip
+    g.add_argument(
+        "--seeds", metavar="S,S,...",
+        help="comma-separated seeds, e.g. 0,1,2: each cell reports the mean and standard "
+        "deviation over them (default: --seed)",
+    )  # fmt: skip
+    g.add_argument(
+        "--ray-address", metavar="ADDRESS",
+        help="run each (attack, aggregator, seed) as a Ray task on this cluster: auto (the one "
+        "`ray start` made on this machine), HOST:PORT of its head, or local (docs/scale.md)",
+    )  # fmt: skip
+    g.add_argument(
+        "--ray-cpus-per-run", type=float, default=1.0, metavar="N",
+        help="CPUs each Ray task asks for (default: 1)",
     )  # fmt: skip
     add_settings(p, COMPARE_SKIPS)
     p.set_defaults(func=cmd_compare, out=None)
