@@ -6,17 +6,13 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from fedwarden.config import RunConfig, validate  # noqa: E402
 from fedwarden.data.datasets import load_dataset  # noqa: E402
 from fedwarden.simulations.preflight import cell_config  # noqa: E402
-from fedwarden.simulations.report import fmt, markdown_table  # noqa: E402
+from fedwarden.simulations.report import fmt, markdown_table, plot_matrix  # noqa: E402
 from fedwarden.simulations.runner import Simulation, check_config, make_federation  # noqa: E402
 
 
@@ -171,18 +167,16 @@ def _heatmap(
     matrix: dict, rows: list[str], aggregators: list[str], path: Path, base: RunConfig
 ) -> None:
     values = np.array([[matrix[a][g]["accuracy"] for g in aggregators] for a in rows])
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(aggregators), 1.2 + 0.55 * len(rows)))
-    image = ax.imshow(values, vmin=0, vmax=1, cmap="RdYlGn")
-    ax.set_xticks(range(len(aggregators)), aggregators, rotation=30, ha="right")
-    ax.set_yticks(range(len(rows)), rows)
-    for i, attack in enumerate(rows):
-        for j, aggregator in enumerate(aggregators):
-            text = f"{values[i, j]:.2f}"
-            if "accuracy_std" in matrix[attack][aggregator]:
-                text += f"\n±{matrix[attack][aggregator]['accuracy_std']:.2f}"
-            ax.text(j, i, text, ha="center", va="center", fontsize=9)
-    ax.set_title(f"final accuracy, {base.dataset}, {base.malicious_fraction:.0%} malicious")
-    fig.colorbar(image, ax=ax, fraction=0.04)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    labels = [
+        [
+            f"{values[i, j]:.2f}"
+            + (f"\n±{cell['accuracy_std']:.2f}" if "accuracy_std" in (cell := matrix[a][g]) else "")
+            for j, g in enumerate(aggregators)
+        ]
+        for i, a in enumerate(rows)
+    ]
+    title = (
+        f"final test accuracy\n{base.dataset}, {base.clients} clients, "
+        f"{base.malicious_fraction:.0%} malicious"
+    )
+    plot_matrix(values, rows, aggregators, path, title, labels)

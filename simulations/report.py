@@ -11,8 +11,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
+
+GREY = "0.85"  # trust cells of a client not scored yet
 
 ROUND_COLUMNS = (
     "round",
@@ -53,11 +56,11 @@ def plot_accuracy(series: dict[str, list[dict[str, Any]]], path: Path, title: st
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.set_title(title, loc="left", fontsize="medium")
+    fig.savefig(path, dpi=120, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
 
 
@@ -89,7 +92,7 @@ def plot_trust_heatmap(
     for row, cid in enumerate(ids):
         values = [np.nan if t is None else float(t) for t in trust_by_round[cid]]
         grid[row, : len(values)] = values
-    cmap = plt.get_cmap("RdYlGn").with_extremes(bad="0.85")  # grey: not scored yet
+    cmap = plt.get_cmap("RdYlGn").with_extremes(bad=GREY)  # not scored yet
     height = min(max(2.5, 0.22 * len(ids) + 1.2), 40)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * num_rounds + 3), height))
     image = ax.imshow(
@@ -105,10 +108,11 @@ def plot_trust_heatmap(
     bad_rows = [row for row, cid in enumerate(ids) if cid in malicious]
     for row in bad_rows:
         ax.get_yticklabels()[row].set_color("red")
+    legend = []
     if bad_rows:  # a marker just left of the plot area, on the malicious clients' rows
         beside = blended_transform_factory(ax.transAxes, ax.transData)
         ax.tick_params(axis="y", pad=12)  # room for the marker between label and plot
-        ax.plot(
+        (marker,) = ax.plot(
             [-0.014] * len(bad_rows),
             bad_rows,
             ">",
@@ -119,15 +123,53 @@ def plot_trust_heatmap(
             label="malicious",
             linestyle="none",
         )
-        ax.legend(loc="lower right", bbox_to_anchor=(1.0, 1.0), fontsize="small", frameon=False)
+        legend.append(marker)
+    if np.isnan(grid).any():
+        legend.append(Patch(facecolor=GREY, edgecolor="0.6", label="not scored yet"))
+    if legend:
+        ax.legend(
+            handles=legend, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=len(legend),
+            fontsize="small", frameon=False, borderaxespad=0.2,
+        )  # fmt: skip
     ax.set_xlim(0.5, max(num_rounds, 1) + 0.5)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("client")
-    ax.set_title("trust per client and round", loc="left")
+    # Above the legend (which sits on the plot's top edge), so neither covers the other.
+    ax.set_title("trust per client and round", loc="left", pad=18 if legend else 6)
     fig.colorbar(image, ax=ax, label="trust", fraction=0.04)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight", pad_inches=0.1)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_matrix(
+    values: np.ndarray,
+    rows: list[str],
+    columns: list[str],
+    path: Path,
+    title: str,
+    labels: list[list[str]] | None = None,
+) -> Path:
+    """A heatmap of values in [0, 1] (rows x columns), each cell labelled with its value (or
+    ``labels[i][j]``).
+
+    The figure is sized to its cells and saved with a tight bounding box, so a long title or
+    label is never cut; ``title`` may hold a line break.
+    """
+    values = np.asarray(values, dtype=float)
+    lines = max((label.count("\n") + 1 for row in labels or [] for label in row), default=1)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.95 * len(columns), 0.9 + 0.42 * lines * len(rows)))
+    image = ax.imshow(values, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    for i, j in np.ndindex(values.shape):
+        text = "-" if np.isnan(values[i, j]) else f"{values[i, j]:.2f}"
+        text = labels[i][j] if labels else text
+        ax.text(j, i, text, ha="center", va="center", fontsize=9)
+    ax.set_title(title, loc="left", fontsize="medium")
+    fig.colorbar(image, ax=ax, fraction=0.05, pad=0.03)
+    fig.savefig(path, dpi=150, bbox_inches="tight", pad_inches=0.05)
     plt.close(fig)
     return Path(path)
 
