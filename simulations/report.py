@@ -16,6 +16,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 GREY = "0.85"  # trust cells of a client not scored yet
+MAX_LABELLED_CLIENTS = 300  # the trust plot names each client up to this many
 
 ROUND_COLUMNS = (
     "round",
@@ -104,9 +105,12 @@ def plot_trust_heatmap(
         interpolation="nearest",
         extent=(0.5, max(num_rounds, 1) + 0.5, len(ids) - 0.5, -0.5),
     )
-    ax.set_yticks(range(len(ids)), ids, fontsize="small" if len(ids) <= 40 else "xx-small")
+    # Laying out thousands of labels takes matplotlib minutes (10,000 clients: 5+ minutes).
+    labelled = len(ids) <= MAX_LABELLED_CLIENTS
+    if labelled:
+        ax.set_yticks(range(len(ids)), ids, fontsize="small" if len(ids) <= 40 else "xx-small")
     bad_rows = [row for row, cid in enumerate(ids) if cid in malicious]
-    for row in bad_rows:
+    for row in bad_rows if labelled else ():
         ax.get_yticklabels()[row].set_color("red")
     legend = []
     if bad_rows:  # a marker just left of the plot area, on the malicious clients' rows
