@@ -93,3 +93,9 @@ def test_every_panel_returns_data_from_a_live_deployment(tmp_path, procs):
             poll(lambda: not empty_panels(), 60, what="every dashboard panel to return a series")
         except TimeoutError:
             pytest.fail("panels with no data: " + "; ".join(empty_panels()))
+    # serve writes TensorBoard logs beside its state by default, flushed every round
+    from tests.test_tensorboard import scalars
+
+    _, values = scalars(state / "tensorboard")
+    assert [step for step, _ in values["round/accuracy"]] == [1, 2, 3, 4]
+    assert any(tag.startswith("client_trust/") for tag in values)
