@@ -446,6 +446,7 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
     its socket timeout, so a silent client cannot hold the accept loop."""
 
     daemon_threads = True
+    request_queue_size = 64  # a burst waits in the kernel, not for SYN retransmissions
 
     def __init__(self, address, handler, max_connections: int, tls: ssl.SSLContext | None):
         if max_connections < 1:
