@@ -271,8 +271,8 @@ class Authenticator:
             header = header.decode(errors="replace")
         if not header or not header.startswith("Bearer "):
             raise AuthError(
-                "missing token: send the authorization metadata 'Bearer <token>' "
-                "(fedwarden agent --token)"
+                "missing token: send the authorization metadata 'Bearer <token>' (--token, or "
+                "the FEDWARDEN_TOKEN environment variable, of fedwarden agent or fedwarden trust)"
             )
         offered = header[len("Bearer ") :].strip().encode()
         match = None

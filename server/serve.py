@@ -557,8 +557,9 @@ class Server:
         todo = f"rounds {done + 1}..{c.rounds}" if done < c.rounds else "every round is done"
         print(
             f"fedwarden serve: listening on {o.host}:{self.port} ({self._security()}"
-            f"{', tokens' if o.tokens else ''}); metrics on "
-            f"{f'{o.metrics_host}:{self.metrics_port}' if metrics else 'none'}; {todo}",
+            f"{', tokens' if o.tokens else ''}); "
+            f"{f'metrics on {o.metrics_host}:{self.metrics_port}' if metrics else 'no live metrics (--metrics-port)'}"
+            f"; {todo}",
             flush=True,
         )
         if privacy is not None:

@@ -20,6 +20,9 @@ from typing import Any
 # Hides CUDA plugin noise on CPU-only machines. Set, not defaulted: importing jax (via
 # tensorflow) sets it to 1 in the parent environment, which child processes inherit.
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = os.environ.get("FEDWARDEN_TF_LOG_LEVEL", "3")
+# gRPC's C core logs connection failures (a TLS handshake with a plaintext server) to stderr on
+# its own lines; the error that follows names them, in one line.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from fedwarden.config import (  # noqa: E402
     FLAT,

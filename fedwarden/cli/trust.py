@@ -106,7 +106,26 @@ def query_server(address: str, client_id: str | None = None,
 
     args = args or argparse.Namespace(server=address)
     args.server = address
-    return query_trust(args, client_id)
+    try:
+        return query_trust(args, client_id)
+    except UsageError as err:
+        raise UsageError(f"{err}{_connection_hint(str(err), args)}") from None
+
+
+def _connection_hint(message: str, args: argparse.Namespace) -> str:
+    """What to try when the coordinator could not be asked (the gRPC message alone rarely says)."""
+    text = message.lower()
+    if not getattr(args, "insecure", False) and ("handshake" in text or "ssl" in text):
+        return (
+            "; if the coordinator runs without TLS (serve --insecure), pass --insecure; else "
+            "check --tls-ca"
+        )
+    if "unauthenticated" in text:
+        return (
+            "; reading trust needs an operator's credentials: a token from the [operators] "
+            "table of serve --tokens, or a certificate named by serve --operator"
+        )
+    return ""
 
 
 def _open(path: str):
