@@ -160,6 +160,7 @@ class Agent:
         self._check(validate(self._raw))  # what can be checked before the task is known
         failures, failing_since = 0, None
         while True:
+            attempt_started = time.monotonic()
             with self.conn.channel() as channel:
                 try:
                     self._serve_session(pb_grpc.FederationStub(channel))
@@ -185,7 +186,8 @@ class Agent:
                         continue
                     if self._registered:
                         failures, failing_since = 0, None
-                    failing_since = failing_since or time.monotonic()
+                    # Counted from the start of the attempt that failed, not from its end.
+                    failing_since = failing_since or attempt_started
                     waited = time.monotonic() - failing_since
                     if self.give_up_after_s is not None and waited > self.give_up_after_s:
                         log.error(
@@ -198,6 +200,8 @@ class Agent:
                         return 1
                     delay = min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(failures, 30))
                     delay *= random.uniform(0.5, 1.0)
+                    if self.give_up_after_s is not None:  # no sleeping past the deadline
+                        delay = min(delay, max(0.0, self.give_up_after_s - waited) + 0.05)
                     failures += 1
                     log.warning(
                         "%s: coordinator unreachable (%s); retrying in %.1f s",
