@@ -118,28 +118,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--compression",
         default="none",
         choices=("none", "gzip"),
-        help="compress what the agent sends (default none)",
+        help="compress what the agent sends (default: none)",
     )
     p.add_argument(
         "--poll-wait",
         type=float,
         default=20.0,
         metavar="S",
-        help="seconds each task request may wait at the coordinator (20)",
+        help="seconds each task request may wait at the coordinator (default: 20)",
     )
     p.add_argument(
         "--backoff-max",
         type=float,
         default=8.0,
         metavar="S",
-        help="longest delay between reconnection attempts (8)",
+        help="longest delay between reconnection attempts (default: 8)",
     )
     p.add_argument(
         "--give-up-after",
         type=float,
         default=600.0,
         metavar="S",
-        help="exit 1 after this long without reaching the coordinator; 0 = never (600)",
+        help="exit 1 after this long without reaching the coordinator; 0: never (default: 600)",
     )
     g = p.add_argument_group("red team (rehearse an attack on your own deployment)")
     g.add_argument(
@@ -159,7 +159,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=1,
         metavar="R",
-        help="first round to attack in; honest before (1)",
+        help="first round to attack in; honest before (default: 1)",
     )
     g.add_argument(
         "--attack-cohort",
@@ -167,7 +167,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=10,
         metavar="N",
         help="clients per round the attacker assumes, for attacks that depend on it "
-        "(scaling's boost, ALIE's z, the estimated honest updates; 10)",
+        "(scaling's boost, ALIE's z, the estimated honest updates) (default: 10)",
     )
     g.add_argument(
         "--red-team-report",

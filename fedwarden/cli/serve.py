@@ -142,7 +142,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=2,
         metavar="N",
         help="agents that must be connected before a round starts, and updates needed "
-        "to close a round at its timeout (2)",
+        "to close a round at its timeout (default: 2)",
     )
     g.add_argument(
         "--round-timeout",
@@ -150,18 +150,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=120.0,
         metavar="S",
         help="seconds to wait for the selected agents; with fewer than --min-clients "
-        "updates by then the round is re-run with a new selection (120)",
+        "updates by then the round is re-run with a new selection (default: 120)",
     )
     g.add_argument(
         "--host",
         default="127.0.0.1",
-        help="address to listen on (127.0.0.1; 0.0.0.0 for every interface)",
+        help="address to listen on; 0.0.0.0 for every interface (default: 127.0.0.1)",
     )
-    g.add_argument("--port", type=int, default=50051, help="gRPC port (50051; 0: any free port)")
+    g.add_argument(
+        "--port", type=int, default=50051, help="gRPC port; 0: any free port (default: 50051)"
+    )
     g.add_argument(
         "--metrics-host",
         default="127.0.0.1",
-        help="address of /metrics (127.0.0.1; 0.0.0.0 to let Prometheus scrape it)",
+        help="address of /metrics; 0.0.0.0 to let Prometheus scrape it (default: 127.0.0.1)",
     )
     g.add_argument(
         "--state-dir",
@@ -200,13 +202,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--compression",
         default="none",
         choices=("none", "gzip"),
-        help="compress what the coordinator sends (default none)",
+        help="compress what the coordinator sends (default: none)",
     )
     g.add_argument(
         "--max-agents",
         type=int,
         default=64,
-        help="agents served at once (sizes the thread pool; 64)",
+        metavar="N",
+        help="agents served at once; sizes the thread pool (default: 64)",
     )
     add_hostile_client_options(g)
     p.set_defaults(func=cmd_serve)
@@ -232,7 +235,7 @@ def add_hostile_client_options(g: argparse._ArgumentGroup) -> None:
         type=float,
         default=10.0,
         metavar="S",
-        help="a call waiting on its agent with no byte moving for this long is cancelled (10)",
+        help="a call waiting on its agent with no byte moving for this long is cancelled (default: 10)",
     )
     g.add_argument(
         "--min-transfer-rate",
@@ -240,14 +243,14 @@ def add_hostile_client_options(g: argparse._ArgumentGroup) -> None:
         default=64 * 1024,
         metavar="BYTES/S",
         help="uploads and task downloads must average this rate, after --stall-timeout of "
-        "grace (65536)",
+        "grace (default: 65536)",
     )
     g.add_argument(
         "--idle-timeout",
         type=float,
         default=300.0,
         metavar="S",
-        help="connections with no call for this long are closed (300)",
+        help="connections with no call for this long are closed (default: 300)",
     )
     g.add_argument(
         "--overselect",
@@ -255,28 +258,28 @@ def add_hostile_client_options(g: argparse._ArgumentGroup) -> None:
         default=1.3,
         metavar="F",
         help="select F times --clients-per-round agents; a round closes once "
-        "--clients-per-round of them answered (1.3)",
+        "--clients-per-round of them answered (default: 1.3)",
     )
     g.add_argument(
         "--max-attempts",
         type=int,
         default=5,
         metavar="N",
-        help="attempts at one round before the coordinator stops (exit 2, checkpoint kept) (5)",
+        help="attempts at one round before the coordinator stops (exit 2, checkpoint kept) (default: 5)",
     )
     g.add_argument(
         "--max-silences",
         type=int,
         default=3,
         metavar="N",
-        help="an agent selected and silent N attempts in a row is benched (3)",
+        help="an agent selected and silent N attempts in a row is benched (default: 3)",
     )
     g.add_argument(
         "--bench-rounds",
         type=int,
         default=5,
         metavar="N",
-        help="rounds a benched agent is not selected for (5)",
+        help="rounds a benched agent is not selected for (default: 5)",
     )
     g.add_argument(
         "--metrics-web-config",
