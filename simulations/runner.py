@@ -21,7 +21,7 @@ from fedwarden.aggregation.accounting import default_delta
 from fedwarden.aggregation.filtering import reference_steps
 from fedwarden.attacks import Attack, build_attack
 from fedwarden.clients.dp_sgd import ClientPrivacyAccount
-from fedwarden.clients.training import DPSGDSettings, LocalTrainer, one_thread_per_op
+from fedwarden.clients.training import DPSGDSettings, LocalResult, LocalTrainer, one_thread_per_op
 from fedwarden.config import RunConfig
 from fedwarden.data.datasets import Dataset, load_dataset
 from fedwarden.data.partition import partition
@@ -91,6 +91,8 @@ class Simulation:
         self.initial_weights = self.model.get_weights()
         self.layout = WeightLayout.of(self.initial_weights)
         self._trainers: dict[tuple, LocalTrainer] = {}
+        # What trains a run's cohorts: this process, or Ray actors (simulations/ray_cohort.py).
+        self.transport: Callable[[_Run], Any] = InProcessClients
 
     def trainer(self, config: RunConfig) -> LocalTrainer:
         dp = (
@@ -131,11 +133,14 @@ class InProcessClients:
         self.run = run
 
     def collect(self, round_number: int, coordinator: Coordinator) -> Cohort:
+        selected = self.select(round_number, coordinator)
+        return Cohort(selected, self.run.local_round(round_number, selected, coordinator.weights))
+
+    def select(self, round_number: int, coordinator: Coordinator) -> list[str]:
         r, c = self.run, self.run.config
         rng = np.random.default_rng([c.seed, 5, round_number])
         rate = r.privacy.sampling_rate if r.privacy else None
-        selected = coordinator.select(r.fed.ids, c.clients_per_round, rng, poisson_rate=rate)
-        return Cohort(selected, r.local_round(round_number, selected, coordinator.weights))
+        return coordinator.select(r.fed.ids, c.clients_per_round, rng, poisson_rate=rate)
 
 
 class Progress(Callback):
@@ -229,7 +234,7 @@ class _Run:
         )  # fmt: skip
         self.driver = RoundDriver(
             self.coordinator,
-            InProcessClients(self),
+            sim.transport(self),
             self._evaluate,
             config.rounds,
             [
@@ -272,7 +277,12 @@ class _Run:
             for cid in selected
         ]
         # The whole cohort in one call: native model copies in parallel, or one TFF call.
-        results = self.trainer.train_cohort(weights, data, rngs)
+        return self.updates(round_number, selected, self.trainer.train_cohort(weights, data, rngs))
+
+    def updates(
+        self, round_number: int, selected: list[str], results: list[LocalResult]
+    ) -> list[ClientUpdate]:
+        """The cohort's updates from its training results, the attackers' crafted if they attack."""
         updates = []
         for cid, result in zip(selected, results):
             if self.dp_sgd is not None:

@@ -254,7 +254,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     check_out_dir(Path(config.out), resume=args.resume, rounds=config.rounds)
     from fedwarden.simulations.runner import simulate  # TensorFlow from here on
 
-    results = simulate(config, resume=args.resume)
+    if args.ray_address:
+        from fedwarden.simulations.ray_cohort import simulate_on_ray
+
+        results = simulate_on_ray(config, args.ray_address, args.resume, args.ray_actors)
+    else:
+        results = simulate(config, resume=args.resume)
     print(summary_table(results))
     print_privacy(results["final"].get("privacy"))
     print(
@@ -390,6 +395,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in --out from its last checkpoint (after a crash, or "
         "with a larger --rounds)",
     )
+    p.add_argument(
+        "--ray-address", metavar="ADDRESS",
+        help="train each round's clients on Ray actors of this cluster (auto, HOST:PORT, or "
+        "local); the coordinator stays here (docs/scale.md)",
+    )  # fmt: skip
+    p.add_argument(
+        "--ray-actors", type=int, metavar="N",
+        help="Ray actors holding the clients' data (default: one per CPU of the cluster)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser(

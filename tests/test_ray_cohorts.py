@@ -1,0 +1,71 @@
+"""``simulate --ray-address``: cohorts trained on Ray actors give the local run's results."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from fedwarden.config import RunConfig
+from fedwarden.errors import UsageError
+
+RUN = RunConfig(clients=8, clients_per_round=4, rounds=2, progress=False)
+
+
+def _results(path) -> dict:
+    """results.json without what differs between two runs of the same seed: timings, --out."""
+    results = json.loads((path / "results.json").read_text())
+    for record in results["rounds"]:
+        record.pop("duration_s")
+    results["config"].pop("out", None)
+    results["config"].get("output", {}).pop("out", None)
+    return results
+
+
+def test_dp_sgd_and_the_tff_engine_are_refused_on_ray():
+    from fedwarden.simulations.ray_cohort import simulate_on_ray
+
+    with pytest.raises(UsageError, match="--engine tff"):
+        simulate_on_ray(replace(RUN, engine="tff"), "local")
+
+
+@pytest.fixture
+def local_ray():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("attack", ["label_flip", "gaussian"])  # poisoned shards; crafted here
+def test_cohorts_on_ray_actors_give_the_local_results_with_data_sent_once(
+    attack, local_ray, tmp_path, monkeypatch
+):
+    from fedwarden.simulations import ray_cohort
+    from fedwarden.simulations.runner import simulate
+
+    config = replace(RUN, attack=attack, aggregator="median")
+    simulate(replace(config, out=str(tmp_path / "local")))
+
+    starts = []
+    start_actors = ray_cohort.RayClients._start_actors
+
+    def counted(self):
+        starts.append(start_actors(self))
+        return starts[-1]
+
+    monkeypatch.setattr(ray_cohort.RayClients, "_start_actors", counted)
+    ray_cohort.simulate_on_ray(replace(config, out=str(tmp_path / "ray")), "local")
+
+    assert _results(tmp_path / "ray") == _results(tmp_path / "local")
+    assert len(starts) == 1  # the actors, and the shards they hold, for every round
+    import ray
+
+    held = ray.get([actor.clients.remote() for actor in starts[0]])
+    assert len(held) == 2
+    assert sorted(i for clients in held for i in clients) == list(range(RUN.clients))
