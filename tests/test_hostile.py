@@ -691,5 +691,8 @@ def test_a_live_coordinator_counts_each_hostile_upload_and_finishes_its_rounds(t
     assert [r["admitted"] for r in results["rounds"]] == [3, 3]
     assert results["rounds"][0]["rejections"] == [{"client_id": hostile, "reason": "non_finite"}]
     with Ledger(state / "ledger.sqlite", readonly=True) as ledger:
-        (row,) = ledger.client_history(hostile)
+        # round 1: the admission charge; round 2 (selected, never answered): silent
+        row, silent = ledger.client_history(hostile)
         assert row["rejected_reason"] == "non_finite" and row["norm"] is None
+        assert silent["round"] == 2 and silent["rejected_reason"] == "silent"
+        assert silent["trust"] == row["trust"]  # silence does not change trust
