@@ -461,6 +461,10 @@ class OutputConfig(Section):
         kind=int, low=0, high=65535, metavar="PORT",
     )  # fmt: skip
     progress: bool = option(True, "progress bar")
+    tensorboard: str | None = option(
+        None, "TensorBoard log directory ('off': none); `tensorboard --logdir DIR` shows it live",
+        kind=str, metavar="DIR", default_text="OUT/tensorboard",
+    )  # fmt: skip
 
 
 SECTIONS: tuple[type[Section], ...] = (
