@@ -22,7 +22,6 @@ which is wrapped by ``from_function``.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import re
 from collections.abc import Callable, Mapping
@@ -33,6 +32,7 @@ import numpy as np
 from fedwarden.aggregation import rules
 from fedwarden.aggregation.base import AggregationError, Step, StepOutput, as_cohort
 from fedwarden.aggregation.clipping import clip_by_norm
+from fedwarden.plugins import load_callable, parse_options
 
 __all__ = ["REGISTRY", "Chain", "chain", "parse_chain"]
 
@@ -51,6 +51,8 @@ REGISTRY: dict[str, Callable[..., Any] | str] = {
     "nearest_neighbor_mixing": rules.nearest_neighbor_mixing,
     "clip": clip_by_norm,
     "clip_by_norm": clip_by_norm,
+    "adaptive_clip": "fedwarden.aggregation.clipping:adaptive_clip_by_norm",
+    "adaptive_clip_by_norm": "fedwarden.aggregation.clipping:adaptive_clip_by_norm",
     "bucketing": "fedwarden.aggregation.preaggregation:bucketing",
     "arc": "fedwarden.aggregation.preaggregation:adaptive_robust_clipping",
     "client_momentum": "fedwarden.aggregation.preaggregation:client_momentum",
@@ -159,7 +161,9 @@ class Chain:
         owner: dict[str, str] = {}
         for step, key, child_state in zip(self.steps, self._keys, states, strict=True):
             if getattr(step, "uses_client_ids", False):
-                out = step(updates, weights, child_state, client_ids=client_ids if aligned else None)
+                out = step(
+                    updates, weights, child_state, client_ids=client_ids if aligned else None
+                )
             else:
                 out = step(updates, weights, child_state)
             new_states.append(out.state)
@@ -181,49 +185,17 @@ class Chain:
 chain = Chain
 
 
-def _value(text: str) -> Any:
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    for parse in (int, float):
-        try:
-            return parse(text)
-        except ValueError:
-            pass
-    return text.strip()
-
-
 def _options(token: str, text: str) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for item in filter(None, re.split(r"[,:]", text)):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise AggregationError(
-                f"options in an aggregation step must be key=value. Received: {item!r} in "
-                f"{token!r}; write e.g. trimmed_mean:trim_fraction=0.2."
-            )
-        options[key.strip()] = _value(value)
-    return options
+    return parse_options(
+        filter(None, re.split(r"[,:]", text)),
+        f"option in aggregation step {token!r}",
+        "trimmed_mean:trim_fraction=0.2",
+        AggregationError,
+    )
 
 
 def _resolve(target: str, token: str) -> Any:
-    module_name, _, attribute = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise AggregationError(
-            f"cannot import module {module_name!r} for aggregation step {token!r}: {err}. Check "
-            f"the spelling and that the module is on PYTHONPATH."
-        ) from err
-    try:
-        return getattr(module, attribute)
-    except AttributeError:
-        raise AggregationError(
-            f"module {module_name!r} has no attribute {attribute!r} (from aggregation step "
-            f"{token!r}); name a callable that returns a step or aggregates (updates, weights)."
-        ) from None
+    return load_callable(target, f"aggregation step {token!r}", AggregationError)
 
 
 def _build(

@@ -2,9 +2,10 @@
 
 ``clip_by_norm(max_norm)`` scales every row whose norm exceeds ``max_norm`` down to that norm;
 rows within the bound pass unchanged. The bound a round uses comes from ``clip_norm(state)`` and
-the next round's state from ``next_state(state, norms, weights)``: the fixed clip keeps no state,
-an adaptive clip (``aggregation/dp.py``) subclasses ``ClipByNorm`` and keeps its norm estimator in
-the state, so a checkpoint carries the estimate.
+the next round's state from ``next_state(state, norms, weights)``: the fixed clip keeps no state;
+``adaptive_clip_by_norm`` (chain name ``adaptive_clip``) subclasses ``ClipByNorm`` and keeps its
+norm estimator in the state, so a checkpoint carries the estimate. The adaptive clip is not
+private: for DP, ``central_dp(..., adaptive=True)`` noises the count it learns from.
 
 Example::
 
@@ -13,11 +14,13 @@ Example::
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from fedwarden.aggregation._kernels import row_norms
+from fedwarden.aggregation._tf_queries import compiled_accumulate, flatten_state
 from fedwarden.aggregation.base import AggregationError, StepOutput, as_cohort
 
 __all__ = ["ClipByNorm", "clip_by_norm", "clip_rows"]
@@ -101,3 +104,107 @@ class ClipByNorm:
 
 
 clip_by_norm = ClipByNorm
+
+
+@dataclass
+class AdaptiveClipState:
+    """State of ``adaptive_clip_by_norm``: the quantile estimator's global state, flattened."""
+
+    estimator_state: tuple[np.ndarray, ...]
+
+
+class AdaptiveClipByNorm(ClipByNorm):
+    """Clips to a bound that follows a quantile of the update norms, round after round.
+
+    The bound moves geometrically, ``C <- C * exp(-lr * (share_unclipped - target_quantile))``,
+    using tensorflow-privacy's ``NoPrivacyQuantileEstimatorQuery`` (the estimator of Andrew et al.
+    2021 with the count taken exactly, i.e. not private). For robust chains such as
+    ``adaptive_clip_by_norm() -> trimmed_mean``; for DP use ``central_dp(..., adaptive=True)``,
+    whose count is noised. Measurements and per-client arrays are those of ``clip_by_norm``.
+
+    WARNING: the bound is learned from all norms, attackers' included; at most a
+    ``1 - target_quantile`` share of scaled-up updates leaves it where the honest ones put it.
+    """
+
+    name = "adaptive_clip_by_norm"
+    dp_record_wise = False  # the bound depends on other clients' norms
+
+    def __init__(
+        self, initial_norm: float = 1.0, target_quantile: float = 0.5, learning_rate: float = 0.2
+    ) -> None:
+        super().__init__(initial_norm)
+        if not 0.0 <= target_quantile <= 1.0:
+            raise AggregationError(
+                f"target_quantile must be in [0, 1]. Received: target_quantile={target_quantile}."
+            )
+        if not learning_rate >= 0:
+            raise AggregationError(
+                f"learning_rate must be >= 0. Received: learning_rate={learning_rate}."
+            )
+        self.target_quantile = float(target_quantile)
+        self.learning_rate = float(learning_rate)
+        self._query: Any = None
+        self._accumulate: Any = None
+
+    def _get_query(self) -> Any:
+        if self._query is None:
+            from tensorflow_privacy.privacy.dp_query.quantile_estimator_query import (
+                NoPrivacyQuantileEstimatorQuery,
+            )
+
+            self._query = NoPrivacyQuantileEstimatorQuery(
+                self.max_norm, self.target_quantile, self.learning_rate, geometric_update=True
+            )
+            self._accumulate = compiled_accumulate(self._query)
+        return self._query
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**vars(self), "_query": None, "_accumulate": None}
+
+    def _pack(self, state: AdaptiveClipState | None) -> Any:
+        import tensorflow as tf
+
+        query = self._get_query()
+        template = query.initial_global_state()
+        if state is None:
+            return template
+        return tf.nest.pack_sequence_as(template, [tf.constant(x) for x in state.estimator_state])
+
+    def init(self) -> AdaptiveClipState:
+        return AdaptiveClipState(flatten_state(self._get_query().initial_global_state()))
+
+    def clip_norm(self, state: AdaptiveClipState | None) -> float:
+        return float(self._pack(state).current_estimate)
+
+    def next_state(
+        self, state: AdaptiveClipState | None, norms: np.ndarray, weights: np.ndarray
+    ) -> AdaptiveClipState:
+        import tensorflow as tf
+
+        query = self._get_query()
+        global_state = self._pack(state)
+        if len(norms) == 0:
+            return AdaptiveClipState(flatten_state(global_state))
+        params = query.derive_sample_params(global_state)
+        sample_state = self._accumulate(params, tf.constant(norms, tf.float32))
+        _, new_state, _ = query.get_noised_result(sample_state, global_state)
+        return AdaptiveClipState(flatten_state(new_state))
+
+    def __repr__(self) -> str:
+        return (
+            f"{self.name}(initial_norm={self.max_norm!r}, "
+            f"target_quantile={self.target_quantile!r}, learning_rate={self.learning_rate!r})"
+        )
+
+
+def adaptive_clip_by_norm(
+    initial_norm: float = 1.0, target_quantile: float = 0.5, learning_rate: float = 0.2
+) -> AdaptiveClipByNorm:
+    """Norm clipping whose bound tracks the ``target_quantile`` of update norms (not private).
+
+    Args:
+      initial_norm: the first round's bound.
+      target_quantile: share of updates left unclipped once the bound settles (0.5 = median).
+      learning_rate: the bound changes by at most ``exp(learning_rate)`` per round.
+    """
+    return AdaptiveClipByNorm(initial_norm, target_quantile, learning_rate)

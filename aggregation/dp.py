@@ -8,6 +8,10 @@ tensorflow-privacy's DP queries (``GaussianSumQuery`` / ``QuantileAdaptiveClipSu
 ``NormalizedQuery``): clipping and summing run as one compiled loop, the noise eagerly. The
 query's global state is kept in the step state, so a checkpoint carries the adaptive clip norm.
 
+The non-private adaptive clip for robust chains, ``adaptive_clip_by_norm``, is in
+``fedwarden.aggregation.clipping`` (chain name ``adaptive_clip``); the TensorFlow plumbing the
+queries need (seeding TF's global generator, the compiled accumulation) in ``_tf_queries``.
+
 Why only ``central_dp`` is formal: under add/remove-one-client adjacency, adding or removing one
 client changes the *sum of clipped updates* by a vector of norm at most C, so Gaussian noise of std
 z*C gives the subsampled-Gaussian guarantee that ``fedwarden.aggregation.accounting.central_epsilon``
@@ -25,14 +29,18 @@ References:
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from fedwarden.aggregation._tf_queries import (
+    compiled_accumulate,
+    flatten_state,
+    round_seed,
+    tf_global_seed,
+)
 from fedwarden.aggregation.accounting import DPConfigError
 from fedwarden.aggregation.base import AggregationError, StepOutput, as_cohort
 from fedwarden.aggregation.clipping import ClipByNorm
@@ -48,37 +56,6 @@ class CentralDPState:
 
     query_state: tuple[np.ndarray, ...]
     round: int = 0
-
-
-def _round_seed(seed: int, round_index: int) -> int:
-    return int(np.random.SeedSequence([seed, round_index]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-@contextlib.contextmanager
-def _tf_global_seed(seed: int | None) -> Iterator[None]:
-    """Runs the block under ``tf.random.set_seed(seed)`` and restores TF's previous seed state.
-
-    The DP queries draw noise from TF's global random state (no per-op seed is exposed), so a fixed
-    global seed is the only way to make their noise repeat. TF's eager seed state is saved and put
-    back afterwards, so code outside (e.g. Keras training) sees its own random stream unchanged.
-    Side effect and cost: ``set_seed`` clears TF's eager kernel cache (that is what makes a
-    repeated seed repeat its draws); re-instantiating kernels costs about 20 ms per round.
-    """
-    if seed is None:
-        yield
-        return
-    import tensorflow as tf
-    from tensorflow.python.eager import context
-
-    ctx = context.context()
-    graph = tf.compat.v1.get_default_graph()
-    saved = (ctx._seed, getattr(ctx, "_rng", None), graph.seed)
-    tf.random.set_seed(seed)
-    try:
-        yield
-    finally:
-        ctx._seed, ctx._rng = saved[0], saved[1]
-        graph.seed = saved[2]
 
 
 def adaptive_noise_split(
@@ -115,30 +92,6 @@ def adaptive_noise_split(
             stacklevel=3,
         )
     return float(value), float(clipped_count_stddev)
-
-
-def _compiled_accumulate(query: Any) -> Any:
-    """``query.accumulate_record`` over the rows of a (K, ...) tensor, as one ``tf.function``.
-
-    Only preprocessing (clipping) and summing run compiled; the noise (``get_noised_result``)
-    runs eagerly, where the seed is applied, because a random op inside a traced function would
-    repeat its draws.
-    """
-    import tensorflow as tf
-
-    @tf.function(reduce_retracing=True)
-    def accumulate(params: Any, records: tf.Tensor) -> Any:
-        sample_state = query.initial_sample_state(tf.TensorSpec(records.shape[1:], tf.float32))
-
-        def body(i: tf.Tensor, state: Any) -> tuple[tf.Tensor, Any]:
-            return i + 1, query.accumulate_record(params, state, records[i])
-
-        _, sample_state = tf.while_loop(
-            lambda i, _: i < tf.shape(records)[0], body, [tf.constant(0), sample_state]
-        )
-        return sample_state
-
-    return accumulate
 
 
 class CentralDP:
@@ -230,7 +183,7 @@ class CentralDP:
                 )
             self._query = tfp.NormalizedQuery(inner, denominator=self.expected_clients)
             self._template = self._query.initial_global_state()
-            self._accumulate = _compiled_accumulate(self._query)
+            self._accumulate = compiled_accumulate(self._query)
         return self._query
 
     def __getstate__(self) -> dict[str, Any]:
@@ -243,14 +196,8 @@ class CentralDP:
         self._get_query()
         return tf.nest.pack_sequence_as(self._template, [tf.constant(x) for x in flat])
 
-    @staticmethod
-    def _flatten(global_state: Any) -> tuple[np.ndarray, ...]:
-        import tensorflow as tf
-
-        return tuple(np.asarray(x) for x in tf.nest.flatten(global_state))
-
     def init(self) -> CentralDPState:
-        return CentralDPState(query_state=self._flatten(self._get_query().initial_global_state()))
+        return CentralDPState(query_state=flatten_state(self._get_query().initial_global_state()))
 
     def current_clip(self, state: CentralDPState) -> float:
         """The clip norm this state will apply next round."""
@@ -281,8 +228,8 @@ class CentralDP:
         params = query.derive_sample_params(global_state)
         records = tf.convert_to_tensor(records)
         sample_state = self._accumulate(params, records)
-        seed = None if self.seed is None else _round_seed(self.seed, state.round)
-        with _tf_global_seed(seed):
+        seed = None if self.seed is None else round_seed(self.seed, state.round)
+        with tf_global_seed(seed):
             result, new_global_state, _ = query.get_noised_result(sample_state, global_state)
 
         clipped = tf.norm(records, axis=1).numpy() > clip
@@ -293,7 +240,7 @@ class CentralDP:
             "clip_rate": float(clipped.mean()) if k else 0.0,
             "noise_std": self.value_noise_multiplier * clip / self.expected_clients,
         }
-        new_state = CentralDPState(self._flatten(new_global_state), state.round + 1)
+        new_state = CentralDPState(flatten_state(new_global_state), state.round + 1)
         if self.adaptive:
             measurements["next_clip_norm"] = self._clip_of(new_global_state)
         mean = np.asarray(result, dtype=updates.dtype)[None, :]
@@ -432,110 +379,6 @@ def gaussian_noise(stddev: float, seed: int | None = None) -> GaussianNoise:
         checkpoint continues the same stream).
     """
     return GaussianNoise(stddev, seed)
-
-
-@dataclass
-class AdaptiveClipState:
-    """State of ``adaptive_clip_by_norm``: the quantile estimator's global state, flattened."""
-
-    estimator_state: tuple[np.ndarray, ...]
-
-
-class AdaptiveClipByNorm(ClipByNorm):
-    """Clips to a bound that follows a quantile of the update norms, round after round.
-
-    The bound moves geometrically, ``C <- C * exp(-lr * (share_unclipped - target_quantile))``,
-    using tensorflow-privacy's ``NoPrivacyQuantileEstimatorQuery`` (the estimator of Andrew et al.
-    2021 with the count taken exactly, i.e. not private). For robust chains such as
-    ``adaptive_clip_by_norm() -> trimmed_mean``; for DP use ``central_dp(..., adaptive=True)``,
-    whose count is noised. Measurements and per-client arrays are those of ``clip_by_norm``.
-
-    WARNING: the bound is learned from all norms, attackers' included; at most a
-    ``1 - target_quantile`` share of scaled-up updates leaves it where the honest ones put it.
-    """
-
-    name = "adaptive_clip_by_norm"
-    dp_record_wise = False  # the bound depends on other clients' norms
-
-    def __init__(
-        self, initial_norm: float = 1.0, target_quantile: float = 0.5, learning_rate: float = 0.2
-    ) -> None:
-        super().__init__(initial_norm)
-        if not 0.0 <= target_quantile <= 1.0:
-            raise AggregationError(
-                f"target_quantile must be in [0, 1]. Received: target_quantile={target_quantile}."
-            )
-        if not learning_rate >= 0:
-            raise AggregationError(
-                f"learning_rate must be >= 0. Received: learning_rate={learning_rate}."
-            )
-        self.target_quantile = float(target_quantile)
-        self.learning_rate = float(learning_rate)
-        self._query: Any = None
-        self._accumulate: Any = None
-
-    def _get_query(self) -> Any:
-        if self._query is None:
-            from tensorflow_privacy.privacy.dp_query.quantile_estimator_query import (
-                NoPrivacyQuantileEstimatorQuery,
-            )
-
-            self._query = NoPrivacyQuantileEstimatorQuery(
-                self.max_norm, self.target_quantile, self.learning_rate, geometric_update=True
-            )
-            self._accumulate = _compiled_accumulate(self._query)
-        return self._query
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**vars(self), "_query": None, "_accumulate": None}
-
-    def _pack(self, state: AdaptiveClipState | None) -> Any:
-        import tensorflow as tf
-
-        query = self._get_query()
-        template = query.initial_global_state()
-        if state is None:
-            return template
-        return tf.nest.pack_sequence_as(template, [tf.constant(x) for x in state.estimator_state])
-
-    def init(self) -> AdaptiveClipState:
-        return AdaptiveClipState(CentralDP._flatten(self._get_query().initial_global_state()))
-
-    def clip_norm(self, state: AdaptiveClipState | None) -> float:
-        return float(self._pack(state).current_estimate)
-
-    def next_state(
-        self, state: AdaptiveClipState | None, norms: np.ndarray, weights: np.ndarray
-    ) -> AdaptiveClipState:
-        import tensorflow as tf
-
-        query = self._get_query()
-        global_state = self._pack(state)
-        if len(norms) == 0:
-            return AdaptiveClipState(CentralDP._flatten(global_state))
-        params = query.derive_sample_params(global_state)
-        sample_state = self._accumulate(params, tf.constant(norms, tf.float32))
-        _, new_state, _ = query.get_noised_result(sample_state, global_state)
-        return AdaptiveClipState(CentralDP._flatten(new_state))
-
-    def __repr__(self) -> str:
-        return (
-            f"{self.name}(initial_norm={self.max_norm!r}, "
-            f"target_quantile={self.target_quantile!r}, learning_rate={self.learning_rate!r})"
-        )
-
-
-def adaptive_clip_by_norm(
-    initial_norm: float = 1.0, target_quantile: float = 0.5, learning_rate: float = 0.2
-) -> AdaptiveClipByNorm:
-    """Norm clipping whose bound tracks the ``target_quantile`` of update norms (not private).
-
-    Args:
-      initial_norm: the first round's bound.
-      target_quantile: share of updates left unclipped once the bound settles (0.5 = median).
-      learning_rate: the bound changes by at most ``exp(learning_rate)`` per round.
-    """
-    return AdaptiveClipByNorm(initial_norm, target_quantile, learning_rate)
 
 
 def _record_wise(step: Any) -> bool:

@@ -1,4 +1,5 @@
-"""Client-side DP-SGD: tensorflow-privacy's Keras optimizer and a per-client privacy account.
+"""Client-side DP-SGD: tensorflow-privacy's Keras optimizer (the per-client privacy account,
+``ClientPrivacyAccount``, is in ``fedwarden.aggregation.accounting``).
 
 DP-SGD clips each example's (or microbatch's) gradient to ``l2_norm_clip``, sums, adds
 N(0, (noise_multiplier * l2_norm_clip)^2) and averages, at every optimizer step. The guarantee is
@@ -18,11 +19,11 @@ References:
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 from typing import Any
 
-from fedwarden.aggregation.accounting import DPConfigError, composed_epsilon, dpsgd_epsilon
+# The account lives below server and clients (a coordinator accounts its agents' DP-SGD too).
+from fedwarden.aggregation.accounting import ClientPrivacyAccount as ClientPrivacyAccount
+from fedwarden.aggregation.accounting import DPConfigError
 
 
 def dp_optimizer(
@@ -95,82 +96,3 @@ def per_example_loss(
             f"per_example_loss supports {sorted([*losses, 'mse'])}. Received: name={name!r}."
         )
     return losses[name](from_logits=from_logits, reduction=none)
-
-
-@dataclass
-class ClientPrivacyAccount:
-    """Each client's DP-SGD privacy spent, composed over every step of every round it trained.
-
-    ``record`` is called after a client's local training; ``epsilon`` composes, with the RDP
-    accountant, one ``PoissonSampledDpEvent(batch_size / examples, GaussianDpEvent(z))`` per step
-    (grouped by local data size, which sets the rate, when it changes between rounds).
-
-    WARNING: as in Abadi et al. 2016 and tensorflow-privacy, shuffled fixed-size batches are
-    accounted as Poisson sampling, the customary approximation. The account is per client and
-    example-level; it says nothing about user-level (whole-client) privacy.
-
-    Example:
-      >>> account = ClientPrivacyAccount(noise_multiplier=1.1, batch_size=32)
-      >>> account.record("c01", num_examples=600, epochs=1)
-      19
-      >>> account.epsilon("c01", delta=1e-5) > 0  # doctest: +SKIP
-      True
-    """
-
-    noise_multiplier: float
-    batch_size: int
-    # client id -> {local examples: steps taken with that many examples}
-    steps_by_size: dict[str, dict[int, int]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise DPConfigError(f"batch_size must be >= 1. Received: batch_size={self.batch_size}.")
-        if not self.noise_multiplier >= 0:
-            raise DPConfigError(
-                "noise_multiplier must be >= 0. "
-                f"Received: noise_multiplier={self.noise_multiplier}."
-            )
-
-    def record(
-        self, client_id: str, num_examples: int, epochs: int = 1, steps: int | None = None
-    ) -> int:
-        """Adds one round of local training; returns the steps counted.
-
-        ``steps`` defaults to ``epochs * ceil(num_examples / batch_size)`` (Keras ``fit`` with the
-        last short batch kept); pass it when the trainer counts differently.
-        """
-        if num_examples < 1:
-            raise DPConfigError(
-                f"num_examples must be >= 1. Received: num_examples={num_examples} for "
-                f"client {client_id!r}."
-            )
-        if steps is None:
-            steps = epochs * math.ceil(num_examples / self.batch_size)
-        if steps < 0:
-            raise DPConfigError(f"steps must be >= 0. Received: steps={steps}.")
-        by_size = self.steps_by_size.setdefault(client_id, {})
-        by_size[int(num_examples)] = by_size.get(int(num_examples), 0) + int(steps)
-        return int(steps)
-
-    def steps(self, client_id: str) -> int:
-        """Total DP-SGD steps the client has taken."""
-        return sum(self.steps_by_size.get(client_id, {}).values())
-
-    def epsilon(self, client_id: str, delta: float) -> float:
-        """The client's epsilon at ``delta`` over all its recorded steps (0.0 if none).
-
-        With one data size this is ``dpsgd_epsilon(z, batch_size, examples, steps, delta)``.
-        """
-        by_size = self.steps_by_size.get(client_id, {})
-        if len(by_size) == 1:
-            ((num_examples, steps),) = by_size.items()
-            return dpsgd_epsilon(self.noise_multiplier, self.batch_size, num_examples, steps, delta)
-        events = [
-            (self.noise_multiplier, min(1.0, self.batch_size / n), steps)
-            for n, steps in by_size.items()
-        ]
-        return composed_epsilon(events, delta, "rdp")
-
-    def epsilons(self, delta: float) -> dict[str, float]:
-        """Epsilon at ``delta`` for every client with recorded steps."""
-        return {cid: self.epsilon(cid, delta) for cid in self.steps_by_size}

@@ -44,7 +44,6 @@ not fit its signature, which raises, or returns the wrong shape or dtype or NaN/
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -52,6 +51,8 @@ from statistics import NormalDist
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from fedwarden.plugins import load_callable, parse_options
 
 DataFn = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 ModelFn = Callable[[np.ndarray, np.ndarray, np.random.Generator], np.ndarray]
@@ -1169,22 +1170,7 @@ def _fill_params(who: str, params: dict[str, Any], named: dict[str, Any], var_kw
 
 
 def _load_plugin(spec: str) -> Callable:
-    module_name, _, attribute = spec.partition(":")
-    if not module_name or not attribute:
-        raise AttackError(f"attack plugin must look like 'package.module:callable'. Got {spec!r}")
-    try:
-        target: Any = importlib.import_module(module_name)
-    except Exception as error:
-        raise AttackError(
-            f"attack plugin {spec!r}: cannot import {module_name!r}: {error}"
-        ) from error
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise AttackError(f"attack plugin {spec!r}: {module_name!r} has no {attribute!r}")
-        target = getattr(target, part)
-    if not callable(target):
-        raise AttackError(f"attack plugin {spec!r} is not callable")
-    return target
+    return load_callable(spec, "attack plugin", AttackError)
 
 
 def _build_plugin(spec: str, params: dict[str, Any], collude: bool) -> Attack:
@@ -1255,21 +1241,6 @@ def describe_attacks() -> list[str]:
 
 # ---------------------------------------------------------------------------- CLI params
 
-_WORDS = {"true": True, "false": False, "none": None, "null": None}
-
-
-def _parse_value(text: str) -> Any:
-    if text.lower() in _WORDS:
-        return _WORDS[text.lower()]
-    for convert in (int, float):
-        try:
-            return convert(text)
-        except ValueError:
-            pass
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
-        return text[1:-1]
-    return text
-
 
 def parse_attack_params(items: Sequence[str]) -> dict[str, Any]:
     """Parse repeatable ``--attack-param key=value`` items into a dict.
@@ -1281,15 +1252,4 @@ def parse_attack_params(items: Sequence[str]) -> dict[str, Any]:
         parse_attack_params(["boost=10", "perturbation=sign"])
         # {'boost': 10, 'perturbation': 'sign'}
     """
-    params: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or not key.isidentifier() or not value:
-            raise AttackError(
-                f"bad --attack-param {item!r}: expected key=value, e.g. boost=10 or z=1.5"
-            )
-        if key in params:
-            raise AttackError(f"--attack-param {key!r} given twice ({item!r})")
-        params[key] = _parse_value(value)
-    return params
+    return parse_options(items, "--attack-param", "boost=10 or z=1.5", AttackError)

@@ -5,12 +5,11 @@ Simulations, the coordinator and agents all build the model here, so the weight 
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import tensorflow as tf
 
 from fedwarden.errors import UsageError
+from fedwarden.plugins import load_callable
 
 
 def build_model(
@@ -44,13 +43,7 @@ def build_model(
 
 
 def _user_model(spec: str, input_shape: tuple[int, ...], num_classes: int) -> tf.keras.Model:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise UsageError(f"--model must look like package.module:function. Received: {spec!r}")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise UsageError(f"cannot load model {spec!r}: {exc}") from None
+    factory = load_callable(spec, "--model")
     model = factory(input_shape, num_classes)
     if not isinstance(model, tf.keras.Model):
         raise UsageError(

@@ -87,9 +87,10 @@ class PrivacyAccount(Callback):
     Args:
       central: ``fedwarden.server.defence.CentralPrivacy`` or None. With a ``budget``, the run
         stops (reason ``"budget"``) before a round that would take epsilon above it.
-      client: a DP-SGD account (``record``/``epsilon``/``steps`` per client, e.g.
-        ``fedwarden.clients.dp_sgd.ClientPrivacyAccount``) or None; the transport records the
-        steps, this callback reads them.
+      client: the DP-SGD account (``fedwarden.aggregation.accounting.ClientPrivacyAccount``)
+        or None. Every update of the round adds its client's local steps to it.
+      local_steps: a client's DP-SGD steps in one round from its example count
+        (``dp_sgd_steps``); the same formula the trainer uses.
       client_delta: client id -> the delta its epsilon is stated at.
       client_settings: the DP-SGD settings reported beside the epsilons.
       exporter: a ``MetricsExporter`` to publish epsilons and the DP gauges, or None.
@@ -107,8 +108,10 @@ class PrivacyAccount(Callback):
         client_settings: dict[str, Any] | None = None,
         exporter: Any = None,
         sampling_note: str | None = None,
+        local_steps: Callable[[int], int] | None = None,
     ):
         self.central, self.client, self.client_delta = central, client, client_delta
+        self.local_steps = local_steps
         self.client_settings = client_settings or {}
         self.exporter = exporter
         self.sampling_note = sampling_note
@@ -127,6 +130,14 @@ class PrivacyAccount(Callback):
         self.driver.stop("budget")
 
     def on_round_end(self, round: int, logs: dict[str, Any]) -> None:
+        if self.client is not None:
+            # Rejected updates were trained too; only an implausible example count is not used.
+            implausible = {r.client_id for r in self.driver.outcome.rejected
+                           if r.reason == "bad_example_count"}  # fmt: skip
+            for u in self.driver.cohort.updates:
+                if u.client_id not in implausible and int(u.num_examples) >= 1:
+                    n = int(u.num_examples)
+                    self.client.record(u.client_id, n, steps=self.local_steps(n))
         if self.central is not None:
             logs["epsilon"] = self.central.epsilon(round)
             if self.exporter is not None:

@@ -45,6 +45,7 @@ import grpc
 import numpy as np
 from prometheus_client import Counter, Gauge
 
+from fedwarden.aggregation.accounting import ClientPrivacyAccount, default_delta, dp_sgd_steps
 from fedwarden.config import RunConfig
 from fedwarden.errors import UsageError
 from fedwarden.protocol.convert import TrainingSpec
@@ -398,12 +399,10 @@ class Server:
         hub.set_last_round(done)
         exporter = MetricsExporter()
         metrics = ServeMetrics(exporter.registry)
-        account = PrivacyAccount(
-            privacy, exporter=exporter,
-            sampling_note="none assumed (sampling rate 1): a conservative bound",
-        )  # fmt: skip
+        account = self._privacy_account(privacy, exporter, saved)
         writer = Checkpoint(o.state_dir, o.state_dir / "results.json", self._run_info(data),
-                            account, shapes=layout.shapes)  # fmt: skip
+                            account, extra_state=lambda: {"dp_sgd": account.client},
+                            shapes=layout.shapes)  # fmt: skip
         self.driver = RoundDriver(
             coordinator,
             HubTransport(hub, c, o, metrics, exporter, lambda: self.stopping),
@@ -473,6 +472,33 @@ class Server:
         except (OSError, sqlite3.Error) as exc:
             raise UsageError(f"cannot open the trust ledger in {o.state_dir}: {exc}") from None
         return saved, ledger
+
+    def _privacy_account(self, privacy: Any, exporter: Any, saved: Any) -> PrivacyAccount:
+        """Central DP (accounted at sampling rate 1) and the agents' DP-SGD, counted from their
+        reported example counts and the training settings the coordinator sent them."""
+        c = self.config
+        client = None
+        if c.dp_sgd:
+            client = (saved or {}).get("dp_sgd") or ClientPrivacyAccount(
+                c.dp_sgd_noise_multiplier, c.batch_size
+            )
+
+        def client_delta(cid: str) -> float:
+            return c.dp_delta or default_delta(self.driver.history.examples.get(cid, 1))
+
+        return PrivacyAccount(
+            privacy,
+            client,
+            client_delta,
+            {
+                "delta": c.dp_delta or "1/n_local^1.1 per client",
+                "noise_multiplier": c.dp_sgd_noise_multiplier,
+                "l2_clip": c.dp_l2_clip,
+            },
+            exporter,
+            sampling_note="none assumed (sampling rate 1): a conservative bound",
+            local_steps=lambda n: dp_sgd_steps(n, c.batch_size, c.local_epochs),
+        )
 
     def _run_info(self, data: EvalData) -> RunInfo:
         o = self.options

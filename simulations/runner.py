@@ -17,10 +17,9 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from fedwarden.aggregation.accounting import default_delta
+from fedwarden.aggregation.accounting import ClientPrivacyAccount, default_delta, dp_sgd_steps
 from fedwarden.aggregation.filtering import reference_steps
 from fedwarden.attacks import Attack, build_attack
-from fedwarden.clients.dp_sgd import ClientPrivacyAccount
 from fedwarden.clients.training import DPSGDSettings, LocalResult, LocalTrainer, one_thread_per_op
 from fedwarden.config import RunConfig
 from fedwarden.data.datasets import Dataset, load_dataset
@@ -96,17 +95,13 @@ class Simulation:
 
     def trainer(self, config: RunConfig) -> LocalTrainer:
         dp = (
-            DPSGDSettings(
-                config.dp_l2_clip, config.dp_sgd_noise_multiplier, config.dp_microbatches
-            )
+            DPSGDSettings(config.dp_l2_clip, config.dp_sgd_noise_multiplier, config.dp_microbatches)
             if config.dp_sgd
             else None
         )
         key = (config.engine, config.lr, config.batch_size, config.local_epochs, dp)
         if key not in self._trainers and config.engine == "tff":
-            from fedwarden.simulations.tff_engine import (
-                TFFTrainer,  # imports TFF (slow): only when asked
-            )
+            from fedwarden.simulations.tff_trainer import TFFTrainer  # TFF: only when asked
 
             self._trainers[key] = TFFTrainer.for_simulation(self, config)
         if key not in self._trainers:
@@ -126,7 +121,7 @@ class InProcessClients:
 
     Selection follows the seed (``[seed, 5, round]``), Poisson when the central DP accountant
     assumes it; the cohort trains in one ``train_cohort`` call (native model copies in parallel,
-    or one TFF computation); DP-SGD steps go to ``dp_sgd``, the run's client privacy account.
+    or one TFF computation).
     """
 
     def __init__(self, run: _Run):
@@ -220,6 +215,7 @@ class _Run:
                 "l2_clip": config.dp_l2_clip,
             },
             self.exporter,
+            local_steps=lambda n: dp_sgd_steps(n, config.batch_size, config.local_epochs),
         )
         info = RunInfo(
             config.to_dict(),
@@ -285,8 +281,6 @@ class _Run:
         """The cohort's updates from its training results, the attackers' crafted if they attack."""
         updates = []
         for cid, result in zip(selected, results):
-            if self.dp_sgd is not None:
-                self.dp_sgd.record(cid, result.num_examples, steps=result.steps)
             updates.append(
                 ClientUpdate(cid, round_number, result.delta, result.num_examples, result.loss)
             )

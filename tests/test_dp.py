@@ -20,8 +20,8 @@ from fedwarden.aggregation.accounting import (
 )
 from fedwarden.aggregation.base import AggregationError, StepOutput
 from fedwarden.aggregation.chain import chain, parse_chain
-from fedwarden.aggregation.clipping import clip_by_norm
-from fedwarden.aggregation.dp import adaptive_clip_by_norm, central_dp, gaussian_noise, is_formal_dp
+from fedwarden.aggregation.clipping import adaptive_clip_by_norm, clip_by_norm
+from fedwarden.aggregation.dp import central_dp, gaussian_noise, is_formal_dp
 from fedwarden.aggregation.rules import median
 
 DELTA = 1e-5
@@ -315,6 +315,8 @@ def test_adaptive_clip_by_norm_tracks_median_norm():
     restored = pickle.loads(pickle.dumps(state))
     assert step.clip_norm(restored) == step.clip_norm(state)
     assert "target_quantile=0.5" in repr(step)
+    from_string = parse_chain("adaptive_clip:initial_norm=0.5:learning_rate=0.3+median")
+    assert repr(from_string.steps[0]) == repr(step)  # in the chain registry
 
 
 # --- DP-SGD -----------------------------------------------------------------------------------

@@ -307,3 +307,25 @@ def test_the_serve_loop_waits_for_agents_and_reruns_abandoned_attempts(tmp_path,
     assert [r["attempts"] for r in driver.history.rounds] == [2, 1]
     assert metrics.abandoned._value.get() == 1
     assert metrics.agents._value.get() == 4
+
+
+def test_dp_sgd_is_accounted_from_every_update_of_the_round():
+    from fedwarden.aggregation.accounting import ClientPrivacyAccount, dp_sgd_steps
+
+    client = ClientPrivacyAccount(noise_multiplier=1.0, batch_size=4)
+    account = PrivacyAccount(
+        client=client,
+        client_delta=lambda cid: 1e-3,
+        client_settings={"noise_multiplier": 1.0},
+        local_steps=lambda n: dp_sgd_steps(n, 4, 2),
+    )
+    driver = RoundDriver(make_coordinator(), FakeClients(), evaluate, 3, [account])
+    driver.run()
+    # every update counts, the attacker's too (client i reports 10 + i examples)
+    assert {cid: client.steps(cid) for cid in IDS} == {
+        cid: 3 * 2 * ((10 + i) // 4) for i, cid in enumerate(IDS)
+    }
+    report = account.report(3)["client"]
+    assert report["noise_multiplier"] == 1.0 and set(report["per_client"]) == set(IDS)
+    assert report["epsilon"] == max(report["per_client"].values()) > 0
+    assert dp_sgd_steps(3, 16, 2) == 2  # fewer examples than a batch: one batch of them all

@@ -27,7 +27,12 @@ SUBPACKAGE_DIRS = {
 LAYERS = {"aggregation": 1, "server": 2, "clients": 2, "simulations": 3, "cli": 4, "api": 4,
           "__main__": 4}  # fmt: skip
 BARE_NAMES = {"server", "clients", "aggregation", "simulations"}
-SKIP_PARTS = {".venv", "proto_gen", ".git", "node_modules", "__pycache__"}
+SKIP_PARTS = {"proto_gen", "node_modules", "__pycache__", "site-packages"}  # and hidden dirs
+
+
+def skipped(relative: Path) -> bool:
+    """Generated code, virtualenvs (.venv, bench/.flwr-venv) and other hidden directories."""
+    return any(part in SKIP_PARTS or part.startswith(".") for part in relative.parts[:-1])
 
 
 def layer(module: str) -> tuple[int, str] | None:
@@ -43,7 +48,7 @@ def package_modules() -> dict[str, Path]:
     modules = {}
     for folder, prefix in SUBPACKAGE_DIRS.items():
         for path in (ROOT / folder).rglob("*.py"):
-            if SKIP_PARTS & set(path.parts):
+            if skipped(path.relative_to(ROOT)):
                 continue
             rel = path.relative_to(ROOT / folder).with_suffix("").parts
             if rel[-1] == "__init__":
@@ -131,7 +136,7 @@ def test_imports_only_point_down_the_layers():
 
 
 def python_files() -> list[Path]:
-    return [p for p in ROOT.rglob("*.py") if not SKIP_PARTS & set(p.relative_to(ROOT).parts)]
+    return [p for p in ROOT.rglob("*.py") if not skipped(p.relative_to(ROOT))]
 
 
 @pytest.mark.parametrize("bare", sorted(BARE_NAMES))

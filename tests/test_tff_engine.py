@@ -32,11 +32,11 @@ from fedwarden.models import build_model  # noqa: E402
 from fedwarden.server.trust import TrustPolicy  # noqa: E402
 from fedwarden.simulations.runner import simulate  # noqa: E402
 from fedwarden.simulations.tff_engine import (  # noqa: E402
-    TFFTrainer,
     build_robust_fedavg_process,
     build_tff_fedavg,
     keras_model_fn,
 )
+from fedwarden.simulations.tff_trainer import TFFTrainer  # noqa: E402
 
 SPEC = (tf.TensorSpec([None, 4], tf.float32), tf.TensorSpec([None], tf.int64))
 
