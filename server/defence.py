@@ -81,14 +81,30 @@ def trust_policy(config: RunConfig) -> TrustPolicy:
     )
 
 
+def parse_aggregator(config: RunConfig) -> Chain:
+    """The run's ``--aggregator`` chain, with the run's Byzantine budget as the default f."""
+    return parse_chain(config.aggregator, num_byzantine_default=byzantine_budget(config))
+
+
+def _is_plain_mean(aggregator: Chain) -> bool:
+    steps = aggregator.steps if isinstance(aggregator, Chain) else (aggregator,)
+    return len(steps) == 1 and getattr(steps[0], "name", None) == "mean"
+
+
 def central_privacy(
-    config: RunConfig, num_clients: int, *, budget: bool = False
+    config: RunConfig,
+    num_clients: int,
+    *,
+    budget: bool = False,
+    aggregator: Chain | None = None,
 ) -> CentralPrivacy | None:
     """Validates the central DP settings (noise solved from --target-epsilon when given).
 
     With ``budget`` (the coordinator), --target-epsilon is also a budget: the run stops before a
     round that would exceed it (``CentralPrivacy.allows``), and it may come with
-    --dp-noise-multiplier, which is then used as given (not solved for --rounds).
+    --dp-noise-multiplier, which is then used as given (not solved for --rounds). The guarantee
+    is formal when the aggregator is a plain mean (``aggregator``: the parsed ``--aggregator``,
+    parsed here when not given).
     """
     if config.dp != "central":
         return None
@@ -108,7 +124,7 @@ def central_privacy(
         rounds=config.rounds,
         accountant=config.dp_accountant,
     )
-    formal = config.aggregator.strip() == "mean"
+    formal = _is_plain_mean(aggregator or parse_aggregator(config))
     privacy = CentralPrivacy(
         noise, config.dp_clip, rate, delta, config.dp_accountant, formal, solve,
         target if budget else None,
@@ -143,11 +159,19 @@ def warn_if_budget_unmet(config: RunConfig) -> str | None:
     return None
 
 
-def build_chain(config: RunConfig, privacy: CentralPrivacy | None, seed: int | None) -> Chain:
-    """The aggregation chain for a run; ``seed`` None draws DP noise unseeded (deployments)."""
+def build_chain(
+    config: RunConfig,
+    privacy: CentralPrivacy | None,
+    seed: int | None,
+    aggregator: Chain | None = None,
+) -> Chain:
+    """The aggregation chain for a run; ``seed`` None draws DP noise unseeded (deployments).
+
+    ``aggregator`` is the parsed ``--aggregator`` (parsed here when not given)."""
     warn_if_budget_unmet(config)
+    robust = aggregator or parse_aggregator(config)
     if privacy is None:
-        return parse_chain(config.aggregator, num_byzantine_default=byzantine_budget(config))
+        return robust
     expected = config.clients_per_round
     if privacy.formal:
         chain = Chain(
@@ -161,7 +185,6 @@ def build_chain(config: RunConfig, privacy: CentralPrivacy | None, seed: int | N
             )
         )
     else:
-        robust = parse_chain(config.aggregator, num_byzantine_default=byzantine_budget(config))
         chain = Chain(
             clip_by_norm(privacy.clip),
             robust,

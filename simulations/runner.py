@@ -31,7 +31,12 @@ from fedwarden.server import checkpoint
 from fedwarden.server.admission import ClientUpdate
 from fedwarden.server.callbacks import Callback, Checkpoint, MetricsExport, PrivacyAccount
 from fedwarden.server.coordinator import Coordinator
-from fedwarden.server.defence import build_chain, central_privacy, trust_policy
+from fedwarden.server.defence import (
+    build_chain,
+    central_privacy,
+    parse_aggregator,
+    trust_policy,
+)
 from fedwarden.server.driver import Cohort, History, RoundDriver, RunInfo, check_resume
 from fedwarden.server.ledger import Ledger, remove_ledger
 from fedwarden.server.metrics import MetricsExporter
@@ -167,8 +172,9 @@ class _Run:
         self.trainer = sim.trainer(config)
         attack_params = {"num_classes": self.fed.dataset.num_classes, **config.attack_params}
         self.attack: Attack = build_attack(config.attack, attack_params, collude=config.collude)
-        self.privacy = central_privacy(config, len(self.fed.ids))
-        self.chain = build_chain(config, self.privacy, seed=config.seed)
+        aggregator = parse_aggregator(config)  # parsed once for the run
+        self.privacy = central_privacy(config, len(self.fed.ids), aggregator=aggregator)
+        self.chain = build_chain(config, self.privacy, config.seed, aggregator)
         for step in reference_steps(self.chain):  # FLTrust: the server's own update
             step.bind_reference(self._root_update(step.root_size))
         if config.engine == "tff":  # TFF's own aggregator for mean-based chains

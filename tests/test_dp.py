@@ -363,3 +363,15 @@ def test_dp_sgd_bad_config():
         dp_optimizer(1.0, 1.0, num_microbatches=0)
     with pytest.raises(DPConfigError, match="batch_size=0"):
         ClientPrivacyAccount(noise_multiplier=1.0, batch_size=0)
+
+
+def test_central_dp_is_formal_for_a_plain_mean_however_it_is_spelled():
+    from fedwarden.config import RunConfig
+    from fedwarden.server.defence import central_privacy
+
+    def formal(aggregator: str) -> bool:
+        config = RunConfig(dp="central", dp_noise_multiplier=1.0, aggregator=aggregator)
+        return central_privacy(config, config.clients).formal
+
+    assert formal("mean") and formal(" mean ")
+    assert not formal("median") and not formal("clip:max_norm=1+mean")
