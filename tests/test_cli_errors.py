@@ -174,6 +174,38 @@ NEWCOMER = [
         ],
         "need --attack",
     ),  # fmt: skip
+    *[
+        (
+            ["agent", "--server", "h:1", "--client-id", "c", "--data", "x.npz", "--insecure", *bad],
+            expected,
+        )
+        for bad, expected in (
+            (["--poll-wait", "0"], "--poll-wait must be > 0"),
+            (["--backoff-max", "-1"], "--backoff-max must be > 0"),
+            (["--give-up-after", "-1"], "--give-up-after must be >= 0"),
+            (["--compression", "zip"], "invalid choice: 'zip'"),
+            (["--attack", "gaussian", "--attack-cohort", "0"], "--attack-cohort must be >= 2"),
+            (["--attack", "gaussian", "--attack-start-round", "0"], "--attack-start-round must"),
+        )
+    ],  # fmt: skip
+    *[
+        (["serve", "--insecure", "--state-dir", "STATE", *bad], expected)
+        for bad, expected in (
+            (["--min-clients", "0"], "--min-clients must be a positive integer"),
+            (["--round-timeout", "0"], "--round-timeout must be positive"),
+            (["--max-agents", "0"], "--max-agents must be a positive integer"),
+            (["--stall-timeout", "-1"], "--stall-timeout must be positive"),
+            (["--min-transfer-rate", "-5"], "--min-transfer-rate must be positive"),
+            (["--idle-timeout", "0"], "--idle-timeout must be positive"),
+            (["--overselect", "0.5"], "--overselect must be at least 1"),
+            (["--max-attempts", "0"], "--max-attempts must be a positive integer"),
+            (["--max-silences", "0"], "--max-silences must be a positive integer"),
+            (["--bench-rounds", "-1"], "--bench-rounds must be >= 0"),
+            (["--port", "-1"], "--port must be"),
+            (["--compression", "zip"], "invalid choice: 'zip'"),
+            (["--eval-data", "missing.npz"], "--eval-data file not found"),
+        )
+    ],  # fmt: skip
     (["trust", "list", "--ledger", "missing.sqlite"], "not found"),
     (["trust", "list"], "one of the arguments --ledger --server is required"),
     (["data", "split", "--dataset", "digits", "--clients", "0", "--out", "D"], "--clients must"),

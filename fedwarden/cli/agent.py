@@ -27,6 +27,13 @@ updates estimate them from this agent's own data (see clients/red_team.py)."""
 def cmd_agent(args: argparse.Namespace) -> int:
     from fedwarden.protocol.connection import connection_from_args, require_protocol
 
+    for flag, value in (("--poll-wait", args.poll_wait), ("--backoff-max", args.backoff_max)):
+        if not value > 0:
+            raise UsageError(f"{flag} must be > 0 seconds. Received: {value}")
+    if args.give_up_after < 0:
+        raise UsageError(
+            f"--give-up-after must be >= 0 seconds (0: never). Received: {args.give_up_after}"
+        )
     require_protocol()
     from fedwarden.clients.agent import Agent, SpecPin
     from fedwarden.data.validation import DataError
