@@ -61,7 +61,12 @@ from fedwarden.server.callbacks import (
     PrivacyAccount,
 )
 from fedwarden.server.coordinator import Coordinator
-from fedwarden.server.defence import build_chain, central_privacy, trust_policy
+from fedwarden.server.defence import (
+    build_chain,
+    central_privacy,
+    parse_aggregator,
+    trust_policy,
+)
 from fedwarden.server.driver import Cohort, History, RoundDriver, RunInfo, check_resume, unwritable
 from fedwarden.server.hub import Hub, client_rows, record_silence
 from fedwarden.server.ledger import Ledger
@@ -372,8 +377,9 @@ class Server:
         evaluator, layout = Evaluator(model), WeightLayout.of(model.get_weights())
         # A deployment does not know its population, nor sample it the Poisson way the
         # accountant assumes: central DP is accounted without subsampling (rate 1, conservative).
-        privacy = central_privacy(c, c.clients_per_round, budget=True)
-        chain = build_chain(c, privacy, seed=None)
+        aggregator = parse_aggregator(c)  # parsed once for the run
+        privacy = central_privacy(c, c.clients_per_round, budget=True, aggregator=aggregator)
+        chain = build_chain(c, privacy, None, aggregator)
         chain.check(min(o.min_clients, c.clients_per_round))
         saved, ledger = self._open_state(layout)
         coordinator = Coordinator(
