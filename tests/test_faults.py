@@ -285,7 +285,9 @@ def test_no_round_is_lost_or_repeated_across_crashes_at_every_point(chain):
             assert ledger.get_client(cid)["trust"] == pytest.approx(
                 results["clients"][cid]["trust"]
             )  # noqa: E501
-        assert ledger.get_client(STALLER) is None  # its cut upload never reached the ledger
+        # its cut upload never reached the ledger: only its silence in round 1, trust unscored
+        assert [(h["round"], h["rejected_reason"], h["trust"])
+                for h in ledger.client_history(STALLER)] == [(1, "silent", None)]  # fmt: skip
         assert ledger.last_round() == 6
     # the restarted coordinator shows the trust it resumed with before running a round
     metrics = d.extra_texts["metrics"]
