@@ -281,8 +281,11 @@ def test_a_closed_pipe_is_not_an_error(workdir):
 def test_version_and_top_level_help_read_plainly(workdir):
     result, _ = run(["--version"], workdir)
     assert result.returncode == 0 and result.stdout.startswith("fedwarden ")
-    result, _ = run(["--help"], workdir)
-    assert result.returncode == 0 and "``" not in result.stdout and ":class:" not in result.stdout
+    for command in ([], ["simulate"], ["compare"], ["serve"], ["agent"], ["trust", "list"],
+                    ["data", "split"]):  # fmt: skip
+        result, _ = run([*command, "--help"], workdir)
+        assert result.returncode == 0, command
+        assert "``" not in result.stdout and ":class:" not in result.stdout, command
 
 
 def test_help_is_grouped_and_states_each_default_once(workdir):

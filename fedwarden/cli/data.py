@@ -100,7 +100,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     s = sub.add_parser(
         "split",
         help="split a dataset into one .npz per client",
-        description=__doc__.split("\n\n", 1)[1],
+        description=__doc__.split("\n\n", 1)[1].replace("``", ""),
     )
     s.add_argument(
         "--dataset", required=True, help=f"{', '.join(DATASETS)}, or a .npz file with arrays x, y"
