@@ -625,21 +625,29 @@ FIELDS = FLAT  # the accepted flat names (older name)
 
 
 def _flatten_table(table: dict[str, Any], path: str) -> dict[str, Any]:
-    """Flat names from a TOML table: section tables, flat keys, or prefixed tables."""
+    """Flat names from a TOML table: section tables, flat keys, or prefixed tables
+    (``[dp] clip = 1`` is ``dp_clip``); a setting given twice is refused."""
     sections = {s.key: s for s in SECTIONS}
-    flat: dict[str, Any] = {}
+    pairs: list[tuple[str, Any]] = []
     for raw_key, value in table.items():
         key = raw_key.replace("-", "_")
-        if key in sections and isinstance(value, dict):
+        is_table = isinstance(value, dict) and (
+            key not in FLAT or FLAT[key][1].metadata["kind"] is not dict
+        )
+        if key in sections and is_table:
             names = {f.name: flat_name(f) for f in dataclasses.fields(sections[key])}
             for sub, sub_value in value.items():
                 sub = sub.replace("-", "_")
-                name = names.get(sub, sub if sub in FLAT else f"{key}_{sub}")
-                flat[name] = sub_value
-        elif isinstance(value, dict) and key not in FLAT:
-            flat.update({f"{key}_{k}": v for k, v in _flatten_table(value, path).items()})
+                pairs.append((names.get(sub, sub if sub in FLAT else f"{key}_{sub}"), sub_value))
+        elif is_table:
+            pairs += [(f"{key}_{k}", v) for k, v in _flatten_table(value, path).items()]
         else:
-            flat[key] = value
+            pairs.append((key, value))
+    flat: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in flat:
+            raise UsageError(f"config file {path}: {name} is set twice; keep one")
+        flat[name] = value
     return flat
 
 

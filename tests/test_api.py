@@ -62,3 +62,17 @@ def test_nested_and_flat_settings_are_the_same_run():
     assert nested.flat().sections == nested
     with pytest.raises(UsageError, match="--rounds must be >= 1. Received: 0"):
         TrainingConfig(rounds=0)
+
+
+def test_toml_section_tables_flat_keys_and_prefixed_tables_map_to_the_same_settings(tmp_path):
+    from fedwarden.config import load_toml
+
+    path = tmp_path / "run.toml"
+    path.write_text(
+        'aggregator = "median"\n[training]\nrounds = 3\n[attack]\nname = "alie"\n'
+        '[trust]\ndecay = 0.8\nquarantine = "exclude"\n[dp]\nclip = 0.5\n'
+    )
+    assert load_toml(path) == {
+        "aggregator": "median", "rounds": 3, "attack": "alie", "trust_decay": 0.8,
+        "quarantine": "exclude", "dp_clip": 0.5,
+    }  # fmt: skip

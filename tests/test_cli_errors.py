@@ -136,6 +136,7 @@ NEWCOMER = [
     (["simulate", "--num-byzantine", "1.5"], "a count (an integer >= 0) or a fraction"),
     (["simulate", "--rounds", "two"], "invalid int value: 'two'"),
     (["simulate", "--config", "CFG/unknown-key.toml"], "unknown keys roundz"),
+    (["simulate", "--config", "CFG/twice.toml"], "rounds is set twice"),
     (["simulate", "--config", "CFG/not-toml.toml"], "is not valid TOML"),
     (["simulate", "--config", "CFG/none.toml"], "config file not found"),
     (["simulate", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
@@ -225,6 +226,7 @@ def workdir(tmp_path_factory) -> Path:
     (cfg / "wrong-type.toml").write_text('rounds = "two"\n')
     (cfg / "thresholds.toml").write_text("[trust]\nflag_below = 0.9\nunflag_above = 0.7\n")
     (cfg / "unknown-key.toml").write_text("roundz = 3\n")
+    (cfg / "twice.toml").write_text("rounds = 3\n[training]\nrounds = 4\n")
     (cfg / "not-toml.toml").write_text("rounds = = 3\n")
     (cfg / "simulation.toml").write_text('[data]\npartition = "dirichlet"\n')
     # Importing TensorFlow fails in these commands: every check must come before it.
