@@ -600,18 +600,6 @@ class _FlatView:
     def num_malicious(self) -> int:
         return num_malicious(self.sections.attack, self.clients)
 
-    @property
-    def byzantine_budget(self) -> int:
-        """f assumed by Krum-type rules: the configured value, else the expected attackers per round."""
-        if self.num_byzantine is not None:
-            return self.num_byzantine
-        expected = self.malicious_fraction * self.clients_per_round
-        return (
-            int(round(expected))
-            if self.attack != "none"
-            else max(1, int(0.2 * self.clients_per_round))
-        )
-
 
 RunConfig = dataclasses.make_dataclass("RunConfig", _flat_fields(), bases=(_FlatView,), frozen=True)
 RunConfig.__module__ = __name__
@@ -621,7 +609,6 @@ RunConfig.__doc__ = """The flat view of a ``Config``: every setting by its flat 
 the nested ``Config``); ``dataclasses.replace(config, rounds=3)`` builds a new, checked one.
 The fields are generated from the sections, so a default is written once, in its section.
 """
-FIELDS = FLAT  # the accepted flat names (older name)
 
 
 def _flatten_table(table: dict[str, Any], path: str) -> dict[str, Any]:
