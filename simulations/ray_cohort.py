@@ -15,7 +15,8 @@ same seed (one model copy per actor; TensorFlow's thread count is set the same w
 DP-SGD (its noise) is refused here, and so is the TFF engine.
 
 An actor lost with its node is restarted by Ray on a live node from its constructor arguments
-(its shards), and the round's call is retried there (``max_restarts``, ``max_task_retries``).
+(its shards), and the round's call is retried there (``max_restarts``, ``max_task_retries``):
+a killed worker node costs the round only the time the retry takes.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from fedwarden.errors import UsageError
 from fedwarden.server.driver import Cohort
 
 MAX_RESTARTS = 3
-"""Times an actor lost with its node is restarted elsewhere (and its round's call retried)."""
+"""Times an actor lost with its node is restarted elsewhere; its round's calls wait for that."""
 
 Shard = tuple[np.ndarray, np.ndarray]
 
@@ -69,6 +70,11 @@ class ClientTrainer:
     def clients(self) -> list[int]:
         return sorted(self.shards)
 
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def train(self, round_number: int, flat_weights: np.ndarray, indices: list[int]) -> list:
         """Trains clients ``indices`` from ``flat_weights``; their ``LocalResult``s in order."""
         c = self.config
@@ -97,6 +103,7 @@ class RayClients:
         self.local = InProcessClients(run)  # the selection, one place for both
         self.num_actors = num_actors
         self.actors: list[Any] = []
+        self.shards: list[tuple[Any, Any]] = []  # each actor's shards, in Ray's object store
 
     def collect(self, round_number: int, coordinator: Any) -> Cohort:
         import ray
@@ -127,7 +134,9 @@ class RayClients:
         actor = ray.remote(ClientTrainer).options(
             num_cpus=1,
             max_restarts=MAX_RESTARTS,
-            max_task_retries=MAX_RESTARTS,
+            # Until restarted: an actor of a dead node is "unavailable" for a while (until the
+            # cluster declares the node dead), and a bounded count runs out in that time.
+            max_task_retries=-1,
             scheduling_strategy="SPREAD",
         )
         actors = []
@@ -136,7 +145,11 @@ class RayClients:
             shards = {index[c]: (ds.x_train[fed.parts[c]], ds.y_train[fed.parts[c]]) for c in mine}
             poisoned = {index[c]: run.poisoned[c] for c in mine if c in run.poisoned}
             dataset = (ds.name, ds.input_shape, ds.num_classes)
-            actors.append(actor.remote(run.config, shards, poisoned, dataset))
+            # Put here and held by this transport: a restarted actor reads them again (Ray
+            # frees the arguments it stored itself once the first constructor ran).
+            held = (ray.put(shards), ray.put(poisoned))
+            self.shards.append(held)
+            actors.append(actor.remote(run.config, *held, dataset))
         return actors
 
 
