@@ -497,9 +497,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:  # reported by the subcommand's parser, which knows what it would ignore
-        args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:  # argparse exits (--help, --version, a bad flag): a return code for callers of main()
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # reported by the subcommand's parser, which knows what it would ignore
+            args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else 0
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
