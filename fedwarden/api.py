@@ -67,6 +67,9 @@ def compare(
     aggregators: list[str],
     config: RunConfig | Config | None = None,
     /,
+    *,
+    seeds: list[int] | None = None,
+    ray_address: str | None = None,
     **settings: Any,
 ) -> str:
     """Runs every attack against every aggregator (plus a clean row) on one data split.
@@ -76,6 +79,9 @@ def compare(
       aggregators: chain strings, e.g. ``["mean", "median"]``.
       config, **settings: the shared settings, as for :func:`simulate`; ``out`` is the grid's
         directory (matrix.json, matrix.md, matrix.png, and each run under ``out/runs``).
+      seeds: run the grid for each of these seeds; each cell reports their mean and spread.
+      ray_address: run each (attack, aggregator, seed) as a task on this Ray cluster
+        (docs/scale.md).
 
     Returns:
       The markdown table written to ``matrix.md``.
@@ -91,7 +97,9 @@ def compare(
             check_run(cell_config(base, attack, aggregator))
     from fedwarden.simulations.compare import compare as run_grid  # TensorFlow from here
 
-    return run_grid(base, list(attacks), list(aggregators), Path(base.out))
+    return run_grid(
+        base, list(attacks), list(aggregators), Path(base.out), seeds, ray_address=ray_address
+    )
 
 
 def chain(*steps: Any) -> Any:
