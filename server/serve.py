@@ -73,6 +73,7 @@ from fedwarden.server.ledger import Ledger
 from fedwarden.server.metrics import MetricsExporter
 from fedwarden.server.optimizers import ServerOptimizer
 from fedwarden.server.service import CallGuard, CallLimits, FederationServicer, add_to_server
+from fedwarden.server.tensorboard import TensorBoard, log_dir
 from fedwarden.server.trust import TrustBook
 from fedwarden.weights import WeightLayout
 
@@ -411,6 +412,7 @@ class Server:
         writer = Checkpoint(o.state_dir, o.state_dir / "results.json", self._run_info(data),
                             account, extra_state=lambda: {"dp_sgd": account.client},
                             shapes=layout.shapes)  # fmt: skip
+        tb = log_dir(c.tensorboard, o.state_dir)
         self.driver = RoundDriver(
             coordinator,
             HubTransport(hub, c, o, metrics, exporter, lambda: self.stopping),
@@ -418,6 +420,7 @@ class Server:
             c.rounds,
             [
                 account,
+                *([] if tb is None else [TensorBoard(tb)]),
                 Pause(o.state_dir / PAUSE_FILE),
                 MetricsExport(exporter, per_client_rejections=True),
                 Silences(hub, exporter, o.state_dir),

@@ -51,6 +51,11 @@ def compare(
         for s in seeds
     }
     dirs = {key: out / "runs" / _run_name(*key, several_seeds=len(seeds) > 1) for key in configs}
+    if base.tensorboard not in (None, "off"):  # one TensorBoard run per cell, side by side
+        configs = {
+            key: replace(c, tensorboard=str(Path(base.tensorboard) / dirs[key].name))
+            for key, c in configs.items()
+        }
     num_classes = load_dataset(base.dataset, base.data_dir, base.seed).num_classes
     for config in configs.values():
         validate(config)

@@ -41,6 +41,7 @@ from fedwarden.server.driver import Cohort, History, RoundDriver, RunInfo, check
 from fedwarden.server.ledger import Ledger, remove_ledger
 from fedwarden.server.metrics import MetricsExporter
 from fedwarden.server.optimizers import ServerOptimizer
+from fedwarden.server.tensorboard import TensorBoard, log_dir
 from fedwarden.server.trust import TrustBook
 from fedwarden.simulations import report
 from fedwarden.simulations.preflight import check_run
@@ -241,6 +242,7 @@ class _Run:
             config.rounds,
             [
                 self.account,
+                *self._tensorboard(config, out),
                 MetricsExport(self.exporter, out / "metrics.prom"),
                 self.checkpointer,
                 Progress(config.rounds, label, config.progress),
@@ -251,6 +253,10 @@ class _Run:
         )
         self.poisoned = self._poison_data()
         self.asr_data = self.attack.asr_inputs(self.fed.dataset.x_test, self.fed.dataset.y_test)
+
+    def _tensorboard(self, config: RunConfig, out: Path) -> list[Callback]:
+        logdir = log_dir(config.tensorboard, out)
+        return [] if logdir is None else [TensorBoard(logdir, set(self.fed.malicious))]
 
     def _poison_data(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         if self.attack.kind != "data":
