@@ -300,6 +300,14 @@ class DefenceConfig(Section):
         metavar="F",
         default_text="the attackers a sampled cohort holds at --malicious-fraction",
     )
+    max_update_norm: float | None = option(
+        None, "admission refuses an update whose L2 norm exceeds this (a bound no honest client "
+        "reaches; none by default)", kind=float, low=0, low_open=True, metavar="NORM",
+    )  # fmt: skip
+    max_weight_ratio: float = option(
+        4.0, "a client weighs at most this multiple of the cohort's median example count, "
+        "whatever count it reports", low=1, metavar="R",
+    )  # fmt: skip
 
     def check(self) -> None:
         if not self.aggregator.strip():
@@ -609,6 +617,46 @@ RunConfig.__doc__ = """The flat view of a ``Config``: every setting by its flat 
 the nested ``Config``); ``dataclasses.replace(config, rounds=3)`` builds a new, checked one.
 The fields are generated from the sections, so a default is written once, in its section.
 """
+
+
+def settings_markdown() -> str:
+    """docs/settings.md: every setting by section, with its flag, TOML key, default and range."""
+    lines = [
+        "# Settings",
+        "",
+        "Generated from `fedwarden/config.py` (`fedwarden.config.settings_markdown()`; a test keeps",
+        "this page in step). Flags take the flat name with dashes; a TOML file takes the flat name",
+        "at its top level or the field name inside the section's table (`[training] rounds = 5`).",
+    ]
+    for section in SECTIONS:
+        lines += ["", f"## {section.title} (`[{section.key}]`)", ""]
+        lines += [
+            "| flag | TOML in the table | default | accepted | meaning |",
+            "|---|---|---|---|---|",
+        ]
+        for f in dataclasses.fields(section):
+            m = f.metadata
+            if m["kind"] is dict:
+                default = "{}"
+            else:
+                default = m["default_text"] or ("-" if f.default is None else f.default)
+            if m["choices"]:
+                accepted = ", ".join(m["choices"])
+            elif m["low"] is not None or m["high"] is not None:
+                accepted = _describe_range(m)
+            else:
+                accepted = _KIND_WORDS.get(m["kind"], "a table")
+            if f.name == "params":
+                flag = "`--attack-param KEY=VALUE`"
+            elif m["kind"] is dict:
+                flag = "TOML only"
+            elif m["kind"] is bool and f.default:
+                flag = f"`--no-{flat_name(f).replace('_', '-')}`"
+            else:
+                flag = f"`{flag_name(f)}`"
+            cells = (flag, f"`{f.name}`", str(default), accepted, m["help"])
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _flatten_table(table: dict[str, Any], path: str) -> dict[str, Any]:

@@ -76,3 +76,11 @@ def test_toml_section_tables_flat_keys_and_prefixed_tables_map_to_the_same_setti
         "aggregator": "median", "rounds": 3, "attack": "alie", "trust_decay": 0.8,
         "quarantine": "exclude", "dp_clip": 0.5,
     }  # fmt: skip
+
+
+def test_the_settings_page_is_generated_from_the_configuration():
+    from fedwarden.config import FLAT, settings_markdown
+
+    page = (ROOT / "docs" / "settings.md").read_text()
+    assert page == settings_markdown(), "regenerate docs/settings.md with settings_markdown()"
+    assert all(f"`{f.name}`" in page for _, f in FLAT.values())
