@@ -329,3 +329,17 @@ def test_dp_sgd_is_accounted_from_every_update_of_the_round():
     assert report["noise_multiplier"] == 1.0 and set(report["per_client"]) == set(IDS)
     assert report["epsilon"] == max(report["per_client"].values()) > 0
     assert dp_sgd_steps(3, 16, 2) == 2  # fewer examples than a batch: one batch of them all
+
+
+def test_the_serve_loop_overselects_and_gives_up_after_its_attempts(tmp_path):
+    from fedwarden.server.metrics import MetricsExporter
+
+    config = RunConfig(clients=4, clients_per_round=2, rounds=1, aggregator="mean")
+    options = ServeOptions(tmp_path, insecure=True, min_clients=2, overselect=1.5, max_attempts=2)
+    hub = FakeHub(live=[IDS], answers=[False, False])
+    exporter = MetricsExporter()
+    transport = HubTransport(hub, config, options, ServeMetrics(exporter.registry), exporter,
+                             lambda: False)  # fmt: skip
+    with pytest.raises(UsageError, match="round 1: 2 attempts abandoned"):
+        RoundDriver(make_coordinator(), transport, evaluate, 1).run()
+    assert [len(selected) for _, _, selected in hub.published] == [3, 3]  # ceil(2 * 1.5)
