@@ -51,8 +51,8 @@ def connect(address: str) -> None:
 
     Args:
       address: ``auto`` (the cluster started by ``ray start`` on this machine), ``HOST:PORT``
-        (the head's GCS address), ``ray://HOST:PORT`` (Ray Client) or ``local`` (a new
-        single-machine Ray instance, for trying things out).
+        (the head's GCS address; this machine must be a node of that cluster) or ``local`` (a
+        new single-machine Ray instance, for trying things out).
     """
     import ray
 
@@ -77,7 +77,7 @@ def connect(address: str) -> None:
 
 def _check_reachable(address: str) -> None:
     """Fails at once on a HOST:PORT nobody listens on (``ray.init`` would retry for minutes)."""
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
         return  # auto, local: Ray itself reports those at once
     try:
