@@ -389,6 +389,8 @@ class Server:
             ServerOptimizer(c.server_optimizer, c.server_lr, c.server_momentum),
             TrustBook(trust_policy(c), ledger),
             anomaly_weights=c.anomaly_weights,
+            max_update_norm=c.max_update_norm,
+            max_weight_ratio=c.max_weight_ratio,
         )
         history = None
         if saved is not None:

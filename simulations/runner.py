@@ -200,6 +200,8 @@ class _Run:
             ServerOptimizer(config.server_optimizer, config.server_lr, config.server_momentum),
             TrustBook(trust_policy(config), self.ledger),
             anomaly_weights=config.anomaly_weights,
+            max_update_norm=config.max_update_norm,
+            max_weight_ratio=config.max_weight_ratio,
         )
         self.dp_sgd = (
             ClientPrivacyAccount(config.dp_sgd_noise_multiplier, config.batch_size)

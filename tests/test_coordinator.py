@@ -217,3 +217,13 @@ def test_write_json_atomic_never_writes_nan(tmp_path):
         raise ValueError(f"non-standard JSON constant {name}")
 
     assert json.loads(path.read_text(), parse_constant=refuse) == {"final": {"accuracy": None}}
+
+
+def test_the_weight_ratio_is_a_setting():
+    c = make()
+    c.max_weight_ratio = 2.0
+    honest = np.full(D, 0.1, np.float32)
+    updates = [update(cid, honest) for cid in HONEST]
+    updates.append(ClientUpdate("evil", 1, np.full(D, -100.0, np.float32), 2**64 - 1, loss=0.5))
+    c.finish_round(1, [*HONEST, "evil"], updates)
+    assert np.allclose(c.weights, (4 * 10 * 0.1 + 2 * 10 * -100.0) / (4 * 10 + 2 * 10), rtol=1e-5)

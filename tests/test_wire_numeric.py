@@ -96,3 +96,34 @@ def test_numeric_attacks_leave_the_model_finite_and_honest_clients_uncharged(
         assert float(np.median(move)) < CHOSEN * 4 / 7 + 5, float(np.median(move))
     else:
         assert float(np.linalg.norm(move)) <= NORM_BOUND[name], float(np.linalg.norm(move))
+
+
+@pytest.mark.integration
+def test_serve_norm_limit_and_weight_ratio_hold_against_a_plain_mean(wire, tmp_path, procs):
+    """--max-update-norm refuses float32's largest value outright (a plain mean has no other
+    defence against it); --max-weight-ratio reaches the coordinator (its effect on the weights
+    is pinned in tests/test_coordinator.py)."""
+    files = write_client_data(tmp_path / "data", HONEST)
+    live = start_serve(
+        procs, tmp_path, [*HONEST, HOSTILE], "--rounds", "2", "--min-clients", "4",
+        "--clients-per-round", "4", "--round-timeout", "60", "--aggregator", "mean",
+        "--max-update-norm", "100", "--max-weight-ratio", "2",
+    )  # fmt: skip
+    pool = AgentPool(live.address, {c: live.tokens[c] for c in HONEST}, files)
+    seen = []
+    with WireClient(wire, live.address, live.tokens[HOSTILE]) as hostile:
+        hostile.register(HOSTILE, num_examples=MAX_EXAMPLES)
+        pool.start(HONEST)
+        for attack in (dict(values=F32_MAX), dict(values=1.0)):
+            task = hostile.wait_task(timeout=180)
+            seen.append(task.weights().copy())
+            hostile.submit(task, num_examples=MAX_EXAMPLES, **attack)
+        assert live.proc.wait(300) == 0, live.proc.output()
+    assert all(code == 0 for code in pool.join(60).values()), pool.exit_codes
+    results = live.results()
+    charged = [(r["round"], x["client_id"], x["reason"]) for r in results["rounds"]
+               for x in r["rejections"]]  # fmt: skip
+    assert charged == [(1, HOSTILE, "too_large")], charged
+    assert np.isfinite(seen[1]).all() and float(np.abs(seen[1]).max()) < 100
+    assert results["config"]["max_update_norm"] == 100
+    assert results["config"]["max_weight_ratio"] == 2
