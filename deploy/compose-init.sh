@@ -5,7 +5,8 @@
 #   deploy/compose-init.sh CA_DIR SECRETS_DIR NAME...
 #
 # CA_DIR keeps the CA key and every private key as gen-certs.sh made them; only this script sees
-# it. SECRETS_DIR/coordinator gets ca.pem, server.pem, server.key; SECRETS_DIR/NAME gets ca.pem,
+# it. SECRETS_DIR/coordinator gets ca.pem, server.pem, server.key and allow.txt (every NAME but
+# operator, pinned to its certificate's fingerprint); SECRETS_DIR/NAME gets ca.pem,
 # NAME.pem, NAME.key; SECRETS_DIR/grafana gets admin_password (random, made once). Files are 0400
 # and directories 0500, owned by the user that reads them: uid 10001 (the fedwarden image) and
 # uid 472 (Grafana's image), when run as root. Running it again keeps the CA, the certificates and
@@ -31,7 +32,16 @@ give() {  # give OWNER DIR FILE...: copies FILEs from the CA dir, readable by OW
   chmod 0500 "$dir"
 }
 
-give 10001 coordinator ca.pem server.pem server.key
+# The coordinator's allow-list: each training identity pinned to its certificate's fingerprint
+# (the operator is named by --operator, not trained with). Delete a line to revoke a client.
+: > "$ca/allow.txt"
+for name in "$@"; do
+  [ "$name" = operator ] && continue
+  print=$(openssl x509 -in "$ca/$name.pem" -noout -fingerprint -sha256 | sed 's/.*=//; s/://g' | tr 'A-F' 'a-f')
+  echo "$name sha256:$print" >> "$ca/allow.txt"
+done
+
+give 10001 coordinator ca.pem server.pem server.key allow.txt
 for name in "$@"; do
   give 10001 "$name" ca.pem "$name.pem" "$name.key"
 done

@@ -126,7 +126,7 @@ def test_compose_init_gives_each_identity_only_its_files(tmp_path):
     password = (secrets / "grafana/admin_password").read_text()
     assert len(password.strip()) == 32
     expected = {
-        "coordinator": {"ca.pem", "server.pem", "server.key"},
+        "coordinator": {"ca.pem", "server.pem", "server.key", "allow.txt"},
         "grafana": {"admin_password"},
     }
     expected |= {n: {"ca.pem", f"{n}.pem", f"{n}.key"} for n in names}
@@ -138,6 +138,13 @@ def test_compose_init_gives_each_identity_only_its_files(tmp_path):
         if os.geteuid() == 0:
             owner = 472 if directory.name == "grafana" else 10001
             assert {f.stat().st_uid for f in directory.iterdir()} == {owner}
+    # the coordinator's allow-list pins each training identity (not the operator) to its cert
+    from fedwarden.server.auth import fingerprint
+
+    allow = (secrets / "coordinator/allow.txt").read_text().split("\n")
+    assert [line for line in allow if line] == [
+        f"{n} {fingerprint((secrets / n / f'{n}.pem').read_bytes())}" for n in ("c00", "c01")
+    ]
     assert (ca / "ca.key").exists()
     ca_key = (ca / "ca.key").read_bytes()
     assert not [f for f in secrets.rglob("*") if f.is_file() and f.read_bytes() == ca_key]
