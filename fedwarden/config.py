@@ -686,15 +686,30 @@ def _flatten_table(table: dict[str, Any], path: str) -> dict[str, Any]:
     return flat
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
-    """The flat settings of a TOML file, each type- and range-checked (errors name the file)."""
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file as tables, or a one-line error naming the file."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"config file not found: {path}")
     try:
-        table = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def load_toml(path: str | Path, *, deployment: bool = False) -> dict[str, Any]:
+    """The flat settings of a TOML file, each type- and range-checked (errors name the file).
+
+    A ``[deployment]`` table holds ``fedwarden serve``'s own options (``host``, ``port``,
+    ``round_timeout``, ...); with ``deployment`` it is left for serve to read, else refused.
+    """
+    table = dict(read_toml(path))
+    if "deployment" in table and not deployment:
+        raise UsageError(
+            f"config file {path}: [deployment] holds fedwarden serve's options; this command "
+            "does not use them"
+        )
+    table.pop("deployment", None)
     values = _flatten_table(table, str(path))
     unknown = sorted(set(values) - set(FLAT))
     if unknown:

@@ -137,6 +137,15 @@ NEWCOMER = [
     (["simulate", "--rounds", "two"], "invalid int value: 'two'"),
     (["simulate", "--config", "CFG/unknown-key.toml"], "unknown keys roundz"),
     (["simulate", "--config", "CFG/twice.toml"], "rounds is set twice"),
+    (["simulate", "--config", "CFG/deployment.toml"], "[deployment] holds fedwarden serve's"),
+    (
+        ["serve", "--state-dir", "STATE", "--config", "CFG/bad-deployment.toml"],
+        "[deployment] min_clients must be an integer. Received: 'two'",
+    ),  # fmt: skip
+    (
+        ["serve", "--state-dir", "STATE", "--config", "CFG/unknown-deployment.toml"],
+        "[deployment] hostt is not an option",
+    ),  # fmt: skip
     (["simulate", "--config", "CFG/not-toml.toml"], "is not valid TOML"),
     (["simulate", "--config", "CFG/none.toml"], "config file not found"),
     (["simulate", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
@@ -227,6 +236,9 @@ def workdir(tmp_path_factory) -> Path:
     (cfg / "thresholds.toml").write_text("[trust]\nflag_below = 0.9\nunflag_above = 0.7\n")
     (cfg / "unknown-key.toml").write_text("roundz = 3\n")
     (cfg / "twice.toml").write_text("rounds = 3\n[training]\nrounds = 4\n")
+    (cfg / "deployment.toml").write_text("[deployment]\ninsecure = true\n")
+    (cfg / "bad-deployment.toml").write_text('[deployment]\ninsecure = true\nmin_clients = "two"\n')
+    (cfg / "unknown-deployment.toml").write_text('[deployment]\nhostt = "x"\n')
     (cfg / "not-toml.toml").write_text("rounds = = 3\n")
     (cfg / "simulation.toml").write_text('[data]\npartition = "dirichlet"\n')
     # Importing TensorFlow fails in these commands: every check must come before it.
@@ -304,3 +316,19 @@ def test_help_is_grouped_and_states_each_default_once(workdir):
     compare, _ = run(["compare", "--help"], workdir)
     assert "--attacks" in compare.stdout and "--attack " not in compare.stdout
     assert "--aggregator " not in compare.stdout
+
+
+def test_serve_reads_its_deployment_options_from_the_config_file_and_flags_win(tmp_path):
+    from fedwarden.cli.main import build_parser
+    from fedwarden.cli.serve import apply_deployment_table
+
+    toml = tmp_path / "serve.toml"
+    toml.write_text(
+        "[training]\nrounds = 3\n[deployment]\ninsecure = true\nround_timeout = 30\n"
+        'port = 6000\noperator = ["alice"]\ncompression = "gzip"\n'
+    )
+    argv = ["serve", "--state-dir", str(tmp_path), "--config", str(toml), "--port", "7000"]
+    args = build_parser().parse_args(argv)
+    apply_deployment_table(args)
+    assert args.insecure is True and args.round_timeout == 30.0 and args.operator == ["alice"]
+    assert args.compression == "gzip" and args.port == 7000  # the flag wins over the file

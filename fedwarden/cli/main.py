@@ -160,13 +160,19 @@ def add_settings(parser: argparse.ArgumentParser, skip: frozenset[str] = frozens
 
 
 def config_from_args(
-    args: argparse.Namespace, skip: frozenset[str] = frozenset(), **overrides: Any
+    args: argparse.Namespace,
+    skip: frozenset[str] = frozenset(),
+    *,
+    deployment: bool = False,
+    **overrides: Any,
 ) -> RunConfig:
     """The run's settings: defaults, then ``--config`` FILE, then flags, then ``overrides``.
 
-    A TOML key in ``skip`` (a setting this command does not use) is refused.
+    A TOML key in ``skip`` (a setting this command does not use) is refused; so is a
+    ``[deployment]`` table, unless ``deployment`` (serve reads it).
     """
-    file_values = load_toml(args.config) if getattr(args, "config", None) else {}
+    path = getattr(args, "config", None)
+    file_values = load_toml(path, deployment=deployment) if path else {}
     unused = sorted(set(file_values) & skip)
     if unused:
         raise UsageError(

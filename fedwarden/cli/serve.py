@@ -49,16 +49,60 @@ def serve_config(args: argparse.Namespace):
 
     cohort = args.clients_per_round
     overrides = {} if cohort is None else {"clients": max(cohort, 1)}  # a bad cohort: its own error
-    config = config_from_args(args, SERVE_SKIPS, out=args.state_dir, progress=False, **overrides)
+    overrides.update(out=args.state_dir, progress=False, deployment=True)
+    config = config_from_args(args, SERVE_SKIPS, **overrides)
     named = args.aggregator is not None or (
-        getattr(args, "config", None) and "aggregator" in load_toml(args.config)
+        getattr(args, "config", None) and "aggregator" in load_toml(args.config, deployment=True)
     )
     if named or config.dp == "central":
         return config
-    return config_from_args(
-        args, SERVE_SKIPS, out=args.state_dir, progress=False, aggregator=SERVE_AGGREGATOR,
-        **overrides,
-    )  # fmt: skip
+    return config_from_args(args, SERVE_SKIPS, aggregator=SERVE_AGGREGATOR, **overrides)
+
+
+def apply_deployment_table(args: argparse.Namespace) -> None:
+    """``[deployment]`` of ``--config``: serve's own options by their flag names with underscores
+    (``host = "0.0.0.0"``, ``round_timeout = 60``, ``operator = ["alice"]``), for each option not
+    given as a flag; checked against the option's type and choices."""
+    from fedwarden.config import read_toml
+
+    if not getattr(args, "config", None):
+        return
+    table = read_toml(args.config).get("deployment", {})
+    parser = args._parser
+    group = next(g for g in parser._action_groups if g.title == "deployment")
+    actions = {a.dest: a for a in group._group_actions}
+    for raw_key, value in table.items():
+        key = raw_key.replace("-", "_")
+        action = actions.get(key)
+        where = f"config file {args.config}: [deployment] {raw_key}"
+        if action is None or key == "state_dir":
+            raise UsageError(
+                f"{where} is not an option of fedwarden serve's deployment group (--state-dir is "
+                f"a flag only). Accepted: {', '.join(sorted(set(actions) - {'state_dir'}))}"
+            )
+        if getattr(args, key) != parser.get_default(key):
+            continue  # the flag was given: it wins
+        setattr(args, key, _deployment_value(where, action, value))
+
+
+def _deployment_value(where: str, action: argparse.Action, value):
+    if action.nargs == 0:  # a switch (--insecure)
+        expected, ok = "true or false", isinstance(value, bool)
+    elif isinstance(action, argparse._AppendAction):
+        expected = "a list of strings"
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif action.type in (int, float):
+        expected = "an integer" if action.type is int else "a number"
+        ok = not isinstance(value, bool) and isinstance(
+            value, (int, float) if action.type is float else int
+        )
+    else:
+        expected, ok = "a string", isinstance(value, str)
+    if not ok:
+        raise UsageError(f"{where} must be {expected}. Received: {value!r}")
+    if action.choices and value not in action.choices:
+        raise UsageError(f"{where} must be one of {', '.join(action.choices)}. Received: {value!r}")
+    return float(value) if action.type is float else value
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -66,6 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from fedwarden.protocol.connection import require_protocol
     from fedwarden.simulations.preflight import check_run
 
+    apply_deployment_table(args)
     config = serve_config(args)
     if config.dp == "central" and config.dp_delta is None:
         raise UsageError(
