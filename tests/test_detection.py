@@ -100,3 +100,56 @@ def test_identical_crafted_updates_light_up_collusion_and_centrality():
     assert comp["collusion"][8:].min() > 0.9 and comp["collusion"][:8].max() < 0.3
     assert comp["centrality"][8:].min() > 0.5 and comp["centrality"][:8].max() < 0.3
     assert np.isnan(comp["history"]).all()
+
+
+# -- small versions of the Fashion-MNIST figures (docs/results.md), on digits --------------------
+
+
+def digits_run(tmp_path, **settings):
+    from fedwarden.config import make_config
+    from fedwarden.simulations.runner import simulate
+
+    base = {"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "clients": 20,
+            "clients_per_round": 10, "rounds": 10, "aggregator": "trimmed_mean:trim_fraction=0.2",
+            "num_byzantine": 2, "progress": False, "out": str(tmp_path)}  # fmt: skip
+    return simulate(make_config({}, {**base, **settings}))
+
+
+def honest_flag_record(ledger_path, malicious):
+    """Share of honest client-rounds flagged and the longest run of flagged rounds of one honest
+    client (over the rounds it was scored in)."""
+    from fedwarden.server.ledger import Ledger
+
+    flagged = scored = longest = 0
+    with Ledger(ledger_path, readonly=True) as ledger:
+        for client in ledger.list_clients():
+            if client["client_id"] in malicious:
+                continue
+            run = 0
+            for row in ledger.client_history(client["client_id"]):
+                scored += 1
+                flagged += bool(row["flagged"])
+                run = run + 1 if row["flagged"] else 0
+                longest = max(longest, run)
+    return flagged / max(scored, 1), longest
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attack", ["alie", "min_max", "sign_flip"])
+def test_attackers_built_to_hide_are_flagged_on_digits(attack, tmp_path):
+    results = digits_run(tmp_path, attack=attack)
+    detection = results["final"]["detection"]
+    assert detection["precision"] == 1.0 and detection["recall"] >= 0.75, detection
+
+
+@pytest.mark.slow
+def test_honest_outliers_stay_unflagged_on_digits_dirichlet_0_1(tmp_path):
+    digits_run(tmp_path, alpha=0.1, rounds=20)
+    share, longest = honest_flag_record(tmp_path / "ledger.sqlite", set())
+    assert share <= 0.02 and longest <= 2, (share, longest)
+
+
+@pytest.mark.slow
+def test_the_detector_aware_attacker_stays_unflagged_on_digits(tmp_path):
+    results = digits_run(tmp_path, attack="detector_aware", attack_params={"z": 1.0})
+    assert not results["final"]["detection"]["recall"], results["final"]["detection"]
