@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
+
 from fedwarden.aggregation.accounting import (
     DPConfigError,
     central_epsilon,
@@ -27,7 +29,10 @@ from fedwarden.aggregation.chain import Chain, parse_chain
 from fedwarden.aggregation.clipping import clip_by_norm
 from fedwarden.aggregation.dp import central_dp, gaussian_noise, is_formal_dp
 from fedwarden.config import RunConfig
-from fedwarden.server.trust import TrustPolicy
+from fedwarden.server.coordinator import Coordinator
+from fedwarden.server.ledger import Ledger
+from fedwarden.server.optimizers import ServerOptimizer
+from fedwarden.server.trust import TrustBook, TrustPolicy
 
 log = logging.getLogger("fedwarden.defence")
 
@@ -192,3 +197,19 @@ def build_chain(
         )
     assert is_formal_dp(chain) == privacy.formal, chain
     return chain
+
+
+def build_coordinator(
+    config: RunConfig, weights: np.ndarray, chain: Chain, ledger: Ledger | None
+) -> Coordinator:
+    """The run's coordinator: ``chain``, the server optimizer, trust (persisted in ``ledger``)
+    and the admission limits of ``config``, from the initial flat ``weights``."""
+    return Coordinator(
+        weights,
+        chain,
+        ServerOptimizer(config.server_optimizer, config.server_lr, config.server_momentum),
+        TrustBook(trust_policy(config), ledger),
+        anomaly_weights=config.anomaly_weights,
+        max_update_norm=config.max_update_norm,
+        max_weight_ratio=config.max_weight_ratio,
+    )

@@ -63,18 +63,16 @@ from fedwarden.server.callbacks import (
 from fedwarden.server.coordinator import Coordinator
 from fedwarden.server.defence import (
     build_chain,
+    build_coordinator,
     central_privacy,
     parse_aggregator,
-    trust_policy,
 )
 from fedwarden.server.driver import Cohort, History, RoundDriver, RunInfo, check_resume, unwritable
 from fedwarden.server.hub import Hub, client_rows, record_silence
 from fedwarden.server.ledger import Ledger
 from fedwarden.server.metrics import MetricsExporter
-from fedwarden.server.optimizers import ServerOptimizer
 from fedwarden.server.service import CallGuard, CallLimits, FederationServicer, add_to_server
 from fedwarden.server.tensorboard import TensorBoard, log_dir
-from fedwarden.server.trust import TrustBook
 from fedwarden.weights import WeightLayout
 
 log = logging.getLogger("fedwarden.serve")
@@ -383,15 +381,7 @@ class Server:
         chain = build_chain(c, privacy, None, aggregator)
         chain.check(min(o.min_clients, c.clients_per_round))
         saved, ledger = self._open_state(layout)
-        coordinator = Coordinator(
-            layout.flatten(model.get_weights()),
-            chain,
-            ServerOptimizer(c.server_optimizer, c.server_lr, c.server_momentum),
-            TrustBook(trust_policy(c), ledger),
-            anomaly_weights=c.anomaly_weights,
-            max_update_norm=c.max_update_norm,
-            max_weight_ratio=c.max_weight_ratio,
-        )
+        coordinator = build_coordinator(c, layout.flatten(model.get_weights()), chain, ledger)
         history = None
         if saved is not None:
             coordinator.load_state_dict(saved["coordinator"])

@@ -33,16 +33,14 @@ from fedwarden.server.callbacks import Callback, Checkpoint, MetricsExport, Priv
 from fedwarden.server.coordinator import Coordinator
 from fedwarden.server.defence import (
     build_chain,
+    build_coordinator,
     central_privacy,
     parse_aggregator,
-    trust_policy,
 )
 from fedwarden.server.driver import Cohort, History, RoundDriver, RunInfo, check_resume
 from fedwarden.server.ledger import Ledger, remove_ledger
 from fedwarden.server.metrics import MetricsExporter
-from fedwarden.server.optimizers import ServerOptimizer
 from fedwarden.server.tensorboard import TensorBoard, log_dir
-from fedwarden.server.trust import TrustBook
 from fedwarden.simulations import report
 from fedwarden.simulations.preflight import check_run
 from fedwarden.weights import WeightLayout
@@ -194,14 +192,8 @@ class _Run:
         self.ledger = Ledger(out / "ledger.sqlite")
         if saved is not None:
             self.ledger.truncate_after(saved["round"])
-        self.coordinator = Coordinator(
-            sim.layout.flatten(sim.initial_weights),
-            self.chain,
-            ServerOptimizer(config.server_optimizer, config.server_lr, config.server_momentum),
-            TrustBook(trust_policy(config), self.ledger),
-            anomaly_weights=config.anomaly_weights,
-            max_update_norm=config.max_update_norm,
-            max_weight_ratio=config.max_weight_ratio,
+        self.coordinator = build_coordinator(
+            config, sim.layout.flatten(sim.initial_weights), self.chain, self.ledger
         )
         self.dp_sgd = (
             ClientPrivacyAccount(config.dp_sgd_noise_multiplier, config.batch_size)
