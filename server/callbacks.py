@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedwarden import report
 from fedwarden.server import checkpoint, faults
 from fedwarden.server.driver import RunInfo, results, unwritable
 
@@ -271,3 +272,32 @@ class Pause(Callback):
                       flush=True)  # fmt: skip
                 announced = True
             time.sleep(self.poll_s)
+
+
+class Reports(Callback):
+    """The files people read, the same for a simulation and a deployment: ``rounds.csv`` after
+    every round, ``accuracy.png`` and ``trust.png`` (trust per client per round, ``malicious``
+    marked) when the run ends.
+
+    Args:
+      out: the run's directory.
+      title: the accuracy plot's title.
+      label: the accuracy line's label (the aggregator).
+      malicious: the known malicious clients (simulations; a deployment knows none).
+    """
+
+    def __init__(
+        self, out: Path, title: str, label: str, malicious: set[str] | frozenset[str] = frozenset()
+    ):
+        self.out, self.title, self.label, self.malicious = Path(out), title, label, set(malicious)
+
+    def on_round_end(self, round: int, logs: dict[str, Any]) -> None:
+        report.write_rounds_csv(self.driver.history.rounds, self.out / "rounds.csv")
+
+    def on_run_end(self, logs: dict[str, Any]) -> None:
+        history = self.driver.history
+        if not history.rounds:
+            return
+        report.write_rounds_csv(history.rounds, self.out / "rounds.csv")
+        report.plot_accuracy({self.label: history.rounds}, self.out / "accuracy.png", self.title)
+        report.plot_trust_heatmap(history.trust, self.malicious, self.out / "trust.png")

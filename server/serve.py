@@ -59,6 +59,7 @@ from fedwarden.server.callbacks import (
     MetricsExport,
     Pause,
     PrivacyAccount,
+    Reports,
 )
 from fedwarden.server.coordinator import Coordinator
 from fedwarden.server.defence import (
@@ -414,10 +415,13 @@ class Server:
                 account,
                 *([] if tb is None else [TensorBoard(tb)]),
                 Pause(o.state_dir / PAUSE_FILE),
-                MetricsExport(exporter, per_client_rejections=True),
+                MetricsExport(exporter, o.state_dir / "metrics.prom", per_client_rejections=True),
                 Silences(hub, exporter, o.state_dir),
                 writer,
                 LambdaCallback(on_round_end=lambda r, logs: hub.set_last_round(r)),
+                Reports(
+                    o.state_dir, f"{c.dataset}: deployment, aggregator={c.aggregator}", c.aggregator
+                ),  # fmt: skip
                 RoundLog(c.rounds),
             ],
             history=history,

@@ -11,8 +11,8 @@ from tqdm import tqdm  # noqa: E402
 
 from fedwarden.config import RunConfig, validate  # noqa: E402
 from fedwarden.data.datasets import load_dataset  # noqa: E402
+from fedwarden.report import fmt, markdown_table, plot_matrix  # noqa: E402
 from fedwarden.simulations.preflight import cell_config  # noqa: E402
-from fedwarden.simulations.report import fmt, markdown_table, plot_matrix  # noqa: E402
 from fedwarden.simulations.runner import Simulation, check_config, make_federation  # noqa: E402
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
+from fedwarden import report
 from fedwarden.aggregation.accounting import ClientPrivacyAccount, default_delta, dp_sgd_steps
 from fedwarden.aggregation.filtering import reference_steps
 from fedwarden.attacks import Attack, build_attack
@@ -29,7 +30,13 @@ from fedwarden.models import build_model
 from fedwarden.results import describe_attack
 from fedwarden.server import checkpoint
 from fedwarden.server.admission import ClientUpdate
-from fedwarden.server.callbacks import Callback, Checkpoint, MetricsExport, PrivacyAccount
+from fedwarden.server.callbacks import (
+    Callback,
+    Checkpoint,
+    MetricsExport,
+    PrivacyAccount,
+    Reports,
+)
 from fedwarden.server.coordinator import Coordinator
 from fedwarden.server.defence import (
     build_chain,
@@ -41,7 +48,6 @@ from fedwarden.server.driver import Cohort, History, RoundDriver, RunInfo, check
 from fedwarden.server.ledger import Ledger, remove_ledger
 from fedwarden.server.metrics import MetricsExporter
 from fedwarden.server.tensorboard import TensorBoard, log_dir
-from fedwarden.simulations import report
 from fedwarden.simulations.preflight import check_run
 from fedwarden.weights import WeightLayout
 
@@ -239,6 +245,12 @@ class _Run:
                 *self._tensorboard(config, out),
                 MetricsExport(self.exporter, out / "metrics.prom"),
                 self.checkpointer,
+                Reports(
+                    out,
+                    f"{config.dataset}: attack={config.attack}, aggregator={config.aggregator}",
+                    config.aggregator,
+                    set(self.fed.malicious),
+                ),
                 Progress(config.rounds, label, config.progress),
             ],
             history=history,
@@ -356,14 +368,7 @@ class _Run:
         return self._write_outputs()
 
     def _write_outputs(self) -> dict[str, Any]:
-        results = self.checkpointer.results()
-        history = self.driver.history
-        report.write_rounds_csv(history.rounds, self.out / "rounds.csv")
-        c = self.config
-        title = f"{c.dataset}: attack={c.attack}, aggregator={c.aggregator}"
-        report.plot_accuracy({c.aggregator: history.rounds}, self.out / "accuracy.png", title)
-        report.plot_trust_heatmap(history.trust, set(self.fed.malicious), self.out / "trust.png")
-        return results
+        return self.checkpointer.results()
 
 
 def check_config(config: RunConfig, num_classes: int | None = None) -> None:

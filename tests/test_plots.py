@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from matplotlib.text import Text
 
-from fedwarden.simulations import report
+from fedwarden import report
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from fedwarden.cli.trust import trust_main
+from fedwarden.report import detection_summary, plot_trust_heatmap
 from fedwarden.server.ledger import Ledger, LedgerError, remove_ledger
 from fedwarden.server.trust import ClientTrust, TrustBook, TrustPolicy, round_rows
-from fedwarden.simulations.report import detection_summary, plot_trust_heatmap
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -127,3 +127,8 @@ def test_serve_norm_limit_and_weight_ratio_hold_against_a_plain_mean(wire, tmp_p
     assert np.isfinite(seen[1]).all() and float(np.abs(seen[1]).max()) < 100
     assert results["config"]["max_update_norm"] == 100
     assert results["config"]["max_weight_ratio"] == 2
+    # serve leaves the same files as simulate beside its state
+    for name in ("rounds.csv", "accuracy.png", "trust.png", "metrics.prom", "results.json"):
+        assert (live.state / name).stat().st_size > 0, name
+    assert len((live.state / "rounds.csv").read_text().splitlines()) == 1 + 2
+    assert "fedwarden_client_trust_score" in (live.state / "metrics.prom").read_text()

@@ -276,7 +276,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def summary_table(results: dict) -> str:
     """The end-of-run table: accuracy, attack success, detection, the least trusted clients."""
-    from fedwarden.simulations.report import fmt, markdown_table
+    from fedwarden.report import fmt, markdown_table
 
     final, det = results["final"], results["final"]["detection"]
     rows = [

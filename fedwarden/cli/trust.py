@@ -216,12 +216,12 @@ def flags_by_round(ledger: Any) -> list[set[str]]:
 def red_team_scores(flagged: list[set[str]], reports: list[dict[str, Any]]) -> dict[str, Any]:
     """Detection figures of ``flags_by_round`` output against red-team report lines.
 
-    Returns ``fedwarden.simulations.report.detection_summary``'s precision, recall and
+    Returns ``fedwarden.report.detection_summary``'s precision, recall and
     first_detection_round, plus ``rounds``, ``flagged`` (at the last round), ``false_positives``
     and ``attackers``: per attacker its attack, first attacking round, first round flagged after
     it and ``rounds_to_detection`` (rounds from its first attack to its flag, both counted).
     """
-    from fedwarden.simulations.report import detection_summary
+    from fedwarden.report import detection_summary
 
     rounds = len(flagged)
     attackers: dict[str, dict[str, Any]] = {}
