@@ -587,6 +587,8 @@ def test_trust_list_reads_a_running_coordinator(plaintext_server, capsys):
             "rounds": 2,
             "last_round": 2,
             "rejected": 1,
+            "evidence": None,
+            "explanation": None,
         }
     ]
     assert (

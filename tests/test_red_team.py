@@ -198,7 +198,7 @@ def test_agent_cli_refuses_a_bad_attack_before_connecting(tmp_path):
     base = ["agent", "--server", "127.0.0.1:9", "--client-id", "c04", "--data",
             str(tmp_path / "d.npz"), "--insecure"]  # fmt: skip
     proc = run_fedwarden(*base, "--attack", "scaling", "--attack-param", "boost", timeout=60)
-    assert proc.returncode == 2 and "bad --attack-param 'boost'" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "bad --attack-param: 'boost'" in proc.stderr, proc.stderr
     proc = run_fedwarden(*base, "--red-team-report", str(tmp_path / "r.jsonl"), timeout=60)
     assert proc.returncode == 2 and "need --attack NAME" in proc.stderr, proc.stderr
 

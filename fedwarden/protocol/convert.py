@@ -83,7 +83,7 @@ def spec_from_proto(msg: pb.TrainingSpec) -> TrainingSpec:
     )
 
 
-_TRUST_FLOATS = ("trust", "anomaly", "norm", "cosine")
+_TRUST_FLOATS = ("trust", "anomaly", "norm", "cosine", "evidence")
 _ROUND_FLOATS = (
     "anomaly",
     "trust",
@@ -94,6 +94,10 @@ _ROUND_FLOATS = (
     "krum_score",
     "trimmed_share",
     "loss",
+    "pair_gap",
+    "cluster_outlier",
+    "history_error",
+    "evidence",
 )
 
 
@@ -112,6 +116,7 @@ def trust_to_proto(
             quarantined=bool(row.get("quarantined")),
             rounds=int(row.get("rounds") or 0),
             rejected=int(row.get("rejected") or 0),
+            explanation=row.get("explanation") or "",
             **_present(row, (*_TRUST_FLOATS, "last_round")),
         )
         for row in rows
@@ -122,6 +127,7 @@ def trust_to_proto(
             flagged=bool(row.get("flagged")),
             quarantined=bool(row.get("quarantined")),
             rejected_reason=row.get("rejected_reason") or "",
+            explanation=row.get("explanation") or "",
             **_present(row, _ROUND_FLOATS),
         )
         for row in history
@@ -140,6 +146,7 @@ def trust_from_proto(reply: pb.TrustReply) -> tuple[list[dict[str, Any]], list[d
             "quarantined": c.quarantined,
             "rounds": c.rounds,
             "rejected": c.rejected,
+            "explanation": c.explanation or None,
         }
         for key in (*_TRUST_FLOATS, "last_round"):
             row[key] = getattr(c, key) if c.HasField(key) else None
@@ -151,6 +158,7 @@ def trust_from_proto(reply: pb.TrustReply) -> tuple[list[dict[str, Any]], list[d
             "flagged": r.flagged,
             "quarantined": r.quarantined,
             "rejected_reason": r.rejected_reason or None,
+            "explanation": r.explanation or None,
         }
         for key in _ROUND_FLOATS:
             row[key] = getattr(r, key) if r.HasField(key) else None
