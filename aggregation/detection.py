@@ -104,7 +104,9 @@ def cluster_outliers(cosines: np.ndarray, min_scale: float = 0.05) -> np.ndarray
         return np.full(k, np.nan)
     from sklearn.cluster import HDBSCAN  # imported here: only this signal needs scikit-learn
 
-    distance = np.clip(1.0 - cosines, 0.0, 2.0)
+    # An update with no direction (zero norm) or an overflowed one has no defined cosine; it
+    # counts as orthogonal to everyone rather than crashing HDBSCAN on NaN.
+    distance = np.clip(np.nan_to_num(1.0 - cosines, nan=1.0, posinf=2.0, neginf=0.0), 0.0, 2.0)
     np.fill_diagonal(distance, 0.0)
     distance = (distance + distance.T) / 2.0
     labels = HDBSCAN(

@@ -293,8 +293,9 @@ class DefenceConfig(Section):
     )
     num_byzantine: int | float | None = option(
         None,
-        "f assumed by krum, multi_krum, bulyan, nnm: a count, or a fraction in (0, 1) of the "
-        "cohort",
+        "f assumed by krum, multi_krum, bulyan, nnm, trimmed_mean: a count per round, or the "
+        "assumed malicious fraction of the federation in (0, 1), turned into the 99% quantile of "
+        "attackers a sampled cohort holds",
         kind=count_or_fraction,
         low=0,
         metavar="F",

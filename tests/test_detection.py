@@ -153,3 +153,15 @@ def test_honest_outliers_stay_unflagged_on_digits_dirichlet_0_1(tmp_path):
 def test_the_detector_aware_attacker_stays_unflagged_on_digits(tmp_path):
     results = digits_run(tmp_path, attack="detector_aware", attack_params={"z": 1.0})
     assert not results["final"]["detection"]["recall"], results["final"]["detection"]
+
+
+def test_cluster_outliers_survive_undefined_cosines():
+    # a zero update has no cosine with anyone (NaN); HDBSCAN must not see NaN
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(8, 20)) + 3.0
+    rows[5] = 0.0
+    norms = np.linalg.norm(rows, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cosines = (rows @ rows.T) / np.outer(norms, norms)
+    scores = cluster_outliers(cosines)
+    assert np.isfinite(scores).all() and scores.shape == (8,)
