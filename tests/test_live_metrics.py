@@ -1,5 +1,6 @@
 """A real Prometheus server scrapes a live `fedwarden simulate --metrics-port` (issue 4)."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -57,13 +58,20 @@ def test_prometheus_scrapes_trust_scores_from_a_live_simulation(tmp_path: Path):
                 "fedwarden_round", lambda r: bool(r) and float(r[0]["value"][1]) >= 3, timeout=120
             )
             assert float(rounds[0]["value"][1]) >= 3
-            # the attackers' trust falls below every honest client's once a few rounds have passed
-            low = prom.wait_for(
-                "bottomk(2, fedwarden_client_trust_score)",
-                lambda r: len(r) == 2 and max(float(s["value"][1]) for s in r) < 0.6,
+            # the attackers' trust falls below every honest client's and they are flagged, as
+            # Prometheus sees it (the malicious set comes from the run's own results.json)
+            results = json.loads((tmp_path / "run" / "results.json").read_text())
+            malicious = {c for c, v in results["clients"].items() if v["malicious"]}
+            assert len(malicious) == 2
+
+            def ids(r):
+                return {s["metric"]["client_id"] for s in r}
+
+            prom.wait_for(
+                "bottomk(2, fedwarden_client_trust_score)", lambda r: ids(r) == malicious,
                 timeout=120,
-            )
-            assert {s["metric"]["client_id"] for s in low} <= set(trust)
+            )  # fmt: skip
+            prom.wait_for("fedwarden_client_flagged == 1", lambda r: ids(r) == malicious, 120)
         assert sim.poll() is None, sim.stderr.read()
     finally:
         sim.kill()

@@ -33,7 +33,8 @@ def test_dp_sgd_and_the_tff_engine_are_refused_on_ray():
 @pytest.fixture
 def local_ray():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # "local": a new instance, never an existing cluster this machine may have running
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield
     finally:
