@@ -294,7 +294,7 @@ class DefenceConfig(Section):
     num_byzantine: int | float | None = option(
         None,
         "f assumed by krum, multi_krum, bulyan, nnm, trimmed_mean: a count per round, or the "
-        "assumed malicious fraction of the federation in (0, 1), turned into the 99% quantile of "
+        "assumed malicious fraction of the federation in (0, 1), turned into the 0.99 quantile of "
         "attackers a sampled cohort holds",
         kind=count_or_fraction,
         low=0,

@@ -104,12 +104,13 @@ class VersionAction(argparse.Action):
 
 
 def _help(f: dataclasses.Field) -> str:
+    """The flag's help; ``%`` escaped, since argparse formats help strings with it."""
     m = f.metadata
     plain = f.default is None or isinstance(f.default, bool)  # nothing worth showing
     default = m["default_text"] or (None if plain else f.default)
     if m["kind"] is dict or default is None or default is dataclasses.MISSING:
-        return m["help"]
-    return f"{m['help']} (default: {default})"
+        return m["help"].replace("%", "%%")
+    return f"{m['help']} (default: {default})".replace("%", "%%")
 
 
 def add_settings(parser: argparse.ArgumentParser, skip: frozenset[str] = frozenset()) -> None:
@@ -144,12 +145,12 @@ def add_settings(parser: argparse.ArgumentParser, skip: frozenset[str] = frozens
             elif m["kind"] is bool and f.default:
                 group.add_argument(
                     "--no-" + name.replace("_", "-"), dest=name, action="store_const",
-                    const=False, default=None, help="no " + m["help"],
+                    const=False, default=None, help="no " + m["help"].replace("%", "%%"),
                 )  # fmt: skip
             elif m["kind"] is bool:
                 group.add_argument(
                     flag_name(f), dest=name, action="store_const", const=True, default=None,
-                    help=m["help"],
+                    help=m["help"].replace("%", "%%"),
                 )  # fmt: skip
             else:
                 group.add_argument(
