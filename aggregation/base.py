@@ -110,3 +110,20 @@ def as_cohort(
             f"counts or trust multipliers (0 leaves a client out)."
         )
     return updates, weights
+
+
+def check_num_byzantine(value: Any) -> int:
+    """``value`` as a count of malicious clients to tolerate, or a one-line AggregationError."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+        raise AggregationError(
+            f"num_byzantine must be a non-negative integer, the number of malicious clients to "
+            f"tolerate. Received: num_byzantine={value!r}."
+        )
+    return int(value)
+
+
+def check_positive(name: str, value: Any) -> float:
+    """``value`` as a positive float, or a one-line AggregationError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number) or not value > 0:
+        raise AggregationError(f"{name} must be a positive number. Received: {name}={value!r}.")
+    return float(value)

@@ -25,7 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from fedwarden.aggregation.base import AggregationError, StepOutput, as_cohort
+from fedwarden.aggregation.base import (
+    AggregationError,
+    StepOutput,
+    as_cohort,
+    check_num_byzantine,
+    check_positive,
+)
 
 __all__ = [
     "DnC",
@@ -39,21 +45,6 @@ __all__ = [
     "fltrust",
     "signguard",
 ]
-
-
-def _byzantine(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
-        raise AggregationError(
-            f"num_byzantine must be a non-negative integer, the number of malicious clients to "
-            f"tolerate. Received: num_byzantine={value!r}."
-        )
-    return int(value)
-
-
-def _positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise AggregationError(f"{name} must be a positive number. Received: {name}={value!r}.")
-    return float(value)
 
 
 def _selected_mean(
@@ -119,7 +110,7 @@ class SignGuard:
         coordinate_fraction: float = 0.1,
         seed: int = 0,
     ) -> None:
-        self.lower, self.upper = _positive("lower", lower), _positive("upper", upper)
+        self.lower, self.upper = check_positive("lower", lower), check_positive("upper", upper)
         if self.lower >= 1.0 or self.upper <= 1.0:
             raise AggregationError(
                 f"signguard needs lower < 1 < upper (bounds around the median norm). Received: "
@@ -209,14 +200,14 @@ class DnC:
         filter_fraction: float = 1.0,
         seed: int = 0,
     ) -> None:
-        self.num_byzantine = _byzantine(num_byzantine)
+        self.num_byzantine = check_num_byzantine(num_byzantine)
         for name, value in (("iterations", iterations), ("subsample", subsample)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise AggregationError(
                     f"{name} must be a positive integer. Received: {name}={value!r}."
                 )
         self.iterations, self.subsample = iterations, subsample
-        self.filter_fraction = _positive("filter_fraction", filter_fraction)
+        self.filter_fraction = check_positive("filter_fraction", filter_fraction)
         self.seed = seed
 
     def init(self) -> np.random.Generator:

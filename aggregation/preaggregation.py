@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from fedwarden.aggregation.base import AggregationError, StepOutput, as_cohort
+from fedwarden.aggregation.base import AggregationError, StepOutput, as_cohort, check_num_byzantine
 
 __all__ = [
     "AdaptiveRobustClipping",
@@ -32,15 +32,6 @@ __all__ = [
     "bucketing",
     "client_momentum",
 ]
-
-
-def _byzantine(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
-        raise AggregationError(
-            f"num_byzantine must be a non-negative integer, the number of malicious clients to "
-            f"tolerate. Received: num_byzantine={value!r}."
-        )
-    return int(value)
 
 
 def _at_least_one(num_clients: int, name: str) -> None:
@@ -82,7 +73,7 @@ class Bucketing:
                 f"bucket_size must be a positive integer. Received: bucket_size={bucket_size!r}."
             )
         self.bucket_size = bucket_size
-        self.num_byzantine = _byzantine(num_byzantine)
+        self.num_byzantine = check_num_byzantine(num_byzantine)
         self.seed = seed
 
     def init(self) -> np.random.Generator:
@@ -157,7 +148,7 @@ class AdaptiveRobustClipping:
     keeps_rows = True
 
     def __init__(self, num_byzantine: int) -> None:
-        self.num_byzantine = _byzantine(num_byzantine)
+        self.num_byzantine = check_num_byzantine(num_byzantine)
 
     def init(self) -> None:
         return None

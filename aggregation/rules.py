@@ -31,7 +31,14 @@ import numpy as np
 
 from fedwarden.aggregation import _kernels as kernels
 from fedwarden.aggregation._kernels import gram, sq_distances
-from fedwarden.aggregation.base import AggregationError, StatelessStep, StepOutput, as_cohort
+from fedwarden.aggregation.base import (
+    AggregationError,
+    StatelessStep,
+    StepOutput,
+    as_cohort,
+    check_num_byzantine,
+    check_positive,
+)
 
 __all__ = [
     "Bulyan",
@@ -55,21 +62,6 @@ __all__ = [
     "nearest_neighbor_mixing",
     "trimmed_mean",
 ]
-
-
-def _num_byzantine(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
-        raise AggregationError(
-            f"num_byzantine must be a non-negative integer, the number of malicious clients to "
-            f"tolerate. Received: num_byzantine={value!r}."
-        )
-    return int(value)
-
-
-def _positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.number) or not value > 0:
-        raise AggregationError(f"{name} must be a positive number. Received: {name}={value!r}.")
-    return float(value)
 
 
 def _one_row(row: np.ndarray, weights: np.ndarray, **kwargs: Any) -> StepOutput:
@@ -264,7 +256,7 @@ class Krum(StatelessStep):
     name = "krum"
 
     def __init__(self, num_byzantine: int) -> None:
-        self.num_byzantine = _num_byzantine(num_byzantine)
+        self.num_byzantine = check_num_byzantine(num_byzantine)
 
     def check(self, num_clients: int) -> None:
         super().check(num_clients)
@@ -365,7 +357,7 @@ class GeometricMedian(StatelessStep):
     name = "geometric_median"
 
     def __init__(self, eps: float = 1e-6, max_iter: int = 100, tol: float = 1e-8) -> None:
-        self.eps = _positive("eps", eps)
+        self.eps = check_positive("eps", eps)
         if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
             raise AggregationError(
                 f"max_iter must be a positive integer. Received: max_iter={max_iter!r}."
@@ -431,7 +423,7 @@ class Bulyan(StatelessStep):
     name = "bulyan"
 
     def __init__(self, num_byzantine: int) -> None:
-        self.num_byzantine = _num_byzantine(num_byzantine)
+        self.num_byzantine = check_num_byzantine(num_byzantine)
 
     def check(self, num_clients: int) -> None:
         super().check(num_clients)
@@ -493,7 +485,7 @@ class CenteredClipping:
     keeps_rows = False
 
     def __init__(self, radius: float, iterations: int = 1) -> None:
-        self.radius = _positive("radius", radius)
+        self.radius = check_positive("radius", radius)
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
             raise AggregationError(
                 f"iterations must be a positive integer. Received: iterations={iterations!r}."
@@ -571,7 +563,7 @@ class NearestNeighborMixing(StatelessStep):
     keeps_rows = True
 
     def __init__(self, num_byzantine: int) -> None:
-        self.num_byzantine = _num_byzantine(num_byzantine)
+        self.num_byzantine = check_num_byzantine(num_byzantine)
 
     def check(self, num_clients: int) -> None:
         super().check(num_clients)
