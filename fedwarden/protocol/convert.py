@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from fedwarden.protocol.proto_gen import fedwarden_v1_pb2 as pb
+from fedwarden.records import HISTORY_KEYS
 
 CLIENT_ID_HEADER = "x-fedwarden-client-id"
 """gRPC metadata key naming the caller in token mode (mTLS takes the identity from the certificate)."""
@@ -84,21 +85,11 @@ def spec_from_proto(msg: pb.TrainingSpec) -> TrainingSpec:
 
 
 _TRUST_FLOATS = ("trust", "anomaly", "norm", "cosine", "evidence")
-_ROUND_FLOATS = (
-    "anomaly",
-    "trust",
-    "norm",
-    "norm_z",
-    "cosine",
-    "distance",
-    "krum_score",
-    "trimmed_share",
-    "loss",
-    "pair_gap",
-    "cluster_outlier",
-    "history_error",
-    "evidence",
-)
+_ROUND_FLOATS = tuple(
+    k for k in HISTORY_KEYS if k not in ("round", "flagged", "quarantined", "rejected_reason",
+                                         "explanation")
+)  # fmt: skip
+"""Every numeric key of a ``trust show`` round (records.HISTORY_KEYS is the one list)."""
 
 
 def _present(row: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
