@@ -251,6 +251,14 @@ class TrainingConfig(Section):
     )
     engine: str = option("native", "client training engine", choices=ENGINES)
     seed: int = option(0, "random seed; same seed, same results", low=0)
+    eval_subset: int | None = option(
+        None,
+        "test examples evaluated between rounds (a fixed seeded subset); the last round uses all",
+        default_text="the whole test split every round",
+        kind=int,
+        low=1,
+        metavar="N",
+    )
 
 
 @dataclass(frozen=True)

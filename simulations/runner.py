@@ -53,6 +53,9 @@ from fedwarden.weights import WeightLayout
 
 log = logging.getLogger("fedwarden.simulate")
 
+# Test inputs, labels, and the attack's (triggered inputs, target) or None.
+TestSet = tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]
+
 
 def client_ids(n: int) -> list[str]:
     width = max(2, len(str(n - 1)))
@@ -168,6 +171,33 @@ class Progress(Callback):
         self.bar.close()
 
 
+class TestExamples(Callback):
+    """Puts in each round's record how many test examples evaluated it (``test_examples``).
+
+    With ``--eval-subset`` the rounds before the last use the subset; a run that ends earlier (a
+    privacy budget, a stop request) has its last round evaluated again on the whole test split,
+    so ``final`` always comes from the whole split.
+    """
+
+    def __init__(self, run: _Run):
+        self.run = run
+
+    def on_round_end(self, round: int, logs: dict[str, Any]) -> None:
+        logs["test_examples"] = self.run.evaluated_on
+
+    def on_run_end(self, logs: dict[str, Any]) -> None:
+        rounds, run = self.driver.history.rounds, self.run
+        if rounds and rounds[-1].get("test_examples") != len(run.full_test[1]):
+            loss, accuracy, asr = run.evaluate_on(run.coordinator.weights, run.full_test)
+            rounds[-1].update(
+                loss=loss,
+                accuracy=accuracy,
+                attack_success_rate=asr,
+                test_examples=run.evaluated_on,
+            )
+            run.checkpointer.write_results()
+
+
 class _Run:
     """One configuration, checkpointed after every round into ``out/checkpoints``."""
 
@@ -242,6 +272,7 @@ class _Run:
             config.rounds,
             [
                 self.account,
+                TestExamples(self),
                 *self._tensorboard(config, out),
                 MetricsExport(self.exporter, out / "metrics.prom"),
                 self.checkpointer,
@@ -258,7 +289,8 @@ class _Run:
             state_dir=self.checkpoints,
         )
         self.poisoned = self._poison_data()
-        self.asr_data = self.attack.asr_inputs(self.fed.dataset.x_test, self.fed.dataset.y_test)
+        self.full_test, self.between_rounds = self._test_sets()
+        self.evaluated_on = 0  # test examples of the last evaluation
 
     def _tensorboard(self, config: RunConfig, out: Path) -> list[Callback]:
         logdir = log_dir(config.tensorboard, out)
@@ -342,14 +374,33 @@ class _Run:
         weights = np.ones(len(updates))
         return self.chain(updates, weights, self.coordinator.chain_state).updates[0]
 
+    def _test_sets(self) -> tuple[TestSet, TestSet]:
+        """The whole test split and what rounds before the last are evaluated on: the same split,
+        or with ``--eval-subset N`` a fixed subset of N drawn from ``[seed, 7]``."""
+        ds, n = self.fed.dataset, self.config.eval_subset
+        full = (ds.x_test, ds.y_test, self.attack.asr_inputs(ds.x_test, ds.y_test))
+        if n is None or n >= len(ds.y_test):
+            return full, full
+        idx = np.sort(np.random.default_rng([self.config.seed, 7]).permutation(len(ds.y_test))[:n])
+        x, y = ds.x_test[idx], ds.y_test[idx]
+        return full, (x, y, self.attack.asr_inputs(x, y))
+
     def _evaluate(self, flat_weights: np.ndarray) -> tuple[float, float, float | None]:
-        ds = self.fed.dataset
+        last = self.coordinator.round >= self.config.rounds
+        return self.evaluate_on(flat_weights, self.full_test if last else self.between_rounds)
+
+    def evaluate_on(
+        self, flat_weights: np.ndarray, test: TestSet
+    ) -> tuple[float, float, float | None]:
+        """(loss, accuracy, attack success rate or None) of ``flat_weights`` on ``test``."""
+        x, y, asr_data = test
         weights = self.sim.layout.unflatten(flat_weights)
-        loss, accuracy = self.trainer.evaluate(weights, ds.x_test, ds.y_test)
+        loss, accuracy = self.trainer.evaluate(weights, x, y)
         asr = None
-        if self.asr_data is not None:
-            x, target = self.asr_data
-            asr = float(np.mean(np.argmax(self.trainer.predict(weights, x), 1) == target))
+        if asr_data is not None:
+            triggered, target = asr_data
+            asr = float(np.mean(np.argmax(self.trainer.predict(weights, triggered), 1) == target))
+        self.evaluated_on = len(y)
         return loss, accuracy, asr
 
     def execute(self) -> dict[str, Any]:
