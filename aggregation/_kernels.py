@@ -59,6 +59,8 @@ _MAX_WIDTH = 256
 _BLOCK_BYTES = 1 << 19
 # Bytes of one column block of the Gram accumulation (the block stays in L2 through syrk).
 _GRAM_BYTES = 1 << 21
+# Columns of the sketch's bucket and sign arrays read per block (int64 + float64: 64 KB).
+_SKETCH_COLUMNS = 1 << 12
 # Columns per float32 dot product in the norms (summed in float64 across blocks).
 _NORM_COLUMNS = 1 << 16
 
@@ -229,21 +231,63 @@ def trimmed_counts(updates: np.ndarray, t: int) -> np.ndarray:
     return sum(_over_columns(chunk, d, k), np.zeros(k, np.int64))
 
 
+def median_and_trimmed_counts(updates: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`median` and :func:`trimmed_counts` (``t >= 1``) from one pass over the columns.
+
+    Both read the same order statistics of each column block, so the pair costs about what the
+    counts alone cost. Needs ``K >= 2 t + 1``.
+    """
+    k, d = updates.shape
+    if not 1 <= t <= (k - 1) // 2:
+        raise ValueError(
+            f"median_and_trimmed_counts needs 1 <= t <= (K - 1) / 2. Received: t={t}, K={k}."
+        )
+    med = np.empty(d, updates.dtype)
+    if order_kernel(k, updates.dtype) == "numba":
+        parts = _trim_numba(updates, t, None, stable=True, med=med)
+        return med, sum((c for c, _ in parts), np.zeros(k, np.int64))
+    lo, hi = (k - 1) // 2, k // 2
+
+    def chunk(start: int, stop: int) -> np.ndarray:
+        counts = np.zeros(k, np.int64)
+        for s, e, block in column_blocks(updates[:, start:stop]):
+            order_rows(block, (t - 1, t, lo, hi, k - t - 1, k - t))
+            target = med[start + s : start + e]
+            if lo == hi:
+                target[...] = block[:, lo]
+            else:
+                np.add(0.5 * block[:, lo], 0.5 * block[:, hi], out=target)
+            counts += _trimmed_in_block(updates[:, start + s : start + e], block, t, True)
+        return counts
+
+    return med, sum(_over_columns(chunk, d, k), np.zeros(k, np.int64))
+
+
 def _trim_numba(
-    updates: np.ndarray, t: int, out: np.ndarray | None, stable: bool
+    updates: np.ndarray,
+    t: int,
+    out: np.ndarray | None,
+    stable: bool,
+    med: np.ndarray | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     nets = _nets()
     x = np.ascontiguousarray(updates)
     k, d = x.shape
-    pairs = nets.network(k, tuple(range(max(t - 1, 0), k - max(t - 1, 0)))) if t else None
-    pairs = nets.network(0) if pairs is None else pairs  # t = 0: nothing to order
+    positions = set(range(max(t - 1, 0), k - max(t - 1, 0))) if t else set()
+    if med is not None:
+        positions |= {(k - 1) // 2, k // 2}
+    pairs = nets.network(k, tuple(sorted(positions))) if positions else nets.network(0)
     width = _width(k, x.dtype)
-    sink = np.empty(0, x.dtype) if out is None else out  # empty: counts only
-    keep = x.dtype.type(k - 2 * t)
+    empty = np.empty(0, x.dtype)  # an empty output is not computed
+    sink = empty if out is None else out
+    middle = empty if med is None else med
+    keep, half = x.dtype.type(k - 2 * t), x.dtype.type(0.5)
 
     def chunk(s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
         counts, shared = np.zeros(k, np.int64), np.zeros(k)
-        nets.trim_columns(x, pairs, t, keep, stable, sink, counts, shared, s, e, width)
+        nets.trim_columns(
+            x, pairs, t, keep, stable, sink, middle, half, counts, shared, s, e, width
+        )
         return counts, shared
 
     return _over_columns(chunk, d, k, width)
@@ -365,9 +409,10 @@ def gram(updates: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
     """Float64 Gram matrix of the rows of ``updates``, with the rows of ``extra`` appended last.
 
     Products are taken in the input dtype over cache-sized column blocks (numpy runs ``b @ b.T``
-    as a BLAS ``syrk``) and the blocks are summed in float64: float64 input is exact to rounding,
-    float32 input has relative errors around 1e-6 of the squared norms, the precision of the data.
-    The result is exactly symmetric, so equal distances compare equal.
+    as a BLAS ``syrk``, and the products with ``extra`` as a ``gemm`` on the same block, so the
+    block is never copied) and the blocks are summed in float64: float64 input is exact to
+    rounding, float32 input has relative errors around 1e-6 of the squared norms, the precision
+    of the data. The result is exactly symmetric, so equal distances compare equal.
     """
     k, d = updates.shape
     extra = None if extra is None else np.reshape(extra, (-1, d)).astype(updates.dtype)
@@ -377,16 +422,15 @@ def gram(updates: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
 
     def partial(chunk: list[int]) -> np.ndarray:
         g = np.zeros((n, n))
-        buffer = None if extra is None else np.empty((n, min(d, columns)), updates.dtype)
         for start in chunk:
             stop = min(d, start + columns)
-            if buffer is None:
-                block = updates[:, start:stop]
-            else:
-                block = buffer[:, : stop - start]
-                block[:k] = updates[:, start:stop]
-                block[k:] = extra[:, start:stop]
-            g += block @ block.T
+            block = updates[:, start:stop]
+            g[:k, :k] += block @ block.T
+            if extra is not None:
+                tail = extra[:, start:stop]
+                g[:k, k:] += block @ tail.T
+                g[k:, k:] += tail @ tail.T
+        g[k:, :k] = g[:k, k:].T
         return g
 
     g = np.zeros((n, n))
@@ -436,6 +480,38 @@ def row_norms(updates: np.ndarray) -> np.ndarray:
             part = row[start : start + _NORM_COLUMNS]
             sq[i] += float(np.dot(part, part))
     return np.sqrt(sq)
+
+
+# ---------------------------------------------------------------- count sketch
+
+
+def count_sketch(updates: np.ndarray, bucket: np.ndarray, sign: np.ndarray, dim: int) -> np.ndarray:
+    """``(K, dim)`` float64: row i's ``np.bincount(bucket, updates[i] * sign, dim)``, bit for bit.
+
+    On the ``numba`` path one compiled pass over the matrix, its rows shared between ``THREADS``
+    threads; elsewhere a ``bincount`` per row.
+    """
+    k, d = updates.shape
+    out = np.zeros((k, dim))
+    if k == 0 or PATH != "numba" or updates.dtype not in (np.float32, np.float64):
+        for i, row in enumerate(updates):
+            out[i] = np.bincount(bucket, row * sign, dim)
+        return out
+    nets = _nets()
+    x = np.ascontiguousarray(updates)
+    threads = min(THREADS, k) if k * d >= _THREAD_VALUES else 1
+    size = -(-k // max(threads, 1))
+    ranges = [(first, min(k, first + size)) for first in range(0, k, size)]
+    width = _SKETCH_COLUMNS
+
+    def rows(r: tuple[int, int]) -> None:
+        nets.sketch_rows(x, bucket, sign, out, r[0], r[1], width)
+
+    if len(ranges) == 1:
+        rows(ranges[0])
+    else:
+        list(_pool().map(rows, ranges))
+    return out
 
 
 def sq_distances(g: np.ndarray) -> np.ndarray:

@@ -114,13 +114,15 @@ def median_columns(x, pairs, half, out, start, stop, width):  # pragma: no cover
 
 @njit(nogil=True, cache=True)
 def trim_columns(
-    x, pairs, t, keep, stable, out, counts, shared, start, stop, width
+    x, pairs, t, keep, stable, out, med, half, counts, shared, start, stop, width
 ):  # pragma: no cover - compiled
-    """Trimmed means and per-row trimmed counts of the columns ``[start, stop)``.
+    """Trimmed means, medians and per-row trimmed counts of the columns ``[start, stop)``.
 
     Drops the ``t`` smallest and ``t`` largest values of each column. Unless ``out`` is empty,
     writes the mean of the rest to it: summed from the smallest up and divided by ``keep`` (the
-    count, in the input dtype), as ``np.sort(x, axis=0)[t:K - t].mean(axis=0)`` does. Adds to ``counts[i]`` the columns where
+    count, in the input dtype), as ``np.sort(x, axis=0)[t:K - t].mean(axis=0)`` does. Unless
+    ``med`` is empty, writes each column's median to it, as ``median_columns`` does (``pairs``
+    must then order the middle positions too). Adds to ``counts[i]`` the columns where
     row i is trimmed. Where a cut value is tied (more rows equal to it than slots left), the
     rows strictly beyond the cut are trimmed and the ``need`` slots left go to the tied rows:
     with ``stable``, to the first ``need`` of them at the low cut and the last ``need`` at the
@@ -138,6 +140,10 @@ def trim_columns(
         n = min(stop, s + width) - s
         _load(buf, x, rows, s, n)
         _sort_block(buf, pairs, n)
+        if med.shape[0]:
+            a, b = buf[(k - 1) // 2], buf[k // 2]
+            for j in range(n):
+                med[s + j] = a[j] if k % 2 else a[j] * half + b[j] * half
         if out.shape[0]:
             acc[:n] = 0
             for r in range(t, k - t):
@@ -229,3 +235,34 @@ def bulyan_columns(x, rows, pairs, f, half, count, out, start, stop, width):  # 
                 acc[j] += row[j] if inside else zero
         for j in range(n):
             out[s + j] = acc[j] / count
+
+
+@njit(nogil=True, cache=True)
+def sketch_rows(x, bucket, sign, out, first, last, width):  # pragma: no cover - compiled
+    """Count sketch of the rows ``[first, last)``: adds ``sign[j] * x[i, j]`` to ``out[i, bucket[j]]``.
+
+    Each row's bucket sums are taken over ``j`` in ascending order, the order in which
+    ``np.bincount(bucket, x[i] * sign)`` adds them, so the sums are the same to the last bit.
+    The columns go in blocks of ``width`` so that a block of ``bucket`` and ``sign`` stays in
+    cache while every row of the range reads it.
+    """
+    d = x.shape[1]
+    for s in range(0, d, width):
+        e = min(d, s + width)
+        i = first
+        while i + 4 <= last:  # four rows per read of bucket and sign: independent sums in flight
+            x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+            a0, a1, a2, a3 = out[i], out[i + 1], out[i + 2], out[i + 3]
+            for j in range(s, e):
+                b = bucket[j]
+                g = sign[j]
+                a0[b] += g * x0[j]
+                a1[b] += g * x1[j]
+                a2[b] += g * x2[j]
+                a3[b] += g * x3[j]
+            i += 4
+        for r in range(i, last):
+            src = x[r]
+            acc = out[r]
+            for j in range(s, e):
+                acc[bucket[j]] += sign[j] * src[j]

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedwarden.aggregation import _kernels
+
 DEFAULT_SKETCH_DIM = 512
 """Numbers kept per client by :class:`HistoryForecast` (2 KB of float32 per client)."""
 
@@ -132,8 +134,8 @@ class CountSketch:
 
     Coordinate ``j`` is added, with a random sign, to bucket ``h(j)``. Inner products, norms and
     cosines are preserved in expectation with relative error about ``1 / sqrt(dim)``, and the
-    projection costs one pass over the update and ``8 d`` bytes of indices, never a ``d x dim``
-    matrix. The same ``(d, dim, seed)`` always gives the same projection, so only the seed needs
+    projection costs one pass over the update and ``16 d`` bytes of indices and signs, never a
+    ``d x dim`` matrix (``_kernels.count_sketch``: one compiled pass over all rows). The same ``(d, dim, seed)`` always gives the same projection, so only the seed needs
     saving.
 
     Args:
@@ -159,9 +161,7 @@ class CountSketch:
             raise ValueError(
                 f"expected vectors of length {self.d}. Received shape {vectors.shape}."
             )
-        out = np.stack(
-            [np.bincount(self._bucket, row * self._sign, self.dim) for row in rows]
-        ) if len(rows) else np.zeros((0, self.dim))  # fmt: skip
+        out = _kernels.count_sketch(rows, self._bucket, self._sign, self.dim)
         return out[0] if single else out
 
 

@@ -161,6 +161,27 @@ def trimmed_shares(updates: np.ndarray, trim_ratio: float = DEFAULT_TRIM_RATIO) 
     return _kernels.trimmed_counts(updates, t) / d
 
 
+def median_and_trimmed_shares(
+    updates: np.ndarray, trim_ratio: float = DEFAULT_TRIM_RATIO
+) -> tuple[np.ndarray, np.ndarray]:
+    """The cohort's coordinate-wise median and :func:`trimmed_shares`, from one order pass.
+
+    The scoring reference and the trimmed shares read the same per-column order statistics, so
+    ``_kernels.median_and_trimmed_counts`` takes both from one sort of each column block; the
+    pair costs about what the shares alone cost.
+
+    Returns:
+        ``(median (d,) in the input dtype, shares (K,) float64)``, the values ``np.median`` and
+        :func:`trimmed_shares` give (shares NaN when ``K < 2t + 1``).
+    """
+    k, d = updates.shape
+    t = max(1, int(np.floor(trim_ratio * k)))
+    if k < 2 * t + 1 or d == 0:
+        return _kernels.median(updates), np.full(k, np.nan)
+    med, counts = _kernels.median_and_trimmed_counts(updates, t)
+    return med, counts / d
+
+
 def _per_client(per_client: dict[str, np.ndarray], key: str, k: int) -> np.ndarray | None:
     value = per_client.get(key)
     if value is None:

@@ -24,6 +24,7 @@ from fedwarden.aggregation.scoring import (
     anomaly_components,
     anomaly_score,
     client_metrics,
+    median_and_trimmed_shares,
 )
 from fedwarden.server.admission import ClientUpdate, Rejection, admit
 from fedwarden.server.optimizers import ServerOptimizer
@@ -251,7 +252,12 @@ class Coordinator:
             # Scores compare each client with the cohort's coordinate-wise median, not with the
             # round's aggregate: a plain mean is dragged by the attackers and DP noise blurs any
             # aggregate, and one reference keeps scores comparable across aggregation rules.
-            reference = self._median(matrix, np.ones(len(ids)), None).updates[0]
+            # The median and the trimmed shares come from one pass over the order statistics
+            # (shares only when the chain did not report the ones it used).
+            if "trimmed_share" in per_client:
+                reference = self._median(matrix, np.ones(len(ids)), None).updates[0]
+            else:
+                reference, per_client["trimmed_share"] = median_and_trimmed_shares(matrix)
             metrics = client_metrics(matrix, reference, losses, per_client)
             metrics[HISTORY_METRIC] = self.history.step(ids, matrix, reference)
             anomaly = anomaly_score(metrics, self.anomaly_weights)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import fedwarden.aggregation._kernels as kernels
 from fedwarden.aggregation import bulyan, median, trimmed_mean
-from fedwarden.aggregation.scoring import trimmed_shares
+from fedwarden.aggregation.scoring import median_and_trimmed_shares, trimmed_shares
 from tests.test_aggregation import ref_bulyan, ref_median, ref_trimmed_mean
 
 # The path fixture only sets module attributes: sharing it between examples is what is meant.
@@ -130,6 +130,38 @@ def test_bulyan_coordinate_step_matches_reference(path, x, data):
 def test_scoring_shares_match_a_stable_sort(path):
     x = np.random.default_rng(3).integers(-1, 2, size=(21, 500)).astype(np.float32)
     np.testing.assert_array_equal(trimmed_shares(x, 0.1) * 500, stable_counts(x, 2))
+
+
+@PROPERTY
+@given(x=matrices(min_rows=3), data=st.data())
+def test_median_and_counts_from_one_pass_equal_the_separate_kernels(path, x, data):
+    t = data.draw(st.integers(1, (len(x) - 1) // 2))
+    med, counts = kernels.median_and_trimmed_counts(x, t)
+    assert med.dtype == x.dtype and counts.dtype == np.int64
+    np.testing.assert_array_equal(med, np.median(x, axis=0))
+    np.testing.assert_array_equal(counts, stable_counts(x, t))
+
+
+def test_scoring_reference_and_shares_equal_median_and_trimmed_shares(path):
+    rng = np.random.default_rng(6)
+    for k in (1, 2, 9, 30):  # below 3 rows there is nothing to trim: NaN shares, a median still
+        x = rng.integers(-2, 3, size=(k, 700)).astype(np.float32)
+        med, shares = median_and_trimmed_shares(x)
+        np.testing.assert_array_equal(med, np.median(x, axis=0))
+        np.testing.assert_array_equal(shares, trimmed_shares(x))
+
+
+@PROPERTY
+@given(x=matrices(max_rows=11, max_cols=300), data=st.data())
+def test_count_sketch_equals_bincount_bit_for_bit(path, monkeypatch, x, data):
+    monkeypatch.setattr(kernels, "_SKETCH_COLUMNS", data.draw(st.sampled_from([1, 7, 4096])))
+    dim = data.draw(st.integers(1, 40))
+    rng = np.random.default_rng(data.draw(st.integers(0, 99)))
+    bucket = rng.integers(0, dim, x.shape[1], dtype=np.int64)
+    sign = rng.choice(np.array([-1.0, 1.0]), x.shape[1])
+    out = kernels.count_sketch(x, bucket, sign, dim)
+    expected = np.array([np.bincount(bucket, row * sign, dim) for row in x])
+    np.testing.assert_array_equal(out, expected.reshape(len(x), dim))
 
 
 def test_results_do_not_depend_on_blocks_or_threads(path, monkeypatch):
