@@ -10,7 +10,9 @@ Sections (frozen dataclasses; their defaults are the only defaults):
 * ``trust``: trust scores, flags and quarantine;
 * ``central_dp``: DP-FedAvg on the server (``--dp central``);
 * ``dp_sgd``: DP-SGD on the clients (``--dp-sgd``);
-* ``output``: where results go and how progress shows.
+* ``output``: where results go and how progress shows;
+* ``deployment``: ``fedwarden serve``'s own options (listening, security, cohort timing); only
+  serve sets it, by its flags or a ``[deployment]`` table (``deployment_from``).
 
 Three ways in, each mapped onto the sections once:
 
@@ -53,6 +55,7 @@ QUARANTINE_POLICIES = ("none", "exclude", "downweight")
 DP_MODES = ("none", "central")
 DP_ACCOUNTANTS = ("rdp", "pld")
 ENGINES = ("native", "tff")
+COMPRESSIONS = ("none", "gzip")
 
 
 def count_or_fraction(text: str) -> int | float:
@@ -82,7 +85,8 @@ def option(
     Args:
       default: the default value (None: not set).
       help: one line for ``--help``.
-      kind: ``int``, ``float``, ``str``, ``bool`` or ``dict``; default: the type of ``default``.
+      kind: ``int``, ``float``, ``str``, ``bool``, ``dict`` or ``list`` (of strings, a repeatable
+        flag); default: the type of ``default``.
       flat: the flat name (TOML top level, keyword of ``RunConfig``, flag with dashes), if it is
         not the field's own name.
       choices: the accepted strings.
@@ -96,8 +100,8 @@ def option(
         low_open=low_open, high_open=high_open, metavar=metavar,
         default_text=default_text,
     )  # fmt: skip
-    if kind is dict:
-        return field(default_factory=lambda: dict(default or {}), metadata=metadata)
+    if kind in (dict, list):
+        return field(default_factory=lambda: kind(default or ()), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -126,6 +130,7 @@ _KIND_WORDS = {
     str: "a string",
     bool: "true or false",
     count_or_fraction: "a number",
+    list: "a list of strings",
 }
 
 
@@ -142,6 +147,10 @@ def check_value(f: dataclasses.Field, value: Any) -> Any:
         if not isinstance(value, dict):
             raise UsageError(f"{flat_name(f)} must be a table of key = value. Received: {value!r}")
         return dict(value)
+    if kind is list:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise UsageError(f"{name} must be a list of strings. Received: {value!r}")
+        return list(value)
     accepted = (int, float) if kind in (float, count_or_fraction) else kind
     wrong = isinstance(value, bool) != (kind is bool) or not isinstance(value, accepted)
     if wrong:
@@ -484,6 +493,174 @@ class OutputConfig(Section):
     )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class DeploymentConfig(Section):
+    """``fedwarden serve``'s own options: listening, security, cohort timing, hostile clients.
+
+    Set by ``fedwarden serve`` only (flags of its deployment group, or a ``[deployment]``
+    table); not part of the flat ``RunConfig``, nor of the settings a run's results record.
+    The web config of ``--metrics-web-config`` is parsed by the server layer, when serving.
+    """
+
+    title: ClassVar[str] = "deployment (fedwarden serve)"
+    key: ClassVar[str] = "deployment"
+
+    eval_data: str | None = option(
+        None, "held-out data (arrays x, y; optional num_classes) to evaluate on", kind=str,
+        metavar="FILE.npz", default_text="the test split of --dataset",
+    )  # fmt: skip
+    min_clients: int = option(
+        2, "agents that must be connected before a round starts, and updates needed to close "
+        "a round at its timeout", low=1, metavar="N",
+    )  # fmt: skip
+    round_timeout: float = option(
+        120.0, "seconds to wait for the selected agents; with fewer than --min-clients updates "
+        "by then the round is re-run with a new selection", low=0, low_open=True, metavar="S",
+    )  # fmt: skip
+    host: str = option(
+        "127.0.0.1", "address to listen on; 0.0.0.0 for every interface", metavar="HOST"
+    )
+    port: int = option(50051, "gRPC port; 0: any free port", low=0, high=65535, metavar="PORT")
+    metrics_host: str = option(
+        "127.0.0.1", "address of /metrics; 0.0.0.0 to let Prometheus scrape it", metavar="HOST"
+    )
+    state_dir: str | None = option(
+        None, "checkpoints, ledger.sqlite and results.json; reuse it to resume. While a file "
+        "PAUSE exists there no new round starts (holding a number N: from round N on)",
+        kind=str, metavar="DIR",
+    )  # fmt: skip
+    tokens: str | None = option(
+        None, 'per-client tokens: lines of client_id = "token"; an [operators] table names who '
+        "may read trust (fedwarden trust list --server)", kind=str, metavar="FILE.toml",
+    )  # fmt: skip
+    tls_cert: str | None = option(None, "server certificate (PEM)", kind=str, metavar="FILE")
+    tls_key: str | None = option(None, "server private key (PEM)", kind=str, metavar="FILE")
+    tls_client_ca: str | None = option(
+        None, "CA (PEM) that signs client certificates: turns on mutual TLS, and the "
+        "certificate's common name is the client id", kind=str, metavar="FILE",
+    )  # fmt: skip
+    operator: list = option(
+        [], "certificate common name allowed to read trust (repeatable)", kind=list, metavar="CN"
+    )
+    insecure: bool = option(
+        False, "plaintext gRPC; without --tokens, agent identities are not checked. Only on a "
+        "trusted network",
+    )  # fmt: skip
+    compression: str = option("none", "compress what the coordinator sends", choices=COMPRESSIONS)
+    max_agents: int = option(64, "agents served at once; sizes the thread pool", low=1, metavar="N")
+    allow_clients: str | None = option(
+        None, "allow-list of training identities: lines of client_id, optionally followed by "
+        "sha256:<certificate fingerprint>; re-read when it changes (delete a line to revoke). "
+        "Required for mutual TLS without --tokens", kind=str, metavar="FILE",
+    )  # fmt: skip
+    allow_open_network: bool = option(
+        False, "let an open coordinator (--insecure without --tokens: anyone can claim any id) "
+        "listen on a non-loopback --host",
+    )  # fmt: skip
+    stall_timeout: float = option(
+        10.0, "a call waiting on its agent with no byte moving for this long is cancelled",
+        low=0, low_open=True, metavar="S",
+    )  # fmt: skip
+    min_transfer_rate: float = option(
+        65536.0, "uploads and task downloads must average this rate, after --stall-timeout of "
+        "grace", low=0, low_open=True, metavar="BYTES/S",
+    )  # fmt: skip
+    idle_timeout: float = option(
+        300.0, "connections with no call for this long are closed", low=0, low_open=True,
+        metavar="S",
+    )  # fmt: skip
+    overselect: float = option(
+        1.3, "select F times --clients-per-round agents; a round closes once "
+        "--clients-per-round of them answered", low=1, metavar="F",
+    )  # fmt: skip
+    max_attempts: int = option(
+        5, "attempts at one round before the coordinator stops (exit 2, checkpoint kept)",
+        low=1, metavar="N",
+    )  # fmt: skip
+    max_silences: int = option(
+        3, "an agent selected and silent N attempts in a row is benched", low=1, metavar="N"
+    )
+    bench_rounds: int = option(5, "rounds a benched agent is not selected for", low=0, metavar="N")
+    metrics_web_config: str | None = option(
+        None, "TLS and basic auth for /metrics, in the Prometheus exporter-toolkit web config "
+        "format (tls_server_config, basic_auth_users with bcrypt hashes)", kind=str,
+        metavar="FILE.yml",
+    )  # fmt: skip
+
+    def check(self) -> None:
+        """Refuses a missing state dir, insecure or contradictory settings and missing files,
+        each with a message that says what to pass."""
+        if self.state_dir is None:
+            raise UsageError("fedwarden serve needs --state-dir DIR. Received: none")
+        tls_files = (self.tls_cert, self.tls_key, self.tls_client_ca)
+        if self.insecure and any(tls_files):
+            raise UsageError("--insecure (plaintext) cannot be combined with --tls-* options")
+        if not self.insecure:
+            if not (self.tls_cert and self.tls_key):
+                raise UsageError(
+                    "TLS needs --tls-cert and --tls-key (PEM files; see docs/deploy.md "
+                    "to make them), or --insecure for plaintext on a trusted network"
+                )
+            if not (self.tokens or self.tls_client_ca):
+                raise UsageError(
+                    "no client authentication: pass --tokens FILE.toml and/or "
+                    "--tls-client-ca FILE so each agent's identity comes from its "
+                    "credentials (or --insecure for an open demo)"
+                )
+            if self.tls_client_ca and not (self.tokens or self.allow_clients):
+                raise UsageError(
+                    "mutual TLS needs --allow-clients FILE (client ids, optionally with "
+                    "certificate fingerprints) or --tokens: otherwise every certificate the "
+                    "CA ever signed is a training identity"
+                )
+        if self.insecure and not self.tokens and not is_loopback(self.host):
+            if not self.allow_open_network:
+                raise UsageError(
+                    f"an open coordinator (--insecure without --tokens) listens on loopback "
+                    f"only. Received: --host {self.host}; use --tokens, or "
+                    "--allow-open-network if anyone who can reach it may train"
+                )
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "tokens", "eval_data",
+                     "allow_clients", "metrics_web_config"):  # fmt: skip
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise UsageError(f"--{name.replace('_', '-')} file not found: {path}")
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def deployment_from(file_path: str | None, flag_values: dict[str, Any]) -> DeploymentConfig:
+    """The deployment section: the ``[deployment]`` table of ``file_path`` (keys by their flag
+    names with underscores, ``--state-dir`` excepted), then the flags that were given (not None)."""
+    fields = {f.name: f for f in dataclasses.fields(DeploymentConfig)}
+    values: dict[str, Any] = {}
+    if file_path:
+        for raw_key, value in read_toml(file_path).get("deployment", {}).items():
+            key = raw_key.replace("-", "_")
+            where = f"config file {file_path}: [deployment] {raw_key}"
+            if key not in fields or key == "state_dir":
+                accepted = ", ".join(sorted(set(fields) - {"state_dir"}))
+                raise UsageError(
+                    f"{where} is not an option of fedwarden serve's deployment group "
+                    f"(--state-dir is a flag only). Accepted: {accepted}"
+                )
+            try:
+                values[key] = check_value(fields[key], value)
+            except UsageError as exc:
+                raise UsageError(f"{where}: {exc}") from None
+    values.update({k: v for k, v in flag_values.items() if k in fields and v is not None})
+    return DeploymentConfig(**values)
+
+
 SECTIONS: tuple[type[Section], ...] = (
     DataConfig,
     ModelConfig,
@@ -525,6 +702,8 @@ class Config:
     central_dp: CentralDPConfig = field(default_factory=CentralDPConfig)
     dp_sgd: DPSGDConfig = field(default_factory=DPSGDConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    deployment: DeploymentConfig | None = None
+    """``fedwarden serve``'s section; None for simulations. Not in ``flat()`` nor ``to_dict()``."""
 
     def __post_init__(self) -> None:
         d, t, a, s = self.data, self.training, self.attack, self.dp_sgd
@@ -564,7 +743,7 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """The nested form, as in a TOML file (and ``results.json``'s ``settings``)."""
-        return dataclasses.asdict(self)
+        return {s.key: dataclasses.asdict(getattr(self, s.key)) for s in SECTIONS}
 
 
 def num_malicious(attack: AttackConfig, clients: int) -> int:
@@ -637,7 +816,7 @@ def settings_markdown() -> str:
         "this page in step). Flags take the flat name with dashes; a TOML file takes the flat name",
         "at its top level or the field name inside the section's table (`[training] rounds = 5`).",
     ]
-    for section in SECTIONS:
+    for section in (*SECTIONS, DeploymentConfig):
         lines += ["", f"## {section.title} (`[{section.key}]`)", ""]
         lines += [
             "| flag | TOML in the table | default | accepted | meaning |",
@@ -645,8 +824,8 @@ def settings_markdown() -> str:
         ]
         for f in dataclasses.fields(section):
             m = f.metadata
-            if m["kind"] is dict:
-                default = "{}"
+            if m["kind"] in (dict, list):
+                default = str(m["kind"]())
             else:
                 default = m["default_text"] or ("-" if f.default is None else f.default)
             if m["choices"]:
@@ -659,6 +838,10 @@ def settings_markdown() -> str:
                 flag = "`--attack-param KEY=VALUE`"
             elif m["kind"] is dict:
                 flag = "TOML only"
+            elif m["kind"] is list:
+                flag = f"`{flag_name(f)} {m['metavar']}` (repeatable)"
+            elif f.name == "state_dir":
+                flag = "`--state-dir` (flag only)"
             elif m["kind"] is bool and f.default:
                 flag = f"`--no-{flat_name(f).replace('_', '-')}`"
             else:

@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,7 @@ import numpy as np
 from prometheus_client import Counter, Gauge
 
 from fedwarden.aggregation.accounting import ClientPrivacyAccount, default_delta, dp_sgd_steps
-from fedwarden.config import RunConfig
+from fedwarden.config import Config, DeploymentConfig, RunConfig
 from fedwarden.errors import UsageError
 from fedwarden.protocol.convert import TrainingSpec
 from fedwarden.protocol.transfer import encode_vector, sha256_hex
@@ -90,132 +90,33 @@ Empty, it holds before the next round; holding a number N, before round N."""
 COMPRESSION = {"none": grpc.Compression.NoCompression, "gzip": grpc.Compression.Gzip}
 
 
-@dataclass
-class ServeOptions:
-    state_dir: Path
-    host: str = "127.0.0.1"
-    port: int = 50051
-    metrics_host: str = "127.0.0.1"
-    min_clients: int = 2
-    round_timeout_s: float = 120.0
-    eval_data: str | None = None
-    tokens: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-    insecure: bool = False
-    operators: list[str] = field(default_factory=list)
-    compression: str = "none"
-    max_agents: int = 64
-    liveness_s: float = 10.0
-    heartbeat_s: float = 2.0
-    linger_s: float = 15.0  # after the last round, how long to wait for agents to hear DONE
-    allow_clients: str | None = None
-    allow_open_network: bool = False
-    stall_timeout_s: float = 10.0
-    min_transfer_rate: float = 64 * 1024
-    idle_timeout_s: float = 300.0
-    overselect: float = 1.3
-    max_attempts: int = 5
-    max_silences: int = 3
-    bench_rounds: int = 5
-    metrics_web_config: str | None = None
-
-    def check(self) -> None:
-        """Refuses insecure or contradictory settings with a message that says what to pass."""
-        tls_files = (self.tls_cert, self.tls_key, self.tls_client_ca)
-        if self.insecure and any(tls_files):
-            raise UsageError("--insecure (plaintext) cannot be combined with --tls-* options")
-        if not self.insecure:
-            if not (self.tls_cert and self.tls_key):
-                raise UsageError(
-                    "TLS needs --tls-cert and --tls-key (PEM files; see docs/deploy.md "
-                    "to make them), or --insecure for plaintext on a trusted network"
-                )
-            if not (self.tokens or self.tls_client_ca):
-                raise UsageError(
-                    "no client authentication: pass --tokens FILE.toml and/or "
-                    "--tls-client-ca FILE so each agent's identity comes from its "
-                    "credentials (or --insecure for an open demo)"
-                )
-            if self.tls_client_ca and not (self.tokens or self.allow_clients):
-                raise UsageError(
-                    "mutual TLS needs --allow-clients FILE (client ids, optionally with "
-                    "certificate fingerprints) or --tokens: otherwise every certificate the "
-                    "CA ever signed is a training identity"
-                )
-        if self.insecure and not self.tokens and not _loopback(self.host):
-            if not self.allow_open_network:
-                raise UsageError(
-                    f"an open coordinator (--insecure without --tokens) listens on loopback "
-                    f"only. Received: --host {self.host}; use --tokens, or "
-                    "--allow-open-network if anyone who can reach it may train"
-                )
-        for flag, path in (
-            ("--tls-cert", self.tls_cert),
-            ("--tls-key", self.tls_key),
-            ("--tls-client-ca", self.tls_client_ca),
-            ("--tokens", self.tokens),
-            ("--eval-data", self.eval_data),
-            ("--allow-clients", self.allow_clients),
-            ("--metrics-web-config", self.metrics_web_config),
-        ):
-            if path and not Path(path).is_file():
-                raise UsageError(f"{flag} file not found: {path}")
-        if self.min_clients < 1:
-            raise UsageError(
-                f"--min-clients must be a positive integer. Received: {self.min_clients}"
-            )
-        if self.round_timeout_s <= 0:
-            raise UsageError(f"--round-timeout must be positive. Received: {self.round_timeout_s}")
-        for flag, value in (
-            ("--stall-timeout", self.stall_timeout_s),
-            ("--min-transfer-rate", self.min_transfer_rate),
-            ("--idle-timeout", self.idle_timeout_s),
-        ):
-            if value <= 0:
-                raise UsageError(f"{flag} must be positive. Received: {value}")
-        if self.metrics_web_config:
-            from fedwarden.server.metrics import WebConfig
-
-            try:
-                WebConfig.load(self.metrics_web_config)
-            except (ValueError, ImportError) as exc:
-                raise UsageError(f"--metrics-web-config: {exc}") from None
-        if self.overselect < 1:
-            raise UsageError(f"--overselect must be at least 1. Received: {self.overselect}")
-        for flag, count in (("--max-attempts", self.max_attempts),
-                            ("--max-silences", self.max_silences)):  # fmt: skip
-            if count < 1:
-                raise UsageError(f"{flag} must be a positive integer. Received: {count}")
-        if self.bench_rounds < 0:
-            raise UsageError(f"--bench-rounds must be >= 0. Received: {self.bench_rounds}")
-        if self.compression not in COMPRESSION:
-            raise UsageError(
-                f"unknown compression {self.compression!r}. Accepted values: "
-                f"{', '.join(COMPRESSION)}"
-            )
+LIVENESS_S = 10.0
+"""An agent with no call for this long is not live (not selected)."""
+HEARTBEAT_S = 2.0
+"""How often agents are told to call in while they wait."""
+LINGER_S = 15.0
+"""After the last round, how long to wait for agents to hear DONE."""
 
 
-def _loopback(host: str) -> bool:
-    import ipaddress
+def check_web_config(options: DeploymentConfig) -> None:
+    """Parses ``--metrics-web-config`` (the one deployment check that needs the server layer)."""
+    if options.metrics_web_config:
+        from fedwarden.server.metrics import WebConfig
 
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+        try:
+            WebConfig.load(options.metrics_web_config)
+        except (ValueError, ImportError) as exc:
+            raise UsageError(f"--metrics-web-config: {exc}") from None
 
 
-def call_limits(options: ServeOptions) -> CallLimits:
+def call_limits(options: DeploymentConfig) -> CallLimits:
     """Every call may wait on an agent; streaming calls are two per agent, and the unary calls
     (Register, Heartbeat, GetTrust) keep one worker per agent plus a few of their own."""
     streams = 2 * options.max_agents
     return CallLimits(
         max_calls=streams + options.max_agents + 8,
         max_streams=streams,
-        stall_s=options.stall_timeout_s,
+        stall_s=options.stall_timeout,
         min_rate=options.min_transfer_rate,
     )
 
@@ -276,15 +177,23 @@ class ServeMetrics:
 class Server:
     """One coordinator process: gRPC service, round loop, checkpoints, metrics.
 
+    Args:
+      config: the run's ``Config``, its ``deployment`` section set (checked when it was built).
+
     Example::
 
-        Server(config, ServeOptions(Path("runs/serve"), insecure=True)).run()
+        deployment = DeploymentConfig(state_dir="runs/serve", insecure=True)
+        Server(Config(deployment=deployment)).run()
     """
 
-    def __init__(self, config: RunConfig, options: ServeOptions):
-        options.check()
-        self.config = config
-        self.options = options
+    def __init__(self, config: Config):
+        if config.deployment is None:
+            raise UsageError("Server needs Config(deployment=DeploymentConfig(state_dir=...)). "
+                             "Received: deployment=None")  # fmt: skip
+        check_web_config(config.deployment)
+        self.config = config.flat()
+        self.options = config.deployment
+        self.state_dir = Path(config.deployment.state_dir)
         self._stop = False
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -309,7 +218,7 @@ class Server:
             tokens,
             operator_tokens,
             mutual_tls=bool(o.tls_client_ca),
-            operator_names=o.operators,
+            operator_names=o.operator,
             allow=AllowList(o.allow_clients) if o.allow_clients else None,
         )
         if auth.open:
@@ -326,7 +235,7 @@ class Server:
         limits = guard.limits
         # One worker per call the guard admits, and gRPC refuses any call beyond that: no call
         # ever queues behind a stalled one. Idle connections and silent handshakes are closed.
-        idle_ms = int(o.idle_timeout_s * 1000)
+        idle_ms = int(o.idle_timeout * 1000)
         server = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=limits.max_calls + 2, thread_name_prefix="fedwarden-grpc"
@@ -388,12 +297,12 @@ class Server:
             coordinator.load_state_dict(saved["coordinator"])
             history = History.from_state(saved)
             print(f"fedwarden serve: resuming after round {coordinator.round} from "
-                  f"{o.state_dir}", flush=True)  # fmt: skip
+                  f"{self.state_dir}", flush=True)  # fmt: skip
         done = coordinator.round
         hub = Hub(
             c.rounds,
-            liveness_s=o.liveness_s,
-            heartbeat_interval_s=o.heartbeat_s,
+            liveness_s=LIVENESS_S,
+            heartbeat_interval_s=HEARTBEAT_S,
             max_silences=o.max_silences,
             bench_rounds=o.bench_rounds,
             poll_to_select=auth.open,
@@ -402,10 +311,10 @@ class Server:
         exporter = MetricsExporter()
         metrics = ServeMetrics(exporter.registry)
         account = self._privacy_account(privacy, exporter, saved)
-        writer = Checkpoint(o.state_dir, o.state_dir / "results.json", self._run_info(data),
+        writer = Checkpoint(self.state_dir, self.state_dir / "results.json", self._run_info(data),
                             account, extra_state=lambda: {"dp_sgd": account.client},
                             shapes=layout.shapes)  # fmt: skip
-        tb = log_dir(c.tensorboard, o.state_dir)
+        tb = log_dir(c.tensorboard, self.state_dir)
         self.driver = RoundDriver(
             coordinator,
             HubTransport(hub, c, o, metrics, exporter, lambda: self.stopping),
@@ -414,18 +323,22 @@ class Server:
             [
                 account,
                 *([] if tb is None else [TensorBoard(tb)]),
-                Pause(o.state_dir / PAUSE_FILE),
-                MetricsExport(exporter, o.state_dir / "metrics.prom", per_client_rejections=True),
-                Silences(hub, exporter, o.state_dir),
+                Pause(self.state_dir / PAUSE_FILE),
+                MetricsExport(
+                    exporter, self.state_dir / "metrics.prom", per_client_rejections=True
+                ),
+                Silences(hub, exporter, self.state_dir),
                 writer,
                 LambdaCallback(on_round_end=lambda r, logs: hub.set_last_round(r)),
                 Reports(
-                    o.state_dir, f"{c.dataset}: deployment, aggregator={c.aggregator}", c.aggregator
+                    self.state_dir,
+                    f"{c.dataset}: deployment, aggregator={c.aggregator}",
+                    c.aggregator,
                 ),  # fmt: skip
                 RoundLog(c.rounds),
             ],
             history=history,
-            state_dir=o.state_dir,
+            state_dir=self.state_dir,
         )
         if self._stop:
             self.driver.stop("stopped")
@@ -445,7 +358,7 @@ class Server:
                 try:  # a crash between the checkpoint and results.json loses nothing
                     writer.write_results()
                 except OSError as exc:
-                    raise unwritable(o.state_dir, done, exc) from None
+                    raise unwritable(self.state_dir, done, exc) from None
             self._finish(self.driver.run(), hub, privacy)
         finally:
             grpc_server.stop(grace=2).wait(5)
@@ -458,14 +371,13 @@ class Server:
     def _open_state(self, layout: WeightLayout) -> tuple[dict[str, Any] | None, Ledger]:
         """The newest checkpoint that verifies (checked against these settings) and the ledger,
         truncated to the checkpoint's round so that trust matches the weights."""
-        o = self.options
-        o.state_dir.mkdir(parents=True, exist_ok=True)
-        saved = checkpoint.load_latest(o.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        saved = checkpoint.load_latest(self.state_dir)
         done = 0 if saved is None else int(saved["round"])
         if saved is not None:
-            check_resume(saved, self.config.to_dict(), layout.shapes, o.state_dir)
+            check_resume(saved, self.config.to_dict(), layout.shapes, self.state_dir)
         try:
-            ledger = Ledger(o.state_dir / "ledger.sqlite")
+            ledger = Ledger(self.state_dir / "ledger.sqlite")
             if ledger.last_round() < done:
                 log.warning("ledger ends at round %d but the checkpoint at %d: trust restarts "
                             "from the ledger", ledger.last_round(), done)  # fmt: skip
@@ -477,7 +389,7 @@ class Server:
                 )
             ledger.truncate_after(done)
         except (OSError, sqlite3.Error) as exc:
-            raise UsageError(f"cannot open the trust ledger in {o.state_dir}: {exc}") from None
+            raise UsageError(f"cannot open the trust ledger in {self.state_dir}: {exc}") from None
         return saved, ledger
 
     def _privacy_account(self, privacy: Any, exporter: Any, saved: Any) -> PrivacyAccount:
@@ -518,9 +430,9 @@ class Server:
             },
             extra={
                 "deployment": {
-                    "state_dir": str(o.state_dir),
+                    "state_dir": str(self.state_dir),
                     "min_clients": o.min_clients,
-                    "round_timeout_s": o.round_timeout_s,
+                    "round_timeout_s": o.round_timeout,
                     "transport": self._security(),
                     "eval_data": o.eval_data or f"{data.name} test split",
                 }
@@ -610,7 +522,6 @@ class Server:
 
     def _finish(self, ending: str, hub: Hub, privacy: Any) -> None:
         """Tells agents training is over (unless stopped) and says how the run ended."""
-        o = self.options
         if ending == "stopped":
             print(
                 f"fedwarden serve: stopped after round {hub.last_round}; the checkpoint is "
@@ -619,7 +530,7 @@ class Server:
             )
             return
         hub.finish()
-        hub.wait_told_done(o.linger_s)
+        hub.wait_told_done(LINGER_S)
         rounds = self.driver.history.rounds
         final = rounds[-1]["accuracy"] if rounds else float("nan")
         why = (
@@ -629,7 +540,7 @@ class Server:
             f"{privacy.epsilon(hub.last_round):.4g} <= target {privacy.budget:g})"
         )
         print(f"fedwarden serve: done, {why}, accuracy {final:.3f}; results in "
-              f"{o.state_dir}/results.json", flush=True)  # fmt: skip
+              f"{self.state_dir}/results.json", flush=True)  # fmt: skip
 
 
 class HubTransport:
@@ -645,7 +556,7 @@ class HubTransport:
         self,
         hub: Hub,
         config: RunConfig,
-        options: ServeOptions,
+        options: DeploymentConfig,
         metrics: ServeMetrics,
         exporter: Any,
         stopping: Callable[[], bool],
@@ -689,7 +600,7 @@ class HubTransport:
         faults.point("collect", round_number)
         need = min(self.o.min_clients, len(selected))
         updates, complete = self.hub.collect(
-            need, time.monotonic() + self.o.round_timeout_s, stop=self.stopping
+            need, time.monotonic() + self.o.round_timeout, stop=self.stopping
         )
         if complete:
             return Cohort(selected, updates, attempt)
@@ -700,7 +611,7 @@ class HubTransport:
             answered = len({u.client_id for u in updates if u.client_id in selected})
             print(
                 f"round {round_number}: only {answered} of {len(selected)} selected agents "
-                f"answered within {self.o.round_timeout_s:g} s (need {need}); re-running the "
+                f"answered within {self.o.round_timeout:g} s (need {need}); re-running the "
                 "round with a new selection",
                 flush=True,
             )
@@ -715,8 +626,9 @@ class HubTransport:
 
 
 class Silences(Callback):
-    """Charges the selected agents that stayed silent this round to their trust (ledger first,
-    before the checkpoint) and exports every client's row with its silences."""
+    """Records the selected agents that stayed silent this round in the ledger (before the
+    checkpoint; their trust is left unchanged, silence is not evidence of poisoning) and exports
+    every client's row with its silence count."""
 
     def __init__(self, hub: Hub, exporter: Any, state_dir: Path):
         self.hub, self.exporter, self.state_dir = hub, exporter, state_dir

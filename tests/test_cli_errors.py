@@ -140,7 +140,7 @@ NEWCOMER = [
     (["simulate", "--config", "CFG/deployment.toml"], "[deployment] holds fedwarden serve's"),
     (
         ["serve", "--state-dir", "STATE", "--config", "CFG/bad-deployment.toml"],
-        "[deployment] min_clients must be an integer. Received: 'two'",
+        "[deployment] min_clients: --min-clients must be an integer. Received: 'two'",
     ),  # fmt: skip
     (
         ["serve", "--state-dir", "STATE", "--config", "CFG/unknown-deployment.toml"],
@@ -201,15 +201,15 @@ NEWCOMER = [
     *[
         (["serve", "--insecure", "--state-dir", "STATE", *bad], expected)
         for bad, expected in (
-            (["--min-clients", "0"], "--min-clients must be a positive integer"),
-            (["--round-timeout", "0"], "--round-timeout must be positive"),
-            (["--max-agents", "0"], "--max-agents must be a positive integer"),
-            (["--stall-timeout", "-1"], "--stall-timeout must be positive"),
-            (["--min-transfer-rate", "-5"], "--min-transfer-rate must be positive"),
-            (["--idle-timeout", "0"], "--idle-timeout must be positive"),
-            (["--overselect", "0.5"], "--overselect must be at least 1"),
-            (["--max-attempts", "0"], "--max-attempts must be a positive integer"),
-            (["--max-silences", "0"], "--max-silences must be a positive integer"),
+            (["--min-clients", "0"], "--min-clients must be >= 1. Received: 0"),
+            (["--round-timeout", "0"], "--round-timeout must be > 0. Received: 0.0"),
+            (["--max-agents", "0"], "--max-agents must be >= 1. Received: 0"),
+            (["--stall-timeout", "-1"], "--stall-timeout must be > 0. Received: -1.0"),
+            (["--min-transfer-rate", "-5"], "--min-transfer-rate must be > 0"),
+            (["--idle-timeout", "0"], "--idle-timeout must be > 0"),
+            (["--overselect", "0.5"], "--overselect must be >= 1. Received: 0.5"),
+            (["--max-attempts", "0"], "--max-attempts must be >= 1"),
+            (["--max-silences", "0"], "--max-silences must be >= 1"),
             (["--bench-rounds", "-1"], "--bench-rounds must be >= 0"),
             (["--port", "-1"], "--port must be"),
             (["--compression", "zip"], "invalid choice: 'zip'"),
@@ -320,7 +320,7 @@ def test_help_is_grouped_and_states_each_default_once(workdir):
 
 def test_serve_reads_its_deployment_options_from_the_config_file_and_flags_win(tmp_path):
     from fedwarden.cli.main import build_parser
-    from fedwarden.cli.serve import apply_deployment_table
+    from fedwarden.cli.serve import deployment_config
 
     toml = tmp_path / "serve.toml"
     toml.write_text(
@@ -328,7 +328,6 @@ def test_serve_reads_its_deployment_options_from_the_config_file_and_flags_win(t
         'port = 6000\noperator = ["alice"]\ncompression = "gzip"\n'
     )
     argv = ["serve", "--state-dir", str(tmp_path), "--config", str(toml), "--port", "7000"]
-    args = build_parser().parse_args(argv)
-    apply_deployment_table(args)
-    assert args.insecure is True and args.round_timeout == 30.0 and args.operator == ["alice"]
-    assert args.compression == "gzip" and args.port == 7000  # the flag wins over the file
+    d = deployment_config(build_parser().parse_args(argv))
+    assert d.insecure is True and d.round_timeout == 30.0 and d.operator == ["alice"]
+    assert d.compression == "gzip" and d.port == 7000  # the flag wins over the file

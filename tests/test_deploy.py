@@ -27,6 +27,7 @@ import pytest
 from fedwarden.data.validation import DataError, check_arrays, check_labels, load_npz, prepare
 from fedwarden.errors import UsageError
 from fedwarden.protocol.connection import Connection, fetch_trust
+from fedwarden.config import DeploymentConfig
 from fedwarden.protocol.convert import TrainingSpec, spec_from_proto, spec_to_proto
 from fedwarden.protocol.proto_gen import fedwarden_v1_pb2 as pb
 from fedwarden.protocol.proto_gen import fedwarden_v1_pb2_grpc as pb_grpc
@@ -42,7 +43,6 @@ from fedwarden.server import checkpoint
 from fedwarden.server.admission import admit
 from fedwarden.server.auth import Authenticator, AuthError, load_tokens
 from fedwarden.server.hub import Hub
-from fedwarden.server.serve import ServeOptions
 from fedwarden.server.service import FederationServicer
 from tests.deploy_helpers import (
     OPERATOR_TOKEN,
@@ -470,7 +470,7 @@ def test_data_split_writes_one_file_per_client(tmp_path):
 )
 def test_serve_is_secure_by_default(tmp_path, kwargs, message):
     with pytest.raises(UsageError, match=message):
-        ServeOptions(tmp_path, **kwargs).check()
+        DeploymentConfig(state_dir=str(tmp_path), **kwargs)
 
 
 def test_serve_refuses_plaintext_without_insecure_on_the_command_line(tmp_path):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from fedwarden.aggregation.chain import parse_chain
-from fedwarden.config import RunConfig
+from fedwarden.config import DeploymentConfig, RunConfig
 from fedwarden.errors import UsageError
 from fedwarden.server import checkpoint
 from fedwarden.server.admission import ClientUpdate
@@ -31,7 +31,7 @@ from fedwarden.server.coordinator import Coordinator
 from fedwarden.server.driver import Cohort, History, RoundDriver, RunInfo, check_resume
 from fedwarden.server.ledger import Ledger
 from fedwarden.server.optimizers import ServerOptimizer
-from fedwarden.server.serve import HubTransport, ServeMetrics, ServeOptions
+from fedwarden.server.serve import HubTransport, ServeMetrics
 from fedwarden.server.trust import TrustBook, TrustPolicy
 
 IDS = ["a", "b", "c", "d"]
@@ -290,8 +290,8 @@ def test_the_serve_loop_waits_for_agents_and_reruns_abandoned_attempts(tmp_path,
     from fedwarden.server.metrics import MetricsExporter
 
     config = RunConfig(clients=4, clients_per_round=2, rounds=2, aggregator="mean")
-    options = ServeOptions(
-        tmp_path, insecure=True, min_clients=2, round_timeout_s=1.0, overselect=1.0
+    options = DeploymentConfig(
+        state_dir=str(tmp_path), insecure=True, min_clients=2, round_timeout=1.0, overselect=1.0
     )
     hub = FakeHub(live=[["a"], IDS], answers=[False, True, True])
     exporter = MetricsExporter()
@@ -335,7 +335,9 @@ def test_the_serve_loop_overselects_and_gives_up_after_its_attempts(tmp_path):
     from fedwarden.server.metrics import MetricsExporter
 
     config = RunConfig(clients=4, clients_per_round=2, rounds=1, aggregator="mean")
-    options = ServeOptions(tmp_path, insecure=True, min_clients=2, overselect=1.5, max_attempts=2)
+    options = DeploymentConfig(
+        state_dir=str(tmp_path), insecure=True, min_clients=2, overselect=1.5, max_attempts=2
+    )
     hub = FakeHub(live=[IDS], answers=[False, False])
     exporter = MetricsExporter()
     transport = HubTransport(hub, config, options, ServeMetrics(exporter.registry), exporter,

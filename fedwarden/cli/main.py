@@ -136,28 +136,37 @@ def add_settings(parser: argparse.ArgumentParser, skip: frozenset[str] = frozens
             continue
         group = parser.add_argument_group(title)
         for f in fields:
-            name, m = flat_name(f), f.metadata
-            if name == "attack_params":
-                group.add_argument(
-                    "--attack-param", dest=name, action="append", metavar="KEY=VALUE",
-                    help="attack parameter, repeatable, e.g. --attack-param boost=10",
-                )  # fmt: skip
-            elif m["kind"] is bool and f.default:
-                group.add_argument(
-                    "--no-" + name.replace("_", "-"), dest=name, action="store_const",
-                    const=False, default=None, help="no " + m["help"].replace("%", "%%"),
-                )  # fmt: skip
-            elif m["kind"] is bool:
-                group.add_argument(
-                    flag_name(f), dest=name, action="store_const", const=True, default=None,
-                    help=m["help"].replace("%", "%%"),
-                )  # fmt: skip
-            else:
-                group.add_argument(
-                    flag_name(f), dest=name, type=m["kind"], choices=m["choices"],
-                    metavar=None if m["choices"] else m["metavar"] or METAVARS[m["kind"]],
-                    default=None, help=_help(f),
-                )  # fmt: skip
+            add_flag(group, f)
+
+
+def add_flag(group: argparse._ArgumentGroup, f: dataclasses.Field) -> argparse.Action:
+    """The flag of one setting; it defaults to None (not given), the default being the field's."""
+    name, m = flat_name(f), f.metadata
+    if name == "attack_params":
+        return group.add_argument(
+            "--attack-param", dest=name, action="append", metavar="KEY=VALUE",
+            help="attack parameter, repeatable, e.g. --attack-param boost=10",
+        )  # fmt: skip
+    if m["kind"] is list:
+        return group.add_argument(
+            flag_name(f), dest=name, action="append", metavar=m["metavar"],
+            help=m["help"].replace("%", "%%"),
+        )  # fmt: skip
+    if m["kind"] is bool and f.default:
+        return group.add_argument(
+            "--no-" + name.replace("_", "-"), dest=name, action="store_const",
+            const=False, default=None, help="no " + m["help"].replace("%", "%%"),
+        )  # fmt: skip
+    if m["kind"] is bool:
+        return group.add_argument(
+            flag_name(f), dest=name, action="store_const", const=True, default=None,
+            help=m["help"].replace("%", "%%"),
+        )  # fmt: skip
+    return group.add_argument(
+        flag_name(f), dest=name, type=m["kind"], choices=m["choices"],
+        metavar=None if m["choices"] else m["metavar"] or METAVARS[m["kind"]],
+        default=None, help=_help(f),
+    )  # fmt: skip
 
 
 def config_from_args(
