@@ -12,7 +12,15 @@ from fedwarden.aggregation.detection import (
     cosine_matrix,
     nearest_pair_gap,
 )
-from fedwarden.aggregation.scoring import HISTORY_METRIC, anomaly_components, client_metrics
+from fedwarden.aggregation.scoring import (
+    DEFAULT_ANOMALY_WEIGHTS,
+    HISTORY_METRIC,
+    SHARP_COMPONENTS,
+    anomaly_components,
+    anomaly_score,
+    client_metrics,
+)
+from fedwarden.server.trust import TrustBook, TrustPolicy
 
 
 def skewed_cohort(k: int, d: int, rng: np.random.Generator, spread: float = 1.0) -> np.ndarray:
@@ -100,6 +108,55 @@ def test_identical_crafted_updates_light_up_collusion_and_centrality():
     assert comp["collusion"][8:].min() > 0.9 and comp["collusion"][:8].max() < 0.3
     assert comp["centrality"][8:].min() > 0.5 and comp["centrality"][:8].max() < 0.3
     assert np.isnan(comp["history"]).all()
+
+
+def scored_round(x: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The coordinator's scoring of one round (no history, no losses): components and scores."""
+    m = client_metrics(x, np.median(x, axis=0), None, {})
+    m[HISTORY_METRIC] = np.full(len(x), np.nan)
+    return anomaly_components(m), anomaly_score(m)
+
+
+def test_a_zero_update_is_sharp_evidence_and_small_honest_updates_are_not():
+    rng = np.random.default_rng(6)
+    honest = skewed_cohort(9, 2000, rng)
+    honest[0] *= 0.25  # a client with little data takes few steps: a quarter of the median norm
+    x = np.vstack([honest, np.zeros(2000)]).astype(np.float32)  # a free rider
+    comp, scores = scored_round(x)
+    assert comp["zero_update"][-1] == pytest.approx(1.0) and comp["zero_update"][:9].max() < 1e-3
+    assert scores[-1] == pytest.approx(1.0) and scores[:9].max() < 0.5
+    no_floor = {k: w for k, w in DEFAULT_ANOMALY_WEIGHTS.items() if k not in SHARP_COMPONENTS}
+    m = client_metrics(x, np.median(x, axis=0), None, {})
+    assert anomaly_score(m, no_floor)[-1] < 0.7  # the weighted mean alone dilutes it
+
+
+def test_sharp_components_floor_the_score_only_when_weighted():
+    rng = np.random.default_rng(7)
+    honest = skewed_cohort(8, 3000, rng)
+    crafted = honest.mean(0)
+    x = np.vstack([honest, crafted, crafted]).astype(np.float32)
+    comp, scores = scored_round(x)
+    floor = np.maximum.reduce([comp[n] for n in SHARP_COMPONENTS])
+    assert np.all(scores >= floor - 1e-12) and scores[8:].min() > 0.9
+    m = client_metrics(x, np.median(x, axis=0), None, {})
+    np.testing.assert_allclose(anomaly_score(m, {"cosine": 1.0}), comp["cosine"])
+
+
+def test_a_free_rider_seen_once_is_flagged_and_skewed_honest_clients_are_not():
+    """Ten rounds of 10 of 50 non-iid clients through the TrustBook; a free rider in round 6."""
+    rng = np.random.default_rng(8)
+    book = TrustBook(TrustPolicy())
+    scale = np.exp(rng.normal(scale=0.3, size=50))  # honest norms spread by data size
+    for r in range(1, 11):
+        sampled = rng.choice(50, size=10, replace=False)
+        x = skewed_cohort(10, 2000, rng) * scale[sampled, None]
+        ids = [f"h{i}" for i in sampled]
+        if r == 6:
+            x[0], ids[0] = 0.0, "rider"
+        comp, scores = scored_round(x.astype(np.float32))
+        book.update(r, ids, scores, components=comp)
+    assert book.flagged() == {"rider"}
+    assert "zero_update" in book.get("rider").explanation
 
 
 # -- small versions of the Fashion-MNIST figures (docs/results.md), on digits --------------------
