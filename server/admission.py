@@ -11,6 +11,7 @@ that never arrived cannot be attributed with certainty.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -58,7 +59,7 @@ class Rejection:
 
 
 def admit(
-    updates: list[ClientUpdate],
+    updates: Iterable[ClientUpdate],
     round_number: int,
     selected: set[str],
     size: int,
@@ -67,15 +68,36 @@ def admit(
     """Splits the round's updates into admitted ones and rejections (first problem found wins)."""
     admitted: list[ClientUpdate] = []
     rejected: list[Rejection] = []
-    seen: set[str] = set()
+    gate = Admission(round_number, selected, size, max_norm)
     for u in updates:
-        problem = _problem(u, round_number, selected, seen, size, max_norm)
-        if problem:
-            rejected.append(Rejection(u.client_id, *problem))
+        rejection = gate.check(u)
+        if rejection:
+            rejected.append(rejection)
         else:
-            seen.add(u.client_id)
             admitted.append(replace(u, delta=u.delta.astype(np.float32, copy=False)))
     return admitted, rejected
+
+
+class Admission:
+    """One round's admission, one update at a time (for transports that stream updates).
+
+    ``check`` returns the update's ``Rejection``, or None when it is admitted (it then counts as
+    seen, so a second update from the same client is a ``duplicate``).
+    """
+
+    def __init__(
+        self, round_number: int, selected: set[str], size: int, max_norm: float | None = None
+    ):
+        self.round_number, self.selected = round_number, selected
+        self.size, self.max_norm = size, max_norm
+        self.seen: set[str] = set()
+
+    def check(self, u: ClientUpdate) -> Rejection | None:
+        problem = _problem(u, self.round_number, self.selected, self.seen, self.size, self.max_norm)
+        if problem:
+            return Rejection(u.client_id, *problem)
+        self.seen.add(u.client_id)
+        return None
 
 
 def _problem(

@@ -9,8 +9,10 @@ caller, which knows its test data.
 from __future__ import annotations
 
 import logging
+import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -26,9 +28,10 @@ from fedwarden.aggregation.scoring import (
     client_metrics,
     median_and_trimmed_shares,
 )
-from fedwarden.server.admission import ClientUpdate, Rejection, admit
+from fedwarden.server.admission import Admission, ClientUpdate, Rejection
 from fedwarden.server.optimizers import ServerOptimizer
 from fedwarden.server.trust import TrustBook
+from fedwarden.server.update_matrix import UpdateMatrix
 
 log = logging.getLogger("fedwarden.coordinator")
 
@@ -79,6 +82,11 @@ def bounded_weights(num_examples: list[int], max_ratio: float | None) -> np.ndar
     return np.minimum(counts, max_ratio * float(np.median(counts)))
 
 
+BLOCKWISE_STEPS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "gaussian_noise")
+"""Steps that read a spilled matrix in column blocks, never copying it (clipping, for one,
+returns a clipped copy of every row)."""
+
+
 def _finite(values: np.ndarray) -> bool:
     return bool(np.all(np.isfinite(values)))
 
@@ -101,6 +109,10 @@ class Coordinator:
       anomaly_weights: weights of the anomaly score's components (default: the scoring's).
       max_weight_ratio: a client's aggregation weight is at most this multiple of the cohort's
         median example count (None: counts as reported).
+      round_memory_budget: bytes; a round whose ``K x d`` float32 update matrix is larger goes
+        through a memory-mapped file in ``spill_dir`` (None: always in memory). The chain's
+        steps must then be among ``BLOCKWISE_STEPS``.
+      spill_dir: where spilled matrices go (default: the system's temporary directory).
 
     Example::
 
@@ -125,6 +137,8 @@ class Coordinator:
         max_update_norm: float | None = None,
         anomaly_weights: dict[str, float] | None = None,
         max_weight_ratio: float | None = DEFAULT_MAX_WEIGHT_RATIO,
+        round_memory_budget: float | None = None,
+        spill_dir: str | os.PathLike | None = None,
     ):
         self.weights = np.asarray(weights, np.float32)
         self.chain = chain
@@ -133,6 +147,8 @@ class Coordinator:
         self.max_update_norm = max_update_norm
         self.anomaly_weights = anomaly_weights or None
         self.max_weight_ratio = max_weight_ratio
+        self.round_memory_budget = round_memory_budget  # bytes
+        self.spill_dir = spill_dir
         self.round = 0  # last completed round
         self.optimizer_state = optimizer.init(self.weights.size)
         self.chain_state = chain.init()
@@ -159,7 +175,7 @@ class Coordinator:
         return sorted(rng.choice(eligible, size=k, replace=False).tolist())
 
     def finish_round(
-        self, round_number: int, selected: list[str], updates: list[ClientUpdate]
+        self, round_number: int, selected: list[str], updates: Iterable[ClientUpdate]
     ) -> RoundOutcome:
         """Admits, aggregates and scores one round's updates, then updates trust and weights.
 
@@ -168,7 +184,9 @@ class Coordinator:
             rejected (``wrong_round``), so must be ``self.round + 1`` in a normal run.
           selected: the cohort; updates from anyone else are rejected (``not_selected``).
           updates: ``ClientUpdate`` deltas (trained minus global weights, flat), at most one
-            per client (a second is rejected as ``duplicate``); they are not modified.
+            per client (a second is rejected as ``duplicate``); they are not modified. Any
+            iterable: each admitted delta is copied into the round's update matrix as it comes,
+            so a generator's updates need not all be held at once.
 
         Returns:
           A :class:`RoundOutcome`. Side effects: ``weights``, the optimizer and chain states
@@ -181,11 +199,51 @@ class Coordinator:
         thin cohort), everyone is quarantined, or the optimizer step is not finite, the
         weights stay as they were and ``measurements["skipped"]`` says why. Clients are
         scored against the cohort's coordinate-wise median whatever the rule.
+
+        Memory: the update matrix is held once; with ``round_memory_budget`` set and the
+        cohort's matrix larger than it, it is a memory-mapped file in ``spill_dir``, deleted
+        when the round ends (``server/update_matrix.py``).
         """
-        start = time.perf_counter()
-        admitted, rejected = admit(
-            updates, round_number, set(selected), self.weights.size, self.max_update_norm
+        store = UpdateMatrix(
+            len(set(selected)), self.weights.size, self.round_memory_budget, self.spill_dir
         )
+        try:
+            if store.spilled:
+                self._check_blockwise(store)
+            return self._round(round_number, selected, updates, store)
+        finally:
+            store.close()
+
+    def _check_blockwise(self, store: UpdateMatrix) -> None:
+        steps = [
+            getattr(step, "name", repr(step)) for step in getattr(self.chain, "steps", [self.chain])
+        ]
+        copying = [name for name in steps if name not in BLOCKWISE_STEPS]
+        if copying:
+            raise ValueError(
+                f"round_memory_budget={self.round_memory_budget / 2**20:g} MB is below this "
+                f"round's {store.nbytes / 2**20:.0f} MB update matrix, and {copying} "
+                f"copies the matrix, so it cannot run in blocks. Received: chain {steps}; raise "
+                f"the budget or use {', '.join(BLOCKWISE_STEPS)}."
+            )
+
+    def _round(
+        self,
+        round_number: int,
+        selected: list[str],
+        updates: Iterable[ClientUpdate],
+        store: UpdateMatrix,
+    ) -> RoundOutcome:
+        start = time.perf_counter()
+        gate = Admission(round_number, set(selected), self.weights.size, self.max_update_norm)
+        admitted: list[ClientUpdate] = []
+        rejected: list[Rejection] = []
+        for u in updates:
+            rejection = gate.check(u)
+            if rejection:
+                rejected.append(rejection)
+            else:  # the matrix row stands in for the transport's copy, which may go now
+                admitted.append(replace(u, delta=store.append(u.delta)))
         for r in rejected:
             log.warning(
                 "round %d: rejected update from %s (%s): %s",
@@ -197,7 +255,7 @@ class Coordinator:
         measurements: dict[str, Any] = {}
         rows: list[dict[str, Any]] = []
         if admitted:
-            matrix = np.stack([u.delta for u in admitted])
+            matrix = store.matrix
             weights = bounded_weights(
                 [u.num_examples for u in admitted], self.max_weight_ratio
             ) * np.array([self.trust.weight_multiplier(u.client_id) for u in admitted])
@@ -216,7 +274,7 @@ class Coordinator:
                     log.warning("round %d: %s made the aggregate overflow; rejected",
                                 round_number, admitted[i].client_id)  # fmt: skip
                 admitted = [u for u, k in zip(admitted, keep) if k]
-                matrix, weights = matrix[keep], weights[keep]
+                matrix, weights = store.keep(keep), weights[keep]
                 out, error = (
                     self._aggregate(matrix, weights, [u.client_id for u in admitted])
                     if admitted

@@ -1,0 +1,104 @@
+"""The round's ``(K, d)`` float32 update matrix, in memory or spilled to a memory-mapped file.
+
+The coordinator writes each admitted update into its row as it is admitted, so the transport's
+copy of an update can go as soon as it has been checked. Under a memory budget
+(``--round-memory-budget``), a matrix larger than the budget lives in a file under the state
+directory (the run's output directory in simulations) and is read through ``np.memmap``: its pages
+belong to the page cache, which the kernel writes back and evicts as it needs, not to the
+coordinator's private memory. Every pass over the matrix (the coordinate-wise rules, the Gram
+matrix, the order statistics, the sketch) already reads it in column blocks of a few hundred KB,
+so the round's private memory stays at those blocks plus ``O(K^2)``, whatever K and d.
+
+Example::
+
+    with UpdateMatrix(rows=len(cohort), dim=d, budget_bytes=2 << 30, directory=state) as m:
+        for u in admitted:
+            m.append(u.delta)
+        aggregate = chain(m.matrix, weights, state)
+    # the file, if any, is gone here
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+SPILL_PREFIX = "round-matrix-"
+"""Name prefix of the spill files (``<directory>/round-matrix-XXXX.f32``)."""
+
+
+class UpdateMatrix:
+    """Rows of one round's update matrix, written one at a time; in memory or in a spill file.
+
+    Args:
+      rows: the most rows the round can have (the cohort size).
+      dim: the model's parameter count.
+      budget_bytes: spill when ``rows * dim * 4`` exceeds it (None: always in memory).
+      directory: where the spill file goes (default: the system's temporary directory).
+    """
+
+    def __init__(
+        self,
+        rows: int,
+        dim: int,
+        budget_bytes: float | None = None,
+        directory: str | os.PathLike | None = None,
+    ):
+        self.dim = int(dim)
+        self.count = 0
+        self.path: Path | None = None
+        self.nbytes = int(rows) * self.dim * 4  # the matrix of a full cohort
+        if budget_bytes is None or self.nbytes <= budget_bytes or rows == 0:
+            self._data = np.empty((rows, self.dim), np.float32)
+            return
+        Path(directory or tempfile.gettempdir()).mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=SPILL_PREFIX, suffix=".f32", dir=directory)
+        os.close(fd)
+        self.path = Path(name)
+        self._data = np.memmap(self.path, np.float32, mode="w+", shape=(rows, self.dim))
+
+    @property
+    def spilled(self) -> bool:
+        """Whether the rows live in a memory-mapped file rather than in private memory."""
+        return self.path is not None
+
+    def append(self, row: np.ndarray) -> np.ndarray:
+        """Copies ``row`` (any float dtype, length ``dim``) into the next row; returns that row."""
+        target = self._data[self.count]
+        target[...] = row
+        self.count += 1
+        return target
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """The ``(count, dim)`` rows written so far (a view: nothing is copied)."""
+        return self._data[: self.count]
+
+    def keep(self, mask: np.ndarray) -> np.ndarray:
+        """Moves the rows where ``mask`` is true to the front, in order; returns them (a view).
+
+        Row by row, so compacting a spilled matrix needs one row of private memory, not a copy.
+        """
+        kept = np.flatnonzero(mask)
+        for position, source in enumerate(kept):
+            if position != source:
+                self._data[position] = self._data[source]
+        self.count = len(kept)
+        return self.matrix
+
+    def close(self) -> None:
+        """Releases the rows and deletes the spill file, if any (safe to call twice)."""
+        # Views of the rows may outlive the round (a rule may return one), so the mapping is
+        # left to the garbage collector; an unlinked file's space is freed when it is unmapped.
+        self._data = np.empty((0, self.dim), np.float32)
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> UpdateMatrix:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
