@@ -200,6 +200,15 @@ def test_attackers_built_to_hide_are_flagged_on_digits(attack, tmp_path):
 
 
 @pytest.mark.slow
+def test_free_riders_are_flagged_on_their_first_round_on_digits(tmp_path):
+    results = digits_run(tmp_path, attack="free_rider", rounds=5)
+    seen = {c for r in results["rounds"] for c in r["selected"]}
+    malicious = {c for c, v in results["clients"].items() if v["malicious"]}
+    flagged = set(results["rounds"][-1]["flagged"])
+    assert flagged == malicious & seen and flagged, (flagged, malicious & seen)
+
+
+@pytest.mark.slow
 def test_honest_outliers_stay_unflagged_on_digits_dirichlet_0_1(tmp_path):
     digits_run(tmp_path, alpha=0.1, rounds=20)
     share, longest = honest_flag_record(tmp_path / "ledger.sqlite", set())
