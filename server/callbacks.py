@@ -186,8 +186,9 @@ class MetricsExport(Callback):
     def on_round_end(self, round: int, logs: dict[str, Any]) -> None:
         outcome = self.driver.outcome
         self.exporter.observe_round(
-            round, logs["accuracy"], logs["loss"], logs["duration_s"], outcome.clients
-        )
+            round, logs["accuracy"], logs["loss"], logs["duration_s"],
+            [row.to_dict() for row in outcome.clients],
+        )  # fmt: skip
         for r in outcome.rejected:
             if self.per_client:
                 self.exporter.count_rejected(r.reason, client_id=r.client_id)

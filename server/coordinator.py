@@ -28,6 +28,7 @@ from fedwarden.aggregation.scoring import (
     client_metrics,
     median_and_trimmed_shares,
 )
+from fedwarden.records import ClientRound
 from fedwarden.server.admission import Admission, ClientUpdate, Rejection
 from fedwarden.server.optimizers import ServerOptimizer
 from fedwarden.server.trust import TrustBook
@@ -47,9 +48,9 @@ class RoundOutcome:
         update made the aggregate overflow is moved to ``rejected``).
       rejected: one ``Rejection(client_id, reason, detail)`` per refused update; reasons such as
         ``non_finite``, ``wrong_shape``, ``not_selected``, ``overflow``.
-      clients: one row per admitted client: ``client_id``, ``weight`` (its aggregation weight),
-        ``anomaly``, the scoring metrics (``norm``, ``cosine``, ...), then trust's verdict
-        (``trust``, ``flagged``, ``quarantined`` and the evidence behind it).
+      clients: one ``fedwarden.records.ClientRound`` per admitted client: its aggregation
+        ``weight``, ``anomaly``, the scoring metrics (``norm``, ``cosine``, ...), then trust's
+        verdict (``trust``, ``flagged``, ``quarantined`` and the evidence behind it).
       flagged: every client currently flagged, not only this round's cohort.
       measurements: the chain's measurements (``"<step>/<name>"``, e.g.
         ``"central_dp/clip_rate"``); ``skipped`` with the reason when the weights did not move.
@@ -60,7 +61,7 @@ class RoundOutcome:
     selected: list[str]
     admitted: list[str]
     rejected: list[Rejection]
-    clients: list[dict[str, Any]]  # one row per scored client: metrics, anomaly, trust, flagged
+    clients: list[ClientRound]
     flagged: list[str]  # every client currently flagged, not only this round's cohort
     measurements: dict[str, Any] = field(default_factory=dict)
     duration_s: float = 0.0
@@ -253,7 +254,7 @@ class Coordinator:
                 r.detail,
             )
         measurements: dict[str, Any] = {}
-        rows: list[dict[str, Any]] = []
+        rows: list[ClientRound] = []
         if admitted:
             matrix = store.matrix
             weights = bounded_weights(
@@ -321,12 +322,13 @@ class Coordinator:
             anomaly = anomaly_score(metrics, self.anomaly_weights)
             components = anomaly_components(metrics)
             rows = [
-                {
-                    "client_id": c,
-                    "weight": float(w),
-                    "anomaly": float(a),
+                ClientRound(
+                    client_id=c,
+                    round=round_number,
+                    weight=float(w),
+                    anomaly=float(a),
                     **{k: float(v[i]) for k, v in metrics.items()},
-                }
+                )
                 for i, (c, w, a) in enumerate(zip(ids, weights, anomaly))
             ]
         else:
@@ -345,11 +347,11 @@ class Coordinator:
             reasons={r.client_id: r.reason for r in rejected},
             components=components,
         )
-        for row in rows:
-            state = states[row["client_id"]]
-            row.update(trust=state.trust, flagged=state.flagged, quarantined=state.quarantined,
-                       evidence=state.evidence, explanation=state.explanation,
-                       signal_excess=state.excess)  # fmt: skip
+        for i, row in enumerate(rows):
+            s = states[row.client_id]
+            rows[i] = replace(row, trust=s.trust, flagged=s.flagged, quarantined=s.quarantined,
+                              evidence=s.evidence, explanation=s.explanation,
+                              signal_excess=s.excess)  # fmt: skip
         self.round = round_number
         flagged = sorted(c for c, s in self.trust.snapshot().items() if s.flagged)
         return RoundOutcome(

@@ -5,12 +5,12 @@ round is written in one transaction, so a reader sees a round entirely or not at
 
 Tables:
 
-- ``client_rounds``: one row per (round, client_id): the round's measurements (norm, norm_z,
-  cosine, distance, krum_score, trimmed_share, loss, pair_gap, cluster_outlier,
-  history_error), the anomaly score, the trust after the round, flagged/quarantined state, the
-  flag evidence and, for a flagged client, the explanation; ``signals`` (JSON) holds the anomaly
-  components behind the score and ``evidence_state`` (JSON) the running sums a restart resumes
-  from; for a rejected update, the reason.
+- ``client_rounds``: one row per (round, client_id), a column per stored field of
+  ``fedwarden.records.ClientRound``: the round's measurements (norm, cosine, ...), the anomaly
+  score, the trust after the round, flagged/quarantined state, the flag evidence and, for a
+  flagged client, the explanation; ``signals`` (JSON) holds the anomaly components behind the
+  score and ``evidence_state`` (JSON) the running sums a restart resumes from; for a rejected
+  update, the reason.
 - ``clients``: one row per client, derived from ``client_rounds`` in the same transaction: trust,
   anomaly, flagged, quarantined (and since when) as of its latest round, the number of rounds it
   took part in, its last round and how many of its updates were rejected. Deriving it (instead
@@ -37,43 +37,22 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from fedwarden.records import LEDGER_COLUMNS
+
 SCHEMA_VERSION = "2"
 
-ROUND_COLUMNS = (
-    "norm",
-    "norm_z",
-    "cosine",
-    "distance",
-    "krum_score",
-    "trimmed_share",
-    "loss",
-    "pair_gap",
-    "cluster_outlier",
-    "history_error",
-    "anomaly",
-    "trust",
-    "flagged",
-    "quarantined",
-    "quarantined_since",
-    "rejected_reason",
-    "evidence",
-    "explanation",
-    "signals",
-    "evidence_state",
-)
-"""Columns of ``client_rounds`` besides (round, client_id); a row dict may omit any (NULL)."""
+_SQL_TYPES = {float: "REAL", int: "INTEGER", str: "TEXT", bool: "INTEGER NOT NULL DEFAULT 0"}
 
-_BOOL_COLUMNS = ("flagged", "quarantined")
-_TEXT_COLUMNS = ("rejected_reason", "explanation", "signals", "evidence_state")
-# Columns added in schema 2, with their types: a schema-1 ledger gains them when opened.
-_ADDED_COLUMNS = {
-    "client_rounds": {"pair_gap": "REAL", "cluster_outlier": "REAL", "history_error": "REAL",
-                      "evidence": "REAL", "explanation": "TEXT", "signals": "TEXT",
-                      "evidence_state": "TEXT"},
-    "clients": {"evidence": "REAL", "explanation": "TEXT", "signals": "TEXT",
-                "evidence_state": "TEXT"},
-}  # fmt: skip
-_INT_COLUMNS = ("quarantined_since",)
+ROUND_COLUMNS = tuple(LEDGER_COLUMNS)
+"""Columns of ``client_rounds`` besides (round, client_id), the stored fields of
+``fedwarden.records.ClientRound``; a row dict may omit any (NULL)."""
+
+_BOOL_COLUMNS = tuple(c for c, kind in LEDGER_COLUMNS.items() if kind is bool)
+_TEXT_COLUMNS = tuple(c for c, kind in LEDGER_COLUMNS.items() if kind is str)
+_INT_COLUMNS = tuple(c for c, kind in LEDGER_COLUMNS.items() if kind is int)
+# Columns of `clients` added in schema 2; a ledger missing any record column gains it when opened.
+_ADDED_CLIENT_COLUMNS = {"evidence": "REAL", "explanation": "TEXT", "signals": "TEXT",
+                         "evidence_state": "TEXT"}  # fmt: skip
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS clients (
@@ -94,31 +73,12 @@ CREATE TABLE IF NOT EXISTS clients (
 CREATE TABLE IF NOT EXISTS client_rounds (
     round INTEGER NOT NULL,
     client_id TEXT NOT NULL,
-    norm REAL,
-    norm_z REAL,
-    cosine REAL,
-    distance REAL,
-    krum_score REAL,
-    trimmed_share REAL,
-    loss REAL,
-    pair_gap REAL,
-    cluster_outlier REAL,
-    history_error REAL,
-    anomaly REAL,
-    trust REAL,
-    flagged INTEGER NOT NULL DEFAULT 0,
-    quarantined INTEGER NOT NULL DEFAULT 0,
-    quarantined_since INTEGER,
-    rejected_reason TEXT,
-    evidence REAL,
-    explanation TEXT,
-    signals TEXT,
-    evidence_state TEXT,
+    {round_columns},
     PRIMARY KEY (round, client_id)
 );
 CREATE INDEX IF NOT EXISTS client_rounds_by_client ON client_rounds (client_id, round);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-"""
+""".format(round_columns=",\n    ".join(f"{c} {_SQL_TYPES[k]}" for c, k in LEDGER_COLUMNS.items()))
 
 # Rebuilds the clients rows of the clients in the temp table `touched` from their history.
 _REFRESH_CLIENTS = """
@@ -225,8 +185,13 @@ class Ledger:
             raise LedgerError(f"cannot open ledger {self.path}: {err}") from err
 
     def _add_missing_columns(self) -> None:
-        """Brings a schema-1 ledger (from before the detection signals) to the current columns."""
-        for table, columns in _ADDED_COLUMNS.items():
+        """Brings an older ledger (schema 1, from before the detection signals, or one that lacks
+        a field added to ``ClientRound`` since) to the current columns."""
+        added = {
+            "client_rounds": {c: _SQL_TYPES[k] for c, k in LEDGER_COLUMNS.items()},
+            "clients": _ADDED_CLIENT_COLUMNS,
+        }
+        for table, columns in added.items():
             have = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
             for name, kind in columns.items():
                 if name not in have:

@@ -81,6 +81,7 @@ from prometheus_client import (
     generate_latest,
 )
 
+from fedwarden.records import GAUGES
 from fedwarden.server.admission import ARRIVAL_REASONS, REASONS
 
 ROUND_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -95,22 +96,14 @@ EXTRA_GAUGES = {
 _NAME = re.compile(r"^fedwarden_[a-z][a-z0-9_]*[a-z0-9]$")
 _RESERVED_SUFFIXES = ("_total", "_count", "_sum", "_bucket", "_created", "_info")
 
-# Per-client gauges: attribute name, metric name, help, key in the client dict.
+# Per-client gauges: key in the client rows, metric name, help. The round record's own
+# (records.GAUGES: trust, anomaly, ...) and the transport's counts.
 _CLIENT_GAUGES = (
-    ("trust", "fedwarden_client_trust_score", "Trust score in [0, 1] of the client.", "trust"),
-    ("anomaly", "fedwarden_client_anomaly_score", "Anomaly score in [0, 1] of the client's last "
-     "round.", "anomaly"),
-    ("norm", "fedwarden_client_update_norm", "L2 norm of the client's last admitted update.",
-     "norm"),
-    ("cosine", "fedwarden_client_cosine_similarity", "Cosine similarity of the client's last "
-     "update to the robust aggregate.", "cosine"),
-    ("flagged", "fedwarden_client_flagged", "1 if the client is flagged, else 0.", "flagged"),
-    ("evidence", "fedwarden_client_flag_evidence", "Evidence (a standard score) that the client "
-     "misbehaves; flagged above the false-positive rate's line.", "evidence"),
+    *((key, name, help) for key, (name, help) in GAUGES.items()),
     ("refused", "fedwarden_client_refused_updates", "Updates of the client rejected at admission "
-     "or refused on arrival.", "refused"),
+     "or refused on arrival."),
     ("silent", "fedwarden_client_silent_attempts", "Round attempts the client was selected for "
-     "and did not answer.", "silent"),
+     "and did not answer."),
 )  # fmt: skip
 
 
@@ -167,8 +160,7 @@ class MetricsExporter:
         self._labelled: set[str] = set()
         r = self.registry
         self._client_gauges = {
-            attr: Gauge(name, text, ["client_id"], registry=r)
-            for attr, name, text, _ in _CLIENT_GAUGES
+            key: Gauge(name, text, ["client_id"], registry=r) for key, name, text in _CLIENT_GAUGES
         }
         self._client_epsilon = Gauge(
             "fedwarden_client_dp_epsilon", "DP-SGD epsilon spent by the client.", ["client_id"],
@@ -283,14 +275,14 @@ class MetricsExporter:
                 gauge.remove(cid)
         for cid in keep:
             row = self._clients[cid]
-            for attr, _, _, key in _CLIENT_GAUGES:
+            for key, _, _ in _CLIENT_GAUGES:
                 value = _value(row.get(key))
                 if key == "flagged":
                     value = 1.0 if row.get(key) else 0.0
                 if value is None:
-                    self._client_gauges[attr].remove(cid)
+                    self._client_gauges[key].remove(cid)
                 else:
-                    self._client_gauges[attr].labels(client_id=cid).set(value)
+                    self._client_gauges[key].labels(client_id=cid).set(value)
             if cid in self._epsilons:
                 self._client_epsilon.labels(client_id=cid).set(self._epsilons[cid])
         for cid in set(self._signal_labels) | keep:

@@ -14,7 +14,7 @@ after every round so ``tensorboard --logdir`` shows a running simulation or depl
 Example::
 
     writer = TensorBoardWriter("runs/tb/median", malicious={"c03"})
-    writer.write_round(record, outcome.clients, trust_snapshot)
+    writer.write_round(record, [row.to_dict() for row in outcome.clients], trust_snapshot)
     writer.close()
 """
 
@@ -182,7 +182,8 @@ class TensorBoard(Callback):
         trust = {cid: state.trust for cid, state in snapshot.items()}
         for cid in self.driver.population or ():
             trust.setdefault(cid, None)
-        self.writer.write_round(record, self.driver.outcome.clients, trust)
+        clients = [row.to_dict() for row in self.driver.outcome.clients]
+        self.writer.write_round(record, clients, trust)
 
     def on_run_end(self, logs: dict[str, Any]) -> None:
         if self.writer is not None:

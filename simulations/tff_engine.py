@@ -375,7 +375,7 @@ class RobustFedAvgProcess:
             },
             "aggregation": outcome.measurements,
             "clients": {
-                row["client_id"]: {k: v for k, v in row.items() if k != "client_id"}
+                row.client_id: {k: v for k, v in row.to_dict().items() if k != "client_id"}
                 for row in outcome.clients
             },
             "rejected": {r.client_id: r.reason for r in outcome.rejected},

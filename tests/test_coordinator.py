@@ -87,8 +87,8 @@ def test_outlier_gets_the_highest_anomaly_and_median_ignores_it():
     deltas = [rng.normal(1.0, 0.1, D).astype(np.float32) for _ in ids[:-1]]
     deltas.append(np.full(D, 50.0, np.float32))
     outcome = c.finish_round(1, ids, [update(i, d) for i, d in zip(ids, deltas)])
-    by_anomaly = max(outcome.clients, key=lambda row: row["anomaly"])
-    assert by_anomaly["client_id"] == "c6"
+    by_anomaly = max(outcome.clients, key=lambda row: row.anomaly)
+    assert by_anomaly.client_id == "c6"
     assert np.all(np.abs(c.weights - 1.0) < 0.5)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from fedwarden.protocol.proto_gen import fedwarden_v1_pb2 as pb
-from fedwarden.records import HISTORY_KEYS
+from fedwarden.records import FIELDS, HISTORY_KEYS
 
 CLIENT_ID_HEADER = "x-fedwarden-client-id"
 """gRPC metadata key naming the caller in token mode (mTLS takes the identity from the certificate)."""
@@ -85,11 +85,8 @@ def spec_from_proto(msg: pb.TrainingSpec) -> TrainingSpec:
 
 
 _TRUST_FLOATS = ("trust", "anomaly", "norm", "cosine", "evidence")
-_ROUND_FLOATS = tuple(
-    k for k in HISTORY_KEYS if k not in ("round", "flagged", "quarantined", "rejected_reason",
-                                         "explanation")
-)  # fmt: skip
-"""Every numeric key of a ``trust show`` round (records.HISTORY_KEYS is the one list)."""
+_ROUND_KINDS = {f.name: f.metadata["kind"] for f in FIELDS if f.name in HISTORY_KEYS}
+"""The wire's ``ClientRound`` fields, as ``records.ClientRound`` declares them (no client_id)."""
 
 
 def _present(row: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
@@ -112,17 +109,7 @@ def trust_to_proto(
         )
         for row in rows
     ]
-    rounds = [
-        pb.ClientRound(
-            round=int(row["round"]),
-            flagged=bool(row.get("flagged")),
-            quarantined=bool(row.get("quarantined")),
-            rejected_reason=row.get("rejected_reason") or "",
-            explanation=row.get("explanation") or "",
-            **_present(row, _ROUND_FLOATS),
-        )
-        for row in history
-    ]
+    rounds = [pb.ClientRound(**_round_fields(row)) for row in history]
     return pb.TrustReply(last_round=last_round, clients=clients, history=rounds)
 
 
@@ -142,16 +129,34 @@ def trust_from_proto(reply: pb.TrustReply) -> tuple[list[dict[str, Any]], list[d
         for key in (*_TRUST_FLOATS, "last_round"):
             row[key] = getattr(c, key) if c.HasField(key) else None
         rows.append(row)
-    history = []
-    for r in reply.history:
-        row = {
-            "round": r.round,
-            "flagged": r.flagged,
-            "quarantined": r.quarantined,
-            "rejected_reason": r.rejected_reason or None,
-            "explanation": r.explanation or None,
-        }
-        for key in _ROUND_FLOATS:
-            row[key] = getattr(r, key) if r.HasField(key) else None
-        history.append(row)
-    return rows, history
+    return rows, [_round_row(r) for r in reply.history]
+
+
+def _round_row(msg: pb.ClientRound) -> dict[str, Any]:
+    """A ``pb.ClientRound`` as a ``client_history`` row: an unset number or empty string is None."""
+    row: dict[str, Any] = {}
+    for key, kind in _ROUND_KINDS.items():
+        value = getattr(msg, key)
+        if kind is str:
+            value = value or None
+        elif kind is float and not msg.HasField(key):
+            value = None
+        row[key] = value
+    return row
+
+
+def _round_fields(row: dict[str, Any]) -> dict[str, Any]:
+    """A ``client_history`` row as ``pb.ClientRound`` fields: None is an unset optional number,
+    an empty string or False."""
+    fields: dict[str, Any] = {}
+    for key, kind in _ROUND_KINDS.items():
+        value = row.get(key)
+        if kind is bool:
+            fields[key] = bool(value)
+        elif kind is str:
+            fields[key] = value or ""
+        elif kind is int:
+            fields[key] = int(value)
+        elif value is not None:
+            fields[key] = value
+    return fields
