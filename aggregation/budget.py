@@ -130,16 +130,18 @@ def _step_names(step: object) -> list[str]:
     return [name for child in children for name in _step_names(child)]
 
 
-def budget_problems(spec: str, cohort: int, num_byzantine: int) -> list[str]:
+def budget_problems(spec: str, cohort: int, num_byzantine: int, built=None) -> list[str]:
     """Why ``spec`` cannot guarantee anything with ``num_byzantine`` attackers in ``cohort``.
 
     Empty when its assumptions hold. Checks the chain's own ``check`` (krum's K > 2f + 2, a
     trimmed mean that would trim everything, ...) and the honest majority that median-type
-    rules need (named chains such as ``auto`` are looked into).
+    rules need (named chains such as ``auto`` are looked into). ``built``: ``spec`` already
+    parsed with ``num_byzantine`` as its default f (parsed here when not given).
     """
     from fedwarden.aggregation.chain import parse_chain
 
-    built = parse_chain(spec, num_byzantine_default=num_byzantine)
+    if built is None:
+        built = parse_chain(spec, num_byzantine_default=num_byzantine)
     try:
         built.check(cohort)
     except AggregationError as err:
@@ -178,6 +180,7 @@ def check_budget(
     num_byzantine: int,
     population: int | None = None,
     fraction: float | None = None,
+    built=None,
 ) -> None:
     """Raises AggregationError naming what would work when ``spec`` cannot hold at the budget.
 
@@ -187,8 +190,9 @@ def check_budget(
       num_byzantine: the budget f.
       population, fraction: N and the assumed malicious share, to name the smallest cohort that
         would let ``spec`` hold (optional).
+      built: ``spec`` already parsed with ``num_byzantine`` as its default f (optional).
     """
-    problems = budget_problems(spec, num_clients, num_byzantine)
+    problems = budget_problems(spec, num_clients, num_byzantine, built)
     if not problems:
         return
     hint = f"rules that hold at f={num_byzantine} of {num_clients}: "

@@ -55,11 +55,11 @@ def simulate(
     from fedwarden.simulations.preflight import check_run
 
     run = _config(config, settings)
-    check_run(run)
+    aggregator = check_run(run)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # as the CLI: no CUDA plugin noise
     from fedwarden.simulations.runner import simulate as run_simulation  # TensorFlow from here
 
-    return run_simulation(run, resume=resume)
+    return run_simulation(run, resume=resume, aggregator=aggregator)
 
 
 def compare(

@@ -87,7 +87,10 @@ def trust_policy(config: RunConfig) -> TrustPolicy:
 
 
 def parse_aggregator(config: RunConfig) -> Chain:
-    """The run's ``--aggregator`` chain, with the run's Byzantine budget as the default f."""
+    """The run's ``--aggregator`` chain, with the run's Byzantine budget as the default f.
+
+    Parsed once per run (``fedwarden.simulations.preflight.check_run`` returns it) and passed to
+    ``central_privacy`` and ``build_chain``; whether central DP is formal is read from it."""
     return parse_chain(config.aggregator, num_byzantine_default=byzantine_budget(config))
 
 
@@ -151,12 +154,14 @@ def byzantine_budget(config: RunConfig) -> int:
     )
 
 
-def warn_if_budget_unmet(config: RunConfig) -> str | None:
-    """Logs (and returns) why the chain's assumptions fail at the budget, naming what would hold."""
+def warn_if_budget_unmet(config: RunConfig, aggregator: Chain | None = None) -> str | None:
+    """Logs (and returns) why the chain's assumptions fail at the budget, naming what would hold.
+
+    ``aggregator`` is the parsed ``--aggregator`` (parsed when not given)."""
     try:
         check_budget(
             config.aggregator, config.clients_per_round, byzantine_budget(config), config.clients,
-            config.malicious_fraction,
+            config.malicious_fraction, built=aggregator,
         )  # fmt: skip
     except AggregationError as err:
         log.warning("Byzantine budget: %s", err)
@@ -173,8 +178,8 @@ def build_chain(
     """The aggregation chain for a run; ``seed`` None draws DP noise unseeded (deployments).
 
     ``aggregator`` is the parsed ``--aggregator`` (parsed here when not given)."""
-    warn_if_budget_unmet(config)
     robust = aggregator or parse_aggregator(config)
+    warn_if_budget_unmet(config, robust)
     if privacy is None:
         return robust
     expected = config.clients_per_round

@@ -46,6 +46,7 @@ import numpy as np
 from prometheus_client import Counter, Gauge
 
 from fedwarden.aggregation.accounting import ClientPrivacyAccount, default_delta, dp_sgd_steps
+from fedwarden.aggregation.chain import Chain
 from fedwarden.config import Config, DeploymentConfig, RunConfig
 from fedwarden.errors import UsageError
 from fedwarden.protocol.convert import TrainingSpec
@@ -179,6 +180,7 @@ class Server:
 
     Args:
       config: the run's ``Config``, its ``deployment`` section set (checked when it was built).
+      aggregator: the parsed ``--aggregator`` (``check_run`` returns it; parsed when not given).
 
     Example::
 
@@ -186,7 +188,7 @@ class Server:
         Server(Config(deployment=deployment)).run()
     """
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, aggregator: Chain | None = None):
         if config.deployment is None:
             raise UsageError("Server needs Config(deployment=DeploymentConfig(state_dir=...)). "
                              "Received: deployment=None")  # fmt: skip
@@ -194,6 +196,7 @@ class Server:
         self.config = config.flat()
         self.options = config.deployment
         self.state_dir = Path(config.deployment.state_dir)
+        self.aggregator = aggregator
         self._stop = False
         self.port: int | None = None
         self.metrics_port: int | None = None
@@ -286,7 +289,7 @@ class Server:
         evaluator, layout = Evaluator(model), WeightLayout.of(model.get_weights())
         # A deployment does not know its population, nor sample it the Poisson way the
         # accountant assumes: central DP is accounted without subsampling (rate 1, conservative).
-        aggregator = parse_aggregator(c)  # parsed once for the run
+        aggregator = parse_aggregator(c) if self.aggregator is None else self.aggregator
         privacy = central_privacy(c, c.clients_per_round, budget=True, aggregator=aggregator)
         chain = build_chain(c, privacy, None, aggregator)
         chain.check(min(o.min_clients, c.clients_per_round))

@@ -57,9 +57,10 @@ def compare(
             for key, c in configs.items()
         }
     num_classes = load_dataset(base.dataset, base.data_dir, base.seed).num_classes
-    for config in configs.values():
+    chains = {}  # each cell's parsed --aggregator, checked here and used by its run
+    for key, config in configs.items():
         validate(config)
-        check_config(config, num_classes)
+        chains[key] = check_config(config, num_classes)
     out.mkdir(parents=True, exist_ok=True)
     if ray_address:
         from fedwarden.simulations.ray_grid import run_grid
@@ -72,7 +73,7 @@ def compare(
         }
         (out / "placement.json").write_text(json.dumps(placement, indent=2))
     else:
-        finals = _run_here(base, configs, dirs)
+        finals = _run_here(base, configs, dirs, chains)
     matrix = {
         a: {g: _cell([finals[(a, g, s)] for s in seeds], seeds) for g in aggregators} for a in rows
     }
@@ -83,7 +84,7 @@ def compare(
     return table
 
 
-def _run_here(base: RunConfig, configs: dict, dirs: dict) -> dict:
+def _run_here(base: RunConfig, configs: dict, dirs: dict, chains: dict) -> dict:
     """Runs the grid in this process, one run after the other; the final metrics by key."""
     finals = {}
     with tqdm(total=len(configs), desc="compare", unit="run", disable=not base.progress) as bar:
@@ -98,7 +99,7 @@ def _run_here(base: RunConfig, configs: dict, dirs: dict) -> dict:
             for key, config in runs.items():
                 bar.set_postfix_str(f"{key[0]} x {key[1]}, seed {seed}")
                 simulation.federation = clean if key[0] == "none" else federation
-                finals[key] = simulation.run(config, dirs[key])["final"]
+                finals[key] = simulation.run(config, dirs[key], aggregator=chains[key])["final"]
                 bar.update()
     return finals
 

@@ -14,9 +14,13 @@ import dataclasses
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedwarden.config import DATASETS, RunConfig
 from fedwarden.errors import UsageError
+
+if TYPE_CHECKING:
+    from fedwarden.aggregation.chain import Chain
 
 # Classes of the built-in datasets (fedwarden.data.datasets), known without loading them.
 BUILTIN_CLASSES = {"digits": 10, "fashion_mnist": 10, "synthetic": 4}
@@ -51,7 +55,7 @@ def _quiet(logger: str) -> Iterator[None]:
         log.disabled = before
 
 
-def check_run(config: RunConfig, *, cohort: int | None = None, deployment: bool = False) -> None:
+def check_run(config: RunConfig, *, cohort: int | None = None, deployment: bool = False) -> Chain:
     """Refuses a run that would fail after loading data: attack, chain and DP settings.
 
     Args:
@@ -59,10 +63,13 @@ def check_run(config: RunConfig, *, cohort: int | None = None, deployment: bool 
       cohort: the fewest updates a round may aggregate; default ``clients_per_round``.
       deployment: a coordinator (``serve``): central DP accounted without subsampling and
         --target-epsilon a budget; no attack.
+
+    Returns:
+      The parsed ``--aggregator`` (``server.defence.parse_aggregator``), for the run to build
+      its chain from instead of parsing the string again.
     """
-    from fedwarden.aggregation.chain import parse_chain
     from fedwarden.attacks import build_attack
-    from fedwarden.server.defence import build_chain, central_privacy
+    from fedwarden.server.defence import build_chain, central_privacy, parse_aggregator
 
     classes = None if deployment else num_classes(config)
     if not deployment:
@@ -70,11 +77,11 @@ def check_run(config: RunConfig, *, cohort: int | None = None, deployment: bool 
             config.attack, {"num_classes": classes, **config.attack_params}, collude=config.collude
         )
     # A misspelt chain is an error, before build_chain weighs its Byzantine budget (a warning).
-    parse_chain(config.aggregator, num_byzantine_default=1)
+    aggregator = parse_aggregator(config)
     population = config.clients_per_round if deployment else config.clients
-    privacy = central_privacy(config, population, budget=deployment)
+    privacy = central_privacy(config, population, budget=deployment, aggregator=aggregator)
     with _quiet("fedwarden.defence"):  # its warnings come once, when the run builds its chain
-        chain = build_chain(config, privacy, seed=None)
+        chain = build_chain(config, privacy, None, aggregator)
     chain.check(cohort or config.clients_per_round)
     if config.dp_sgd:
         from fedwarden.aggregation.accounting import validate_dp
@@ -86,6 +93,7 @@ def check_run(config: RunConfig, *, cohort: int | None = None, deployment: bool 
             batch_size=config.batch_size,
             num_microbatches=config.dp_microbatches,
         )
+    return aggregator
 
 
 def cell_config(base: RunConfig, attack: str, aggregator: str) -> RunConfig:

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from fedwarden import report
 from fedwarden.aggregation.accounting import ClientPrivacyAccount, default_delta, dp_sgd_steps
+from fedwarden.aggregation.chain import Chain
 from fedwarden.aggregation.filtering import reference_steps
 from fedwarden.attacks import Attack, build_attack
 from fedwarden.clients.training import DPSGDSettings, LocalResult, LocalTrainer, one_thread_per_op
@@ -124,9 +125,16 @@ class Simulation:
         return self._trainers[key]
 
     def run(
-        self, config: RunConfig, out: Path, progress_label: str = "", resume: bool = False
+        self,
+        config: RunConfig,
+        out: Path,
+        progress_label: str = "",
+        resume: bool = False,
+        aggregator: Chain | None = None,
     ) -> dict[str, Any]:
-        return _Run(self, config, out, progress_label, resume).execute()
+        """One run; ``aggregator`` is its parsed ``--aggregator`` (``check_run`` returns it;
+        parsed here when not given)."""
+        return _Run(self, config, out, progress_label, resume, aggregator).execute()
 
 
 class InProcessClients:
@@ -201,13 +209,22 @@ class TestExamples(Callback):
 class _Run:
     """One configuration, checkpointed after every round into ``out/checkpoints``."""
 
-    def __init__(self, sim: Simulation, config: RunConfig, out: Path, label: str, resume: bool):
+    def __init__(
+        self,
+        sim: Simulation,
+        config: RunConfig,
+        out: Path,
+        label: str,
+        resume: bool,
+        aggregator: Chain | None = None,
+    ):
         self.sim, self.config, self.out, self.label = sim, config, out, label
         self.fed = sim.federation
         self.trainer = sim.trainer(config)
         attack_params = {"num_classes": self.fed.dataset.num_classes, **config.attack_params}
         self.attack: Attack = build_attack(config.attack, attack_params, collude=config.collude)
-        aggregator = parse_aggregator(config)  # parsed once for the run
+        if aggregator is None:
+            aggregator = parse_aggregator(config)
         self.privacy = central_privacy(config, len(self.fed.ids), aggregator=aggregator)
         self.chain = build_chain(config, self.privacy, config.seed, aggregator)
         for step in reference_steps(self.chain):  # FLTrust: the server's own update
@@ -422,15 +439,23 @@ class _Run:
         return self.checkpointer.results()
 
 
-def check_config(config: RunConfig, num_classes: int | None = None) -> None:
-    """Fails fast, before any training (see ``fedwarden.simulations.preflight.check_run``)."""
-    check_run(config)
+def check_config(config: RunConfig, num_classes: int | None = None) -> Chain:
+    """Fails fast, before any training (see ``fedwarden.simulations.preflight.check_run``);
+    returns the parsed ``--aggregator``."""
+    return check_run(config)
 
 
-def simulate(config: RunConfig, resume: bool = False) -> dict[str, Any]:
+def simulate(
+    config: RunConfig, resume: bool = False, aggregator: Chain | None = None
+) -> dict[str, Any]:
+    """One simulation; ``aggregator``: what ``check_run(config)`` returned, when the caller
+    already ran it (else it runs here)."""
     federation = make_federation(config)
-    check_config(config, federation.dataset.num_classes)
-    return Simulation(config, federation).run(config, Path(config.out), resume=resume)
+    if aggregator is None:
+        aggregator = check_config(config, federation.dataset.num_classes)
+    return Simulation(config, federation).run(
+        config, Path(config.out), resume=resume, aggregator=aggregator
+    )
 
 
 def variant(config: RunConfig, **changes: Any) -> RunConfig:

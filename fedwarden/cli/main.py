@@ -265,7 +265,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedwarden.simulations.preflight import check_run
 
     config = config_from_args(args)
-    check_run(config)
+    aggregator = check_run(config)
     check_port_free(config.metrics_port)
     check_out_dir(Path(config.out), resume=args.resume, rounds=config.rounds)
     from fedwarden.simulations.runner import simulate  # TensorFlow from here on
@@ -275,7 +275,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
         results = simulate_on_ray(config, args.ray_address, args.resume, args.ray_actors)
     else:
-        results = simulate(config, resume=args.resume)
+        results = simulate(config, resume=args.resume, aggregator=aggregator)
     print(summary_table(results))
     print_privacy(results["final"].get("privacy"))
     print(

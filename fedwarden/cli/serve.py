@@ -84,11 +84,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     deployment = deployment_config(args)
     if config.model and not deployment.eval_data and args.dataset is None:
         raise UsageError("--model needs --eval-data FILE.npz (or --dataset NAME) to evaluate on")
-    check_run(config, cohort=min(deployment.min_clients, config.clients_per_round), deployment=True)
+    cohort = min(deployment.min_clients, config.clients_per_round)
+    aggregator = check_run(config, cohort=cohort, deployment=True)
     require_protocol()
     from fedwarden.server.serve import Server
 
-    server = Server(dataclasses.replace(config.sections, deployment=deployment))
+    server = Server(dataclasses.replace(config.sections, deployment=deployment), aggregator)
     check_port_free(config.metrics_port, deployment.metrics_host)
     check_port_free(deployment.port, deployment.host, "--port")
     check_out_dir(Path(deployment.state_dir), replaces=False)  # restarted: it resumes
