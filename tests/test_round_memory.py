@@ -61,3 +61,88 @@ def test_finish_round_holds_the_update_matrix_a_constant_number_of_times(chain, 
     assert len(outcome.admitted) == K and "skipped" not in outcome.measurements
     held = (peak - before) / MATRIX_BYTES
     assert held <= copies + SLACK, f"{chain}: the round held {held:.2f} matrix-sized buffers"
+
+
+# ---------------------------------------------------------------- spilled rounds (issue 16)
+
+SPILL_K, SPILL_D = 20, 200_000
+SPILL_BYTES = SPILL_K * SPILL_D * 4
+
+
+def spill_coordinator(chain: str, budget: float | None, directory) -> Coordinator:
+    return Coordinator(
+        np.zeros(SPILL_D, np.float32),
+        parse_chain(chain, num_byzantine_default=3),
+        ServerOptimizer("fedavg", 1.0),
+        TrustBook(TrustPolicy()),
+        round_memory_budget=budget,
+        spill_dir=directory,
+    )
+
+
+def stream(number: int, seen: list | None = None, directory=None):
+    """The round's updates built one at a time; ``seen`` records the spill files mid-round."""
+    for i in range(SPILL_K):
+        rng = np.random.default_rng([number, i])
+        scale = 8.0 if i < 3 else 1.0  # three outliers, so that scores and trust differ
+        if seen is not None and i == SPILL_K // 2:
+            seen.extend(p.name for p in directory.glob("round-matrix-*"))
+        yield ClientUpdate(
+            f"c{i:02d}", number, scale * rng.standard_normal(SPILL_D, dtype=np.float32), 50 + i,
+            float(rng.random()),
+        )  # fmt: skip
+
+
+def field(row, key: str) -> float:
+    """A client row's value, whether rows are dicts or records."""
+    value = row[key] if isinstance(row, dict) else getattr(row, key)
+    return np.nan if value is None else float(value)
+
+
+@pytest.mark.parametrize("chain", ["median", "trimmed_mean", "multi_krum", "mean"])
+def test_a_spilled_round_equals_the_round_in_memory_and_leaves_no_file(chain, tmp_path):
+    memory = spill_coordinator(chain, None, tmp_path / "unused")
+    spilled = spill_coordinator(chain, 1024.0, tmp_path)  # 1 KB: every round spills
+    for number in (1, 2):
+        seen: list[str] = []
+        a = memory.finish_round(number, [f"c{i:02d}" for i in range(SPILL_K)], stream(number))
+        b = spilled.finish_round(
+            number, [f"c{i:02d}" for i in range(SPILL_K)], stream(number, seen, tmp_path)
+        )
+        assert len(seen) == 1, "the matrix was not spilled to the state dir during the round"
+        assert list(tmp_path.glob("round-matrix-*")) == [], "the spill file outlived the round"
+        np.testing.assert_allclose(spilled.weights, memory.weights, rtol=1e-6, atol=1e-7)
+        assert a.admitted == b.admitted and a.flagged == b.flagged
+        for row_a, row_b in zip(a.clients, b.clients, strict=True):
+            for key in ("anomaly", "trust", "norm", "cosine", "krum_score", "trimmed_share",
+                        "pair_gap", "history_error"):  # fmt: skip
+                np.testing.assert_allclose(
+                    field(row_b, key), field(row_a, key), rtol=1e-6, equal_nan=True
+                )
+    assert not (tmp_path / "unused").exists()  # in memory, nothing is written
+
+
+def test_a_spilled_round_holds_blocks_not_the_matrix(tmp_path):
+    coordinator = spill_coordinator("median", 1024.0, tmp_path)
+    ids = [f"c{i:02d}" for i in range(SPILL_K)]
+    coordinator.finish_round(1, ids, stream(1))  # kernels and the history sketch load once
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        outcome = coordinator.finish_round(2, ids, stream(2))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(outcome.admitted) == SPILL_K and "skipped" not in outcome.measurements
+    held = (peak - before) / SPILL_BYTES
+    # One update in flight (1/20 of the matrix) and the kernels' column blocks, a few MB.
+    assert held < 0.4, f"a spilled round held {held:.2f} matrix-sized buffers"
+
+
+def test_a_rule_that_copies_the_matrix_says_it_cannot_run_in_blocks(tmp_path):
+    coordinator = spill_coordinator("clip:max_norm=5+median", 1024.0, tmp_path)
+    with pytest.raises(ValueError, match="clip_by_norm.*cannot run in blocks"):
+        coordinator.finish_round(1, [f"c{i:02d}" for i in range(SPILL_K)], stream(1))
+    assert list(tmp_path.glob("round-matrix-*")) == []
+    small = spill_coordinator("clip:max_norm=5+median", float(SPILL_BYTES), tmp_path)
+    assert small.finish_round(1, [f"c{i:02d}" for i in range(SPILL_K)], stream(1)).admitted
