@@ -1,9 +1,14 @@
 """The per-client record keys (fedwarden/records.py) are what the wire carries: every key of a
 ``trust list`` row and of a ``trust show`` round survives the trip through the protocol."""
 
+import dataclasses
+import sqlite3
+
 from fedwarden.protocol.convert import trust_from_proto, trust_to_proto
 from fedwarden.protocol.proto_gen import fedwarden_v1_pb2 as pb
-from fedwarden.records import HISTORY_KEYS, LIST_KEYS
+from fedwarden.records import GAUGES, HISTORY_KEYS, LEDGER_COLUMNS, LIST_KEYS, ClientRound
+from fedwarden.server.ledger import Ledger
+from fedwarden.server.metrics import MetricsExporter
 
 TEXT = {"client_id": "c07", "rejected_reason": "non_finite", "explanation": "collusion +3.1"}
 BOOL = {"flagged", "quarantined"}
@@ -23,3 +28,70 @@ def test_every_record_key_crosses_the_wire():
     rows, rounds = trust_from_proto(pb.TrustReply.FromString(wire))
     assert {k: rows[0].get(k) for k in LIST_KEYS} == row
     assert {k: rounds[0].get(k) for k in HISTORY_KEYS} == history
+
+
+# -- one declaration, ClientRound, drives every place that lists a client's round ------------
+
+
+def _fields(**metadata):
+    return [f.name for f in dataclasses.fields(ClientRound)
+            if all(f.metadata.get(k) == v for k, v in metadata.items())]  # fmt: skip
+
+
+def test_the_ledger_columns_trust_show_keys_wire_fields_and_gauges_come_from_client_round():
+    assert list(LEDGER_COLUMNS) == _fields(stored=True)
+    assert HISTORY_KEYS == tuple(_fields(shown=True))
+    assert set(pb.ClientRound.DESCRIPTOR.fields_by_name) == set(HISTORY_KEYS)
+    assert GAUGES == {f.name: f.metadata["gauge"] for f in dataclasses.fields(ClientRound)
+                      if f.metadata.get("gauge")}  # fmt: skip
+    assert {"client_id", "anomaly", "trust", "norm", "weight", "signal_excess"} <= set(_fields())
+
+
+def test_a_fresh_ledger_has_a_column_per_stored_field(tmp_path):
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        columns = [r[1] for r in ledger._conn.execute("PRAGMA table_info(client_rounds)")]
+    assert columns == ["round", "client_id", *LEDGER_COLUMNS]
+
+
+def test_an_older_ledger_gains_the_columns_it_lacks_and_keeps_its_rows(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    with Ledger(path) as ledger:
+        ledger.record_round(1, [{"client_id": "c01", "trust": 0.9, "norm": 2.0}])
+    # an older schema: one round column and one clients column are missing
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE client_rounds DROP COLUMN history_error")
+    conn.execute("ALTER TABLE clients DROP COLUMN evidence_state")
+    conn.commit()
+    conn.close()
+    with Ledger(path) as ledger:
+        (row,) = ledger.client_history("c01")
+        ledger.record_round(2, [{"client_id": "c01", "history_error": 0.5}])
+        assert ledger.client_history("c01")[1]["history_error"] == 0.5
+    assert row["trust"] == 0.9 and row["norm"] == 2.0 and row["history_error"] is None
+
+
+def test_a_round_record_survives_the_ledger_and_the_wire(tmp_path):
+    record = ClientRound("c07", round=3, anomaly=0.8, trust=0.4, flagged=True, norm=41.0,
+                         cosine=-0.2, loss=1.5, rejected_reason=None, explanation="norm +3.0",
+                         weight=12.0, loss_z=2.0)  # fmt: skip
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        ledger.record_round(3, [record.to_dict()])
+        (stored,) = ledger.client_history("c07")
+    assert {k: stored[k] for k in LEDGER_COLUMNS} == {
+        k: v for k, v in record.to_dict().items() if k in LEDGER_COLUMNS
+    }
+    _, (crossed,) = trust_from_proto(
+        pb.TrustReply.FromString(trust_to_proto([], 3, [stored]).SerializeToString())
+    )
+    assert crossed == {k: record.to_dict()[k] for k in HISTORY_KEYS}
+
+
+def test_the_exporter_has_a_gauge_per_record_gauge_and_reads_it_from_the_round():
+    exporter = MetricsExporter()
+    row = ClientRound("c07", anomaly=0.75, trust=0.25, flagged=True, norm=3.0, cosine=0.5,
+                      evidence=4.0)  # fmt: skip
+    exporter.observe_round(1, 0.9, 0.1, 0.5, [row.to_dict()])
+    text = exporter.render().decode()
+    for field_name, (metric, _) in GAUGES.items():
+        expected = float(getattr(row, field_name))
+        assert f'{metric}{{client_id="c07"}} {expected}' in text, metric
