@@ -326,6 +326,12 @@ class DefenceConfig(Section):
         4.0, "a client weighs at most this multiple of the cohort's median example count, "
         "whatever count it reports", low=1, metavar="R",
     )  # fmt: skip
+    round_memory_budget: float | None = option(
+        None, "MB of private memory for a round's update matrix (cohort x parameters x 4 bytes): "
+        "a larger one is spilled to a memory-mapped file in the output or state directory and "
+        "read in column blocks (chains of mean, median, trimmed_mean, krum, multi_krum; none: "
+        "always in memory)", kind=float, low=0, low_open=True, metavar="MB",
+    )  # fmt: skip
 
     def check(self) -> None:
         if not self.aggregator.strip():

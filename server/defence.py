@@ -217,4 +217,8 @@ def build_coordinator(
         anomaly_weights=config.anomaly_weights,
         max_update_norm=config.max_update_norm,
         max_weight_ratio=config.max_weight_ratio,
+        round_memory_budget=None
+        if config.round_memory_budget is None
+        else config.round_memory_budget * 2**20,
+        spill_dir=config.out,
     )
