@@ -88,6 +88,14 @@ BLOCKWISE_STEPS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "gaus
 returns a clipped copy of every row)."""
 
 
+def _step_names(step: Any) -> list[str]:
+    """The names of a chain's steps, nested chains flattened."""
+    children = getattr(step, "steps", None)
+    if children is None:
+        return [getattr(step, "name", repr(step))]
+    return [name for child in children for name in _step_names(child)]
+
+
 def _finite(values: np.ndarray) -> bool:
     return bool(np.all(np.isfinite(values)))
 
@@ -216,9 +224,7 @@ class Coordinator:
             store.close()
 
     def _check_blockwise(self, store: UpdateMatrix) -> None:
-        steps = [
-            getattr(step, "name", repr(step)) for step in getattr(self.chain, "steps", [self.chain])
-        ]
+        steps = _step_names(self.chain)
         copying = [name for name in steps if name not in BLOCKWISE_STEPS]
         if copying:
             raise ValueError(
