@@ -20,13 +20,14 @@ import numpy as np
 from fedwarden.aggregation.accounting import poisson_sample
 from fedwarden.aggregation.base import AggregationError, Step
 from fedwarden.aggregation.detection import HistoryForecast
-from fedwarden.aggregation.rules import median
+from fedwarden.aggregation.rules import Median, median
 from fedwarden.aggregation.scoring import (
     HISTORY_METRIC,
     anomaly_components,
     anomaly_score,
     client_metrics,
     median_and_trimmed_shares,
+    trimmed_shares,
 )
 from fedwarden.records import ClientRound
 from fedwarden.server.admission import Admission, ClientUpdate, Rejection
@@ -86,6 +87,15 @@ def bounded_weights(num_examples: list[int], max_ratio: float | None) -> np.ndar
 BLOCKWISE_STEPS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "gaussian_noise")
 """Steps that read a spilled matrix in column blocks, never copying it (clipping, for one,
 returns a clipped copy of every row)."""
+
+
+def _single_step(step: Any) -> Any:
+    """The one step a chain of one step (nested or not) runs, else None."""
+    while getattr(step, "steps", None) is not None:
+        if len(step.steps) != 1:
+            return None
+        step = step.steps[0]
+    return step
 
 
 def _step_names(step: Any) -> list[str]:
@@ -321,6 +331,9 @@ class Coordinator:
             # (shares only when the chain did not report the ones it used).
             if "trimmed_share" in per_client:
                 reference = self._median(matrix, np.ones(len(ids)), None).updates[0]
+            elif out is not None and counted.all() and isinstance(_single_step(self.chain), Median):
+                reference = out.updates[0]  # the chain computed this very median: no second pass
+                per_client["trimmed_share"] = trimmed_shares(matrix)
             else:
                 reference, per_client["trimmed_share"] = median_and_trimmed_shares(matrix)
             metrics = client_metrics(matrix, reference, losses, per_client)

@@ -10,7 +10,9 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from fedwarden.aggregation.chain import parse_chain
+from fedwarden.aggregation import median
+from fedwarden.aggregation.base import StatelessStep, StepOutput
+from fedwarden.aggregation.chain import chain, parse_chain
 from fedwarden.server.admission import ClientUpdate
 from fedwarden.server.coordinator import Coordinator
 from fedwarden.server.optimizers import ServerOptimizer
@@ -146,3 +148,28 @@ def test_a_rule_that_copies_the_matrix_says_it_cannot_run_in_blocks(tmp_path):
     assert list(tmp_path.glob("round-matrix-*")) == []
     small = spill_coordinator("clip:max_norm=5+median", float(SPILL_BYTES), tmp_path)
     assert small.finish_round(1, [f"c{i:02d}" for i in range(SPILL_K)], stream(1)).admitted
+
+
+class _Unchanged(StatelessStep):
+    """Passes the cohort on as it is: a chain that is not the plain median, with its values."""
+
+    name = "unchanged"
+    keeps_rows = True
+
+    def apply(self, updates, weights):
+        return StepOutput(updates, weights)
+
+
+def test_the_median_chain_lends_its_median_to_scoring_with_the_same_scores(tmp_path):
+    ids = [f"c{i:02d}" for i in range(SPILL_K)]
+    plain = spill_coordinator("median", None, tmp_path)
+    other = spill_coordinator("median", None, tmp_path)
+    other.chain = chain(_Unchanged(), median())  # the scoring reference is computed apart
+    other.chain_state = other.chain.init()
+    for number in (1, 2):
+        a = plain.finish_round(number, ids, stream(number))
+        b = other.finish_round(number, ids, stream(number))
+        np.testing.assert_array_equal(plain.weights, other.weights)
+        for row_a, row_b in zip(a.clients, b.clients, strict=True):
+            for key in ("anomaly", "trust", "cosine", "distance", "trimmed_share", "history_error"):
+                assert field(row_a, key) == field(row_b, key) or np.isnan(field(row_a, key))
