@@ -417,7 +417,9 @@ def gram(updates: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
     k, d = updates.shape
     extra = None if extra is None else np.reshape(extra, (-1, d)).astype(updates.dtype)
     n = k + (0 if extra is None else len(extra))
-    columns = max(256, _GRAM_BYTES // (n * updates.dtype.itemsize))
+    # At least 8 n columns: each block's (n, n) product and its float64 sum then cost a small
+    # fraction of the block's own work (at K=1000 and 2 MB blocks they cost more than the block).
+    columns = max(256, _GRAM_BYTES // (n * updates.dtype.itemsize), 8 * n)
     starts = list(range(0, d, columns))
 
     def partial(chunk: list[int]) -> np.ndarray:
