@@ -168,6 +168,7 @@ class Coordinator:
         self.max_weight_ratio = max_weight_ratio
         self.round_memory_budget = round_memory_budget  # bytes
         self.spill_dir = spill_dir
+        self._matrix_buffer: np.ndarray | None = None  # the last in-memory round's matrix
         self.round = 0  # last completed round
         self.optimizer_state = optimizer.init(self.weights.size)
         self.chain_state = chain.init()
@@ -219,17 +220,25 @@ class Coordinator:
         weights stay as they were and ``measurements["skipped"]`` says why. Clients are
         scored against the cohort's coordinate-wise median whatever the rule.
 
-        Memory: the update matrix is held once; with ``round_memory_budget`` set and the
-        cohort's matrix larger than it, it is a memory-mapped file in ``spill_dir``, deleted
-        when the round ends (``server/update_matrix.py``).
+        Memory: the update matrix is held once, and kept for the next round when it is in
+        memory; with ``round_memory_budget`` set and the cohort's matrix larger than it, it is
+        a memory-mapped file in ``spill_dir``, deleted when the round ends
+        (``server/update_matrix.py``).
         """
         store = UpdateMatrix(
-            len(set(selected)), self.weights.size, self.round_memory_budget, self.spill_dir
+            len(set(selected)),
+            self.weights.size,
+            self.round_memory_budget,
+            self.spill_dir,
+            reuse=self._matrix_buffer,
         )
+        self._matrix_buffer = None  # the round owns it until it returns
         try:
             if store.spilled:
                 self._check_blockwise(store)
-            return self._round(round_number, selected, updates, store)
+            outcome = self._round(round_number, selected, updates, store)
+            self._matrix_buffer = store.buffer  # kept: refilling it costs no page faults
+            return outcome
         finally:
             store.close()
 
