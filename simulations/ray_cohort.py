@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from fedwarden.aggregation.chain import Chain
 from fedwarden.config import RunConfig
 from fedwarden.errors import UsageError
 from fedwarden.server.driver import Cohort
@@ -154,7 +155,11 @@ class RayClients:
 
 
 def simulate_on_ray(
-    config: RunConfig, address: str, resume: bool = False, num_actors: int | None = None
+    config: RunConfig,
+    address: str,
+    resume: bool = False,
+    num_actors: int | None = None,
+    aggregator: Chain | None = None,
 ) -> dict[str, Any]:
     """``fedwarden simulate`` with the cohorts trained on the Ray cluster at ``address``.
 
@@ -163,6 +168,7 @@ def simulate_on_ray(
       address: the cluster (``fedwarden.simulations.ray_grid.connect``).
       resume: continue the run in ``config.out`` from its last checkpoint.
       num_actors: actors to start (default: the cluster's CPUs).
+      aggregator: the parsed ``--aggregator`` that ``check_run`` returned (parsed when None).
 
     Returns:
       The run's results (``results.json``), as a local run returns them.
@@ -180,4 +186,4 @@ def simulate_on_ray(
     connect(address)
     simulation = Simulation(config, make_federation(config))
     simulation.transport = lambda run: RayClients(run, num_actors)
-    return simulation.run(config, Path(config.out), resume=resume)
+    return simulation.run(config, Path(config.out), resume=resume, aggregator=aggregator)

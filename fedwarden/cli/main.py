@@ -273,7 +273,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.ray_address:
         from fedwarden.simulations.ray_cohort import simulate_on_ray
 
-        results = simulate_on_ray(config, args.ray_address, args.resume, args.ray_actors)
+        results = simulate_on_ray(
+            config, args.ray_address, args.resume, args.ray_actors, aggregator
+        )
     else:
         results = simulate(config, resume=args.resume, aggregator=aggregator)
     print(summary_table(results))
