@@ -28,6 +28,8 @@ ROUND_COLUMNS = (
     "flagged",
     "duration_s",
 )
+"""Columns of ``rounds.csv``: the run's figures, one row per round (keys of ``results.json``'s
+round records). Per-client figures are ``fedwarden.records.ClientRound``, in the ledger."""
 
 
 def write_rounds_csv(rounds: list[dict[str, Any]], path: Path) -> None:
