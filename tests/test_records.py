@@ -4,6 +4,9 @@
 import dataclasses
 import sqlite3
 
+import numpy as np
+
+from fedwarden.aggregation.scoring import HISTORY_METRIC, client_metrics
 from fedwarden.protocol.convert import trust_from_proto, trust_to_proto
 from fedwarden.protocol.proto_gen import fedwarden_v1_pb2 as pb
 from fedwarden.records import GAUGES, HISTORY_KEYS, LEDGER_COLUMNS, LIST_KEYS, ClientRound
@@ -95,3 +98,10 @@ def test_the_exporter_has_a_gauge_per_record_gauge_and_reads_it_from_the_round()
     for field_name, (metric, _) in GAUGES.items():
         expected = float(getattr(row, field_name))
         assert f'{metric}{{client_id="c07"}} {expected}' in text, metric
+
+
+def test_every_scoring_metric_is_a_client_round_field():
+    rng = np.random.default_rng(0)
+    matrix = rng.normal(size=(6, 8)).astype(np.float32)
+    metrics = client_metrics(matrix, np.median(matrix, axis=0), np.ones(6), {})
+    assert set(metrics) | {HISTORY_METRIC} <= set(_fields()), "declare it in ClientRound"
