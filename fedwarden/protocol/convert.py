@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 
 from fedwarden.protocol.proto_gen import fedwarden_v1_pb2 as pb
-from fedwarden.records import FIELDS, HISTORY_KEYS
 
 CLIENT_ID_HEADER = "x-fedwarden-client-id"
 """gRPC metadata key naming the caller in token mode (mTLS takes the identity from the certificate)."""
@@ -84,79 +83,52 @@ def spec_from_proto(msg: pb.TrainingSpec) -> TrainingSpec:
     )
 
 
-_TRUST_FLOATS = ("trust", "anomaly", "norm", "cosine", "evidence")
-_ROUND_KINDS = {f.name: f.metadata["kind"] for f in FIELDS if f.name in HISTORY_KEYS}
-"""The wire's ``ClientRound`` fields, as ``records.ClientRound`` declares them (no client_id)."""
+def _message(message_type: type, row: dict[str, Any]) -> Any:
+    """A row as a ``ClientTrust`` or ``ClientRound`` message, field by field of the message: a
+    missing or None value leaves an optional field unset and is "", False or 0 otherwise."""
+    fields: dict[str, Any] = {}
+    for f in message_type.DESCRIPTOR.fields:
+        value = row.get(f.name)
+        if value is None and f.has_presence:
+            continue
+        if f.type == f.TYPE_STRING:
+            fields[f.name] = value or ""
+        elif f.type == f.TYPE_BOOL:
+            fields[f.name] = bool(value)
+        elif f.type == f.TYPE_DOUBLE:
+            fields[f.name] = float(value or 0)
+        else:
+            fields[f.name] = int(value or 0)
+    return message_type(**fields)
 
 
-def _present(row: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    return {k: row[k] for k in keys if row.get(k) is not None}
+def _row(msg: Any) -> dict[str, Any]:
+    """A message as a row: an unset optional field or an empty string is None."""
+    row: dict[str, Any] = {}
+    for f in msg.DESCRIPTOR.fields:
+        value = getattr(msg, f.name)
+        if (f.has_presence and not msg.HasField(f.name)) or value == "":
+            value = None
+        row[f.name] = value
+    return row
 
 
 def trust_to_proto(
     rows: list[dict[str, Any]], last_round: int, history: list[dict[str, Any]] = ()
 ) -> pb.TrustReply:
-    """``Ledger.list_clients()`` rows (and ``client_history`` rows) as a TrustReply."""
-    clients = [
-        pb.ClientTrust(
-            client_id=row["client_id"],
-            flagged=bool(row.get("flagged")),
-            quarantined=bool(row.get("quarantined")),
-            rounds=int(row.get("rounds") or 0),
-            rejected=int(row.get("rejected") or 0),
-            explanation=row.get("explanation") or "",
-            **_present(row, (*_TRUST_FLOATS, "last_round")),
-        )
-        for row in rows
-    ]
-    rounds = [pb.ClientRound(**_round_fields(row)) for row in history]
-    return pb.TrustReply(last_round=last_round, clients=clients, history=rounds)
+    """``Ledger.list_clients()`` rows (and ``client_history`` rows) as a TrustReply.
+
+    The messages carry every key of ``records.LIST_KEYS`` (plus the latest norm and cosine) and
+    ``records.HISTORY_KEYS`` (``ClientRound``'s shown fields; tests/test_records.py holds the
+    proto to them)."""
+    return pb.TrustReply(
+        last_round=last_round,
+        clients=[_message(pb.ClientTrust, row) for row in rows],
+        history=[_message(pb.ClientRound, row) for row in history],
+    )
 
 
 def trust_from_proto(reply: pb.TrustReply) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """``(clients, history)``: rows shaped like ``Ledger.list_clients()`` and
     ``Ledger.client_history()``, as a remote coordinator holds them."""
-    rows = []
-    for c in reply.clients:
-        row: dict[str, Any] = {
-            "client_id": c.client_id,
-            "flagged": c.flagged,
-            "quarantined": c.quarantined,
-            "rounds": c.rounds,
-            "rejected": c.rejected,
-            "explanation": c.explanation or None,
-        }
-        for key in (*_TRUST_FLOATS, "last_round"):
-            row[key] = getattr(c, key) if c.HasField(key) else None
-        rows.append(row)
-    return rows, [_round_row(r) for r in reply.history]
-
-
-def _round_row(msg: pb.ClientRound) -> dict[str, Any]:
-    """A ``pb.ClientRound`` as a ``client_history`` row: an unset number or empty string is None."""
-    row: dict[str, Any] = {}
-    for key, kind in _ROUND_KINDS.items():
-        value = getattr(msg, key)
-        if kind is str:
-            value = value or None
-        elif kind is float and not msg.HasField(key):
-            value = None
-        row[key] = value
-    return row
-
-
-def _round_fields(row: dict[str, Any]) -> dict[str, Any]:
-    """A ``client_history`` row as ``pb.ClientRound`` fields: None is an unset optional number,
-    an empty string or False."""
-    fields: dict[str, Any] = {}
-    for key, kind in _ROUND_KINDS.items():
-        value = row.get(key)
-        if kind is bool:
-            fields[key] = bool(value)
-        elif kind is str:
-            fields[key] = value or ""
-        elif kind is int:
-            fields[key] = int(value)
-        elif value is not None:
-            fields[key] = value
-    return fields
+    return [_row(c) for c in reply.clients], [_row(r) for r in reply.history]
