@@ -200,6 +200,15 @@ def test_attackers_built_to_hide_are_flagged_on_digits(attack, tmp_path):
 
 
 @pytest.mark.slow
+def test_gaussian_attackers_are_flagged_under_the_rule_a_user_would_run(tmp_path):
+    """``auto`` with the default sampling-aware budget: the model survives, so detection does."""
+    results = digits_run(tmp_path, attack="gaussian", aggregator="auto", num_byzantine=None)
+    detection = results["final"]["detection"]
+    assert detection["precision"] == 1.0 and detection["recall"] >= 0.75, detection
+    assert results["final"]["accuracy"] > 0.8
+
+
+@pytest.mark.slow
 def test_free_riders_are_flagged_on_their_first_round_on_digits(tmp_path):
     results = digits_run(tmp_path, attack="free_rider", rounds=5)
     seen = {c for r in results["rounds"] for c in r["selected"]}
