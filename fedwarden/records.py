@@ -115,3 +115,14 @@ GAUGES: dict[str, tuple[str, str]] = {
     f.name: f.metadata["gauge"] for f in FIELDS if f.metadata.get("gauge")
 }
 """Field -> (metric name, help) of each per-client gauge that comes from the round record."""
+
+
+def list_entry(row: dict[str, Any]) -> dict[str, Any]:
+    """A ``trust list`` entry from a ledger or wire row: its ``LIST_KEYS``."""
+    return {k: row.get(k) for k in LIST_KEYS}
+
+
+def show_entry(client: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
+    """A ``trust show`` object: the client's ``list_entry`` plus ``history``, one dict of
+    ``HISTORY_KEYS`` per round."""
+    return {**list_entry(client), "history": [{k: r.get(k) for k in HISTORY_KEYS} for r in history]}

@@ -19,7 +19,7 @@ import sys
 from typing import Any
 
 from fedwarden.errors import UsageError
-from fedwarden.records import HISTORY_KEYS, LIST_KEYS
+from fedwarden.records import HISTORY_KEYS, LIST_KEYS, list_entry, show_entry
 
 
 def add_trust_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -141,7 +141,7 @@ def _list_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.server:
         return query_server(args.server, args=args)
     with _open(args.ledger) as ledger:
-        return [{k: row.get(k) for k in LIST_KEYS} for row in ledger.list_clients()]
+        return [list_entry(row) for row in ledger.list_clients()]
 
 
 def _show_data(args: argparse.Namespace) -> dict[str, Any]:
@@ -155,10 +155,7 @@ def _show_data(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(
                 f"unknown client {args.client_id!r} in {args.ledger}" + (hint if known else "")
             )
-        history = ledger.client_history(args.client_id)
-    data = {k: client.get(k) for k in LIST_KEYS}
-    data["history"] = [{k: row.get(k) for k in HISTORY_KEYS} for row in history]
-    return data
+        return show_entry(client, ledger.client_history(args.client_id))
 
 
 def _fmt(value: Any) -> str:

@@ -188,14 +188,12 @@ def query_trust(args: argparse.Namespace, client_id: str | None = None) -> Any:
 
     Without ``client_id``: the list rows; with it: the client's row plus ``history``.
     """
-    from fedwarden.records import HISTORY_KEYS, LIST_KEYS
+    from fedwarden.records import list_entry, show_entry
 
     rows, history = fetch_trust(connection_from_args(args, client_id="trust-cli"), client_id)
     if client_id is None:
-        return [{k: row.get(k) for k in LIST_KEYS} for row in rows]
-    data = {k: rows[0].get(k) for k in LIST_KEYS}
-    data["history"] = [{k: row.get(k) for k in HISTORY_KEYS} for row in history]
-    return data
+        return [list_entry(row) for row in rows]
+    return show_entry(rows[0], history)
 
 
 def describe(exc: grpc.RpcError) -> str:
