@@ -27,6 +27,7 @@ the column blocks' products (BLAS ``syrk`` in the input dtype) summed in float64
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib.util
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -156,6 +157,9 @@ def median(updates: np.ndarray) -> np.ndarray:
     The mean is taken as ``0.5 * a + 0.5 * b`` in the input dtype (never overflows), the value
     ``np.median`` gives.
     """
+    shared = _shared(updates)
+    if shared is not None:
+        return shared.statistics()[0].copy()
     k, d = updates.shape
     out = np.empty(d, updates.dtype)
     if order_kernel(k, updates.dtype) == "numba":
@@ -217,6 +221,9 @@ def trimmed_counts(updates: np.ndarray, t: int) -> np.ndarray:
     Ties at a cut are broken by row order, as a stable sort of each column does: the first tied
     rows are trimmed at the low cut, the last ones at the high cut.
     """
+    shared = _shared(updates)
+    if shared is not None and shared.t == t:
+        return shared.statistics()[1].copy()
     k, d = updates.shape
     if order_kernel(k, updates.dtype) == "numba":
         return sum((c for c, _ in _trim_numba(updates, t, None, stable=True)), np.zeros(k, int))
@@ -237,6 +244,10 @@ def median_and_trimmed_counts(updates: np.ndarray, t: int) -> tuple[np.ndarray, 
     Both read the same order statistics of each column block, so the pair costs about what the
     counts alone cost. Needs ``K >= 2 t + 1``.
     """
+    shared = _shared(updates)
+    if shared is not None and shared.t == t:
+        med, counts = shared.statistics()
+        return med.copy(), counts.copy()
     k, d = updates.shape
     if not 1 <= t <= (k - 1) // 2:
         raise ValueError(
@@ -261,6 +272,69 @@ def median_and_trimmed_counts(updates: np.ndarray, t: int) -> tuple[np.ndarray, 
         return counts
 
     return med, sum(_over_columns(chunk, d, k), np.zeros(k, np.int64))
+
+
+class _SharedStatistics:
+    """The median and ``t``-trimmed counts of one registered matrix, computed once on demand."""
+
+    def __init__(self, matrix: np.ndarray, t: int):
+        self.matrix, self.t = matrix, t  # the reference keeps the buffer from being reused
+        self._key = _array_key(matrix)
+        self._values: tuple[np.ndarray, np.ndarray] | None = None
+
+    def serves(self, updates: np.ndarray) -> bool:
+        return _array_key(updates) == self._key
+
+    def statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._values is None:
+            self._values = _scope_off(median_and_trimmed_counts, self.matrix, self.t)
+        return self._values
+
+
+def _array_key(x: np.ndarray) -> tuple:
+    """Same buffer, layout and dtype: any view of the registered matrix that reads the same
+    values (``np.asarray`` of it, a full slice), never another matrix."""
+    return (x.__array_interface__["data"][0], x.shape, x.strides, x.dtype.str)
+
+
+_SCOPE: contextvars.ContextVar[list | None] = contextvars.ContextVar("order_scope", default=None)
+
+
+@contextlib.contextmanager
+def order_statistics_scope() -> Iterator[None]:
+    """Within the block, the median and trimmed counts of a matrix registered with
+    :func:`share_order_statistics` come from one pass, however many callers ask for them.
+
+    The caller promises that a registered matrix does not change inside the block (steps never
+    modify their inputs); leaving the block forgets every registration.
+    """
+    token = _SCOPE.set([])
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
+def share_order_statistics(matrix: np.ndarray, t: int) -> None:
+    """Registers ``matrix`` (``K >= 2t + 1``, ``t >= 1``) in the current scope (no-op outside)."""
+    registered = _SCOPE.get()
+    if registered is not None and 1 <= t <= (matrix.shape[0] - 1) // 2 and matrix.shape[1]:
+        registered[:] = [_SharedStatistics(matrix, t)]  # the latest matrix replaces the last
+
+
+def _shared(updates: np.ndarray) -> _SharedStatistics | None:
+    registered = _SCOPE.get()
+    if not registered or not isinstance(updates, np.ndarray):
+        return None
+    return registered[0] if registered[0].serves(updates) else None
+
+
+def _scope_off(fn: Callable[..., T], *args: Any) -> T:
+    token = _SCOPE.set(None)  # the computation itself must not look itself up
+    try:
+        return fn(*args)
+    finally:
+        _SCOPE.reset(token)
 
 
 def _trim_numba(

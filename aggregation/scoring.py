@@ -74,6 +74,8 @@ either way.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from fedwarden.aggregation import _kernels
@@ -167,10 +169,37 @@ def trimmed_shares(updates: np.ndarray, trim_ratio: float = DEFAULT_TRIM_RATIO) 
     networks over column blocks, or numpy's sort), which gives a stable sort's tie-break.
     """
     k, d = updates.shape
-    t = max(1, int(np.floor(trim_ratio * k)))
+    t = _trim_count(k, trim_ratio)
     if k < 2 * t + 1 or d == 0:
         return np.full(k, np.nan)
     return _kernels.trimmed_counts(updates, t) / d
+
+
+def _trim_count(k: int, trim_ratio: float) -> int:
+    return max(1, int(np.floor(trim_ratio * k)))
+
+
+def order_statistics_scope() -> Any:
+    """A context in which a matrix given to :func:`share_order_statistics` has its median and
+    trimmed shares computed once, by one pass, for every caller (the chain's median rule, the
+    scoring reference, :func:`trimmed_shares`, :func:`median_and_trimmed_shares`).
+
+    Example::
+
+        with order_statistics_scope():
+            share_order_statistics(matrix)
+            aggregate = median()(matrix, weights, None)           # the one pass
+            reference, shares = median_and_trimmed_shares(matrix)  # no second one
+    """
+    return _kernels.order_statistics_scope()
+
+
+def share_order_statistics(updates: np.ndarray, trim_ratio: float = DEFAULT_TRIM_RATIO) -> None:
+    """Registers ``updates`` in the current :func:`order_statistics_scope` (no-op outside one).
+
+    The matrix must not change while the scope lasts.
+    """
+    _kernels.share_order_statistics(updates, _trim_count(updates.shape[0], trim_ratio))
 
 
 def median_and_trimmed_shares(
@@ -187,7 +216,7 @@ def median_and_trimmed_shares(
         :func:`trimmed_shares` give (shares NaN when ``K < 2t + 1``).
     """
     k, d = updates.shape
-    t = max(1, int(np.floor(trim_ratio * k)))
+    t = _trim_count(k, trim_ratio)
     if k < 2 * t + 1 or d == 0:
         return _kernels.median(updates), np.full(k, np.nan)
     med, counts = _kernels.median_and_trimmed_counts(updates, t)

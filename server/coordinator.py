@@ -20,14 +20,15 @@ import numpy as np
 from fedwarden.aggregation.accounting import poisson_sample
 from fedwarden.aggregation.base import AggregationError, Step
 from fedwarden.aggregation.detection import HistoryForecast
-from fedwarden.aggregation.rules import Median, median
+from fedwarden.aggregation.rules import median
 from fedwarden.aggregation.scoring import (
     HISTORY_METRIC,
     anomaly_components,
     anomaly_score,
     client_metrics,
     median_and_trimmed_shares,
-    trimmed_shares,
+    order_statistics_scope,
+    share_order_statistics,
 )
 from fedwarden.records import ClientRound
 from fedwarden.server.admission import Admission, ClientUpdate, Rejection
@@ -87,15 +88,6 @@ def bounded_weights(num_examples: list[int], max_ratio: float | None) -> np.ndar
 BLOCKWISE_STEPS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "gaussian_noise")
 """Steps that read a spilled matrix in column blocks, never copying it (clipping, for one,
 returns a clipped copy of every row)."""
-
-
-def _single_step(step: Any) -> Any:
-    """The one step a chain of one step (nested or not) runs, else None."""
-    while getattr(step, "steps", None) is not None:
-        if len(step.steps) != 1:
-            return None
-        step = step.steps[0]
-    return step
 
 
 def _step_names(step: Any) -> list[str]:
@@ -236,7 +228,8 @@ class Coordinator:
         try:
             if store.spilled:
                 self._check_blockwise(store)
-            outcome = self._round(round_number, selected, updates, store)
+            with order_statistics_scope():
+                outcome = self._round(round_number, selected, updates, store)
             self._matrix_buffer = store.buffer  # kept: refilling it costs no page faults
             return outcome
         finally:
@@ -282,6 +275,7 @@ class Coordinator:
         rows: list[ClientRound] = []
         if admitted:
             matrix = store.matrix
+            share_order_statistics(matrix)  # one order pass serves the chain and the scoring
             weights = bounded_weights(
                 [u.num_examples for u in admitted], self.max_weight_ratio
             ) * np.array([self.trust.weight_multiplier(u.client_id) for u in admitted])
@@ -301,6 +295,7 @@ class Coordinator:
                                 round_number, admitted[i].client_id)  # fmt: skip
                 admitted = [u for u, k in zip(admitted, keep) if k]
                 matrix, weights = store.keep(keep), weights[keep]
+                share_order_statistics(matrix)
                 out, error = (
                     self._aggregate(matrix, weights, [u.client_id for u in admitted])
                     if admitted
@@ -336,13 +331,10 @@ class Coordinator:
             # Scores compare each client with the cohort's coordinate-wise median, not with the
             # round's aggregate: a plain mean is dragged by the attackers and DP noise blurs any
             # aggregate, and one reference keeps scores comparable across aggregation rules.
-            # The median and the trimmed shares come from one pass over the order statistics
-            # (shares only when the chain did not report the ones it used).
+            # The median and the trimmed shares come from the round's one pass over the order
+            # statistics, which a median chain has already made (``order_statistics_scope``).
             if "trimmed_share" in per_client:
                 reference = self._median(matrix, np.ones(len(ids)), None).updates[0]
-            elif out is not None and counted.all() and isinstance(_single_step(self.chain), Median):
-                reference = out.updates[0]  # the chain computed this very median: no second pass
-                per_client["trimmed_share"] = trimmed_shares(matrix)
             else:
                 reference, per_client["trimmed_share"] = median_and_trimmed_shares(matrix)
             metrics = client_metrics(matrix, reference, losses, per_client)

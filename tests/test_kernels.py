@@ -19,7 +19,12 @@ from hypothesis import strategies as st
 
 import fedwarden.aggregation._kernels as kernels
 from fedwarden.aggregation import bulyan, median, trimmed_mean
-from fedwarden.aggregation.scoring import median_and_trimmed_shares, trimmed_shares
+from fedwarden.aggregation.scoring import (
+    median_and_trimmed_shares,
+    order_statistics_scope,
+    share_order_statistics,
+    trimmed_shares,
+)
 from tests.test_aggregation import ref_bulyan, ref_median, ref_trimmed_mean
 
 # The path fixture only sets module attributes: sharing it between examples is what is meant.
@@ -149,6 +154,33 @@ def test_scoring_reference_and_shares_equal_median_and_trimmed_shares(path):
         med, shares = median_and_trimmed_shares(x)
         np.testing.assert_array_equal(med, np.median(x, axis=0))
         np.testing.assert_array_equal(shares, trimmed_shares(x))
+
+
+def test_a_registered_matrix_gets_one_order_pass_for_every_caller(path, monkeypatch):
+    x = np.random.default_rng(7).integers(-2, 3, size=(21, 900)).astype(np.float32)
+    passes = []
+    over_columns = kernels._over_columns
+
+    def counted(fn, d, k, *align):  # every pass over the columns goes through here
+        passes.append(k)
+        return over_columns(fn, d, k, *align)
+
+    monkeypatch.setattr(kernels, "_over_columns", counted)
+    with order_statistics_scope():
+        share_order_statistics(x)
+        chain_median = median()(np.asarray(x), None, None).updates[0]  # a view: served
+        reference, shares = median_and_trimmed_shares(x)
+        again = trimmed_shares(x[:, :])
+        assert len(passes) == 1
+        other = kernels.median(x.copy())  # another buffer: computed apart
+    assert len(passes) == 2
+    np.testing.assert_array_equal(chain_median, np.median(x, axis=0))
+    np.testing.assert_array_equal(reference, chain_median)
+    np.testing.assert_array_equal(other, chain_median)
+    np.testing.assert_array_equal(shares, stable_counts(x, 2) / 900)
+    np.testing.assert_array_equal(again, shares)
+    median_and_trimmed_shares(x)  # the scope has ended: nothing is cached
+    assert len(passes) == 3
 
 
 @PROPERTY
