@@ -24,10 +24,10 @@ import grpc
 import numpy as np
 import pytest
 
+from fedwarden.config import DeploymentConfig
 from fedwarden.data.validation import DataError, check_arrays, check_labels, load_npz, prepare
 from fedwarden.errors import UsageError
 from fedwarden.protocol.connection import Connection, fetch_trust
-from fedwarden.config import DeploymentConfig
 from fedwarden.protocol.convert import TrainingSpec, spec_from_proto, spec_to_proto
 from fedwarden.protocol.proto_gen import fedwarden_v1_pb2 as pb
 from fedwarden.protocol.proto_gen import fedwarden_v1_pb2_grpc as pb_grpc
