@@ -329,6 +329,29 @@ def _shared(updates: np.ndarray) -> _SharedStatistics | None:
     return registered[0] if registered[0].serves(updates) else None
 
 
+_ALLOCATE: contextvars.ContextVar[Callable[[tuple, Any], np.ndarray] | None] = (
+    contextvars.ContextVar("row_allocator", default=None)
+)
+
+
+@contextlib.contextmanager
+def row_allocator(allocate: Callable[[tuple, Any], np.ndarray]) -> Iterator[None]:
+    """Within the block, steps that build a new ``(K, d)`` matrix (``clip_rows``) get its
+    buffer from ``allocate(shape, dtype)``: the coordinator hands out memory-mapped files when the
+    round's matrix is spilled, so the copy does not land in private memory either."""
+    token = _ALLOCATE.set(allocate)
+    try:
+        yield
+    finally:
+        _ALLOCATE.reset(token)
+
+
+def new_rows(shape: tuple, dtype: Any) -> np.ndarray:
+    """An uninitialised matrix from the current :func:`row_allocator` (``np.empty`` outside)."""
+    allocate = _ALLOCATE.get()
+    return np.empty(shape, dtype) if allocate is None else allocate(shape, dtype)
+
+
 def _scope_off(fn: Callable[..., T], *args: Any) -> T:
     token = _SCOPE.set(None)  # the computation itself must not look itself up
     try:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from fedwarden.aggregation._kernels import row_norms
+from fedwarden.aggregation._kernels import new_rows, row_norms
 from fedwarden.aggregation._tf_queries import compiled_accumulate, flatten_state
 from fedwarden.aggregation.base import AggregationError, StepOutput, as_cohort
 
@@ -36,7 +36,9 @@ def clip_rows(updates: np.ndarray, max_norm: float) -> tuple[np.ndarray, np.ndar
     norms = row_norms(updates)
     with np.errstate(divide="ignore"):
         scale = np.minimum(1.0, max_norm / norms)  # norm 0 -> inf -> 1
-    return updates * scale.astype(updates.dtype)[:, None], norms
+    clipped = new_rows(updates.shape, updates.dtype)  # a file under a round memory budget
+    np.multiply(updates, scale.astype(updates.dtype)[:, None], out=clipped)
+    return clipped, norms
 
 
 class ClipByNorm:

@@ -8,6 +8,7 @@ caller, which knows its test data.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from fedwarden.aggregation._kernels import row_allocator
 from fedwarden.aggregation.accounting import poisson_sample
 from fedwarden.aggregation.base import AggregationError, Step
 from fedwarden.aggregation.detection import HistoryForecast
@@ -85,9 +87,10 @@ def bounded_weights(num_examples: list[int], max_ratio: float | None) -> np.ndar
     return np.minimum(counts, max_ratio * float(np.median(counts)))
 
 
-BLOCKWISE_STEPS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "gaussian_noise")
-"""Steps that read a spilled matrix in column blocks, never copying it (clipping, for one,
-returns a clipped copy of every row)."""
+BLOCKWISE_STEPS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "gaussian_noise",
+                   "clip_by_norm", "adaptive_clip_by_norm")  # fmt: skip
+"""Steps that read a spilled matrix in column blocks and never hold a copy of it in private
+memory (clipping writes its clipped copy to another spill file, ``UpdateMatrix.allocate``)."""
 
 
 def _step_names(step: Any) -> list[str]:
@@ -228,7 +231,8 @@ class Coordinator:
         try:
             if store.spilled:
                 self._check_blockwise(store)
-            with order_statistics_scope():
+            copies = row_allocator(store.allocate) if store.spilled else contextlib.nullcontext()
+            with order_statistics_scope(), copies:
                 outcome = self._round(round_number, selected, updates, store)
             self._matrix_buffer = store.buffer  # kept: refilling it costs no page faults
             return outcome

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,16 +55,33 @@ class UpdateMatrix:
         self.dim = int(dim)
         self.count = 0
         self.path: Path | None = None
+        self.directory = directory
+        self._extra: list[Path] = []  # further spilled matrices of the round (a clipped copy)
         self.nbytes = int(rows) * self.dim * 4  # the matrix of a full cohort
         if budget_bytes is None or self.nbytes <= budget_bytes or rows == 0:
             fits = reuse is not None and reuse.shape[1:] == (self.dim,) and len(reuse) >= rows
             self._data = reuse if fits else np.empty((rows, self.dim), np.float32)
             return
-        Path(directory or tempfile.gettempdir()).mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=SPILL_PREFIX, suffix=".f32", dir=directory)
-        os.close(fd)
-        self.path = Path(name)
+        self.path = self._new_file()
         self._data = np.memmap(self.path, np.float32, mode="w+", shape=(rows, self.dim))
+
+    def _new_file(self) -> Path:
+        Path(self.directory or tempfile.gettempdir()).mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=SPILL_PREFIX, suffix=".f32", dir=self.directory)
+        os.close(fd)
+        return Path(name)
+
+    def allocate(self, shape: tuple, dtype: Any) -> np.ndarray:
+        """A new matrix for the round (a step's copy of the rows): spilled when the rows are.
+
+        The aggregation steps get it through ``_kernels.row_allocator``; its file goes with
+        the round's.
+        """
+        if not self.spilled:
+            return np.empty(shape, dtype)
+        path = self._new_file()
+        self._extra.append(path)
+        return np.memmap(path, dtype, mode="w+", shape=shape)
 
     @property
     def spilled(self) -> bool:
@@ -104,8 +122,10 @@ class UpdateMatrix:
         # Views of the rows may outlive the round (a rule may return one), so the mapping is
         # left to the garbage collector; an unlinked file's space is freed when it is unmapped.
         self._data = np.empty((0, self.dim), np.float32)
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
+        for path in [self.path, *self._extra]:
+            if path is not None:
+                path.unlink(missing_ok=True)
+        self._extra = []
 
     def __enter__(self) -> UpdateMatrix:
         return self

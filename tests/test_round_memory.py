@@ -101,7 +101,9 @@ def field(row, key: str) -> float:
     return np.nan if value is None else float(value)
 
 
-@pytest.mark.parametrize("chain", ["median", "trimmed_mean", "multi_krum", "mean"])
+@pytest.mark.parametrize(
+    "chain", ["median", "trimmed_mean", "multi_krum", "mean", "clip:max_norm=1000+median"]
+)
 def test_a_spilled_round_equals_the_round_in_memory_and_leaves_no_file(chain, tmp_path):
     memory = spill_coordinator(chain, None, tmp_path / "unused")
     spilled = spill_coordinator(chain, 1024.0, tmp_path)  # 1 KB: every round spills
@@ -142,12 +144,28 @@ def test_a_spilled_round_holds_blocks_not_the_matrix(tmp_path):
 
 
 def test_a_rule_that_copies_the_matrix_says_it_cannot_run_in_blocks(tmp_path):
-    coordinator = spill_coordinator("clip:max_norm=5+median", 1024.0, tmp_path)
-    with pytest.raises(ValueError, match="clip_by_norm.*cannot run in blocks"):
+    coordinator = spill_coordinator("geometric_median", 1024.0, tmp_path)
+    with pytest.raises(ValueError, match="geometric_median.*cannot run in blocks"):
         coordinator.finish_round(1, [f"c{i:02d}" for i in range(SPILL_K)], stream(1))
     assert list(tmp_path.glob("round-matrix-*")) == []
-    small = spill_coordinator("clip:max_norm=5+median", float(SPILL_BYTES), tmp_path)
+    small = spill_coordinator("geometric_median", float(SPILL_BYTES), tmp_path)
     assert small.finish_round(1, [f"c{i:02d}" for i in range(SPILL_K)], stream(1)).admitted
+
+
+def test_a_spilled_clip_writes_its_copy_to_a_file_not_to_private_memory(tmp_path):
+    coordinator = spill_coordinator("clip:max_norm=1000+median", 1024.0, tmp_path)
+    ids = [f"c{i:02d}" for i in range(SPILL_K)]
+    coordinator.finish_round(1, ids, stream(1))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        outcome = coordinator.finish_round(2, ids, stream(2))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert outcome.measurements["clip_by_norm/clipped_count"] == 3  # the three outliers
+    assert (peak - before) / SPILL_BYTES < 0.4
+    assert list(tmp_path.glob("round-matrix-*")) == []
 
 
 class _Unchanged(StatelessStep):
