@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fedwarden.aggregation._kernels import row_allocator
+from fedwarden.aggregation._kernels import new_rows, row_allocator
 from fedwarden.aggregation.accounting import poisson_sample
 from fedwarden.aggregation.base import AggregationError, Step
 from fedwarden.aggregation.detection import HistoryForecast
@@ -99,6 +99,15 @@ def _step_names(step: Any) -> list[str]:
     if children is None:
         return [getattr(step, "name", repr(step))]
     return [name for child in children for name in _step_names(child)]
+
+
+def _take_rows(matrix: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``matrix[mask]``, in a buffer from the round's row allocator: a spill file in a spilled
+    round, so a subset of the rows is not a private copy either."""
+    rows = new_rows((int(mask.sum()), matrix.shape[1]), matrix.dtype)
+    for i, source in enumerate(np.flatnonzero(mask)):
+        rows[i] = matrix[source]
+    return rows
 
 
 def _finite(values: np.ndarray) -> bool:
@@ -399,7 +408,7 @@ class Coordinator:
         if not counted.any():
             return None, "every admitted client is quarantined"
         # Boolean indexing copies the whole matrix; only a round with weight-0 clients needs it.
-        cohort = matrix if counted.all() else matrix[counted]
+        cohort = matrix if counted.all() else _take_rows(matrix, counted)
         try:
             if ids is not None and getattr(self.chain, "uses_client_ids", False):
                 cohort_ids = [c for c, k in zip(ids, counted) if k]
@@ -421,7 +430,7 @@ class Coordinator:
             keep[i] = False
             if not keep.any():
                 break
-            out, error = self._aggregate(matrix[keep], weights[keep])
+            out, error = self._aggregate(_take_rows(matrix, keep), weights[keep])
             if error is not None or _finite(out.updates[0]):
                 break
         return keep

@@ -191,3 +191,17 @@ def test_the_median_chain_lends_its_median_to_scoring_with_the_same_scores(tmp_p
         for row_a, row_b in zip(a.clients, b.clients, strict=True):
             for key in ("anomaly", "trust", "cosine", "distance", "trimmed_share", "history_error"):
                 assert field(row_a, key) == field(row_b, key) or np.isnan(field(row_a, key))
+
+
+def test_a_spilled_round_with_a_weight_0_client_equals_the_round_in_memory(tmp_path):
+    ids = [f"c{i:02d}" for i in range(SPILL_K)]
+    rounds = []
+    for budget in (None, 1024.0):
+        coordinator = spill_coordinator("median", budget, tmp_path)
+        coordinator.trust.weight_multiplier = lambda cid: 0.0 if cid == "c05" else 1.0
+        rounds.append((coordinator.finish_round(1, ids, stream(1)), coordinator.weights))
+        assert list(tmp_path.glob("round-matrix-*")) == []
+    (a, weights_a), (b, weights_b) = rounds
+    np.testing.assert_array_equal(weights_b, weights_a)
+    assert [field(r, "weight") for r in b.clients] == [field(r, "weight") for r in a.clients]
+    assert field(b.clients[5], "weight") == 0.0
