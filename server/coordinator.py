@@ -36,7 +36,7 @@ from fedwarden.records import ClientRound
 from fedwarden.server.admission import Admission, ClientUpdate, Rejection
 from fedwarden.server.optimizers import ServerOptimizer
 from fedwarden.server.trust import TrustBook
-from fedwarden.server.update_matrix import UpdateMatrix
+from fedwarden.server.update_matrix import UpdateMatrix, remove_stale_spill_files
 
 log = logging.getLogger("fedwarden.coordinator")
 
@@ -173,6 +173,11 @@ class Coordinator:
         self.round_memory_budget = round_memory_budget  # bytes
         self.spill_dir = spill_dir
         self._matrix_buffer: np.ndarray | None = None  # the last in-memory round's matrix
+        if round_memory_budget is not None:
+            for path in remove_stale_spill_files(spill_dir):
+                log.warning(
+                    "removed %s, a spilled update matrix left by an interrupted round", path
+                )
         self.round = 0  # last completed round
         self.optimizer_state = optimizer.init(self.weights.size)
         self.chain_state = chain.init()

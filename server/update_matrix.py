@@ -31,6 +31,20 @@ SPILL_PREFIX = "round-matrix-"
 """Name prefix of the spill files (``<directory>/round-matrix-XXXX.f32``)."""
 
 
+def remove_stale_spill_files(directory: str | os.PathLike | None) -> list[Path]:
+    """Deletes the spill files a process killed mid-round left in ``directory``; returns them.
+
+    A round's file is deleted when the round ends, so any found when a coordinator starts are
+    left over (each as large as a round's update matrix).
+    """
+    if directory is None or not Path(directory).is_dir():
+        return []
+    stale = sorted(Path(directory).glob(f"{SPILL_PREFIX}*.f32"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 class UpdateMatrix:
     """Rows of one round's update matrix, written one at a time; in memory or in a spill file.
 

@@ -205,3 +205,12 @@ def test_a_spilled_round_with_a_weight_0_client_equals_the_round_in_memory(tmp_p
     np.testing.assert_array_equal(weights_b, weights_a)
     assert [field(r, "weight") for r in b.clients] == [field(r, "weight") for r in a.clients]
     assert field(b.clients[5], "weight") == 0.0
+
+
+def test_a_coordinator_with_a_budget_removes_spill_files_of_an_interrupted_round(tmp_path):
+    (tmp_path / "round-matrix-abc.f32").write_bytes(b"\0" * 64)  # a killed round's file
+    (tmp_path / "ledger.sqlite").write_bytes(b"kept")
+    spill_coordinator("median", None, tmp_path)  # no budget: not its business
+    assert (tmp_path / "round-matrix-abc.f32").exists()
+    spill_coordinator("median", 1024.0, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.sqlite"]
