@@ -65,7 +65,9 @@ let one heavy-tailed component of an honest client dominate its score. ``loss_z`
 heavier ``norm_z``, ``krum_score`` or ``cluster`` weights flagged persistent honest outliers on
 digits at Dirichlet 0.1 (up to 10% of honest client-rounds, four in a row); these weights flag
 none there, at the price of sign-flip and scaling recall (0.7 and 0.8 by round 10 on
-Fashion-MNIST, against 0.9 with the heavier weights).
+Fashion-MNIST, against 0.9 with the heavier weights). Why no re-weighting, per-signal
+maximum or fitted combination of these components does better without flagging honest
+outliers: docs/results.md, "Why sign flip, scaling and random directions stop short".
 
 A component that is NaN for a client (no losses reported, a cohort too small to trim) is left
 out and the other weights are renormalised, so a missing measurement never counts as evidence
