@@ -240,3 +240,17 @@ def test_cluster_outliers_survive_undefined_cosines():
         cosines = (rows @ rows.T) / np.outer(norms, norms)
     scores = cluster_outliers(cosines)
     assert np.isfinite(scores).all() and scores.shape == (8,)
+
+
+def test_a_boosted_update_is_sharp_evidence_and_large_honest_updates_are_not():
+    rng = np.random.default_rng(7)
+    honest = skewed_cohort(9, 2000, rng)
+    honest[0] *= 4.0  # a client with much data takes many steps: four times the median norm
+    boosted = 50.0 * honest[1:].mean(axis=0)  # model replacement along the honest direction
+    x = np.vstack([honest, boosted]).astype(np.float32)
+    comp, scores = scored_round(x)
+    assert comp["oversized"][-1] > 0.95 and comp["oversized"][:9].max() < 0.1
+    assert scores[-1] > 0.95 and scores[:9].max() < 0.5
+    no_floor = {k: w for k, w in DEFAULT_ANOMALY_WEIGHTS.items() if k not in SHARP_COMPONENTS}
+    m = client_metrics(x, np.median(x, axis=0), None, {})
+    assert anomaly_score(m, no_floor)[-1] < 0.7  # the weighted mean alone dilutes it
