@@ -22,7 +22,7 @@ def test_serve_defaults_to_the_median_and_simulate_keeps_the_mean(tmp_path):
     assert SERVE_AGGREGATOR == "median"
     assert aggregator(tmp_path) == "median"
     simulate = build_parser().parse_args(["simulate"])
-    from fedwarden.cli.main import config_from_args
+    from fedwarden.cli.settings import config_from_args
 
     assert config_from_args(simulate).aggregator == "mean"
 

@@ -45,7 +45,7 @@ the only chain whose epsilon is a formal guarantee (its clip bounds each client)
 
 def serve_config(args: argparse.Namespace):
     """The coordinator's RunConfig: its cohort is also its (unknown) population."""
-    from fedwarden.cli.main import config_from_args
+    from fedwarden.cli.settings import config_from_args
     from fedwarden.config import load_toml
 
     cohort = args.clients_per_round
@@ -71,7 +71,7 @@ def deployment_config(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from fedwarden.cli.main import check_out_dir, check_port_free
+    from fedwarden.cli.settings import check_out_dir, check_port_free
     from fedwarden.protocol.connection import require_protocol
     from fedwarden.simulations.preflight import check_run
 
@@ -99,7 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from fedwarden.cli.main import add_flag, add_settings
+    from fedwarden.cli.settings import add_flag, add_settings
     from fedwarden.config import DeploymentConfig
 
     p = subparsers.add_parser(
