@@ -44,7 +44,9 @@ Signals across clients and rounds (``detection.py``):
 - ``history``: the forecast error of the client's deviation from its own past deviations, one
   sided robust z against the cohort (scale at least 0.1; NaN in a client's first round).
 - ``zero_update``: an update (nearly) zero against the cohort, the logistic of how far its log
-  norm sits below 1% of the cohort's median (a free rider sends the model back: 1).
+  norm sits below 1% of the lower median of the cohort's non-zero norms (a free rider sends the
+  model back: 1; the lower median keeps honest updates out of it when half the cohort sends
+  huge noise).
 - ``oversized``: the mirror image, how far the log norm sits above 10 times the cohort's median
   (a model-replacement boost scores 1; honest updates stayed below 4.5 times the median in every
   Fashion-MNIST run of the detection grid, component below 0.1).
@@ -416,22 +418,33 @@ def _smaller_than_cohort(gap: np.ndarray, min_scale: float) -> np.ndarray:
 
 
 def _norm_ratio_component(norm: np.ndarray, ratio: float, above: bool) -> np.ndarray:
-    """Logistic of how far (log units) the norm sits beyond ``ratio`` times the cohort's median:
-    below ``median / ratio`` when ``above`` is false, above ``median * ratio`` when it is true.
+    """Logistic of how far (log units) the norm sits beyond ``ratio`` times a reference norm:
+    below ``reference / ratio`` when ``above`` is false, above ``reference * ratio`` when it is
+    true.
 
     A free rider sends the model back (norm 0: 1 with ``above=False``); a model-replacement boost
     sends a norm many times the cohort's (1 with ``above=True``). Honest updates stayed within a
     factor 4.5 of the median on Fashion-MNIST at Dirichlet 0.1 to iid.
+
+    The reference is the cohort's median norm for ``above=True``. For ``above=False`` it is the
+    lower median of the non-zero norms: when half a cohort of 10 sends huge noise, the median
+    falls between the two halves, 10,000 times the honest norms, and made every honest update
+    of that round a "zero update" (Gaussian, seed 2 of the detection grid); exact zeros are left
+    out so that up to half the cohort of free riders cannot pull the reference to 0.
     """
     norm = np.asarray(norm, np.float64)
     finite = np.isfinite(norm)
     if finite.sum() < 3:
         return np.full(norm.shape, np.nan)
-    median = float(np.median(norm[finite]))
-    if median <= 0:
+    if above:
+        reference = float(np.median(norm[finite]))
+    else:
+        nonzero = norm[finite & (norm > 0)]
+        reference = float(np.quantile(nonzero, 0.5, method="lower")) if nonzero.size else 0.0
+    if reference <= 0:
         return np.where(finite, 0.0, np.nan)
     with np.errstate(divide="ignore"):
-        log_ratio = np.log(np.maximum(norm, 0.0) / median)
+        log_ratio = np.log(np.maximum(norm, 0.0) / reference)
     beyond = (log_ratio if above else -log_ratio) - np.log(ratio)
     return np.where(finite, 1.0 / (1.0 + np.exp(-3.0 * np.clip(beyond, -50.0, 50.0))), np.nan)
 

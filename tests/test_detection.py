@@ -130,6 +130,18 @@ def test_a_zero_update_is_sharp_evidence_and_small_honest_updates_are_not():
     assert anomaly_score(m, no_floor)[-1] < 0.7  # the weighted mean alone dilutes it
 
 
+def test_half_a_cohort_of_noise_does_not_make_honest_updates_zero_updates():
+    rng = np.random.default_rng(8)
+    honest = skewed_cohort(5, 2000, rng)
+    noise = 20_000 * rng.normal(size=(5, 2000))  # Gaussian attackers, 10,000 times the norm
+    comp, _ = scored_round(np.vstack([honest, noise]).astype(np.float32))
+    assert comp["zero_update"].max() < 1e-3
+    riders = np.vstack([skewed_cohort(5, 2000, rng), np.zeros((5, 2000))]).astype(np.float32)
+    comp, _ = scored_round(riders)  # half the cohort free riders: still each one flagged
+    assert comp["zero_update"][5:].min() == pytest.approx(1.0)
+    assert comp["zero_update"][:5].max() < 1e-3
+
+
 def test_sharp_components_floor_the_score_only_when_weighted():
     rng = np.random.default_rng(7)
     honest = skewed_cohort(8, 3000, rng)
