@@ -53,6 +53,29 @@ def cosine_matrix(gram: np.ndarray) -> np.ndarray:
     return np.clip(cos, -1.0, 1.0)
 
 
+def median_cosine_to_others(pairwise: np.ndarray) -> np.ndarray:
+    """Each client's median cosine similarity to the other clients' updates.
+
+    Unlike the cosine to the cohort's median, the client's own update takes no part in what it
+    is compared with (a coordinate-wise median of 10 rows is partly made of each row, so a
+    random direction has cosine about 0.15 to it and a sign flip may have a positive one), and
+    the median keeps the comparison on the honest side while attackers are fewer than half the
+    other clients. NaN for a client alone.
+
+    Args:
+        pairwise: ``(K, K)`` cosine similarities (:func:`cosine_matrix`).
+
+    Returns:
+        Float64 array of length K.
+    """
+    pairwise = np.asarray(pairwise, np.float64)
+    k = pairwise.shape[0]
+    if k < 2:
+        return np.full(k, np.nan)
+    others = pairwise[~np.eye(k, dtype=bool)].reshape(k, k - 1)
+    return np.median(others, axis=1)
+
+
 def nearest_pair_gap(gram: np.ndarray) -> np.ndarray:
     """Each client's relative distance to its nearest other client, ``|x_i - x_j| / (|x_i| + |x_j|)``.
 

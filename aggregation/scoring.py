@@ -87,7 +87,12 @@ from typing import Any
 import numpy as np
 
 from fedwarden.aggregation import _kernels
-from fedwarden.aggregation.detection import cluster_outliers, cosine_matrix, nearest_pair_gap
+from fedwarden.aggregation.detection import (
+    cluster_outliers,
+    cosine_matrix,
+    median_cosine_to_others,
+    nearest_pair_gap,
+)
 
 DEFAULT_ANOMALY_WEIGHTS: dict[str, float] = {
     "norm_z": 0.1,
@@ -117,7 +122,7 @@ DEFAULT_TRIM_RATIO = 0.1
 """Share of rows trimmed per side when the chain does not supply ``trimmed_share``."""
 
 METRIC_NAMES = ("norm", "norm_z", "cosine", "distance", "krum_score", "trimmed_share", "loss_z",
-                "pair_gap", "cluster_outlier")  # fmt: skip
+                "pair_gap", "cluster_outlier", "median_cosine")  # fmt: skip
 """Keys of the dict returned by :func:`client_metrics`, each an array of length K."""
 
 HISTORY_METRIC = "history_error"
@@ -273,7 +278,8 @@ def client_metrics(
         :func:`trimmed_shares`, 10% trim); ``loss_z``, the robust z-score of the loss (NaN when
         ``losses`` is None); ``pair_gap``, the relative distance to the nearest other update
         (``detection.nearest_pair_gap``); ``cluster_outlier``, how far outside FLAME's majority
-        cluster (``detection.cluster_outliers``).
+        cluster (``detection.cluster_outliers``); ``median_cosine``, the median cosine to the
+        other updates (``detection.median_cosine_to_others``).
 
     Norms, cosines, distances and Krum scores all come from one Gram matrix of the rows and the
     aggregate (``_kernels.gram``: BLAS products in the input dtype over column blocks of a fixed
@@ -330,6 +336,7 @@ def client_metrics(
         "loss_z": loss_z,
         "pair_gap": nearest_pair_gap(gram[:k, :k]),
         "cluster_outlier": cluster_outliers(pairwise),
+        "median_cosine": median_cosine_to_others(pairwise),
     }
 
 

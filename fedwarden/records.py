@@ -83,6 +83,7 @@ class ClientRound:
     loss_z: float | None = _field(float, stored=False, shown=False)
     pair_gap: float | None = _field(float)
     cluster_outlier: float | None = _field(float)
+    median_cosine: float | None = _field(float, shown=False)
     history_error: float | None = _field(float)
     evidence: float | None = _field(
         float, gauge=("fedwarden_client_flag_evidence", "Evidence (a standard score) that the "
