@@ -370,7 +370,10 @@ def _trim_numba(
     nets = _nets()
     x = np.ascontiguousarray(updates)
     k, d = x.shape
-    positions = set(range(max(t - 1, 0), k - max(t - 1, 0))) if t else set()
+    if out is None:  # the counts read only the values at the cuts and next to them
+        positions = {t - 1, t, k - t - 1, k - t} if t else set()
+    else:  # the mean adds the kept values in sorted order
+        positions = set(range(max(t - 1, 0), k - max(t - 1, 0))) if t else set()
     if med is not None:
         positions |= {(k - 1) // 2, k // 2}
     pairs = nets.network(k, tuple(sorted(positions))) if positions else nets.network(0)
