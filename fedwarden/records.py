@@ -1,4 +1,4 @@
-"""The per-client records every layer shares: what one client did in one round, and its trust.
+"""The per-client records every layer shares: what one client did in one round, and its standing.
 
 ``ClientRound`` is the one declaration of a client's round: the coordinator builds one per scored
 client (scores, then trust's verdict), and its fields drive the ledger's ``client_rounds``
@@ -6,18 +6,18 @@ columns (``LEDGER_COLUMNS``), the rounds ``fedwarden trust show`` prints and the
 (``HISTORY_KEYS``, the proto's ``ClientRound``) and the per-client Prometheus gauges
 (``GAUGES``). A new measurement is one new field here; the ledger gains its column when opened.
 
-``LIST_KEYS`` is the other record: a client's standing across rounds (``trust list``).
+``ClientSummary`` is the other record: a client's standing across its rounds, what its latest
+round left plus counts over all of them. Its fields drive the ledger's ``clients`` columns
+(``CLIENT_COLUMNS``), the ``trust list`` entries (``LIST_KEYS``) and the proto's ``ClientTrust``
+(``TRUST_KEYS``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
-
-LIST_KEYS = ("client_id", "trust", "anomaly", "flagged", "quarantined", "rounds", "last_round",
-             "rejected", "evidence", "explanation")  # fmt: skip
-"""Keys of each ``trust list --format json`` entry (the first five are the stable contract)."""
 
 
 def _field(
@@ -42,8 +42,27 @@ def _field(
     return field(default=False if kind is bool else None, metadata=metadata)
 
 
+class _Record:
+    """What both records do with plain rows (dicts keyed by field name)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field by name (a shallow copy), for consumers of plain rows."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Any:
+        """The record of a ledger or wire row: each field converted to its kind (None stays
+        None); a field the row lacks takes its default, a key that is no field is ignored."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name in row:
+                value, kind = row[f.name], f.metadata.get("kind", str)
+                values[f.name] = value if value is None or kind is dict else kind(value)
+        return cls(**values)
+
+
 @dataclass(frozen=True)
-class ClientRound:
+class ClientRound(_Record):
     """One client's round: its measurements against the cohort, its anomaly score and the trust
     verdict after the round. A measurement the round did not take is None (or NaN).
 
@@ -97,10 +116,6 @@ class ClientRound:
     weight: float | None = _field(float, stored=False, shown=False)  # its aggregation weight
     signal_excess: dict = _field(dict, stored=False, shown=False)  # a flagged client's signals
 
-    def to_dict(self) -> dict[str, Any]:
-        """Every field by name (a shallow copy), for consumers of plain rows."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
 
 FIELDS: tuple[dataclasses.Field, ...] = dataclasses.fields(ClientRound)
 
@@ -116,6 +131,74 @@ GAUGES: dict[str, tuple[str, str]] = {
     f.name: f.metadata["gauge"] for f in FIELDS if f.metadata.get("gauge")
 }
 """Field -> (metric name, help) of each per-client gauge that comes from the round record."""
+
+
+def _summary(
+    kind: type,
+    *,
+    default: Any = None,
+    across: str | None = None,
+    stored: bool = True,
+    listed: bool = True,
+    sent: bool = True,
+) -> Any:
+    """One ``ClientSummary`` field.
+
+    Args:
+      kind: ``float``, ``int``, ``bool`` or ``str``, as for ``ClientRound``.
+      default: its value before any round (a ``bool`` is False); not None makes the column
+        NOT NULL.
+      across: how the ledger computes it over the client's ``client_rounds`` rows (an SQL
+        aggregate); None: it is the ``ClientRound`` field of the same name in the client's
+        latest round.
+      stored: a column of the ledger's ``clients`` (else read from the latest round).
+      listed: in ``trust list`` (``LIST_KEYS``).
+      sent: a field of the proto's ``ClientTrust`` (``TRUST_KEYS``).
+    """
+    metadata = {"kind": kind, "across": across, "stored": stored, "listed": listed, "sent": sent}
+    return field(default=False if kind is bool else default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class ClientSummary(_Record):
+    """A client's standing after its latest round: that round's trust verdict and the counts
+    over every round it took part in. One ledger ``clients`` row, one ``trust list`` entry.
+
+    Example::
+
+        with Ledger("runs/latest/ledger.sqlite", readonly=True) as ledger:
+            lowest = ClientSummary.from_row(ledger.list_clients()[0])
+        lowest.trust, lowest.rounds, lowest.flagged
+    """
+
+    client_id: str = field(metadata={"kind": str, "stored": False, "listed": True, "sent": True})
+    trust: float | None = _summary(float)
+    anomaly: float | None = _summary(float)
+    flagged: bool = _summary(bool)
+    quarantined: bool = _summary(bool)
+    quarantined_since: int | None = _summary(int, listed=False, sent=False)
+    rounds: int = _summary(int, default=0, across="COUNT(*)")  # the rounds it took part in
+    last_round: int | None = _summary(int, across="MAX(round)")
+    rejected: int = _summary(int, default=0, across="SUM(rejected_reason IS NOT NULL)")
+    evidence: float | None = _summary(float)
+    explanation: str | None = _summary(str)
+    signals: str | None = _summary(str, listed=False, sent=False)
+    evidence_state: str | None = _summary(str, listed=False, sent=False)
+    norm: float | None = _summary(float, stored=False, listed=False)
+    cosine: float | None = _summary(float, stored=False, listed=False)
+
+
+SUMMARY_FIELDS: tuple[dataclasses.Field, ...] = dataclasses.fields(ClientSummary)
+
+CLIENT_COLUMNS: dict[str, type] = {f.name: f.metadata["kind"] for f in SUMMARY_FIELDS
+                                   if f.metadata["stored"]}  # fmt: skip
+"""The ledger's ``clients`` columns besides its key (client_id), with their kinds."""
+
+LIST_KEYS: tuple[str, ...] = tuple(f.name for f in SUMMARY_FIELDS if f.metadata["listed"])
+"""Keys of each ``trust list --format json`` entry (the first five are the stable contract)."""
+
+TRUST_KEYS: tuple[str, ...] = tuple(f.name for f in SUMMARY_FIELDS if f.metadata["sent"])
+"""The fields of the proto's ``ClientTrust``."""
 
 
 def list_entry(row: dict[str, Any]) -> dict[str, Any]:

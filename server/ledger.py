@@ -11,10 +11,11 @@ Tables:
   flagged client, the explanation; ``signals`` (JSON) holds the anomaly components behind the
   score and ``evidence_state`` (JSON) the running sums a restart resumes from; for a rejected
   update, the reason.
-- ``clients``: one row per client, derived from ``client_rounds`` in the same transaction: trust,
-  anomaly, flagged, quarantined (and since when) as of its latest round, the number of rounds it
-  took part in, its last round and how many of its updates were rejected. Deriving it (instead
-  of incrementing counters) is what makes re-recording a round and ``truncate_after`` exact.
+- ``clients``: one row per client, a column per stored field of
+  ``fedwarden.records.ClientSummary``, derived from ``client_rounds`` in the same transaction:
+  trust, anomaly, flagged, quarantined (and since when), ... as of its latest round, and the
+  counts over its rounds (how many, the last, how many rejected). Deriving it (instead of
+  incrementing counters) is what makes re-recording a round and ``truncate_after`` exact.
 - ``meta``: key/value (``schema_version``, ``last_round``).
 
 Resuming from a checkpoint taken after round R: ``ledger.truncate_after(R)``, then build the
@@ -29,70 +30,86 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedwarden.records import LEDGER_COLUMNS
+from fedwarden.records import (
+    CLIENT_COLUMNS,
+    FIELDS,
+    LEDGER_COLUMNS,
+    SUMMARY_FIELDS,
+    ClientRound,
+)
 
 SCHEMA_VERSION = "2"
 
-_SQL_TYPES = {float: "REAL", int: "INTEGER", str: "TEXT", bool: "INTEGER NOT NULL DEFAULT 0"}
+_SQL_TYPES = {float: "REAL", int: "INTEGER", str: "TEXT", bool: "INTEGER"}
 
-ROUND_COLUMNS = tuple(LEDGER_COLUMNS)
+
+def _columns(fields: tuple[dataclasses.Field, ...]) -> dict[str, str]:
+    """Column -> SQL type of a record's stored fields; a field whose default is not None (a
+    flag, a count) is NOT NULL with that default."""
+    return {
+        f.name: _SQL_TYPES[f.metadata["kind"]]
+        + ("" if f.default is None else f" NOT NULL DEFAULT {int(f.default)}")
+        for f in fields
+        if f.metadata.get("stored")
+    }
+
+
+_ROUND_SQL = _columns(FIELDS)
+_CLIENT_SQL = _columns(SUMMARY_FIELDS)
+
+ROUND_COLUMNS = tuple(_ROUND_SQL)
 """Columns of ``client_rounds`` besides (round, client_id), the stored fields of
 ``fedwarden.records.ClientRound``; a row dict may omit any (NULL)."""
 
-_BOOL_COLUMNS = tuple(c for c, kind in LEDGER_COLUMNS.items() if kind is bool)
+_BOOL_COLUMNS = tuple(c for c, kind in (*LEDGER_COLUMNS.items(), *CLIENT_COLUMNS.items())
+                      if kind is bool)  # fmt: skip
 _TEXT_COLUMNS = tuple(c for c, kind in LEDGER_COLUMNS.items() if kind is str)
 _INT_COLUMNS = tuple(c for c, kind in LEDGER_COLUMNS.items() if kind is int)
-# Columns of `clients` added in schema 2; a ledger missing any record column gains it when opened.
-_ADDED_CLIENT_COLUMNS = {"evidence": "REAL", "explanation": "TEXT", "signals": "TEXT",
-                         "evidence_state": "TEXT"}  # fmt: skip
 
-_SCHEMA = """
+
+def _table(fields: dict[str, str]) -> str:
+    return ",\n    ".join(f"{c} {t}" for c, t in fields.items())
+
+
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS clients (
     client_id TEXT PRIMARY KEY,
-    trust REAL,
-    anomaly REAL,
-    flagged INTEGER NOT NULL DEFAULT 0,
-    quarantined INTEGER NOT NULL DEFAULT 0,
-    quarantined_since INTEGER,
-    rounds INTEGER NOT NULL DEFAULT 0,
-    last_round INTEGER,
-    rejected INTEGER NOT NULL DEFAULT 0,
-    evidence REAL,
-    explanation TEXT,
-    signals TEXT,
-    evidence_state TEXT
+    {_table(_CLIENT_SQL)}
 );
 CREATE TABLE IF NOT EXISTS client_rounds (
     round INTEGER NOT NULL,
     client_id TEXT NOT NULL,
-    {round_columns},
+    {_table(_ROUND_SQL)},
     PRIMARY KEY (round, client_id)
 );
 CREATE INDEX IF NOT EXISTS client_rounds_by_client ON client_rounds (client_id, round);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-""".format(round_columns=",\n    ".join(f"{c} {_SQL_TYPES[k]}" for c, k in LEDGER_COLUMNS.items()))
+"""
 
-# Rebuilds the clients rows of the clients in the temp table `touched` from their history.
-_REFRESH_CLIENTS = """
-INSERT OR REPLACE INTO clients (client_id, trust, anomaly, flagged, quarantined, quarantined_since,
-                                rounds, last_round, rejected, evidence, explanation, signals,
-                                evidence_state)
-SELECT r.client_id, r.trust, r.anomaly, r.flagged, r.quarantined, r.quarantined_since,
-       agg.n, agg.last, agg.rejected, r.evidence, r.explanation, r.signals, r.evidence_state
-FROM (SELECT client_id, COUNT(*) AS n, MAX(round) AS last,
-             SUM(rejected_reason IS NOT NULL) AS rejected
+_ACROSS = {f.name: f.metadata["across"] for f in SUMMARY_FIELDS if f.metadata.get("across")}
+# Rebuilds the clients rows of the clients in the temp table `touched` from their history: a
+# field computed across rounds from its aggregate, any other from the client's latest round.
+_REFRESH_CLIENTS = f"""
+INSERT OR REPLACE INTO clients (client_id, {", ".join(_CLIENT_SQL)})
+SELECT r.client_id, {", ".join(f"agg.{c}" if c in _ACROSS else f"r.{c}" for c in _CLIENT_SQL)}
+FROM (SELECT client_id, MAX(round) AS latest,
+             {", ".join(f"{sql} AS {c}" for c, sql in _ACROSS.items())}
       FROM client_rounds WHERE client_id IN (SELECT client_id FROM touched)
       GROUP BY client_id) AS agg
-JOIN client_rounds AS r ON r.client_id = agg.client_id AND r.round = agg.last
+JOIN client_rounds AS r ON r.client_id = agg.client_id AND r.round = agg.latest
 """
+
+# The summary fields `clients` does not store, read from the client's latest round.
+_LATEST = [f.name for f in SUMMARY_FIELDS[1:] if not f.metadata["stored"]]
 
 
 class LedgerError(RuntimeError):
@@ -186,12 +203,8 @@ class Ledger:
 
     def _add_missing_columns(self) -> None:
         """Brings an older ledger (schema 1, from before the detection signals, or one that lacks
-        a field added to ``ClientRound`` since) to the current columns."""
-        added = {
-            "client_rounds": {c: _SQL_TYPES[k] for c, k in LEDGER_COLUMNS.items()},
-            "clients": _ADDED_CLIENT_COLUMNS,
-        }
-        for table, columns in added.items():
+        a field added to ``ClientRound`` or ``ClientSummary`` since) to the current columns."""
+        for table, columns in (("client_rounds", _ROUND_SQL), ("clients", _CLIENT_SQL)):
             have = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
             for name, kind in columns.items():
                 if name not in have:
@@ -231,11 +244,11 @@ class Ledger:
         )
         conn.execute(_REFRESH_CLIENTS)
 
-    def record_round(self, round: int, rows: list[dict[str, Any]]) -> None:
-        """Records one round's rows (one dict per client) in one transaction.
+    def record_round(self, round: int, rows: Sequence[ClientRound | dict[str, Any]]) -> None:
+        """Records one round's rows (a ``ClientRound`` or a dict per client) in one transaction.
 
-        Each row needs ``client_id``; it may carry any of :data:`ROUND_COLUMNS` (unknown keys are
-        ignored, so a row may hold extra fields). Recording a (round, client_id) again updates
+        Each row needs ``client_id``; a dict may carry any of :data:`ROUND_COLUMNS` (unknown keys
+        are ignored, so a row may hold extra fields), a ``ClientRound`` carries them all. Recording a (round, client_id) again updates
         that row in place: the columns given replace the stored values, the others are kept. So a
         round replayed after a crash never counts twice, and two writers may each record their
         part of a row (trust state, measurements). The ``clients`` table is rebuilt from the
@@ -244,6 +257,7 @@ class Ledger:
         round = int(round)
         if round < 0:
             raise ValueError(f"round must be non-negative. Received: round={round}.")
+        rows = [r.to_dict() if isinstance(r, ClientRound) else r for r in rows]
         ids = [str(r["client_id"]) for r in rows]
         if len(set(ids)) != len(ids):
             dup = sorted({c for c in ids if ids.count(c) > 1})
@@ -307,14 +321,11 @@ class Ledger:
         return rows[0]["value"] if rows else None
 
     def list_clients(self) -> list[dict[str, Any]]:
-        """Every client, lowest trust first (ties by client_id), with its latest norm and cosine.
-
-        Keys: client_id, trust, anomaly, flagged, quarantined, quarantined_since, rounds,
-        last_round, rejected, evidence, explanation, signals, evidence_state (NULL in a schema-1
-        ledger opened read-only), norm, cosine.
-        """
+        """Every client, lowest trust first (ties by client_id): the fields of
+        ``fedwarden.records.ClientSummary`` (a column a schema-1 ledger opened read-only lacks
+        is absent)."""
         return self._query(
-            "SELECT c.*, r.norm, r.cosine "
+            f"SELECT c.*, {', '.join(f'r.{c}' for c in _LATEST)} "
             "FROM clients AS c LEFT JOIN client_rounds AS r "
             "ON r.client_id = c.client_id AND r.round = c.last_round "
             "ORDER BY c.trust IS NULL, c.trust, c.client_id"

@@ -65,6 +65,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedwarden.records import ClientRound, ClientSummary
+
 if TYPE_CHECKING:
     from fedwarden.server.ledger import Ledger
 
@@ -222,12 +224,53 @@ class ClientTrust:
         """A plain dict (the shape ``MetricsExporter.observe_round`` takes)."""
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_summary(cls, summary: ClientSummary, initial_trust: float) -> ClientTrust:
+        """The state a ledger's ``clients`` row holds (a restart): the summary's fields by name,
+        its JSON columns parsed, and ``initial_trust`` if it has no trust yet."""
+        sums = json.loads(summary.evidence_state or "{}")
+        shared = {f.name: getattr(summary, f.name) for f in dataclasses.fields(summary)
+                  if f.name in _STATE_FIELDS}  # fmt: skip
+        return cls(
+            **shared,
+            trust=initial_trust if summary.trust is None else summary.trust,
+            signals=json.loads(summary.signals or "{}"),
+            evidence_sum=float(sums.get("sum", 0.0)),
+            evidence_sq=float(sums.get("sq", 0.0)),
+            excess=dict(sums.get("excess", {})),
+        )
+
+    def round_record(self, round: int | None = None, **measurements: Any) -> ClientRound:
+        """The client's ``ClientRound`` for the ledger: its trust verdict after ``round`` and
+        that round's ``measurements`` (``ClientRound`` fields)."""
+        return ClientRound(
+            self.client_id,
+            round=round,
+            anomaly=self.anomaly,
+            trust=self.trust,
+            flagged=self.flagged,
+            quarantined=self.quarantined,
+            quarantined_since=self.quarantined_since,
+            evidence=self.evidence,
+            explanation=self.explanation,
+            signals=json.dumps(self.signals, sort_keys=True) if self.signals else None,
+            evidence_state=self.evidence_state(),
+            **measurements,
+        )
+
     def evidence_state(self) -> str:
         """The running sums as JSON, for the ledger (a restart continues from them)."""
         return json.dumps(
             {"sum": self.evidence_sum, "sq": self.evidence_sq, "excess": self.excess},
             sort_keys=True,
         )
+
+
+# ClientTrust fields a ledger's summary restores as they are (trust, signals and the evidence
+# sums need converting; see ClientTrust.from_summary).
+_STATE_FIELDS = {f.name for f in dataclasses.fields(ClientTrust)} - {
+    "trust", "signals", "evidence_sum", "evidence_sq", "excess"
+}  # fmt: skip
 
 
 def _opt_float(value: Any) -> float | None:
@@ -260,26 +303,8 @@ class TrustBook:
             self._round = ledger.last_round()
             self._restore_pool(ledger)
             for row in ledger.list_clients():
-                sums = json.loads(row.get("evidence_state") or "{}")
-                self._clients[row["client_id"]] = ClientTrust(
-                    client_id=row["client_id"],
-                    trust=policy.initial_trust if row["trust"] is None else float(row["trust"]),
-                    anomaly=_opt_float(row["anomaly"]),
-                    flagged=bool(row["flagged"]),
-                    quarantined=bool(row["quarantined"]),
-                    quarantined_since=row["quarantined_since"],
-                    rounds=int(row["rounds"]),
-                    last_round=row["last_round"],
-                    rejected=int(row["rejected"]),
-                    norm=_opt_float(row["norm"]),
-                    cosine=_opt_float(row["cosine"]),
-                    evidence=_opt_float(row.get("evidence")),
-                    explanation=row.get("explanation"),
-                    signals=json.loads(row.get("signals") or "{}"),
-                    evidence_sum=float(sums.get("sum", 0.0)),
-                    evidence_sq=float(sums.get("sq", 0.0)),
-                    excess=dict(sums.get("excess", {})),
-                )
+                state = ClientTrust.from_summary(ClientSummary.from_row(row), policy.initial_trust)
+                self._clients[state.client_id] = state
 
     def _restore_pool(self, ledger: Ledger) -> None:
         rows = ledger.rows_since(self._round - self.policy.window_rounds)
@@ -383,7 +408,7 @@ class TrustBook:
         self._round = round
 
         if self.ledger is not None:
-            rows = round_rows(touched, client_ids, metrics, losses, rejected, reasons)
+            rows = round_rows(touched, client_ids, metrics, losses, rejected, reasons, round)
             self.ledger.record_round(round, rows)
         return touched
 
@@ -529,13 +554,15 @@ def round_rows(
     losses: np.ndarray | None = None,
     rejected: dict[str, int] | None = None,
     reasons: dict[str, str] | None = None,
-) -> list[dict[str, Any]]:
-    """Ledger rows (``Ledger.record_round``) for the clients in ``states``, sorted by client_id.
+    round: int | None = None,
+) -> list[ClientRound]:
+    """The ledger's records of ``round`` (``Ledger.record_round``) for the clients in ``states``,
+    sorted by client_id.
 
-    Each row has the trust state (client_id, anomaly, trust, flagged, quarantined,
-    quarantined_since), the client's measurements when ``metrics`` / ``losses`` are given
-    (``client_ids`` gives their row order; a client absent from it, whose update was rejected,
-    gets none) and ``rejected_reason`` for a rejected client.
+    Each is the client's trust verdict (:meth:`ClientTrust.round_record`) with its
+    measurements when ``metrics`` / ``losses`` are given (``client_ids`` gives their row order;
+    a client absent from it, whose update was rejected, has none) and ``rejected_reason`` for a
+    rejected client.
     """
     index = {cid: i for i, cid in enumerate(client_ids)}
     rejected = rejected or {}
@@ -543,26 +570,13 @@ def round_rows(
     loss_values = None if losses is None else np.asarray(losses, np.float64).reshape(-1)
     rows = []
     for cid in sorted(states):
-        s = states[cid]
-        row: dict[str, Any] = {
-            "client_id": cid,
-            "anomaly": s.anomaly,
-            "trust": s.trust,
-            "flagged": s.flagged,
-            "quarantined": s.quarantined,
-            "quarantined_since": s.quarantined_since,
-            "evidence": s.evidence,
-            "explanation": s.explanation,
-            "signals": json.dumps(s.signals, sort_keys=True) if s.signals else None,
-            "evidence_state": s.evidence_state(),
-        }
+        measured: dict[str, Any] = {}
         i = index.get(cid)
         if i is not None:
-            for key, values in (metrics or {}).items():
-                row[key] = _opt_float(values[i])
+            measured = {key: _opt_float(values[i]) for key, values in (metrics or {}).items()}
             if loss_values is not None:
-                row["loss"] = _opt_float(loss_values[i])
+                measured["loss"] = _opt_float(loss_values[i])
         if cid in rejected:
-            row["rejected_reason"] = reasons.get(cid, "rejected")
-        rows.append(row)
+            measured["rejected_reason"] = reasons.get(cid, "rejected")
+        rows.append(states[cid].round_record(round, **measured))
     return rows

@@ -292,9 +292,10 @@ def test_round_rows_leave_rejected_clients_without_measurements():
     states = {"a": ClientTrust("a", 0.9, anomaly=0.1), "r": ClientTrust("r", 0.5, anomaly=1.0)}
     rows = round_rows(states, ["a"], {"norm": np.array([2.0])}, np.array([0.4]), {"r": 1},
                       {"r": "wrong_shape"})  # fmt: skip
-    by_id = {r["client_id"]: r for r in rows}
-    assert by_id["a"]["norm"] == 2.0 and by_id["a"]["loss"] == pytest.approx(0.4)
-    assert "norm" not in by_id["r"] and by_id["r"]["rejected_reason"] == "wrong_shape"
+    by_id = {r.client_id: r for r in rows}
+    assert by_id["a"].norm == 2.0 and by_id["a"].loss == pytest.approx(0.4)
+    assert by_id["a"].rejected_reason is None
+    assert by_id["r"].norm is None and by_id["r"].rejected_reason == "wrong_shape"
 
 
 # -- fedwarden trust -----------------------------------------------------------------------------

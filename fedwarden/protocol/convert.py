@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from fedwarden.protocol.proto_gen import fedwarden_v1_pb2 as pb
+from fedwarden.records import FIELDS, HISTORY_KEYS, SUMMARY_FIELDS, TRUST_KEYS
 
 CLIENT_ID_HEADER = "x-fedwarden-client-id"
 """gRPC metadata key naming the caller in token mode (mTLS takes the identity from the certificate)."""
@@ -36,6 +37,12 @@ class TrainingSpec:
     @property
     def num_weights(self) -> int:
         return int(sum(np.prod(s, dtype=np.int64) for s in self.weight_shapes))
+
+
+# The record fields each message carries, with their kinds, and the value a missing one takes.
+_TRUST = {f.name: f.metadata["kind"] for f in SUMMARY_FIELDS if f.name in TRUST_KEYS}
+_HISTORY = {f.name: f.metadata["kind"] for f in FIELDS if f.name in HISTORY_KEYS}
+_ZERO = {str: "", bool: False, float: 0.0, int: 0}
 
 
 def spec_to_proto(spec: TrainingSpec) -> pb.TrainingSpec:
@@ -83,33 +90,29 @@ def spec_from_proto(msg: pb.TrainingSpec) -> TrainingSpec:
     )
 
 
-def _message(message_type: type, row: dict[str, Any]) -> Any:
-    """A row as a ``ClientTrust`` or ``ClientRound`` message, field by field of the message: a
-    missing or None value leaves an optional field unset and is "", False or 0 otherwise."""
+def _message(message_type: type, kinds: dict[str, type], row: dict[str, Any]) -> Any:
+    """A row as a ``ClientTrust`` or ``ClientRound`` message: the record fields it carries
+    (``kinds``), each converted to its kind. A missing or None value leaves an optional field
+    unset and is "", False or 0 otherwise."""
     fields: dict[str, Any] = {}
-    for f in message_type.DESCRIPTOR.fields:
-        value = row.get(f.name)
-        if value is None and f.has_presence:
+    for name, kind in kinds.items():
+        value = row.get(name)
+        if value is None and message_type.DESCRIPTOR.fields_by_name[name].has_presence:
             continue
-        if f.type == f.TYPE_STRING:
-            fields[f.name] = value or ""
-        elif f.type == f.TYPE_BOOL:
-            fields[f.name] = bool(value)
-        elif f.type == f.TYPE_DOUBLE:
-            fields[f.name] = float(value or 0)
-        else:
-            fields[f.name] = int(value or 0)
+        fields[name] = kind(value or _ZERO[kind])
     return message_type(**fields)
 
 
-def _row(msg: Any) -> dict[str, Any]:
-    """A message as a row: an unset optional field or an empty string is None."""
+def _row(msg: Any, kinds: dict[str, type]) -> dict[str, Any]:
+    """A message as a row of its record fields: an unset optional field or "" is None."""
     row: dict[str, Any] = {}
-    for f in msg.DESCRIPTOR.fields:
-        value = getattr(msg, f.name)
-        if (f.has_presence and not msg.HasField(f.name)) or value == "":
+    for name in kinds:
+        value = getattr(msg, name)
+        if (msg.DESCRIPTOR.fields_by_name[name].has_presence and not msg.HasField(name)) or (
+            value == ""
+        ):
             value = None
-        row[f.name] = value
+        row[name] = value
     return row
 
 
@@ -118,17 +121,21 @@ def trust_to_proto(
 ) -> pb.TrustReply:
     """``Ledger.list_clients()`` rows (and ``client_history`` rows) as a TrustReply.
 
-    The messages carry every key of ``records.LIST_KEYS`` (plus the latest norm and cosine) and
-    ``records.HISTORY_KEYS`` (``ClientRound``'s shown fields; tests/test_records.py holds the
-    proto to them)."""
+    The messages carry ``records.TRUST_KEYS`` (``ClientSummary``'s sent fields) and
+    ``records.HISTORY_KEYS`` (``ClientRound``'s shown fields); tests/test_records.py holds the
+    proto's messages to them."""
     return pb.TrustReply(
         last_round=last_round,
-        clients=[_message(pb.ClientTrust, row) for row in rows],
-        history=[_message(pb.ClientRound, row) for row in history],
+        clients=[_message(pb.ClientTrust, _TRUST, row) for row in rows],
+        history=[_message(pb.ClientRound, _HISTORY, row) for row in history],
     )
 
 
 def trust_from_proto(reply: pb.TrustReply) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """``(clients, history)``: rows shaped like ``Ledger.list_clients()`` and
-    ``Ledger.client_history()``, as a remote coordinator holds them."""
-    return [_row(c) for c in reply.clients], [_row(r) for r in reply.history]
+    """``(clients, history)``: rows of ``TRUST_KEYS`` and ``HISTORY_KEYS``, shaped like
+    ``Ledger.list_clients()`` and ``Ledger.client_history()``, as a remote coordinator holds
+    them."""
+    return (
+        [_row(c, _TRUST) for c in reply.clients],
+        [_row(r, _HISTORY) for r in reply.history],
+    )
