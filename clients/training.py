@@ -80,7 +80,33 @@ def one_thread_per_op() -> bool:
     return tf.config.threading.get_intra_op_parallelism_threads() == threads
 
 
-class LocalTrainer:
+class Trainer:
+    """What a process trains clients with: ``LocalTrainer``, or ``--engine tff``'s
+    ``fedwarden.simulations.tff_trainer.TFFTrainer``. A subclass trains a cohort; one client is
+    a cohort of one."""
+
+    def train_cohort(
+        self,
+        global_weights: list[np.ndarray],
+        data: Sequence[tuple[np.ndarray, np.ndarray]],
+        rngs: Sequence[np.random.Generator],
+    ) -> list[LocalResult]:
+        """Trains every client from ``global_weights``; result ``i`` belongs to ``data[i]``,
+        shuffled by ``rngs[i]``."""
+        raise NotImplementedError
+
+    def train(
+        self,
+        global_weights: list[np.ndarray],
+        x: np.ndarray,
+        y: np.ndarray,
+        rng: np.random.Generator,
+    ) -> LocalResult:
+        """One client's training from ``global_weights``."""
+        return self.train_cohort(global_weights, [(x, y)], [rng])[0]
+
+
+class LocalTrainer(Trainer):
     def __init__(
         self,
         model: tf.keras.Model,
@@ -159,15 +185,6 @@ class LocalTrainer:
             lengths.ravel().astype(np.int32),
         )
 
-    def train(
-        self,
-        global_weights: list[np.ndarray],
-        x: np.ndarray,
-        y: np.ndarray,
-        rng: np.random.Generator,
-    ) -> LocalResult:
-        return self._train_on(self._replicas[0], global_weights, x, y, rng)
-
     def train_cohort(
         self,
         global_weights: list[np.ndarray],
@@ -176,9 +193,10 @@ class LocalTrainer:
     ) -> list[LocalResult]:
         """Trains every client from ``global_weights``; result ``i`` belongs to ``data[i]``.
 
-        The same results as ``train`` client by client, computed on up to ``copies`` model
-        copies at once (see the module docstring). Random ops (dropout, DP-SGD noise) draw from
-        each copy's own stream: repeatable run to run, but not the client-by-client draws.
+        The same results as training client by client on one copy, computed on up to
+        ``copies`` model copies at once (see the module docstring). Random ops (dropout, DP-SGD
+        noise) draw from each copy's own stream: repeatable run to run, but not the
+        client-by-client draws.
         """
         replicas = self._ready_replicas(min(len(data), self.copies))
         return self._on_copies(

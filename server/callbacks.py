@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fedwarden import report
+from fedwarden.aggregation.accounting import ClientPrivacyAccount, default_delta, dp_sgd_steps
 from fedwarden.server import checkpoint, faults
 from fedwarden.server.driver import RunInfo, results, unwritable
 
@@ -116,6 +117,49 @@ class PrivacyAccount(Callback):
         self.client_settings = client_settings or {}
         self.exporter = exporter
         self.sampling_note = sampling_note
+
+    @classmethod
+    def for_run(
+        cls,
+        config: Any,
+        central: Any,
+        examples: Callable[[str], int],
+        exporter: Any = None,
+        saved: dict[str, Any] | None = None,
+        sampling_note: str | None = None,
+    ) -> PrivacyAccount:
+        """A run's account from its settings, the same for a simulation and a deployment.
+
+        Args:
+          config: the run's ``fedwarden.config.RunConfig`` (DP-SGD on or off, its noise, clip
+            and delta, the batch size and local epochs its steps follow from).
+          central: ``fedwarden.server.defence.CentralPrivacy`` or None.
+          examples: a client's example count, for its default delta (``1/n^1.1``).
+          exporter: as for the constructor.
+          saved: a checkpoint to resume from: its DP-SGD account carries on.
+          sampling_note: as for the constructor.
+
+        Returns:
+          The account; with DP-SGD on, ``client`` is a ``ClientPrivacyAccount``.
+        """
+        client = None
+        if config.dp_sgd:
+            client = (saved or {}).get("dp_sgd") or ClientPrivacyAccount(
+                config.dp_sgd_noise_multiplier, config.batch_size
+            )
+        return cls(
+            central,
+            client,
+            lambda cid: config.dp_delta or default_delta(examples(cid)),
+            {
+                "delta": config.dp_delta or "1/n_local^1.1 per client",
+                "noise_multiplier": config.dp_sgd_noise_multiplier,
+                "l2_clip": config.dp_l2_clip,
+            },
+            exporter,
+            sampling_note=sampling_note,
+            local_steps=lambda n: dp_sgd_steps(n, config.batch_size, config.local_epochs),
+        )
 
     def on_round_begin(self, round: int, logs: dict[str, Any]) -> None:
         privacy = self.central
@@ -205,8 +249,8 @@ class Checkpoint(Callback):
       state_dir: where the checkpoint files go.
       results_path: where ``results.json`` goes.
       info: what ``results.json`` says about the run besides its rounds.
-      privacy: the run's :class:`PrivacyAccount` (its report is ``final.privacy``), or None.
-      extra_state: returns more to checkpoint (e.g. the DP-SGD account), called each round.
+      privacy: the run's :class:`PrivacyAccount` (its report is ``final.privacy``; its DP-SGD
+        account is checkpointed as ``dp_sgd``), or None.
       shapes: the model's weight shapes, checked on resume.
 
     A directory that cannot be written stops the run with a one-line ``UsageError``.
@@ -218,11 +262,10 @@ class Checkpoint(Callback):
         results_path: Path,
         info: RunInfo,
         privacy: PrivacyAccount | None = None,
-        extra_state: Callable[[], dict[str, Any]] | None = None,
         shapes: Any = None,
     ):
         self.state_dir, self.results_path, self.info = state_dir, results_path, info
-        self.privacy, self.extra_state, self.shapes = privacy, extra_state, shapes
+        self.privacy, self.shapes = privacy, shapes
 
     def results(self) -> dict[str, Any]:
         history = self.driver.history
@@ -238,7 +281,7 @@ class Checkpoint(Callback):
             "layout": self.shapes,
             "config": self.info.config,
             **self.driver.history.state_dict(),
-            **(self.extra_state() if self.extra_state else {}),
+            **({} if self.privacy is None else {"dp_sgd": self.privacy.client}),
         }
         try:
             checkpoint.save(self.state_dir, round, payload)

@@ -45,7 +45,6 @@ import grpc
 import numpy as np
 from prometheus_client import Counter, Gauge
 
-from fedwarden.aggregation.accounting import ClientPrivacyAccount, default_delta, dp_sgd_steps
 from fedwarden.aggregation.chain import Chain
 from fedwarden.config import Config, DeploymentConfig, RunConfig
 from fedwarden.errors import UsageError
@@ -313,10 +312,13 @@ class Server:
         hub.set_last_round(done)
         exporter = MetricsExporter()
         metrics = ServeMetrics(exporter.registry)
-        account = self._privacy_account(privacy, exporter, saved)
+        # the agents' DP-SGD is counted from the example counts they report
+        account = PrivacyAccount.for_run(
+            c, privacy, lambda cid: self.driver.history.examples.get(cid, 1), exporter, saved,
+            sampling_note="none assumed (sampling rate 1): a conservative bound",
+        )  # fmt: skip
         writer = Checkpoint(self.state_dir, self.state_dir / "results.json", self._run_info(data),
-                            account, extra_state=lambda: {"dp_sgd": account.client},
-                            shapes=layout.shapes)  # fmt: skip
+                            account, shapes=layout.shapes)  # fmt: skip
         tb = log_dir(c.tensorboard, self.state_dir)
         self.driver = RoundDriver(
             coordinator,
@@ -394,33 +396,6 @@ class Server:
         except (OSError, sqlite3.Error) as exc:
             raise UsageError(f"cannot open the trust ledger in {self.state_dir}: {exc}") from None
         return saved, ledger
-
-    def _privacy_account(self, privacy: Any, exporter: Any, saved: Any) -> PrivacyAccount:
-        """Central DP (accounted at sampling rate 1) and the agents' DP-SGD, counted from their
-        reported example counts and the training settings the coordinator sent them."""
-        c = self.config
-        client = None
-        if c.dp_sgd:
-            client = (saved or {}).get("dp_sgd") or ClientPrivacyAccount(
-                c.dp_sgd_noise_multiplier, c.batch_size
-            )
-
-        def client_delta(cid: str) -> float:
-            return c.dp_delta or default_delta(self.driver.history.examples.get(cid, 1))
-
-        return PrivacyAccount(
-            privacy,
-            client,
-            client_delta,
-            {
-                "delta": c.dp_delta or "1/n_local^1.1 per client",
-                "noise_multiplier": c.dp_sgd_noise_multiplier,
-                "l2_clip": c.dp_l2_clip,
-            },
-            exporter,
-            sampling_note="none assumed (sampling rate 1): a conservative bound",
-            local_steps=lambda n: dp_sgd_steps(n, c.batch_size, c.local_epochs),
-        )
 
     def _run_info(self, data: EvalData) -> RunInfo:
         o = self.options

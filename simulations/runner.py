@@ -18,11 +18,16 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from fedwarden import report
-from fedwarden.aggregation.accounting import ClientPrivacyAccount, default_delta, dp_sgd_steps
 from fedwarden.aggregation.chain import Chain
 from fedwarden.aggregation.filtering import reference_steps
 from fedwarden.attacks import Attack, build_attack
-from fedwarden.clients.training import DPSGDSettings, LocalResult, LocalTrainer, one_thread_per_op
+from fedwarden.clients.training import (
+    DPSGDSettings,
+    LocalResult,
+    LocalTrainer,
+    Trainer,
+    one_thread_per_op,
+)
 from fedwarden.config import RunConfig
 from fedwarden.data.datasets import Dataset, load_dataset
 from fedwarden.data.partition import partition
@@ -103,11 +108,11 @@ class Simulation:
         self.model = build_model(config.model, ds.name, ds.input_shape, ds.num_classes, config.seed)
         self.initial_weights = self.model.get_weights()
         self.layout = WeightLayout.of(self.initial_weights)
-        self._trainers: dict[tuple, LocalTrainer] = {}
+        self._trainers: dict[tuple, Trainer] = {}
         # What trains a run's cohorts: this process, or Ray actors (simulations/ray_cohort.py).
         self.transport: Callable[[_Run], Any] = InProcessClients
 
-    def trainer(self, config: RunConfig) -> LocalTrainer:
+    def trainer(self, config: RunConfig) -> Trainer:
         dp = (
             DPSGDSettings(config.dp_l2_clip, config.dp_sgd_noise_multiplier, config.dp_microbatches)
             if config.dp_sgd
@@ -248,28 +253,13 @@ class _Run:
         self.coordinator = build_coordinator(
             config, sim.layout.flatten(sim.initial_weights), self.chain, self.ledger
         )
-        self.dp_sgd = (
-            ClientPrivacyAccount(config.dp_sgd_noise_multiplier, config.batch_size)
-            if config.dp_sgd
-            else None
-        )
         history = None
         if saved is not None:
             self.coordinator.load_state_dict(saved["coordinator"])
             history = History.from_state(saved)
-            self.dp_sgd = saved["dp_sgd"]
         self.exporter = MetricsExporter()
-        self.account = PrivacyAccount(
-            self.privacy,
-            self.dp_sgd,
-            lambda cid: config.dp_delta or default_delta(len(self.fed.parts[cid])),
-            {
-                "delta": config.dp_delta or "1/n_local^1.1 per client",
-                "noise_multiplier": config.dp_sgd_noise_multiplier,
-                "l2_clip": config.dp_l2_clip,
-            },
-            self.exporter,
-            local_steps=lambda n: dp_sgd_steps(n, config.batch_size, config.local_epochs),
+        self.account = PrivacyAccount.for_run(
+            config, self.privacy, lambda cid: len(self.fed.parts[cid]), self.exporter, saved
         )
         info = RunInfo(
             config.to_dict(),
@@ -279,9 +269,8 @@ class _Run:
             detection=lambda flagged: report.detection_summary(flagged, set(self.fed.malicious)),
         )
         self.checkpointer = Checkpoint(
-            self.checkpoints, out / "results.json", info, self.account,
-            extra_state=lambda: {"dp_sgd": self.dp_sgd}, shapes=sim.layout.shapes,
-        )  # fmt: skip
+            self.checkpoints, out / "results.json", info, self.account, shapes=sim.layout.shapes
+        )
         self.driver = RoundDriver(
             self.coordinator,
             sim.transport(self),
@@ -381,7 +370,7 @@ class _Run:
         def update() -> np.ndarray:
             weights = self.sim.layout.unflatten(self.coordinator.weights)
             rng = np.random.default_rng([self.config.seed, 6, self.coordinator.round])
-            return self.trainer.train_cohort(weights, [(x, y)], [rng])[0].delta
+            return self.trainer.train(weights, x, y, rng).delta
 
         return update
 

@@ -1,7 +1,8 @@
 """``fedwarden simulate --engine tff``: client training by TFF inside the simulation runner.
 
-:class:`TFFTrainer` has the native ``LocalTrainer``'s interface, so the runner, attacks, chains,
-trust and DP run unchanged on TFF-trained updates; the cohort trains in one call of
+:class:`TFFTrainer` is a ``fedwarden.clients.training.Trainer`` like the native
+``LocalTrainer``, so the runner, attacks, chains, trust and DP run unchanged on TFF-trained
+updates; the cohort trains in one call of
 ``fedwarden.simulations.tff_engine.TFFClientWork`` (the public TFF process's client work) on
 datasets cut by :func:`epochs_dataset` into the native engine's batches.
 """
@@ -16,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from fedwarden.clients.training import LocalResult, LocalTrainer
+from fedwarden.clients.training import LocalResult, LocalTrainer, Trainer
 from fedwarden.errors import UsageError
 from fedwarden.models import build_model
 from fedwarden.simulations.tff_engine import TFFClientWork, keras_model_fn
@@ -45,8 +46,8 @@ def epochs_dataset(
     return dataset
 
 
-class TFFTrainer:
-    """``LocalTrainer``'s interface, with client training done by TFF (``--engine tff``).
+class TFFTrainer(Trainer):
+    """A ``Trainer`` whose client training is done by TFF (``--engine tff``).
 
     Args:
       model: the simulation's Keras model (its weight order is the run's flat layout).
@@ -120,15 +121,6 @@ class TFFTrainer:
             count = len(x) if out.num_examples > 0 else 0
             results.append(LocalResult(self.layout.flatten(full), loss, len(plan[1]), count))
         return results
-
-    def train(
-        self,
-        global_weights: list[np.ndarray],
-        x: np.ndarray,
-        y: np.ndarray,
-        rng: np.random.Generator,
-    ) -> LocalResult:
-        return self.train_cohort(global_weights, [(x, y)], [rng])[0]
 
     def predict(self, weights: list[np.ndarray], x: np.ndarray) -> np.ndarray:
         return self.native.predict(weights, x)
