@@ -60,8 +60,6 @@ _MAX_WIDTH = 256
 _BLOCK_BYTES = 1 << 19
 # Bytes of one column block of the Gram accumulation (the block stays in L2 through syrk).
 _GRAM_BYTES = 1 << 21
-# Columns of the sketch's bucket and sign arrays read per block (int64 + float64: 64 KB).
-_SKETCH_COLUMNS = 1 << 12
 # Columns per float32 dot product in the norms (summed in float64 across blocks).
 _NORM_COLUMNS = 1 << 16
 
@@ -587,11 +585,37 @@ def row_norms(updates: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- count sketch
 
 
-def count_sketch(updates: np.ndarray, bucket: np.ndarray, sign: np.ndarray, dim: int) -> np.ndarray:
+def sketch_code(bucket: np.ndarray, sign: np.ndarray) -> np.ndarray:
+    """``2 * bucket + (sign < 0)`` as int32, the one array :func:`count_sketch`'s compiled pass
+    reads per column (a quarter of the bytes of ``bucket`` and ``sign``). ``sign`` is +-1."""
+    sign = np.asarray(sign)
+    if not np.all(np.abs(sign) == 1) or (
+        len(bucket) and not 0 <= np.min(bucket) <= np.max(bucket) < 2**30
+    ):
+        raise ValueError(
+            "count_sketch needs signs of +1 or -1 and buckets in [0, 2**30). Received: signs "
+            f"{np.unique(sign)[:5]}, buckets in [{np.min(bucket, initial=0)}, "
+            f"{np.max(bucket, initial=0)}]."
+        )
+    code = np.asarray(bucket).astype(np.int32)
+    code <<= 1
+    code |= np.signbit(sign)
+    return code
+
+
+def count_sketch(
+    updates: np.ndarray,
+    bucket: np.ndarray,
+    sign: np.ndarray,
+    dim: int,
+    code: np.ndarray | None = None,
+) -> np.ndarray:
     """``(K, dim)`` float64: row i's ``np.bincount(bucket, updates[i] * sign, dim)``, bit for bit.
 
-    On the ``numba`` path one compiled pass over the matrix, its rows shared between ``THREADS``
-    threads; elsewhere a ``bincount`` per row.
+    On the ``numba`` path one compiled pass over the matrix, four rows at a time, the rows shared
+    between ``THREADS`` threads; elsewhere a ``bincount`` per row. ``sign`` is +1 or -1 per
+    column; ``code`` is ``sketch_code(bucket, sign)`` when the caller keeps it (it is computed
+    otherwise).
     """
     k, d = updates.shape
     out = np.zeros((k, dim))
@@ -601,13 +625,14 @@ def count_sketch(updates: np.ndarray, bucket: np.ndarray, sign: np.ndarray, dim:
         return out
     nets = _nets()
     x = np.ascontiguousarray(updates)
+    code = sketch_code(bucket, sign) if code is None else code
     threads = min(THREADS, k) if k * d >= _THREAD_VALUES else 1
     size = -(-k // max(threads, 1))
+    size = -(-size // 4) * 4  # whole groups of four rows per thread
     ranges = [(first, min(k, first + size)) for first in range(0, k, size)]
-    width = _SKETCH_COLUMNS
 
     def rows(r: tuple[int, int]) -> None:
-        nets.sketch_rows(x, bucket, sign, out, r[0], r[1], width)
+        nets.sketch_rows(x, code, out, r[0], r[1])
 
     if len(ranges) == 1:
         rows(ranges[0])

@@ -244,31 +244,37 @@ def bulyan_columns(x, rows, pairs, f, half, count, out, start, stop, width):  # 
 
 
 @njit(nogil=True, cache=True)
-def sketch_rows(x, bucket, sign, out, first, last, width):  # pragma: no cover - compiled
-    """Count sketch of the rows ``[first, last)``: adds ``sign[j] * x[i, j]`` to ``out[i, bucket[j]]``.
+def sketch_rows(x, code, out, first, last):  # pragma: no cover - compiled
+    """Count sketch of the rows ``[first, last)``: adds ``sign[j] * x[i, j]`` to ``out[i, bucket[j]]``,
+    where ``code[j] = 2 * bucket[j] + (sign[j] < 0)`` (signs are +-1).
 
-    Each row's bucket sums are taken over ``j`` in ascending order, the order in which
+    Each row's bucket sums are taken over ``j`` in ascending order from 0, the order in which
     ``np.bincount(bucket, x[i] * sign)`` adds them, so the sums are the same to the last bit.
-    The columns go in blocks of ``width`` so that a block of ``bucket`` and ``sign`` stays in
-    cache while every row of the range reads it.
+    Four rows go through the columns together, their four sums of a bucket side by side in one
+    cache line, so one read of ``code`` and one line of sums serve four rows.
     """
     d = x.shape[1]
-    for s in range(0, d, width):
-        e = min(d, s + width)
-        i = first
-        while i + 4 <= last:  # four rows per read of bucket and sign: independent sums in flight
-            x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
-            a0, a1, a2, a3 = out[i], out[i + 1], out[i + 2], out[i + 3]
-            for j in range(s, e):
-                b = bucket[j]
-                g = sign[j]
-                a0[b] += g * x0[j]
-                a1[b] += g * x1[j]
-                a2[b] += g * x2[j]
-                a3[b] += g * x3[j]
-            i += 4
-        for r in range(i, last):
-            src = x[r]
-            acc = out[r]
-            for j in range(s, e):
-                acc[bucket[j]] += sign[j] * src[j]
+    dim = out.shape[1]
+    sums = np.empty((dim, 4))
+    i = first
+    while i + 4 <= last:
+        sums[:] = 0.0
+        x0, x1, x2, x3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+        for j in range(d):
+            c = code[j]
+            b = c >> 1
+            g = 1.0 - 2.0 * (c & 1)
+            sums[b, 0] += g * x0[j]
+            sums[b, 1] += g * x1[j]
+            sums[b, 2] += g * x2[j]
+            sums[b, 3] += g * x3[j]
+        for b in range(dim):
+            for r in range(4):
+                out[i + r, b] = sums[b, r]
+        i += 4
+    for r in range(i, last):
+        src = x[r]
+        acc = out[r]
+        for j in range(d):
+            c = code[j]
+            acc[c >> 1] += (1.0 - 2.0 * (c & 1)) * src[j]

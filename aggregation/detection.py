@@ -174,6 +174,7 @@ class CountSketch:
         rng = np.random.default_rng([self.seed, self.d, self.dim])
         self._bucket = rng.integers(0, self.dim, self.d, dtype=np.int64)
         self._sign = rng.choice(np.array([-1.0, 1.0]), self.d)
+        self._code = _kernels.sketch_code(self._bucket, self._sign)
 
     def __call__(self, vectors: np.ndarray) -> np.ndarray:
         """``(K, d)`` (or ``(d,)``) in, ``(K, dim)`` (or ``(dim,)``) float64 out."""
@@ -184,7 +185,7 @@ class CountSketch:
             raise ValueError(
                 f"expected vectors of length {self.d}. Received shape {vectors.shape}."
             )
-        out = _kernels.count_sketch(rows, self._bucket, self._sign, self.dim)
+        out = _kernels.count_sketch(rows, self._bucket, self._sign, self.dim, self._code)
         return out[0] if single else out
 
 
