@@ -208,6 +208,16 @@ def cmd_attacks(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_ray_address(group: Any, purpose: str) -> None:
+    """``--ray-address``: the same cluster address for ``simulate`` and ``compare``, which run
+    different things there (``purpose``)."""
+    group.add_argument(
+        "--ray-address", metavar="ADDRESS",
+        help=f"{purpose}: auto (the one `ray start` made on this machine), HOST:PORT of its "
+        "head, or local (docs/scale.md)",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="fedwarden",
@@ -232,11 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run in --out from its last checkpoint (after a crash, or "
         "with a larger --rounds)",
     )
-    p.add_argument(
-        "--ray-address", metavar="ADDRESS",
-        help="train each round's clients on Ray actors of this cluster (auto, HOST:PORT, or "
-        "local); the coordinator stays here (docs/scale.md)",
-    )  # fmt: skip
+    add_ray_address(p, "the Ray cluster whose actors train each round's clients (the coordinator "
+                    "stays here)")  # fmt: skip
     p.add_argument(
         "--ray-actors", type=int, metavar="N",
         help="Ray actors holding the clients' data (default: one per CPU of the cluster)",
@@ -264,11 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated seeds, e.g. 0,1,2: each cell reports the mean and standard "
         "deviation over them (default: --seed)",
     )  # fmt: skip
-    g.add_argument(
-        "--ray-address", metavar="ADDRESS",
-        help="run each (attack, aggregator, seed) as a Ray task on this cluster: auto (the one "
-        "`ray start` made on this machine), HOST:PORT of its head, or local (docs/scale.md)",
-    )  # fmt: skip
+    add_ray_address(g, "the Ray cluster that runs each (attack, aggregator, seed) as a task")
     g.add_argument(
         "--ray-cpus-per-run", type=float, default=1.0, metavar="N",
         help="CPUs each Ray task asks for (default: 1)",
