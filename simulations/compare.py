@@ -65,7 +65,9 @@ def compare(
     if ray_address:
         from fedwarden.simulations.ray_grid import run_grid
 
-        outputs = run_grid(configs, dirs, ray_address, cpus_per_run, progress=base.progress)
+        outputs = run_grid(
+            configs, dirs, ray_address, cpus_per_run, progress=base.progress, chains=chains
+        )
         finals = {key: output.final for key, output in outputs.items()}
         placement = {
             dirs[key].name: {"node_id": o.node_id, "hostname": o.hostname, "pid": o.pid}

@@ -28,6 +28,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from fedwarden.aggregation.chain import Chain
 from fedwarden.config import RunConfig
 from fedwarden.errors import UsageError
 
@@ -89,13 +90,15 @@ def _check_reachable(address: str) -> None:
         ) from None
 
 
-def execute_run(config: RunConfig, cwd: str) -> RunOutput:
+def execute_run(config: RunConfig, cwd: str, aggregator: Chain | None = None) -> RunOutput:
     """Runs one configuration on this node (the body of a Ray task).
 
     Args:
       config: the run; its federation is rebuilt from it, as ``make_federation`` does locally.
       cwd: the driver's working directory; relative data paths resolve against it where it
         exists on this node.
+      aggregator: the run's ``--aggregator`` as the driver parsed and checked it (a copy
+        arrives with the task), so the task does not parse it again; None: parsed here.
 
     Returns:
       The final metrics, every output file, and this node's id and host name.
@@ -109,7 +112,7 @@ def execute_run(config: RunConfig, cwd: str) -> RunOutput:
     federation = make_federation(config)  # an attack of "none" has no malicious clients
     scratch = Path(tempfile.mkdtemp(prefix="fedwarden-run-"))
     try:
-        final = Simulation(config, federation).run(config, scratch)["final"]
+        final = Simulation(config, federation).run(config, scratch, aggregator=aggregator)["final"]
         # The run's ledger is closed when its objects are collected: then its WAL is merged into
         # ledger.sqlite, the one file a local run leaves.
         gc.collect()
@@ -130,6 +133,7 @@ def run_grid(
     address: str,
     cpus_per_run: float = 1.0,
     progress: bool = True,
+    chains: dict[Hashable, Chain] | None = None,
 ) -> dict[Hashable, RunOutput]:
     """Runs every configuration as a Ray task and writes each run's files into its directory.
 
@@ -139,6 +143,7 @@ def run_grid(
       address: the cluster (see ``connect``).
       cpus_per_run: CPUs each task asks Ray for; a node runs at most its CPUs / this at once.
       progress: show a progress bar.
+      chains: each key's parsed ``--aggregator`` (``check_run``'s), sent with its task.
 
     Returns:
       Each key's ``RunOutput`` (files included), in the order of ``configs``.
@@ -155,7 +160,8 @@ def run_grid(
         scheduling_strategy="SPREAD",  # over every node, not first filling the driver's
     )
     cwd = os.getcwd()
-    pending = {task.remote(config, cwd): key for key, config in configs.items()}
+    chains = chains or {}
+    pending = {task.remote(config, cwd, chains.get(key)): key for key, config in configs.items()}
     outputs: dict[Hashable, RunOutput] = {}
     bar = tqdm(total=len(configs), desc="compare on ray", unit="run", disable=not progress)
     try:
