@@ -20,6 +20,13 @@ per-client scores, trust, the server step. It reports, in MB:
   of the next N - 1 rounds on the same coordinator (same updates, new round numbers), the time a
   round takes in a running server, and ``kernel`` the order-statistic path that ran.
 
+``phases_s`` breaks the reported round's wall time down (the best warm round, else the first;
+seconds, each phase without the timed phases it calls, ``other`` the rest): admission's checks
+(``Admission.check``), copying the updates into the matrix (``UpdateMatrix.append``), the
+order-statistics pass (median and trimmed counts, ``_kernels``), the rest of the chain, the Gram
+matrix, the rest of ``client_metrics``, the history sketch (``_kernels.count_sketch``) and trust.
+``--phases`` prints each as seconds and as a multiple of ``floor_s``.
+
 The run imports numpy and the round's modules only, so the figures are the round's;
 ``--with-tensorflow`` imports TensorFlow first, as a simulation or ``fedwarden serve`` process
 does, and so shows the resident memory such a process reaches.
@@ -118,6 +125,62 @@ def memory_floor(clients: int, dim: int, seed: int) -> float:
     return best * clients / rows
 
 
+# Phase: the functions whose calls it times, "module:Class.attribute" (timing wraps them).
+PHASES = {
+    "admission": ["fedwarden.server.admission:Admission.check"],
+    "copy": ["fedwarden.server.update_matrix:UpdateMatrix.append"],
+    "order_pass": [
+        "fedwarden.aggregation._kernels:median_and_trimmed_counts",
+        "fedwarden.aggregation._kernels:median",
+        "fedwarden.aggregation._kernels:trimmed_mean",
+        "fedwarden.aggregation._kernels:trimmed_counts",
+    ],
+    "chain_rest": ["fedwarden.server.coordinator:Coordinator._aggregate"],
+    "gram": ["fedwarden.aggregation._kernels:gram", "fedwarden.aggregation.rules:gram"],
+    "metrics_rest": ["fedwarden.server.coordinator:client_metrics"],
+    "sketch": ["fedwarden.aggregation._kernels:count_sketch"],
+    "trust": ["fedwarden.server.trust:TrustBook.update"],
+}
+
+
+class PhaseTimer:
+    """Exclusive wall time per phase: a call's time minus that of the timed calls inside it."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {name: 0.0 for name in PHASES}
+        self._inner: list[float] = []  # time of timed calls inside each running timed call
+
+    def wrap(self, phase: str, fn: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self._inner.append(0.0)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - start
+                self.seconds[phase] += elapsed - self._inner.pop()
+                if self._inner:
+                    self._inner[-1] += elapsed
+
+        return timed
+
+    def install(self) -> None:
+        """Wraps every function of ``PHASES`` where its callers look it up."""
+        import importlib
+
+        for phase, targets in PHASES.items():
+            for target in targets:
+                module_name, _, path = target.partition(":")
+                owner: Any = importlib.import_module(module_name)
+                *parents, name = path.split(".")
+                for parent in parents:
+                    owner = getattr(owner, parent)
+                setattr(owner, name, self.wrap(phase, getattr(owner, name)))
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(self.seconds, 0.0)
+
+
 def run_chain(
     chain: str,
     clients: int,
@@ -169,6 +232,8 @@ def run_chain(
             return generate(number)
         return [ClientUpdate(u.client_id, number, u.delta, u.num_examples, u.loss) for u in held]
 
+    phases = PhaseTimer()
+    phases.install()
     floor = memory_floor(clients, dim, seed)
     before, anon_before = _rss_mb(), _anon_mb()
     with AnonPeak() as anon:
@@ -176,11 +241,15 @@ def run_chain(
         outcome = coordinator.finish_round(1, ids, updates(1))
         seconds = time.perf_counter() - start
         warm = []
+        breakdown = dict(phases.seconds, other=seconds - sum(phases.seconds.values()))
         for number in range(2, rounds + 1):
             batch = updates(number)
+            phases.reset()
             start = time.perf_counter()
             coordinator.finish_round(number, ids, batch)
             warm.append(time.perf_counter() - start)
+            if warm[-1] == min(warm):  # the phases of the round warm_round_s reports
+                breakdown = dict(phases.seconds, other=warm[-1] - sum(phases.seconds.values()))
     spill.cleanup()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     from fedwarden.aggregation._kernels import order_kernel
@@ -200,6 +269,7 @@ def run_chain(
         "kernel": order_kernel(clients),
         "cpu": cpu_extensions(),
         "floor_s": floor,
+        "phases_s": breakdown,
         "peak_anon_mb": anon.peak,
         "anon_extra_mb": anon.peak - anon_before,
         "stream": stream,
@@ -228,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--budget-mb", type=float, default=None, help="the coordinator's round_memory_budget"
+    )
+    parser.add_argument(
+        "--phases", action="store_true", help="print the reported round's time per phase"
     )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -282,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
             + f" {r['floor_s']:7.3f} {best / r['floor_s']:6.1f} {r['load_average'][0]:5.1f}"
             + f"  {r['kernel']} / {r['cpu']}"
         )
+        if args.phases:
+            floor = r["floor_s"]
+            print(f"  {'round by phase':26} {'s':>7} {'xfloor':>7}")
+            for name, value in r["phases_s"].items():
+                print(f"  {name:26} {value:7.3f} {value / floor:7.1f}")
     # Spilled, the page cache holds the matrix: private (anonymous) memory is the figure.
     worst = max(r["peak_anon_mb"] if args.budget_mb else r["peak_mb"] for r in results)
     verdict = "under" if worst < TARGET_MB else "OVER"
