@@ -15,6 +15,7 @@ Central DP steps live in ``fedwarden.aggregation.dp`` and per-client anomaly sco
 ``fedwarden.aggregation.scoring``; they are imported from there (not here) to keep this import light.
 """
 
+from fedwarden.aggregation._kernels import new_rows, row_allocator
 from fedwarden.aggregation.base import AggregationError, StatelessStep, Step, StepOutput, as_cohort
 from fedwarden.aggregation.chain import REGISTRY, Chain, chain, parse_chain
 from fedwarden.aggregation.clipping import ClipByNorm, clip_by_norm, clip_rows
@@ -72,6 +73,8 @@ __all__ = [
     "median",
     "multi_krum",
     "nearest_neighbor_mixing",
+    "new_rows",
     "parse_chain",
+    "row_allocator",
     "trimmed_mean",
 ]

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from fedwarden.server.update_matrix import UpdateMatrix
+
 REASONS = (
     "wrong_round",
     "not_selected",
@@ -98,6 +100,52 @@ class Admission:
             return Rejection(u.client_id, *problem)
         self.seen.add(u.client_id)
         return None
+
+
+NO_DELTA = np.zeros(0, np.float32)
+"""The delta of a receipt: an update once its values are in the round's matrix, or dropped."""
+
+
+def receipt(u: ClientUpdate) -> ClientUpdate:
+    """``u`` without its values: who sent what, for what round, with how many examples."""
+    return replace(u, delta=NO_DELTA)
+
+
+class RoundIntake:
+    """One round's updates as they arrive: each is admitted and, if admitted, copied into the
+    round's update matrix at once, so the transport's copy of it can go (``Coordinator.open_round``
+    makes one; ``Coordinator.finish_round`` takes it instead of the updates).
+
+    Not thread-safe: a concurrent transport calls ``add`` under its own lock (``server/hub.py``).
+
+    Attributes:
+      round: the round the updates answer.
+      selected: the cohort.
+      admitted: the admitted updates, each ``delta`` a row of ``store`` (a view, not a copy).
+      rejected: one ``Rejection`` per refused update, in arrival order.
+      received: every update handed in, in arrival order, as its ``receipt`` (no values).
+      store: the round's :class:`~fedwarden.server.update_matrix.UpdateMatrix`.
+    """
+
+    def __init__(self, gate: Admission, selected: list[str], store: UpdateMatrix):
+        self.round, self.selected, self.gate, self.store = gate.round_number, selected, gate, store
+        self.admitted: list[ClientUpdate] = []
+        self.rejected: list[Rejection] = []
+        self.received: list[ClientUpdate] = []
+
+    def add(self, u: ClientUpdate) -> Rejection | None:
+        """Admits ``u`` into the next row of the matrix, or returns why it is refused."""
+        self.received.append(receipt(u))
+        rejection = self.gate.check(u)
+        if rejection:
+            self.rejected.append(rejection)
+        else:
+            self.admitted.append(replace(u, delta=self.store.append(u.delta)))
+        return rejection
+
+    def close(self) -> None:
+        """Releases the matrix (and deletes its spill file): for an attempt that is abandoned."""
+        self.store.close()
 
 
 def _problem(

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fedwarden.aggregation._kernels import new_rows, row_allocator
+from fedwarden.aggregation import new_rows, row_allocator
 from fedwarden.aggregation.accounting import poisson_sample
 from fedwarden.aggregation.base import AggregationError, Step
 from fedwarden.aggregation.detection import HistoryForecast
@@ -33,7 +33,7 @@ from fedwarden.aggregation.scoring import (
     share_order_statistics,
 )
 from fedwarden.records import ClientRound
-from fedwarden.server.admission import Admission, ClientUpdate, Rejection
+from fedwarden.server.admission import Admission, ClientUpdate, Rejection, RoundIntake
 from fedwarden.server.optimizers import ServerOptimizer
 from fedwarden.server.trust import TrustBook
 from fedwarden.server.update_matrix import UpdateMatrix, remove_stale_spill_files
@@ -59,6 +59,8 @@ class RoundOutcome:
       measurements: the chain's measurements (``"<step>/<name>"``, e.g.
         ``"central_dp/clip_rate"``); ``skipped`` with the reason when the weights did not move.
       duration_s: wall time of ``finish_round``.
+      received: every update handed in, in arrival order, without its values (``receipt``):
+        who sent what example count; the values lived in the round's matrix only.
     """
 
     round: int
@@ -69,6 +71,7 @@ class RoundOutcome:
     flagged: list[str]  # every client currently flagged, not only this round's cohort
     measurements: dict[str, Any] = field(default_factory=dict)
     duration_s: float = 0.0
+    received: list[ClientUpdate] = field(default_factory=list)
 
 
 DEFAULT_MAX_WEIGHT_RATIO = 4.0
@@ -93,12 +96,18 @@ BLOCKWISE_STEPS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "gaus
 memory (clipping writes its clipped copy to another spill file, ``UpdateMatrix.allocate``)."""
 
 
-def _step_names(step: Any) -> list[str]:
+def copying_steps(chain: Any) -> list[str]:
+    """The names of the chain's steps that are not ``BLOCKWISE_STEPS``: those that would copy a
+    spilled update matrix into private memory, so a round memory budget cannot hold."""
+    return [name for name in step_names(chain) if name not in BLOCKWISE_STEPS]
+
+
+def step_names(step: Any) -> list[str]:
     """The names of a chain's steps, nested chains flattened."""
     children = getattr(step, "steps", None)
     if children is None:
         return [getattr(step, "name", repr(step))]
-    return [name for child in children for name in _step_names(child)]
+    return [name for child in children for name in step_names(child)]
 
 
 def _take_rows(matrix: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -203,8 +212,39 @@ class Coordinator:
             return sorted(eligible)
         return sorted(rng.choice(eligible, size=k, replace=False).tolist())
 
+    def open_round(self, round_number: int, selected: list[str]) -> RoundIntake:
+        """The round's intake, for a transport that hands updates in as they arrive.
+
+        Each ``intake.add(update)`` admits the update and copies it into the round's update
+        matrix (spilled under ``round_memory_budget``), so the transport need not keep it; then
+        ``finish_round(round_number, selected, intake)``. An intake the transport abandons
+        (a round attempt that failed) must be ``close``d: it may hold a spill file.
+
+        Raises:
+          ValueError: when the matrix is spilled and the chain cannot run in column blocks.
+        """
+        store = UpdateMatrix(
+            len(set(selected)),
+            self.weights.size,
+            self.round_memory_budget,
+            self.spill_dir,
+            reuse=self._matrix_buffer,
+        )
+        self._matrix_buffer = None  # the round owns it until it returns
+        if store.spilled:
+            try:
+                self._check_blockwise(store)
+            except ValueError:
+                store.close()
+                raise
+        gate = Admission(round_number, set(selected), self.weights.size, self.max_update_norm)
+        return RoundIntake(gate, list(selected), store)
+
     def finish_round(
-        self, round_number: int, selected: list[str], updates: Iterable[ClientUpdate]
+        self,
+        round_number: int,
+        selected: list[str],
+        updates: Iterable[ClientUpdate] | RoundIntake,
     ) -> RoundOutcome:
         """Admits, aggregates and scores one round's updates, then updates trust and weights.
 
@@ -215,7 +255,8 @@ class Coordinator:
           updates: ``ClientUpdate`` deltas (trained minus global weights, flat), at most one
             per client (a second is rejected as ``duplicate``); they are not modified. Any
             iterable: each admitted delta is copied into the round's update matrix as it comes,
-            so a generator's updates need not all be held at once.
+            so a generator's updates need not all be held at once. Or the ``RoundIntake`` of
+            ``open_round(round_number, selected)``, already filled by the transport.
 
         Returns:
           A :class:`RoundOutcome`. Side effects: ``weights``, the optimizer and chain states
@@ -234,28 +275,35 @@ class Coordinator:
         a memory-mapped file in ``spill_dir``, deleted when the round ends
         (``server/update_matrix.py``).
         """
-        store = UpdateMatrix(
-            len(set(selected)),
-            self.weights.size,
-            self.round_memory_budget,
-            self.spill_dir,
-            reuse=self._matrix_buffer,
-        )
-        self._matrix_buffer = None  # the round owns it until it returns
+        start = time.perf_counter()
+        if isinstance(updates, RoundIntake):
+            intake = updates
+            if intake.round != round_number or intake.selected != list(selected):
+                intake.close()
+                raise ValueError(
+                    f"finish_round got the intake of round {intake.round} for "
+                    f"{len(intake.selected)} clients; pass the intake that "
+                    f"open_round({round_number}, selected) returned. Received: round "
+                    f"{round_number}, {len(selected)} clients"
+                )
+        else:
+            intake = self.open_round(round_number, selected)
+        store = intake.store
         try:
-            if store.spilled:
-                self._check_blockwise(store)
+            if not isinstance(updates, RoundIntake):
+                for u in updates:  # each admitted delta lands in its row as it comes
+                    intake.add(u)
             copies = row_allocator(store.allocate) if store.spilled else contextlib.nullcontext()
             with order_statistics_scope(), copies:
-                outcome = self._round(round_number, selected, updates, store)
+                outcome = self._round(intake, start)
             self._matrix_buffer = store.buffer  # kept: refilling it costs no page faults
             return outcome
         finally:
-            store.close()
+            intake.close()
 
     def _check_blockwise(self, store: UpdateMatrix) -> None:
-        steps = _step_names(self.chain)
-        copying = [name for name in steps if name not in BLOCKWISE_STEPS]
+        steps = step_names(self.chain)
+        copying = copying_steps(self.chain)
         if copying:
             raise ValueError(
                 f"round_memory_budget={self.round_memory_budget / 2**20:g} MB is below this "
@@ -264,23 +312,9 @@ class Coordinator:
                 f"the budget or use {', '.join(BLOCKWISE_STEPS)}."
             )
 
-    def _round(
-        self,
-        round_number: int,
-        selected: list[str],
-        updates: Iterable[ClientUpdate],
-        store: UpdateMatrix,
-    ) -> RoundOutcome:
-        start = time.perf_counter()
-        gate = Admission(round_number, set(selected), self.weights.size, self.max_update_norm)
-        admitted: list[ClientUpdate] = []
-        rejected: list[Rejection] = []
-        for u in updates:
-            rejection = gate.check(u)
-            if rejection:
-                rejected.append(rejection)
-            else:  # the matrix row stands in for the transport's copy, which may go now
-                admitted.append(replace(u, delta=store.append(u.delta)))
+    def _round(self, intake: RoundIntake, start: float) -> RoundOutcome:
+        round_number, selected, store = intake.round, intake.selected, intake.store
+        admitted, rejected = list(intake.admitted), list(intake.rejected)
         for r in rejected:
             log.warning(
                 "round %d: rejected update from %s (%s): %s",
@@ -401,6 +435,7 @@ class Coordinator:
             flagged,
             measurements,
             time.perf_counter() - start,
+            intake.received,
         )
 
     def _aggregate(

@@ -31,7 +31,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,7 +40,7 @@ import numpy as np
 from fedwarden.errors import UsageError
 from fedwarden.results import describe_step
 from fedwarden.server import checkpoint, faults
-from fedwarden.server.admission import ClientUpdate
+from fedwarden.server.admission import ClientUpdate, RoundIntake
 from fedwarden.server.coordinator import Coordinator, RoundOutcome
 
 Evaluate = Callable[[np.ndarray], tuple[float, float, float | None]]
@@ -49,10 +49,17 @@ Evaluate = Callable[[np.ndarray], tuple[float, float, float | None]]
 
 @dataclass
 class Cohort:
-    """What a transport gathered for one round: who was selected and what came back."""
+    """What a transport gathered for one round: who was selected and what came back.
+
+    ``updates``: a list; or, under a round memory budget, an iterable that produces them one at
+    a time, or the ``RoundIntake`` (``Coordinator.open_round``) they were admitted into as
+    they arrived, so that the round never holds them all. Once the round ran, the driver's
+    ``cohort`` holds their receipts instead (``RoundOutcome.received``: ids and example counts,
+    no values).
+    """
 
     selected: list[str]
-    updates: list[ClientUpdate]
+    updates: Iterable[ClientUpdate] | RoundIntake
     attempt: int = 0  # earlier attempts at this round that the transport abandoned
 
 
@@ -298,6 +305,7 @@ class RoundDriver:
             if cohort is None:
                 continue
             self._round(round_number, cohort, start)
+            del cohort  # its updates, if a list, are not kept while the next cohort trains
             round_number += 1
         reason = self.stop_reason or "done"
         self._call("on_run_end", {"reason": reason, "rounds": len(self.history.rounds)})
@@ -327,8 +335,10 @@ class RoundDriver:
             "duration_s": time.perf_counter() - start,
             "measurements": checkpoint.jsonable(outcome.measurements),
         }
-        self.outcome, self.cohort = outcome, cohort
+        # The updates may have been a generator or an intake: what the callbacks read of them
+        # (ids, example counts) is in the receipts.
+        self.outcome, self.cohort = outcome, replace(cohort, updates=outcome.received)
         self.history.add(
-            record, outcome, cohort.updates, self.coordinator.trust.snapshot(), self.population
+            record, outcome, outcome.received, self.coordinator.trust.snapshot(), self.population
         )
         self._call("on_round_end", round_number, record)

@@ -4,7 +4,10 @@ The servicer (``server/service.py``) calls ``register``, ``heartbeat``, ``wait_t
 ``submit`` from gRPC worker threads; the round loop (``server/serve.py``) calls ``live_clients``,
 ``publish``, ``collect`` and ``finish``. Everything is guarded by one condition variable, and
 every wait has a deadline. No round logic lives here: the loop hands what ``collect`` returns to
-``Coordinator.finish_round``.
+``Coordinator.finish_round``; or, under a round memory budget, it publishes the attempt with the
+round's ``RoundIntake`` (``Coordinator.open_round``), ``submit`` hands each update to it as it
+arrives (admitted into the round's matrix, spilled when over the budget) and keeps only its
+receipt, so the hub never holds more decoded updates than the gRPC threads delivering them.
 
 A task is one attempt at a round, named ``{instance}-{round}-{attempt}``: a coordinator that
 restarts, or re-runs a round whose attempt timed out, publishes a new task id, and updates for
@@ -31,7 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedwarden.server.admission import ClientUpdate
+from fedwarden.server.admission import ClientUpdate, RoundIntake, receipt
 from fedwarden.server.trust import TrustBook
 
 SILENT = "silent"
@@ -58,9 +61,10 @@ class _Session:
 
 @dataclass
 class Collected:
-    updates: list[ClientUpdate]
+    updates: list[ClientUpdate]  # as they arrived; only their receipts when there is an intake
     answered: set[str] = field(default_factory=set)  # selected clients that submitted
     target: int = 0  # answers that close the attempt at once
+    intake: RoundIntake | None = None  # where updates go as they arrive (a memory budget)
 
 
 class UnknownSession(LookupError):
@@ -182,7 +186,10 @@ class Hub:
         """Hands in an update: ``"accepted"`` for the open task, ``"late"`` otherwise.
 
         Admission (round, selection, duplicates, shape, dtype, finiteness) happens when the
-        round closes, so every problem gets its reason and its trust charge in one place.
+        round closes, so every problem gets its reason and its trust charge in one place; or,
+        when the attempt was published with an intake, here, in arrival order (the same order
+        the round would admit them in), under the lock so that ``collect`` closes the intake
+        only between two updates.
         """
         with self._cond:
             self._session(client_id, session_id)
@@ -203,6 +210,9 @@ class Hub:
                         update.num_examples,
                         update.loss,
                     )
+                if collected.intake is not None:
+                    collected.intake.add(update)  # its rejection, if any, counts at the round
+                    update = receipt(update)
                 collected.updates.append(update)
                 if client_id in task.selected:
                     collected.answered.add(client_id)
@@ -261,15 +271,18 @@ class Hub:
         payload: bytes,
         sha256: str,
         target: int | None = None,
+        intake: RoundIntake | None = None,
     ) -> Task:
         """Opens an attempt at ``round`` for ``selected``; ``target`` answers close it at once
-        (default: every selected client)."""
+        (default: every selected client). With ``intake`` (``Coordinator.open_round``), each
+        update goes into it as it arrives and ``collect`` returns receipts only."""
         with self._cond:
             task = Task(
                 f"{self.instance}-{round}-{attempt}", round, frozenset(selected), payload, sha256
             )
             target = len(selected) if target is None else min(target, len(selected))
-            self._task, self._collected = task, Collected([], target=target)
+            self._task = task
+            self._collected = Collected([], target=target, intake=intake)
             self._cond.notify_all()
             return task
 
@@ -281,6 +294,7 @@ class Hub:
 
         Returns ``(updates, complete)``: ``complete`` is False when the attempt ended with
         fewer than ``min_updates`` answers (or ``stop()`` turned true): abandon the attempt.
+        With an intake, ``updates`` are receipts (the values are in the intake's matrix).
         """
         with self._cond:
             task, collected = self._task, self._collected

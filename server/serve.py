@@ -571,9 +571,12 @@ class HubTransport:
             self.hub.wait_for_clients(len(live) + 1, timeout=1.0)
             return None
         payload = encode_vector(coordinator.weights, "float32")
+        # Under a memory budget each update goes into the round's matrix as it arrives.
+        bounded = coordinator.round_memory_budget is not None
+        intake = coordinator.open_round(round_number, selected) if bounded else None
         self.hub.publish(
             round_number, attempt, selected, payload, sha256_hex(payload),
-            target=self.c.clients_per_round,
+            target=self.c.clients_per_round, intake=intake,
         )  # fmt: skip
         faults.point("collect", round_number)
         need = min(self.o.min_clients, len(selected))
@@ -581,7 +584,9 @@ class HubTransport:
             need, time.monotonic() + self.o.round_timeout, stop=self.stopping
         )
         if complete:
-            return Cohort(selected, updates, attempt)
+            return Cohort(selected, updates if intake is None else intake, attempt)
+        if intake is not None:
+            intake.close()
         self.exporter.update_clients(client_rows(coordinator.trust, self.hub.silences))
         if not self.stopping():
             self.attempts[round_number] = attempt + 1

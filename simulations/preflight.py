@@ -83,6 +83,8 @@ def check_run(config: RunConfig, *, cohort: int | None = None, deployment: bool 
     with _quiet("fedwarden.defence"):  # its warnings come once, when the run builds its chain
         chain = build_chain(config, privacy, None, aggregator)
     chain.check(cohort or config.clients_per_round)
+    if config.round_memory_budget is not None:
+        check_memory_budget(config, chain)
     if config.dp_sgd:
         from fedwarden.aggregation.accounting import validate_dp
 
@@ -94,6 +96,34 @@ def check_run(config: RunConfig, *, cohort: int | None = None, deployment: bool 
             num_microbatches=config.dp_microbatches,
         )
     return aggregator
+
+
+def check_memory_budget(config: RunConfig, chain: Chain) -> None:
+    """Refuses a ``--round-memory-budget`` the run could not keep, before the first round.
+
+    The TFF engine returns the whole cohort's updates from one TFF call, so they are all held
+    whatever the budget; a step outside ``BLOCKWISE_STEPS`` copies a spilled matrix into
+    private memory (the coordinator would refuse it at the first round that spills, which
+    depends on the model's size: refused here whatever the size).
+    """
+    from fedwarden.server.coordinator import copying_steps, step_names
+
+    budget = f"--round-memory-budget {config.round_memory_budget:g}"
+    if config.engine == "tff":
+        raise UsageError(
+            f"{budget} cannot bound a round of --engine tff: TFF trains the cohort in one call "
+            "that returns every update at once. Received: --engine tff; use --engine native "
+            "or drop the budget"
+        )
+    copying = copying_steps(chain)
+    if copying:
+        raise UsageError(
+            f"{budget} needs a chain that reads a spilled update matrix in column blocks (mean, "
+            f"median, trimmed_mean, krum, multi_krum, clip, gaussian_noise); "
+            f"{', '.join(copying)} would copy it into memory. Received: --aggregator "
+            f"{config.aggregator!r} (steps {', '.join(step_names(chain))}); use those steps "
+            "or drop the budget"
+        )
 
 
 def cell_config(base: RunConfig, attack: str, aggregator: str) -> RunConfig:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -147,7 +147,9 @@ class InProcessClients:
 
     Selection follows the seed (``[seed, 5, round]``), Poisson when the central DP accountant
     assumes it; the cohort trains in one ``train_cohort`` call (native model copies in parallel,
-    or one TFF computation).
+    or one TFF computation). Under a round memory budget the updates come from a generator, a
+    few at a time (``_Run.stream_round``), unless an attack crafts its updates from the whole
+    cohort's this round.
     """
 
     def __init__(self, run: _Run):
@@ -155,7 +157,10 @@ class InProcessClients:
 
     def collect(self, round_number: int, coordinator: Coordinator) -> Cohort:
         selected = self.select(round_number, coordinator)
-        return Cohort(selected, self.run.local_round(round_number, selected, coordinator.weights))
+        r, weights = self.run, coordinator.weights
+        if coordinator.round_memory_budget is not None and not r.crafts_from_cohort(round_number):
+            return Cohort(selected, r.stream_round(round_number, selected, weights))
+        return Cohort(selected, r.local_round(round_number, selected, weights))
 
     def select(self, round_number: int, coordinator: Coordinator) -> list[str]:
         r, c = self.run, self.run.config
@@ -330,6 +335,22 @@ class _Run:
         ]
         # The whole cohort in one call: native model copies in parallel, or one TFF call.
         return self.updates(round_number, selected, self.trainer.train_cohort(weights, data, rngs))
+
+    def stream_round(
+        self, round_number: int, selected: list[str], flat_weights: np.ndarray
+    ) -> Iterator[ClientUpdate]:
+        """``local_round``'s updates, trained one model copy's worth of clients at a time and
+        handed on as they come, so that at most that many (plus the one being admitted) are
+        held. The same updates: copy k trains clients k, k + c, k + 2c, ... in turn either way
+        (``LocalTrainer._on_copies``), and a data attack's boost is per update."""
+        step = getattr(self.trainer, "copies", 1)
+        for start in range(0, len(selected), step):
+            yield from self.local_round(round_number, selected[start : start + step], flat_weights)
+
+    def crafts_from_cohort(self, round_number: int) -> bool:
+        """Whether the attackers craft this round's updates from the honest ones (a model
+        attack), which needs the whole cohort's updates at once."""
+        return self.attack.kind == "model" and round_number >= self.config.attack_start_round
 
     def updates(
         self, round_number: int, selected: list[str], results: list[LocalResult]

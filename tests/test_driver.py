@@ -276,7 +276,7 @@ class FakeHub:
     def take_silence(self) -> dict[str, int]:
         return {}
 
-    def publish(self, round, attempt, selected, payload, sha256, target=None):
+    def publish(self, round, attempt, selected, payload, sha256, target=None, intake=None):
         self.published.append((round, attempt, list(selected)))
 
     def collect(self, min_updates, deadline, stop=lambda: False):

@@ -5,6 +5,7 @@ resident); this test checks the same property cheaply with tracemalloc, which se
 allocations: the peak of ``finish_round`` above what existed before, in units of the matrix size.
 """
 
+import time
 import tracemalloc
 
 import numpy as np
@@ -214,3 +215,176 @@ def test_a_coordinator_with_a_budget_removes_spill_files_of_an_interrupted_round
     assert (tmp_path / "round-matrix-abc.f32").exists()
     spill_coordinator("median", 1024.0, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.sqlite"]
+
+
+# ------------------------------------------------ streaming transports under a budget (issue 16)
+
+HUB_K, HUB_D = 60, 40_000  # a 9.6 MB round matrix, uploads of 160 KB
+HUB_BUDGET = 2 << 20  # bytes: the matrix is spilled, and 2 MB is about 12 updates
+HOSTILE = {"c00": "non_finite", "c01": "too_large", "c02": "wrong_shape", "c03": "oversized"}
+
+
+def hub_delta(i: int) -> np.ndarray:
+    delta = np.random.default_rng([7, i]).standard_normal(HUB_D, dtype=np.float32)
+    cid = f"c{i:02d}"
+    if HOSTILE.get(cid) == "non_finite":
+        delta[5] = np.nan
+    elif HOSTILE.get(cid) == "too_large":
+        delta *= 1e3
+    elif HOSTILE.get(cid) == "wrong_shape":
+        delta = delta[:-1]
+    return delta
+
+
+def upload(servicer, sessions, task_id: str, i: int) -> None:
+    """Client i's upload through the servicer (chunks, reassembly, decoding), as gRPC runs it;
+    c03 declares more bytes than the limit. The payload exists only during the call."""
+    from fedwarden.protocol.proto_gen import fedwarden_v1_pb2 as pb
+    from fedwarden.protocol.transfer import encode_vector, sha256_hex, split
+    from tests.deploy_helpers import FakeContext
+
+    cid = f"c{i:02d}"
+    payload = encode_vector(hub_delta(i))
+    size = HUB_D * 8 + 1 if HOSTILE.get(cid) == "oversized" else len(payload)
+    session, token = sessions[cid]
+
+    def chunks():
+        yield pb.UpdateChunk(header=pb.UpdateHeader(
+            session_id=session, task_id=task_id, round=1, num_examples=10 + i % 7, loss=0.5,
+            dtype="float32", total_size=size))  # fmt: skip
+        for seq, data in split(payload, chunk_size=1 << 16):
+            yield pb.UpdateChunk(chunk=pb.Chunk(seq=seq, data=data))
+        yield pb.UpdateChunk(trailer=pb.UpdateTrailer(sha256=sha256_hex(payload)))
+
+    servicer.SubmitUpdate(chunks(), FakeContext(token))
+
+
+def hub_round(budget: float | None, order: list[int] | None = None, threads: int = 2):
+    """One hub round of HUB_K selected clients (and ``c99``, registered, not selected; ``c04``
+    sends twice), uploaded by ``threads`` threads in any order, or one by one in ``order``.
+    Returns the outcome, the weights and the peak traced memory of the uploads."""
+    import secrets
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fedwarden.protocol.convert import TrainingSpec
+    from fedwarden.protocol.proto_gen import fedwarden_v1_pb2 as pb
+    from fedwarden.server.auth import Authenticator
+    from fedwarden.server.hub import Hub
+    from fedwarden.server.service import FederationServicer
+    from tests.deploy_helpers import FakeContext, FakeLedger
+
+    ids = [f"c{i:02d}" for i in range(HUB_K)]
+    tokens = {cid: secrets.token_hex(16) for cid in [*ids, "c99"]}
+    spec = TrainingSpec(None, "digits", (8, 8, 1), 10, ((HUB_D,),), 0.1, 16, 1)
+    hub = Hub(1)
+    servicer = FederationServicer(hub, Authenticator(tokens), spec, FakeLedger(),
+                                  max_update_bytes=HUB_D * 8, registrations_per_minute=None)  # fmt: skip
+    sessions = {
+        cid: (
+            servicer.Register(pb.RegisterRequest(client_id=cid), FakeContext(tok)).session_id,
+            tok,
+        )  # fmt: skip
+        for cid, tok in tokens.items()
+    }
+    coordinator = Coordinator(
+        np.zeros(HUB_D, np.float32), parse_chain("clip:max_norm=300+median"),
+        ServerOptimizer("fedavg", 1.0), TrustBook(TrustPolicy()), max_update_norm=1e4,
+        round_memory_budget=budget,
+    )  # fmt: skip
+    intake = coordinator.open_round(1, ids) if budget is not None else None
+    task = hub.publish(1, 0, ids, b"", "", intake=intake)
+    senders = order or [*range(HUB_K), 4, 99]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda i: upload(servicer, sessions, task.task_id, i), senders))
+        updates, complete = hub.collect(HUB_K, deadline=time.monotonic() + 5)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert complete
+    outcome = coordinator.finish_round(1, ids, intake if intake is not None else updates)
+    return outcome, coordinator.weights, peak
+
+
+def test_a_hub_round_under_a_budget_holds_a_few_uploads_not_the_round_and_aggregates_the_same():
+    streamed, weights, peak = hub_round(HUB_BUDGET)
+    # what the round would have held without an intake: every decoded update at once
+    assert peak < HUB_BUDGET, f"the uploads held {peak / 2**20:.1f} MB at once"
+    arrival = [int(u.client_id[1:]) for u in streamed.received]
+    assert sorted(arrival) == sorted([*range(HUB_K), 4, 99])
+    held, weights_held, peak_held = hub_round(None, order=arrival, threads=1)
+    assert peak_held > HUB_K * HUB_D * 4 * 0.9  # the same uploads, kept: the test can fail
+    reasons = sorted((r.client_id, r.reason) for r in streamed.rejected)
+    assert reasons == sorted([*HOSTILE.items(), ("c04", "duplicate"), ("c99", "not_selected")])
+    assert sorted((r.client_id, r.reason) for r in held.rejected) == reasons
+    assert streamed.admitted == held.admitted and len(streamed.admitted) == HUB_K - len(HOSTILE)
+    np.testing.assert_allclose(weights, weights_held, rtol=1e-6, atol=1e-7)
+    for a, b in zip(streamed.clients, held.clients, strict=True):
+        assert a.client_id == b.client_id
+        np.testing.assert_allclose(a.anomaly, b.anomaly, rtol=1e-6)
+
+
+@pytest.mark.slow  # about a minute: TensorFlow, two 2-round digits runs
+def test_a_simulation_under_a_budget_trains_its_cohort_a_few_updates_at_a_time(tmp_path):
+    """The in-process transport hands the round a generator: at most one model copy's worth of
+    trained updates (plus the one being admitted) exist at once, and the run's results are those
+    of the same run with the whole cohort's updates handed over in a list."""
+    import weakref
+
+    from fedwarden.config import make_config
+    from fedwarden.server.driver import Cohort
+    from fedwarden.simulations.runner import InProcessClients, Simulation
+
+    cohort = 10
+    config = make_config({}, dict(clients=12, clients_per_round=cohort, rounds=2, local_epochs=1,
+                                  progress=False, aggregator="median", attack="label_flip",
+                                  malicious_fraction=0.2, round_memory_budget=0.001))  # fmt: skip
+
+    class Counted(InProcessClients):
+        """Counts the trained updates alive (made and not yet freed); ``listed``: the whole
+        cohort in a list, as without a budget."""
+
+        def __init__(self, run, listed: bool):
+            super().__init__(run)
+            self.listed, self.alive, self.peak = listed, 0, 0
+            train = run.local_round
+
+            def counted(*args):
+                updates = train(*args)
+                for u in updates:
+                    self.alive += 1
+                    weakref.finalize(u.delta, self.gone)
+                self.peak = max(self.peak, self.alive)
+                return updates
+
+            run.local_round = counted
+
+        def gone(self):
+            self.alive -= 1
+
+        def collect(self, round_number, coordinator):
+            if not self.listed:
+                return super().collect(round_number, coordinator)
+            selected = self.select(round_number, coordinator)
+            updates = self.run.local_round(round_number, selected, coordinator.weights)
+            return Cohort(selected, updates)
+
+    sim = Simulation(config)
+    results, peaks = {}, {}
+    for listed in (False, True):
+        made: list[Counted] = []
+        sim.transport = lambda run: made.append(Counted(run, listed)) or made[-1]  # noqa: B023
+        out = tmp_path / f"listed-{listed}"
+        results[listed] = sim.run(config, out)
+        peaks[listed] = made[0].peak
+        assert list(out.glob("round-matrix-*")) == []
+    copies = sim.trainer(config).copies
+    assert peaks[True] == cohort
+    assert peaks[False] <= copies + 1 < cohort, peaks
+    for a, b in zip(results[False]["rounds"], results[True]["rounds"], strict=True):
+        assert {k: v for k, v in a.items() if k != "duration_s"} == {
+            k: v for k, v in b.items() if k != "duration_s"
+        }
+    assert results[False]["clients"] == results[True]["clients"]
