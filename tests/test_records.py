@@ -52,8 +52,9 @@ def test_a_missing_value_crosses_the_wire_as_none_where_the_proto_can_say_so():
 # -- one declaration, ClientRound, drives every place that lists a client's round ------------
 
 
-def _fields(**metadata):
-    return [f.name for f in dataclasses.fields(ClientRound)
+def _fields(record=ClientRound, **metadata):
+    """The names of ``record``'s fields whose metadata has these values."""
+    return [f.name for f in dataclasses.fields(record)
             if all(f.metadata.get(k) == v for k, v in metadata.items())]  # fmt: skip
 
 
@@ -126,15 +127,10 @@ def test_every_scoring_metric_is_a_client_round_field():
 # -- one declaration, ClientSummary, drives every place that lists a client's standing --------
 
 
-def _summary_fields(**metadata):
-    return [f.name for f in dataclasses.fields(ClientSummary)
-            if all(f.metadata.get(k) == v for k, v in metadata.items())]  # fmt: skip
-
-
 def test_the_clients_columns_trust_list_keys_and_wire_fields_come_from_client_summary():
-    assert list(CLIENT_COLUMNS) == _summary_fields(stored=True)
-    assert LIST_KEYS == tuple(_summary_fields(listed=True))
-    assert TRUST_KEYS == tuple(_summary_fields(sent=True))
+    assert list(CLIENT_COLUMNS) == _fields(ClientSummary, stored=True)
+    assert LIST_KEYS == tuple(_fields(ClientSummary, listed=True))
+    assert TRUST_KEYS == tuple(_fields(ClientSummary, sent=True))
     assert set(pb.ClientTrust.DESCRIPTOR.fields_by_name) == set(TRUST_KEYS)
     assert LIST_KEYS[:5] == ("client_id", "trust", "anomaly", "flagged", "quarantined")
 
