@@ -168,10 +168,10 @@ def trim_columns(
             above[j] = np.nextafter(cut_hi[j], -inf) if open_hi[j] else cut_hi[j]
         for i in range(k):
             src = x[i]
-            c = np.int32(0)  # 32-bit lanes: twice the columns per instruction of int64
+            c = np.int32(0)  # kept int32 (numba widens int32 sums): 8 columns per AVX2 add
             for j in range(n):
                 v = src[s + j]
-                c += np.int32(v < below[j]) + np.int32(v > above[j])
+                c = np.int32(c + np.int32(v < below[j]) + np.int32(v > above[j]))
             counts[i] += c
         for j in range(n):
             if not open_lo[j]:
