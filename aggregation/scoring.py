@@ -389,22 +389,28 @@ def _norm_component(metrics: dict[str, np.ndarray], min_scale: float = 0.1) -> n
     return np.where(np.isnan(norm), np.nan, _logistic_of_abs(np.nan_to_num(z, posinf=1e6)))
 
 
-def _cosine_component(cosine: np.ndarray, min_scale: float = 0.15) -> np.ndarray:
-    """The larger of the absolute ``(1 - cos) / 2`` and the logistic of the one-sided robust z.
+def _cosine_component(
+    cosine: np.ndarray, median_cosine: np.ndarray | None = None, min_scale: float = 0.15
+) -> np.ndarray:
+    """The largest of the absolute ``(1 - cos) / 2``, the logistic of the one-sided robust z of
+    the cosine to the reference and, when ``median_cosine`` is given, the same z of the median
+    cosine to the other updates (:func:`_peer_cosine_component`).
 
     The relative part catches updates that are merely unaligned (random directions) when the
     honest cohort is tightly aligned; ``min_scale`` keeps a near-identical cohort from turning
-    tiny differences into large z.
+    tiny differences into large z. The peer part sees what the reference cannot: the cohort's
+    median is partly made of the scored update itself.
     """
     cosine = np.clip(np.asarray(cosine, np.float64), -1.0, 1.0)
-    absolute = (1.0 - cosine) / 2.0
+    component = (1.0 - cosine) / 2.0
     finite = np.isfinite(cosine)
-    if finite.sum() < 3:
-        return absolute
-    med = np.median(cosine[finite])
-    scale = max(_MAD_TO_SIGMA * float(np.median(np.abs(cosine[finite] - med))), min_scale)
-    below = np.maximum(med - cosine, 0.0) / scale
-    return np.maximum(absolute, _logistic_of_abs(below))
+    if finite.sum() >= 3:
+        med = np.median(cosine[finite])
+        scale = max(_MAD_TO_SIGMA * float(np.median(np.abs(cosine[finite] - med))), min_scale)
+        component = np.maximum(component, _logistic_of_abs(np.maximum(med - cosine, 0.0) / scale))
+    if median_cosine is not None:
+        component = np.fmax(component, _peer_cosine_component(median_cosine))
+    return component
 
 
 def _smaller_than_cohort(gap: np.ndarray, min_scale: float) -> np.ndarray:
@@ -456,6 +462,21 @@ def _norm_ratio_component(norm: np.ndarray, ratio: float, above: bool) -> np.nda
     return np.where(finite, 1.0 / (1.0 + np.exp(-3.0 * np.clip(beyond, -50.0, 50.0))), np.nan)
 
 
+def _peer_cosine_component(median_cosine: np.ndarray, min_scale: float = 0.05) -> np.ndarray:
+    """Logistic of the one-sided robust z of how far the median cosine to the other updates
+    sits below the cohort's. ``min_scale`` floors the spread: late in training honest updates
+    are nearly orthogonal to one another (median cosines within a few hundredths of 0), and a
+    floor of 0.03 flagged honest clients at Dirichlet 0.1 in the detection grid.
+    """
+    value = np.asarray(median_cosine, np.float64)
+    finite = np.isfinite(value)
+    if finite.sum() < 3:
+        return np.full(value.shape, np.nan)
+    med = np.median(value[finite])
+    scale = max(_MAD_TO_SIGMA * float(np.median(np.abs(value[finite] - med))), min_scale)
+    return np.where(finite, _logistic_of_abs(np.maximum(med - value, 0.0) / scale), np.nan)
+
+
 def _history_component(error: np.ndarray, min_scale: float = 0.1) -> np.ndarray:
     """Logistic of the one-sided robust z of the forecast error (NaN for clients without one)."""
     error = np.asarray(error, np.float64)
@@ -470,7 +491,7 @@ def _history_component(error: np.ndarray, min_scale: float = 0.1) -> np.ndarray:
 _COMPONENTS = {
     "norm_z": _norm_component,
     "loss_z": lambda m: _logistic_of_abs(m["loss_z"]),
-    "cosine": lambda m: _cosine_component(m["cosine"]),
+    "cosine": lambda m: _cosine_component(m["cosine"], m.get("median_cosine")),
     "krum_score": lambda m: _krum_component(m["krum_score"]),
     "trimmed_share": lambda m: _trimmed_component(m["trimmed_share"]),
     "distance": lambda m: _distance_component(m["distance"]),

@@ -10,6 +10,7 @@ from fedwarden.aggregation.detection import (
     HistoryForecast,
     cluster_outliers,
     cosine_matrix,
+    median_cosine_to_others,
     nearest_pair_gap,
 )
 from fedwarden.aggregation.scoring import (
@@ -54,6 +55,22 @@ def test_pair_gap_tells_twins_from_scaled_copies():
     scaled = np.stack([x[2], 10 * x[2]])  # a scaled copy (model replacement) is not a twin
     assert nearest_pair_gap(scaled @ scaled.T) == pytest.approx([9 / 11, 9 / 11])
     assert np.isnan(nearest_pair_gap(np.ones((1, 1)))).all()
+
+
+def test_median_cosine_leaves_the_client_out_and_sees_flipped_and_random_updates():
+    rng = np.random.default_rng(9)
+    honest = skewed_cohort(7, 5000, rng, spread=2.0)  # pairwise cosines about 0.2
+    x = np.vstack([honest, -honest[:2], rng.normal(size=5000)])  # two sign flips, a random one
+    med = median_cosine_to_others(cosine_matrix(x @ x.T))
+    assert med[:7].min() > 0.1 and med[7:9].max() < -0.1 and abs(med[9]) < 0.05
+    assert np.isnan(median_cosine_to_others(np.ones((1, 1)))).all()
+    m = client_metrics(x, np.median(x, axis=0), None, {})
+    with_peers = anomaly_components(m)["cosine"]
+    m.pop("median_cosine")
+    reference_only = anomaly_components(m)["cosine"]  # the cosine to the cohort's median
+    assert np.all(with_peers >= reference_only)
+    assert with_peers[7:9].min() > 0.9 and with_peers[:7].max() < 0.45
+    assert with_peers[9] - reference_only[9] > 0.1  # the random direction gains most
 
 
 def test_cluster_outliers_single_out_a_separate_group_and_spare_a_homogeneous_cohort():
@@ -127,7 +144,7 @@ def test_a_zero_update_is_sharp_evidence_and_small_honest_updates_are_not():
     assert scores[-1] == pytest.approx(1.0) and scores[:9].max() < 0.5
     no_floor = {k: w for k, w in DEFAULT_ANOMALY_WEIGHTS.items() if k not in SHARP_COMPONENTS}
     m = client_metrics(x, np.median(x, axis=0), None, {})
-    assert anomaly_score(m, no_floor)[-1] < 0.7  # the weighted mean alone dilutes it
+    assert anomaly_score(m, no_floor)[-1] < 0.8  # the weighted mean alone dilutes it
 
 
 def test_half_a_cohort_of_noise_does_not_make_honest_updates_zero_updates():
@@ -265,4 +282,4 @@ def test_a_boosted_update_is_sharp_evidence_and_large_honest_updates_are_not():
     assert scores[-1] > 0.95 and scores[:9].max() < 0.5
     no_floor = {k: w for k, w in DEFAULT_ANOMALY_WEIGHTS.items() if k not in SHARP_COMPONENTS}
     m = client_metrics(x, np.median(x, axis=0), None, {})
-    assert anomaly_score(m, no_floor)[-1] < 0.7  # the weighted mean alone dilutes it
+    assert anomaly_score(m, no_floor)[-1] < 0.8  # the weighted mean alone dilutes it
