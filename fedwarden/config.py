@@ -329,8 +329,9 @@ class DefenceConfig(Section):
     round_memory_budget: float | None = option(
         None, "MB of private memory for a round's update matrix (cohort x parameters x 4 bytes): "
         "a larger one is spilled to a memory-mapped file in the output or state directory and "
-        "read in column blocks (chains of clip, mean, median, trimmed_mean, krum, multi_krum; "
-        "none: always in memory)", kind=float, low=0, low_open=True, metavar="MB",
+        "read in column blocks; the updates go into it as they arrive (chains of clip, mean, "
+        "median, trimmed_mean, krum, multi_krum, gaussian_noise; native engine; none: always in "
+        "memory)", kind=float, low=0, low_open=True, metavar="MB",
     )  # fmt: skip
 
     def check(self) -> None:
