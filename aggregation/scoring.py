@@ -21,9 +21,16 @@ work for any model size):
   0.95 at 5. Norms spread multiplicatively (clients with more data take more steps), so the log
   keeps an honest client with twice the median data inside the cohort.
 - ``loss_z``: the same for the reported local loss (dropped when losses are unknown).
-- ``cosine``: the larger of ``(1 - cosine) / 2`` (0 aligned with the reference, 0.5 orthogonal,
-  1 opposite) and the logistic of the one-sided robust z of the cosine against the cohort (scale
-  at least 0.15), so an update that is merely unaligned stands out when honest clients agree.
+- ``cosine``: the largest of ``(1 - cosine) / 2`` (0 aligned with the reference, 0.5 orthogonal,
+  1 opposite), the logistic of the one-sided robust z of the cosine against the cohort (scale
+  at least 0.15), so an update that is merely unaligned stands out when honest clients agree,
+  and the same z of ``median_cosine``, the median cosine to the other updates (scale at least
+  0.05). The reference is the cohort's coordinate-wise median, partly made of the scored update
+  itself: on Fashion-MNIST a random direction had cosine 0.06 to 0.23 to it and a sign flip up
+  to 0.37, where their median cosines to the others stayed within 0.006 of 0 and below 0.01
+  (honest clients: -0.09 to 0.59, median 0.12). It shares the
+  cosine's weight (a weight of its own diluted the norm and Krum components and lost a scaling
+  and a label-flipping attacker in fresh runs).
 - ``krum_score``: ``max(0, 1 - median / score)``: 0 at or below the cohort's median Krum score,
   0.5 at twice it, 0.9 at ten times it. Unlike a rank it does not push the honest client that
   happens to rank last to 1.
