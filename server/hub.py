@@ -7,7 +7,7 @@ every wait has a deadline. No round logic lives here: the loop hands what ``coll
 ``Coordinator.finish_round``; or, under a round memory budget, it publishes the attempt with the
 round's ``RoundIntake`` (``Coordinator.open_round``), ``submit`` hands each update to it as it
 arrives (admitted into the round's matrix, spilled when over the budget) and keeps only its
-receipt, so the hub never holds more decoded updates than the gRPC threads delivering them.
+receipt: no update's values outlive the gRPC call that delivered them.
 
 A task is one attempt at a round, named ``{instance}-{round}-{attempt}``: a coordinator that
 restarts, or re-runs a round whose attempt timed out, publishes a new task id, and updates for

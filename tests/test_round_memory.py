@@ -388,3 +388,50 @@ def test_a_simulation_under_a_budget_trains_its_cohort_a_few_updates_at_a_time(t
             k: v for k, v in b.items() if k != "duration_s"
         }
     assert results[False]["clients"] == results[True]["clients"]
+
+
+def test_serve_under_a_budget_fills_each_attempts_intake_and_closes_an_abandoned_one(tmp_path):
+    """``HubTransport`` publishes every attempt with the round's intake; an attempt with too few
+    answers is abandoned with its spill file, and the rounds end as without a budget."""
+    from fedwarden.config import DeploymentConfig, RunConfig
+    from fedwarden.server.admission import receipt
+    from fedwarden.server.driver import RoundDriver
+    from fedwarden.server.metrics import MetricsExporter
+    from fedwarden.server.serve import HubTransport, ServeMetrics
+    from tests.test_driver import IDS, FakeHub, evaluate, make_coordinator
+
+    class IntakeHub(FakeHub):
+        """Hands the answers to the attempt's intake, as ``Hub.submit`` does."""
+
+        def publish(self, round, attempt, selected, payload, sha256, target=None, intake=None):
+            super().publish(round, attempt, selected, payload, sha256, target)
+            self.intake = intake
+
+        def collect(self, min_updates, deadline, stop=lambda: False):
+            updates, complete = super().collect(min_updates, deadline, stop)
+            if self.intake is None:
+                return updates, complete
+            self.spilled.append(len(list(tmp_path.glob("round-matrix-*"))))
+            for u in updates:
+                self.intake.add(u)
+            return [receipt(u) for u in updates], complete
+
+    weights = {}
+    for budget in (None, 1e-6):  # 1 byte: every round spills
+        config = RunConfig(clients=4, clients_per_round=4, rounds=2, aggregator="median")
+        options = DeploymentConfig(state_dir=str(tmp_path), insecure=True, min_clients=4,
+                                   round_timeout=1.0, overselect=1.0)  # fmt: skip
+        hub = IntakeHub(live=[IDS], answers=[False, True, True])
+        hub.spilled = []
+        exporter = MetricsExporter()
+        transport = HubTransport(hub, config, options, ServeMetrics(exporter.registry), exporter,
+                                 lambda: False)  # fmt: skip
+        coordinator = make_coordinator()
+        coordinator.round_memory_budget, coordinator.spill_dir = budget, tmp_path
+        driver = RoundDriver(coordinator, transport, evaluate, 2)
+        assert driver.run() == "done"
+        assert [r["attempts"] for r in driver.history.rounds] == [2, 1]
+        assert hub.spilled == ([] if budget is None else [1, 1, 1])  # one file per attempt
+        assert list(tmp_path.glob("round-matrix-*")) == []
+        weights[budget] = coordinator.weights
+    np.testing.assert_array_equal(weights[1e-6], weights[None])
