@@ -88,8 +88,8 @@ class UpdateMatrix:
     def allocate(self, shape: tuple, dtype: Any) -> np.ndarray:
         """A new matrix for the round (a step's copy of the rows): spilled when the rows are.
 
-        The aggregation steps get it through ``fedwarden.aggregation.row_allocator``; its file goes with
-        the round's.
+        The aggregation steps get it through ``fedwarden.aggregation.row_allocator``; its file
+        goes with the round's.
         """
         if not self.spilled:
             return np.empty(shape, dtype)
