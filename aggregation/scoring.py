@@ -25,7 +25,7 @@ work for any model size):
   1 opposite), the logistic of the one-sided robust z of the cosine against the cohort (scale
   at least 0.15), so an update that is merely unaligned stands out when honest clients agree,
   and the same z of ``median_cosine``, the median cosine to the other updates (scale at least
-  0.05). The reference is the cohort's coordinate-wise median, partly made of the scored update
+  0.05 and a quarter of the cohort's median). The reference is the cohort's coordinate-wise median, partly made of the scored update
   itself: on Fashion-MNIST a random direction had cosine 0.06 to 0.23 to it and a sign flip up
   to 0.37, where their median cosines to the others stayed within 0.006 of 0 and below 0.01
   (honest clients: -0.09 to 0.59, median 0.12). It shares the
@@ -471,16 +471,22 @@ def _norm_ratio_component(norm: np.ndarray, ratio: float, above: bool) -> np.nda
 
 def _peer_cosine_component(median_cosine: np.ndarray, min_scale: float = 0.05) -> np.ndarray:
     """Logistic of the one-sided robust z of how far the median cosine to the other updates
-    sits below the cohort's. ``min_scale`` floors the spread: late in training honest updates
-    are nearly orthogonal to one another (median cosines within a few hundredths of 0), and a
-    floor of 0.03 flagged honest clients at Dirichlet 0.1 in the detection grid.
+    sits below the cohort's.
+
+    The spread is at least ``min_scale`` and a quarter of the cohort's median: late in training
+    honest updates are nearly orthogonal to one another (median cosines within a few hundredths
+    of 0), and early, when they agree (median 0.45), an honest client that agrees a little less
+    is no outlier. In the detection grid's fresh runs a floor of 0.03 flagged more honest
+    clients at Dirichlet 0.1, and no quarter-median floor kept an honest outlier at Dirichlet 0.5
+    flagged one round longer.
     """
     value = np.asarray(median_cosine, np.float64)
     finite = np.isfinite(value)
     if finite.sum() < 3:
         return np.full(value.shape, np.nan)
-    med = np.median(value[finite])
-    scale = max(_MAD_TO_SIGMA * float(np.median(np.abs(value[finite] - med))), min_scale)
+    med = float(np.median(value[finite]))
+    mad = _MAD_TO_SIGMA * float(np.median(np.abs(value[finite] - med)))
+    scale = max(mad, min_scale, 0.25 * abs(med))
     return np.where(finite, _logistic_of_abs(np.maximum(med - value, 0.0) / scale), np.nan)
 
 

@@ -73,6 +73,15 @@ def test_median_cosine_leaves_the_client_out_and_sees_flipped_and_random_updates
     assert with_peers[9] - reference_only[9] > 0.1  # the random direction gains most
 
 
+def test_a_client_that_agrees_a_little_less_with_an_agreeing_cohort_is_no_peer_outlier():
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=5000) + rng.normal(size=(10, 5000))  # median cosines about 0.5
+    x[0] = x[0] + 1.5 * rng.normal(size=5000)  # a noisier honest client: about 0.34
+    m = client_metrics(x, np.median(x, axis=0), None, {})
+    assert 0.25 < m["median_cosine"][0] < 0.45
+    assert anomaly_components(m)["cosine"][0] < 0.35  # the spread is at least median / 4
+
+
 def test_cluster_outliers_single_out_a_separate_group_and_spare_a_homogeneous_cohort():
     rng = np.random.default_rng(2)
     honest = skewed_cohort(10, 2000, rng, spread=0.5)
