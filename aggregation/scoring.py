@@ -82,6 +82,16 @@ Fashion-MNIST, against 0.9 with the heavier weights). Why no re-weighting, per-s
 maximum or fitted combination of these components does better without flagging honest
 outliers: docs/results.md, "Why sign flip, scaling and random directions stop short".
 
+Third pass (issue 18): 36 of the detection grid's runs made again with ``median_cosine``
+(``fedwarden simulate --dataset fashion_mnist --partition dirichlet --alpha 0.5 --clients 50
+--clients-per-round 10 --rounds 10 --aggregator auto --quarantine none --attack NAME --seed S``,
+seeds 0 to 2; Intel Xeon, 2 cores, AVX-512, load average 0.9 to 11), replayed: the zero update's
+lower-median reference took Gaussian precision from 0.87 to 0.97 (seed 2: 0.71 to 1.00), the
+cosine's peer part took sign flip recall from 0.47 to 0.53 and random directions from 0.23 to
+0.27 (one attacker each in three runs), no row worse; scaling (0.70), sign flip, random
+directions and label flipping (0.33) stay far under 0.95 (docs/results.md, "The median cosine to
+the other updates, and where it stops").
+
 A component that is NaN for a client (no losses reported, a cohort too small to trim) is left
 out and the other weights are renormalised, so a missing measurement never counts as evidence
 either way.
