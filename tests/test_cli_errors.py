@@ -131,13 +131,28 @@ NEWCOMER = [
     (["simulate", "--dp-sgd"], "--dp-sgd needs --dp-sgd-noise-multiplier"),
     (["simulate", "--dp-sgd-noise-multiplier", "1"], "only apply with --dp-sgd"),
     # a round memory budget the run could not keep (issue 16)
-    (["simulate", "--round-memory-budget", "64", "--aggregator", "clip:max_norm=5+bulyan"],
-     "bulyan would copy it into memory"),  # fmt: skip
+    (
+        ["simulate", "--round-memory-budget", "64", "--aggregator", "clip:max_norm=5+bulyan"],
+        "bulyan would copy it into memory",
+    ),  # fmt: skip
     (["simulate", "--round-memory-budget", "64", "--engine", "tff"], "cannot bound a round of"),
-    ([*COMPARE[:3], "--round-memory-budget", "64", "--aggregators", "median,geometric_median"],
-     "geometric_median would copy it"),  # fmt: skip
-    (["serve", "--insecure", "--state-dir", "STATE", "--round-memory-budget", "64",
-      "--aggregator", "geometric_median"], "geometric_median would copy it"),  # fmt: skip
+    (
+        [*COMPARE[:3], "--round-memory-budget", "64", "--aggregators", "median,geometric_median"],
+        "geometric_median would copy it",
+    ),  # fmt: skip
+    (
+        [
+            "serve",
+            "--insecure",
+            "--state-dir",
+            "STATE",
+            "--round-memory-budget",
+            "64",
+            "--aggregator",
+            "geometric_median",
+        ],
+        "geometric_median would copy it",
+    ),  # fmt: skip
     (["simulate", "--dataset", "missing.npz"], "--dataset file not found"),
     (["simulate", "--dataset", "cifar"], "--dataset must be one of"),
     (["simulate", "--model", "notamodule"], "--model must be package.module:function"),
