@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedwarden.records import ClientRound
 from fedwarden.server.admission import ClientUpdate, RoundIntake, receipt
 from fedwarden.server.trust import TrustBook
 
@@ -364,22 +365,16 @@ class Hub:
 
 def record_silence(trust: TrustBook, round: int, silent: dict[str, int]) -> None:
     """Writes a ``silent`` row for each silent client of ``round`` to the trust ledger, with the
-    client's trust unchanged (silence is not evidence of malice)."""
+    client's whole trust state unchanged (silence is not evidence of malice; a coordinator
+    restarted after the round resumes the client's evidence from this row)."""
     if trust.ledger is None or not silent:
         return
-    rows = []
-    for cid in silent:
-        state = trust.get(cid)
-        row = {"client_id": cid, "rejected_reason": SILENT}
-        if state is not None:
-            row.update(
-                trust=state.trust,
-                anomaly=state.anomaly,
-                flagged=state.flagged,
-                quarantined=state.quarantined,
-                quarantined_since=state.quarantined_since,
-            )
-        rows.append(row)
+    rows = [
+        ClientRound(cid, round=round, rejected_reason=SILENT)
+        if trust.get(cid) is None
+        else trust.get(cid).round_record(round, rejected_reason=SILENT)
+        for cid in silent
+    ]
     trust.ledger.record_round(round, rows)
 
 

@@ -100,6 +100,21 @@ def test_silence_reaches_the_ledger_without_changing_trust(tmp_path):
     ledger.close()
 
 
+def test_a_silent_round_keeps_the_evidence_a_restarted_coordinator_resumes(tmp_path):
+    with Ledger(tmp_path / "ledger.sqlite") as ledger:
+        book = TrustBook(TrustPolicy(), ledger)
+        for r in range(1, 6):
+            book.update(r, ["a", "b", "c", "d"], np.array([0.1, 0.12, 0.11, 1.0]), {})
+        before = ledger.get_client("d")
+        assert before["flagged"] and before["evidence"] > 0
+        record_silence(book, 6, {"d": 1})
+        after = ledger.get_client("d")
+        for key in ("flagged", "evidence", "explanation", "evidence_state"):
+            assert after[key] == before[key], key
+        restarted = TrustBook(TrustPolicy(), ledger)
+        assert restarted.get("d").evidence == pytest.approx(book.get("d").evidence)
+
+
 # -- the call guard --------------------------------------------------------------------------
 
 
