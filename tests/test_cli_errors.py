@@ -137,6 +137,10 @@ NEWCOMER = [
     ),  # fmt: skip
     (["simulate", "--round-memory-budget", "64", "--engine", "tff"], "cannot bound a round of"),
     (
+        ["simulate", "--round-memory-budget", "64", "--ray-address", "local"],
+        "cannot bound a round trained on Ray",
+    ),  # fmt: skip
+    (
         [*COMPARE[:3], "--round-memory-budget", "64", "--aggregators", "median,geometric_median"],
         "geometric_median would copy it",
     ),  # fmt: skip

@@ -84,6 +84,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from fedwarden.simulations.preflight import check_run
 
     config = config_from_args(args)
+    if args.ray_address and config.round_memory_budget is not None:
+        raise UsageError(
+            f"--round-memory-budget {config.round_memory_budget:g} cannot bound a round trained "
+            "on Ray: the actors return the cohort's updates together. Received: --ray-address "
+            f"{args.ray_address}; drop one of the two"
+        )
     aggregator = check_run(config)
     check_port_free(config.metrics_port)
     check_out_dir(Path(config.out), resume=args.resume, rounds=config.rounds)
