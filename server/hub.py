@@ -369,11 +369,12 @@ def record_silence(trust: TrustBook, round: int, silent: dict[str, int]) -> None
     restarted after the round resumes the client's evidence from this row)."""
     if trust.ledger is None or not silent:
         return
+    states = {cid: trust.get(cid) for cid in silent}
     rows = [
         ClientRound(cid, round=round, rejected_reason=SILENT)
-        if trust.get(cid) is None
-        else trust.get(cid).round_record(round, rejected_reason=SILENT)
-        for cid in silent
+        if state is None
+        else state.round_record(round, rejected_reason=SILENT)
+        for cid, state in states.items()
     ]
     trust.ledger.record_round(round, rows)
 
