@@ -124,6 +124,7 @@ DEFAULT_ANOMALY_WEIGHTS: dict[str, float] = {
     "history": 0.05,
     "zero_update": 0.01,
     "oversized": 0.001,
+    "validation": 0.0,
 }
 """Component weights of :func:`anomaly_score` (they need not sum to 1; only ratios count)."""
 
@@ -144,6 +145,14 @@ METRIC_NAMES = ("norm", "norm_z", "cosine", "distance", "krum_score", "trimmed_s
 
 HISTORY_METRIC = "history_error"
 """Key under which the coordinator adds ``detection.HistoryForecast`` errors to the metrics."""
+
+VALIDATION_METRIC = "validation_loss_change"
+CLASS_VALIDATION_METRIC = "validation_class_change"
+"""Keys under which the coordinator adds each update's loss change on server-held examples,
+overall and in the class where it grows most (``server/validation.py``); absent without them."""
+
+VALIDATION_MIN_SCALE = 0.01
+"""Least spread (nats) of the validation loss changes in the ``validation`` component."""
 
 _MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 _MEANAD_TO_SIGMA = 1.2533  # the same for the mean absolute deviation (fallback when MAD is 0)
@@ -502,13 +511,33 @@ def _peer_cosine_component(median_cosine: np.ndarray, min_scale: float = 0.05) -
 
 def _history_component(error: np.ndarray, min_scale: float = 0.1) -> np.ndarray:
     """Logistic of the one-sided robust z of the forecast error (NaN for clients without one)."""
-    error = np.asarray(error, np.float64)
-    finite = np.isfinite(error)
+    return _above_cohort(error, min_scale)
+
+
+def _above_cohort(value: np.ndarray, min_scale: float) -> np.ndarray:
+    """Logistic of the one-sided robust z of how far ``value`` sits above the cohort's median
+    (spread at least ``min_scale``; NaN where unknown or with fewer than 3 known values)."""
+    value = np.asarray(value, np.float64)
+    finite = np.isfinite(value)
     if finite.sum() < 3:
-        return np.full(error.shape, np.nan)
-    med = np.median(error[finite])
-    scale = max(_MAD_TO_SIGMA * float(np.median(np.abs(error[finite] - med))), min_scale)
-    return np.where(finite, _logistic_of_abs(np.maximum(error - med, 0.0) / scale), np.nan)
+        return np.full(value.shape, np.nan)
+    med = np.median(value[finite])
+    scale = max(_MAD_TO_SIGMA * float(np.median(np.abs(value[finite] - med))), min_scale)
+    return np.where(finite, _logistic_of_abs(np.maximum(value - med, 0.0) / scale), np.nan)
+
+
+def _validation_component(
+    metrics: dict[str, np.ndarray], min_scale: float = VALIDATION_MIN_SCALE
+) -> np.ndarray:
+    """The larger of the one-sided robust z's (logistic) of the loss change on the server's
+    validation examples and of the largest per-class change, against the cohort's: an update
+    that makes the global model worse than the cohort's updates do (Zeno's score, cohort
+    relative). ``min_scale`` (nats) keeps a cohort of near-equal changes from turning small
+    differences into large z."""
+    component = _above_cohort(metrics[VALIDATION_METRIC], min_scale)
+    if CLASS_VALIDATION_METRIC in metrics:
+        component = np.fmax(component, _above_cohort(metrics[CLASS_VALIDATION_METRIC], min_scale))
+    return component
 
 
 _COMPONENTS = {
@@ -524,6 +553,7 @@ _COMPONENTS = {
     "history": lambda m: _history_component(m[HISTORY_METRIC]),
     "zero_update": lambda m: _norm_ratio_component(m["norm"], ratio=100.0, above=False),
     "oversized": lambda m: _norm_ratio_component(m["norm"], ratio=10.0, above=True),
+    "validation": _validation_component,
 }
 _SOURCES = {
     "zero_update": "norm",
@@ -532,6 +562,7 @@ _SOURCES = {
     "centrality": "cosine",
     "cluster": "cluster_outlier",
     "history": HISTORY_METRIC,
+    "validation": VALIDATION_METRIC,
 }  # components whose measurement has another name
 
 

@@ -382,6 +382,10 @@ class TrustConfig(Section):
         {}, "weights of the anomaly measurements (TOML only; see aggregation/scoring.py)",
         kind=dict,
     )  # fmt: skip
+    validation_examples: int = option(
+        0, "held-out examples the server scores each update's loss change on (the anomaly "
+        "score's validation component, server/validation.py); 0: no such component", low=0,
+    )  # fmt: skip
 
     def check(self) -> None:
         if not self.flag_below < self.unflag_above:

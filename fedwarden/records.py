@@ -104,6 +104,8 @@ class ClientRound(_Record):
     cluster_outlier: float | None = _field(float)
     median_cosine: float | None = _field(float, shown=False)
     history_error: float | None = _field(float)
+    validation_loss_change: float | None = _field(float, shown=False)  # server/validation.py
+    validation_class_change: float | None = _field(float, shown=False)
     evidence: float | None = _field(
         float, gauge=("fedwarden_client_flag_evidence", "Evidence (a standard score) that the "
                       "client misbehaves; flagged above the false-positive rate's line."),

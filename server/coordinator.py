@@ -37,6 +37,7 @@ from fedwarden.server.admission import Admission, ClientUpdate, Rejection, Round
 from fedwarden.server.optimizers import ServerOptimizer
 from fedwarden.server.trust import TrustBook
 from fedwarden.server.update_matrix import UpdateMatrix, remove_stale_spill_files
+from fedwarden.server.validation import ValidationProbe
 
 log = logging.getLogger("fedwarden.coordinator")
 
@@ -145,6 +146,8 @@ class Coordinator:
         through a memory-mapped file in ``spill_dir`` (None: always in memory). The chain's
         steps must then be among ``BLOCKWISE_STEPS``.
       spill_dir: where spilled matrices go (default: the system's temporary directory).
+      validation: measures each update's loss change on server-held examples (the ``validation``
+        anomaly component, ``server/validation.py``); None: no such component.
 
     Example::
 
@@ -171,6 +174,7 @@ class Coordinator:
         max_weight_ratio: float | None = DEFAULT_MAX_WEIGHT_RATIO,
         round_memory_budget: float | None = None,
         spill_dir: str | os.PathLike | None = None,
+        validation: ValidationProbe | None = None,
     ):
         self.weights = np.asarray(weights, np.float32)
         self.chain = chain
@@ -181,6 +185,7 @@ class Coordinator:
         self.max_weight_ratio = max_weight_ratio
         self.round_memory_budget = round_memory_budget  # bytes
         self.spill_dir = spill_dir
+        self.validation = validation
         self._matrix_buffer: np.ndarray | None = None  # the last in-memory round's matrix
         if round_memory_budget is not None:
             for path in remove_stale_spill_files(spill_dir):
@@ -325,6 +330,7 @@ class Coordinator:
             )
         measurements: dict[str, Any] = {}
         rows: list[ClientRound] = []
+        trained_from = self.weights  # the updates' base, before this round's step replaces it
         if admitted:
             matrix = store.matrix
             share_order_statistics(matrix)  # one order pass serves the chain and the scoring
@@ -391,6 +397,8 @@ class Coordinator:
                 reference, per_client["trimmed_share"] = median_and_trimmed_shares(matrix)
             metrics = client_metrics(matrix, reference, losses, per_client)
             metrics[HISTORY_METRIC] = self.history.step(ids, matrix, reference)
+            if self.validation is not None:
+                metrics.update(self.validation.measure(trained_from, matrix))
             anomaly = anomaly_score(metrics, self.anomaly_weights)
             components = anomaly_components(metrics)
             rows = [

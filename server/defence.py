@@ -33,6 +33,7 @@ from fedwarden.server.coordinator import Coordinator
 from fedwarden.server.ledger import Ledger
 from fedwarden.server.optimizers import ServerOptimizer
 from fedwarden.server.trust import TrustBook, TrustPolicy
+from fedwarden.server.validation import ValidationProbe
 
 log = logging.getLogger("fedwarden.defence")
 
@@ -205,10 +206,15 @@ def build_chain(
 
 
 def build_coordinator(
-    config: RunConfig, weights: np.ndarray, chain: Chain, ledger: Ledger | None
+    config: RunConfig,
+    weights: np.ndarray,
+    chain: Chain,
+    ledger: Ledger | None,
+    validation: ValidationProbe | None = None,
 ) -> Coordinator:
-    """The run's coordinator: ``chain``, the server optimizer, trust (persisted in ``ledger``)
-    and the admission limits of ``config``, from the initial flat ``weights``."""
+    """The run's coordinator: ``chain``, the server optimizer, trust (persisted in ``ledger``),
+    the admission limits of ``config`` and the ``validation`` probe if any, from the initial
+    flat ``weights``."""
     return Coordinator(
         weights,
         chain,
@@ -221,4 +227,5 @@ def build_coordinator(
         if config.round_memory_budget is None
         else config.round_memory_budget * 2**20,
         spill_dir=config.out,
+        validation=validation,
     )

@@ -74,6 +74,7 @@ from fedwarden.server.ledger import Ledger
 from fedwarden.server.metrics import MetricsExporter
 from fedwarden.server.service import CallGuard, CallLimits, FederationServicer, add_to_server
 from fedwarden.server.tensorboard import TensorBoard, log_dir
+from fedwarden.server.validation import ValidationProbe, held_out_indices
 from fedwarden.weights import WeightLayout
 
 log = logging.getLogger("fedwarden.serve")
@@ -119,6 +120,35 @@ def call_limits(options: DeploymentConfig) -> CallLimits:
         stall_s=options.stall_timeout,
         min_rate=options.min_transfer_rate,
     )
+
+
+UPDATE_BYTES_PER_WEIGHT = 8
+"""The widest dtype an update may come in (float64); a larger declared update is not read."""
+MIN_INFLIGHT_UPLOAD_MB = 64.0
+"""Without --round-memory-budget, the in-flight upload bound is never below this."""
+
+
+def inflight_upload_bytes(config: RunConfig, options: DeploymentConfig, num_weights: int) -> int:
+    """The bytes uploads in progress may hold together (``--max-inflight-upload-mb``).
+
+    By default the round's memory budget; without one, every selected agent's update at once,
+    and at least ``MIN_INFLIGHT_UPLOAD_MB``. Never below one update, so that an upload alone
+    always gets through: a smaller explicit bound is refused.
+    """
+    update = num_weights * UPDATE_BYTES_PER_WEIGHT
+    if options.max_inflight_upload_mb is not None:
+        limit = int(options.max_inflight_upload_mb * 2**20)
+        if limit < update:
+            raise UsageError(
+                f"--max-inflight-upload-mb must hold one update of this model ({num_weights} "
+                f"weights as float64: {update / 2**20:.3g} MB). Received: "
+                f"{options.max_inflight_upload_mb:g}"
+            )
+        return limit
+    if config.round_memory_budget is not None:
+        return max(int(config.round_memory_budget * 2**20), update)
+    selected = math.ceil(config.clients_per_round * options.overselect)
+    return max(int(MIN_INFLIGHT_UPLOAD_MB * 2**20), selected * update)
 
 
 @dataclass
@@ -293,7 +323,8 @@ class Server:
         chain = build_chain(c, privacy, None, aggregator)
         chain.check(min(o.min_clients, c.clients_per_round))
         saved, ledger = self._open_state(layout)
-        coordinator = build_coordinator(c, layout.flatten(model.get_weights()), chain, ledger)
+        probe = self._probe(data, evaluator, layout)
+        coordinator = build_coordinator(c, layout.flatten(model.get_weights()), chain, ledger, probe)
         history = None
         if saved is not None:
             coordinator.load_state_dict(saved["coordinator"])
@@ -372,6 +403,19 @@ class Server:
                 metrics_server.shutdown()
             ledger.close()
         return 0
+
+    def _probe(
+        self, data: EvalData, evaluator: Any, layout: WeightLayout
+    ) -> ValidationProbe | None:
+        """``--validation-examples`` of the evaluation data, for each update's loss change."""
+        size = self.config.validation_examples
+        if size == 0:
+            return None
+        idx = held_out_indices(len(data.y), size, self.config.seed)
+        x = data.x[idx]
+        return ValidationProbe(
+            lambda flat: evaluator.predict(layout.unflatten(flat), x), data.y[idx], data.num_classes
+        )
 
     def _open_state(self, layout: WeightLayout) -> tuple[dict[str, Any] | None, Ledger]:
         """The newest checkpoint that verifies (checked against these settings) and the ledger,
@@ -457,8 +501,9 @@ class Server:
             auth,
             spec,
             ledger,
-            max_update_bytes=layout.size * 8,
+            max_update_bytes=layout.size * UPDATE_BYTES_PER_WEIGHT,
             on_rejected=on_rejected,
+            max_inflight_bytes=inflight_upload_bytes(c, o, layout.size),
         )
         self.guard = CallGuard(call_limits(o))
         self.guard.start()

@@ -54,6 +54,7 @@ from fedwarden.server.driver import Cohort, History, RoundDriver, RunInfo, check
 from fedwarden.server.ledger import Ledger, remove_ledger
 from fedwarden.server.metrics import MetricsExporter
 from fedwarden.server.tensorboard import TensorBoard, log_dir
+from fedwarden.server.validation import ValidationProbe, held_out_indices
 from fedwarden.simulations.preflight import check_run
 from fedwarden.weights import WeightLayout
 
@@ -256,7 +257,11 @@ class _Run:
         if saved is not None:
             self.ledger.truncate_after(saved["round"])
         self.coordinator = build_coordinator(
-            config, sim.layout.flatten(sim.initial_weights), self.chain, self.ledger
+            config,
+            sim.layout.flatten(sim.initial_weights),
+            self.chain,
+            self.ledger,
+            self._validation_probe(config.validation_examples),
         )
         history = None
         if saved is not None:
@@ -381,12 +386,28 @@ class _Run:
         for u, row in zip(bad, crafted):
             u.delta = np.asarray(row, np.float32)
 
-    def _root_update(self, size: int) -> Callable[[], np.ndarray]:
-        """FLTrust's server update: the current model trained on ``size`` examples of the held-out
-        split (never client data; they stay in the test set, 100 of 17,500 on Fashion-MNIST)."""
+    def _held_out(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """The server's own ``size`` examples of the held-out split (never client data; they stay
+        in the test set, 100 of 17,500 on Fashion-MNIST)."""
         ds = self.fed.dataset
-        idx = np.random.default_rng([self.config.seed, 5]).permutation(len(ds.y_test))[:size]
-        x, y = ds.x_test[idx], ds.y_test[idx]
+        idx = held_out_indices(len(ds.y_test), size, self.config.seed)
+        return ds.x_test[idx], ds.y_test[idx]
+
+    def _validation_probe(self, size: int) -> ValidationProbe | None:
+        """Each update's loss change on ``size`` held-out examples (None for 0)."""
+        if size == 0:
+            return None
+        x, y = self._held_out(size)
+        layout, trainer = self.sim.layout, self.trainer
+        return ValidationProbe(
+            lambda flat: trainer.predict(layout.unflatten(flat), x),
+            y,
+            self.fed.dataset.num_classes,
+        )
+
+    def _root_update(self, size: int) -> Callable[[], np.ndarray]:
+        """FLTrust's server update: the current model trained on ``size`` held-out examples."""
+        x, y = self._held_out(size)
 
         def update() -> np.ndarray:
             weights = self.sim.layout.unflatten(self.coordinator.weights)
