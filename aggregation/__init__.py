@@ -41,6 +41,7 @@ from fedwarden.aggregation.rules import (
     nearest_neighbor_mixing,
     trimmed_mean,
 )
+from fedwarden.aggregation.warmup import warm_up
 
 __all__ = [
     "REGISTRY",
@@ -77,4 +78,5 @@ __all__ = [
     "parse_chain",
     "row_allocator",
     "trimmed_mean",
+    "warm_up",
 ]

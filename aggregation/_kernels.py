@@ -118,6 +118,19 @@ def _nets() -> Any:
     return _networks
 
 
+def load_compiled() -> None:
+    """Load the compiled order-statistic kernels (numba's on-disk cache) for float32 matrices,
+    the first call's cost; a no-op off the ``numba`` path."""
+    if PATH != "numba":
+        return
+    x = np.zeros((5, 16), np.float32)  # the dtype and layout the rounds' matrices have
+    median(x)
+    trimmed_mean(x, 1)
+    median_and_trimmed_counts(x, 1)
+    bulyan_mean(x, np.arange(5), 1)
+    count_sketch(x, np.zeros(16, np.int64), np.ones(16), 4)
+
+
 def _width(rows: int, dtype: np.dtype) -> int:
     """Columns per network block: a multiple of 16 that keeps ``rows`` rows in L1/L2."""
     return int(np.clip(_NETWORK_BYTES // (rows * dtype.itemsize) // 16 * 16, 16, _MAX_WIDTH))

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fedwarden.aggregation import new_rows, row_allocator
+from fedwarden.aggregation import new_rows, row_allocator, warm_up
 from fedwarden.aggregation.accounting import poisson_sample
 from fedwarden.aggregation.base import AggregationError, Step
 from fedwarden.aggregation.detection import HistoryForecast
@@ -195,6 +195,7 @@ class Coordinator:
         self.round = 0  # last completed round
         self.optimizer_state = optimizer.init(self.weights.size)
         self.chain_state = chain.init()
+        warm_up()  # loads while the first round's clients train
         self.history = HistoryForecast()  # each client's consistency with its own past updates
         self._median = median()
 

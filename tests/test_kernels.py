@@ -8,6 +8,7 @@ blocks, thread ranges and their seams are all exercised on small inputs.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -267,3 +268,40 @@ def test_environment_variable_forces_a_path():
     assert run_with("auto").stdout.strip() in kernels.PATHS
     bad = run_with("fast")
     assert bad.returncode != 0 and "FEDWARDEN_KERNEL must be auto or one of" in bad.stderr
+
+
+def test_warm_up_loads_everything_a_first_round_needs():
+    """After ``warm_up``, a first round at a realistic shape loads no kernel and imports nothing:
+    the first round of a process then costs what the later ones do."""
+    code = """
+import sys, numpy as np
+from fedwarden.aggregation import warm_up
+from fedwarden.aggregation import _networks as nets
+from fedwarden.aggregation.chain import parse_chain
+from fedwarden.server.admission import ClientUpdate
+from fedwarden.server.coordinator import Coordinator
+from fedwarden.server.optimizers import ServerOptimizer
+from fedwarden.server.trust import TrustBook, TrustPolicy
+
+warm_up(background=False)
+kernels = [nets.median_columns, nets.trim_columns, nets.bulyan_columns, nets.sketch_rows]
+loaded = [len(k.signatures) for k in kernels]
+modules = set(sys.modules)
+rng = np.random.default_rng(0)
+ids = [f"c{i}" for i in range(12)]
+for chain in ("median", "trimmed_mean:trim_fraction=0.2", "bulyan:num_byzantine=2"):
+    coordinator = Coordinator(np.zeros(3000, np.float32), parse_chain(chain),
+                              ServerOptimizer("fedavg", 1.0), TrustBook(TrustPolicy()))
+    updates = [ClientUpdate(c, 1, rng.standard_normal(3000, dtype=np.float32), 10, 0.5)
+               for c in ids]
+    coordinator.finish_round(1, ids, updates)
+import json
+new = sorted(set(sys.modules) - modules - {"json"})
+print(json.dumps([min(loaded), [len(k.signatures) for k in kernels] == loaded, new]))
+"""
+    env = {**os.environ, "FEDWARDEN_KERNEL": "numba"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    fewest, unchanged, new_modules = json.loads(done.stdout.strip().splitlines()[-1])
+    assert fewest >= 1 and unchanged
+    assert not [m for m in new_modules if m.split(".")[0] in ("numba", "sklearn", "scipy")]
