@@ -56,6 +56,11 @@ FATAL = (
 )
 
 
+UPLOAD_RETRY_S = 120.0
+"""How long the agent sends one update again while the coordinator answers RESOURCE_EXHAUSTED
+(about serve's default --round-timeout); then it registers again and fetches the current task."""
+
+
 class AgentError(UsageError):
     """The agent cannot go on: refused credentials, unfit data, an incompatible coordinator."""
 
@@ -198,8 +203,7 @@ class Agent:
                             describe(exc),
                         )
                         return 1
-                    delay = min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(failures, 30))
-                    delay *= random.uniform(0.5, 1.0)
+                    delay = self._backoff(failures)
                     if self.give_up_after_s is not None:  # no sleeping past the deadline
                         delay = min(delay, max(0.0, self.give_up_after_s - waited) + 0.05)
                     failures += 1
@@ -210,6 +214,11 @@ class Agent:
                         delay,
                     )
                     time.sleep(delay)
+
+    def _backoff(self, failures: int) -> float:
+        """Seconds to wait after ``failures`` failures in a row: doubling, capped, jittered."""
+        delay = min(self.backoff_max_s, self.backoff_initial_s * 2 ** min(failures, 30))
+        return delay * random.uniform(0.5, 1.0)
 
     # -- one session --------------------------------------------------------------------------
 
@@ -379,11 +388,7 @@ class Agent:
                 lambda xs, ys, r: self._trainer.train(global_weights, xs, ys, r).delta,
             )
         update = encode_vector(delta, "float32")
-        reply = stub.SubmitUpdate(
-            self._update_stream(session_id, header, result.num_examples, result.loss, update),
-            timeout=300,
-            metadata=self.conn.metadata(),
-        )
+        reply = self._submit(stub, session_id, header, result.num_examples, result.loss, update)
         self._last_task_id = header.task_id
         line = red.record(header.round, pb.SubmitReply.Status.Name(reply.status)) if red else None
         if line and line["attacking"]:
@@ -413,6 +418,42 @@ class Agent:
                 pb.SubmitReply.Status.Name(reply.status),
                 reply.detail,
             )
+
+    def _submit(
+        self,
+        stub,
+        session_id: str,
+        header: pb.TaskHeader,
+        num_examples: int,
+        loss: float,
+        payload: bytes,
+    ) -> pb.SubmitReply:
+        """SubmitUpdate. While the coordinator answers RESOURCE_EXHAUSTED (its upload slots or
+        upload memory are taken) the same update is sent again with backoff, for up to
+        ``UPLOAD_RETRY_S``; any other error, or one past that, goes to ``run``."""
+        started, failures = time.monotonic(), 0
+        while True:
+            try:
+                return stub.SubmitUpdate(
+                    self._update_stream(session_id, header, num_examples, loss, payload),
+                    timeout=300,
+                    metadata=self.conn.metadata(),
+                )
+            except grpc.RpcError as exc:
+                busy = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                if not busy or time.monotonic() - started > UPLOAD_RETRY_S:
+                    raise
+                delay = self._backoff(failures)
+                failures += 1
+                log.info(
+                    "%s: round %d: the coordinator cannot take the update yet (%s); sending it "
+                    "again in %.1f s",
+                    self.client_id,
+                    header.round,
+                    describe(exc),
+                    delay,
+                )
+            time.sleep(delay)
 
     def _update_stream(
         self, session_id: str, header: pb.TaskHeader, num_examples: int, loss: float, payload: bytes

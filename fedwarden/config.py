@@ -576,6 +576,14 @@ class DeploymentConfig(Section):
         65536.0, "uploads and task downloads must average this rate, after --stall-timeout of "
         "grace", low=0, low_open=True, metavar="BYTES/S",
     )  # fmt: skip
+    max_inflight_upload_mb: float | None = option(
+        None, "MB the uploads in progress may hold together (each reserves its declared size "
+        "when its header arrives); one that would pass it is refused at once, unread, with "
+        "RESOURCE_EXHAUSTED and its agent retries with backoff. At least one update as float64",
+        kind=float, low=0, low_open=True, metavar="MB",
+        default_text="--round-memory-budget if set (at least one update as float64), else "
+        "every selected agent's update as float64 and at least 64",
+    )  # fmt: skip
     idle_timeout: float = option(
         300.0, "connections with no call for this long are closed", low=0, low_open=True,
         metavar="S",

@@ -36,6 +36,7 @@ ARRIVAL_REASONS = (
     "unauthenticated",  # missing or invalid credentials, or an identity that may not train
     "wrong_dtype",  # a dtype name the protocol does not know
     "busy",  # too many concurrent calls from one identity, or in all
+    "upload_memory",  # the uploads in progress would hold more than --max-inflight-upload-mb
     "too_slow",  # stalled, or below the minimum transfer rate: cancelled by the call guard
     "late",  # for a task that is closed (an earlier round, or a re-run attempt)
 )

@@ -122,6 +122,35 @@ def call_limits(options: DeploymentConfig) -> CallLimits:
     )
 
 
+UPDATE_BYTES_PER_WEIGHT = 8
+"""The widest dtype an update may come in (float64); a larger declared update is not read."""
+MIN_INFLIGHT_UPLOAD_MB = 64.0
+"""Without --round-memory-budget, the in-flight upload bound is never below this."""
+
+
+def inflight_upload_bytes(config: RunConfig, options: DeploymentConfig, num_weights: int) -> int:
+    """The bytes uploads in progress may hold together (``--max-inflight-upload-mb``).
+
+    By default the round's memory budget; without one, every selected agent's update at once,
+    and at least ``MIN_INFLIGHT_UPLOAD_MB``. Never below one update, so that an upload alone
+    always gets through: a smaller explicit bound is refused.
+    """
+    update = num_weights * UPDATE_BYTES_PER_WEIGHT
+    if options.max_inflight_upload_mb is not None:
+        limit = int(options.max_inflight_upload_mb * 2**20)
+        if limit < update:
+            raise UsageError(
+                f"--max-inflight-upload-mb must hold one update of this model ({num_weights} "
+                f"weights as float64: {update / 2**20:.3g} MB). Received: "
+                f"{options.max_inflight_upload_mb:g}"
+            )
+        return limit
+    if config.round_memory_budget is not None:
+        return max(int(config.round_memory_budget * 2**20), update)
+    selected = math.ceil(config.clients_per_round * options.overselect)
+    return max(int(MIN_INFLIGHT_UPLOAD_MB * 2**20), selected * update)
+
+
 @dataclass
 class EvalData:
     name: str
@@ -472,8 +501,9 @@ class Server:
             auth,
             spec,
             ledger,
-            max_update_bytes=layout.size * 8,
+            max_update_bytes=layout.size * UPDATE_BYTES_PER_WEIGHT,
             on_rejected=on_rejected,
+            max_inflight_bytes=inflight_upload_bytes(c, o, layout.size),
         )
         self.guard = CallGuard(call_limits(o))
         self.guard.start()

@@ -11,6 +11,11 @@ and reported through ``on_rejected(client_id, reason, detail)`` with a reason of
 ``oversized``. One identity holds at most ``max_calls_per_client`` streaming calls at once, so a
 client cannot take every worker thread away from the others.
 
+Uploads in progress hold at most ``max_inflight_bytes`` together: each reserves its declared
+size when its header arrives and gives it back when it ends, however it ends (handed to the hub,
+refused, cut off, cancelled, or an exception). One that would pass the bound is refused at once
+with RESOURCE_EXHAUSTED (reason ``upload_memory``), its payload unread; agents retry with backoff.
+
 Every call runs under a :class:`CallGuard` when the servicer is added to a server with
 :func:`add_to_server`: the number of calls in progress is capped overall and for streaming calls
 (so Register and Heartbeat always find a worker), every call has a deadline, and a call that
@@ -247,6 +252,9 @@ class FederationServicer(pb_grpc.FederationServicer):
         arrival (client_id is "" when the caller could not be identified).
     max_calls_per_client: streaming calls (GetTask, SubmitUpdate) one identity may hold at
         once; more are refused with RESOURCE_EXHAUSTED (an agent needs two).
+    max_inflight_bytes: declared bytes that uploads in progress may hold together; an upload
+        that would pass it is refused with RESOURCE_EXHAUSTED without being read. None: no
+        bound.
     registrations_per_minute: in open mode (identities not authenticated), registrations one
         source address may make per minute (a burst of as many, refilled evenly); None: no cap.
     """
@@ -262,6 +270,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         chunk_size: int = CHUNK_SIZE,
         on_rejected: Callable[[str, str, str], None] | None = None,
         max_calls_per_client: int = 4,
+        max_inflight_bytes: int | None = None,
         registrations_per_minute: int | None = 60,
     ):
         self.hub = hub
@@ -274,6 +283,8 @@ class FederationServicer(pb_grpc.FederationServicer):
         self.max_calls_per_client = max_calls_per_client
         self._calls: dict[str, int] = {}
         self._calls_lock = threading.Lock()
+        self.max_inflight_bytes = max_inflight_bytes
+        self._inflight_bytes = 0  # under _calls_lock
         self.registrations_per_minute = registrations_per_minute
         self._buckets: dict[str, tuple[float, float]] = {}  # source -> (tokens, when)
 
@@ -313,6 +324,35 @@ class FederationServicer(pb_grpc.FederationServicer):
                     self._calls[client_id] = left
                 else:
                     del self._calls[client_id]
+
+    def inflight_bytes(self) -> int:
+        """Declared bytes reserved by the uploads in progress."""
+        with self._calls_lock:
+            return self._inflight_bytes
+
+    @contextmanager
+    def _upload_reservation(self, client_id: str, context: grpc.ServicerContext, nbytes: int):
+        """Holds ``nbytes`` of the in-flight upload bound for the duration of an upload."""
+        limit = self.max_inflight_bytes
+        with self._calls_lock:
+            held = self._inflight_bytes
+            fits = limit is None or held + nbytes <= limit
+            if fits:
+                self._inflight_bytes = held + nbytes
+        if not fits:
+            self._refuse(
+                context,
+                client_id,
+                "upload_memory",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"uploads in progress hold {held} of the {limit} bytes the coordinator allows "
+                f"(--max-inflight-upload-mb) and this one declares {nbytes}; retry with backoff",
+            )
+        try:
+            yield
+        finally:
+            with self._calls_lock:
+                self._inflight_bytes -= nbytes
 
     def _identity(self, context: grpc.ServicerContext, update: bool = False) -> Identity:
         common_name = cert_print = None
@@ -492,33 +532,36 @@ class FederationServicer(pb_grpc.FederationServicer):
                 detail=f"update of {header.total_size} bytes exceeds the limit of "
                 f"{self.max_update_bytes} bytes",
             )
-        assembler = Assembler(header.total_size)
-        trailer = None
-        try:
-            for msg in request_iterator:
-                part = msg.WhichOneof("part")
-                if part == "chunk":
-                    assembler.add(msg.chunk.seq, msg.chunk.data)
-                elif part == "trailer":
-                    trailer = msg.trailer
-                    break
-                else:
-                    raise TransferError(f"unexpected {part} in the middle of an update stream")
-            if trailer is None:
-                raise TransferError("the update stream ended without its sha256 trailer")
-            delta = decode_vector(assembler.finish(trailer.sha256), header.dtype)
-        except TransferError as exc:
-            damaged(grpc.StatusCode.DATA_LOSS, f"update not received intact: {exc}")
-        except TooSlow as exc:
-            self._refuse(context, client_id, "too_slow", grpc.StatusCode.DEADLINE_EXCEEDED,
-                         f"upload cancelled: {exc}")  # fmt: skip
-        except grpc.RpcError:
-            damaged(grpc.StatusCode.CANCELLED, "the update stream was cut off mid-upload")
-        update = ClientUpdate(client_id, header.round, delta, int(header.num_examples), loss)
-        try:
-            status = self.hub.submit(client_id, header.session_id, header.task_id, update)
-        except UnknownSession as exc:
-            self._refuse(context, client_id, "unknown_session", grpc.StatusCode.NOT_FOUND, str(exc))
+        with self._upload_reservation(client_id, context, header.total_size):
+            assembler = Assembler(header.total_size)
+            trailer = None
+            try:
+                for msg in request_iterator:
+                    part = msg.WhichOneof("part")
+                    if part == "chunk":
+                        assembler.add(msg.chunk.seq, msg.chunk.data)
+                    elif part == "trailer":
+                        trailer = msg.trailer
+                        break
+                    else:
+                        raise TransferError(f"unexpected {part} in the middle of an update stream")
+                if trailer is None:
+                    raise TransferError("the update stream ended without its sha256 trailer")
+                delta = decode_vector(assembler.finish(trailer.sha256), header.dtype)
+            except TransferError as exc:
+                damaged(grpc.StatusCode.DATA_LOSS, f"update not received intact: {exc}")
+            except TooSlow as exc:
+                self._refuse(context, client_id, "too_slow", grpc.StatusCode.DEADLINE_EXCEEDED,
+                             f"upload cancelled: {exc}")  # fmt: skip
+            except grpc.RpcError:
+                damaged(grpc.StatusCode.CANCELLED, "the update stream was cut off mid-upload")
+            update = ClientUpdate(client_id, header.round, delta, int(header.num_examples), loss)
+            try:
+                status = self.hub.submit(client_id, header.session_id, header.task_id, update)
+            except UnknownSession as exc:
+                self._refuse(
+                    context, client_id, "unknown_session", grpc.StatusCode.NOT_FOUND, str(exc)
+                )
         if status == "late":
             return pb.SubmitReply(
                 status=pb.SubmitReply.LATE,
