@@ -202,6 +202,16 @@ class ServeMetrics:
         self.agents = Gauge(
             "fedwarden_agents_connected", "Agents with a live session.", registry=registry
         )
+        self.upload_bytes = Gauge(
+            "fedwarden_upload_bytes_in_flight",
+            "Declared bytes reserved by the uploads in progress.",
+            registry=registry,
+        )
+        self.upload_limit = Gauge(
+            "fedwarden_upload_bytes_limit",
+            "Bytes the uploads in progress may hold together (--max-inflight-upload-mb).",
+            registry=registry,
+        )
 
 
 class Server:
@@ -505,6 +515,8 @@ class Server:
             on_rejected=on_rejected,
             max_inflight_bytes=inflight_upload_bytes(c, o, layout.size),
         )
+        metrics.upload_bytes.set_function(servicer.inflight_bytes)
+        metrics.upload_limit.set(servicer.max_inflight_bytes)
         self.guard = CallGuard(call_limits(o))
         self.guard.start()
         grpc_server = self._grpc_server(servicer, self.guard)

@@ -29,8 +29,9 @@ from fedwarden.protocol.transfer import sha256_hex
 from fedwarden.server.hub import Hub
 from fedwarden.server.serve import MIN_INFLIGHT_UPLOAD_MB, inflight_upload_bytes
 from fedwarden.server.service import CallGuard, CallLimits, FederationServicer, add_to_server
-from tests.deploy_helpers import SPEC, TOKENS, make_servicer, poll
+from tests.deploy_helpers import SPEC, TOKENS, make_servicer, metrics_text, poll
 from tests.wire_client import Task, WireClient, held_open
+from tests.wire_helpers import start_serve
 
 UPDATE = SPEC.num_weights * 4  # bytes of one float32 update
 MB = 2**20
@@ -248,6 +249,60 @@ def test_the_agent_sends_its_update_again_until_there_is_room(federation, tmp_pa
     assert held.result(timeout=10).status == holder.pb.SubmitReply.ACCEPTED
     assert ("c01", "upload_memory") in fed.reasons()
     assert sorted(u.client_id for u in fed.hub._collected.updates) == ["c00", "c01"]
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """One sample of a Prometheus text page, None if absent."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    prefix = f"{name}{{{want}}} " if labels else f"{name} "
+    return next((float(x.split()[-1]) for x in text.splitlines() if x.startswith(prefix)), None)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_live_coordinator_refuses_past_its_bound_counts_it_and_finishes_the_round(
+    wire, tmp_path, procs
+):
+    """``fedwarden serve --max-inflight-upload-mb``: room for two float32 updates of the tiny
+    model (84 weights, 336 bytes; the bound must hold one float64 update, 672)."""
+    ids = ["c00", "c01", "c02"]
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "PAUSE").touch()  # the round starts once all three are registered
+    live = start_serve(procs, tmp_path, ids, "--rounds", "1", "--min-clients", "3",
+                       "--clients-per-round", "3", "--max-inflight-upload-mb", "0.0007")  # fmt: skip
+    limit = int(0.0007 * MB)
+    release = threading.Event()
+    clients = [WireClient(wire, live.address, live.tokens[cid]) for cid in ids]
+    try:
+        for client, cid in zip(clients, ids):
+            client.register(cid)
+        (live.state / "PAUSE").unlink()
+        (a, b, c) = clients
+        tasks = [client.wait_task(timeout=60, wait_s=2) for client in clients]
+        assert all(t.header.status == a.pb.TaskHeader.TASK for t in tasks)
+        page = metrics_text(live.metrics_port)
+        assert sample(page, "fedwarden_upload_bytes_limit") == limit
+        assert sample(page, "fedwarden_updates_rejected_total", reason="upload_memory") == 0
+        held = [hold(a, tasks[0], release), hold(b, tasks[1], release)]
+        poll(lambda: sample(metrics_text(live.metrics_port), "fedwarden_upload_bytes_in_flight")
+             == 2 * 336, 30, "both uploads to reserve")  # fmt: skip
+        with pytest.raises(grpc.RpcError) as err:
+            c.submit(tasks[2], 0.01)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"of the {limit} bytes" in err.value.details()
+        page = metrics_text(live.metrics_port)
+        assert sample(page, "fedwarden_updates_rejected_total", reason="upload_memory") == 1
+        release.set()
+        assert [f.result(timeout=30).status for f in held] == [a.pb.SubmitReply.ACCEPTED] * 2
+        assert c.submit(tasks[2], 0.01).status == c.pb.SubmitReply.ACCEPTED
+        assert sample(metrics_text(live.metrics_port), "fedwarden_upload_bytes_in_flight") == 0
+        assert live.proc.wait(120) == 0, live.proc.output()
+    finally:
+        release.set()
+        for client in clients:
+            client.close()
+    (round_1,) = live.results()["rounds"]
+    assert sorted(round_1["selected"]) == ids
 
 
 # -- the bound from the settings -------------------------------------------------------------
