@@ -226,6 +226,8 @@ def _guarded_requests(
         try:
             msg = next(requests)
         except StopIteration:
+            if call.expired:  # a cancelled stream may end rather than raise
+                raise TooSlow(call.expired) from None
             return
         except grpc.RpcError:
             if call.expired:

@@ -72,21 +72,21 @@ def federation(wire):
     servers: list[tuple[grpc.Server, CallGuard, Federation]] = []
 
     def start(limit: int | None, stall_s: float = 30.0, on_rejected=None) -> Federation:
-        hub = Hub(3)
-        fed = Federation(hub, None, "", wire)  # type: ignore[arg-type]
+        hub, refused = Hub(3), []
 
         def rejected(cid: str, reason: str, detail: str) -> None:
-            fed.refused.append((cid, reason, detail))
+            refused.append((cid, reason, detail))
             if on_rejected is not None:
                 on_rejected(cid, reason, detail)
 
-        fed.servicer = make_servicer(hub, max_inflight_bytes=limit, on_rejected=rejected)
+        servicer = make_servicer(hub, max_inflight_bytes=limit, on_rejected=rejected)
         guard = CallGuard(CallLimits(max_calls=40, max_streams=20, stall_s=stall_s), tick_s=0.1)
         guard.start()
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=42))
-        add_to_server(fed.servicer, server, guard)
-        fed.address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+        add_to_server(servicer, server, guard)
+        address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
         server.start()
+        fed = Federation(hub, servicer, address, wire, refused)
         weights = np.zeros(SPEC.num_weights, np.float32).tobytes()
         hub.publish(1, 0, list(TOKENS), weights, sha256_hex(weights))
         servers.append((server, guard, fed))
