@@ -2,11 +2,13 @@
 
 Zeno's *stochastic descendant score* (Xie, Koyejo and Gupta 2019) asks whether an update, applied
 alone to the current global model, lowers the loss on a small validation batch the server holds.
-fedwarden's updates are deltas (trained minus global weights), so the client's own model is
-``w + g`` and the measurement is ``loss(w + g) - loss(w)``: negative for an update that helps,
-positive for one that hurts (a sign flip, a random direction, a boost that overshoots). Label
-flipping moves one source class much more than the mean, so the largest per-class change is kept
-too. The coordinator hands both to ``aggregation.scoring`` as numbers; the model stays here.
+fedwarden's updates are deltas (trained minus global weights), so the measurement is
+``loss(w + step * g) - loss(w)``: negative for an update that helps, positive for one that hurts
+(a sign flip, a random direction, a boost that overshoots). The step is Zeno's learning rate: a
+short step along the update, not the client's whole model ``w + g``, which on non-iid data has
+forgotten the classes its client lacks and is worse than ``w`` on a balanced validation set
+however honest. Label flipping moves one source class much more than the mean, so the largest
+per-class change is kept too. The coordinator hands both to ``aggregation.scoring`` as numbers; the model stays here.
 
 The validation examples must never be client data: ``fedwarden simulate`` draws them from the
 held-out split (the same draw as FLTrust's root set), ``fedwarden serve`` from its evaluation
@@ -26,6 +28,10 @@ import numpy as np
 
 VALIDATION_METRICS = ("validation_loss_change", "validation_class_change")
 """Keys of :meth:`ValidationProbe.measure`, each an array of length K."""
+
+
+DEFAULT_STEP = 0.3
+"""Fraction of each update applied before the loss is measured."""
 
 
 def held_out_indices(num_examples: int, size: int, seed: int) -> np.ndarray:
@@ -63,6 +69,7 @@ class ValidationProbe:
             inputs (the run's model; ``fedwarden simulate`` and ``serve`` bind one).
         labels: ``(n,)`` integer labels of those inputs.
         num_classes: the number of classes.
+        step: the fraction of each update applied (Zeno's learning rate).
 
     Example::
 
@@ -71,7 +78,11 @@ class ValidationProbe:
     """
 
     def __init__(
-        self, predict: Callable[[np.ndarray], np.ndarray], labels: np.ndarray, num_classes: int
+        self,
+        predict: Callable[[np.ndarray], np.ndarray],
+        labels: np.ndarray,
+        num_classes: int,
+        step: float = DEFAULT_STEP,
     ):
         labels = np.asarray(labels).reshape(-1)
         if labels.size == 0:
@@ -82,10 +93,11 @@ class ValidationProbe:
         self.predict = predict
         self.labels = labels.astype(np.int64)
         self.num_classes = int(num_classes)
+        self.step = np.float32(step)
         self.class_share = np.bincount(self.labels, minlength=self.num_classes) / self.labels.size
 
     def measure(self, weights: np.ndarray, updates: np.ndarray) -> dict[str, np.ndarray]:
-        """``loss(w + g) - loss(w)`` for each row ``g`` of ``updates``, over all validation
+        """``loss(w + step * g) - loss(w)`` for each row ``g`` of ``updates``, over all validation
         examples and for the class where it grows most.
 
         Args:
@@ -102,7 +114,7 @@ class ValidationProbe:
         k = updates.shape[0]
         overall, worst_class = np.full(k, np.nan), np.full(k, np.nan)
         for i in range(k):
-            change = self._class_losses(weights + updates[i]) - base
+            change = self._class_losses(weights + self.step * updates[i]) - base
             if np.all(np.isfinite(change[self.class_share > 0])):
                 overall[i] = float(np.nansum(self.class_share * change))
                 worst_class[i] = float(np.nanmax(change))

@@ -86,12 +86,12 @@ def test_the_validation_component_separates_attackers_from_skewed_honest_clients
         )
     component = anomaly_components(measured)["validation"]
     assert component[attackers].min() > 0.9
-    assert component[honest].max() < 0.5  # below the logistic's midpoint, a robust z of 3
+    assert component[honest].max() < 0.1
 
 
 def test_a_non_finite_model_leaves_the_measurement_unknown():
     start, updates, probe = cohort("none")
-    updates[3, 0] = np.float32(3e38)  # the logits overflow to inf
+    updates[3] = np.float32(3e38)  # the logits overflow
     measured = probe.measure(start, updates)
     assert np.isnan(measured["validation_loss_change"][3])
     assert np.isfinite(np.delete(measured["validation_loss_change"], 3)).all()
