@@ -15,6 +15,7 @@ round left plus counts over all of them. Its fields drive the ledger's ``clients
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,15 @@ def _field(
     if kind is dict:
         return field(default_factory=dict, metadata=metadata)
     return field(default=False if kind is bool else None, metadata=metadata)
+
+
+def optional_float(value: Any) -> float | None:
+    """A float field's value from a measurement (numpy scalars included): None for a missing
+    or NaN one."""
+    if value is None:
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
 
 
 class _Record:
@@ -201,6 +211,13 @@ LIST_KEYS: tuple[str, ...] = tuple(f.name for f in SUMMARY_FIELDS if f.metadata[
 
 TRUST_KEYS: tuple[str, ...] = tuple(f.name for f in SUMMARY_FIELDS if f.metadata["sent"])
 """The fields of the proto's ``ClientTrust``."""
+
+VERDICT_KEYS: tuple[str, ...] = tuple(
+    f.name for f in SUMMARY_FIELDS if f.metadata["stored"] and f.name in LEDGER_COLUMNS
+)
+"""Trust's verdict on a client after a round: the ``ClientSummary`` fields its ``ClientRound``
+of that round carries (``trust``, ``flagged``, ``evidence``, ... and the JSON ``signals`` and
+``evidence_state`` a restart resumes from)."""
 
 
 def list_entry(row: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,7 +35,7 @@ from fedwarden.aggregation.scoring import (
 from fedwarden.records import ClientRound
 from fedwarden.server.admission import Admission, ClientUpdate, Rejection, RoundIntake
 from fedwarden.server.optimizers import ServerOptimizer
-from fedwarden.server.trust import TrustBook
+from fedwarden.server.trust import TrustBook, round_record
 from fedwarden.server.update_matrix import UpdateMatrix, remove_stale_spill_files
 from fedwarden.server.validation import ValidationProbe
 
@@ -330,7 +330,6 @@ class Coordinator:
                 r.detail,
             )
         measurements: dict[str, Any] = {}
-        rows: list[ClientRound] = []
         trained_from = self.weights  # the updates' base, before this round's step replaces it
         if admitted:
             matrix = store.matrix
@@ -402,16 +401,6 @@ class Coordinator:
                 metrics.update(self.validation.measure(trained_from, matrix))
             anomaly = anomaly_score(metrics, self.anomaly_weights)
             components = anomaly_components(metrics)
-            rows = [
-                ClientRound(
-                    client_id=c,
-                    round=round_number,
-                    weight=float(w),
-                    anomaly=float(a),
-                    **{k: float(v[i]) for k, v in metrics.items()},
-                )
-                for i, (c, w, a) in enumerate(zip(ids, weights, anomaly))
-            ]
         else:
             anomaly, metrics, losses, components = np.zeros(0), None, None, None
             log.warning("round %d: no update admitted; weights unchanged", round_number)
@@ -428,13 +417,19 @@ class Coordinator:
             reasons={r.client_id: r.reason for r in rejected},
             components=components,
         )
-        for i, row in enumerate(rows):
-            s = states[row.client_id]
-            rows[i] = replace(row, trust=s.trust, flagged=s.flagged, quarantined=s.quarantined,
-                              evidence=s.evidence, explanation=s.explanation,
-                              signal_excess=s.excess)  # fmt: skip
+        # each scored client's record: its measurements, then trust's verdict after the round
+        rows = [
+            round_record(
+                states[c],
+                round_number,
+                weight=float(w),
+                anomaly=float(a),
+                **{k: float(v[i]) for k, v in metrics.items()},
+            )
+            for i, (c, w, a) in enumerate(zip(ids, weights, anomaly))
+        ] if ids else []  # fmt: skip
         self.round = round_number
-        flagged = sorted(c for c, s in self.trust.snapshot().items() if s.flagged)
+        flagged = sorted(self.trust.flagged())
         return RoundOutcome(
             round_number,
             selected,

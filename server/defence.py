@@ -91,7 +91,7 @@ def parse_aggregator(config: RunConfig) -> Chain:
     """The run's ``--aggregator`` chain, with the run's Byzantine budget as the default f.
 
     Parsed once per run (``fedwarden.simulations.preflight.check_run`` returns it) and passed to
-    ``central_privacy`` and ``build_chain``; whether central DP is formal is read from it."""
+    :func:`build_defence`; whether central DP is formal is read from it."""
     return parse_chain(config.aggregator, num_byzantine_default=byzantine_budget(config))
 
 
@@ -203,6 +203,54 @@ def build_chain(
         )
     assert is_formal_dp(chain) == privacy.formal, chain
     return chain
+
+
+@dataclass(frozen=True)
+class Defence:
+    """A run's defence, built once from its settings by :func:`build_defence`.
+
+    Attributes:
+      aggregator: the parsed ``--aggregator``, the robust rule before central DP wraps it.
+      privacy: the central DP mechanism's accounting; None without ``--dp central``.
+      chain: what the coordinator aggregates with: ``aggregator``, wrapped in central DP.
+    """
+
+    aggregator: Chain
+    privacy: CentralPrivacy | None
+    chain: Chain
+
+
+def build_defence(
+    config: RunConfig, *, deployment: bool = False, aggregator: Chain | None = None
+) -> Defence:
+    """The run's aggregator, central privacy and chain: what ``simulate``, ``serve`` and the
+    settings check (``fedwarden.simulations.preflight.check_run``) all build, in one place.
+
+    Args:
+      config: the run's settings.
+      deployment: a coordinator for remote agents (``serve``). It does not know its population
+        nor samples it the Poisson way, so central DP is accounted with sampling rate 1 (a
+        conservative bound), ``--target-epsilon`` is also a budget the run stops at, and the DP
+        noise is unseeded (anyone who knows a seed can subtract the noise). Otherwise a
+        simulation: sampling rate ``clients_per_round / clients``, noise seeded by ``seed``.
+      aggregator: the parsed ``--aggregator`` when the caller has it (``check_run`` returns
+        it); parsed here when None.
+
+    Returns:
+      A :class:`Defence`. Raises ``AggregationError`` for a chain that does not parse and
+      ``DPConfigError`` for central DP settings the accountant refuses.
+
+    Example::
+
+        defence = build_defence(RunConfig(aggregator="clip:max_norm=5+median"))
+        defence.chain(updates, weights, defence.chain.init())
+    """
+    if aggregator is None:
+        aggregator = parse_aggregator(config)
+    population = config.clients_per_round if deployment else config.clients
+    privacy = central_privacy(config, population, budget=deployment, aggregator=aggregator)
+    chain = build_chain(config, privacy, None if deployment else config.seed, aggregator)
+    return Defence(aggregator, privacy, chain)
 
 
 def build_coordinator(

@@ -36,7 +36,7 @@ import numpy as np
 
 from fedwarden.records import ClientRound
 from fedwarden.server.admission import ClientUpdate, RoundIntake, receipt
-from fedwarden.server.trust import TrustBook
+from fedwarden.server.trust import TrustBook, round_record
 
 SILENT = "silent"
 """The ledger's ``rejected_reason`` of a round a selected client did not answer."""
@@ -373,20 +373,17 @@ def record_silence(trust: TrustBook, round: int, silent: dict[str, int]) -> None
     rows = [
         ClientRound(cid, round=round, rejected_reason=SILENT)
         if state is None
-        else state.round_record(round, rejected_reason=SILENT)
+        else round_record(state, round, rejected_reason=SILENT)
         for cid, state in states.items()
     ]
     trust.ledger.record_round(round, rows)
 
 
 def client_rows(trust: TrustBook, silences: dict[str, int]) -> list[dict]:
-    """Every known client's trust state and silence count, for the metrics exporter: a client
-    whose updates are rejected, or who never answers, is exported like any other."""
-    rows = {
-        cid: {"client_id": cid, "trust": s.trust, "anomaly": s.anomaly, "flagged": s.flagged,
-              "norm": s.norm, "cosine": s.cosine}
-        for cid, s in trust.snapshot().items()
-    }  # fmt: skip
+    """Every known client's standing (its ``ClientSummary`` fields) and silence count, for the
+    metrics exporter: a client whose updates are rejected, or who never answers, is exported
+    like any other."""
+    rows = {cid: s.to_dict() for cid, s in trust.snapshot().items()}
     for cid, n in silences.items():
         rows.setdefault(cid, {"client_id": cid})["silent"] = n
     return list(rows.values())

@@ -31,7 +31,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sqlite3
 import threading
@@ -45,6 +44,7 @@ from fedwarden.records import (
     LEDGER_COLUMNS,
     SUMMARY_FIELDS,
     ClientRound,
+    optional_float,
 )
 
 SCHEMA_VERSION = "2"
@@ -137,8 +137,7 @@ def _sql_value(column: str, value: Any) -> Any:
         return str(value)
     if column in _INT_COLUMNS:
         return int(value)
-    value = float(value)
-    return None if math.isnan(value) else value
+    return optional_float(value)
 
 
 def _row_dict(cursor: sqlite3.Cursor, row: tuple) -> dict[str, Any]:

@@ -61,7 +61,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import math
 import os
 import re
 import socket
@@ -81,7 +80,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from fedwarden.records import GAUGES
+from fedwarden.records import GAUGES, optional_float
 from fedwarden.server.admission import ARRIVAL_REASONS, REASONS
 
 ROUND_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -105,14 +104,6 @@ _CLIENT_GAUGES = (
     ("silent", "fedwarden_client_silent_attempts", "Round attempts the client was selected for "
      "and did not answer."),
 )  # fmt: skip
-
-
-def _value(value: Any) -> float | None:
-    """A finite float, or None for missing / NaN values (whose series is then removed)."""
-    if value is None:
-        return None
-    value = float(value)
-    return None if math.isnan(value) else value
 
 
 class MetricsServer:
@@ -221,10 +212,7 @@ class MetricsExporter:
         self._round.set(round)
         self._rounds.inc()
         self._duration.observe(max(float(duration_s), 0.0))
-        if _value(accuracy) is not None:
-            self._accuracy.set(float(accuracy))
-        if _value(loss) is not None:
-            self._loss.set(float(loss))
+        self._set_test_metrics(accuracy, loss)
         self.update_clients(clients)
 
     def update_clients(self, clients: list[dict[str, Any]]) -> None:
@@ -242,11 +230,15 @@ class MetricsExporter:
         """Sets the last round's values and the clients' rows as a restarted process resumes
         (from its checkpoint and ledger), without counting a round this process did not run."""
         self._round.set(round)
-        if _value(accuracy) is not None:
-            self._accuracy.set(float(accuracy))
-        if _value(loss) is not None:
-            self._loss.set(float(loss))
+        self._set_test_metrics(accuracy, loss)
         self.update_clients(clients)
+
+    def _set_test_metrics(self, accuracy: float | None, loss: float | None) -> None:
+        """The held-out metrics; a missing (None or NaN) one keeps its previous value."""
+        if optional_float(accuracy) is not None:
+            self._accuracy.set(float(accuracy))
+        if optional_float(loss) is not None:
+            self._loss.set(float(loss))
 
     def forget_client(self, client_id: str) -> None:
         """Drops a client that left the federation, with its series."""
@@ -262,7 +254,7 @@ class MetricsExporter:
 
     def _ranked(self) -> list[str]:
         def key(cid: str) -> tuple[bool, float, str]:
-            trust = _value(self._clients[cid].get("trust"))
+            trust = optional_float(self._clients[cid].get("trust"))
             return (trust is None, 0.0 if trust is None else trust, cid)
 
         return sorted(self._clients, key=key)
@@ -276,7 +268,7 @@ class MetricsExporter:
         for cid in keep:
             row = self._clients[cid]
             for key, _, _ in _CLIENT_GAUGES:
-                value = _value(row.get(key))
+                value = optional_float(row.get(key))
                 if key == "flagged":
                     value = 1.0 if row.get(key) else 0.0
                 if value is None:
@@ -296,7 +288,7 @@ class MetricsExporter:
         """A flagged, labelled client's positive signal excesses; nobody else has the series."""
         row = self._clients.get(cid, {})
         excess = (row.get("signal_excess") or {}) if labelled and row.get("flagged") else {}
-        shown = {name: float(v) for name, v in excess.items() if _value(v) and v > 0}
+        shown = {name: float(v) for name, v in excess.items() if optional_float(v) and v > 0}
         for name in self._signal_labels.get(cid, set()) - set(shown):
             self._signal_excess.remove(cid, name)
         for name, value in shown.items():

@@ -62,12 +62,7 @@ from fedwarden.server.callbacks import (
     Reports,
 )
 from fedwarden.server.coordinator import Coordinator
-from fedwarden.server.defence import (
-    build_chain,
-    build_coordinator,
-    central_privacy,
-    parse_aggregator,
-)
+from fedwarden.server.defence import build_coordinator, build_defence
 from fedwarden.server.driver import Cohort, History, RoundDriver, RunInfo, check_resume, unwritable
 from fedwarden.server.hub import Hub, client_rows, record_silence
 from fedwarden.server.ledger import Ledger
@@ -326,15 +321,14 @@ class Server:
         data = load_eval_data(c, o.eval_data)
         model = build_model(c.model, data.name, data.input_shape, data.num_classes, c.seed)
         evaluator, layout = Evaluator(model), WeightLayout.of(model.get_weights())
-        # A deployment does not know its population, nor sample it the Poisson way the
-        # accountant assumes: central DP is accounted without subsampling (rate 1, conservative).
-        aggregator = parse_aggregator(c) if self.aggregator is None else self.aggregator
-        privacy = central_privacy(c, c.clients_per_round, budget=True, aggregator=aggregator)
-        chain = build_chain(c, privacy, None, aggregator)
+        defence = build_defence(c, deployment=True, aggregator=self.aggregator)
+        privacy, chain = defence.privacy, defence.chain
         chain.check(min(o.min_clients, c.clients_per_round))
         saved, ledger = self._open_state(layout)
         probe = self._probe(data, evaluator, layout)
-        coordinator = build_coordinator(c, layout.flatten(model.get_weights()), chain, ledger, probe)
+        coordinator = build_coordinator(
+            c, layout.flatten(model.get_weights()), chain, ledger, probe
+        )
         history = None
         if saved is not None:
             coordinator.load_state_dict(saved["coordinator"])

@@ -55,26 +55,25 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedwarden.records import ClientRound, ClientSummary
+from fedwarden.config import FLAG_RULES, QUARANTINE_POLICIES, TrustConfig
+from fedwarden.records import VERDICT_KEYS, ClientRound, ClientSummary, optional_float
 
 if TYPE_CHECKING:
     from fedwarden.server.ledger import Ledger
 
-QUARANTINE_MODES = ("none", "exclude", "downweight")
-FLAG_RULES = ("evidence", "threshold")
 _MAD_TO_SIGMA = 1.4826
 # A Laplace(b) has MAD b ln 2, so its scale in our units (1.4826 MAD) is 1.4826 ln 2 b = 1.0277 b.
 _LAPLACE_SCALE = _MAD_TO_SIGMA * math.log(2.0)
+_SETTINGS = TrustConfig()  # the configured defaults
 
 
 @dataclass
@@ -107,15 +106,16 @@ class TrustPolicy:
             honest heterogeneity makes heavier than a normal's.
     """
 
-    decay: float = 0.7
-    flag_below: float = 0.55
-    unflag_above: float = 0.7
-    quarantine: str = "none"
-    downweight: float = 0.1
-    probation_rounds: int = 3
+    # the settings a run configures take their defaults from its trust section
+    decay: float = _SETTINGS.decay
+    flag_below: float = _SETTINGS.flag_below
+    unflag_above: float = _SETTINGS.unflag_above
+    quarantine: str = _SETTINGS.quarantine
+    downweight: float = _SETTINGS.quarantine_downweight
+    probation_rounds: int = _SETTINGS.probation_rounds
     initial_trust: float = 1.0
-    flag_rule: str = "evidence"
-    false_positive_rate: float = 0.005
+    flag_rule: str = _SETTINGS.flag_rule
+    false_positive_rate: float = _SETTINGS.false_positive_rate
     unflag_margin: float = 1.0
     evidence_memory: float = 0.6
     window_rounds: int = 10
@@ -176,9 +176,9 @@ class TrustPolicy:
                 "unflag_above must be above flag_below (hysteresis) and below 1. Received: "
                 f"flag_below={self.flag_below!r}, unflag_above={self.unflag_above!r}."
             )
-        if self.quarantine not in QUARANTINE_MODES:
+        if self.quarantine not in QUARANTINE_POLICIES:
             raise ValueError(
-                f"quarantine must be one of {', '.join(QUARANTINE_MODES)}. "
+                f"quarantine must be one of {', '.join(QUARANTINE_POLICIES)}. "
                 f"Received: quarantine={self.quarantine!r}."
             )
         if not 0.0 <= self.downweight <= 1.0:
@@ -197,87 +197,44 @@ class TrustPolicy:
             )
 
 
-@dataclass
-class ClientTrust:
-    """One client's trust state after its latest round (norm and cosine as last measured)."""
+@dataclass(frozen=True)
+class EvidenceSums:
+    """The running sums behind a client's ``evidence``: ``S``, ``Q`` and each signal's weighted
+    excess over the population. Its ``ClientSummary`` holds them as JSON (``evidence_state``),
+    so a restarted coordinator resumes them from the ledger."""
 
-    client_id: str
-    trust: float
-    anomaly: float | None = None
-    flagged: bool = False
-    quarantined: bool = False
-    quarantined_since: int | None = None
-    rounds: int = 0
-    last_round: int | None = None
-    rejected: int = 0
-    norm: float | None = None
-    cosine: float | None = None
-    evidence: float | None = None
-    explanation: str | None = None
-    signals: dict[str, float] = field(default_factory=dict)  # last round's anomaly components
-    # running sums behind ``evidence``: S, Q and each signal's weighted excess over the population
-    evidence_sum: float = 0.0
-    evidence_sq: float = 0.0
+    sum: float = 0.0
+    sq: float = 0.0
     excess: dict[str, float] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, Any]:
-        """A plain dict (the shape ``MetricsExporter.observe_round`` takes)."""
-        return dataclasses.asdict(self)
-
     @classmethod
-    def from_summary(cls, summary: ClientSummary, initial_trust: float) -> ClientTrust:
-        """The state a ledger's ``clients`` row holds (a restart): the summary's fields by name,
-        its JSON columns parsed, and ``initial_trust`` if it has no trust yet."""
-        sums = json.loads(summary.evidence_state or "{}")
-        shared = {f.name: getattr(summary, f.name) for f in dataclasses.fields(summary)
-                  if f.name in _STATE_FIELDS}  # fmt: skip
+    def of(cls, state: ClientSummary) -> EvidenceSums:
+        """The sums a client's summary holds (zeros before its first round)."""
+        sums = json.loads(state.evidence_state or "{}")
         return cls(
-            **shared,
-            trust=initial_trust if summary.trust is None else summary.trust,
-            signals=json.loads(summary.signals or "{}"),
-            evidence_sum=float(sums.get("sum", 0.0)),
-            evidence_sq=float(sums.get("sq", 0.0)),
-            excess=dict(sums.get("excess", {})),
+            float(sums.get("sum", 0.0)), float(sums.get("sq", 0.0)), dict(sums.get("excess", {}))
         )
 
-    def round_record(self, round: int | None = None, **measurements: Any) -> ClientRound:
-        """The client's ``ClientRound`` for the ledger: its trust verdict after ``round`` and
-        that round's ``measurements`` (``ClientRound`` fields)."""
-        return ClientRound(
-            self.client_id,
-            round=round,
-            anomaly=self.anomaly,
-            trust=self.trust,
-            flagged=self.flagged,
-            quarantined=self.quarantined,
-            quarantined_since=self.quarantined_since,
-            evidence=self.evidence,
-            explanation=self.explanation,
-            signals=json.dumps(self.signals, sort_keys=True) if self.signals else None,
-            evidence_state=self.evidence_state(),
-            **measurements,
-        )
-
-    def evidence_state(self) -> str:
-        """The running sums as JSON, for the ledger (a restart continues from them)."""
-        return json.dumps(
-            {"sum": self.evidence_sum, "sq": self.evidence_sq, "excess": self.excess},
-            sort_keys=True,
-        )
+    def to_json(self) -> str:
+        return json.dumps({"sum": self.sum, "sq": self.sq, "excess": self.excess}, sort_keys=True)
 
 
-# ClientTrust fields a ledger's summary restores as they are (trust, signals and the evidence
-# sums need converting; see ClientTrust.from_summary).
-_STATE_FIELDS = {f.name for f in dataclasses.fields(ClientTrust)} - {
-    "trust", "signals", "evidence_sum", "evidence_sq", "excess"
-}  # fmt: skip
+def verdict(state: ClientSummary) -> dict[str, Any]:
+    """Trust's verdict on a client after its latest round, as ``ClientRound`` fields: the
+    summary's ``VERDICT_KEYS`` and ``signal_excess`` (each signal's accumulated excess over the
+    population, which the exporter shows for a flagged client)."""
+    return {
+        **{key: getattr(state, key) for key in VERDICT_KEYS},
+        "signal_excess": EvidenceSums.of(state).excess,
+    }
 
 
-def _opt_float(value: Any) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return None if math.isnan(value) else value
+def round_record(
+    state: ClientSummary, round: int | None = None, **measurements: Any
+) -> ClientRound:
+    """The client's ``ClientRound`` of ``round``: trust's :func:`verdict` after it, and that
+    round's ``measurements`` (``ClientRound`` fields; they take precedence)."""
+    return ClientRound(state.client_id, round=round, **{**verdict(state), **measurements})
 
 
 class TrustBook:
@@ -293,7 +250,7 @@ class TrustBook:
     def __init__(self, policy: TrustPolicy, ledger: Ledger | None = None):
         self.policy = policy
         self.ledger = ledger
-        self._clients: dict[str, ClientTrust] = {}
+        self._clients: dict[str, ClientSummary] = {}  # each client's standing after its round
         self._round = 0
         # the population pool: per round, every scored client's anomaly and signals
         self._pool: deque[tuple[np.ndarray, dict[str, np.ndarray]]] = deque(
@@ -303,7 +260,9 @@ class TrustBook:
             self._round = ledger.last_round()
             self._restore_pool(ledger)
             for row in ledger.list_clients():
-                state = ClientTrust.from_summary(ClientSummary.from_row(row), policy.initial_trust)
+                state = ClientSummary.from_row(row)
+                if state.trust is None:
+                    state = replace(state, trust=policy.initial_trust)
                 self._clients[state.client_id] = state
 
     def _restore_pool(self, ledger: Ledger) -> None:
@@ -337,8 +296,8 @@ class TrustBook:
         losses: np.ndarray | None = None,
         reasons: dict[str, str] | None = None,
         components: dict[str, np.ndarray] | None = None,
-    ) -> dict[str, ClientTrust]:
-        """Applies one round's anomaly scores; returns the new state of every client touched.
+    ) -> dict[str, ClientSummary]:
+        """Applies one round's anomaly scores; returns the new standing of every client touched.
 
         Args:
             round: the round number; must be larger than the last round applied.
@@ -388,23 +347,25 @@ class TrustBook:
             self._pool.append((anomaly[scored], {n: v[scored] for n, v in components.items()}))
         center, scale, typical = self._population()
 
-        touched: dict[str, ClientTrust] = {}
+        touched: dict[str, ClientSummary] = {}
         for cid, score in scores.items():
-            state = self._clients.get(cid) or ClientTrust(cid, trust=self.policy.initial_trust)
+            state = self._clients.get(cid) or ClientSummary(cid, trust=self.policy.initial_trust)
             i = index.get(cid)
             signals = {} if i is None or cid in rejected else {
                 n: float(v[i]) for n, v in components.items() if np.isfinite(v[i])
             }  # fmt: skip
             previous = state.trust
-            self._step(state, round, score, rejected.get(cid, 0))
-            self._weigh(state, (score - center) / scale, signals, typical)
+            state = self._step(state, round, score, rejected.get(cid, 0))
+            state = self._weigh(state, (score - center) / scale, signals, typical)
             rejection = reasons.get(cid, "rejected") if cid in rejected else None
-            self._decide(state, round, previous, rejection, typical)
+            state = self._decide(state, round, previous, rejection, typical)
             if metrics is not None and i is not None:
-                state.norm = _opt_float(metrics["norm"][i]) if "norm" in metrics else None
-                state.cosine = _opt_float(metrics["cosine"][i]) if "cosine" in metrics else None
-            self._clients[cid] = state
-            touched[cid] = dataclasses.replace(state)
+                state = replace(
+                    state,
+                    norm=optional_float(metrics["norm"][i]) if "norm" in metrics else None,
+                    cosine=optional_float(metrics["cosine"][i]) if "cosine" in metrics else None,
+                )
+            self._clients[cid] = touched[cid] = state
         self._round = round
 
         if self.ledger is not None:
@@ -431,39 +392,52 @@ class TrustBook:
         return center, max(mad, self.policy.min_scale, 1e-9), typical
 
     def _weigh(
-        self, state: ClientTrust, z: float, signals: dict[str, float], typical: dict[str, float]
-    ) -> None:
+        self,
+        state: ClientSummary,
+        z: float,
+        signals: dict[str, float],
+        typical: dict[str, float],
+    ) -> ClientSummary:
         """Folds one round's z-score (and each signal's excess) into the client's evidence."""
         p = self.policy
         z = min(max(z, -p.z_floor), p.z_cap)
         m = p.evidence_memory
-        state.evidence_sum = m * state.evidence_sum + z
-        state.evidence_sq = m * m * state.evidence_sq + 1.0
-        state.evidence = state.evidence_sum / math.sqrt(state.evidence_sq)
-        state.signals = signals
-        names = set(state.excess) | set(signals)
-        state.excess = {
-            n: m * state.excess.get(n, 0.0) + (signals[n] - typical.get(n, 0.0) if n in signals
-                                               else 0.0)
-            for n in sorted(names)
-        }  # fmt: skip
+        old = EvidenceSums.of(state)
+        sums = EvidenceSums(
+            m * old.sum + z,
+            m * m * old.sq + 1.0,
+            {n: m * old.excess.get(n, 0.0) + (signals[n] - typical.get(n, 0.0) if n in signals
+                                              else 0.0)
+             for n in sorted(set(old.excess) | set(signals))},
+        )  # fmt: skip
+        return replace(
+            state,
+            evidence=sums.sum / math.sqrt(sums.sq),
+            signals=json.dumps(signals, sort_keys=True) if signals else None,
+            evidence_state=sums.to_json(),
+        )
 
-    def _step(self, state: ClientTrust, round: int, anomaly: float, n_rejected: int) -> None:
+    def _step(
+        self, state: ClientSummary, round: int, anomaly: float, n_rejected: int
+    ) -> ClientSummary:
         p = self.policy
-        state.trust = p.decay * state.trust + (1.0 - p.decay) * (1.0 - anomaly)
-        state.anomaly = anomaly
-        state.rounds += 1
-        state.last_round = round
-        state.rejected += n_rejected
+        return replace(
+            state,
+            trust=p.decay * state.trust + (1.0 - p.decay) * (1.0 - anomaly),
+            anomaly=anomaly,
+            rounds=state.rounds + 1,
+            last_round=round,
+            rejected=state.rejected + n_rejected,
+        )
 
     def _decide(
         self,
-        state: ClientTrust,
+        state: ClientSummary,
         round: int,
         previous: float,
         rejection: str | None,
         typical: dict[str, float],
-    ) -> None:
+    ) -> ClientSummary:
         """Flag, explanation and quarantine after the client's round (trust was ``previous``)."""
         p = self.policy
         if p.flag_rule == "threshold":
@@ -472,17 +446,25 @@ class TrustBook:
         else:
             flag_now = state.evidence > p.flag_z
             clear_now = state.evidence < p.flag_z - p.unflag_margin
-        if not state.flagged and flag_now:
-            state.flagged = True
-        elif state.flagged and clear_now:
-            state.flagged = False
-        state.explanation = explain(state, typical, rejection) if state.flagged else None
-        if p.quarantine == "none" or not state.flagged:
-            state.quarantined, state.quarantined_since = False, None
-        elif not state.quarantined:
-            state.quarantined, state.quarantined_since = True, round
+        flagged = state.flagged
+        if not flagged and flag_now:
+            flagged = True
+        elif flagged and clear_now:
+            flagged = False
+        state = replace(state, flagged=flagged)
+        quarantined, since = state.quarantined, state.quarantined_since
+        if p.quarantine == "none" or not flagged:
+            quarantined, since = False, None
+        elif not quarantined:
+            quarantined, since = True, round
         elif p.quarantine == "exclude" and state.trust < previous:
-            state.quarantined_since = round  # misbehaved on probation: exclusion starts again
+            since = round  # misbehaved on probation: exclusion starts again
+        return replace(
+            state,
+            explanation=explain(state, typical, rejection) if flagged else None,
+            quarantined=quarantined,
+            quarantined_since=since,
+        )
 
     def is_excluded(self, client_id: str, round: int | None = None) -> bool:
         """True if selection must skip the client in ``round`` (default: the next round).
@@ -503,18 +485,17 @@ class TrustBook:
             return 1.0
         return 0.0 if self.policy.quarantine == "exclude" else float(self.policy.downweight)
 
-    def get(self, client_id: str) -> ClientTrust | None:
-        """A copy of one client's state, None if never seen."""
-        state = self._clients.get(client_id)
-        return None if state is None else dataclasses.replace(state)
+    def get(self, client_id: str) -> ClientSummary | None:
+        """One client's standing (a frozen record), None if never seen."""
+        return self._clients.get(client_id)
 
     def flagged(self) -> set[str]:
         """The ids of the clients currently flagged."""
         return {cid for cid, s in self._clients.items() if s.flagged}
 
-    def snapshot(self) -> dict[str, ClientTrust]:
-        """A copy of every client's state, by client_id."""
-        return {cid: dataclasses.replace(s) for cid, s in self._clients.items()}
+    def snapshot(self) -> dict[str, ClientSummary]:
+        """Every client's standing, by client_id (a new dict of frozen records)."""
+        return dict(self._clients)
 
     def __repr__(self) -> str:
         return (
@@ -523,7 +504,7 @@ class TrustBook:
 
 
 def explain(
-    state: ClientTrust, typical: dict[str, float], rejection: str | None = None, top: int = 3
+    state: ClientSummary, typical: dict[str, float], rejection: str | None = None, top: int = 3
 ) -> str:
     """Why a client is flagged: its evidence and the signals with the largest excess.
 
@@ -535,12 +516,14 @@ def explain(
         parts.append(f"evidence {state.evidence:.1f} over {state.rounds} round(s)")
     if rejection is not None:
         parts.append(f"update rejected ({rejection})")
+    last = json.loads(state.signals or "{}")
     ranked = sorted(
-        ((excess, name) for name, excess in state.excess.items() if excess > 0), reverse=True
+        ((excess, name) for name, excess in EvidenceSums.of(state).excess.items() if excess > 0),
+        reverse=True,
     )[:top]
     signals = [
-        f"{name} {state.signals[name]:.2f} (typical {typical.get(name, 0.0):.2f})"
-        if name in state.signals else f"{name} +{excess:.2f} earlier"
+        f"{name} {last[name]:.2f} (typical {typical.get(name, 0.0):.2f})"
+        if name in last else f"{name} +{excess:.2f} earlier"
         for excess, name in ranked
     ]  # fmt: skip
     head = "; ".join(parts)
@@ -548,7 +531,7 @@ def explain(
 
 
 def round_rows(
-    states: dict[str, ClientTrust],
+    states: dict[str, ClientSummary],
     client_ids: list[str],
     metrics: dict[str, np.ndarray] | None = None,
     losses: np.ndarray | None = None,
@@ -559,7 +542,7 @@ def round_rows(
     """The ledger's records of ``round`` (``Ledger.record_round``) for the clients in ``states``,
     sorted by client_id.
 
-    Each is the client's trust verdict (:meth:`ClientTrust.round_record`) with its
+    Each is the client's :func:`round_record`: trust's verdict with its
     measurements when ``metrics`` / ``losses`` are given (``client_ids`` gives their row order;
     a client absent from it, whose update was rejected, has none) and ``rejected_reason`` for a
     rejected client.
@@ -573,10 +556,10 @@ def round_rows(
         measured: dict[str, Any] = {}
         i = index.get(cid)
         if i is not None:
-            measured = {key: _opt_float(values[i]) for key, values in (metrics or {}).items()}
+            measured = {key: optional_float(values[i]) for key, values in (metrics or {}).items()}
             if loss_values is not None:
-                measured["loss"] = _opt_float(loss_values[i])
+                measured["loss"] = optional_float(loss_values[i])
         if cid in rejected:
             measured["rejected_reason"] = reasons.get(cid, "rejected")
-        rows.append(states[cid].round_record(round, **measured))
+        rows.append(round_record(states[cid], round, **measured))
     return rows

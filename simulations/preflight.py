@@ -69,19 +69,16 @@ def check_run(config: RunConfig, *, cohort: int | None = None, deployment: bool 
       its chain from instead of parsing the string again.
     """
     from fedwarden.attacks import build_attack
-    from fedwarden.server.defence import build_chain, central_privacy, parse_aggregator
+    from fedwarden.server.defence import build_defence
 
     classes = None if deployment else num_classes(config)
     if not deployment:
         build_attack(
             config.attack, {"num_classes": classes, **config.attack_params}, collude=config.collude
         )
-    # A misspelt chain is an error, before build_chain weighs its Byzantine budget (a warning).
-    aggregator = parse_aggregator(config)
-    population = config.clients_per_round if deployment else config.clients
-    privacy = central_privacy(config, population, budget=deployment, aggregator=aggregator)
     with _quiet("fedwarden.defence"):  # its warnings come once, when the run builds its chain
-        chain = build_chain(config, privacy, None, aggregator)
+        defence = build_defence(config, deployment=deployment)
+    chain = defence.chain
     chain.check(cohort or config.clients_per_round)
     if config.round_memory_budget is not None:
         check_memory_budget(config, chain)
@@ -95,7 +92,7 @@ def check_run(config: RunConfig, *, cohort: int | None = None, deployment: bool 
             batch_size=config.batch_size,
             num_microbatches=config.dp_microbatches,
         )
-    return aggregator
+    return defence.aggregator
 
 
 def check_memory_budget(config: RunConfig, chain: Chain) -> None:

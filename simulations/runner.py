@@ -44,12 +44,7 @@ from fedwarden.server.callbacks import (
     Reports,
 )
 from fedwarden.server.coordinator import Coordinator
-from fedwarden.server.defence import (
-    build_chain,
-    build_coordinator,
-    central_privacy,
-    parse_aggregator,
-)
+from fedwarden.server.defence import build_coordinator, build_defence
 from fedwarden.server.driver import Cohort, History, RoundDriver, RunInfo, check_resume
 from fedwarden.server.ledger import Ledger, remove_ledger
 from fedwarden.server.metrics import MetricsExporter
@@ -234,10 +229,8 @@ class _Run:
         self.trainer = sim.trainer(config)
         attack_params = {"num_classes": self.fed.dataset.num_classes, **config.attack_params}
         self.attack: Attack = build_attack(config.attack, attack_params, collude=config.collude)
-        if aggregator is None:
-            aggregator = parse_aggregator(config)
-        self.privacy = central_privacy(config, len(self.fed.ids), aggregator=aggregator)
-        self.chain = build_chain(config, self.privacy, config.seed, aggregator)
+        defence = build_defence(config, aggregator=aggregator)
+        self.privacy, self.chain = defence.privacy, defence.chain
         for step in reference_steps(self.chain):  # FLTrust: the server's own update
             step.bind_reference(self._root_update(step.root_size))
         if config.engine == "tff":  # TFF's own aggregator for mean-based chains

@@ -65,10 +65,11 @@ from fedwarden.aggregation.base import Step
 from fedwarden.aggregation.chain import parse_chain
 from fedwarden.aggregation.tff import tff_factory, tff_step
 from fedwarden.errors import UsageError
+from fedwarden.records import ClientSummary
 from fedwarden.server.admission import ClientUpdate
 from fedwarden.server.coordinator import Coordinator
 from fedwarden.server.optimizers import ServerOptimizer
-from fedwarden.server.trust import ClientTrust, TrustBook, TrustPolicy
+from fedwarden.server.trust import TrustBook, TrustPolicy
 from fedwarden.weights import WeightLayout
 
 log = logging.getLogger("fedwarden.tff")
@@ -224,7 +225,7 @@ class RobustFedAvgState:
     model_weights: tff.learning.models.ModelWeights
     optimizer_state: dict[str, np.ndarray]
     chain_state: Any
-    trust: dict[str, ClientTrust]
+    trust: dict[str, ClientSummary]
 
 
 class RobustFedAvgProcess:
