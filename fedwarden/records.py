@@ -7,9 +7,11 @@ columns (``LEDGER_COLUMNS``), the rounds ``fedwarden trust show`` prints and the
 (``GAUGES``). A new measurement is one new field here; the ledger gains its column when opened.
 
 ``ClientSummary`` is the other record: a client's standing across its rounds, what its latest
-round left plus counts over all of them. Its fields drive the ledger's ``clients`` columns
-(``CLIENT_COLUMNS``), the ``trust list`` entries (``LIST_KEYS``) and the proto's ``ClientTrust``
-(``TRUST_KEYS``).
+round left plus counts over all of them. It is also the trust book's state of the client
+(``server/trust.py``), and its fields drive the ledger's ``clients`` columns (``CLIENT_COLUMNS``),
+the ``trust list`` entries (``LIST_KEYS``), the proto's ``ClientTrust`` (``TRUST_KEYS``) and the
+exporter's per-client rows. The summary fields a round's record also carries are trust's verdict
+after that round (``VERDICT_KEYS``). A new standing is one new field here.
 """
 
 from __future__ import annotations

@@ -219,6 +219,11 @@ class EvidenceSums:
         return json.dumps({"sum": self.sum, "sq": self.sq, "excess": self.excess}, sort_keys=True)
 
 
+def last_signals(signals: str | None) -> dict[str, float]:
+    """A round's anomaly components by name, from the records' ``signals`` (JSON, or None)."""
+    return json.loads(signals or "{}")
+
+
 def verdict(state: ClientSummary) -> dict[str, Any]:
     """Trust's verdict on a client after its latest round, as ``ClientRound`` fields: the
     summary's ``VERDICT_KEYS`` and ``signal_excess`` (each signal's accumulated excess over the
@@ -272,7 +277,7 @@ class TrustBook:
                 row for row in rows
                 if row["round"] == r and row["anomaly"] is not None and row["rejected_reason"] is None
             ]  # fmt: skip
-            signals = [json.loads(row.get("signals") or "{}") for row in scored]
+            signals = [last_signals(row.get("signals")) for row in scored]
             names = sorted({n for sig in signals for n in sig})
             self._pool.append((
                 np.array([row["anomaly"] for row in scored], np.float64),
@@ -516,7 +521,7 @@ def explain(
         parts.append(f"evidence {state.evidence:.1f} over {state.rounds} round(s)")
     if rejection is not None:
         parts.append(f"update rejected ({rejection})")
-    last = json.loads(state.signals or "{}")
+    last = last_signals(state.signals)
     ranked = sorted(
         ((excess, name) for name, excess in EvidenceSums.of(state).excess.items() if excess > 0),
         reverse=True,
