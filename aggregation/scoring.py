@@ -58,6 +58,15 @@ Signals across clients and rounds (``detection.py``):
   (a model-replacement boost scores 1; honest updates stayed below 4.5 times the median in every
   Fashion-MNIST run of the detection grid, component below 0.1).
 
+A data-side signal, present only when the server holds validation examples
+(``--validation-examples``; ``server/validation.py`` measures, the model never enters here):
+
+- ``validation``: Zeno's descendant score, cohort relative. The coordinator adds each update's
+  loss change on the server's examples after a step of 0.3 along it
+  (``validation_loss_change``) and the largest per-class change (``validation_class_change``);
+  the component is the larger of their one-sided robust z's (logistic) against the cohort, scale
+  at least 0.01 nats. Worse than the cohort is suspicious; better is not.
+
 The score is the weighted power mean of the components a client has,
 ``(sum(w_i * c_i**p) / sum(w_i)) ** (1/p)``, with ``p = 1`` (the weighted mean) by default,
 raised to the largest of the :data:`SHARP_COMPONENTS` (``collusion``, ``centrality``,
@@ -124,7 +133,7 @@ DEFAULT_ANOMALY_WEIGHTS: dict[str, float] = {
     "history": 0.05,
     "zero_update": 0.01,
     "oversized": 0.001,
-    "validation": 0.0,
+    "validation": 0.1,
 }
 """Component weights of :func:`anomaly_score` (they need not sum to 1; only ratios count)."""
 
@@ -586,7 +595,8 @@ def anomaly_score(
             skipped).
         weights: component name to non-negative weight, any of ``norm_z``, ``cosine``,
             ``krum_score``, ``trimmed_share``, ``loss_z``, ``distance``, ``collusion``,
-            ``centrality``, ``cluster``, ``history``, ``zero_update``, ``oversized``. Names left
+            ``centrality``, ``cluster``, ``history``, ``zero_update``, ``oversized``,
+            ``validation``. Names left
             out get weight 0. Defaults to :data:`DEFAULT_ANOMALY_WEIGHTS`.
         power: exponent of the power mean, >= 1: 1 (default) is the weighted mean, 2 the
             quadratic mean; larger values move the score towards the largest component (see the
