@@ -360,17 +360,19 @@ class TrustBook:
                 n: float(v[i]) for n, v in components.items() if np.isfinite(v[i])
             }  # fmt: skip
             previous = state.trust
-            state = self._step(state, round, score, rejected.get(cid, 0))
-            state = self._weigh(state, (score - center) / scale, signals, typical)
+            state = replace(
+                state,
+                **self._step(state, round, score, rejected.get(cid, 0)),
+                **self._weigh(state, (score - center) / scale, signals, typical),
+            )
             rejection = reasons.get(cid, "rejected") if cid in rejected else None
-            state = self._decide(state, round, previous, rejection, typical)
+            decided = self._decide(state, round, previous, rejection, typical)
             if metrics is not None and i is not None:
-                state = replace(
-                    state,
-                    norm=optional_float(metrics["norm"][i]) if "norm" in metrics else None,
-                    cosine=optional_float(metrics["cosine"][i]) if "cosine" in metrics else None,
+                decided["norm"] = optional_float(metrics["norm"][i]) if "norm" in metrics else None
+                decided["cosine"] = (
+                    optional_float(metrics["cosine"][i]) if "cosine" in metrics else None
                 )
-            self._clients[cid] = touched[cid] = state
+            self._clients[cid] = touched[cid] = replace(state, **decided)
         self._round = round
 
         if self.ledger is not None:
@@ -402,8 +404,9 @@ class TrustBook:
         z: float,
         signals: dict[str, float],
         typical: dict[str, float],
-    ) -> ClientSummary:
-        """Folds one round's z-score (and each signal's excess) into the client's evidence."""
+    ) -> dict[str, Any]:
+        """The client's evidence with one round's z-score (and each signal's excess) folded in:
+        its new ``evidence``, ``signals`` and ``evidence_state``."""
         p = self.policy
         z = min(max(z, -p.z_floor), p.z_cap)
         m = p.evidence_memory
@@ -415,25 +418,24 @@ class TrustBook:
                                               else 0.0)
              for n in sorted(set(old.excess) | set(signals))},
         )  # fmt: skip
-        return replace(
-            state,
-            evidence=sums.sum / math.sqrt(sums.sq),
-            signals=json.dumps(signals, sort_keys=True) if signals else None,
-            evidence_state=sums.to_json(),
-        )
+        return {
+            "evidence": sums.sum / math.sqrt(sums.sq),
+            "signals": json.dumps(signals, sort_keys=True) if signals else None,
+            "evidence_state": sums.to_json(),
+        }
 
     def _step(
         self, state: ClientSummary, round: int, anomaly: float, n_rejected: int
-    ) -> ClientSummary:
+    ) -> dict[str, Any]:
+        """The client's new trust (the moving average) and counts after ``round``."""
         p = self.policy
-        return replace(
-            state,
-            trust=p.decay * state.trust + (1.0 - p.decay) * (1.0 - anomaly),
-            anomaly=anomaly,
-            rounds=state.rounds + 1,
-            last_round=round,
-            rejected=state.rejected + n_rejected,
-        )
+        return {
+            "trust": p.decay * state.trust + (1.0 - p.decay) * (1.0 - anomaly),
+            "anomaly": anomaly,
+            "rounds": state.rounds + 1,
+            "last_round": round,
+            "rejected": state.rejected + n_rejected,
+        }
 
     def _decide(
         self,
@@ -442,7 +444,7 @@ class TrustBook:
         previous: float,
         rejection: str | None,
         typical: dict[str, float],
-    ) -> ClientSummary:
+    ) -> dict[str, Any]:
         """Flag, explanation and quarantine after the client's round (trust was ``previous``)."""
         p = self.policy
         if p.flag_rule == "threshold":
@@ -456,7 +458,6 @@ class TrustBook:
             flagged = True
         elif flagged and clear_now:
             flagged = False
-        state = replace(state, flagged=flagged)
         quarantined, since = state.quarantined, state.quarantined_since
         if p.quarantine == "none" or not flagged:
             quarantined, since = False, None
@@ -464,12 +465,12 @@ class TrustBook:
             quarantined, since = True, round
         elif p.quarantine == "exclude" and state.trust < previous:
             since = round  # misbehaved on probation: exclusion starts again
-        return replace(
-            state,
-            explanation=explain(state, typical, rejection) if flagged else None,
-            quarantined=quarantined,
-            quarantined_since=since,
-        )
+        return {
+            "flagged": flagged,
+            "explanation": explain(state, typical, rejection) if flagged else None,
+            "quarantined": quarantined,
+            "quarantined_since": since,
+        }
 
     def is_excluded(self, client_id: str, round: int | None = None) -> bool:
         """True if selection must skip the client in ``round`` (default: the next round).
