@@ -138,3 +138,33 @@ def test_without_validation_measurements_the_weight_changes_nothing():
         anomaly_score(metrics, {"norm_z": 1.0, "validation": 5.0}),
         anomaly_score(metrics, {"norm_z": 1.0}),
     )
+
+
+@pytest.mark.parametrize("examples", [0, 30])
+def test_serve_draws_its_validation_examples_from_its_evaluation_data(tmp_path, examples):
+    from fedwarden.config import Config, DeploymentConfig, TrustConfig
+    from fedwarden.server.serve import EvalData, Server
+    from fedwarden.server.validation import held_out_indices
+    from fedwarden.weights import WeightLayout
+
+    x, y = blobs(200, np.random.default_rng(5))
+    data = EvalData("blobs", x.astype(np.float32), y, CLASSES)
+    deployment = DeploymentConfig(state_dir=str(tmp_path), insecure=True)
+    server = Server(Config(deployment=deployment, trust=TrustConfig(validation_examples=examples)))
+    layout = WeightLayout.of([np.zeros(FEATURES * CLASSES + CLASSES, np.float32)])
+    seen = []
+
+    class Evaluator:  # what serve's evaluator offers: logits of the model's weights
+        def predict(self, weights, inputs):
+            seen.append(inputs)
+            return logits(weights[0], inputs)
+
+    probe = server._probe(data, Evaluator(), layout)
+    if examples == 0:
+        assert probe is None
+        return
+    idx = held_out_indices(len(y), examples, server.config.seed)
+    np.testing.assert_array_equal(probe.labels, y[idx])
+    start, updates, _ = cohort("sign_flip")
+    assert probe.measure(start, updates)["validation_loss_change"].shape == (10,)
+    np.testing.assert_array_equal(seen[0], data.x[idx])
