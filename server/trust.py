@@ -226,12 +226,10 @@ def last_signals(signals: str | None) -> dict[str, float]:
 
 def verdict(state: ClientSummary) -> dict[str, Any]:
     """Trust's verdict on a client after its latest round, as ``ClientRound`` fields: the
-    summary's ``VERDICT_KEYS`` and ``signal_excess`` (each signal's accumulated excess over the
-    population, which the exporter shows for a flagged client)."""
-    return {
-        **{key: getattr(state, key) for key in VERDICT_KEYS},
-        "signal_excess": EvidenceSums.of(state).excess,
-    }
+    summary's ``VERDICT_KEYS`` and, for a flagged client, ``signal_excess`` (each signal's
+    accumulated excess over the population, which the exporter shows)."""
+    excess = EvidenceSums.of(state).excess if state.flagged else {}
+    return {**{key: getattr(state, key) for key in VERDICT_KEYS}, "signal_excess": excess}
 
 
 def round_record(
