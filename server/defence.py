@@ -28,7 +28,7 @@ from fedwarden.aggregation.budget import check_budget, resolve_budget
 from fedwarden.aggregation.chain import Chain, parse_chain
 from fedwarden.aggregation.clipping import clip_by_norm
 from fedwarden.aggregation.dp import central_dp, gaussian_noise, is_formal_dp
-from fedwarden.config import RunConfig
+from fedwarden.config import DeploymentConfig, RunConfig
 from fedwarden.server.coordinator import Coordinator
 from fedwarden.server.ledger import Ledger
 from fedwarden.server.optimizers import ServerOptimizer
@@ -251,6 +251,13 @@ def build_defence(
     privacy = central_privacy(config, population, budget=deployment, aggregator=aggregator)
     chain = build_chain(config, privacy, None if deployment else config.seed, aggregator)
     return Defence(aggregator, privacy, chain)
+
+
+def smallest_cohort(config: RunConfig, options: DeploymentConfig) -> int:
+    """The fewest updates a deployment's round may aggregate: an attempt closes with
+    ``min_clients`` answers when fewer than ``clients_per_round`` come in time, so the chain must
+    run on that many."""
+    return min(options.min_clients, config.clients_per_round)
 
 
 def build_coordinator(

@@ -62,7 +62,7 @@ from fedwarden.server.callbacks import (
     Reports,
 )
 from fedwarden.server.coordinator import Coordinator
-from fedwarden.server.defence import build_coordinator, build_defence
+from fedwarden.server.defence import build_coordinator, build_defence, smallest_cohort
 from fedwarden.server.driver import Cohort, History, RoundDriver, RunInfo, check_resume, unwritable
 from fedwarden.server.hub import Hub, client_rows, record_silence
 from fedwarden.server.ledger import Ledger
@@ -323,7 +323,7 @@ class Server:
         evaluator, layout = Evaluator(model), WeightLayout.of(model.get_weights())
         defence = build_defence(c, deployment=True, aggregator=self.aggregator)
         privacy, chain = defence.privacy, defence.chain
-        chain.check(min(o.min_clients, c.clients_per_round))
+        chain.check(smallest_cohort(c, o))
         saved, ledger = self._open_state(layout)
         probe = self._probe(data, evaluator, layout)
         coordinator = build_coordinator(

@@ -84,7 +84,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     deployment = deployment_config(args)
     if config.model and not deployment.eval_data and args.dataset is None:
         raise UsageError("--model needs --eval-data FILE.npz (or --dataset NAME) to evaluate on")
-    cohort = min(deployment.min_clients, config.clients_per_round)
+    from fedwarden.server.defence import smallest_cohort
+
+    cohort = smallest_cohort(config, deployment)
     aggregator = check_run(config, cohort=cohort, deployment=True)
     require_protocol()
     from fedwarden.server.serve import Server
