@@ -70,6 +70,14 @@ A data-side signal, present only when the server holds validation examples
   lost an attacker or precision (label flipping 0.33 -> 0.50 by round 10); at 0.1 label flipping
   reached 0.77, but honest skewed clients whose step hurts a class as much as a flipper's were
   flagged (17 of 1149 honest client-rounds in attacked runs, against 5; docs/results.md).
+- ``inert``: an update that barely moves the model for its norm, the logistic (centred at a z of
+  4) of how far ``validation_effect``, the log of the mean absolute per-class loss change of the
+  whole update per unit norm, sits below the cohort's (spread at least 0.3). On Fashion-MNIST a
+  random direction of honest norm had a log effect of -5.0 to -3.9, honest updates -2.25 and up
+  (median -1.2): most directions in weight space barely change what the model computes. A sharp
+  component.
+  In the same replays it took random directions from 0.27 to 0.90 by round 10 (precision 1.00),
+  and added one honest client-round at Dirichlet 0.1 (3 of 300) and cost one sign-flip attacker.
 
 The score is the weighted power mean of the components a client has,
 ``(sum(w_i * c_i**p) / sum(w_i)) ** (1/p)``, with ``p = 1`` (the weighted mean) by default,
@@ -138,14 +146,16 @@ DEFAULT_ANOMALY_WEIGHTS: dict[str, float] = {
     "zero_update": 0.01,
     "oversized": 0.001,
     "validation": 0.03,
+    "inert": 0.01,
 }
 """Component weights of :func:`anomaly_score` (they need not sum to 1; only ratios count)."""
 
-SHARP_COMPONENTS = ("collusion", "centrality", "zero_update", "oversized")
+SHARP_COMPONENTS = ("collusion", "centrality", "zero_update", "oversized", "inert")
 """Components honest clients never light up (measured maxima 0.05, 0.06, 0 and 0.04 on
 Fashion-MNIST and digits, Dirichlet 0.1 to iid), so one of them alone may carry the score: with a
 positive weight, each also sets a floor under it (see :func:`anomaly_score`). ``zero_update`` and
-``oversized`` weigh almost nothing in the mean: their work is the floor (a weight of 0.01 on
+``oversized`` (and ``inert``, present only with validation examples: honest robust z's up to 2.9,
+random directions from 2.25) weigh almost nothing in the mean: their work is the floor (a weight of 0.01 on
 ``oversized`` diluted the other components enough to lose a scaling and a sign-flip attacker in
 the detection grid's replay)."""
 
@@ -161,8 +171,10 @@ HISTORY_METRIC = "history_error"
 
 VALIDATION_METRIC = "validation_loss_change"
 CLASS_VALIDATION_METRIC = "validation_class_change"
+EFFECT_METRIC = "validation_effect"
 """Keys under which the coordinator adds each update's loss change on server-held examples,
-overall and in the class where it grows most (``server/validation.py``); absent without them."""
+overall and in the class where it grows most, and the log of its effect on the per-class losses
+per unit norm (``server/validation.py``); absent without them."""
 
 VALIDATION_MIN_SCALE = 0.01
 """Least spread (nats) of the validation loss changes in the ``validation`` component."""
@@ -539,6 +551,21 @@ def _above_cohort(value: np.ndarray, min_scale: float) -> np.ndarray:
     return np.where(finite, _logistic_of_abs(np.maximum(value - med, 0.0) / scale), np.nan)
 
 
+def _inert_component(effect: np.ndarray, min_scale: float = 0.3) -> np.ndarray:
+    """Logistic (centred at a z of 4) of the one-sided robust z of how far the log effect per
+    unit norm sits below the cohort's: an update that moves the validation losses far less than
+    its norm promises (a random direction). Centred further out than the others: honest clients
+    reached a z of 2.9 at Dirichlet 0.1; ``min_scale`` is in log units."""
+    effect = np.asarray(effect, np.float64)
+    finite = np.isfinite(effect)
+    if finite.sum() < 3:
+        return np.full(effect.shape, np.nan)
+    med = np.median(effect[finite])
+    scale = max(_MAD_TO_SIGMA * float(np.median(np.abs(effect[finite] - med))), min_scale)
+    z = np.maximum(med - effect, 0.0) / scale
+    return np.where(finite, _logistic_of_abs(z, center=4.0), np.nan)
+
+
 def _validation_component(
     metrics: dict[str, np.ndarray], min_scale: float = VALIDATION_MIN_SCALE
 ) -> np.ndarray:
@@ -567,6 +594,7 @@ _COMPONENTS = {
     "zero_update": lambda m: _norm_ratio_component(m["norm"], ratio=100.0, above=False),
     "oversized": lambda m: _norm_ratio_component(m["norm"], ratio=10.0, above=True),
     "validation": _validation_component,
+    "inert": lambda m: _inert_component(m[EFFECT_METRIC]),
 }
 _SOURCES = {
     "zero_update": "norm",
@@ -576,6 +604,7 @@ _SOURCES = {
     "cluster": "cluster_outlier",
     "history": HISTORY_METRIC,
     "validation": VALIDATION_METRIC,
+    "inert": EFFECT_METRIC,
 }  # components whose measurement has another name
 
 
@@ -600,7 +629,7 @@ def anomaly_score(
         weights: component name to non-negative weight, any of ``norm_z``, ``cosine``,
             ``krum_score``, ``trimmed_share``, ``loss_z``, ``distance``, ``collusion``,
             ``centrality``, ``cluster``, ``history``, ``zero_update``, ``oversized``,
-            ``validation``. Names left
+            ``validation``, ``inert``. Names left
             out get weight 0. Defaults to :data:`DEFAULT_ANOMALY_WEIGHTS`.
         power: exponent of the power mean, >= 1: 1 (default) is the weighted mean, 2 the
             quadratic mean; larger values move the score towards the largest component (see the

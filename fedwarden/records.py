@@ -118,6 +118,7 @@ class ClientRound(_Record):
     history_error: float | None = _field(float)
     validation_loss_change: float | None = _field(float, shown=False)  # server/validation.py
     validation_class_change: float | None = _field(float, shown=False)
+    validation_effect: float | None = _field(float, shown=False)
     evidence: float | None = _field(
         float, gauge=("fedwarden_client_flag_evidence", "Evidence (a standard score) that the "
                       "client misbehaves; flagged above the false-positive rate's line."),

@@ -8,7 +8,13 @@ fedwarden's updates are deltas (trained minus global weights), so the measuremen
 short step along the update, not the client's whole model ``w + g``, which on non-iid data has
 forgotten the classes its client lacks and is worse than ``w`` on a balanced validation set
 however honest. Label flipping moves one source class much more than the mean, so the largest
-per-class change is kept too. The coordinator hands both to ``aggregation.scoring`` as numbers; the model stays here.
+per-class change is kept too.
+
+A third measurement looks for updates that do almost nothing: the client's whole step ``w + g``
+moves the per-class losses by some amount, and per unit of update norm an honest update moves
+them far more than a random direction of the same norm does (most directions in weight space
+barely change what the model computes). ``validation_effect`` is the log of the mean absolute
+per-class change per unit norm. The coordinator hands both to ``aggregation.scoring`` as numbers; the model stays here.
 
 The validation examples must never be client data: ``fedwarden simulate`` draws them from the
 held-out split (the same draw as FLTrust's root set), ``fedwarden serve`` from its evaluation
@@ -26,7 +32,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-VALIDATION_METRICS = ("validation_loss_change", "validation_class_change")
+VALIDATION_METRICS = ("validation_loss_change", "validation_class_change", "validation_effect")
 """Keys of :meth:`ValidationProbe.measure`, each an array of length K."""
 
 
@@ -69,7 +75,8 @@ class ValidationProbe:
             inputs (the run's model; ``fedwarden simulate`` and ``serve`` bind one).
         labels: ``(n,)`` integer labels of those inputs.
         num_classes: the number of classes.
-        step: the fraction of each update applied (Zeno's learning rate).
+        step: the fraction of each update applied (Zeno's learning rate) for the loss changes;
+            the effect is measured on the whole update.
 
     Example::
 
@@ -98,7 +105,7 @@ class ValidationProbe:
 
     def measure(self, weights: np.ndarray, updates: np.ndarray) -> dict[str, np.ndarray]:
         """``loss(w + step * g) - loss(w)`` for each row ``g`` of ``updates``, over all validation
-        examples and for the class where it grows most.
+        examples and for the class where it grows most, and the effect of the whole update.
 
         Args:
             weights: ``(d,)`` the global weights the updates were trained from.
@@ -106,19 +113,29 @@ class ValidationProbe:
                 spilled matrix stays on disk).
 
         Returns:
-            ``{"validation_loss_change": (K,), "validation_class_change": (K,)}``, float64;
-            NaN for a row whose model gives non-finite logits.
+            ``{"validation_loss_change": (K,), "validation_class_change": (K,),
+            "validation_effect": (K,)}``, float64; NaN for a row whose model gives non-finite
+            logits (and an effect of NaN for a zero update).
         """
         weights = np.asarray(weights, np.float32)
         base = self._class_losses(weights)
         k = updates.shape[0]
-        overall, worst_class = np.full(k, np.nan), np.full(k, np.nan)
+        overall, worst_class, effect = np.full(k, np.nan), np.full(k, np.nan), np.full(k, np.nan)
         for i in range(k):
             change = self._class_losses(weights + self.step * updates[i]) - base
             if np.all(np.isfinite(change[self.class_share > 0])):
                 overall[i] = float(np.nansum(self.class_share * change))
                 worst_class[i] = float(np.nanmax(change))
-        return {"validation_loss_change": overall, "validation_class_change": worst_class}
+            whole = self._class_losses(weights + updates[i]) - base
+            moved = float(np.nansum(self.class_share * np.abs(whole)))
+            norm = float(np.linalg.norm(np.asarray(updates[i], np.float64)))
+            if np.all(np.isfinite(whole[self.class_share > 0])) and moved > 0 and norm > 0:
+                effect[i] = float(np.log(moved / norm))
+        return {
+            "validation_loss_change": overall,
+            "validation_class_change": worst_class,
+            "validation_effect": effect,
+        }
 
     def _class_losses(self, weights: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore", invalid="ignore"):

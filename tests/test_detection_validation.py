@@ -25,10 +25,10 @@ def blobs(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 
 
 def logits(flat: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """A tiny model: softmax regression, weights flat (FEATURES * CLASSES + CLASSES)."""
-    w = flat[: FEATURES * CLASSES].reshape(FEATURES, CLASSES)
+    """A tiny model: softmax regression, weights flat (features * CLASSES + CLASSES)."""
+    w = flat[: x.shape[1] * CLASSES].reshape(x.shape[1], CLASSES)
     with np.errstate(over="ignore", invalid="ignore"):  # float32, as a Keras model computes
-        return x.astype(np.float32) @ w + flat[FEATURES * CLASSES :]
+        return x.astype(np.float32) @ w + flat[x.shape[1] * CLASSES :]
 
 
 def local_update(flat: np.ndarray, x: np.ndarray, y: np.ndarray, steps: int = 20) -> np.ndarray:
@@ -44,13 +44,17 @@ def local_update(flat: np.ndarray, x: np.ndarray, y: np.ndarray, steps: int = 20
     return (w - flat).astype(np.float32)
 
 
-def cohort(attack: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray, ValidationProbe]:
+def cohort(
+    attack: str, seed: int = 0, blank: int = 0
+) -> tuple[np.ndarray, np.ndarray, ValidationProbe]:
     """Eight honest updates on skewed shards (two classes each, weighted differently) and two
     attackers, from a partly trained global model; the server's probe holds 200 clean
-    examples."""
+    examples. ``blank`` input features are always 0 (an image's empty border): the model's
+    weights on them change nothing it computes."""
     rng = np.random.default_rng(seed)
     x, y = blobs(2000, rng)
-    start = local_update(np.zeros(FEATURES * CLASSES + CLASSES, np.float32), x[:40], y[:40], 3)
+    x = np.hstack([x, np.zeros((len(x), blank))])
+    start = local_update(np.zeros(x.shape[1] * CLASSES + CLASSES, np.float32), x[:40], y[:40], 3)
     rows = []
     for i in range(10):
         keep = (y == i % CLASSES) | (rng.random(len(y)) < 0.3)  # skewed towards one class
@@ -58,8 +62,12 @@ def cohort(attack: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray, Validati
         if i >= 8 and attack == "label_flip":
             yi = np.where(yi == 0, 1, yi)  # class 0 taught as class 1
         delta = local_update(start, xi, yi)
+        if i >= 8 and attack == "random_direction":  # the honest median norm, any direction
+            delta = rng.normal(size=delta.size).astype(np.float32)
+            delta *= np.median(np.linalg.norm(rows, axis=1)) / np.linalg.norm(delta)
         rows.append(-delta if i >= 8 and attack == "sign_flip" else delta)
     xv, yv = blobs(200, np.random.default_rng(seed + 1))
+    xv = np.hstack([xv, np.zeros((len(xv), blank))])
     return start, np.stack(rows), ValidationProbe(lambda w: logits(w, xv), yv, CLASSES)
 
 
@@ -87,6 +95,19 @@ def test_the_validation_component_separates_attackers_from_skewed_honest_clients
     component = anomaly_components(measured)["validation"]
     assert component[attackers].min() > 0.9
     assert component[honest].max() < 0.1
+
+
+def test_an_update_that_barely_moves_the_model_for_its_norm_is_inert():
+    start, updates, probe = cohort("random_direction", blank=200)
+    measured = probe.measure(start, updates)
+    effect = measured["validation_effect"]
+    assert effect[8:].max() < effect[:8].min() - 1.0  # e times less effect per unit norm
+    inert = anomaly_components(measured)["inert"]
+    assert inert[8:].min() > 0.5 and inert[:8].max() < 0.05  # beyond a robust z of 4
+    # a sharp component: alone it floors the score of the random directions
+    scores = anomaly_score(measured, {"validation": 0.03, "inert": 0.01})
+    np.testing.assert_array_less(inert[8:] - 1e-12, scores[8:])
+    assert scores[8:].min() > 2 * scores[:8].max()
 
 
 def test_a_non_finite_model_leaves_the_measurement_unknown():
