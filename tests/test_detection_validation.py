@@ -98,12 +98,12 @@ def test_the_validation_component_separates_attackers_from_skewed_honest_clients
 
 
 def test_an_update_that_barely_moves_the_model_for_its_norm_is_inert():
-    start, updates, probe = cohort("random_direction", blank=200)
+    start, updates, probe = cohort("random_direction", blank=2000)
     measured = probe.measure(start, updates)
     effect = measured["validation_effect"]
     assert effect[8:].max() < effect[:8].min() - 1.0  # e times less effect per unit norm
     inert = anomaly_components(measured)["inert"]
-    assert inert[8:].min() > 0.5 and inert[:8].max() < 0.05  # beyond a robust z of 4
+    assert inert[8:].min() > 0.4 and inert[:8].max() < 0.01  # near or beyond a robust z of 5
     # a sharp component: alone it floors the score of the random directions
     scores = anomaly_score(measured, {"validation": 0.03, "inert": 0.01})
     np.testing.assert_array_less(inert[8:] - 1e-12, scores[8:])
