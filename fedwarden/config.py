@@ -383,8 +383,8 @@ class TrustConfig(Section):
         kind=dict,
     )  # fmt: skip
     validation_examples: int = option(
-        0, "held-out examples the server scores each update's loss change on (the anomaly "
-        "score's validation component, server/validation.py); 0: no such component", low=0,
+        0, "held-out examples the server measures each update's effect on (the anomaly "
+        "score's validation and inert components, server/validation.py); 0: none", low=0,
     )  # fmt: skip
 
     def check(self) -> None:
