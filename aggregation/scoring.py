@@ -80,7 +80,7 @@ A data-side signal, present only when the server holds validation examples
   (median -1.2): most directions in weight space barely change what the model computes. A sharp
   component. In the same replays it took random directions from 0.27 to 0.87 by round 10
   (precision 1.00; 0.2 -> 0.7 in a fresh seed), with no honest client-round more flagged in any of
-  32 runs.
+  33 runs.
 
 The score is the weighted power mean of the components a client has,
 ``(sum(w_i * c_i**p) / sum(w_i)) ** (1/p)``, with ``p = 1`` (the weighted mean) by default,
