@@ -6,17 +6,22 @@ import csv
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-from matplotlib.transforms import blended_transform_factory  # noqa: E402
+import numpy as np
 
 GREY = "0.85"  # trust cells of a client not scored yet
 MAX_LABELLED_CLIENTS = 300  # the trust plot names each client up to this many
+
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, imported on first use: importing it
+    costs about 0.6 s, which a command that stops at a settings error should not pay."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
 
 ROUND_COLUMNS = (
     "round",
@@ -43,6 +48,9 @@ def write_rounds_csv(rounds: list[dict[str, Any]], path: Path) -> None:
 
 def plot_accuracy(series: dict[str, list[dict[str, Any]]], path: Path, title: str = "") -> None:
     """Test accuracy per round, one line per run (attack success rate dashed where there is one)."""
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, rounds in series.items():
         xs = [r["round"] for r in rounds]
@@ -95,6 +103,11 @@ def plot_trust_heatmap(
     for row, cid in enumerate(ids):
         values = [np.nan if t is None else float(t) for t in trust_by_round[cid]]
         grid[row, : len(values)] = values
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
+    from matplotlib.transforms import blended_transform_factory
+
+    plt = _pyplot()
     cmap = plt.get_cmap("RdYlGn").with_extremes(bad=GREY)  # not scored yet
     height = min(max(2.5, 0.22 * len(ids) + 1.2), 40)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.12 * num_rounds + 3), height))
@@ -165,6 +178,7 @@ def plot_matrix(
     """
     values = np.asarray(values, dtype=float)
     lines = max((label.count("\n") + 1 for row in labels or [] for label in row), default=1)
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(1.2 + 0.95 * len(columns), 0.9 + 0.42 * lines * len(rows)))
     image = ax.imshow(values, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")

@@ -17,7 +17,7 @@ from fedwarden import report
 def figures(monkeypatch) -> list:
     """The figures the plotting functions close, to look at what they drew."""
     closed, close = [], plt.close
-    monkeypatch.setattr(report.plt, "close", closed.append)
+    monkeypatch.setattr(plt, "close", closed.append)
     yield closed
     for fig in closed:
         close(fig)
