@@ -542,16 +542,22 @@ def _history_component(error: np.ndarray, min_scale: float = 0.1) -> np.ndarray:
     return _above_cohort(error, min_scale)
 
 
-def _above_cohort(value: np.ndarray, min_scale: float) -> np.ndarray:
-    """Logistic of the one-sided robust z of how far ``value`` sits above the cohort's median
-    (spread at least ``min_scale``; NaN where unknown or with fewer than 3 known values)."""
+def _one_sided_z(value: np.ndarray, min_scale: float, below: bool = False) -> np.ndarray:
+    """Robust z of how far ``value`` sits above (or ``below``) the cohort's median, 0 on the
+    other side (spread at least ``min_scale``; NaN where unknown or with fewer than 3 known)."""
     value = np.asarray(value, np.float64)
     finite = np.isfinite(value)
     if finite.sum() < 3:
         return np.full(value.shape, np.nan)
     med = np.median(value[finite])
     scale = max(_MAD_TO_SIGMA * float(np.median(np.abs(value[finite] - med))), min_scale)
-    return np.where(finite, _logistic_of_abs(np.maximum(value - med, 0.0) / scale), np.nan)
+    gap = med - value if below else value - med
+    return np.where(finite, np.maximum(gap, 0.0) / scale, np.nan)
+
+
+def _above_cohort(value: np.ndarray, min_scale: float) -> np.ndarray:
+    """Logistic of the one-sided robust z of how far ``value`` sits above the cohort's median."""
+    return _logistic_of_abs(_one_sided_z(value, min_scale))
 
 
 def _inert_component(effect: np.ndarray, min_scale: float = 0.5) -> np.ndarray:
@@ -560,14 +566,7 @@ def _inert_component(effect: np.ndarray, min_scale: float = 0.5) -> np.ndarray:
     its norm promises (a random direction). Centred further out than the others because it is
     sharp: centred at 4 with a spread of at least 0.3 (log units), honest clients of a fresh seed
     scored 0.26 and 0.38 (3 of 100 honest client-rounds flagged at Dirichlet 0.5)."""
-    effect = np.asarray(effect, np.float64)
-    finite = np.isfinite(effect)
-    if finite.sum() < 3:
-        return np.full(effect.shape, np.nan)
-    med = np.median(effect[finite])
-    scale = max(_MAD_TO_SIGMA * float(np.median(np.abs(effect[finite] - med))), min_scale)
-    z = np.maximum(med - effect, 0.0) / scale
-    return np.where(finite, _logistic_of_abs(z, center=5.0), np.nan)
+    return _logistic_of_abs(_one_sided_z(effect, min_scale, below=True), center=5.0)
 
 
 def _validation_component(
