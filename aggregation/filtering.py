@@ -337,6 +337,16 @@ class ClippedClustering:
     split in two by agglomerative clustering (average linkage) on cosine distance, and the
     larger cluster is averaged.
 
+    fedwarden's addition: an update whose direction cannot be told from a random one is set
+    aside first (counted as ``unaligned_count``): one whose largest |cosine| to the other updates
+    is under ``UNALIGNED_Z / sqrt(d)``, while a random direction's cosine to any fixed vector
+    has standard deviation 1/sqrt(d). Its norm does not enter the history. Without this a first
+    cohort with a majority of noise updates (Gaussian attackers at 40%) sets the clipping bound
+    at a noise norm and the noise is averaged in unclipped. Honest updates share the loss's
+    descent direction; on Fashion-MNIST at Dirichlet 0.1 their largest |cosine| is measured in
+    docs/results.md. When ``d`` is too small for the test (``UNALIGNED_Z / sqrt(d)`` at or above
+    ``MAX_UNALIGNED_COSINE``) or fewer than two updates arrive, nothing is set aside.
+
     References:
       Li, Ngai and Voigt 2023, "An Experimental Study of Byzantine-Robust Aggregation Schemes in
       Federated Learning", IEEE Transactions on Big Data (ClippedClustering; in the Blades
@@ -364,16 +374,43 @@ class ClippedClustering:
         k = updates.shape[0]
         self.check(k)
         norms = np.linalg.norm(updates.astype(np.float64), axis=1)
-        history = np.concatenate([np.asarray(state if state is not None else [], float), norms])
-        bound = float(np.median(history))
+        dist = _cosine_distances(updates)
+        aligned = _aligned(dist, updates.shape[1])
+        past = np.asarray(state if state is not None else [], float)
+        history = np.concatenate([past, norms[aligned]])
+        bound = float(np.median(history)) if history.size else 0.0
         clipped = _clip_to(updates, norms, bound)
-        keep = np.ones(k, bool) if k < 3 else _larger_of_two_clusters(_cosine_distances(clipped))
+        candidates = np.flatnonzero(aligned)
+        keep = np.zeros(k, bool)
+        if candidates.size < 3:
+            keep[candidates] = True
+        else:
+            keep[candidates[_larger_of_two_clusters(dist[np.ix_(candidates, candidates)])]] = True
         return _selected_mean(
-            clipped, weights, keep, state=history, measurements={"clip_norm": bound}
+            clipped,
+            weights,
+            keep,
+            state=history,
+            measurements={"clip_norm": bound, "unaligned_count": int(k - aligned.sum())},
         )
 
     def __repr__(self) -> str:
         return f"{self.name}()"
+
+
+UNALIGNED_Z = 6.0
+MAX_UNALIGNED_COSINE = 0.5
+
+
+def _aligned(dist: np.ndarray, dim: int) -> np.ndarray:
+    """Mask of the updates whose largest |cosine| to another update is beyond random chance."""
+    k = len(dist)
+    line = UNALIGNED_Z / math.sqrt(max(dim, 1))
+    if k < 2 or line >= MAX_UNALIGNED_COSINE:
+        return np.ones(k, bool)
+    cosines = np.abs(1.0 - dist)
+    np.fill_diagonal(cosines, 0.0)
+    return cosines.max(axis=1) >= line
 
 
 def _larger_of_two_clusters(dist: np.ndarray) -> np.ndarray:

@@ -187,6 +187,36 @@ def test_clipped_clustering_keeps_the_larger_cluster_and_remembers_norms():
     assert again.state.shape == (20,)
 
 
+def test_clipped_clustering_sets_aside_random_directions_before_they_set_the_bound():
+    # Round one of Gaussian attackers at 40%: six noise updates of ten. The median norm is a
+    # noise norm, so without the alignment test the noise is averaged in unclipped.
+    honest, base, rng = cohort(h=4, d=5000)
+    noise = rng.normal(0.0, 200.0, (6, 5000)).astype(np.float32)
+    out = run(clipped_clustering(), np.concatenate([noise, honest]))
+    assert out.measurements["unaligned_count"] == 6
+    np.testing.assert_array_equal(out.per_client["selected"][:6], 0.0)
+    np.testing.assert_allclose(out.state, np.linalg.norm(honest.astype(np.float64), axis=1))
+    assert np.linalg.norm(out.updates[0]) <= np.linalg.norm(honest, axis=1).max() * (1 + 1e-6)
+    cosine = out.updates[0] @ base / (np.linalg.norm(out.updates[0]) * np.linalg.norm(base))
+    assert cosine > 0.9
+
+
+def test_clipped_clustering_keeps_every_update_when_the_dimension_is_too_small_to_tell():
+    # With d = 20 a random direction's cosine to a fixed one has sd 0.22: no test is possible.
+    honest, _, rng = cohort(h=4, d=20)
+    noise = rng.normal(0.0, 1.0, (3, 20)).astype(np.float32)
+    out = run(clipped_clustering(), np.concatenate([noise, honest]))
+    assert out.measurements["unaligned_count"] == 0
+    assert out.state.shape == (7,)
+
+
+def test_clipped_clustering_keeps_nothing_when_no_update_has_a_partner():
+    rng = np.random.default_rng(3)
+    out = run(clipped_clustering(), rng.normal(0.0, 1.0, (5, 4000)).astype(np.float32))
+    assert out.measurements["unaligned_count"] == 5
+    assert not out.updates.any() and out.state.shape == (0,)
+
+
 def test_fltrust_trusts_by_direction_and_bounds_the_norm_by_the_server_update():
     # Cao et al. 2021: ReLU(cosine) trust and rescaling to ||g0|| bound every contribution, even
     # with a malicious majority.
