@@ -32,6 +32,7 @@ from fedwarden.aggregation.base import (
     check_num_byzantine,
     check_positive,
 )
+from fedwarden.aggregation.detection import UNALIGNED_Z, alignment_z
 
 __all__ = [
     "DnC",
@@ -339,13 +340,13 @@ class ClippedClustering:
 
     fedwarden's addition: an update whose direction cannot be told from a random one is set
     aside first (counted as ``unaligned_count``): one whose largest |cosine| to the other updates
-    is under ``UNALIGNED_Z / sqrt(d)``, while a random direction's cosine to any fixed vector
-    has standard deviation 1/sqrt(d). Its norm does not enter the history. Without this a first
+    is under ``UNALIGNED_Z / sqrt(d)`` (``detection.alignment_z``; a random direction's cosine
+    to any fixed vector has standard deviation 1/sqrt(d)). Its norm does not enter the history. Without this a first
     cohort with a majority of noise updates (Gaussian attackers at 40%) sets the clipping bound
     at a noise norm and the noise is averaged in unclipped. Honest updates share the loss's
     descent direction; on Fashion-MNIST at Dirichlet 0.1 their largest |cosine| is measured in
-    docs/results.md. When ``d`` is too small for the test (``UNALIGNED_Z / sqrt(d)`` at or above
-    ``MAX_UNALIGNED_COSINE``) or fewer than two updates arrive, nothing is set aside.
+    docs/results.md. When ``d`` is too small for the test or fewer than two updates arrive,
+    nothing is set aside.
 
     References:
       Li, Ngai and Voigt 2023, "An Experimental Study of Byzantine-Robust Aggregation Schemes in
@@ -398,19 +399,9 @@ class ClippedClustering:
         return f"{self.name}()"
 
 
-UNALIGNED_Z = 6.0
-MAX_UNALIGNED_COSINE = 0.5
-
-
 def _aligned(dist: np.ndarray, dim: int) -> np.ndarray:
     """Mask of the updates whose largest |cosine| to another update is beyond random chance."""
-    k = len(dist)
-    line = UNALIGNED_Z / math.sqrt(max(dim, 1))
-    if k < 2 or line >= MAX_UNALIGNED_COSINE:
-        return np.ones(k, bool)
-    cosines = np.abs(1.0 - dist)
-    np.fill_diagonal(cosines, 0.0)
-    return cosines.max(axis=1) >= line
+    return ~(alignment_z(1.0 - dist, dim) < UNALIGNED_Z)
 
 
 def _larger_of_two_clusters(dist: np.ndarray) -> np.ndarray:

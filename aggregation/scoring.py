@@ -54,6 +54,9 @@ Signals across clients and rounds (``detection.py``):
   norm sits below 1% of the lower median of the cohort's non-zero norms (a free rider sends the
   model back: 1; the lower median keeps honest updates out of it when half the cohort sends
   huge noise).
+- ``unaligned``: an update no more aligned with any other than noise is (Gaussian attackers,
+  random directions), the logistic of how far ``alignment`` sits below 6 (see
+  :func:`_unaligned_component`). A sharp component, absolute rather than cohort relative.
 - ``oversized``: the mirror image, how far the log norm sits above 10 times the cohort's median
   (a model-replacement boost scores 1; honest updates stayed below 4.5 times the median in every
   Fashion-MNIST run of the detection grid, component below 0.1).
@@ -129,6 +132,8 @@ import numpy as np
 
 from fedwarden.aggregation import _kernels
 from fedwarden.aggregation.detection import (
+    UNALIGNED_Z,
+    alignment_z,
     cluster_outliers,
     cosine_matrix,
     median_cosine_to_others,
@@ -148,16 +153,17 @@ DEFAULT_ANOMALY_WEIGHTS: dict[str, float] = {
     "history": 0.05,
     "zero_update": 0.01,
     "oversized": 0.001,
+    "unaligned": 0.001,
     "validation": 0.0,
     "inert": 0.01,
 }
 """Component weights of :func:`anomaly_score` (they need not sum to 1; only ratios count)."""
 
-SHARP_COMPONENTS = ("collusion", "centrality", "zero_update", "oversized", "inert")
+SHARP_COMPONENTS = ("collusion", "centrality", "zero_update", "oversized", "unaligned", "inert")
 """Components honest clients never light up (measured maxima 0.05, 0.06, 0 and 0.04 on
 Fashion-MNIST and digits, Dirichlet 0.1 to iid), so one of them alone may carry the score: with a
 positive weight, each also sets a floor under it (see :func:`anomaly_score`). ``zero_update`` and
-``oversized`` (and ``inert``, present only with validation examples: honest robust z's up to 2.9,
+``oversized``, ``unaligned`` (and ``inert``, present only with validation examples: honest robust z's up to 2.9,
 random directions from 2.25) weigh almost nothing in the mean: their work is the floor (a weight of 0.01 on
 ``oversized`` diluted the other components enough to lose a scaling and a sign-flip attacker in
 the detection grid's replay)."""
@@ -166,7 +172,7 @@ DEFAULT_TRIM_RATIO = 0.1
 """Share of rows trimmed per side when the chain does not supply ``trimmed_share``."""
 
 METRIC_NAMES = ("norm", "norm_z", "cosine", "distance", "krum_score", "trimmed_share", "loss_z",
-                "pair_gap", "cluster_outlier", "median_cosine")  # fmt: skip
+                "pair_gap", "cluster_outlier", "median_cosine", "alignment")  # fmt: skip
 """Keys of the dict returned by :func:`client_metrics`, each an array of length K."""
 
 HISTORY_METRIC = "history_error"
@@ -333,7 +339,8 @@ def client_metrics(
         ``losses`` is None); ``pair_gap``, the relative distance to the nearest other update
         (``detection.nearest_pair_gap``); ``cluster_outlier``, how far outside FLAME's majority
         cluster (``detection.cluster_outliers``); ``median_cosine``, the median cosine to the
-        other updates (``detection.median_cosine_to_others``).
+        other updates (``detection.median_cosine_to_others``); ``alignment``, the largest
+        |cosine| to another update against chance (``detection.alignment_z``).
 
     Norms, cosines, distances and Krum scores all come from one Gram matrix of the rows and the
     aggregate (``_kernels.gram``: BLAS products in the input dtype over column blocks of a fixed
@@ -391,6 +398,7 @@ def client_metrics(
         "pair_gap": nearest_pair_gap(gram[:k, :k]),
         "cluster_outlier": cluster_outliers(pairwise),
         "median_cosine": median_cosine_to_others(pairwise),
+        "alignment": alignment_z(pairwise, d),
     }
 
 
@@ -516,6 +524,17 @@ def _norm_ratio_component(norm: np.ndarray, ratio: float, above: bool) -> np.nda
     return np.where(finite, 1.0 / (1.0 + np.exp(-3.0 * np.clip(beyond, -50.0, 50.0))), np.nan)
 
 
+def _unaligned_component(alignment: np.ndarray) -> np.ndarray:
+    """Logistic of how far ``alignment`` (``detection.alignment_z``) sits below
+    ``UNALIGNED_Z``: about 1 for noise and random directions (3 to 5), under 0.001 for honest
+    updates (11 and up on Fashion-MNIST). Absolute, not cohort relative: a cohort that is half
+    noise must not move the line."""
+    value = np.asarray(alignment, np.float64)
+    with np.errstate(over="ignore"):
+        out = 1.0 / (1.0 + np.exp(-1.5 * (UNALIGNED_Z - value)))
+    return np.where(np.isfinite(value), out, np.nan)
+
+
 def _peer_cosine_component(median_cosine: np.ndarray, min_scale: float = 0.05) -> np.ndarray:
     """Logistic of the one-sided robust z of how far the median cosine to the other updates
     sits below the cohort's.
@@ -597,11 +616,13 @@ _COMPONENTS = {
     "zero_update": lambda m: _norm_ratio_component(m["norm"], ratio=100.0, above=False),
     "oversized": lambda m: _norm_ratio_component(m["norm"], ratio=10.0, above=True),
     "validation": _validation_component,
+    "unaligned": lambda m: _unaligned_component(m["alignment"]),
     "inert": lambda m: _inert_component(m[EFFECT_METRIC]),
 }
 _SOURCES = {
     "zero_update": "norm",
     "oversized": "norm",
+    "unaligned": "alignment",
     "collusion": "pair_gap",
     "centrality": "cosine",
     "cluster": "cluster_outlier",
@@ -632,7 +653,7 @@ def anomaly_score(
         weights: component name to non-negative weight, any of ``norm_z``, ``cosine``,
             ``krum_score``, ``trimmed_share``, ``loss_z``, ``distance``, ``collusion``,
             ``centrality``, ``cluster``, ``history``, ``zero_update``, ``oversized``,
-            ``validation``, ``inert``. Names left
+            ``unaligned``, ``validation``, ``inert``. Names left
             out get weight 0. Defaults to :data:`DEFAULT_ANOMALY_WEIGHTS`.
         power: exponent of the power mean, >= 1: 1 (default) is the weighted mean, 2 the
             quadratic mean; larger values move the score towards the largest component (see the

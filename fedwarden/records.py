@@ -115,6 +115,7 @@ class ClientRound(_Record):
     pair_gap: float | None = _field(float)
     cluster_outlier: float | None = _field(float)
     median_cosine: float | None = _field(float, shown=False)
+    alignment: float | None = _field(float, shown=False)
     history_error: float | None = _field(float)
     validation_loss_change: float | None = _field(float, shown=False)  # server/validation.py
     validation_class_change: float | None = _field(float, shown=False)

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from fedwarden.aggregation.detection import (
+    UNALIGNED_Z,
     CountSketch,
     HistoryForecast,
+    alignment_z,
     cluster_outliers,
     cosine_matrix,
     median_cosine_to_others,
@@ -166,6 +168,37 @@ def test_half_a_cohort_of_noise_does_not_make_honest_updates_zero_updates():
     comp, _ = scored_round(riders)  # half the cohort free riders: still each one flagged
     assert comp["zero_update"][5:].min() == pytest.approx(1.0)
     assert comp["zero_update"][:5].max() < 1e-3
+
+
+def test_alignment_is_the_largest_absolute_cosine_to_another_update_against_chance():
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(6, 1000))
+    x[1] = -x[0] + 0.1 * rng.normal(size=1000)  # opposing is aligned too
+    pairwise = cosine_matrix(x @ x.T)
+    expected = [np.abs(np.delete(pairwise[i], i)).max() * np.sqrt(1000) for i in range(6)]
+    np.testing.assert_allclose(alignment_z(pairwise, 1000), expected)
+    assert alignment_z(pairwise, 1000)[:2].min() > 30 and alignment_z(pairwise, 1000)[2:].max() < 5
+    assert np.isnan(alignment_z(pairwise, 100)).all()  # 6 / sqrt(100) = 0.6: chance could align
+    assert np.isnan(alignment_z(pairwise[:1, :1], 1000)).all()
+
+
+def test_noise_and_random_directions_are_sharp_evidence_even_as_half_the_cohort():
+    rng = np.random.default_rng(10)
+    honest = skewed_cohort(5, 4000, rng)
+    median_norm = np.median(np.linalg.norm(honest, axis=1))
+    directions = rng.normal(size=(2, 4000))
+    directions *= median_norm / np.linalg.norm(directions, axis=1, keepdims=True)
+    noise = 200.0 * rng.normal(size=(3, 4000))  # Gaussian attackers: five of ten are noise
+    comp, scores = scored_round(np.vstack([honest, directions, noise]).astype(np.float32))
+    assert comp["unaligned"][:5].max() < 1e-3
+    assert comp["unaligned"][5:].min() > 0.9 and scores[5:].min() > 0.9
+    assert scores[:5].max() < 0.5
+    # the same directions scored without the sharp floor: the weighted mean dilutes them
+    no_floor = {k: w for k, w in DEFAULT_ANOMALY_WEIGHTS.items() if k != "unaligned"}
+    x = np.vstack([honest, directions]).astype(np.float32)
+    m = client_metrics(x, np.median(x, axis=0), None, {})
+    assert anomaly_score(m, no_floor)[5:].max() < 0.9 <= anomaly_score(m)[5:].min()
+    assert UNALIGNED_Z < m["alignment"][:5].min()
 
 
 def test_sharp_components_floor_the_score_only_when_weighted():
