@@ -526,12 +526,13 @@ def _norm_ratio_component(norm: np.ndarray, ratio: float, above: bool) -> np.nda
 
 def _unaligned_component(alignment: np.ndarray) -> np.ndarray:
     """Logistic of how far ``alignment`` (``detection.alignment_z``) sits below
-    ``UNALIGNED_Z``: about 1 for noise and random directions (3 to 5), under 0.001 for honest
-    updates (11 and up on Fashion-MNIST). Absolute, not cohort relative: a cohort that is half
-    noise must not move the line."""
+    ``UNALIGNED_Z``: 0.95 and more for noise and random directions (5 and under), 0.03 for the
+    least aligned honest update measured on Fashion-MNIST (7.2: one of four honest updates in a
+    cohort with six noise updates), under 1e-6 from 11. Absolute, not cohort relative: a cohort
+    that is half noise must not move the line."""
     value = np.asarray(alignment, np.float64)
     with np.errstate(over="ignore"):
-        out = 1.0 / (1.0 + np.exp(-1.5 * (UNALIGNED_Z - value)))
+        out = 1.0 / (1.0 + np.exp(-3.0 * (UNALIGNED_Z - value)))
     return np.where(np.isfinite(value), out, np.nan)
 
 
