@@ -85,7 +85,7 @@ UNALIGNED_Z = 6.0
 """Below this ``alignment_z`` an update cannot be told from a random direction. On Fashion-MNIST
 (d = 56,714) honest updates measured 32 and up at Dirichlet 0.1 without attack (50 rounds) and
 7.2 and up with 40% Gaussian attackers (a cohort of six noise updates and four honest ones),
-noise and random directions 5 and under: docs/results.md, "Noise majorities"."""
+noise and random directions 3.6 and under: docs/results.md, "Noise majorities"."""
 
 MAX_UNALIGNED_COSINE = 0.5
 """Where ``UNALIGNED_Z / sqrt(d)`` reaches this cosine (d <= 144) chance alone can align two
