@@ -341,11 +341,12 @@ class ClippedClustering:
     fedwarden's addition: an update whose direction cannot be told from a random one is set
     aside first (counted as ``unaligned_count``): one whose largest |cosine| to the other updates
     is under ``UNALIGNED_Z / sqrt(d)`` (``detection.alignment_z``; a random direction's cosine
-    to any fixed vector has standard deviation 1/sqrt(d)). Its norm does not enter the history. Without this a first
-    cohort with a majority of noise updates (Gaussian attackers at 40%) sets the clipping bound
-    at a noise norm and the noise is averaged in unclipped. Honest updates share the loss's
-    descent direction; on Fashion-MNIST at Dirichlet 0.1 their largest |cosine| is measured in
-    docs/results.md. When ``d`` is too small for the test or fewer than two updates arrive,
+    to any fixed vector has standard deviation 1/sqrt(d)). Its norm does not enter the history.
+    Without this a first cohort with a majority of noise updates (Gaussian attackers at 40%)
+    sets the clipping bound at a noise norm and the noise is averaged in unclipped. Honest
+    updates share the loss's descent direction (docs/results.md, "Noise majorities", measures
+    how far above the line they sit). When ``d`` is too small for the test or fewer than two
+    updates arrive,
     nothing is set aside.
 
     References:

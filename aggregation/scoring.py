@@ -162,9 +162,10 @@ DEFAULT_ANOMALY_WEIGHTS: dict[str, float] = {
 SHARP_COMPONENTS = ("collusion", "centrality", "zero_update", "oversized", "unaligned", "inert")
 """Components honest clients never light up (measured maxima 0.05, 0.06, 0 and 0.04 on
 Fashion-MNIST and digits, Dirichlet 0.1 to iid), so one of them alone may carry the score: with a
-positive weight, each also sets a floor under it (see :func:`anomaly_score`). ``zero_update`` and
-``oversized``, ``unaligned`` (and ``inert``, present only with validation examples: honest robust z's up to 2.9,
-random directions from 2.25) weigh almost nothing in the mean: their work is the floor (a weight of 0.01 on
+positive weight, each also sets a floor under it (see :func:`anomaly_score`). ``zero_update``,
+``oversized``, ``unaligned`` (and ``inert``, present only with validation examples: honest
+robust z's up to 2.9, random directions from 2.25) weigh almost nothing in the mean: their work
+is the floor (a weight of 0.01 on
 ``oversized`` diluted the other components enough to lose a scaling and a sign-flip attacker in
 the detection grid's replay)."""
 
