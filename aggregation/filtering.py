@@ -346,8 +346,7 @@ class ClippedClustering:
     sets the clipping bound at a noise norm and the noise is averaged in unclipped. Honest
     updates share the loss's descent direction (docs/results.md, "Noise majorities", measures
     how far above the line they sit). When ``d`` is too small for the test or fewer than two
-    updates arrive,
-    nothing is set aside.
+    updates arrive, nothing is set aside.
 
     References:
       Li, Ngai and Voigt 2023, "An Experimental Study of Byzantine-Robust Aggregation Schemes in
