@@ -32,7 +32,7 @@ from fedwarden.aggregation.base import (
     check_num_byzantine,
     check_positive,
 )
-from fedwarden.aggregation.detection import UNALIGNED_Z, alignment_z
+from fedwarden.aggregation.detection import alignment_z, excess_kurtosis, noise_like
 
 __all__ = [
     "DnC",
@@ -338,15 +338,16 @@ class ClippedClustering:
     split in two by agglomerative clustering (average linkage) on cosine distance, and the
     larger cluster is averaged.
 
-    fedwarden's addition: an update whose direction cannot be told from a random one is set
-    aside first (counted as ``unaligned_count``): one whose largest |cosine| to the other updates
-    is under ``UNALIGNED_Z / sqrt(d)`` (``detection.alignment_z``; a random direction's cosine
-    to any fixed vector has standard deviation 1/sqrt(d)). Its norm does not enter the history.
+    fedwarden's addition: an update that looks like noise is set aside first (counted as
+    ``unaligned_count``): its largest |cosine| to the other updates is under ``4.5 / sqrt(d)``
+    (a random direction's cosine to any fixed vector has standard deviation 1/sqrt(d)) and its
+    coordinates are Gaussian in shape (``detection.noise_like``). Its norm does not enter the
+    history.
     Without this a first cohort with a majority of noise updates (Gaussian attackers at 40%)
     sets the clipping bound at a noise norm and the noise is averaged in unclipped. Honest
-    updates share the loss's descent direction (docs/results.md, "Noise majorities", measures
-    how far above the line they sit). When ``d`` is too small for the test or fewer than two
-    updates arrive, nothing is set aside.
+    updates are heavy tailed and share the loss's descent direction (docs/results.md, "Noise
+    majorities", measures how far from the lines they sit). When ``d`` is too small for the test
+    or a single update arrives, nothing is set aside.
 
     References:
       Li, Ngai and Voigt 2023, "An Experimental Study of Byzantine-Robust Aggregation Schemes in
@@ -376,7 +377,7 @@ class ClippedClustering:
         self.check(k)
         norms = np.linalg.norm(updates.astype(np.float64), axis=1)
         dist = _cosine_distances(updates)
-        aligned = _aligned(dist, updates.shape[1])
+        aligned = ~noise_like(alignment_z(1.0 - dist, updates.shape[1]), excess_kurtosis(updates))
         past = np.asarray(state if state is not None else [], float)
         history = np.concatenate([past, norms[aligned]])
         bound = float(np.median(history)) if history.size else 0.0
@@ -397,11 +398,6 @@ class ClippedClustering:
 
     def __repr__(self) -> str:
         return f"{self.name}()"
-
-
-def _aligned(dist: np.ndarray, dim: int) -> np.ndarray:
-    """Mask of the updates whose largest |cosine| to another update is beyond random chance."""
-    return ~(alignment_z(1.0 - dist, dim) < UNALIGNED_Z)
 
 
 def _larger_of_two_clusters(dist: np.ndarray) -> np.ndarray:

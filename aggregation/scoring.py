@@ -54,9 +54,10 @@ Signals across clients and rounds (``detection.py``):
   norm sits below 1% of the lower median of the cohort's non-zero norms (a free rider sends the
   model back: 1; the lower median keeps honest updates out of it when half the cohort sends
   huge noise).
-- ``unaligned``: an update no more aligned with any other than noise is (Gaussian attackers,
-  random directions), the logistic of how far ``alignment`` sits below 6 (see
-  :func:`_unaligned_component`). A sharp component, absolute rather than cohort relative.
+- ``unaligned``: an update that looks like noise (Gaussian attackers, random directions): no
+  more aligned with any other than chance allows (``alignment`` below 4.5) and Gaussian in shape
+  (``kurtosis`` near 0), see :func:`_unaligned_component`. A sharp component, absolute rather
+  than cohort relative.
 - ``oversized``: the mirror image, how far the log norm sits above 10 times the cohort's median
   (a model-replacement boost scores 1; honest updates stayed below 4.5 times the median in every
   Fashion-MNIST run of the detection grid, component below 0.1).
@@ -132,10 +133,12 @@ import numpy as np
 
 from fedwarden.aggregation import _kernels
 from fedwarden.aggregation.detection import (
+    NOISE_KURTOSIS,
     UNALIGNED_Z,
     alignment_z,
     cluster_outliers,
     cosine_matrix,
+    excess_kurtosis,
     median_cosine_to_others,
     nearest_pair_gap,
 )
@@ -173,7 +176,7 @@ DEFAULT_TRIM_RATIO = 0.1
 """Share of rows trimmed per side when the chain does not supply ``trimmed_share``."""
 
 METRIC_NAMES = ("norm", "norm_z", "cosine", "distance", "krum_score", "trimmed_share", "loss_z",
-                "pair_gap", "cluster_outlier", "median_cosine", "alignment")  # fmt: skip
+                "pair_gap", "cluster_outlier", "median_cosine", "alignment", "kurtosis")  # fmt: skip
 """Keys of the dict returned by :func:`client_metrics`, each an array of length K."""
 
 HISTORY_METRIC = "history_error"
@@ -341,7 +344,8 @@ def client_metrics(
         (``detection.nearest_pair_gap``); ``cluster_outlier``, how far outside FLAME's majority
         cluster (``detection.cluster_outliers``); ``median_cosine``, the median cosine to the
         other updates (``detection.median_cosine_to_others``); ``alignment``, the largest
-        |cosine| to another update against chance (``detection.alignment_z``).
+        |cosine| to another update against chance (``detection.alignment_z``); ``kurtosis``,
+        the excess kurtosis of the update's coordinates (``detection.excess_kurtosis``).
 
     Norms, cosines, distances and Krum scores all come from one Gram matrix of the rows and the
     aggregate (``_kernels.gram``: BLAS products in the input dtype over column blocks of a fixed
@@ -400,6 +404,7 @@ def client_metrics(
         "cluster_outlier": cluster_outliers(pairwise),
         "median_cosine": median_cosine_to_others(pairwise),
         "alignment": alignment_z(pairwise, d),
+        "kurtosis": excess_kurtosis(updates),
     }
 
 
@@ -525,17 +530,20 @@ def _norm_ratio_component(norm: np.ndarray, ratio: float, above: bool) -> np.nda
     return np.where(finite, 1.0 / (1.0 + np.exp(-3.0 * np.clip(beyond, -50.0, 50.0))), np.nan)
 
 
-def _unaligned_component(alignment: np.ndarray) -> np.ndarray:
-    """Logistic of how far ``alignment`` (``detection.alignment_z``) sits below
-    ``UNALIGNED_Z``: 0.95 and more for noise and random directions (3.6 and under measured; 5
-    scores 0.95), 0.03 for the
-    least aligned honest update measured on Fashion-MNIST (7.2: one of four honest updates in a
-    cohort with six noise updates), under 1e-6 from 11. Absolute, not cohort relative: a cohort
-    that is half noise must not move the line."""
+def _unaligned_component(alignment: np.ndarray, kurtosis: np.ndarray | None) -> np.ndarray:
+    """How much the update looks like noise (``detection.noise_like``, made smooth): the
+    logistic (slope 3) of how far ``alignment`` sits below ``UNALIGNED_Z`` times the logistic
+    (slope 4) of how far the excess ``kurtosis`` sits inside ``NOISE_KURTOSIS``. Noise and
+    random directions (alignment 3.6 and under, kurtosis within 0.3 of 0) score 0.9 and more;
+    an honest update orthogonal to its cohort is heavy tailed (kurtosis 5.6 and up) and scores
+    under 1e-6. Absolute, not cohort relative: a cohort that is half noise must not move it.
+    NaN where either is unknown."""
     value = np.asarray(alignment, np.float64)
-    with np.errstate(over="ignore"):
-        out = 1.0 / (1.0 + np.exp(-3.0 * (UNALIGNED_Z - value)))
-    return np.where(np.isfinite(value), out, np.nan)
+    shape = np.full(value.shape, np.nan) if kurtosis is None else np.asarray(kurtosis, float)
+    with np.errstate(over="ignore", invalid="ignore"):
+        direction = 1.0 / (1.0 + np.exp(-3.0 * (UNALIGNED_Z - value)))
+        gaussian = 1.0 / (1.0 + np.exp(4.0 * (np.abs(shape) - NOISE_KURTOSIS)))
+    return np.where(np.isfinite(value) & np.isfinite(shape), direction * gaussian, np.nan)
 
 
 def _peer_cosine_component(median_cosine: np.ndarray, min_scale: float = 0.05) -> np.ndarray:
@@ -619,7 +627,7 @@ _COMPONENTS = {
     "zero_update": lambda m: _norm_ratio_component(m["norm"], ratio=100.0, above=False),
     "oversized": lambda m: _norm_ratio_component(m["norm"], ratio=10.0, above=True),
     "validation": _validation_component,
-    "unaligned": lambda m: _unaligned_component(m["alignment"]),
+    "unaligned": lambda m: _unaligned_component(m["alignment"], m.get("kurtosis")),
     "inert": lambda m: _inert_component(m[EFFECT_METRIC]),
 }
 _SOURCES = {

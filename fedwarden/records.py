@@ -116,6 +116,7 @@ class ClientRound(_Record):
     cluster_outlier: float | None = _field(float)
     median_cosine: float | None = _field(float, shown=False)
     alignment: float | None = _field(float, shown=False)
+    kurtosis: float | None = _field(float, shown=False)
     history_error: float | None = _field(float)
     validation_loss_change: float | None = _field(float, shown=False)  # server/validation.py
     validation_class_change: float | None = _field(float, shown=False)

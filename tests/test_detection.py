@@ -12,8 +12,10 @@ from fedwarden.aggregation.detection import (
     alignment_z,
     cluster_outliers,
     cosine_matrix,
+    excess_kurtosis,
     median_cosine_to_others,
     nearest_pair_gap,
+    noise_like,
 )
 from fedwarden.aggregation.scoring import (
     DEFAULT_ANOMALY_WEIGHTS,
@@ -178,8 +180,34 @@ def test_alignment_is_the_largest_absolute_cosine_to_another_update_against_chan
     expected = [np.abs(np.delete(pairwise[i], i)).max() * np.sqrt(1000) for i in range(6)]
     np.testing.assert_allclose(alignment_z(pairwise, 1000), expected)
     assert alignment_z(pairwise, 1000)[:2].min() > 30 and alignment_z(pairwise, 1000)[2:].max() < 5
-    assert np.isnan(alignment_z(pairwise, 100)).all()  # 6 / sqrt(100) = 0.6: chance could align
+    assert np.isnan(alignment_z(pairwise, 64)).all()  # 4.5 / sqrt(64) = 0.56: chance could align
     assert np.isnan(alignment_z(pairwise[:1, :1], 1000)).all()
+
+
+def test_excess_kurtosis_is_zero_for_noise_and_large_for_heavy_tails():
+    rng = np.random.default_rng(11)
+    noise = rng.normal(size=(3, 5000))
+    heavy = rng.laplace(size=(2, 5000))  # excess kurtosis 3
+    k = excess_kurtosis(np.vstack([noise, heavy, np.ones((1, 5000))]))
+    assert np.abs(k[:3]).max() < 0.3 and k[3:5].min() > 2 and np.isnan(k[5])
+    strided = excess_kurtosis(rng.normal(size=(1, 300_000)).astype(np.float32))  # sampled
+    assert abs(strided[0]) < 0.2
+
+
+def test_an_honest_update_orthogonal_to_its_cohort_is_not_noise():
+    # A client whose classes no other client of a small cohort has: its update lives on its own
+    # coordinates (orthogonal to the others) but is heavy tailed, as trained updates are.
+    rng = np.random.default_rng(12)
+    d = 4000
+    cohort = skewed_cohort(4, d, rng)
+    cohort[:, :400] = 0.0
+    loner = np.zeros(d)
+    loner[:400] = rng.standard_t(3, size=400)
+    x = np.vstack([cohort, loner]).astype(np.float32)
+    m = client_metrics(x, np.median(x, axis=0), None, {})
+    assert m["alignment"][-1] < UNALIGNED_Z  # no partner beyond chance...
+    assert not noise_like(m["alignment"], m["kurtosis"])[-1]  # ...but not Gaussian in shape
+    assert anomaly_components(m)["unaligned"][-1] < 1e-3
 
 
 def test_noise_and_random_directions_are_sharp_evidence_even_as_half_the_cohort():

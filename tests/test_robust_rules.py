@@ -210,6 +210,15 @@ def test_clipped_clustering_keeps_every_update_when_the_dimension_is_too_small_t
     assert out.state.shape == (7,)
 
 
+def test_clipped_clustering_keeps_an_honest_update_that_no_other_shares():
+    honest, _, rng = cohort(h=6, d=3000)
+    honest[:, :300] = 0.0
+    loner = np.zeros(3000, np.float32)
+    loner[:300] = rng.laplace(size=300)  # its own classes' coordinates, heavy tailed
+    out = run(clipped_clustering(), np.vstack([honest, loner]))
+    assert out.measurements["unaligned_count"] == 0 and out.state.shape == (7,)
+
+
 def test_clipped_clustering_keeps_nothing_when_no_update_has_a_partner():
     rng = np.random.default_rng(3)
     out = run(clipped_clustering(), rng.normal(0.0, 1.0, (5, 4000)).astype(np.float32))
