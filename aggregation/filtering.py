@@ -342,9 +342,8 @@ class ClippedClustering:
     ``unaligned_count``): its largest |cosine| to the other updates is under ``4.5 / sqrt(d)``
     (a random direction's cosine to any fixed vector has standard deviation 1/sqrt(d)) and its
     coordinates are Gaussian in shape (``detection.noise_like``). Its norm does not enter the
-    history.
-    Without this a first cohort with a majority of noise updates (Gaussian attackers at 40%)
-    sets the clipping bound at a noise norm and the noise is averaged in unclipped. Honest
+    history. Without this a first cohort with a majority of noise updates (Gaussian attackers at
+    40%) sets the clipping bound at a noise norm and the noise is averaged in unclipped. Honest
     updates are heavy tailed and share the loss's descent direction (docs/results.md, "Noise
     majorities", measures how far from the lines they sit). When ``d`` is too small for the test
     or a single update arrives, nothing is set aside.

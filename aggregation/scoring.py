@@ -164,7 +164,7 @@ DEFAULT_ANOMALY_WEIGHTS: dict[str, float] = {
 
 SHARP_COMPONENTS = ("collusion", "centrality", "zero_update", "oversized", "unaligned", "inert")
 """Components honest clients never light up (measured maxima 0.05, 0.06, 0 and 0.04 on
-Fashion-MNIST and digits, Dirichlet 0.1 to iid), so one of them alone may carry the score: with a
+Fashion-MNIST and digits, Dirichlet 0.1 to iid; ``unaligned`` under 1e-6), so one of them alone may carry the score: with a
 positive weight, each also sets a floor under it (see :func:`anomaly_score`). ``zero_update``,
 ``oversized``, ``unaligned`` (and ``inert``, present only with validation examples: honest
 robust z's up to 2.9, random directions from 2.25) weigh almost nothing in the mean: their work
