@@ -114,10 +114,10 @@ def excess_kurtosis(updates: np.ndarray) -> np.ndarray:
     out = np.full(updates.shape[0], np.nan)
     for i, row in enumerate(updates):
         x = np.asarray(row[::step], np.float64)
-        centred = x - x.mean()
-        m2 = float(np.mean(centred * centred))
+        squared = (x - x.mean()) ** 2
+        m2 = float(np.mean(squared))
         if m2 > 0 and np.isfinite(m2):
-            out[i] = float(np.mean(centred**4)) / (m2 * m2) - 3.0
+            out[i] = float(np.mean(squared * squared)) / (m2 * m2) - 3.0
     return out
 
 
