@@ -219,6 +219,17 @@ def test_clipped_clustering_keeps_an_honest_update_that_no_other_shares():
     assert out.measurements["unaligned_count"] == 0 and out.state.shape == (7,)
 
 
+def test_clipped_clustering_bounds_a_first_round_that_half_the_cohort_attacks():
+    # Five identical large crafted updates against five honest ones, in a first round: whichever
+    # cluster wins the tie, no update counts for more than the honest norms.
+    honest, base, _ = cohort(h=5, d=2000)
+    crafted = np.repeat((-10.0 * base)[None], 5, 0).astype(np.float32)
+    out = run(clipped_clustering(), np.concatenate([crafted, honest]))
+    largest_honest = np.linalg.norm(honest.astype(np.float64), axis=1).max()
+    assert out.measurements["clip_norm"] <= largest_honest
+    assert np.linalg.norm(out.updates[0]) <= largest_honest * (1 + 1e-6)
+
+
 def test_clipped_clustering_keeps_nothing_when_no_update_has_a_partner():
     rng = np.random.default_rng(3)
     out = run(clipped_clustering(), rng.normal(0.0, 1.0, (5, 4000)).astype(np.float32))
