@@ -32,7 +32,12 @@ from fedwarden.aggregation.base import (
     check_num_byzantine,
     check_positive,
 )
-from fedwarden.aggregation.detection import alignment_z, excess_kurtosis, noise_like
+from fedwarden.aggregation.detection import (
+    UNALIGNED_Z,
+    alignment_z,
+    excess_kurtosis,
+    noise_like,
+)
 
 __all__ = [
     "DnC",
@@ -376,7 +381,11 @@ class ClippedClustering:
         self.check(k)
         norms = np.linalg.norm(updates.astype(np.float64), axis=1)
         dist = _cosine_distances(updates)
-        aligned = ~noise_like(alignment_z(1.0 - dist, updates.shape[1]), excess_kurtosis(updates))
+        alignment = alignment_z(1.0 - dist, updates.shape[1])
+        kurtosis = np.full(k, np.nan)
+        low = np.flatnonzero(alignment < UNALIGNED_Z)  # the shape matters only there
+        kurtosis[low] = excess_kurtosis(updates[low])
+        aligned = ~noise_like(alignment, kurtosis)
         past = np.asarray(state if state is not None else [], float)
         history = np.concatenate([past, norms[aligned]])
         # A first round has no past to trust: half its cohort may be attackers with large norms.
