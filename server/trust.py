@@ -14,13 +14,19 @@ scale (1.4826 MAD, at least ``min_scale``) of the pool, so 20% attackers move ne
 client accumulates its own z-scores over the rounds it took part in, older ones weighted down
 by ``evidence_memory`` per round seen::
 
-    S = memory * S + z        Q = memory**2 * Q + 1        evidence = S / sqrt(Q)
+    S = memory * S + z        Q = memory**2 * Q + 1        W = memory * W + 1
+    evidence = S / sqrt((1 - persistence) * Q + persistence * W**2)
 
 For a client whose scores are drawn from the population, ``evidence`` is a standard score
-whatever the number of rounds it was seen (a sum of n z-scores over sqrt(n)): a client sampled
-once is judged on that one round, and one sampled ten times needs a smaller excess per round to
-reach the same evidence. A client is flagged when its evidence exceeds the flag line set by the
-configured ``false_positive_rate`` (:attr:`TrustPolicy.flag_z`: the Laplace quantile, 4.48 at the
+whatever the number of rounds it was seen: a client sampled once is judged on that one round
+(``evidence = z``), and one sampled ten times needs a smaller excess per round to reach the same
+evidence. ``persistence`` is the share of an honest client's score variance that stays with it
+from round to round (its own data keeps it off-centre, round after round), so its rounds are not
+independent draws: with persistence 0 the denominator is ``sqrt(Q)`` (a sum of n z-scores over
+sqrt(n)) and the same z every round tends to ``2 z`` at memory 0.6, which flagged honest
+outliers seen every round; with persistence p it tends to at most ``z / sqrt(p)``, and one
+round's evidence is still its z. A client is flagged when its evidence exceeds the flag line set
+by the configured ``false_positive_rate`` (:attr:`TrustPolicy.flag_z`: the Laplace quantile, 4.48 at the
 default 0.005, since honest anomaly scores have exponential upper tails), and unflagged when it
 falls ``unflag_margin`` below that line. Each z is clipped to ``[-z_floor, z_cap]``: banked good
 rounds cannot hide a later attack for long, and one round can flag but not convict for ever. The
@@ -97,6 +103,9 @@ class TrustPolicy:
             flag line (hysteresis, in z units).
         evidence_memory: weight of a client's earlier rounds in its evidence, per round seen,
             in [0, 1).
+        persistence: share of an honest client's score variance that persists across its
+            rounds, in [0, 1): how much less than independent its rounds count (see the module
+            docstring; the default is measured, docs/results.md "Honest outliers").
         window_rounds: rounds of scores in the population pool.
         min_scale: smallest population scale of the anomaly score, so a very uniform honest
             cohort does not turn tiny differences into large z.
@@ -118,6 +127,7 @@ class TrustPolicy:
     false_positive_rate: float = _SETTINGS.false_positive_rate
     unflag_margin: float = 1.0
     evidence_memory: float = 0.6
+    persistence: float = _SETTINGS.persistence
     window_rounds: int = 10
     min_scale: float = 0.03
     z_floor: float = 2.0
@@ -146,10 +156,10 @@ class TrustPolicy:
                 "false_positive_rate must be in (0, 0.5), e.g. 0.01. "
                 f"Received: false_positive_rate={self.false_positive_rate!r}."
             )
-        if not 0.0 <= self.evidence_memory < 1.0:
-            raise ValueError(
-                f"evidence_memory must be in [0, 1). Received: {self.evidence_memory!r}."
-            )
+        for name in ("evidence_memory", "persistence"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1). Received: {name}={value!r}.")
         for name in ("unflag_margin", "min_scale", "z_floor", "z_cap"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -199,24 +209,35 @@ class TrustPolicy:
 
 @dataclass(frozen=True)
 class EvidenceSums:
-    """The running sums behind a client's ``evidence``: ``S``, ``Q`` and each signal's weighted
-    excess over the population. Its ``ClientSummary`` holds them as JSON (``evidence_state``),
-    so a restarted coordinator resumes them from the ledger."""
+    """The running sums behind a client's ``evidence``: ``S``, ``Q``, ``W`` and each signal's
+    weighted excess over the population. Its ``ClientSummary`` holds them as JSON
+    (``evidence_state``), so a restarted coordinator resumes them from the ledger."""
 
     sum: float = 0.0
     sq: float = 0.0
+    weight: float = 0.0
     excess: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def of(cls, state: ClientSummary) -> EvidenceSums:
         """The sums a client's summary holds (zeros before its first round)."""
         sums = json.loads(state.evidence_state or "{}")
-        return cls(
-            float(sums.get("sum", 0.0)), float(sums.get("sq", 0.0)), dict(sums.get("excess", {}))
-        )
+        sq = float(sums.get("sq", 0.0))
+        # a ledger written before W was kept: sqrt(Q), the least W those rounds can have,
+        # keeps its evidence as it was
+        weight = float(sums.get("weight", math.sqrt(sq)))
+        return cls(float(sums.get("sum", 0.0)), sq, weight, dict(sums.get("excess", {})))
+
+    def evidence(self, persistence: float) -> float:
+        """``S`` over its standard deviation when a share ``persistence`` of the variance of a
+        client's z-scores is its own, the same in every round."""
+        return self.sum / math.sqrt((1.0 - persistence) * self.sq + persistence * self.weight**2)
 
     def to_json(self) -> str:
-        return json.dumps({"sum": self.sum, "sq": self.sq, "excess": self.excess}, sort_keys=True)
+        return json.dumps(
+            {"sum": self.sum, "sq": self.sq, "weight": self.weight, "excess": self.excess},
+            sort_keys=True,
+        )
 
 
 def last_signals(signals: str | None) -> dict[str, float]:
@@ -412,12 +433,13 @@ class TrustBook:
         sums = EvidenceSums(
             m * old.sum + z,
             m * m * old.sq + 1.0,
+            m * old.weight + 1.0,
             {n: m * old.excess.get(n, 0.0) + (signals[n] - typical.get(n, 0.0) if n in signals
                                               else 0.0)
              for n in sorted(set(old.excess) | set(signals))},
         )  # fmt: skip
         return {
-            "evidence": sums.sum / math.sqrt(sums.sq),
+            "evidence": sums.evidence(p.persistence),
             "signals": json.dumps(signals, sort_keys=True) if signals else None,
             "evidence_state": sums.to_json(),
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sqlite3
 import subprocess
@@ -19,7 +20,7 @@ from fedwarden.cli.trust import trust_main
 from fedwarden.records import ClientSummary
 from fedwarden.report import detection_summary, plot_trust_heatmap
 from fedwarden.server.ledger import Ledger, LedgerError, remove_ledger
-from fedwarden.server.trust import TrustBook, TrustPolicy, round_rows
+from fedwarden.server.trust import EvidenceSums, TrustBook, TrustPolicy, round_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -419,8 +420,8 @@ def test_a_client_seen_once_is_judged_on_that_round_and_explained():
     assert book.flagged() == {"x"}
 
 
-def flag_share(rate: float, tails: str) -> float:
-    book = TrustBook(TrustPolicy(false_positive_rate=rate))
+def flag_share(rate: float, tails: str, persistence: float = 0.0) -> float:
+    book = TrustBook(TrustPolicy(false_positive_rate=rate, persistence=persistence))
     flagged = scored = 0
     for r, cohort, scores in population_rounds(300, clients=100, per_round=20, seed=1,
                                                tails=tails):  # fmt: skip
@@ -432,8 +433,11 @@ def flag_share(rate: float, tails: str) -> float:
 
 @pytest.mark.parametrize("rate", [0.005, 0.05])
 def test_flag_rate_of_an_exponential_tailed_population_is_near_the_configured_rate(rate):
+    # scores independent from round to round, as the line assumes with persistence 0
     assert 0.25 * rate < flag_share(rate, "laplace") < 2.5 * rate
     assert flag_share(rate, "normal") < rate  # lighter tails than the line assumes: fewer
+    # the default counts a client's rounds as partly its own: fewer still, never more
+    assert flag_share(rate, "laplace", TrustPolicy().persistence) <= flag_share(rate, "laplace")
 
 
 def test_a_modest_persistent_excess_is_flagged_after_a_few_rounds_not_at_once():
@@ -445,6 +449,40 @@ def test_a_modest_persistent_excess_is_flagged_after_a_few_rounds_not_at_once():
             first_flag = r
     assert first_flag is not None and 2 <= first_flag <= 8
     assert all(not book.get(c).flagged for c in book.snapshot() if c != "m")
+
+
+def persistent_outlier_flags(policy: TrustPolicy, z: float, rounds: int = 20) -> list[bool]:
+    """Flags, round by round, of a client seen every round with the same excess of ``z``
+    population scales: an honest client whose own data keeps it off-centre."""
+    book = TrustBook(policy)
+    flags = []
+    for r, cohort, scores in population_rounds(rounds, seed=4):
+        states = book.update(r, [*cohort, "o"], np.append(scores, 0.2 + z * 0.05), {})
+        flags.append(states["o"].flagged)
+    return flags
+
+
+def test_a_persistent_honest_outlier_seen_every_round_is_not_flagged():
+    # rounds counted as independent add a steady z up to 2 z (memory 0.6), past the 4.48 line
+    assert sum(persistent_outlier_flags(TrustPolicy(persistence=0.0), z=2.6)) >= 5
+    assert not any(persistent_outlier_flags(TrustPolicy(), z=2.6))
+    # a larger excess, persistent, is still evidence
+    assert any(persistent_outlier_flags(TrustPolicy(), z=3.5))
+
+
+@pytest.mark.parametrize("persistence", [0.0, 0.2, 0.5])
+def test_a_client_seen_once_has_its_rounds_z_as_evidence_whatever_the_persistence(persistence):
+    book = TrustBook(TrustPolicy(persistence=persistence))
+    states = book.update(1, ["a", "b", "c", "d", "x"], np.array([0.2, 0.25, 0.15, 0.2, 0.5]), {})
+    # pool median 0.2, scale max(1.4826 * 0.05, min_scale) = 0.0741; z capped at 8
+    assert states["x"].evidence == pytest.approx(min(0.3 / (1.4826 * 0.05), 8.0))
+
+
+def test_evidence_written_before_the_weight_was_kept_resumes_unchanged():
+    state = ClientSummary("m", evidence_state=json.dumps({"sum": 6.0, "sq": 1.36, "excess": {}}))
+    sums = EvidenceSums.of(state)
+    assert sums.evidence(0.0) == pytest.approx(6.0 / math.sqrt(1.36))
+    assert sums.evidence(0.3) == pytest.approx(sums.evidence(0.0))
 
 
 def test_evidence_and_population_survive_a_restart(tmp_path):
