@@ -7,6 +7,7 @@ import pytest
 
 from fedwarden.aggregation.scoring import (
     DEFAULT_ANOMALY_WEIGHTS,
+    SHARP_FLOOR,
     METRIC_NAMES,
     anomaly_components,
     anomaly_score,
@@ -194,3 +195,34 @@ def test_bad_shapes_are_rejected():
         client_metrics(np.zeros((3, 4)), np.zeros(5), None, {})
     with pytest.raises(ValueError, match="losses"):
         client_metrics(np.zeros((3, 4)), np.zeros(4), np.zeros(2), {})
+
+
+def weighted_mean(m: dict) -> np.ndarray:
+    """The default weights' plain mean of the components each client has (no floor)."""
+    comps = anomaly_components(m)
+    total = weight = 0.0
+    for name, w in DEFAULT_ANOMALY_WEIGHTS.items():
+        if w > 0 and name in comps:
+            known = np.isfinite(comps[name])
+            total = total + np.where(known, w * np.nan_to_num(comps[name]), 0.0)
+            weight = weight + np.where(known, w, 0.0)
+    return total / weight
+
+
+def test_a_sharp_component_floors_the_score_only_once_it_says_yes():
+    twins = honest_cohort(k=10, seed=1)
+    # two honest clients on the same data: each other's nearest update, not copies
+    twins[1] = twins[0] + 0.15 * (twins[1] - twins[0])
+    m = client_metrics(twins, np.median(twins, axis=0), None, {})
+    collusion = anomaly_components(m)["collusion"]
+    assert 0.2 < collusion[0] < SHARP_FLOOR  # they show in the signal...
+    score = anomaly_score(m)
+    np.testing.assert_allclose(score[:2], weighted_mean(m)[:2])  # ...but only in the mean
+    assert np.all(score[:2] < collusion[:2])
+
+    copies = honest_cohort(k=10, seed=1)
+    copies[1] = copies[0]  # a copied update
+    m = client_metrics(copies, np.median(copies, axis=0), None, {})
+    collusion = anomaly_components(m)["collusion"]
+    assert collusion[0] > 0.9
+    assert np.all(anomaly_score(m)[:2] >= collusion[:2])  # the floor carries it
