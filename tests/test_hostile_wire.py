@@ -177,7 +177,8 @@ def test_stalled_uploads_from_many_identities_leave_register_and_heartbeat_serve
             idle.channel.subscribe(states.append)
             with pytest.raises(grpc.RpcError):
                 idle.trust()  # one call (refused: c01 is no operator), then nothing
-            assert grpc.ChannelConnectivity.READY in states
+            # the channel reports its states on its own thread: READY may come after the call
+            poll(lambda: grpc.ChannelConnectivity.READY in states, 10, "the connection")
             poll(lambda: states[-1] == grpc.ChannelConnectivity.IDLE, 20, "the idle close")
         assert live.proc.popen.poll() is None
     finally:
