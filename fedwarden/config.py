@@ -371,10 +371,10 @@ class TrustConfig(Section):
         0.005, "nominal share of honest clients flagged under --trust-flag-rule evidence",
         low=0, high=0.5, low_open=True, high_open=True, flat="trust_false_positive_rate",
     )  # fmt: skip
-    persistence: float = option(
-        0.2, "share of an honest client's anomaly that stays with it from round to round, so "
-        "its repeated rounds add up to less evidence (server/trust.py); 0: rounds independent",
-        low=0, high=1, high_open=True, flat="trust_persistence",
+    evidence_rounds: int = option(
+        3, "rounds of a steady excess that count as independent evidence under --trust-flag-rule "
+        "evidence; later rounds add no more (an honest client's data is the same every round)",
+        low=1, flat="trust_evidence_rounds",
     )  # fmt: skip
     quarantine: str = option("none", "what flagged clients get", choices=QUARANTINE_POLICIES)
     quarantine_downweight: float = option(

@@ -84,7 +84,7 @@ def trust_policy(config: RunConfig) -> TrustPolicy:
         probation_rounds=config.probation_rounds,
         flag_rule=config.trust_flag_rule,
         false_positive_rate=config.trust_false_positive_rate,
-        persistence=config.trust_persistence,
+        evidence_rounds=config.trust_evidence_rounds,
     )
 
 

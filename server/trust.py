@@ -15,20 +15,24 @@ client accumulates its own z-scores over the rounds it took part in, older ones 
 by ``evidence_memory`` per round seen::
 
     S = memory * S + z        Q = memory**2 * Q + 1        W = memory * W + 1
-    evidence = S / sqrt((1 - persistence) * Q + persistence * W**2)
+    evidence = min(S / sqrt(Q), gain(K) * S / W)
 
-For a client whose scores are drawn from the population, ``evidence`` is a standard score
-whatever the number of rounds it was seen: a client sampled once is judged on that one round
-(``evidence = z``), and one sampled ten times needs a smaller excess per round to reach the same
-evidence. ``persistence`` is the share of an honest client's score variance that stays with it
-from round to round (its own data keeps it off-centre, round after round), so its rounds are not
-independent draws: with persistence 0 the denominator is ``sqrt(Q)`` (a sum of n z-scores over
-sqrt(n)) and the same z every round tends to ``2 z`` at memory 0.6, which flagged honest
-outliers seen every round; with persistence p it tends to at most ``z / sqrt(p)``, and one
-round's evidence is still its z. A client is flagged when its evidence exceeds the flag line set
-by the configured ``false_positive_rate`` (:attr:`TrustPolicy.flag_z`: the Laplace quantile, 4.48 at the
-default 0.005, since honest anomaly scores have exponential upper tails), and unflagged when it
-falls ``unflag_margin`` below that line. Each z is clipped to ``[-z_floor, z_cap]``: banked good
+For a client whose scores are drawn from the population, ``S / sqrt(Q)`` is a standard score
+whatever the number of rounds it was seen: a client sampled once is judged on that one round,
+and one sampled ten times needs a smaller excess per round to reach the same evidence. But an
+honest client's rounds are not independent draws: the data that puts it off-centre is there every
+round (the intraclass correlation of honest clients' z-scores measured 0.34 to 0.55 where every
+client takes part in every round, 0.16 to 0.27 with 10 of 50 sampled), and correlated rounds are
+worth at most about 1 / correlation independent ones. So the evidence is capped at what
+``evidence_rounds`` (K, default 3) rounds at the client's weighted mean z (``S / W``) would give:
+``gain(K)``, 1.61 at memory 0.6, against 2 for an unlimited number of rounds. A client's first K
+rounds are judged exactly as independent draws (where sampled attackers are caught); after them a
+steady moderate excess, a trait of the client's data, stops adding up to a flag (a z of 2.3 every
+round reached 4.6 and was flagged for 16 rounds in a row on digits at Dirichlet 0.1).
+
+A client is flagged when its evidence exceeds the flag line set by the configured
+``false_positive_rate`` (:attr:`TrustPolicy.flag_z`: the Laplace quantile, 4.48 at the default
+0.005, since honest anomaly scores have exponential upper tails), and unflagged when it falls ``unflag_margin`` below that line. Each z is clipped to ``[-z_floor, z_cap]``: banked good
 rounds cannot hide a later attack for long, and one round can flag but not convict for ever. The
 rate is nominal; docs/results.md has the measured rates (Dirichlet 0.1, 0.5, iid).
 
@@ -103,9 +107,8 @@ class TrustPolicy:
             flag line (hysteresis, in z units).
         evidence_memory: weight of a client's earlier rounds in its evidence, per round seen,
             in [0, 1).
-        persistence: share of an honest client's score variance that persists across its
-            rounds, in [0, 1): how much less than independent its rounds count (see the module
-            docstring; the default is measured, docs/results.md "Honest outliers").
+        evidence_rounds: rounds of a steady excess that count as independent evidence, >= 1
+            (see the module docstring; docs/results.md "Honest clients seen every round").
         window_rounds: rounds of scores in the population pool.
         min_scale: smallest population scale of the anomaly score, so a very uniform honest
             cohort does not turn tiny differences into large z.
@@ -127,7 +130,7 @@ class TrustPolicy:
     false_positive_rate: float = _SETTINGS.false_positive_rate
     unflag_margin: float = 1.0
     evidence_memory: float = 0.6
-    persistence: float = _SETTINGS.persistence
+    evidence_rounds: int = _SETTINGS.evidence_rounds
     window_rounds: int = 10
     min_scale: float = 0.03
     z_floor: float = 2.0
@@ -156,10 +159,18 @@ class TrustPolicy:
                 "false_positive_rate must be in (0, 0.5), e.g. 0.01. "
                 f"Received: false_positive_rate={self.false_positive_rate!r}."
             )
-        for name in ("evidence_memory", "persistence"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1). Received: {name}={value!r}.")
+        if not 0.0 <= self.evidence_memory < 1.0:
+            raise ValueError(
+                f"evidence_memory must be in [0, 1). Received: {self.evidence_memory!r}."
+            )
+        if (
+            isinstance(self.evidence_rounds, bool)
+            or not isinstance(self.evidence_rounds, int)
+            or self.evidence_rounds < 1
+        ):
+            raise ValueError(
+                f"evidence_rounds must be an integer >= 1. Received: {self.evidence_rounds!r}."
+            )
         for name in ("unflag_margin", "min_scale", "z_floor", "z_cap"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -223,15 +234,23 @@ class EvidenceSums:
         """The sums a client's summary holds (zeros before its first round)."""
         sums = json.loads(state.evidence_state or "{}")
         sq = float(sums.get("sq", 0.0))
-        # a ledger written before W was kept: sqrt(Q), the least W those rounds can have,
-        # keeps its evidence as it was
+        # a ledger written before W was kept: sqrt(Q), the least W those rounds can have
         weight = float(sums.get("weight", math.sqrt(sq)))
         return cls(float(sums.get("sum", 0.0)), sq, weight, dict(sums.get("excess", {})))
 
-    def evidence(self, persistence: float) -> float:
-        """``S`` over its standard deviation when a share ``persistence`` of the variance of a
-        client's z-scores is its own, the same in every round."""
-        return self.sum / math.sqrt((1.0 - persistence) * self.sq + persistence * self.weight**2)
+    def evidence(self, memory: float, rounds: int) -> float:
+        """``S / sqrt(Q)``, at most what ``rounds`` rounds at the weighted mean z ``S / W`` give."""
+        evidence = self.sum / math.sqrt(self.sq)
+        if self.sum > 0 and self.weight > 0:
+            # sum over sqrt(sum of squares) of the weights 1, m, ..., m**(K-1)
+            if memory == 0.0:
+                gain = 1.0
+            else:
+                gain = (1 - memory**rounds) / (1 - memory) / math.sqrt(
+                    (1 - memory ** (2 * rounds)) / (1 - memory**2)
+                )
+            evidence = min(evidence, gain * self.sum / self.weight)
+        return evidence
 
     def to_json(self) -> str:
         return json.dumps(
@@ -439,7 +458,7 @@ class TrustBook:
              for n in sorted(set(old.excess) | set(signals))},
         )  # fmt: skip
         return {
-            "evidence": sums.evidence(p.persistence),
+            "evidence": sums.evidence(p.evidence_memory, p.evidence_rounds),
             "signals": json.dumps(signals, sort_keys=True) if signals else None,
             "evidence_state": sums.to_json(),
         }

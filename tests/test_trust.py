@@ -420,8 +420,8 @@ def test_a_client_seen_once_is_judged_on_that_round_and_explained():
     assert book.flagged() == {"x"}
 
 
-def flag_share(rate: float, tails: str, persistence: float = 0.0) -> float:
-    book = TrustBook(TrustPolicy(false_positive_rate=rate, persistence=persistence))
+def flag_share(rate: float, tails: str, evidence_rounds: int = 3) -> float:
+    book = TrustBook(TrustPolicy(false_positive_rate=rate, evidence_rounds=evidence_rounds))
     flagged = scored = 0
     for r, cohort, scores in population_rounds(300, clients=100, per_round=20, seed=1,
                                                tails=tails):  # fmt: skip
@@ -433,11 +433,12 @@ def flag_share(rate: float, tails: str, persistence: float = 0.0) -> float:
 
 @pytest.mark.parametrize("rate", [0.005, 0.05])
 def test_flag_rate_of_an_exponential_tailed_population_is_near_the_configured_rate(rate):
-    # scores independent from round to round, as the line assumes with persistence 0
-    assert 0.25 * rate < flag_share(rate, "laplace") < 2.5 * rate
-    assert flag_share(rate, "normal") < rate  # lighter tails than the line assumes: fewer
-    # the default counts a client's rounds as partly its own: fewer still, never more
-    assert flag_share(rate, "laplace", TrustPolicy().persistence) <= flag_share(rate, "laplace")
+    # rounds independent, as the line assumes without the cap on evidence rounds
+    independent = flag_share(rate, "laplace", evidence_rounds=10**6)
+    assert 0.25 * rate < independent < 2.5 * rate
+    assert flag_share(rate, "normal", evidence_rounds=10**6) < rate  # lighter tails: fewer
+    # the cap (clients here are seen 60 times each) can only take flags away
+    assert flag_share(rate, "laplace") <= independent
 
 
 def test_a_modest_persistent_excess_is_flagged_after_a_few_rounds_not_at_once():
@@ -462,27 +463,35 @@ def persistent_outlier_flags(policy: TrustPolicy, z: float, rounds: int = 20) ->
     return flags
 
 
-def test_a_persistent_honest_outlier_seen_every_round_is_not_flagged():
+def test_a_steady_moderate_excess_seen_every_round_does_not_add_up_to_a_flag():
     # rounds counted as independent add a steady z up to 2 z (memory 0.6), past the 4.48 line
-    assert sum(persistent_outlier_flags(TrustPolicy(persistence=0.0), z=2.6)) >= 5
+    assert sum(persistent_outlier_flags(TrustPolicy(evidence_rounds=10**6), z=2.6)) >= 5
     assert not any(persistent_outlier_flags(TrustPolicy(), z=2.6))
-    # a larger excess, persistent, is still evidence
+    # a larger excess, steady, is still evidence
     assert any(persistent_outlier_flags(TrustPolicy(), z=3.5))
 
 
-@pytest.mark.parametrize("persistence", [0.0, 0.2, 0.5])
-def test_a_client_seen_once_has_its_rounds_z_as_evidence_whatever_the_persistence(persistence):
-    book = TrustBook(TrustPolicy(persistence=persistence))
-    states = book.update(1, ["a", "b", "c", "d", "x"], np.array([0.2, 0.25, 0.15, 0.2, 0.5]), {})
-    # pool median 0.2, scale max(1.4826 * 0.05, min_scale) = 0.0741; z capped at 8
-    assert states["x"].evidence == pytest.approx(min(0.3 / (1.4826 * 0.05), 8.0))
+def test_the_first_rounds_are_judged_as_independent_draws():
+    uncapped = TrustPolicy(evidence_rounds=10**6)
+    for k in (1, 2, 3):
+        capped = TrustBook(TrustPolicy(evidence_rounds=3))
+        plain = TrustBook(uncapped)
+        for r in range(1, k + 1):
+            ids, scores = ["a", "b", "c", "d", "x"], np.array([0.2, 0.25, 0.15, 0.2, 0.4])
+            got = capped.update(r, ids, scores, {})["x"].evidence
+            want = plain.update(r, ids, scores, {})["x"].evidence
+        assert got == pytest.approx(want)  # k <= K rounds: the cap does not bind
+    # one round's evidence is its z: pool median 0.2, scale 1.4826 * 0.05
+    book = TrustBook(TrustPolicy(evidence_rounds=1))
+    x = book.update(1, ["a", "b", "c", "d", "x"], np.array([0.2, 0.25, 0.15, 0.2, 0.5]), {})["x"]
+    assert x.evidence == pytest.approx(0.3 / (1.4826 * 0.05))
 
 
 def test_evidence_written_before_the_weight_was_kept_resumes_unchanged():
     state = ClientSummary("m", evidence_state=json.dumps({"sum": 6.0, "sq": 1.36, "excess": {}}))
     sums = EvidenceSums.of(state)
-    assert sums.evidence(0.0) == pytest.approx(6.0 / math.sqrt(1.36))
-    assert sums.evidence(0.3) == pytest.approx(sums.evidence(0.0))
+    assert sums.evidence(0.6, 10**6) == pytest.approx(6.0 / math.sqrt(1.36))
+    assert sums.evidence(0.6, 3) == pytest.approx(6.0 / math.sqrt(1.36))
 
 
 def test_evidence_and_population_survive_a_restart(tmp_path):
