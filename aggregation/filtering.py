@@ -340,8 +340,9 @@ class ClippedClustering:
     """Clipped clustering: clip to the median of past norms, keep the larger of two clusters.
 
     Every norm seen so far is remembered (the state); updates are clipped to their median (in
-    the first round, to the lower quartile: :data:`FIRST_ROUND_QUANTILE`), then split in two by agglomerative clustering (average linkage) on cosine distance, and the
-    larger cluster is averaged.
+    the first round, to the lower quartile: :data:`FIRST_ROUND_QUANTILE`), then split in two by
+    agglomerative clustering (average linkage) on cosine distance, and the larger cluster is
+    averaged.
 
     fedwarden's addition: an update that looks like noise is set aside first (counted as
     ``unaligned_count``): its largest |cosine| to the other updates is under ``4.5 / sqrt(d)``

@@ -14,7 +14,7 @@ scale (1.4826 MAD, at least ``min_scale``) of the pool, so 20% attackers move ne
 client accumulates its own z-scores over the rounds it took part in, older ones weighted down
 by ``evidence_memory`` per round seen::
 
-    S = memory * S + z        Q = memory**2 * Q + 1        W = memory * W + 1
+    S = memory * S + z        Q = memory**2 * Q + 1        (W = 1 + memory + memory**2 + ...)
     evidence = min(S / sqrt(Q), gain(K) * S / W)
 
 For a client whose scores are drawn from the population, ``S / sqrt(Q)`` is a standard score
@@ -32,9 +32,10 @@ round reached 4.6 and was flagged for 16 rounds in a row on digits at Dirichlet 
 
 A client is flagged when its evidence exceeds the flag line set by the configured
 ``false_positive_rate`` (:attr:`TrustPolicy.flag_z`: the Laplace quantile, 4.48 at the default
-0.005, since honest anomaly scores have exponential upper tails), and unflagged when it falls ``unflag_margin`` below that line. Each z is clipped to ``[-z_floor, z_cap]``: banked good
-rounds cannot hide a later attack for long, and one round can flag but not convict for ever. The
-rate is nominal; docs/results.md has the measured rates (Dirichlet 0.1, 0.5, iid).
+0.005, since honest anomaly scores have exponential upper tails), and unflagged when it falls
+``unflag_margin`` below that line. Each z is clipped to ``[-z_floor, z_cap]``: banked good rounds
+cannot hide a later attack for long, and one round can flag but not convict for ever. The rate
+is nominal; docs/results.md has the measured rates (Dirichlet 0.1, 0.5, iid).
 
 Trust itself is still the exponentially weighted average above (what dashboards plot); the
 evidence is that same deviation from the population, standardised by how much of it there is.
@@ -220,43 +221,45 @@ class TrustPolicy:
 
 @dataclass(frozen=True)
 class EvidenceSums:
-    """The running sums behind a client's ``evidence``: ``S``, ``Q``, ``W`` and each signal's
-    weighted excess over the population. Its ``ClientSummary`` holds them as JSON
-    (``evidence_state``), so a restarted coordinator resumes them from the ledger."""
+    """The running sums behind a client's ``evidence``: ``S``, ``Q`` and each signal's weighted
+    excess over the population. Its ``ClientSummary`` holds them as JSON (``evidence_state``),
+    so a restarted coordinator resumes them from the ledger."""
 
     sum: float = 0.0
     sq: float = 0.0
-    weight: float = 0.0
     excess: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def of(cls, state: ClientSummary) -> EvidenceSums:
         """The sums a client's summary holds (zeros before its first round)."""
         sums = json.loads(state.evidence_state or "{}")
-        sq = float(sums.get("sq", 0.0))
-        # a ledger written before W was kept: sqrt(Q), the least W those rounds can have
-        weight = float(sums.get("weight", math.sqrt(sq)))
-        return cls(float(sums.get("sum", 0.0)), sq, weight, dict(sums.get("excess", {})))
+        return cls(
+            float(sums.get("sum", 0.0)), float(sums.get("sq", 0.0)), dict(sums.get("excess", {}))
+        )
 
     def evidence(self, memory: float, rounds: int) -> float:
-        """``S / sqrt(Q)``, at most what ``rounds`` rounds at the weighted mean z ``S / W`` give."""
+        """``S / sqrt(Q)``, at most what ``rounds`` rounds at the weighted mean z ``S / W`` give.
+
+        ``Q`` is the sum of the squared weights ``m**(2i)`` of the rounds seen, so it fixes their
+        number and ``W``, the sum of the weights: ``m**n = sqrt(1 - Q (1 - m**2))``.
+        """
         evidence = self.sum / math.sqrt(self.sq)
-        if self.sum > 0 and self.weight > 0:
-            # sum over sqrt(sum of squares) of the weights 1, m, ..., m**(K-1)
-            if memory == 0.0:
-                gain = 1.0
-            else:
-                gain = (1 - memory**rounds) / (1 - memory) / math.sqrt(
-                    (1 - memory ** (2 * rounds)) / (1 - memory**2)
-                )
-            evidence = min(evidence, gain * self.sum / self.weight)
+        if self.sum > 0 and memory > 0:
+            decayed = math.sqrt(max(1.0 - self.sq * (1.0 - memory**2), 0.0))  # m**n
+            weight = (1.0 - decayed) / (1.0 - memory)
+            evidence = min(evidence, _gain(memory, rounds) * self.sum / weight)
         return evidence
 
     def to_json(self) -> str:
-        return json.dumps(
-            {"sum": self.sum, "sq": self.sq, "weight": self.weight, "excess": self.excess},
-            sort_keys=True,
-        )
+        return json.dumps({"sum": self.sum, "sq": self.sq, "excess": self.excess}, sort_keys=True)
+
+
+def _gain(memory: float, rounds: int) -> float:
+    """What ``rounds`` rounds of the same z give over one: the sum of the weights 1, m, ...,
+    m**(rounds-1) over the root of the sum of their squares."""
+    weights = (1 - memory**rounds) / (1 - memory)
+    squares = (1 - memory ** (2 * rounds)) / (1 - memory**2)
+    return weights / math.sqrt(squares)
 
 
 def last_signals(signals: str | None) -> dict[str, float]:
@@ -452,7 +455,6 @@ class TrustBook:
         sums = EvidenceSums(
             m * old.sum + z,
             m * m * old.sq + 1.0,
-            m * old.weight + 1.0,
             {n: m * old.excess.get(n, 0.0) + (signals[n] - typical.get(n, 0.0) if n in signals
                                               else 0.0)
              for n in sorted(set(old.excess) | set(signals))},

@@ -7,8 +7,8 @@ import pytest
 
 from fedwarden.aggregation.scoring import (
     DEFAULT_ANOMALY_WEIGHTS,
-    SHARP_FLOOR,
     METRIC_NAMES,
+    SHARP_FLOOR,
     anomaly_components,
     anomaly_score,
     client_metrics,

@@ -420,8 +420,8 @@ def test_a_client_seen_once_is_judged_on_that_round_and_explained():
     assert book.flagged() == {"x"}
 
 
-def flag_share(rate: float, tails: str, evidence_rounds: int = 3) -> float:
-    book = TrustBook(TrustPolicy(false_positive_rate=rate, evidence_rounds=evidence_rounds))
+def flag_share(rate: float, tails: str, **policy) -> float:
+    book = TrustBook(TrustPolicy(false_positive_rate=rate, **policy))
     flagged = scored = 0
     for r, cohort, scores in population_rounds(300, clients=100, per_round=20, seed=1,
                                                tails=tails):  # fmt: skip
@@ -487,11 +487,17 @@ def test_the_first_rounds_are_judged_as_independent_draws():
     assert x.evidence == pytest.approx(0.3 / (1.4826 * 0.05))
 
 
-def test_evidence_written_before_the_weight_was_kept_resumes_unchanged():
-    state = ClientSummary("m", evidence_state=json.dumps({"sum": 6.0, "sq": 1.36, "excess": {}}))
-    sums = EvidenceSums.of(state)
-    assert sums.evidence(0.6, 10**6) == pytest.approx(6.0 / math.sqrt(1.36))
-    assert sums.evidence(0.6, 3) == pytest.approx(6.0 / math.sqrt(1.36))
+def test_stored_sums_give_the_evidence_of_the_rounds_they_hold():
+    # two rounds at memory 0.6 (Q = 1.36, W = 1.6): under the cap of 3, as if uncapped
+    two = EvidenceSums.of(ClientSummary("m", evidence_state=json.dumps({"sum": 6.0, "sq": 1.36})))
+    assert two.evidence(0.6, 10**6) == pytest.approx(6.0 / math.sqrt(1.36))
+    assert two.evidence(0.6, 3) == pytest.approx(6.0 / math.sqrt(1.36))
+    # five rounds (Q = 1 + 0.36 + ... + 0.36**4, W = 1 + 0.6 + ... + 0.6**4): capped at 3 rounds
+    sq, weight = sum(0.36**i for i in range(5)), sum(0.6**i for i in range(5))
+    five = EvidenceSums(sum=6.0, sq=sq)
+    gain3 = sum(0.6**i for i in range(3)) / math.sqrt(sum(0.36**i for i in range(3)))
+    assert five.evidence(0.6, 3) == pytest.approx(gain3 * 6.0 / weight)
+    assert five.evidence(0.6, 10**6) == pytest.approx(6.0 / math.sqrt(sq))
 
 
 def test_evidence_and_population_survive_a_restart(tmp_path):
