@@ -25,12 +25,14 @@ work for any model size):
   1 opposite), the logistic of the one-sided robust z of the cosine against the cohort (scale
   at least 0.15), so an update that is merely unaligned stands out when honest clients agree,
   and the same z of ``median_cosine``, the median cosine to the other updates (scale at least
-  0.05 and a quarter of the cohort's median). The reference is the cohort's coordinate-wise median, partly made of the scored update
-  itself: on Fashion-MNIST a random direction had cosine 0.06 to 0.23 to it and a sign flip up
-  to 0.37, where their median cosines to the others stayed within 0.006 of 0 and below 0.01
-  (honest clients: -0.09 to 0.59, median 0.12). It shares the
-  cosine's weight (a weight of its own diluted the norm and Krum components and lost a scaling
-  and a label-flipping attacker in fresh runs).
+  0.05 and a quarter of the cohort's median). The reference is the coordinate-wise median of
+  the cohort's clients not flagged (the coordinator's choice; the whole cohort's when fewer
+  than half would be left), partly made of the scored update itself: on Fashion-MNIST a random
+  direction had cosine 0.06 to 0.23 to the whole cohort's median and a sign flip up to 0.37,
+  where their median cosines to the others stayed within 0.006 of 0 and below 0.01 (honest
+  clients: -0.09 to 0.59, median 0.12). It shares the cosine's weight (a weight of its own
+  diluted the norm and Krum components and lost a scaling and a label-flipping attacker in
+  fresh runs).
 - ``krum_score``: ``max(0, 1 - median / score)``: 0 at or below the cohort's median Krum score,
   0.5 at twice it, 0.9 at ten times it. Unlike a rank it does not push the honest client that
   happens to rank last to 1.
@@ -45,8 +47,10 @@ Signals across clients and rounds (``detection.py``):
 - ``collusion``: how much closer a client is to its nearest other client than the cohort is, the
   logistic of the one-sided robust z of ``-log(pair_gap)`` (log units, scale at least 0.7). Two
   identical crafted updates (ALIE, Min-Max, Min-Sum, IPM send one vector) score 1.
-- ``centrality``: the same on ``1 - cosine`` to the reference: an update far more aligned with
-  the cohort's median than any honest one (ALIE sits next to the mean).
+- ``centrality``: the same on ``1 - cohort_cosine``, the cosine to the whole cohort's median: an
+  update far more aligned with it than any honest one (ALIE sits next to the mean). Not the
+  reference without the flagged clients (``cosine``): attackers that own the cohort's median are
+  central to it, not to the others' median.
 - ``cluster``: outside FLAME's majority cluster, graded by distance (``cluster_outlier``).
 - ``history``: the forecast error of the client's deviation from its own past deviations, one
   sided robust z against the cohort (scale at least 0.1; NaN in a client's first round).
@@ -187,8 +191,9 @@ round")."""
 DEFAULT_TRIM_RATIO = 0.1
 """Share of rows trimmed per side when the chain does not supply ``trimmed_share``."""
 
-METRIC_NAMES = ("norm", "norm_z", "cosine", "distance", "krum_score", "trimmed_share", "loss_z",
-                "pair_gap", "cluster_outlier", "median_cosine", "alignment", "kurtosis")  # fmt: skip
+METRIC_NAMES = ("norm", "norm_z", "cosine", "cohort_cosine", "distance", "krum_score",
+                "trimmed_share", "loss_z", "pair_gap", "cluster_outlier", "median_cosine",
+                "alignment", "kurtosis")  # fmt: skip
 """Keys of the dict returned by :func:`client_metrics`, each an array of length K."""
 
 HISTORY_METRIC = "history_error"
@@ -334,6 +339,7 @@ def client_metrics(
     aggregate: np.ndarray,
     losses: np.ndarray | None,
     per_client: dict[str, np.ndarray] | None = None,
+    trusted: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Measures every admitted update against the cohort and the round's robust aggregate.
 
@@ -345,11 +351,17 @@ def client_metrics(
         per_client: the aggregation chain's per-client measurements; ``krum_score`` and
             ``trimmed_share`` are taken from it when present (so the scores match what the rule
             actually did) and computed here otherwise.
+        trusted: ``(K,)`` booleans, the rows the reference is made of (the coordinator's: the
+            clients not flagged), or None for all. With some rows left out, ``cosine`` and
+            ``distance`` measure each row against the coordinate-wise median of the trusted rows
+            and itself (:func:`own_reference_products`), so that flagged rows do not shape the
+            reference and every row is in its own, as with the whole cohort's median.
 
     Returns:
         Float64 arrays of length K, keyed by :data:`METRIC_NAMES`: ``norm``; ``norm_z``, the
         robust z-score of the norm (see :func:`robust_z`); ``cosine``, the cosine similarity to
-        the aggregate (0 when either vector is zero); ``distance``, the Euclidean distance to the
+        the aggregate (0 when either vector is zero); ``cohort_cosine``, the cosine to
+        ``aggregate`` whatever ``trusted`` says; ``distance``, the Euclidean distance to the
         aggregate; ``krum_score`` (see :func:`krum_scores`); ``trimmed_share`` (see
         :func:`trimmed_shares`, 10% trim); ``loss_z``, the robust z-score of the loss (NaN when
         ``losses`` is None); ``pair_gap``, the relative distance to the nearest other update
@@ -378,14 +390,13 @@ def client_metrics(
 
     gram = _kernels.gram(updates, aggregate)
     sq_norm = np.diag(gram)
-    norm_all = np.sqrt(sq_norm)
-    norm, agg_norm = norm_all[:k], norm_all[k]
-    dots = gram[:k, k]
-    denom = norm * agg_norm
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cosine = np.where(denom > 0, dots / np.where(denom > 0, denom, 1.0), 0.0)
-    cosine = np.clip(cosine, -1.0, 1.0)
-    distance = np.sqrt(np.maximum(sq_norm[:k] - 2 * dots + sq_norm[k], 0.0))
+    norm = np.sqrt(sq_norm[:k])
+    dots, ref_sq = gram[:k, k], np.full(k, sq_norm[k])
+    cohort_cosine = _cosines(dots, norm, ref_sq)
+    if trusted is not None and not np.all(trusted):
+        dots, ref_sq = own_reference_products(updates, trusted)
+    cosine = _cosines(dots, norm, ref_sq)
+    distance = np.sqrt(np.maximum(sq_norm[:k] - 2 * dots + ref_sq, 0.0))
 
     krum = _per_client(per_client, "krum_score", k)
     if krum is None:
@@ -408,6 +419,7 @@ def client_metrics(
         "norm": norm,
         "norm_z": robust_z(norm),
         "cosine": cosine,
+        "cohort_cosine": cohort_cosine,
         "distance": distance,
         "krum_score": krum,
         "trimmed_share": trimmed,
@@ -418,6 +430,58 @@ def client_metrics(
         "alignment": alignment_z(pairwise, d),
         "kurtosis": excess_kurtosis(updates),
     }
+
+
+def own_reference_products(
+    updates: np.ndarray, trusted: np.ndarray, block_bytes: int = 4 << 20
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's dot product with, and the squared norm of, its own reference: the
+    coordinate-wise median of the ``trusted`` rows and the row itself.
+
+    For a trusted row that is the trusted rows' median. For another row it is that median with
+    the row added, which per coordinate needs only the trusted rows' middle order statistics:
+    with ``n = 2m`` of them, ``clip(x, s[m-1], s[m])``; with ``n = 2m + 1``, the mean of
+    ``clip(x, s[m-1], s[m])`` and ``clip(x, s[m], s[m+1])``. One partial sort of each column
+    block of the trusted rows serves every row; memory stays at one block.
+
+    Returns:
+        ``(dots (K,), squared norms (K,))`` in float64.
+    """
+    trusted = np.asarray(trusted, bool)
+    k, d = updates.shape
+    if trusted.shape != (k,) or trusted.sum() < 2:
+        raise ValueError(
+            f"trusted must mark at least 2 of the {k} update rows, shape ({k},). "
+            f"Received {int(trusted.sum())} of shape {trusted.shape}."
+        )
+    kept, others = np.flatnonzero(trusted), np.flatnonzero(~trusted)
+    n = len(kept)
+    m = n // 2
+    ranks = [m - 1, m] if n % 2 == 0 else [m - 1, m, m + 1]
+    dots, ref_sq = np.zeros(k), np.zeros(k)
+    columns = max(256, block_bytes // (8 * k))
+    for start in range(0, d, columns):
+        block = np.asarray(updates[:, start : start + columns], np.float64)
+        s = np.partition(block[kept], ranks, axis=0)[ranks]
+        median = 0.5 * (s[0] + s[1]) if n % 2 == 0 else s[1]
+        x = block[others]
+        own = np.clip(x, s[0], s[1])
+        if n % 2:
+            own = 0.5 * (own + np.clip(x, s[1], s[2]))
+        dots[kept] += block[kept] @ median
+        ref_sq[kept] += median @ median
+        dots[others] += np.einsum("ij,ij->i", x, own)
+        ref_sq[others] += np.einsum("ij,ij->i", own, own)
+    return dots, ref_sq
+
+
+def _cosines(dots: np.ndarray, norms: np.ndarray, ref_sq: np.ndarray) -> np.ndarray:
+    """Cosines from dot products, norms and the references' squared norms, 0 where either
+    vector is zero."""
+    denom = norms * np.sqrt(ref_sq)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cosine = np.where(denom > 0, dots / np.where(denom > 0, denom, 1.0), 0.0)
+    return np.clip(cosine, -1.0, 1.0)
 
 
 def _logistic_of_abs(z: np.ndarray, center: float = 3.0, slope: float = 1.5) -> np.ndarray:
@@ -633,7 +697,9 @@ _COMPONENTS = {
     "trimmed_share": lambda m: _trimmed_component(m["trimmed_share"]),
     "distance": lambda m: _distance_component(m["distance"]),
     "collusion": lambda m: _smaller_than_cohort(m["pair_gap"], min_scale=0.7),
-    "centrality": lambda m: _smaller_than_cohort(1.0 - np.asarray(m["cosine"]), min_scale=0.7),
+    "centrality": lambda m: _smaller_than_cohort(
+        1.0 - np.asarray(m.get("cohort_cosine", m["cosine"])), min_scale=0.7
+    ),
     "cluster": lambda m: np.asarray(m["cluster_outlier"], np.float64),
     "history": lambda m: _history_component(m[HISTORY_METRIC]),
     "zero_update": lambda m: _norm_ratio_component(m["norm"], ratio=100.0, above=False),

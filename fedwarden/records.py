@@ -107,6 +107,7 @@ class ClientRound(_Record):
         float, gauge=("fedwarden_client_cosine_similarity", "Cosine similarity of the client's "
                       "last update to the robust aggregate."),
     )  # fmt: skip
+    cohort_cosine: float | None = _field(float, shown=False)  # to the whole cohort's median
     distance: float | None = _field(float)
     krum_score: float | None = _field(float)
     trimmed_share: float | None = _field(float)

@@ -395,7 +395,12 @@ class Coordinator:
                 reference = self._median(matrix, np.ones(len(ids)), None).updates[0]
             else:
                 reference, per_client["trimmed_share"] = median_and_trimmed_shares(matrix)
-            metrics = client_metrics(matrix, reference, losses, per_client)
+            # Flagged clients do not shape the reference of the cosine: in a round where flagged
+            # attackers hold the cohort's median they would look ordinary and the honest
+            # clients odd, and the round would clear them.
+            metrics = client_metrics(
+                matrix, reference, losses, per_client, trusted=self._trusted_rows(ids)
+            )
             metrics[HISTORY_METRIC] = self.history.step(ids, matrix, reference)
             if self.validation is not None:
                 metrics.update(self.validation.measure(trained_from, matrix))
@@ -441,6 +446,15 @@ class Coordinator:
             time.perf_counter() - start,
             intake.received,
         )
+
+    def _trusted_rows(self, ids: list[str]) -> np.ndarray | None:
+        """Which rows make the cosine's reference: the clients not flagged, when at least half
+        the cohort (and 3 rows) are not; None means every row."""
+        flagged = self.trust.flagged()
+        trusted = np.array([c not in flagged for c in ids])
+        if trusted.all() or trusted.sum() < max(3, (len(ids) + 1) // 2):
+            return None
+        return trusted
 
     def _aggregate(
         self, matrix: np.ndarray, weights: np.ndarray, ids: list[str] | None = None

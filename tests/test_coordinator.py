@@ -227,3 +227,37 @@ def test_the_weight_ratio_is_a_setting():
     updates.append(ClientUpdate("evil", 1, np.full(D, -100.0, np.float32), 2**64 - 1, loss=0.5))
     c.finish_round(1, [*HONEST, "evil"], updates)
     assert np.allclose(c.weights, (4 * 10 * 0.1 + 2 * 10 * -100.0) / (4 * 10 + 2 * 10), rtol=1e-5)
+
+
+def test_flagged_clients_do_not_shape_the_reference_in_a_round_they_would_own():
+    """Two sign flippers are flagged in round 1; in round 2 they and three new ones make half
+    the cohort. Against the whole cohort's median the two halves would look alike; against the
+    median of the clients not flagged every flipper points away and scores above every honest
+    client. Centrality keeps the whole cohort's median (``cohort_cosine``)."""
+    rng = np.random.default_rng(0)
+    d = 200
+    base = rng.normal(size=d)
+
+    def honest():
+        return (base + 0.5 * rng.normal(size=d)).astype(np.float32)
+
+    c = Coordinator(
+        np.zeros(d, np.float32),
+        parse_chain("median"),
+        ServerOptimizer("fedavg"),
+        TrustBook(TrustPolicy()),
+    )
+    first = [f"h{i}" for i in range(8)] + ["f0", "f1"]
+    ups = [ClientUpdate(cid, 1, -honest() if cid[0] == "f" else honest(), 10) for cid in first]
+    c.finish_round(1, first, ups)
+    assert c.trust.flagged() == {"f0", "f1"}
+
+    second = [f"h{i}" for i in range(5)] + [f"f{i}" for i in range(5)]
+    ups = [ClientUpdate(cid, 2, -honest() if cid[0] == "f" else honest(), 10) for cid in second]
+    rows = {r.client_id: r for r in c.finish_round(2, second, ups).clients}
+    flippers = [rows[f"f{i}"] for i in range(5)]
+    honest_rows = [rows[f"h{i}"] for i in range(5)]
+    assert all(r.cosine < 0 for r in flippers) and all(r.cosine > 0 for r in honest_rows)
+    assert min(r.anomaly for r in flippers) > max(r.anomaly for r in honest_rows)
+    # the whole cohort's median sits between the halves: neither side is aligned with it
+    assert all(abs(r.cohort_cosine) < abs(r.cosine) for r in flippers)

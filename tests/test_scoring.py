@@ -13,6 +13,7 @@ from fedwarden.aggregation.scoring import (
     anomaly_score,
     client_metrics,
     krum_scores,
+    own_reference_products,
     robust_z,
     trimmed_shares,
 )
@@ -226,3 +227,47 @@ def test_a_sharp_component_floors_the_score_only_once_it_says_yes():
     collusion = anomaly_components(m)["collusion"]
     assert collusion[0] > 0.9
     assert np.all(anomaly_score(m)[:2] >= collusion[:2])  # the floor carries it
+
+
+def test_centrality_is_measured_against_the_whole_cohorts_median():
+    """``cosine`` is to the reference of the trusted rows (the coordinator's: the clients not
+    flagged), ``cohort_cosine`` to the whole cohort's median, and centrality reads the latter:
+    ALIE-style copies that own the cohort's median are central to it, not to the honest
+    clients' median."""
+    honest = honest_cohort(k=6, d=300)
+    crafted = np.repeat((honest.mean(axis=0) - honest.std(axis=0))[None], 4, axis=0)  # ALIE, z=1
+    updates = np.vstack([honest, crafted]).astype(np.float32)
+    cohort_median = np.median(updates, axis=0)
+    trusted = np.arange(10) < 6
+    m = client_metrics(updates, cohort_median, None, {}, trusted=trusted)
+    unit = updates / np.linalg.norm(updates, axis=1, keepdims=True)
+    np.testing.assert_allclose(m["cohort_cosine"], unit @ cohort_median
+                               / np.linalg.norm(cohort_median), rtol=1e-5)  # fmt: skip
+    central = anomaly_components(m)["centrality"]
+    assert central[6:].min() > 0.9 > 0.1 > central[:6].max()
+    honest_view = anomaly_components({**m, "cohort_cosine": m["cosine"]})["centrality"]
+    assert honest_view.max() < 0.1  # to the trusted reference the copies are nothing special
+    m_all = client_metrics(updates, cohort_median, None, {})
+    np.testing.assert_allclose(m_all["cohort_cosine"], m_all["cosine"])
+    np.testing.assert_allclose(anomaly_components(m_all)["centrality"], central, atol=1e-4)
+
+
+@pytest.mark.parametrize("kept", [3, 4, 5, 6])
+def test_each_row_is_measured_against_the_median_of_the_trusted_rows_and_itself(kept):
+    rng = np.random.default_rng(kept)
+    updates = rng.normal(size=(8, 700)).astype(np.float32)
+    updates[:, :5] = 0.0  # ties at the order statistics
+    trusted = np.arange(8) < kept
+    dots, ref_sq = own_reference_products(updates, trusted, block_bytes=8 * 8 * 256)
+    x = updates.astype(np.float64)
+    for i in range(8):
+        rows = trusted.copy()
+        rows[i] = True
+        own = np.median(x[rows], axis=0)
+        assert dots[i] == pytest.approx(x[i] @ own, rel=1e-9)
+        assert ref_sq[i] == pytest.approx(own @ own, rel=1e-9)
+    m = client_metrics(updates, np.median(updates, axis=0), None, {}, trusted=trusted)
+    own0 = np.median(x[trusted | (np.arange(8) == 7)], axis=0)
+    assert m["distance"][7] == pytest.approx(np.linalg.norm(x[7] - own0), rel=1e-6)
+    with pytest.raises(ValueError, match="trusted must mark at least 2"):
+        own_reference_products(updates, np.arange(8) < 1)
