@@ -105,7 +105,7 @@ class ClientRound(_Record):
     norm_z: float | None = _field(float)
     cosine: float | None = _field(
         float, gauge=("fedwarden_client_cosine_similarity", "Cosine similarity of the client's "
-                      "last update to the robust aggregate."),
+                      "last update to the median of its cohort's unflagged clients."),
     )  # fmt: skip
     cohort_cosine: float | None = _field(float, shown=False)  # to the whole cohort's median
     distance: float | None = _field(float)
