@@ -321,3 +321,15 @@ def test_every_new_stateful_step_survives_a_checkpoint(tmp_path):
         np.testing.assert_array_equal(
             other(x, np.ones(6), back).updates, other(x, np.ones(6), out.state).updates
         )
+
+
+def test_the_budget_warning_names_exclusion_only_when_flags_exclude_nobody():
+    from fedwarden.config import make_config
+    from fedwarden.server.defence import warn_if_budget_unmet
+
+    base = {"aggregator": "auto", "malicious_fraction": 0.4, "clients": 50, "clients_per_round": 10}
+    message = warn_if_budget_unmet(make_config({}, base))
+    assert "fltrust" in message and "--quarantine exclude" in message
+    excluded = warn_if_budget_unmet(make_config({}, {**base, "quarantine": "exclude"}))
+    assert "fltrust" in excluded and "--quarantine exclude" not in excluded
+    assert warn_if_budget_unmet(make_config({}, {**base, "malicious_fraction": 0.0})) is None
