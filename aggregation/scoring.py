@@ -462,13 +462,13 @@ def own_reference_products(
     columns = max(256, block_bytes // (8 * k))
     for start in range(0, d, columns):
         block = np.asarray(updates[:, start : start + columns], np.float64)
-        s = np.partition(block[kept], ranks, axis=0)[ranks]
+        rows, x = block[kept], block[others]
+        s = np.partition(rows, ranks, axis=0)[ranks]  # a sorted copy: rows stay in order
         median = 0.5 * (s[0] + s[1]) if n % 2 == 0 else s[1]
-        x = block[others]
         own = np.clip(x, s[0], s[1])
         if n % 2:
             own = 0.5 * (own + np.clip(x, s[1], s[2]))
-        dots[kept] += block[kept] @ median
+        dots[kept] += rows @ median
         ref_sq[kept] += median @ median
         dots[others] += np.einsum("ij,ij->i", x, own)
         ref_sq[others] += np.einsum("ij,ij->i", own, own)
