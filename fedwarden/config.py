@@ -376,7 +376,10 @@ class TrustConfig(Section):
         "evidence; later rounds add no more (an honest client's data is the same every round)",
         low=1, flat="trust_evidence_rounds",
     )  # fmt: skip
-    quarantine: str = option("none", "what flagged clients get", choices=QUARANTINE_POLICIES)
+    quarantine: str | None = option(
+        None, "what flagged clients get", kind=str, choices=QUARANTINE_POLICIES,
+        default_text="exclude under --aggregator auto, else none",
+    )  # fmt: skip
     quarantine_downweight: float = option(
         0.1, "weight multiplier under --quarantine downweight", low=0, high=1
     )

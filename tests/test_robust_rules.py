@@ -328,8 +328,21 @@ def test_the_budget_warning_names_exclusion_only_when_flags_exclude_nobody():
     from fedwarden.server.defence import warn_if_budget_unmet
 
     base = {"aggregator": "auto", "malicious_fraction": 0.4, "clients": 50, "clients_per_round": 10}
-    message = warn_if_budget_unmet(make_config({}, base))
+    message = warn_if_budget_unmet(make_config({}, {**base, "quarantine": "none"}))
     assert "fltrust" in message and "--quarantine exclude" in message
-    excluded = warn_if_budget_unmet(make_config({}, {**base, "quarantine": "exclude"}))
+    excluded = warn_if_budget_unmet(make_config({}, base))  # auto excludes unless told otherwise
     assert "fltrust" in excluded and "--quarantine exclude" not in excluded
     assert warn_if_budget_unmet(make_config({}, {**base, "malicious_fraction": 0.0})) is None
+
+
+def test_auto_excludes_flagged_clients_unless_the_run_says_otherwise():
+    from fedwarden.config import make_config
+    from fedwarden.server.defence import trust_policy
+
+    def policy(**settings):
+        return trust_policy(make_config({}, settings)).quarantine
+
+    assert policy(aggregator="auto") == "exclude"
+    assert policy(aggregator="auto", quarantine="none") == "none"
+    assert policy(aggregator="median") == "none"
+    assert policy(aggregator="median", quarantine="downweight") == "downweight"
