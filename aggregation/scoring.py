@@ -164,6 +164,7 @@ DEFAULT_ANOMALY_WEIGHTS: dict[str, float] = {
     "unaligned": 0.001,
     "validation": 0.0,
     "inert": 0.01,
+    "shrinking": 0.0,
 }
 """Component weights of :func:`anomaly_score` (they need not sum to 1; only ratios count)."""
 
@@ -193,7 +194,7 @@ DEFAULT_TRIM_RATIO = 0.1
 
 METRIC_NAMES = ("norm", "norm_z", "cosine", "cohort_cosine", "distance", "krum_score",
                 "trimmed_share", "loss_z", "pair_gap", "cluster_outlier", "median_cosine",
-                "alignment", "kurtosis")  # fmt: skip
+                "alignment", "kurtosis", "radial")  # fmt: skip
 """Keys of the dict returned by :func:`client_metrics`, each an array of length K."""
 
 HISTORY_METRIC = "history_error"
@@ -340,6 +341,7 @@ def client_metrics(
     losses: np.ndarray | None,
     per_client: dict[str, np.ndarray] | None = None,
     trusted: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Measures every admitted update against the cohort and the round's robust aggregate.
 
@@ -356,6 +358,8 @@ def client_metrics(
             ``distance`` measure each row against the coordinate-wise median of the trusted rows
             and itself (:func:`own_reference_products`), so that flagged rows do not shape the
             reference and every row is in its own, as with the whole cohort's median.
+        weights: ``(d,)`` the global weights the updates were trained from, or None (``radial``
+            is then NaN).
 
     Returns:
         Float64 arrays of length K, keyed by :data:`METRIC_NAMES`: ``norm``; ``norm_z``, the
@@ -369,7 +373,8 @@ def client_metrics(
         cluster (``detection.cluster_outliers``); ``median_cosine``, the median cosine to the
         other updates (``detection.median_cosine_to_others``); ``alignment``, the largest
         |cosine| to another update against chance (``detection.alignment_z``); ``kurtosis``,
-        the excess kurtosis of the update's coordinates (``detection.excess_kurtosis``).
+        the excess kurtosis of the update's coordinates (``detection.excess_kurtosis``);
+        ``radial``, the cosine of the update to ``weights`` (:func:`radial_cosines`).
 
     Norms, cosines, distances and Krum scores all come from one Gram matrix of the rows and the
     aggregate (``_kernels.gram``: BLAS products in the input dtype over column blocks of a fixed
@@ -429,7 +434,34 @@ def client_metrics(
         "median_cosine": median_cosine_to_others(pairwise),
         "alignment": alignment_z(pairwise, d),
         "kurtosis": excess_kurtosis(updates),
+        "radial": radial_cosines(updates, norm, weights),
     }
+
+
+def radial_cosines(
+    updates: np.ndarray, norms: np.ndarray, weights: np.ndarray | None
+) -> np.ndarray:
+    """Cosine of each update to the weights it was trained from: how much it grows them.
+
+    Training a network with cross-entropy and no weight decay grows its weights (the logits
+    sharpen as the data is fitted), so an honest client's update has a positive component along
+    the current weights; a sign-flipped one, trained and negated, shrinks them. The reference
+    is the server's own model, which no client of the round shapes. NaN without ``weights``.
+    """
+    k = len(norms)
+    if weights is None:
+        return np.full(k, np.nan)
+    weights = np.asarray(weights).reshape(-1)
+    if weights.shape != (updates.shape[1],):
+        raise ValueError(
+            f"weights must have shape ({updates.shape[1]},), one value per update column. "
+            f"Received shape {weights.shape}."
+        )
+    ref = float(np.linalg.norm(weights.astype(np.float64)))
+    dots = np.asarray(updates @ weights.astype(updates.dtype), np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = dots / (norms * ref)
+    return np.where((norms > 0) & (ref > 0), cos, 0.0)
 
 
 def own_reference_products(
@@ -643,6 +675,26 @@ def _peer_cosine_component(median_cosine: np.ndarray, min_scale: float = 0.05) -
     return np.where(finite, _logistic_of_abs(np.maximum(med - value, 0.0) / scale), np.nan)
 
 
+def _shrinking_component(radial: np.ndarray, min_scale: float = 1e-3) -> np.ndarray:
+    """How far the update shrinks the weights it was trained from: ``-radial`` in units of the
+    cohort's median ``|radial|``, clipped to ``[0, 1]``.
+
+    Honest updates grow the weights (``radial`` above 0 in all but 1 to 5% of honest
+    client-rounds on Fashion-MNIST); a sign flip shrinks them by as much as an honest update
+    grows them, so it scores about 1 whatever share of the cohort flips. The scale is the
+    median of the magnitudes, which flippers do not change: the cohort's median ``radial``
+    would fall to 0 in a round that is half flippers. An honest client that sometimes shrinks
+    the weights (1 in 100 client-rounds at Dirichlet 0.1) scores as high in that round, so this
+    counts in the mean, never alone.
+    """
+    value = np.asarray(radial, np.float64)
+    finite = np.isfinite(value)
+    if finite.sum() < 3:
+        return np.full(value.shape, np.nan)
+    scale = max(float(np.median(np.abs(value[finite]))), min_scale)
+    return np.where(finite, np.clip(-value / scale, 0.0, 1.0), np.nan)
+
+
 def _history_component(error: np.ndarray, min_scale: float = 0.1) -> np.ndarray:
     """Logistic of the one-sided robust z of the forecast error (NaN for clients without one)."""
     return _above_cohort(error, min_scale)
@@ -707,6 +759,7 @@ _COMPONENTS = {
     "validation": _validation_component,
     "unaligned": lambda m: _unaligned_component(m["alignment"], m.get("kurtosis")),
     "inert": lambda m: _inert_component(m[EFFECT_METRIC]),
+    "shrinking": lambda m: _shrinking_component(m["radial"]),
 }
 _SOURCES = {
     "zero_update": "norm",
@@ -718,6 +771,7 @@ _SOURCES = {
     "history": HISTORY_METRIC,
     "validation": VALIDATION_METRIC,
     "inert": EFFECT_METRIC,
+    "shrinking": "radial",
 }  # components whose measurement has another name
 
 

@@ -118,6 +118,8 @@ class ClientRound(_Record):
     median_cosine: float | None = _field(float, shown=False)
     alignment: float | None = _field(float, shown=False)
     kurtosis: float | None = _field(float, shown=False)
+    radial: float | None = _field(float, shown=False)  # cosine to the weights trained from
+    num_examples: float | None = _field(float, shown=False)  # as the client reported them
     history_error: float | None = _field(float)
     validation_loss_change: float | None = _field(float, shown=False)  # server/validation.py
     validation_class_change: float | None = _field(float, shown=False)

@@ -399,8 +399,10 @@ class Coordinator:
             # attackers hold the cohort's median they would look ordinary and the honest
             # clients odd, and the round would clear them.
             metrics = client_metrics(
-                matrix, reference, losses, per_client, trusted=self._trusted_rows(ids)
-            )
+                matrix, reference, losses, per_client, trusted=self._trusted_rows(ids),
+                weights=trained_from,
+            )  # fmt: skip
+            metrics["num_examples"] = np.array([u.num_examples for u in admitted], np.float64)
             metrics[HISTORY_METRIC] = self.history.step(ids, matrix, reference)
             if self.validation is not None:
                 metrics.update(self.validation.measure(trained_from, matrix))

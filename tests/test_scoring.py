@@ -271,3 +271,25 @@ def test_each_row_is_measured_against_the_median_of_the_trusted_rows_and_itself(
     assert m["distance"][7] == pytest.approx(np.linalg.norm(x[7] - own0), rel=1e-6)
     with pytest.raises(ValueError, match="trusted must mark at least 2"):
         own_reference_products(updates, np.arange(8) < 1)
+
+
+def test_updates_that_shrink_the_weights_score_as_shrinking_even_as_half_the_cohort():
+    """Honest training grows the weights it starts from; a sign flip shrinks them. The radial
+    cosine is measured against the server's weights, which no client shapes, so five flippers of
+    ten score as one does."""
+    rng = np.random.default_rng(3)
+    d = 400
+    weights = rng.normal(size=d)
+    honest = 0.3 * weights + rng.normal(size=(10, d))  # grow the weights, each its own way
+    for flippers in (1, 5):
+        updates = honest.copy()
+        updates[:flippers] *= -1
+        m = client_metrics(updates.astype(np.float32), np.median(updates, axis=0), None, {},
+                           weights=weights.astype(np.float32))  # fmt: skip
+        expected = updates @ weights / (np.linalg.norm(updates, axis=1) * np.linalg.norm(weights))
+        np.testing.assert_allclose(m["radial"], expected, rtol=1e-4)
+        shrinking = anomaly_components(m)["shrinking"]
+        assert np.all(shrinking[:flippers] > 0.6) and np.all(shrinking[flippers:] == 0.0)
+    without = client_metrics(honest, np.median(honest, axis=0), None, {})
+    assert np.all(np.isnan(without["radial"]))
+    assert np.all(np.isnan(anomaly_components(without)["shrinking"]))  # left out, not evidence
