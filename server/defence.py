@@ -74,25 +74,12 @@ class CentralPrivacy:
         }
 
 
-def quarantine_policy(config: RunConfig) -> str:
-    """``--quarantine`` as given, else ``exclude`` under ``--aggregator auto`` and ``none``
-    under any other chain.
-
-    ``auto`` is the defence for federations nobody vouches for: at 40% malicious its chain alone
-    fell inside the published anchors' range in two runs of nine, and with flagged clients
-    excluded every run ended above it, at no cost without attack (docs/results.md, "Quarantine
-    at 40%"). A chain named by hand is measured as it is, without exclusion."""
-    if config.quarantine is not None:
-        return config.quarantine
-    return "exclude" if config.aggregator.strip() == "auto" else "none"
-
-
 def trust_policy(config: RunConfig) -> TrustPolicy:
     return TrustPolicy(
         decay=config.trust_decay,
         flag_below=config.trust_flag_below,
         unflag_above=config.trust_unflag_above,
-        quarantine=quarantine_policy(config),
+        quarantine=config.quarantine,
         downweight=config.quarantine_downweight,
         probation_rounds=config.probation_rounds,
         flag_rule=config.trust_flag_rule,
@@ -180,7 +167,7 @@ def warn_if_budget_unmet(config: RunConfig, aggregator: Chain | None = None) -> 
         )  # fmt: skip
     except AggregationError as err:
         message = str(err)
-        if quarantine_policy(config) == "none":
+        if config.quarantine == "none":
             message += (
                 " Excluding flagged clients (--quarantine exclude) kept auto above the published"
                 " anchors at 40% malicious on Fashion-MNIST (docs/results.md)."
