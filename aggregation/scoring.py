@@ -164,7 +164,7 @@ DEFAULT_ANOMALY_WEIGHTS: dict[str, float] = {
     "unaligned": 0.001,
     "validation": 0.0,
     "inert": 0.01,
-    "shrinking": 0.0,
+    "shrinking": 0.15,
 }
 """Component weights of :func:`anomaly_score` (they need not sum to 1; only ratios count)."""
 
