@@ -293,3 +293,17 @@ def test_updates_that_shrink_the_weights_score_as_shrinking_even_as_half_the_coh
     without = client_metrics(honest, np.median(honest, axis=0), None, {})
     assert np.all(np.isnan(without["radial"]))
     assert np.all(np.isnan(anomaly_components(without)["shrinking"]))  # left out, not evidence
+
+
+def test_shrinking_adds_to_the_score_and_dilutes_nothing():
+    updates = honest_cohort(k=10).astype(np.float64)
+    weights = np.median(updates, axis=0) + np.random.default_rng(5).normal(size=updates.shape[1])
+    updates[0] *= -1
+    m = client_metrics(updates, np.median(updates, axis=0), None, {}, weights=weights)
+    without = anomaly_score(m, {**DEFAULT_ANOMALY_WEIGHTS, "shrinking": 0.0})
+    with_it = anomaly_score(m)
+    shrinking = anomaly_components(m)["shrinking"]
+    np.testing.assert_allclose(
+        with_it, np.clip(without + DEFAULT_ANOMALY_WEIGHTS["shrinking"] * shrinking, 0, 1)
+    )
+    assert shrinking[0] > 0.6 and np.array_equal(with_it[1:], without[1:])
