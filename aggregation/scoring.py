@@ -65,6 +65,11 @@ Signals across clients and rounds (``detection.py``):
 - ``oversized``: the mirror image, how far the log norm sits above 10 times the cohort's median
   (a model-replacement boost scores 1; honest updates stayed below 4.5 times the median in every
   Fashion-MNIST run of the detection grid, component below 0.1).
+- ``shrinking``: how far the update shrinks the weights it was trained from (``radial``, its
+  cosine to them, below 0), in units of the cohort's median ``|radial|``; honest training grows
+  them and a sign flip shrinks them as much, however many flip (:func:`_shrinking_component`).
+  Added to the score with weight 0.15 rather than averaged (:data:`ADDED_COMPONENTS`). Present
+  only when the coordinator passes the weights.
 
 A data-side signal, present only when the server holds validation examples
 (``--validation-examples``; ``server/validation.py`` measures, the model never enters here):
@@ -686,13 +691,15 @@ def _shrinking_component(radial: np.ndarray, min_scale: float = 1e-3) -> np.ndar
     """How far the update shrinks the weights it was trained from: ``-radial`` in units of the
     cohort's median ``|radial|``, clipped to ``[0, 1]``.
 
-    Honest updates grow the weights (``radial`` above 0 in all but 1 to 5% of honest
-    client-rounds on Fashion-MNIST); a sign flip shrinks them by as much as an honest update
-    grows them, so it scores about 1 whatever share of the cohort flips. The scale is the
-    median of the magnitudes, which flippers do not change: the cohort's median ``radial``
-    would fall to 0 in a round that is half flippers. An honest client that sometimes shrinks
-    the weights (1 in 100 client-rounds at Dirichlet 0.1) scores as high in that round, so this
-    counts in the mean, never alone.
+    Honest updates grow the weights: on Fashion-MNIST (10 of 50 per round, 10 rounds, three
+    seeds) ``radial`` was below 0 in none of 600 honest client-rounds at Dirichlet 0.5 and iid
+    (median 0.11 and 0.15) and in 5.3% at Dirichlet 0.1 (lowest -0.07); sign flippers were below 0
+    in 99% of theirs (median -0.10), IPM and Fang's trim attack in all, label flippers in 54%.
+    A sign flip shrinks the weights by as much as an honest update grows them, so it scores
+    about 1 whatever share of the cohort flips: the scale is the median of the magnitudes, which
+    flippers do not change, where the cohort's median ``radial`` would fall to 0 in a round
+    that is half flippers. Since an honest client at Dirichlet 0.1 sometimes scores as high, it
+    is added to the score with a small weight (:data:`ADDED_COMPONENTS`), never alone.
     """
     value = np.asarray(radial, np.float64)
     finite = np.isfinite(value)
