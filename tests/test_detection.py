@@ -353,3 +353,21 @@ def test_a_boosted_update_is_sharp_evidence_and_large_honest_updates_are_not():
     no_floor = {k: w for k, w in DEFAULT_ANOMALY_WEIGHTS.items() if k not in SHARP_COMPONENTS}
     m = client_metrics(x, np.median(x, axis=0), None, {})
     assert anomaly_score(m, no_floor)[-1] < 0.8  # the weighted mean alone dilutes it
+
+
+@pytest.mark.slow
+def test_sign_flippers_are_flagged_even_when_they_are_most_of_a_cohort(tmp_path):
+    """Eight of 20 digits clients flip their update: with four to six flippers in a cohort of
+    ten, the cohort's median is half theirs and every cohort-relative signal loses them (recall
+    0.125 without ``shrinking``); the server's own weights are a reference they cannot shape."""
+    from fedwarden.aggregation.scoring import DEFAULT_ANOMALY_WEIGHTS
+
+    def run(weights, out):
+        return digits_run(out, attack="sign_flip", malicious_fraction=0.4, aggregator="auto",
+                          num_byzantine=None, quarantine="none",
+                          anomaly_weights=weights)["final"]["detection"]  # fmt: skip
+
+    detection = run(DEFAULT_ANOMALY_WEIGHTS, tmp_path / "with")
+    assert detection["precision"] == 1.0 and detection["recall"] >= 0.9, detection
+    blind = run({**DEFAULT_ANOMALY_WEIGHTS, "shrinking": 0.0}, tmp_path / "without")
+    assert blind["recall"] < 0.5, blind
