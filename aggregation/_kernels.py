@@ -516,8 +516,12 @@ def order_rows(block: np.ndarray, kth: Sequence[int]) -> None:
 # ---------------------------------------------------------------- distances
 
 
-def gram(updates: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
+def gram(updates: np.ndarray, extra: np.ndarray | Sequence[np.ndarray] | None = None) -> np.ndarray:
     """Float64 Gram matrix of the rows of ``updates``, with the rows of ``extra`` appended last.
+
+    ``extra`` is a ``(d,)`` or ``(r, d)`` array or a sequence of ``(d,)`` vectors; a sequence
+    is never stacked whole, only block by block, so references of another dtype or from
+    different arrays cost no copy of their own.
 
     Products are taken in the input dtype over cache-sized column blocks (numpy runs ``b @ b.T``
     as a BLAS ``syrk``, and the products with ``extra`` as a ``gemm`` on the same block, so the
@@ -526,8 +530,13 @@ def gram(updates: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
     of the data. The result is exactly symmetric, so equal distances compare equal.
     """
     k, d = updates.shape
-    extra = None if extra is None else np.reshape(extra, (-1, d)).astype(updates.dtype)
-    n = k + (0 if extra is None else len(extra))
+    if extra is None:
+        rows = []
+    elif isinstance(extra, np.ndarray):
+        rows = list(np.reshape(extra, (-1, d)))
+    else:
+        rows = [np.reshape(r, d) for r in extra]
+    n = k + len(rows)
     # At least 8 n columns: each block's (n, n) product and its float64 sum then cost a small
     # fraction of the block's own work (at K=1000 and 2 MB blocks they cost more than the block).
     columns = max(256, _GRAM_BYTES // (n * updates.dtype.itemsize), 8 * n)
@@ -539,8 +548,8 @@ def gram(updates: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
             stop = min(d, start + columns)
             block = updates[:, start:stop]
             g[:k, :k] += block @ block.T
-            if extra is not None:
-                tail = extra[:, start:stop]
+            if rows:
+                tail = np.stack([r[start:stop] for r in rows]).astype(updates.dtype, copy=False)
                 g[:k, k:] += block @ tail.T
                 g[k:, k:] += tail @ tail.T
         g[k:, :k] = g[:k, k:].T

@@ -386,7 +386,8 @@ def client_metrics(
         other updates (``detection.median_cosine_to_others``); ``alignment``, the largest
         |cosine| to another update against chance (``detection.alignment_z``); ``kurtosis``,
         the excess kurtosis of the update's coordinates (``detection.excess_kurtosis``);
-        ``radial``, the cosine of the update to ``weights`` (:func:`radial_cosines`).
+        ``radial``, the cosine of the update to ``weights``: honest training grows the weights
+        it starts from, a sign flip shrinks them (:func:`_shrinking_component`).
 
     Norms, cosines, distances and Krum scores all come from one Gram matrix of the rows and the
     aggregate (``_kernels.gram``: BLAS products in the input dtype over column blocks of a fixed
@@ -405,9 +406,19 @@ def client_metrics(
         )
     per_client = per_client or {}
 
-    gram = _kernels.gram(updates, aggregate)
+    if weights is not None and np.shape(weights) != (d,):
+        raise ValueError(
+            f"weights must have shape ({d},), one value per update column. "
+            f"Received shape {np.shape(weights)}."
+        )
+    # The global weights are a second reference row: one pass over the updates serves both.
+    gram = _kernels.gram(updates, [aggregate] if weights is None else [aggregate, weights])
     sq_norm = np.diag(gram)
     norm = np.sqrt(sq_norm[:k])
+    if weights is None:
+        radial = np.full(k, np.nan)
+    else:
+        radial = _cosines(gram[:k, k + 1], norm, np.full(k, sq_norm[k + 1]))
     dots, ref_sq = gram[:k, k], np.full(k, sq_norm[k])
     cohort_cosine = _cosines(dots, norm, ref_sq)
     if trusted is not None and not np.all(trusted):
@@ -446,34 +457,8 @@ def client_metrics(
         "median_cosine": median_cosine_to_others(pairwise),
         "alignment": alignment_z(pairwise, d),
         "kurtosis": excess_kurtosis(updates),
-        "radial": radial_cosines(updates, norm, weights),
+        "radial": radial,
     }
-
-
-def radial_cosines(
-    updates: np.ndarray, norms: np.ndarray, weights: np.ndarray | None
-) -> np.ndarray:
-    """Cosine of each update to the weights it was trained from: how much it grows them.
-
-    Training a network with cross-entropy and no weight decay grows its weights (the logits
-    sharpen as the data is fitted), so an honest client's update has a positive component along
-    the current weights; a sign-flipped one, trained and negated, shrinks them. The reference
-    is the server's own model, which no client of the round shapes. NaN without ``weights``.
-    """
-    k = len(norms)
-    if weights is None:
-        return np.full(k, np.nan)
-    weights = np.asarray(weights).reshape(-1)
-    if weights.shape != (updates.shape[1],):
-        raise ValueError(
-            f"weights must have shape ({updates.shape[1]},), one value per update column. "
-            f"Received shape {weights.shape}."
-        )
-    ref = float(np.linalg.norm(weights.astype(np.float64)))
-    dots = np.asarray(updates @ weights.astype(updates.dtype), np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = dots / (norms * ref)
-    return np.where((norms > 0) & (ref > 0), cos, 0.0)
 
 
 def own_reference_products(

@@ -123,7 +123,7 @@ class TrustPolicy:
     decay: float = _SETTINGS.decay
     flag_below: float = _SETTINGS.flag_below
     unflag_above: float = _SETTINGS.unflag_above
-    quarantine: str = "none"  # a run resolves its own: server.defence.quarantine_policy
+    quarantine: str = "none"  # a run's default depends on its chain: fedwarden/config.py
     downweight: float = _SETTINGS.quarantine_downweight
     probation_rounds: int = _SETTINGS.probation_rounds
     initial_trust: float = 1.0

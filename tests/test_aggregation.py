@@ -752,3 +752,14 @@ def test_gram_split_over_threads_gives_the_same_result(monkeypatch):
     np.testing.assert_allclose(
         out.per_client["krum_score"], ref_krum_scores(x.astype(np.float64), 1), rtol=1e-5
     )
+
+
+def test_gram_takes_reference_rows_as_a_sequence_of_any_dtype(monkeypatch):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(5, 3000)).astype(np.float32)
+    a, w = rng.normal(size=3000), rng.normal(size=3000).astype(np.float32)  # float64, float32
+    monkeypatch.setattr(kernels, "_GRAM_BYTES", 1)  # many blocks: each stacks its slices
+    stacked = kernels.gram(x, np.stack([a, w]))
+    np.testing.assert_array_equal(kernels.gram(x, [a, w]), stacked)
+    full = np.vstack([x, a, w]).astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(stacked, full @ full.T, rtol=1e-4, atol=1e-2)
