@@ -845,7 +845,11 @@ def anomaly_score(
     return np.clip(score, 0.0, 1.0)
 
 
-def cohort_anomaly(updates: np.ndarray, weights: dict[str, float] | None = None) -> np.ndarray:
+def cohort_anomaly(
+    updates: np.ndarray,
+    weights: dict[str, float] | None = None,
+    trained_from: np.ndarray | None = None,
+) -> np.ndarray:
     """Every row's anomaly score against its cohort, as the coordinator scores a round.
 
     The reference is the cohort's coordinate-wise median, as in ``Coordinator.finish_round``;
@@ -855,9 +859,12 @@ def cohort_anomaly(updates: np.ndarray, weights: dict[str, float] | None = None)
     Args:
         updates: ``(K, d)`` update matrix.
         weights: component weights, :data:`DEFAULT_ANOMALY_WEIGHTS` by default.
+        trained_from: ``(d,)`` global weights the updates were trained from, for ``shrinking``;
+            None leaves it out, as when the coordinator does not know them.
 
     Returns:
         Float64 array of length K.
     """
     updates = np.asarray(updates)
-    return anomaly_score(client_metrics(updates, np.median(updates, axis=0), None), weights)
+    metrics = client_metrics(updates, np.median(updates, axis=0), None, weights=trained_from)
+    return anomaly_score(metrics, weights)

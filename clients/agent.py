@@ -386,6 +386,7 @@ class Agent:
                 header.round,
                 delta,
                 lambda xs, ys, r: self._trainer.train(global_weights, xs, ys, r).delta,
+                weights,
             )
         update = encode_vector(delta, "float32")
         reply = self._submit(stub, session_id, header, result.num_examples, result.loss, update)

@@ -213,8 +213,15 @@ class RedTeam:
             return self._poisoned
         return x, y
 
-    def craft(self, round_number: int, trained: np.ndarray, train: TrainFn) -> np.ndarray:
-        """The update to send this round, given the one trained (on ``local_data``)."""
+    def craft(
+        self,
+        round_number: int,
+        trained: np.ndarray,
+        train: TrainFn,
+        trained_from: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """The update to send this round, given the one trained (on ``local_data``) from the
+        flat global weights ``trained_from`` (for the attacks that read them)."""
         trained = np.asarray(trained, dtype=np.float32)
         attacking = self.attacking(round_number)
         sent, samples = trained, 1
@@ -226,7 +233,7 @@ class RedTeam:
                 estimate += bootstrap_updates(x, y, train, self.estimate_samples - 1, rng)
             samples = len(estimate)
             honest = honest_reference(np.stack(estimate), self.cohort - 1, rng)
-            sent = self.attack.craft(honest, trained[None, :], rng)[0]
+            sent = self.attack.craft(honest, trained[None, :], rng, trained_from=trained_from)[0]
         self._pending = {
             "client_id": self.client_id,
             "round": round_number,

@@ -16,9 +16,11 @@ checks them, and returns the function that does the work:
   round's honest updates (omniscient attacker, as in the papers; when no honest client was
   sampled it is the malicious clients' own updates, the non-omniscient variant) and ``own``
   the malicious clients' normally trained updates. Rule-aware builders (``agr_tailored``,
-  ``alie_optimized``, ``ipm_optimized``) return ``craft(honest, own, rng, aggregate)``, marked
-  ``uses_aggregate``: ``aggregate(updates (K, d)) -> (d,)`` is the aggregation rule in use, which
-  the caller passes (this module sits below ``fedwarden.aggregation`` and never imports it).
+  ``alie_optimized``, ``ipm_optimized``) return ``craft(honest, own, rng, aggregate=...)``,
+  marked ``uses_aggregate``: ``aggregate(updates (K, d)) -> (d,)`` is the aggregation rule in
+  use, which the caller passes (this module sits below ``fedwarden.aggregation`` and never
+  imports it). ``detector_aware`` also takes ``trained_from``, the global weights the round
+  started from (``ROUND_CONTEXT``).
 
 Adding an attack is one builder plus one registry line.
 
@@ -572,11 +574,22 @@ def free_rider() -> ModelFn:
 
 AggregateFn = Callable[[np.ndarray], np.ndarray]
 
+ROUND_CONTEXT = ("aggregate", "trained_from")
+"""What a craft function may ask of the round, by keyword: ``aggregate``, the rule in use, and
+``trained_from``, the ``(d,)`` global weights the round's updates were trained from."""
 
-def _rule_aware(craft: Callable) -> Callable:
-    """Marks a craft function that takes the aggregation rule as a fourth argument."""
-    craft.uses_aggregate = True
-    return craft
+
+def _takes(*context: str) -> Callable[[Callable], Callable]:
+    """Marks a craft function that takes these of :data:`ROUND_CONTEXT` as keyword arguments."""
+
+    def mark(craft: Callable) -> Callable:
+        craft.round_context = context
+        return craft
+
+    return mark
+
+
+_rule_aware = _takes("aggregate")
 
 
 def _mean_rule(updates: np.ndarray) -> np.ndarray:
@@ -873,21 +886,24 @@ def detector_aware(
     Each attacker starts from its own honestly trained update (so it keeps its own spread, its
     own history and no twin among the attackers) and adds ``gamma * n * p``: ``p`` the unit
     vector against the honest mean (``direction="mean"``, as IPM) or against the honest
-    coordinate spread (``"std"``, as ALIE), ``n`` the attackers' median update norm. gamma, the
-    same for all attackers, is the largest (up to ``max_gamma``) for which ``score``, evaluated
-    on the whole cohort, keeps every attacker at or below ``median + z * scale`` of the honest
-    clients' scores (scale: 1.4826 MAD, at least ``min_scale``), found by doubling and
-    bisection as the optimised attacks search their strength. The detector flags at
-    ``z_(1 - false_positive_rate)`` (2.58 at 0.005) on evidence that grows with rounds seen, so
-    ``z`` is the strength knob: about ``z / 2`` of evidence per round survives ``server/trust.py``'s
-    accumulation indefinitely with memory 0.6.
+    coordinate spread (``"std"``, as ALIE), ``n`` the attackers' median update norm. Given the
+    global weights the round was trained from, ``p`` is made orthogonal to them, so the push
+    leaves each update's inner product with the weights (what ``shrinking`` reads) as trained.
+    gamma, the same for all attackers, is the largest (up to ``max_gamma``) for which
+    ``score``, evaluated on the whole cohort, keeps every attacker at or below
+    ``median + z * scale`` of the honest clients' scores (scale: 1.4826 MAD, at least
+    ``min_scale``), found by doubling and bisection as the optimised attacks search their
+    strength. The detector flags at ``z_(1 - false_positive_rate)`` (2.58 at 0.005) on evidence
+    that grows with rounds seen, so ``z`` is the strength knob: about ``z / 2`` of evidence per
+    round survives ``server/trust.py``'s accumulation indefinitely with memory 0.6.
 
     What it cannot see: the server's per-client history signal and the population pool of
     earlier rounds; its own round's cohort stands in for the population.
 
     Args:
-        score: ``score(updates (K, d)) -> (K,)`` anomaly scores, or its ``"module:callable"``
-            name (default: the coordinator's cohort scoring).
+        score: ``score(updates (K, d)[, trained_from=(d,)]) -> (K,)`` anomaly scores, or its
+            ``"module:callable"`` name (default: the coordinator's cohort scoring). It gets
+            ``trained_from`` when it takes that keyword and the weights are known.
         z: how many honest scales above the honest median each attacker may score.
         direction: ``"mean"`` or ``"std"``.
         min_scale: smallest scale of the honest scores.
@@ -901,20 +917,31 @@ def detector_aware(
     scorer = _load_plugin(score) if isinstance(score, str) else score
     if not callable(scorer):
         raise AttackError(f"score must be a callable or 'module:callable'. Received: {score!r}")
+    found = _signature(scorer, skip=1)
+    reads_weights = found is not None and ("trained_from" in found[0] or found[1])
 
-    def craft(honest: np.ndarray, own: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    @_takes("trained_from")
+    def craft(honest, own, rng, trained_from=None) -> np.ndarray:
         own = np.asarray(own, np.float64)
         if len(honest) < 2:  # nothing to hide among: send the honest update
             return own
         ref = np.asarray(honest, np.float64)
         p = -ref.mean(axis=0) if direction == "mean" else -ref.std(axis=0)
+        context = {}
+        if trained_from is not None:
+            w = np.asarray(trained_from, np.float64)
+            if w @ w > 0:
+                p = p - (p @ w) / (w @ w) * w
+            if reads_weights:
+                context["trained_from"] = trained_from
         norm = float(np.linalg.norm(p))
         if norm == 0:
             return own
         push = p / norm * float(np.median(np.linalg.norm(own, axis=1)))
 
         def unflagged(gamma: float) -> bool:
-            scores = np.asarray(scorer(np.concatenate([ref, own + gamma * push])), np.float64)
+            cohort = np.concatenate([ref, own + gamma * push])
+            scores = np.asarray(scorer(cohort, **context), np.float64)
             mine, theirs = scores[len(ref) :], scores[: len(ref)]
             med = float(np.median(theirs))
             scale = max(1.4826 * float(np.median(np.abs(theirs - med))), min_scale)
@@ -1003,8 +1030,10 @@ class Attack:
         self.target_class: int | None = target if kind == "data" and _is_int(target) else None
         self._fn = fn
         self._plugin = plugin
-        # Rule-aware attacks search their scale against the aggregation rule in use.
-        self.uses_aggregate = bool(getattr(fn, "uses_aggregate", False))
+        # What the craft function asks of the round (ROUND_CONTEXT): rule-aware attacks search
+        # their scale against the aggregation rule in use.
+        self.round_context: tuple[str, ...] = tuple(getattr(fn, "round_context", ()))
+        self.uses_aggregate = "aggregate" in self.round_context
 
     def __repr__(self) -> str:
         return (
@@ -1060,15 +1089,17 @@ class Attack:
         own: np.ndarray,
         rng: np.random.Generator,
         aggregate: AggregateFn | None = None,
+        trained_from: np.ndarray | None = None,
     ) -> np.ndarray:
         """The ``(m, d)`` float32 updates the m malicious clients send instead of ``own``.
 
         ``honest`` is this round's ``(h, d)`` honest updates; ``own`` the ``(m, d)`` updates
         the malicious clients trained normally. ``aggregate(updates (K, d)) -> (d,)`` is the
         aggregation rule in use, for the attacks that search their scale against it
-        (``uses_aggregate``); they target the mean without it. A data attack returns ``own``,
-        times its ``boost`` parameter when it has one (boosted data poisoning = model
-        replacement).
+        (``uses_aggregate``); they target the mean without it. ``trained_from`` is the ``(d,)``
+        global weights the updates were trained from, for the attacks that read them
+        (``round_context``); None when unknown. A data attack returns ``own``, times its
+        ``boost`` parameter when it has one (boosted data poisoning = model replacement).
         """
         if self.kind == "data":
             boost = self.params.get("boost", 1.0)
@@ -1087,12 +1118,19 @@ class Attack:
             )
         if len(own) == 0:
             return own.astype(np.float32)
+        if trained_from is not None:
+            trained_from = np.asarray(trained_from)
+            if trained_from.shape != (own.shape[1],):
+                raise AttackError(
+                    f"trained_from must be shaped ({own.shape[1]},). Received: {trained_from.shape}"
+                )
+            trained_from = _readonly(trained_from)
         if self._plugin:
             out = self._call(_readonly(honest), len(own), rng)
-        elif self.uses_aggregate:
-            out = self._fn(_readonly(honest), _readonly(own), rng, aggregate)
         else:
-            out = self._call(_readonly(honest), _readonly(own), rng)
+            given = {"aggregate": aggregate, "trained_from": trained_from}
+            context = {name: given[name] for name in self.round_context}
+            out = self._fn(_readonly(honest), _readonly(own), rng, **context)
         out = np.asarray(out)
         if out.shape != own.shape:
             raise self._fail(f"returned shape {out.shape}; expected {own.shape} (num_malicious, d)")

@@ -122,7 +122,8 @@ class RayClients:
                 order += mine
         by_client = dict(zip(order, (r for results in ray.get(calls) for r in results)))
         results = [by_client[cid] for cid in selected]
-        return Cohort(selected, self.run.updates(round_number, selected, results))
+        updates = self.run.updates(round_number, selected, results, coordinator.weights)
+        return Cohort(selected, updates)
 
     def _start_actors(self) -> list[Any]:
         import ray

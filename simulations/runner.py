@@ -332,7 +332,8 @@ class _Run:
             for cid in selected
         ]
         # The whole cohort in one call: native model copies in parallel, or one TFF call.
-        return self.updates(round_number, selected, self.trainer.train_cohort(weights, data, rngs))
+        results = self.trainer.train_cohort(weights, data, rngs)
+        return self.updates(round_number, selected, results, flat_weights)
 
     def stream_round(
         self, round_number: int, selected: list[str], flat_weights: np.ndarray
@@ -351,19 +352,26 @@ class _Run:
         return self.attack.kind == "model" and round_number >= self.config.attack_start_round
 
     def updates(
-        self, round_number: int, selected: list[str], results: list[LocalResult]
+        self,
+        round_number: int,
+        selected: list[str],
+        results: list[LocalResult],
+        trained_from: np.ndarray,
     ) -> list[ClientUpdate]:
-        """The cohort's updates from its training results, the attackers' crafted if they attack."""
+        """The cohort's updates from its training results (trained from the flat global weights
+        ``trained_from``), the attackers' crafted if they attack."""
         updates = []
         for cid, result in zip(selected, results):
             updates.append(
                 ClientUpdate(cid, round_number, result.delta, result.num_examples, result.loss)
             )
         if self.attack.kind != "none" and round_number >= self.config.attack_start_round:
-            self._craft(round_number, updates)
+            self._craft(round_number, updates, trained_from)
         return updates
 
-    def _craft(self, round_number: int, updates: list[ClientUpdate]) -> None:
+    def _craft(
+        self, round_number: int, updates: list[ClientUpdate], trained_from: np.ndarray
+    ) -> None:
         bad = [u for u in updates if u.client_id in self.fed.malicious]
         good = [u for u in updates if u.client_id not in self.fed.malicious]
         if not bad:
@@ -375,7 +383,8 @@ class _Run:
         )
         rng = np.random.default_rng([self.config.seed, 4, round_number])
         rule = self._attacked_rule if self.attack.uses_aggregate else None
-        crafted = self.attack.craft(honest, np.stack([u.delta for u in bad]), rng, rule)
+        own = np.stack([u.delta for u in bad])
+        crafted = self.attack.craft(honest, own, rng, rule, trained_from)
         for u, row in zip(bad, crafted):
             u.delta = np.asarray(row, np.float32)
 

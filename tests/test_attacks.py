@@ -527,3 +527,61 @@ def test_agr_tailored_with_stealth_stays_within_the_honest_distances(stealth):
     else:
         assert d_bad.sum() <= d_pair.sum(axis=1).max() * (1 + 1e-4)
     assert _deviation(rule, bad, honest) <= _deviation(rule, free, honest) + 1e-6
+
+
+# ---------------------------------------------------------------- detector-aware
+
+
+def weights_and_cohort(h: int = 8, m: int = 2, d: int = 400, seed: int = 1):
+    """Global weights and a cohort whose honest updates grow them, as honest training does."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0.0, 1.0, size=d)
+    base = 0.004 * w + rng.normal(0.0, 0.05, size=d)
+    honest = (base + rng.normal(0.0, 0.05, size=(h, d))).astype(np.float32)
+    own = (base + rng.normal(0.0, 0.05, size=(m, d))).astype(np.float32)
+    return w, honest, own
+
+
+def test_the_detector_aware_attacker_pushes_against_the_honest_mean_under_the_full_scores_line():
+    from fedwarden.aggregation.scoring import cohort_anomaly
+
+    w, honest, own = weights_and_cohort()
+    z = 1.0
+    sent = build_attack("detector_aware", {"z": z}).craft(
+        honest, own, np.random.default_rng(0), trained_from=w
+    )
+    push = sent.astype(np.float64) - own
+    assert (push @ honest.mean(axis=0) < 0).all()  # it attacks
+    # orthogonal to the weights: each update's inner product with them is as trained
+    np.testing.assert_allclose(sent @ w, own @ w, rtol=1e-3)
+    scores = cohort_anomaly(np.concatenate([honest, sent]), trained_from=w)
+    theirs = scores[: len(honest)]
+    med = np.median(theirs)
+    line = med + z * max(1.4826 * np.median(np.abs(theirs - med)), 0.03)
+    assert (scores[len(honest) :] <= line + 1e-9).all()
+    assert (scores[len(honest) :] > med).any()  # it used its allowance, not nothing
+
+
+def test_the_detector_aware_attacker_hands_the_weights_to_a_scorer_that_takes_them(plugins):
+    import attack_plugins
+
+    w, honest, own = weights_and_cohort()
+    attack = build_attack("detector_aware", {"score": f"{plugins}:recording_score"})
+    assert attack.round_context == ("trained_from",) and not attack.uses_aggregate
+    attack_plugins.SCORED_WITH_WEIGHTS.clear()
+    attack.craft(honest, own, np.random.default_rng(0), trained_from=w)
+    seen = attack_plugins.SCORED_WITH_WEIGHTS
+    assert seen and all(np.array_equal(v, w) for v in seen)
+    seen.clear()
+    attack.craft(honest, own, np.random.default_rng(0))
+    assert seen and all(v is None for v in seen)
+    with pytest.raises(AttackError, match=r"trained_from must be shaped \(400,\)"):
+        attack.craft(honest, own, np.random.default_rng(0), trained_from=w[:10])
+
+
+def test_a_scorer_without_the_weights_keyword_still_serves_the_detector_aware_attacker():
+    w, honest, own = weights_and_cohort()
+    blind = build_attack("detector_aware", {"score": lambda u: np.zeros(len(u)), "max_gamma": 4.0})
+    sent = blind.craft(honest, own, np.random.default_rng(0), trained_from=w)
+    push = np.linalg.norm(sent - own, axis=1) / np.median(np.linalg.norm(own, axis=1))
+    np.testing.assert_allclose(push, 4.0, rtol=1e-4)  # never flagged: the largest push

@@ -158,6 +158,25 @@ def test_red_team_attacks_from_its_start_round_and_reports_what_it_sent(
     assert lines[1]["estimate_samples"] == 1 + extra_trainings and "num_classes" not in str(lines)
 
 
+def test_a_red_team_attacker_that_reads_the_detector_scores_against_the_weights_it_was_sent(
+    tmp_path, monkeypatch
+):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    import attack_plugins
+
+    params = {"score": "attack_plugins:recording_score"}
+    red = RedTeam("detector_aware", params, "c04", start_round=1, cohort=5, report=None)
+    x, y = local_data()
+    red.bind(10, x, y, seed=0)
+    train = FakeTraining()
+    trained = train(x, y, np.random.default_rng(0))
+    sent_from = np.linspace(-1.0, 1.0, trained.size).astype(np.float32)
+    attack_plugins.SCORED_WITH_WEIGHTS.clear()
+    red.craft(1, trained, train, trained_from=sent_from)
+    seen = attack_plugins.SCORED_WITH_WEIGHTS
+    assert seen and all(np.array_equal(v, sent_from) for v in seen)
+
+
 def test_a_data_attack_trains_on_poisoned_data_once_it_starts():
     red = RedTeam("label_flip", {}, "c04", start_round=3)
     x, y = local_data()

@@ -8,6 +8,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedwarden.cli.main import main
@@ -184,6 +185,30 @@ def test_resume_continues_where_the_run_stopped_with_identical_results(tmp_path:
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3, 4, 5]
     assert [r["accuracy"] for r in resumed["rounds"]] == [r["accuracy"] for r in straight["rounds"]]
     assert resumed["clients"] == straight["clients"]
+
+
+def test_a_detector_aware_attacker_reads_the_weights_its_round_was_trained_from(
+    tmp_path: Path, monkeypatch
+):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    import attack_plugins
+
+    settings = {
+        **TINY,
+        "clients_per_round": 6,  # both attackers and four honest clients every round
+        "rounds": 1,
+        "attack": "detector_aware",
+        "attack_params": {"score": "attack_plugins:recording_score"},
+        "malicious_fraction": 0.34,
+        "out": str(tmp_path),
+    }
+    config = make_config({}, settings)
+    simulate(config)
+    after_round_1 = checkpoint.read(checkpoint.path_for(tmp_path / "checkpoints", 1))
+    attack_plugins.SCORED_WITH_WEIGHTS.clear()
+    simulate(replace(config, rounds=2), resume=True)
+    seen = attack_plugins.SCORED_WITH_WEIGHTS
+    assert seen and all(np.array_equal(v, after_round_1["coordinator"]["weights"]) for v in seen)
 
 
 def last_checkpoint(directory: Path) -> int:
