@@ -35,7 +35,8 @@ its attack success rate is measured on triggered non-target test inputs; one wit
 Plugins: ``build_attack("package.module:callable", params)``.
 
 - Model poisoning (the default): ``callable(honest_updates, num_malicious, rng, **params)``
-  returns a ``(num_malicious, d)`` float array.
+  returns a ``(num_malicious, d)`` float array. A keyword parameter named ``aggregate`` or
+  ``trained_from`` receives that round context (``ROUND_CONTEXT``) instead of a parameter.
 - Data poisoning: decorate the callable with ``@fedwarden_data_attack`` (from this module);
   ``callable(x, y, rng, **params)`` returns new ``(x, y)`` arrays.
 
@@ -1021,6 +1022,7 @@ class Attack:
         params: dict[str, Any],
         collude: bool = False,
         plugin: bool = False,
+        round_context: tuple[str, ...] | None = None,
     ) -> None:
         self.name = name
         self.kind = kind
@@ -1032,7 +1034,9 @@ class Attack:
         self._plugin = plugin
         # What the craft function asks of the round (ROUND_CONTEXT): rule-aware attacks search
         # their scale against the aggregation rule in use.
-        self.round_context: tuple[str, ...] = tuple(getattr(fn, "round_context", ()))
+        if round_context is None:
+            round_context = tuple(getattr(fn, "round_context", ()))
+        self.round_context = round_context
         self.uses_aggregate = "aggregate" in self.round_context
 
     def __repr__(self) -> str:
@@ -1045,11 +1049,11 @@ class Attack:
         who = f"attack plugin {self.name!r}" if self._plugin else f"attack {self.name!r}"
         return AttackError(f"{who} {problem}")
 
-    def _call(self, *args: Any) -> Any:
+    def _call(self, *args: Any, **context: Any) -> Any:
         if not self._plugin:
             return self._fn(*args)
         try:
-            return self._fn(*args, **self.params)
+            return self._fn(*args, **context, **self.params)
         except Exception as error:
             raise self._fail(f"raised {type(error).__name__}: {error}") from error
 
@@ -1125,11 +1129,11 @@ class Attack:
                     f"trained_from must be shaped ({own.shape[1]},). Received: {trained_from.shape}"
                 )
             trained_from = _readonly(trained_from)
+        given = {"aggregate": aggregate, "trained_from": trained_from}
+        context = {name: given[name] for name in self.round_context}
         if self._plugin:
-            out = self._call(_readonly(honest), len(own), rng)
+            out = self._call(_readonly(honest), len(own), rng, **context)
         else:
-            given = {"aggregate": aggregate, "trained_from": trained_from}
-            context = {name: given[name] for name in self.round_context}
             out = self._fn(_readonly(honest), _readonly(own), rng, **context)
         out = np.asarray(out)
         if out.shape != own.shape:
@@ -1213,11 +1217,22 @@ def _load_plugin(spec: str) -> Callable:
 
 def _build_plugin(spec: str, params: dict[str, Any], collude: bool) -> Attack:
     fn = _load_plugin(spec)
+    kind = getattr(fn, _DATA_KIND_ATTR, "model")
+    given = sorted(set(params) & set(ROUND_CONTEXT))
+    if given:
+        raise AttackError(
+            f"attack plugin {spec!r}: {given[0]!r} comes from the round, not from a parameter; "
+            "leave it out of --attack-param"
+        )
+    context: tuple[str, ...] = ()
     found = _signature(fn, skip=3)
     if found is not None:
-        params = _fill_params(f"attack plugin {spec!r}", params, *found)
-    kind = getattr(fn, _DATA_KIND_ATTR, "model")
-    return Attack(spec, kind, fn, params, collude, plugin=True)
+        named, var_kw = found
+        if kind == "model":
+            context = tuple(name for name in ROUND_CONTEXT if name in named)
+            named = {k: v for k, v in named.items() if k not in context}
+        params = _fill_params(f"attack plugin {spec!r}", params, named, var_kw)
+    return Attack(spec, kind, fn, params, collude, plugin=True, round_context=context)
 
 
 def build_attack(name: str, params: dict[str, Any] | None = None, collude: bool = False) -> Attack:

@@ -52,3 +52,12 @@ def recording_score(updates, trained_from=None):
     """Detector-aware scoring spy: records the weights it was given; the score is the norm."""
     SCORED_WITH_WEIGHTS.append(None if trained_from is None else np.array(trained_from))
     return np.linalg.norm(updates, axis=1)
+
+
+def against_the_rule(honest, num_malicious, rng, aggregate=None, trained_from=None, step=1.0):
+    """Model plugin that reads the round: -step * the rule's output on the honest updates, plus
+    the global weights it was given (zeros when none)."""
+    out = -step * aggregate(np.asarray(honest, np.float32))
+    if trained_from is not None:
+        out = out + trained_from
+    return np.tile(out, (num_malicious, 1))

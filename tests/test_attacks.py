@@ -324,6 +324,22 @@ def test_model_plugin(plugins):
     np.testing.assert_allclose(out, np.tile(-3.0 * honest.mean(0), (len(own), 1)), rtol=1e-5)
 
 
+def test_a_model_plugin_that_names_the_round_context_receives_it(plugins):
+    attack = build_attack(f"{plugins}:against_the_rule", {"step": 2.0})
+    assert attack.params == {"step": 2.0} and attack.uses_aggregate
+    assert attack.round_context == ("aggregate", "trained_from")
+    honest, own = updates()
+    weights = np.linspace(-1.0, 1.0, honest.shape[1]).astype(np.float32)
+
+    def median(rows):
+        return np.median(rows, axis=0)
+
+    out = attack.craft(honest, own, np.random.default_rng(), median, weights)
+    np.testing.assert_allclose(out[0], -2.0 * np.median(honest, axis=0) + weights, rtol=1e-5)
+    with pytest.raises(AttackError, match="'trained_from' comes from the round"):
+        build_attack(f"{plugins}:against_the_rule", {"trained_from": 1.0})
+
+
 def test_data_plugin(plugins):
     attack = build_attack(f"{plugins}:relabel_all", {"num_classes": NUM_CLASSES})
     assert attack.kind == "data" and attack.params == {"label": 1}
