@@ -36,7 +36,8 @@ Plugins: ``build_attack("package.module:callable", params)``.
 
 - Model poisoning (the default): ``callable(honest_updates, num_malicious, rng, **params)``
   returns a ``(num_malicious, d)`` float array. A keyword parameter named ``aggregate`` or
-  ``trained_from`` receives that round context (``ROUND_CONTEXT``) instead of a parameter.
+  ``trained_from`` receives that round context (``ROUND_CONTEXT``) instead of a parameter; None
+  where the caller does not know it (a red-team agent knows its weights, not the rule).
 - Data poisoning: decorate the callable with ``@fedwarden_data_attack`` (from this module);
   ``callable(x, y, rng, **params)`` returns new ``(x, y)`` arrays.
 
