@@ -373,7 +373,12 @@ class _Run:
         self, round_number: int, updates: list[ClientUpdate], trained_from: np.ndarray
     ) -> None:
         bad = [u for u in updates if u.client_id in self.fed.malicious]
-        good = [u for u in updates if u.client_id not in self.fed.malicious]
+        # the honest updates the server would admit: a diverged client's NaN or Inf is not one
+        good = [
+            u
+            for u in updates
+            if u.client_id not in self.fed.malicious and np.isfinite(u.delta).all()
+        ]
         if not bad:
             return
         honest = (

@@ -601,3 +601,11 @@ def test_a_scorer_without_the_weights_keyword_still_serves_the_detector_aware_at
     sent = blind.craft(honest, own, np.random.default_rng(0), trained_from=w)
     push = np.linalg.norm(sent - own, axis=1) / np.median(np.linalg.norm(own, axis=1))
     np.testing.assert_allclose(push, 4.0, rtol=1e-4)  # never flagged: the largest push
+
+
+@pytest.mark.parametrize("name", ["alie", "ipm", "detector_aware", "mimic"])
+def test_a_diverged_training_s_nan_passes_through_an_attack_instead_of_failing_the_run(name):
+    honest, own = updates()
+    own[0, 3] = np.nan  # an attacker's own training diverged
+    out = build_attack(name).craft(honest, own, np.random.default_rng(0))
+    assert out.shape == own.shape  # no AttackError: the server rejects what is not finite
