@@ -64,7 +64,9 @@ Signals across clients and rounds (``detection.py``):
   than cohort relative.
 - ``oversized``: the mirror image, how far the log norm sits above 10 times the cohort's median
   (a model-replacement boost scores 1; honest updates stayed below 4.5 times the median in every
-  Fashion-MNIST run of the detection grid, component below 0.1).
+  Fashion-MNIST run of the detection grid, component below 0.1), or above 10 times the earlier
+  rounds' honest norm scale (``norm_scale``, the coordinator's) when that is smaller: half a
+  cohort of huge updates moves the cohort's median to theirs, not the earlier rounds'.
 - ``shrinking``: how far the update shrinks the weights it was trained from (``radial``, its
   cosine to them, below 0), in units of the cohort's median ``|radial|``; honest training grows
   them and a sign flip shrinks them as much, however many flip (:func:`_shrinking_component`).
@@ -208,6 +210,9 @@ METRIC_NAMES = ("norm", "norm_z", "cosine", "cohort_cosine", "distance", "krum_s
                 "trimmed_share", "loss_z", "pair_gap", "cluster_outlier", "median_cosine",
                 "alignment", "kurtosis", "radial")  # fmt: skip
 """Keys of the dict returned by :func:`client_metrics`, each an array of length K."""
+
+NORM_SCALE_METRIC = "norm_scale"
+"""Key under which the coordinator adds the earlier rounds' honest norm scale (``oversized``)."""
 
 HISTORY_METRIC = "history_error"
 """Key under which the coordinator adds ``detection.HistoryForecast`` errors to the metrics."""
@@ -603,7 +608,9 @@ def _smaller_than_cohort(gap: np.ndarray, min_scale: float) -> np.ndarray:
     return np.where(finite, _logistic_of_abs(np.maximum(med - gap, 0.0) / scale), np.nan)
 
 
-def _norm_ratio_component(norm: np.ndarray, ratio: float, above: bool) -> np.ndarray:
+def _norm_ratio_component(
+    norm: np.ndarray, ratio: float, above: bool, scale: np.ndarray | None = None
+) -> np.ndarray:
     """Logistic of how far (log units) the norm sits beyond ``ratio`` times a reference norm:
     below ``reference / ratio`` when ``above`` is false, above ``reference * ratio`` when it is
     true.
@@ -617,6 +624,9 @@ def _norm_ratio_component(norm: np.ndarray, ratio: float, above: bool) -> np.nda
     falls between the two halves, 10,000 times the honest norms, and made every honest update
     of that round a "zero update" (Gaussian, seed 2 of the detection grid); exact zeros are left
     out so that up to half the cohort of free riders cannot pull the reference to 0.
+
+    ``scale`` (``above=True`` only): a norm no client of this round shapes, the same for every
+    row (NaN when unknown); the reference is the smaller of it and the cohort's median.
     """
     norm = np.asarray(norm, np.float64)
     finite = np.isfinite(norm)
@@ -624,6 +634,9 @@ def _norm_ratio_component(norm: np.ndarray, ratio: float, above: bool) -> np.nda
         return np.full(norm.shape, np.nan)
     if above:
         reference = float(np.median(norm[finite]))
+        known = None if scale is None else np.asarray(scale, np.float64)
+        if known is not None and known.size and np.isfinite(known[0]) and known[0] > 0:
+            reference = min(reference, float(known[0]))
     else:
         nonzero = norm[finite & (norm > 0)]
         reference = float(np.quantile(nonzero, 0.5, method="lower")) if nonzero.size else 0.0
@@ -754,7 +767,9 @@ _COMPONENTS = {
     "cluster": lambda m: np.asarray(m["cluster_outlier"], np.float64),
     "history": lambda m: _history_component(m[HISTORY_METRIC]),
     "zero_update": lambda m: _norm_ratio_component(m["norm"], ratio=100.0, above=False),
-    "oversized": lambda m: _norm_ratio_component(m["norm"], ratio=10.0, above=True),
+    "oversized": lambda m: _norm_ratio_component(
+        m["norm"], ratio=10.0, above=True, scale=m.get(NORM_SCALE_METRIC)
+    ),
     "validation": _validation_component,
     "unaligned": lambda m: _unaligned_component(m["alignment"], m.get("kurtosis")),
     "inert": lambda m: _inert_component(m[EFFECT_METRIC]),
@@ -849,6 +864,7 @@ def cohort_anomaly(
     updates: np.ndarray,
     weights: dict[str, float] | None = None,
     trained_from: np.ndarray | None = None,
+    norm_scale: float | None = None,
 ) -> np.ndarray:
     """Every row's anomaly score against its cohort, as the coordinator scores a round.
 
@@ -861,10 +877,14 @@ def cohort_anomaly(
         weights: component weights, :data:`DEFAULT_ANOMALY_WEIGHTS` by default.
         trained_from: ``(d,)`` global weights the updates were trained from, for ``shrinking``;
             None leaves it out, as when the coordinator does not know them.
+        norm_scale: the earlier rounds' honest update norm, for ``oversized``; None leaves it
+            out, as in a coordinator's first round.
 
     Returns:
         Float64 array of length K.
     """
     updates = np.asarray(updates)
     metrics = client_metrics(updates, np.median(updates, axis=0), None, weights=trained_from)
+    if norm_scale is not None:
+        metrics[NORM_SCALE_METRIC] = np.full(len(updates), float(norm_scale))
     return anomaly_score(metrics, weights)

@@ -903,9 +903,11 @@ def detector_aware(
     earlier rounds; its own round's cohort stands in for the population.
 
     Args:
-        score: ``score(updates (K, d)[, trained_from=(d,)]) -> (K,)`` anomaly scores, or its
-            ``"module:callable"`` name (default: the coordinator's cohort scoring). It gets
-            ``trained_from`` when it takes that keyword and the weights are known.
+        score: ``score(updates (K, d)[, trained_from=(d,), norm_scale=x]) -> (K,)`` anomaly
+            scores, or its ``"module:callable"`` name (default: the coordinator's cohort
+            scoring). It gets ``trained_from`` when it takes that keyword and the weights are
+            known, and ``norm_scale`` (the attackers' median own norm, standing in for the
+            earlier rounds' honest norms the coordinator keeps) when it takes that.
         z: how many honest scales above the honest median each attacker may score.
         direction: ``"mean"`` or ``"std"``.
         min_scale: smallest scale of the honest scores.
@@ -920,7 +922,9 @@ def detector_aware(
     if not callable(scorer):
         raise AttackError(f"score must be a callable or 'module:callable'. Received: {score!r}")
     found = _signature(scorer, skip=1)
-    reads_weights = found is not None and ("trained_from" in found[0] or found[1])
+
+    def takes(name: str) -> bool:
+        return found is not None and (name in found[0] or found[1])
 
     @_takes("trained_from")
     def craft(honest, own, rng, trained_from=None) -> np.ndarray:
@@ -930,11 +934,13 @@ def detector_aware(
         ref = np.asarray(honest, np.float64)
         p = -ref.mean(axis=0) if direction == "mean" else -ref.std(axis=0)
         context = {}
+        if takes("norm_scale"):  # its own honest training stands in for earlier rounds' norms
+            context["norm_scale"] = float(np.median(np.linalg.norm(own, axis=1)))
         if trained_from is not None:
             w = np.asarray(trained_from, np.float64)
             if w @ w > 0:
                 p = p - (p @ w) / (w @ w) * w
-            if reads_weights:
+            if takes("trained_from"):
                 context["trained_from"] = trained_from
         norm = float(np.linalg.norm(p))
         if norm == 0:

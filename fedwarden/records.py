@@ -120,6 +120,7 @@ class ClientRound(_Record):
     kurtosis: float | None = _field(float, shown=False)
     radial: float | None = _field(float, shown=False)  # cosine to the weights trained from
     num_examples: float | None = _field(float, shown=False)  # as the client reported them
+    norm_scale: float | None = _field(float, shown=False)  # earlier rounds' unflagged norms
     history_error: float | None = _field(float)
     validation_loss_change: float | None = _field(float, shown=False)  # server/validation.py
     validation_class_change: float | None = _field(float, shown=False)

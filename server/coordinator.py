@@ -25,6 +25,7 @@ from fedwarden.aggregation.detection import HistoryForecast
 from fedwarden.aggregation.rules import median
 from fedwarden.aggregation.scoring import (
     HISTORY_METRIC,
+    NORM_SCALE_METRIC,
     anomaly_components,
     anomaly_score,
     client_metrics,
@@ -40,6 +41,8 @@ from fedwarden.server.update_matrix import UpdateMatrix, remove_stale_spill_file
 from fedwarden.server.validation import ValidationProbe
 
 log = logging.getLogger("fedwarden.coordinator")
+
+NORM_SCALE_ROUNDS = 5  # rounds whose unflagged median norms make the ``norm_scale``
 
 
 @dataclass
@@ -197,6 +200,9 @@ class Coordinator:
         self.chain_state = chain.init()
         warm_up()  # loads while the first round's clients train
         self.history = HistoryForecast()  # each client's consistency with its own past updates
+        # The median norm of the unflagged updates of each of the last NORM_SCALE_ROUNDS rounds:
+        # a norm scale no client of the current round shapes (``oversized``).
+        self.norm_scales: list[float] = []
         self._median = median()
 
     def select(
@@ -406,6 +412,8 @@ class Coordinator:
             metrics[HISTORY_METRIC] = self.history.step(ids, matrix, reference)
             if self.validation is not None:
                 metrics.update(self.validation.measure(trained_from, matrix))
+            if self.norm_scales:
+                metrics[NORM_SCALE_METRIC] = np.full(len(ids), float(np.median(self.norm_scales)))
             anomaly = anomaly_score(metrics, self.anomaly_weights)
             components = anomaly_components(metrics)
         else:
@@ -424,6 +432,11 @@ class Coordinator:
             reasons={r.client_id: r.reason for r in rejected},
             components=components,
         )
+        if ids:
+            unflagged = [i for i, c in enumerate(ids) if not states[c].flagged]
+            if unflagged:
+                self.norm_scales.append(float(np.median(metrics["norm"][unflagged])))
+                del self.norm_scales[:-NORM_SCALE_ROUNDS]
         # each scored client's record: its measurements, then trust's verdict after the round
         rows = [
             round_record(
@@ -503,6 +516,7 @@ class Coordinator:
             "optimizer_state": self.optimizer_state,
             "chain_state": self.chain_state,
             "history": self.history.state_dict(),
+            "norm_scales": list(self.norm_scales),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -512,3 +526,4 @@ class Coordinator:
         self.chain_state = state["chain_state"]
         if "history" in state:  # checkpoints from before the history signal have none
             self.history.load_state_dict(state["history"])
+        self.norm_scales = [float(v) for v in state.get("norm_scales", [])]

@@ -261,3 +261,41 @@ def test_flagged_clients_do_not_shape_the_reference_in_a_round_they_would_own():
     assert min(r.anomaly for r in flippers) > max(r.anomaly for r in honest_rows)
     # the whole cohort's median sits between the halves: neither side is aligned with it
     assert all(abs(r.cohort_cosine) < abs(r.cosine) for r in flippers)
+
+
+def test_half_a_cohort_of_huge_updates_is_oversized_against_the_earlier_rounds_norms():
+    """Five of ten updates 40 times the honest norm move the cohort's median to theirs, so
+    against the cohort they are not oversized; against the earlier rounds' unflagged norms
+    they are, and they are flagged in their first round."""
+    rng = np.random.default_rng(0)
+    d = 200
+    base = rng.normal(size=d)
+
+    def honest():
+        return (base + 0.5 * rng.normal(size=d)).astype(np.float32)
+
+    def coordinator():
+        return Coordinator(
+            np.zeros(d, np.float32), parse_chain("median"), ServerOptimizer("fedavg"),
+            TrustBook(TrustPolicy()),
+        )  # fmt: skip
+
+    c = coordinator()
+    for r in (1, 2):
+        ids = [f"h{i}" for i in range(10)]
+        rows = c.finish_round(r, ids, [ClientUpdate(cid, r, honest(), 10) for cid in ids]).clients
+        assert not any(row.flagged for row in rows)
+    scale = float(np.median(c.norm_scales))
+    assert 0.5 * np.linalg.norm(base) < scale < 2 * np.linalg.norm(base)
+    restored = coordinator()
+    restored.load_state_dict(c.state_dict())
+    assert restored.norm_scales == c.norm_scales
+
+    ids = [f"h{i}" for i in range(5)] + [f"x{i}" for i in range(5)]
+    push = 40 * scale * rng.normal(size=d) / np.sqrt(d)
+    ups = [ClientUpdate(cid, 3, honest() + (push if cid[0] == "x" else 0), 10) for cid in ids]
+    rows = {row.client_id: row for row in c.finish_round(3, ids, ups).clients}
+    assert all(rows[f"x{i}"].flagged for i in range(5))
+    assert not any(rows[f"h{i}"].flagged for i in range(5))
+    assert rows["x0"].norm_scale == pytest.approx(scale)
+    assert c.trust.flagged() == {f"x{i}" for i in range(5)}

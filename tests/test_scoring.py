@@ -307,3 +307,16 @@ def test_shrinking_adds_to_the_score_and_dilutes_nothing():
         with_it, np.clip(without + DEFAULT_ANOMALY_WEIGHTS["shrinking"] * shrinking, 0, 1)
     )
     assert shrinking[0] > 0.6 and np.array_equal(with_it[1:], without[1:])
+
+
+def test_oversized_reads_the_smaller_of_the_cohort_median_and_the_earlier_norm_scale():
+    from fedwarden.aggregation.scoring import anomaly_components
+
+    norm = np.array([1.0, 1.1, 0.9, 1.2, 0.8, 40.0, 41.0, 39.0, 40.5, 39.5])
+    alone = anomaly_components({"norm": norm})["oversized"]
+    assert alone.max() < 0.01  # the cohort's median sits between the halves
+    scaled = anomaly_components({"norm": norm, "norm_scale": np.full(10, 1.0)})["oversized"]
+    assert scaled[5:].min() > 0.95 and scaled[:5].max() < 0.01
+    # a scale above the cohort's median changes nothing (honest norms fall over training)
+    same = anomaly_components({"norm": norm, "norm_scale": np.full(10, 100.0)})["oversized"]
+    np.testing.assert_array_equal(same, alone)
