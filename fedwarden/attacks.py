@@ -922,9 +922,11 @@ def detector_aware(
     if not callable(scorer):
         raise AttackError(f"score must be a callable or 'module:callable'. Received: {score!r}")
     found = _signature(scorer, skip=1)
-
-    def takes(name: str) -> bool:
-        return found is not None and (name in found[0] or found[1])
+    scorer_takes = {
+        name
+        for name in ("trained_from", "norm_scale")
+        if found is not None and (name in found[0] or found[1])
+    }
 
     @_takes("trained_from")
     def craft(honest, own, rng, trained_from=None) -> np.ndarray:
@@ -934,13 +936,15 @@ def detector_aware(
         ref = np.asarray(honest, np.float64)
         p = -ref.mean(axis=0) if direction == "mean" else -ref.std(axis=0)
         context = {}
-        if takes("norm_scale"):  # its own honest training stands in for earlier rounds' norms
+        if (
+            "norm_scale" in scorer_takes
+        ):  # its own honest training stands in for earlier rounds' norms
             context["norm_scale"] = float(np.median(np.linalg.norm(own, axis=1)))
         if trained_from is not None:
             w = np.asarray(trained_from, np.float64)
             if w @ w > 0:
                 p = p - (p @ w) / (w @ w) * w
-            if takes("trained_from"):
+            if "trained_from" in scorer_takes:
                 context["trained_from"] = trained_from
         norm = float(np.linalg.norm(p))
         if norm == 0:

@@ -603,9 +603,10 @@ def test_a_scorer_without_the_weights_keyword_still_serves_the_detector_aware_at
     np.testing.assert_allclose(push, 4.0, rtol=1e-4)  # never flagged: the largest push
 
 
-@pytest.mark.parametrize("name", ["alie", "ipm", "detector_aware", "mimic"])
+@pytest.mark.parametrize("name", ["alie", "ipm", "detector_aware", "mimic", "min_max"])
 def test_a_diverged_training_s_nan_passes_through_an_attack_instead_of_failing_the_run(name):
     honest, own = updates()
-    own[0, 3] = np.nan  # an attacker's own training diverged
+    honest[0, 3] = own[0, 3] = np.nan  # two trainings diverged
     out = build_attack(name).craft(honest, own, np.random.default_rng(0))
-    assert out.shape == own.shape  # no AttackError: the server rejects what is not finite
+    # no AttackError: the NaN goes on to the server, which rejects and counts the update
+    assert out.shape == own.shape and not np.isfinite(out).all()
