@@ -69,10 +69,7 @@ class StatelessStep:
         return None
 
     def check(self, num_clients: int) -> None:
-        if num_clients < 1:
-            raise AggregationError(
-                f"{self.name} needs at least one update. Received: num_clients={num_clients}."
-            )
+        check_not_empty(self.name, num_clients)
 
     def __call__(self, updates: np.ndarray, weights: np.ndarray, state: Any) -> StepOutput:
         updates, weights = as_cohort(updates, weights)
@@ -110,6 +107,14 @@ def as_cohort(
             f"counts or trust multipliers (0 leaves a client out)."
         )
     return updates, weights
+
+
+def check_not_empty(name: str, num_clients: int) -> None:
+    """A one-line AggregationError naming ``name`` when the cohort has no update."""
+    if num_clients < 1:
+        raise AggregationError(
+            f"{name} needs at least one update. Received: num_clients={num_clients}."
+        )
 
 
 def check_num_byzantine(value: Any) -> int:

@@ -21,7 +21,7 @@ import numpy as np
 
 from fedwarden.aggregation._kernels import new_rows, row_norms
 from fedwarden.aggregation._tf_queries import compiled_accumulate, flatten_state
-from fedwarden.aggregation.base import AggregationError, StepOutput, as_cohort
+from fedwarden.aggregation.base import AggregationError, StepOutput, as_cohort, check_not_empty
 
 __all__ = ["ClipByNorm", "clip_by_norm", "clip_rows"]
 
@@ -82,10 +82,7 @@ class ClipByNorm:
         return state
 
     def check(self, num_clients: int) -> None:
-        if num_clients < 1:
-            raise AggregationError(
-                f"{self.name} needs at least one update. Received: num_clients={num_clients}."
-            )
+        check_not_empty(self.name, num_clients)
 
     def __call__(self, updates: np.ndarray, weights: np.ndarray, state: Any) -> StepOutput:
         updates, weights = as_cohort(updates, weights)

@@ -29,6 +29,7 @@ from fedwarden.aggregation.base import (
     AggregationError,
     StepOutput,
     as_cohort,
+    check_not_empty,
     check_num_byzantine,
     check_positive,
 )
@@ -133,10 +134,7 @@ class SignGuard:
         return np.random.default_rng([int(self.seed), 23])
 
     def check(self, num_clients: int) -> None:
-        if num_clients < 1:
-            raise AggregationError(
-                f"signguard needs at least one update. Received: num_clients={num_clients}."
-            )
+        check_not_empty(self.name, num_clients)
 
     def __call__(self, updates: np.ndarray, weights: np.ndarray, state: Any) -> StepOutput:
         from sklearn.cluster import MeanShift, estimate_bandwidth
@@ -297,10 +295,7 @@ class Flame:
         return np.random.default_rng([int(self.seed), 31])
 
     def check(self, num_clients: int) -> None:
-        if num_clients < 1:
-            raise AggregationError(
-                f"flame needs at least one update. Received: num_clients={num_clients}."
-            )
+        check_not_empty(self.name, num_clients)
 
     def __call__(self, updates: np.ndarray, weights: np.ndarray, state: Any) -> StepOutput:
         from sklearn.cluster import HDBSCAN
@@ -370,11 +365,7 @@ class ClippedClustering:
         return np.zeros(0)
 
     def check(self, num_clients: int) -> None:
-        if num_clients < 1:
-            raise AggregationError(
-                f"clipped_clustering needs at least one update. Received: "
-                f"num_clients={num_clients}."
-            )
+        check_not_empty(self.name, num_clients)
 
     def __call__(self, updates: np.ndarray, weights: np.ndarray, state: Any) -> StepOutput:
         updates, weights = as_cohort(updates, weights)
@@ -481,10 +472,7 @@ class FLTrust:
         return None
 
     def check(self, num_clients: int) -> None:
-        if num_clients < 1:
-            raise AggregationError(
-                f"fltrust needs at least one update. Received: num_clients={num_clients}."
-            )
+        check_not_empty(self.name, num_clients)
 
     def __call__(self, updates: np.ndarray, weights: np.ndarray, state: Any) -> StepOutput:
         updates, weights = as_cohort(updates, weights)

@@ -21,7 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from fedwarden.aggregation.base import AggregationError, StepOutput, as_cohort, check_num_byzantine
+from fedwarden.aggregation.base import (
+    AggregationError,
+    StepOutput,
+    as_cohort,
+    check_not_empty,
+    check_num_byzantine,
+)
 
 __all__ = [
     "AdaptiveRobustClipping",
@@ -32,13 +38,6 @@ __all__ = [
     "bucketing",
     "client_momentum",
 ]
-
-
-def _at_least_one(num_clients: int, name: str) -> None:
-    if num_clients < 1:
-        raise AggregationError(
-            f"{name} needs at least one update. Received: num_clients={num_clients}."
-        )
 
 
 class Bucketing:
@@ -84,7 +83,7 @@ class Bucketing:
         return math.ceil(num_clients / self.bucket_size)
 
     def check(self, num_clients: int) -> None:
-        _at_least_one(num_clients, self.name)
+        check_not_empty(self.name, num_clients)
         f, s = self.num_byzantine, self.bucket_size
         if 2 * f * s >= num_clients and f > 0:
             most = max(math.ceil(num_clients / (2 * f)) - 1, 0)
@@ -154,7 +153,7 @@ class AdaptiveRobustClipping:
         return None
 
     def check(self, num_clients: int) -> None:
-        _at_least_one(num_clients, self.name)
+        check_not_empty(self.name, num_clients)
         if 2 * self.num_byzantine >= num_clients:
             raise AggregationError(
                 f"arc needs num_byzantine < num_clients / 2. Received: num_clients={num_clients}, "
@@ -224,7 +223,7 @@ class ClientMomentum:
         return {}
 
     def check(self, num_clients: int) -> None:
-        _at_least_one(num_clients, self.name)
+        check_not_empty(self.name, num_clients)
 
     def __call__(
         self,

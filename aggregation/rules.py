@@ -36,6 +36,7 @@ from fedwarden.aggregation.base import (
     StatelessStep,
     StepOutput,
     as_cohort,
+    check_not_empty,
     check_num_byzantine,
     check_positive,
 )
@@ -496,10 +497,7 @@ class CenteredClipping:
         return None
 
     def check(self, num_clients: int) -> None:
-        if num_clients < 1:
-            raise AggregationError(
-                f"{self.name} needs at least one update. Received: num_clients={num_clients}."
-            )
+        check_not_empty(self.name, num_clients)
 
     def __call__(self, updates: np.ndarray, weights: np.ndarray, state: Any) -> StepOutput:
         updates, weights = as_cohort(updates, weights)
