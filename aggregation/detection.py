@@ -105,6 +105,18 @@ MAX_UNALIGNED_COSINE = 0.5
 """Where ``UNALIGNED_Z / sqrt(d)`` reaches this cosine (d <= 81) chance alone can align two
 vectors, so no update is called unaligned."""
 
+COPY_GAP = 1e-3
+"""Updates closer than this :func:`pair_gaps` distance are copies of one another. Honest updates
+are 0.3 and more apart on Fashion-MNIST; copies and one crafted vector sent twice are 0 up to
+float32 rounding."""
+
+COPY_HISTORY_MARGIN = 0.2
+"""How much more consistent with its own past an original is than its copies
+(:func:`copied_originals`). Measured on Fashion-MNIST (Dirichlet 0.5, 50 rounds, seed 0): the
+mimic attack's victims had forecast errors of 0.13-0.64 in 44 of 47 groups and its copiers
+0.5-1.2; 0.2 took the victim out of 33 of the 47 groups and no attacker out of the 272 groups of
+the eight attacks that send one crafted vector (replayed from the runs' ledgers)."""
+
 
 def excess_kurtosis(updates: np.ndarray) -> np.ndarray:
     """Each row's excess kurtosis over its coordinates (at most :data:`KURTOSIS_SAMPLE` of them,
@@ -153,33 +165,99 @@ def alignment_z(pairwise: np.ndarray, dim: int) -> np.ndarray:
     return others.max(axis=1) * scale
 
 
-def nearest_pair_gap(gram: np.ndarray) -> np.ndarray:
-    """Each client's relative distance to its nearest other client, ``|x_i - x_j| / (|x_i| + |x_j|)``.
+def pair_gaps(gram: np.ndarray) -> np.ndarray:
+    """The ``(K, K)`` relative distances ``|x_i - x_j| / (|x_i| + |x_j|)``, in [0, 1].
 
     0 for two identical updates, about 0.7 for orthogonal ones of equal norm, 1 for opposite
     ones. Unlike the cosine it does not call a scaled copy of an honest update (model
-    replacement) a twin of it: ``10 x`` and ``x`` are 0.82 apart. NaN for a client alone or
-    whose pairs are all zero vectors.
-
-    Args:
-        gram: ``(K, K)`` Gram matrix of the updates.
-
-    Returns:
-        Float64 array of length K.
+    replacement) a twin of it: ``10 x`` and ``x`` are 0.82 apart. The diagonal, and pairs of
+    zero vectors, are NaN.
     """
     gram = np.asarray(gram, np.float64)
-    k = gram.shape[0]
-    if k < 2:
-        return np.full(k, np.nan)
     sq = np.diag(gram)
     norm = np.sqrt(np.maximum(sq, 0.0))
     dist = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0))
     denom = norm[:, None] + norm[None, :]
     with np.errstate(invalid="ignore", divide="ignore"):
         gap = np.where(denom > 0, dist / np.where(denom > 0, denom, 1.0), np.nan)
-    np.fill_diagonal(gap, np.inf)
+    np.fill_diagonal(gap, np.nan)
+    return np.clip(gap, 0.0, 1.0)
+
+
+def nearest_pair_gap(gram: np.ndarray, copied: np.ndarray | None = None) -> np.ndarray:
+    """Each client's relative distance to its nearest other client (:func:`pair_gaps`).
+
+    NaN for a client alone or whose pairs are all zero vectors. For the rows that ``copied``
+    marks (:func:`copied_originals`), the copies of the row are left out: they are not
+    evidence against the update they copy.
+
+    Args:
+        gram: ``(K, K)`` Gram matrix of the updates.
+        copied: ``(K,)`` booleans, or None.
+
+    Returns:
+        Float64 array of length K.
+    """
+    gap = pair_gaps(gram)
+    if len(gap) < 2:
+        return np.full(len(gap), np.nan)
+    if copied is not None:
+        for i in np.flatnonzero(copied):
+            gap[i, gap[i] < COPY_GAP] = np.nan
     gap = np.where(np.isnan(gap), np.inf, gap).min(axis=1)
-    return np.where(np.isfinite(gap), np.clip(gap, 0.0, 1.0), np.nan)
+    return np.where(np.isfinite(gap), gap, np.nan)
+
+
+def copied_originals(
+    gram: np.ndarray,
+    suspect: np.ndarray,
+    history_error: np.ndarray,
+    margin: float = COPY_HISTORY_MARGIN,
+) -> np.ndarray:
+    """The honest updates that flagged clients copied (the mimic attack), by their history.
+
+    Copies of one update are a group whose pairwise :func:`pair_gaps` are under
+    :data:`COPY_GAP`; every member scores as a colluder. The original is told from its copies
+    by two things the copiers cannot fake: it is the one member not already flagged
+    (``suspect``), and it is consistent with its own past deviations (:class:`HistoryForecast`)
+    by ``margin`` more than every copy, which repeat a different victim each round. A group
+    with no such member (crafted vectors sent by attackers not yet flagged, or a first round
+    with no history) has no original.
+
+    Args:
+        gram: ``(K, K)`` Gram matrix of the updates.
+        suspect: ``(K,)`` booleans, the clients flagged before this round.
+        history_error: ``(K,)`` forecast errors (NaN where a client has no history).
+        margin: how much smaller the original's forecast error is than every copy's.
+
+    Returns:
+        ``(K,)`` booleans, True for an original.
+    """
+    gap = pair_gaps(gram)
+    k = len(gap)
+    suspect = np.asarray(suspect, bool)
+    error = np.asarray(history_error, np.float64)
+    twin = np.nan_to_num(gap, nan=1.0) < COPY_GAP
+    original = np.zeros(k, bool)
+    seen = np.zeros(k, bool)
+    for start in range(k):
+        if seen[start] or not twin[start].any():
+            continue
+        group, frontier = {start}, [start]
+        while frontier:
+            for j in np.flatnonzero(twin[frontier.pop()]):
+                if j not in group:
+                    group.add(int(j))
+                    frontier.append(int(j))
+        members = np.array(sorted(group))
+        seen[members] = True
+        clean = members[~suspect[members]]
+        if len(clean) != 1 or np.isnan(error[members]).any():
+            continue
+        copies = members[members != clean[0]]
+        if error[clean[0]] <= error[copies].min() - margin:
+            original[clean[0]] = True
+    return original
 
 
 def cluster_outliers(cosines: np.ndarray, min_scale: float = 0.05) -> np.ndarray:

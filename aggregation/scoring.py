@@ -149,6 +149,7 @@ from fedwarden.aggregation.detection import (
     UNALIGNED_Z,
     alignment_z,
     cluster_outliers,
+    copied_originals,
     cosine_matrix,
     excess_kurtosis,
     median_cosine_to_others,
@@ -359,6 +360,8 @@ def client_metrics(
     per_client: dict[str, np.ndarray] | None = None,
     trusted: np.ndarray | None = None,
     weights: np.ndarray | None = None,
+    suspect: np.ndarray | None = None,
+    history_error: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Measures every admitted update against the cohort and the round's robust aggregate.
 
@@ -377,6 +380,10 @@ def client_metrics(
             reference and every row is in its own, as with the whole cohort's median.
         weights: ``(d,)`` the global weights the updates were trained from, or None (``radial``
             is then NaN).
+        suspect, history_error: ``(K,)`` the clients flagged before this round and their
+            forecast errors (``detection.HistoryForecast``), or None. With both, an update that
+            flagged clients copied is not called a colluder for the copies
+            (``detection.copied_originals``).
 
     Returns:
         Float64 arrays of length K, keyed by :data:`METRIC_NAMES`: ``norm``; ``norm_z``, the
@@ -448,6 +455,9 @@ def client_metrics(
         loss_z = robust_z(losses)
 
     pairwise = cosine_matrix(gram[:k, :k])
+    copied = None
+    if suspect is not None and history_error is not None:
+        copied = copied_originals(gram[:k, :k], suspect, history_error)
     return {
         "norm": norm,
         "norm_z": robust_z(norm),
@@ -457,7 +467,7 @@ def client_metrics(
         "krum_score": krum,
         "trimmed_share": trimmed,
         "loss_z": loss_z,
-        "pair_gap": nearest_pair_gap(gram[:k, :k]),
+        "pair_gap": nearest_pair_gap(gram[:k, :k], copied),
         "cluster_outlier": cluster_outliers(pairwise),
         "median_cosine": median_cosine_to_others(pairwise),
         "alignment": alignment_z(pairwise, d),

@@ -404,12 +404,16 @@ class Coordinator:
             # Flagged clients do not shape the reference of the cosine: in a round where flagged
             # attackers hold the cohort's median they would look ordinary and the honest
             # clients odd, and the round would clear them.
+            # The history tells an update that flagged clients copied from its copies.
+            history_error = self.history.step(ids, matrix, reference)
+            flagged_before = self.trust.flagged()
             metrics = client_metrics(
                 matrix, reference, losses, per_client, trusted=self._trusted_rows(ids),
-                weights=trained_from,
+                weights=trained_from, suspect=np.array([c in flagged_before for c in ids]),
+                history_error=history_error,
             )  # fmt: skip
             metrics["num_examples"] = np.array([u.num_examples for u in admitted], np.float64)
-            metrics[HISTORY_METRIC] = self.history.step(ids, matrix, reference)
+            metrics[HISTORY_METRIC] = history_error
             if self.validation is not None:
                 metrics.update(self.validation.measure(trained_from, matrix))
             if self.norm_scales:

@@ -299,3 +299,32 @@ def test_half_a_cohort_of_huge_updates_is_oversized_against_the_earlier_rounds_n
     assert not any(rows[f"h{i}"].flagged for i in range(5))
     assert rows["x0"].norm_scale == pytest.approx(scale)
     assert c.trust.flagged() == {f"x{i}" for i in range(5)}
+
+
+def test_the_clients_a_mimic_attacker_copies_are_not_flagged_with_their_copies():
+    """Two attackers copy a different honest update every round (the mimic attack). In its first
+    round nobody has a record and the copied client is flagged with its copies; from then on
+    the copiers are the flagged ones, the copied update is the one consistent with its own past,
+    and its client is not flagged."""
+    rng = np.random.default_rng(0)
+    d = 300
+    shared = rng.normal(size=d)
+    own = {f"h{i}": rng.normal(size=d) for i in range(8)}
+    c = Coordinator(
+        np.zeros(d, np.float32), parse_chain("median"), ServerOptimizer("fedavg"),
+        TrustBook(TrustPolicy()),
+    )  # fmt: skip
+    flagged_after: dict[int, set[str]] = {}
+    for r in range(1, 13):
+        honest = {
+            cid: (shared + v + 0.3 * rng.normal(size=d)).astype(np.float32)
+            for cid, v in own.items()
+        }
+        victim = f"h{r % 8}"
+        sent = dict(honest, x0=honest[victim], x1=honest[victim])
+        ids = sorted(sent)
+        c.finish_round(r, ids, [ClientUpdate(cid, r, sent[cid], 10) for cid in ids])
+        flagged_after[r] = set(c.trust.flagged())
+    assert {"x0", "x1"} <= flagged_after[1]
+    for r in range(3, 13):
+        assert flagged_after[r] == {"x0", "x1"}, (r, flagged_after[r])

@@ -11,6 +11,7 @@ from fedwarden.aggregation.detection import (
     HistoryForecast,
     alignment_z,
     cluster_outliers,
+    copied_originals,
     cosine_matrix,
     excess_kurtosis,
     median_cosine_to_others,
@@ -59,6 +60,32 @@ def test_pair_gap_tells_twins_from_scaled_copies():
     scaled = np.stack([x[2], 10 * x[2]])  # a scaled copy (model replacement) is not a twin
     assert nearest_pair_gap(scaled @ scaled.T) == pytest.approx([9 / 11, 9 / 11])
     assert np.isnan(nearest_pair_gap(np.ones((1, 1)))).all()
+
+
+def test_the_one_unflagged_member_of_a_copied_group_consistent_with_its_past_is_the_original():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(6, 500))
+    x[4] = x[5] = x[1]  # rows 4 and 5 copy row 1
+    gram = x @ x.T
+    suspect = np.array([False, False, False, False, True, True])
+    error = np.array([0.3, 0.25, 0.3, 0.3, 0.9, 1.0])
+    assert copied_originals(gram, suspect, error).tolist() == [False, True] + [False] * 4
+    gap = nearest_pair_gap(gram, copied_originals(gram, suspect, error))
+    assert gap[1] > 0.5  # its nearest update that is not a copy of it
+    assert gap[4] == pytest.approx(0.0, abs=1e-6) and gap[5] == pytest.approx(0.0, abs=1e-6)
+
+    # no original: copiers not yet flagged, a copier as consistent as the copied update, a
+    # member with no history, or one crafted vector sent by flagged clients only
+    assert not copied_originals(gram, np.zeros(6, bool), error).any()
+    close = error.copy()
+    close[4] = 0.4
+    assert not copied_originals(gram, suspect, close).any()
+    fresh = error.copy()
+    fresh[5] = np.nan
+    assert not copied_originals(gram, suspect, fresh).any()
+    everyone = suspect.copy()
+    everyone[1] = True
+    assert not copied_originals(gram, everyone, error).any()
 
 
 def test_median_cosine_leaves_the_client_out_and_sees_flipped_and_random_updates():
