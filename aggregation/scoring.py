@@ -209,7 +209,7 @@ DEFAULT_TRIM_RATIO = 0.1
 
 METRIC_NAMES = ("norm", "norm_z", "cosine", "cohort_cosine", "distance", "krum_score",
                 "trimmed_share", "loss_z", "pair_gap", "cluster_outlier", "median_cosine",
-                "alignment", "kurtosis", "radial")  # fmt: skip
+                "alignment", "kurtosis", "radial", "copied")  # fmt: skip
 """Keys of the dict returned by :func:`client_metrics`, each an array of length K."""
 
 NORM_SCALE_METRIC = "norm_scale"
@@ -399,7 +399,9 @@ def client_metrics(
         |cosine| to another update against chance (``detection.alignment_z``); ``kurtosis``,
         the excess kurtosis of the update's coordinates (``detection.excess_kurtosis``);
         ``radial``, the cosine of the update to ``weights``: honest training grows the weights
-        it starts from, a sign flip shrinks them (:func:`_shrinking_component`).
+        it starts from, a sign flip shrinks them (:func:`_shrinking_component`); ``copied``, 1
+        for an update that flagged clients copied, whose ``pair_gap`` leaves the copies out
+        (NaN without ``suspect`` and ``history_error``).
 
     Norms, cosines, distances and Krum scores all come from one Gram matrix of the rows and the
     aggregate (``_kernels.gram``: BLAS products in the input dtype over column blocks of a fixed
@@ -473,6 +475,7 @@ def client_metrics(
         "alignment": alignment_z(pairwise, d),
         "kurtosis": excess_kurtosis(updates),
         "radial": radial,
+        "copied": np.full(k, np.nan) if copied is None else copied.astype(np.float64),
     }
 
 

@@ -323,8 +323,10 @@ def test_the_clients_a_mimic_attacker_copies_are_not_flagged_with_their_copies()
         victim = f"h{r % 8}"
         sent = dict(honest, x0=honest[victim], x1=honest[victim])
         ids = sorted(sent)
-        c.finish_round(r, ids, [ClientUpdate(cid, r, sent[cid], 10) for cid in ids])
+        rows = c.finish_round(r, ids, [ClientUpdate(cid, r, sent[cid], 10) for cid in ids]).clients
         flagged_after[r] = set(c.trust.flagged())
+        if r >= 3:  # the copied client's record says so; nobody else's does
+            assert {row.client_id for row in rows if row.copied == 1.0} == {victim}
     assert {"x0", "x1"} <= flagged_after[1]
     for r in range(3, 13):
         assert flagged_after[r] == {"x0", "x1"}, (r, flagged_after[r])
