@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.sparse.csgraph import connected_components
 
 from fedwarden.aggregation import _kernels
 
@@ -199,9 +200,14 @@ def nearest_pair_gap(gram: np.ndarray, copied: np.ndarray | None = None) -> np.n
     Returns:
         Float64 array of length K.
     """
-    gap = pair_gaps(gram)
-    if len(gap) < 2:
-        return np.full(len(gap), np.nan)
+    return nearest_gap(pair_gaps(gram), copied)
+
+
+def nearest_gap(gaps: np.ndarray, copied: np.ndarray | None = None) -> np.ndarray:
+    """:func:`nearest_pair_gap` from the :func:`pair_gaps` matrix (not modified)."""
+    if len(gaps) < 2:
+        return np.full(len(gaps), np.nan)
+    gap = np.array(gaps, np.float64)
     if copied is not None:
         for i in np.flatnonzero(copied):
             gap[i, gap[i] < COPY_GAP] = np.nan
@@ -210,7 +216,7 @@ def nearest_pair_gap(gram: np.ndarray, copied: np.ndarray | None = None) -> np.n
 
 
 def copied_originals(
-    gram: np.ndarray,
+    gaps: np.ndarray,
     suspect: np.ndarray,
     history_error: np.ndarray,
     margin: float = COPY_HISTORY_MARGIN,
@@ -226,7 +232,7 @@ def copied_originals(
     with no history) has no original.
 
     Args:
-        gram: ``(K, K)`` Gram matrix of the updates.
+        gaps: ``(K, K)`` :func:`pair_gaps` of the updates.
         suspect: ``(K,)`` booleans, the clients flagged before this round.
         history_error: ``(K,)`` forecast errors (NaN where a client has no history).
         margin: how much smaller the original's forecast error is than every copy's.
@@ -234,26 +240,15 @@ def copied_originals(
     Returns:
         ``(K,)`` booleans, True for an original.
     """
-    gap = pair_gaps(gram)
-    k = len(gap)
     suspect = np.asarray(suspect, bool)
     error = np.asarray(history_error, np.float64)
-    twin = np.nan_to_num(gap, nan=1.0) < COPY_GAP
-    original = np.zeros(k, bool)
-    seen = np.zeros(k, bool)
-    for start in range(k):
-        if seen[start] or not twin[start].any():
-            continue
-        group, frontier = {start}, [start]
-        while frontier:
-            for j in np.flatnonzero(twin[frontier.pop()]):
-                if j not in group:
-                    group.add(int(j))
-                    frontier.append(int(j))
-        members = np.array(sorted(group))
-        seen[members] = True
+    twin = np.nan_to_num(gaps, nan=1.0) < COPY_GAP
+    _, group_of = connected_components(twin, directed=False)
+    original = np.zeros(len(twin), bool)
+    for group in np.unique(group_of):
+        members = np.flatnonzero(group_of == group)
         clean = members[~suspect[members]]
-        if len(clean) != 1 or np.isnan(error[members]).any():
+        if len(members) < 2 or len(clean) != 1 or np.isnan(error[members]).any():
             continue
         copies = members[members != clean[0]]
         if error[clean[0]] <= error[copies].min() - margin:

@@ -153,7 +153,8 @@ from fedwarden.aggregation.detection import (
     cosine_matrix,
     excess_kurtosis,
     median_cosine_to_others,
-    nearest_pair_gap,
+    nearest_gap,
+    pair_gaps,
 )
 
 DEFAULT_ANOMALY_WEIGHTS: dict[str, float] = {
@@ -457,9 +458,10 @@ def client_metrics(
         loss_z = robust_z(losses)
 
     pairwise = cosine_matrix(gram[:k, :k])
+    gaps = pair_gaps(gram[:k, :k])
     copied = None
     if suspect is not None and history_error is not None:
-        copied = copied_originals(gram[:k, :k], suspect, history_error)
+        copied = copied_originals(gaps, suspect, history_error)
     return {
         "norm": norm,
         "norm_z": robust_z(norm),
@@ -469,7 +471,7 @@ def client_metrics(
         "krum_score": krum,
         "trimmed_share": trimmed,
         "loss_z": loss_z,
-        "pair_gap": nearest_pair_gap(gram[:k, :k], copied),
+        "pair_gap": nearest_gap(gaps, copied),
         "cluster_outlier": cluster_outliers(pairwise),
         "median_cosine": median_cosine_to_others(pairwise),
         "alignment": alignment_z(pairwise, d),

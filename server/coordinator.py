@@ -401,16 +401,15 @@ class Coordinator:
                 reference = self._median(matrix, np.ones(len(ids)), None).updates[0]
             else:
                 reference, per_client["trimmed_share"] = median_and_trimmed_shares(matrix)
+            # The history tells an update that flagged clients copied from its copies.
+            history_error = self.history.step(ids, matrix, reference)
+            suspect = np.array([c in self.trust.flagged() for c in ids])
             # Flagged clients do not shape the reference of the cosine: in a round where flagged
             # attackers hold the cohort's median they would look ordinary and the honest
             # clients odd, and the round would clear them.
-            # The history tells an update that flagged clients copied from its copies.
-            history_error = self.history.step(ids, matrix, reference)
-            flagged_before = self.trust.flagged()
             metrics = client_metrics(
-                matrix, reference, losses, per_client, trusted=self._trusted_rows(ids),
-                weights=trained_from, suspect=np.array([c in flagged_before for c in ids]),
-                history_error=history_error,
+                matrix, reference, losses, per_client, trusted=_trusted_rows(suspect),
+                weights=trained_from, suspect=suspect, history_error=history_error,
             )  # fmt: skip
             metrics["num_examples"] = np.array([u.num_examples for u in admitted], np.float64)
             metrics[HISTORY_METRIC] = history_error
@@ -465,15 +464,6 @@ class Coordinator:
             time.perf_counter() - start,
             intake.received,
         )
-
-    def _trusted_rows(self, ids: list[str]) -> np.ndarray | None:
-        """Which rows make the cosine's reference: the clients not flagged, when at least half
-        the cohort (and 3 rows) are not; None means every row."""
-        flagged = self.trust.flagged()
-        trusted = np.array([c not in flagged for c in ids])
-        if trusted.all() or trusted.sum() < max(3, (len(ids) + 1) // 2):
-            return None
-        return trusted
 
     def _aggregate(
         self, matrix: np.ndarray, weights: np.ndarray, ids: list[str] | None = None
@@ -531,3 +521,12 @@ class Coordinator:
         if "history" in state:  # checkpoints from before the history signal have none
             self.history.load_state_dict(state["history"])
         self.norm_scales = [float(v) for v in state.get("norm_scales", [])]
+
+
+def _trusted_rows(flagged: np.ndarray) -> np.ndarray | None:
+    """Which rows make the cosine's reference: the clients not flagged, when at least half the
+    cohort (and 3 rows) are not; None means every row."""
+    trusted = ~flagged
+    if trusted.all() or trusted.sum() < max(3, (len(flagged) + 1) // 2):
+        return None
+    return trusted

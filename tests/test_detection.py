@@ -17,6 +17,7 @@ from fedwarden.aggregation.detection import (
     median_cosine_to_others,
     nearest_pair_gap,
     noise_like,
+    pair_gaps,
 )
 from fedwarden.aggregation.scoring import (
     DEFAULT_ANOMALY_WEIGHTS,
@@ -67,25 +68,26 @@ def test_the_one_unflagged_member_of_a_copied_group_consistent_with_its_past_is_
     x = rng.normal(size=(6, 500))
     x[4] = x[5] = x[1]  # rows 4 and 5 copy row 1
     gram = x @ x.T
+    gaps = pair_gaps(gram)
     suspect = np.array([False, False, False, False, True, True])
     error = np.array([0.3, 0.25, 0.3, 0.3, 0.9, 1.0])
-    assert copied_originals(gram, suspect, error).tolist() == [False, True] + [False] * 4
-    gap = nearest_pair_gap(gram, copied_originals(gram, suspect, error))
+    assert copied_originals(gaps, suspect, error).tolist() == [False, True] + [False] * 4
+    gap = nearest_pair_gap(gram, copied_originals(gaps, suspect, error))
     assert gap[1] > 0.5  # its nearest update that is not a copy of it
     assert gap[4] == pytest.approx(0.0, abs=1e-6) and gap[5] == pytest.approx(0.0, abs=1e-6)
 
     # no original: copiers not yet flagged, a copier as consistent as the copied update, a
     # member with no history, or one crafted vector sent by flagged clients only
-    assert not copied_originals(gram, np.zeros(6, bool), error).any()
+    assert not copied_originals(gaps, np.zeros(6, bool), error).any()
     close = error.copy()
     close[4] = 0.4
-    assert not copied_originals(gram, suspect, close).any()
+    assert not copied_originals(gaps, suspect, close).any()
     fresh = error.copy()
     fresh[5] = np.nan
-    assert not copied_originals(gram, suspect, fresh).any()
+    assert not copied_originals(gaps, suspect, fresh).any()
     everyone = suspect.copy()
     everyone[1] = True
-    assert not copied_originals(gram, everyone, error).any()
+    assert not copied_originals(gaps, everyone, error).any()
 
 
 def test_median_cosine_leaves_the_client_out_and_sees_flipped_and_random_updates():
