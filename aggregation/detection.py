@@ -215,6 +215,19 @@ def nearest_gap(gaps: np.ndarray, copied: np.ndarray | None = None) -> np.ndarra
     return np.where(np.isfinite(gap), gap, np.nan)
 
 
+def repeated_rows(gaps: np.ndarray) -> np.ndarray:
+    """The rows within :data:`COPY_GAP` of an earlier row: every copy but the first of a group.
+
+    Args:
+        gaps: ``(K, K)`` :func:`pair_gaps` of the updates.
+
+    Returns:
+        ``(K,)`` booleans, True for a row that repeats an earlier one.
+    """
+    twin = np.nan_to_num(np.asarray(gaps, np.float64), nan=1.0) < COPY_GAP
+    return np.tril(twin, k=-1).any(axis=1)
+
+
 def copied_originals(
     gaps: np.ndarray,
     suspect: np.ndarray,

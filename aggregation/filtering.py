@@ -38,6 +38,8 @@ from fedwarden.aggregation.detection import (
     alignment_z,
     excess_kurtosis,
     noise_like,
+    pair_gaps,
+    repeated_rows,
 )
 
 __all__ = [
@@ -347,7 +349,10 @@ class ClippedClustering:
     40%) sets the clipping bound at a noise norm and the noise is averaged in unclipped. Honest
     updates are heavy tailed and share the loss's descent direction (docs/results.md, "Noise
     majorities", measures how far from the lines they sit). When ``d`` is too small for the test
-    or a single update arrives, nothing is set aside.
+    or a single update arrives, nothing is set aside. A second: an update within
+    ``detection.COPY_GAP`` of an earlier one in the cohort counts once (``copies_count``), so an
+    attacker gains no weight by sending another client's update again (mimic) or one crafted
+    vector from many clients; honest updates sit 0.3 and more apart on Fashion-MNIST.
 
     References:
       Li, Ngai and Voigt 2023, "An Experimental Study of Byzantine-Robust Aggregation Schemes in
@@ -373,11 +378,15 @@ class ClippedClustering:
         self.check(k)
         norms = np.linalg.norm(updates.astype(np.float64), axis=1)
         dist = _cosine_distances(updates)
-        alignment = alignment_z(1.0 - dist, updates.shape[1])
-        kurtosis = np.full(k, np.nan)
+        # A copy counts once: the round goes on as if it had not come.
+        copies = repeated_rows(pair_gaps(norms[:, None] * norms[None, :] * (1.0 - dist)))
+        distinct = np.flatnonzero(~copies)
+        alignment = alignment_z(1.0 - dist[np.ix_(distinct, distinct)], updates.shape[1])
+        kurtosis = np.full(len(distinct), np.nan)
         low = np.flatnonzero(alignment < UNALIGNED_Z)  # the shape matters only there
-        kurtosis[low] = excess_kurtosis(updates[low])
-        aligned = ~noise_like(alignment, kurtosis)
+        kurtosis[low] = excess_kurtosis(updates[distinct[low]])
+        aligned = np.zeros(k, bool)
+        aligned[distinct] = ~noise_like(alignment, kurtosis)
         past = np.asarray(state if state is not None else [], float)
         history = np.concatenate([past, norms[aligned]])
         # A first round has no past to trust: half its cohort may be attackers with large norms.
@@ -395,7 +404,11 @@ class ClippedClustering:
             weights,
             keep,
             state=history,
-            measurements={"clip_norm": bound, "unaligned_count": int(k - aligned.sum())},
+            measurements={
+                "clip_norm": bound,
+                "unaligned_count": int((~aligned & ~copies).sum()),
+                "copies_count": int(copies.sum()),
+            },
         )
 
     def __repr__(self) -> str:

@@ -230,6 +230,23 @@ def test_clipped_clustering_bounds_a_first_round_that_half_the_cohort_attacks():
     assert np.linalg.norm(out.updates[0]) <= largest_honest * (1 + 1e-6)
 
 
+def test_clipped_clustering_counts_copies_of_one_update_once():
+    # Mimic: three attackers resend the honest update farthest from the rest. Without the rule
+    # the four equal rows move the clipping bound and weigh four times in the clustering; with
+    # it the round aggregates as if the copies had not come.
+    honest, base, rng = cohort(h=7, d=2000, spread=0.1)
+    honest[0] = (0.3 * base + rng.normal(0.0, 0.1, 2000)).astype(np.float32)
+    copies = np.repeat(honest[:1], 3, 0)
+    step = clipped_clustering()
+    alone = run(step, honest)
+    copied = run(step, np.concatenate([honest, copies]))
+    assert copied.measurements["copies_count"] == 3
+    np.testing.assert_array_equal(copied.per_client["selected"][7:], 0.0)
+    np.testing.assert_array_equal(copied.per_client["selected"][:7], alone.per_client["selected"])
+    np.testing.assert_allclose(copied.updates, alone.updates, rtol=1e-6)
+    np.testing.assert_array_equal(copied.state, alone.state)
+
+
 def test_clipped_clustering_keeps_nothing_when_no_update_has_a_partner():
     rng = np.random.default_rng(3)
     out = run(clipped_clustering(), rng.normal(0.0, 1.0, (5, 4000)).astype(np.float32))
