@@ -39,6 +39,7 @@ References:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from scipy.sparse.csgraph import connected_components
@@ -358,6 +359,20 @@ def _unit(rows: np.ndarray) -> np.ndarray:
     return np.where(norm > 0, rows / np.where(norm > 0, norm, 1.0), 0.0)
 
 
+class HistoryScores(NamedTuple):
+    """What :meth:`HistoryForecast.step` measures of each update of a round.
+
+    error: ``1 - cos`` of the client's deviation to its own forecast (NaN in its first round).
+    kinship: the largest cosine of the client's deviation to another client's forecast (NaN
+        while no other client has a history). Clients poisoned the same way deviate the same
+        way in whichever rounds they are sampled (on Fashion-MNIST at Dirichlet 0.5, label
+        noise attackers 0.53-0.66, honest clients at most 0.55); honest clients' data differ.
+    """
+
+    error: np.ndarray
+    kinship: np.ndarray
+
+
 class HistoryForecast:
     """Each client's consistency with its own past updates, on a sketch of the update.
 
@@ -391,8 +406,10 @@ class HistoryForecast:
             self._sketch = CountSketch(d, self.sketch_dim, self.seed)
         return _unit(self._sketch(updates) - self._sketch(reference)[None, :])
 
-    def step(self, client_ids: list[str], updates: np.ndarray, reference: np.ndarray) -> np.ndarray:
-        """Forecast errors of this round's updates, then folds them into the history.
+    def step(
+        self, client_ids: list[str], updates: np.ndarray, reference: np.ndarray
+    ) -> HistoryScores:
+        """This round's updates scored against the histories, then folded into them.
 
         Args:
             client_ids: one id per row of ``updates``.
@@ -400,7 +417,7 @@ class HistoryForecast:
             reference: ``(d,)`` the cohort's reference (its coordinate-wise median).
 
         Returns:
-            Float64 array of length K: ``1 - cos`` to the forecast, NaN for a client never seen.
+            :class:`HistoryScores`, two float64 arrays of length K.
         """
         updates = np.asarray(updates)
         if len(client_ids) != len(updates):
@@ -410,8 +427,9 @@ class HistoryForecast:
             )
         errors = np.full(len(client_ids), np.nan)
         if len(updates) == 0:
-            return errors
+            return HistoryScores(errors, errors.copy())
         deviations = self._deviations(updates, np.asarray(reference).reshape(-1))
+        kinship = self._kinship(client_ids, deviations)
         for i, cid in enumerate(client_ids):
             past = self._forecast.get(cid)
             now = deviations[i].astype(np.float32)
@@ -424,7 +442,20 @@ class HistoryForecast:
                     np.float32
                 )
             self._seen[cid] = self._seen.get(cid, 0) + 1
-        return errors
+        return HistoryScores(errors, kinship)
+
+    def _kinship(self, client_ids: list[str], deviations: np.ndarray) -> np.ndarray:
+        kinship = np.full(len(client_ids), np.nan)
+        others = list(self._forecast)
+        if not others:
+            return kinship
+        column = {c: j for j, c in enumerate(others)}
+        similar = deviations @ _unit(np.stack([self._forecast[c] for c in others])).T
+        for i, cid in enumerate(client_ids):
+            if cid in column:  # a client's own past is the error's business, not kinship's
+                similar[i, column[cid]] = -np.inf
+        best = similar.max(axis=1)
+        return np.where(np.isfinite(best), best, np.nan)
 
     def seen(self, client_id: str) -> int:
         """Rounds in which the client's update entered the history."""

@@ -219,6 +219,10 @@ NORM_SCALE_METRIC = "norm_scale"
 HISTORY_METRIC = "history_error"
 """Key under which the coordinator adds ``detection.HistoryForecast`` errors to the metrics."""
 
+KINSHIP_METRIC = "kinship"
+"""Key under which the coordinator adds ``detection.HistoryScores.kinship`` to the metrics:
+measured and recorded, not scored (no component reads it; docs/results.md, "Kinship")."""
+
 VALIDATION_METRIC = "validation_loss_change"
 CLASS_VALIDATION_METRIC = "validation_class_change"
 EFFECT_METRIC = "validation_effect"

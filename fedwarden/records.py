@@ -122,6 +122,7 @@ class ClientRound(_Record):
     num_examples: float | None = _field(float, shown=False)  # as the client reported them
     norm_scale: float | None = _field(float, shown=False)  # earlier rounds' unflagged norms
     history_error: float | None = _field(float)
+    kinship: float | None = _field(float, shown=False)  # likeness to another client's past
     copied: float | None = _field(float, shown=False)  # 1: flagged clients sent copies of it
     validation_loss_change: float | None = _field(float, shown=False)  # server/validation.py
     validation_class_change: float | None = _field(float, shown=False)

@@ -25,6 +25,7 @@ from fedwarden.aggregation.detection import HistoryForecast
 from fedwarden.aggregation.rules import median
 from fedwarden.aggregation.scoring import (
     HISTORY_METRIC,
+    KINSHIP_METRIC,
     NORM_SCALE_METRIC,
     anomaly_components,
     anomaly_score,
@@ -402,17 +403,18 @@ class Coordinator:
             else:
                 reference, per_client["trimmed_share"] = median_and_trimmed_shares(matrix)
             # The history tells an update that flagged clients copied from its copies.
-            history_error = self.history.step(ids, matrix, reference)
+            history = self.history.step(ids, matrix, reference)
             suspect = np.array([c in self.trust.flagged() for c in ids])
             # Flagged clients do not shape the reference of the cosine: in a round where flagged
             # attackers hold the cohort's median they would look ordinary and the honest
             # clients odd, and the round would clear them.
             metrics = client_metrics(
                 matrix, reference, losses, per_client, trusted=_trusted_rows(suspect),
-                weights=trained_from, suspect=suspect, history_error=history_error,
+                weights=trained_from, suspect=suspect, history_error=history.error,
             )  # fmt: skip
             metrics["num_examples"] = np.array([u.num_examples for u in admitted], np.float64)
-            metrics[HISTORY_METRIC] = history_error
+            metrics[HISTORY_METRIC] = history.error
+            metrics[KINSHIP_METRIC] = history.kinship
             if self.validation is not None:
                 metrics.update(self.validation.measure(trained_from, matrix))
             if self.norm_scales:

@@ -141,9 +141,9 @@ def test_history_forecast_rewards_consistency_and_survives_a_checkpoint():
         return np.stack(rows)
 
     first = forecast.step(ids, round_updates(), np.zeros(d))
-    assert np.isnan(first).all()  # no history yet
+    assert np.isnan(first.error).all() and np.isnan(first.kinship).all()  # no history yet
     for _ in range(3):
-        errors = forecast.step(ids, round_updates(), np.zeros(d))
+        errors = forecast.step(ids, round_updates(), np.zeros(d)).error
     assert errors[0] < 0.2 and errors[1] > 0.8
     assert forecast.seen("steady") == 4 and forecast.seen("nobody") == 0
     restored.load_state_dict(forecast.state_dict())
@@ -153,6 +153,31 @@ def test_history_forecast_rewards_consistency_and_survives_a_checkpoint():
     )
     with pytest.raises(ValueError, match="one client id per update row"):
         forecast.step(ids[:2], updates, np.zeros(d))
+
+
+def test_kinship_finds_clients_poisoned_alike_in_rounds_they_never_shared():
+    # Each client deviates along its own data's direction; the two poisoned ones also along one
+    # shared direction (label noise pulls every poisoned model the same way). They are never
+    # sampled together, and the client's own past does not count as kin.
+    rng = np.random.default_rng(8)
+    d = 4000
+    honest = [f"h{i}" for i in range(8)]
+    own = {c: rng.normal(size=d) for c in [*honest, "p0", "p1"]}
+    poison = 1.5 * rng.normal(size=d)
+    forecast = HistoryForecast(sketch_dim=256)
+
+    def sent(c):
+        return own[c] + (poison if c.startswith("p") else 0.0) + 0.3 * rng.normal(size=d)
+
+    for _ in range(2):  # nobody else has a past yet, and its own is not kin
+        assert np.isnan(forecast.step(["p0"], sent("p0")[None], np.zeros(d)).kinship).all()
+    forecast.step(
+        ["p0", *honest[:4]], np.stack([sent(c) for c in ["p0", *honest[:4]]]), np.zeros(d)
+    )
+    cohort = ["p1", *honest]
+    scores = forecast.step(cohort, np.stack([sent(c) for c in cohort]), np.zeros(d))
+    assert scores.kinship[0] > 0.5
+    assert scores.kinship[1:].max() < 0.2
 
 
 def test_identical_crafted_updates_light_up_collusion_and_centrality():
