@@ -120,7 +120,7 @@ def test_a_spilled_round_equals_the_round_in_memory_and_leaves_no_file(chain, tm
         assert a.admitted == b.admitted and a.flagged == b.flagged
         for row_a, row_b in zip(a.clients, b.clients, strict=True):
             for key in ("anomaly", "trust", "norm", "cosine", "krum_score", "trimmed_share",
-                        "pair_gap", "history_error"):  # fmt: skip
+                        "pair_gap", "history_error", "kinship"):  # fmt: skip
                 np.testing.assert_allclose(
                     field(row_b, key), field(row_a, key), rtol=1e-6, equal_nan=True
                 )
