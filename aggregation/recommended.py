@@ -18,8 +18,8 @@ __all__ = ["AUTO_SPEC", "auto"]
 # Chosen from the Fashion-MNIST grid of docs/results.md: the smallest clean cost and the best
 # result against the most attacks. Runs under auto exclude flagged clients by default
 # (fedwarden/config.py): with that, at 50 rounds over three seeds it stays within 3 points of
-# clean FedAvg under every attack of the suite but ALIE (3.3 points by the final round, 2.0 on
-# the last ten rounds' mean; mimic is on the same line with five seeds), keeps both backdoors at
+# clean FedAvg under every attack of the suite but ALIE (3.3 points by the final round, 3.6 over
+# ten seeds; 2.0 and 2.6 on the last ten rounds' mean), keeps both backdoors at
 # or under 5% and costs 0.9 points with no attack (6.1 clean at Dirichlet 0.1), and at 40%
 # malicious every run of the anchors' attacks ends above their range (DBA still succeeds in one
 # seed of three there). The chain alone, without exclusion, fell inside that range in two 40%
