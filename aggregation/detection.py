@@ -211,9 +211,14 @@ def nearest_gap(gaps: np.ndarray, copied: np.ndarray | None = None) -> np.ndarra
     gap = np.array(gaps, np.float64)
     if copied is not None:
         for i in np.flatnonzero(copied):
-            gap[i, gap[i] < COPY_GAP] = np.nan
+            gap[i, copy_pairs(gap[i])] = np.nan
     gap = np.where(np.isnan(gap), np.inf, gap).min(axis=1)
     return np.where(np.isfinite(gap), gap, np.nan)
+
+
+def copy_pairs(gaps: np.ndarray) -> np.ndarray:
+    """``(K, K)`` booleans: the pairs of :func:`pair_gaps` within :data:`COPY_GAP` (NaN is not)."""
+    return np.nan_to_num(np.asarray(gaps, np.float64), nan=1.0) < COPY_GAP
 
 
 def repeated_rows(gaps: np.ndarray) -> np.ndarray:
@@ -225,8 +230,7 @@ def repeated_rows(gaps: np.ndarray) -> np.ndarray:
     Returns:
         ``(K,)`` booleans, True for a row that repeats an earlier one.
     """
-    twin = np.nan_to_num(np.asarray(gaps, np.float64), nan=1.0) < COPY_GAP
-    return np.tril(twin, k=-1).any(axis=1)
+    return np.tril(copy_pairs(gaps), k=-1).any(axis=1)
 
 
 def copied_originals(
@@ -256,7 +260,7 @@ def copied_originals(
     """
     suspect = np.asarray(suspect, bool)
     error = np.asarray(history_error, np.float64)
-    twin = np.nan_to_num(gaps, nan=1.0) < COPY_GAP
+    twin = copy_pairs(gaps)
     _, group_of = connected_components(twin, directed=False)
     original = np.zeros(len(twin), bool)
     for group in np.unique(group_of):

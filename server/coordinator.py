@@ -404,7 +404,8 @@ class Coordinator:
                 reference, per_client["trimmed_share"] = median_and_trimmed_shares(matrix)
             # The history tells an update that flagged clients copied from its copies.
             history = self.history.step(ids, matrix, reference)
-            suspect = np.array([c in self.trust.flagged() for c in ids])
+            flagged_before = self.trust.flagged()
+            suspect = np.array([c in flagged_before for c in ids])
             # Flagged clients do not shape the reference of the cosine: in a round where flagged
             # attackers hold the cohort's median they would look ordinary and the honest
             # clients odd, and the round would clear them.
