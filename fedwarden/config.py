@@ -268,6 +268,14 @@ class TrainingConfig(Section):
         low=1,
         metavar="N",
     )
+    average_last_rounds: int = option(
+        1,
+        "the run hands back the mean of the global models of its last N rounds, and its last "
+        "round is evaluated on that model (the last model's figures stay in the round's "
+        "last_model); 1: the last round's model",
+        low=1,
+        metavar="N",
+    )
 
 
 @dataclass(frozen=True)
@@ -755,6 +763,11 @@ class Config:
             raise UsageError(
                 f"--malicious-fraction {a.malicious_fraction} of {d.clients} clients is no "
                 "attacker at all; raise the fraction or use --attack none"
+            )
+        if t.average_last_rounds > t.rounds:
+            raise UsageError(
+                f"--average-last-rounds ({t.average_last_rounds}) is more than --rounds "
+                f"({t.rounds}); lower it or raise --rounds"
             )
         if a.name != "none" and a.start_round > t.rounds:
             raise UsageError(

@@ -28,6 +28,7 @@ Example (a transport that trains nobody; see tests/test_driver.py for more)::
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -45,6 +46,8 @@ from fedwarden.server.coordinator import Coordinator, RoundOutcome
 
 Evaluate = Callable[[np.ndarray], tuple[float, float, float | None]]
 """Flat weights -> (loss, accuracy, attack success rate or None) on held-out data."""
+
+log = logging.getLogger("fedwarden.driver")
 
 
 @dataclass
@@ -71,6 +74,40 @@ class Transport(Protocol):
 
 
 @dataclass
+class ModelAverage:
+    """The mean of the global models after rounds ``first`` up to the run's last, the model a
+    run hands back under ``--average-last-rounds``: one running sum, carried by the checkpoint.
+
+    Each round's model rests on one sampled cohort (and, under a filtering rule, on the part of
+    it the rule kept), so consecutive rounds' accuracies swing by points; their mean, as in
+    stochastic weight averaging, does not follow any one round's swing.
+    """
+
+    first: int
+    total: np.ndarray | None = None
+    count: int = 0
+
+    def add(self, round_number: int, weights: np.ndarray) -> None:
+        if round_number < self.first:
+            return
+        weights = np.asarray(weights, np.float64)
+        self.total = weights.copy() if self.total is None else self.total + weights
+        self.count += 1
+
+    def model(self) -> np.ndarray | None:
+        """The mean so far (float32), or None before the window's first round."""
+        return None if self.total is None else (self.total / self.count).astype(np.float32)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"first": self.first, "total": self.total, "count": self.count}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> ModelAverage:
+        total = state.get("total")
+        return cls(int(state["first"]), None if total is None else np.asarray(total), int(state["count"]))
+
+
+@dataclass
 class History:
     """What a run has done so far, as ``results.json`` and the trust plot need it.
 
@@ -83,6 +120,7 @@ class History:
     trust: dict[str, list[float | None]] = field(default_factory=dict)
     flagged: list[list[str]] = field(default_factory=list)
     examples: dict[str, int] = field(default_factory=dict)
+    average: ModelAverage | None = None
 
     def add(
         self, record: dict[str, Any], outcome: RoundOutcome, updates: list[ClientUpdate],
@@ -105,6 +143,7 @@ class History:
             "trust_by_round": self.trust,
             "flagged_by_round": self.flagged,
             "examples": self.examples,
+            **({} if self.average is None else {"model_average": self.average.state_dict()}),
         }
 
     @classmethod
@@ -115,6 +154,7 @@ class History:
             dict(saved.get("trust_by_round", {})),
             list(saved.get("flagged_by_round", [])),
             dict(saved.get("examples", {})),
+            ModelAverage.from_state(saved["model_average"]) if "model_average" in saved else None,
         )
 
 
@@ -250,6 +290,9 @@ class RoundDriver:
       history: what a resumed run has done so far.
       population: every client id when the run knows them (trust is recorded for each).
       state_dir: where the run persists (named when it cannot be written).
+      average_last: the run hands back the mean of the global models of its last
+        ``average_last`` rounds (:class:`ModelAverage`); the last round is evaluated on it and
+        its record keeps the last round's own model under ``last_model``. 1: the last model.
 
     ``run`` returns why it ended: ``"done"``, or the reason given to ``stop`` (a callback's
     ``"budget"``, a signal's ``"stopped"``).
@@ -266,6 +309,7 @@ class RoundDriver:
         history: History | None = None,
         population: Iterable[str] | None = None,
         state_dir: Path | None = None,
+        average_last: int = 1,
     ):
         self.coordinator = coordinator
         self.transport = transport
@@ -278,8 +322,29 @@ class RoundDriver:
         self.outcome: RoundOutcome | None = None  # the last round's, for callbacks
         self.cohort: Cohort | None = None
         self.stop_reason: str | None = None
+        if average_last > 1:
+            self._average_from(max(1, rounds - average_last + 1))
         for callback in self.callbacks:
             callback.set_driver(self)
+
+    def _average_from(self, first: int) -> None:
+        saved = self.history.average
+        if saved is not None and saved.first == first:
+            return
+        done = self.coordinator.round
+        if done >= first:  # a resumed run whose --rounds moved the window over rounds it ran
+            log.warning(
+                "the model average of rounds %d-%d can only hold rounds %d-%d: the models of "
+                "rounds %d-%d were not kept",
+                first, self.rounds, done + 1, self.rounds, first, done,
+            )  # fmt: skip
+        self.history.average = ModelAverage(max(first, done + 1))
+
+    def final_weights(self) -> np.ndarray:
+        """The model the run hands back: the mean of its last rounds' models under
+        ``average_last``, once that window has begun; else the last round's model."""
+        average = self.history.average.model() if self.history.average is not None else None
+        return self.coordinator.weights if average is None else average
 
     @property
     def stopping(self) -> bool:
@@ -318,7 +383,15 @@ class RoundDriver:
         except (OSError, sqlite3.Error) as exc:  # the ledger could not be written
             raise unwritable(self.state_dir or Path("."), round_number, exc) from None
         faults.point("ledger", round_number)
+        average = self.history.average
+        if average is not None:
+            average.add(round_number, self.coordinator.weights)
         loss, accuracy, asr = self.evaluate(self.coordinator.weights)
+        handed_back = {}
+        if average is not None and round_number == self.rounds:
+            last = {"accuracy": accuracy, "loss": loss, "attack_success_rate": asr}
+            handed_back = {"last_model": last, "averaged_rounds": [average.first, round_number]}
+            loss, accuracy, asr = self.evaluate(self.final_weights())
         record = {
             "round": round_number,
             "accuracy": accuracy,
@@ -334,6 +407,7 @@ class RoundDriver:
             "attempts": cohort.attempt + 1,
             "duration_s": time.perf_counter() - start,
             "measurements": checkpoint.jsonable(outcome.measurements),
+            **handed_back,
         }
         # The updates may have been a generator or an intake: what the callbacks read of them
         # (ids, example counts) is in the receipts.

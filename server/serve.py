@@ -379,6 +379,7 @@ class Server:
             ],
             history=history,
             state_dir=self.state_dir,
+            average_last=c.average_last_rounds,
         )
         if self._stop:
             self.driver.stop("stopped")

@@ -121,6 +121,7 @@ NEWCOMER = [
     ([*COMPARE, "--metrics-port", "9100"], "--metrics-port is a setting"),
     # settings that contradict each other or name nothing
     (["simulate", "--clients", "5", "--clients-per-round", "8"], "cannot exceed --clients (5)"),
+    (["simulate", "--rounds", "3", "--average-last-rounds", "5"], "is more than --rounds (3)"),
     (["simulate", "--attack", "meteor"], "unknown attack 'meteor'"),
     (["simulate", "--aggregator", "avg"], "unknown aggregation step 'avg'"),
     (["simulate", "--clients", "5", "--aggregator", "krum:num_byzantine=2"], "krum needs"),

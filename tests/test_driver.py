@@ -150,17 +150,71 @@ def test_dp_gauges_come_from_the_measurement_names():
 
 
 def run_to(state: Path, rounds: int, config: dict, history: History | None = None,
-           coordinator: Coordinator | None = None) -> RoundDriver:  # fmt: skip
-    """Runs to ``rounds`` with a checkpoint and results.json in ``state``; trust in its ledger."""
+           coordinator: Coordinator | None = None, average_last: int = 1,
+           crash_after: int | None = None) -> RoundDriver:  # fmt: skip
+    """Runs to ``rounds`` (or stops after ``crash_after``) with a checkpoint and results.json in
+    ``state``; trust in its ledger."""
     state.mkdir(exist_ok=True)
     info = RunInfo(config, population={cid: 10 for cid in IDS}, malicious=frozenset({"d"}))
     writer = Checkpoint(state, state / "results.json", info, shapes=[(DIM,)])
+    crash = LambdaCallback(on_round_end=lambda r, logs: r == crash_after and driver.stop("crash"))
     driver = RoundDriver(
-        coordinator or make_coordinator(Ledger(state / "ledger.sqlite")), FakeClients(), evaluate, rounds, [writer],
-        history=history, population=IDS, state_dir=state,
+        coordinator or make_coordinator(Ledger(state / "ledger.sqlite")), FakeClients(), evaluate, rounds, [writer, crash],
+        history=history, population=IDS, state_dir=state, average_last=average_last,
     )  # fmt: skip
     driver.run()
     return driver
+
+
+def resume(state: Path, config: dict, rounds: int, average_last: int = 1) -> RoundDriver:
+    """Continues the run in ``state`` from its latest checkpoint, as ``--resume`` does."""
+    saved = checkpoint.load_latest(state)
+    ledger = Ledger(state / "ledger.sqlite")
+    ledger.truncate_after(saved["round"])
+    coordinator = make_coordinator(ledger)
+    coordinator.load_state_dict(saved["coordinator"])
+    return run_to(state, rounds, config, History.from_state(saved), coordinator, average_last)
+
+
+def test_the_last_round_is_evaluated_on_the_mean_of_the_last_rounds_models(tmp_path):
+    seen: list[np.ndarray] = []
+
+    def remember(weights):
+        seen.append(weights.copy())
+        return evaluate(weights)
+
+    driver = RoundDriver(make_coordinator(), FakeClients(), remember, 5, average_last=3)
+    driver.run()
+    models = seen[:5]  # one evaluation per round of its own model, then the handed-back one
+    mean = np.mean(np.asarray(models[2:5], np.float64), axis=0)
+    np.testing.assert_allclose(seen[5], mean, rtol=1e-6)
+    np.testing.assert_allclose(driver.final_weights(), mean, rtol=1e-6)
+    np.testing.assert_array_equal(driver.coordinator.weights, models[4])  # training goes on from it
+    last = driver.history.rounds[-1]
+    assert last["averaged_rounds"] == [3, 5]
+    assert last["accuracy"] == pytest.approx(evaluate(mean)[1])
+    assert last["last_model"]["accuracy"] == pytest.approx(evaluate(models[4])[1])
+    assert last["accuracy"] != pytest.approx(last["last_model"]["accuracy"])
+    assert all("last_model" not in r for r in driver.history.rounds[:-1])
+
+
+def test_a_run_that_crashes_inside_the_average_resumes_to_the_same_model(tmp_path):
+    config = {"rounds": 5, "aggregator": "median"}
+    straight = run_to(tmp_path / "straight", 5, config, average_last=3)
+    run_to(tmp_path / "resumed", 5, config, average_last=3, crash_after=4)
+    assert checkpoint.load_latest(tmp_path / "resumed")["model_average"]["count"] == 2
+    resumed = resume(tmp_path / "resumed", config, 5, average_last=3)
+    np.testing.assert_array_equal(resumed.final_weights(), straight.final_weights())
+    assert resumed.history.rounds[-1]["accuracy"] == straight.history.rounds[-1]["accuracy"]
+
+
+def test_more_rounds_on_resume_average_only_the_rounds_still_to_run(tmp_path, caplog):
+    config = {"rounds": 4, "aggregator": "median"}
+    run_to(tmp_path / "run", 4, config, average_last=3)
+    with caplog.at_level("WARNING", logger="fedwarden.driver"):
+        driver = resume(tmp_path / "run", {**config, "rounds": 6}, 6, average_last=3)
+    assert "rounds 4-6 can only hold rounds 5-6" in caplog.text
+    assert driver.history.rounds[-1]["averaged_rounds"] == [5, 6]
 
 
 def test_a_resumed_run_writes_the_results_of_a_straight_one(tmp_path):
@@ -170,11 +224,7 @@ def test_a_resumed_run_writes_the_results_of_a_straight_one(tmp_path):
     saved = checkpoint.load_latest(tmp_path / "resumed")
     assert saved["round"] == 2
     check_resume(saved, config, [(DIM,)], tmp_path)  # only --rounds changed: allowed
-    ledger = Ledger(tmp_path / "resumed" / "ledger.sqlite")
-    ledger.truncate_after(2)
-    coordinator = make_coordinator(ledger)
-    coordinator.load_state_dict(saved["coordinator"])
-    run_to(tmp_path / "resumed", 4, config, History.from_state(saved), coordinator)
+    resume(tmp_path / "resumed", config, 4)
 
     def read(name: str) -> dict:
         results = json.loads((tmp_path / name / "results.json").read_text())
