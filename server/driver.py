@@ -104,7 +104,9 @@ class ModelAverage:
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> ModelAverage:
         total = state.get("total")
-        return cls(int(state["first"]), None if total is None else np.asarray(total), int(state["count"]))
+        return cls(
+            int(state["first"]), None if total is None else np.asarray(total), int(state["count"])
+        )
 
 
 @dataclass
