@@ -49,8 +49,9 @@ def test_the_schema_names_every_setting():
         dict(attack="gaussian", aggregator="clip:max_norm=5+median"),
         dict(attack="backdoor", dp="central", dp_noise_multiplier=0.5, dp_clip=0.5),
         dict(dp_sgd=True, dp_sgd_noise_multiplier=1.0, aggregator="trimmed_mean"),
+        dict(attack="backdoor", average_last_rounds=2),
     ],
-    ids=["model-poisoning", "data-poisoning-central-dp", "dp-sgd"],
+    ids=["model-poisoning", "data-poisoning-central-dp", "dp-sgd", "averaged-model"],
 )
 def test_simulation_results_follow_the_schema(settings, validator, tmp_path):
     import fedwarden
@@ -63,6 +64,11 @@ def test_simulation_results_follow_the_schema(settings, validator, tmp_path):
     if "attack" in settings:
         assert written["attack"]["name"] == settings["attack"]
         assert written["attack"]["kind"] in ("data", "model")
+    if "average_last_rounds" in settings:
+        last = written["rounds"][-1]
+        assert last["averaged_rounds"] == [SMALL["rounds"] - 1, SMALL["rounds"]]
+        assert last["last_model"]["attack_success_rate"] is not None
+        assert written["final"]["accuracy"] == last["accuracy"]
 
 
 def test_deployment_results_follow_the_schema(validator, tmp_path):
