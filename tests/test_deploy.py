@@ -624,6 +624,7 @@ def test_deployment_survives_sigkill_and_finishes_every_round_once(tmp_path, pro
     certs = make_certs(tmp_path / "certs", [])
     tokens = write_tokens(tmp_path / "tokens.toml")
     serve = ["serve", *SERVE_ARGS, *"--rounds 6 --min-clients 4 --clients-per-round 4".split(),
+             "--average-last-rounds", "3",
              "--state-dir", str(state), "--tokens", str(tokens), "--tls-cert",
              str(certs["server.pem"]), "--tls-key", str(certs["server.key"]),
              "--metrics-port", "0"]  # fmt: skip
@@ -684,6 +685,9 @@ def test_deployment_survives_sigkill_and_finishes_every_round_once(tmp_path, pro
     assert [r["round"] for r in results["rounds"]] == [1, 2, 3, 4, 5, 6], accuracy
     assert results["final"]["accuracy"] >= 0.85, accuracy
     assert results["final"]["accuracy"] == results["rounds"][-1]["accuracy"]
+    # the model handed back is the mean of rounds 4-6, begun after the restart
+    assert results["rounds"][-1]["averaged_rounds"] == [4, 6]
+    assert results["rounds"][-1]["last_model"]["accuracy"] >= 0.85
     assert set(results["clients"]) == set(TOKENS)
     assert all(r["admitted"] == 4 for r in results["rounds"])
     from fedwarden.server.ledger import Ledger
