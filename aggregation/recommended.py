@@ -19,8 +19,8 @@ __all__ = ["AUTO_SPEC", "auto"]
 # result against the most attacks. Runs under auto exclude flagged clients by default
 # (fedwarden/config.py). At 50 rounds, 20% malicious, with --average-last-rounds 10 (and FedAvg
 # measured the same way) it is within 1.0 point of clean FedAvg under ALIE and 1.4 under mimic,
-# 0.7 with no attack (ten seeds), within 1.0 under every other attack (one seed), keeps both
-# backdoors under 2.5%, and at 40% malicious ends above the published anchors in every run. By
+# 0.7 with no attack (ten seeds), within 1.1 under every attack (three seeds), keeps both
+# backdoors at or under 2.5%, and at 40% malicious ends above the published anchors. By
 # the last round's model alone it misses under ALIE (3.5 points) and with no attack (2.0): it
 # drops the smaller of two clusters every round, so one round's model swings more than FedAvg's.
 # Clean at Dirichlet 0.1 it costs 5.1 points even averaged. The chain alone, without exclusion,
