@@ -90,8 +90,9 @@ class ModelAverage:
     def add(self, round_number: int, weights: np.ndarray) -> None:
         if round_number < self.first:
             return
-        weights = np.asarray(weights, np.float64)
-        self.total = weights.copy() if self.total is None else self.total + weights
+        if self.total is None:
+            self.total = np.zeros(np.shape(weights), np.float64)
+        self.total += weights  # in place: one vector for the whole window
         self.count += 1
 
     def model(self) -> np.ndarray | None:
@@ -294,7 +295,8 @@ class RoundDriver:
       state_dir: where the run persists (named when it cannot be written).
       average_last: the run hands back the mean of the global models of its last
         ``average_last`` rounds (:class:`ModelAverage`); the last round is evaluated on it and
-        its record keeps the last round's own model under ``last_model``. 1: the last model.
+        its record keeps the last round's own model under ``last_model``. 1: the last model; a
+        run stopped before its last round also hands back its last model.
 
     ``run`` returns why it ended: ``"done"``, or the reason given to ``stop`` (a callback's
     ``"budget"``, a signal's ``"stopped"``).
@@ -343,10 +345,13 @@ class RoundDriver:
         self.history.average = ModelAverage(max(first, done + 1))
 
     def final_weights(self) -> np.ndarray:
-        """The model the run hands back: the mean of its last rounds' models under
-        ``average_last``, once that window has begun; else the last round's model."""
-        average = self.history.average.model() if self.history.average is not None else None
-        return self.coordinator.weights if average is None else average
+        """The model the run hands back: under ``average_last``, once the last round ran, the
+        mean of the window's models; else (no averaging, or a run stopped before its last
+        round) the last round's model."""
+        average = self.history.average
+        if average is None or self.coordinator.round < self.rounds:
+            return self.coordinator.weights
+        return average.model()
 
     @property
     def stopping(self) -> bool:

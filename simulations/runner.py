@@ -202,7 +202,7 @@ class TestExamples(Callback):
     def on_run_end(self, logs: dict[str, Any]) -> None:
         rounds, run = self.driver.history.rounds, self.run
         if rounds and rounds[-1].get("test_examples") != len(run.full_test[1]):
-            loss, accuracy, asr = run.evaluate_on(self.driver.final_weights(), run.full_test)
+            loss, accuracy, asr = run.evaluate_on(run.coordinator.weights, run.full_test)
             rounds[-1].update(
                 loss=loss,
                 accuracy=accuracy,
