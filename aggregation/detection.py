@@ -22,6 +22,12 @@ clients relate to each other and to their own past:
   reference from the deviations it sent before, on a :class:`CountSketch` of the update (512
   numbers by default, whatever the model size), and reports how far the new deviation lands
   from the forecast.
+- **association with the flagged clients** (FoolsGold's similarity across the whole history, and
+  its use of it against sybils): :meth:`HistoryForecast.association` measures how closely each
+  client's forecast deviation follows those of the clients already flagged, against the clients
+  not flagged. Attackers poisoned alike (label noise, a backdoor, DBA's trigger pieces) keep
+  deviating the same way in whichever rounds they are sampled, so once some of them are flagged
+  the others stand out among the unflagged ones, including those not sampled since.
 
 State is explicit: :meth:`HistoryForecast.state_dict` returns plain arrays for the coordinator's
 checkpoint, and :meth:`HistoryForecast.load_state_dict` restores it.
@@ -49,6 +55,7 @@ from fedwarden.aggregation import _kernels
 DEFAULT_SKETCH_DIM = 512
 """Numbers kept per client by :class:`HistoryForecast` (2 KB of float32 per client)."""
 
+_MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 _MIN_CLUSTER_COHORT = 4  # below this a "majority cluster" says nothing
 
 
@@ -363,6 +370,50 @@ def _unit(rows: np.ndarray) -> np.ndarray:
     return np.where(norm > 0, rows / np.where(norm > 0, norm, 1.0), 0.0)
 
 
+ASSOCIATION_TOP = 2
+"""Flagged clients an association is measured against: the mean of a client's cosines to its
+``ASSOCIATION_TOP`` nearest flagged forecasts. With 2, one flagged honest outlier cannot make its
+look-alikes (clients with the same dominant class) suspects on its own."""
+
+ASSOCIATION_MIN_SCALE = 0.1
+"""Least spread (cosine units) of the unflagged clients' associations in their robust z."""
+
+
+class Association(NamedTuple):
+    """How one client's history sits with the flagged clients' (:meth:`HistoryForecast.association`).
+
+    kinship: mean cosine of its forecast deviation to its ``ASSOCIATION_TOP`` nearest flagged
+        clients' forecasts.
+    z: robust z-score of ``kinship`` among the clients not flagged (median, 1.4826 MAD, at least
+        ``ASSOCIATION_MIN_SCALE``).
+    nearest: those flagged clients, nearest first.
+    """
+
+    kinship: float
+    z: float
+    nearest: tuple[str, ...]
+
+
+def _association(
+    forecasts: np.ndarray, group: list[int], apart: np.ndarray, unflagged: list[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each row's mean cosine to its ``ASSOCIATION_TOP`` nearest ``group`` rows (pairs marked
+    ``apart`` left out), its robust z among the ``unflagged`` rows, and the order of the nearest
+    group rows."""
+    unit = _unit(forecasts.astype(np.float64))
+    similar = np.where(apart, -np.inf, unit @ unit[group].T)
+    order = np.argsort(-similar, axis=1, kind="stable")[:, :ASSOCIATION_TOP]
+    kinship = np.take_along_axis(similar, order, axis=1).mean(axis=1)
+    population = kinship[unflagged]
+    population = population[np.isfinite(population)]
+    if population.size < 3:
+        return kinship, np.full(len(kinship), np.nan), order
+    center = float(np.median(population))
+    spread = _MAD_TO_SIGMA * float(np.median(np.abs(population - center)))
+    z = (kinship - center) / max(spread, ASSOCIATION_MIN_SCALE)
+    return kinship, np.where(np.isfinite(z), z, np.nan), order
+
+
 class HistoryScores(NamedTuple):
     """What :meth:`HistoryForecast.step` measures of each update of a round.
 
@@ -393,6 +444,10 @@ class HistoryForecast:
     deviation at the observed length; only its direction is scored here, the norm signals cover
     the length.
 
+    Beside it, each client keeps a forecast of the part of its deviation across the reference
+    (the deviation less its component along the reference), and the clients it has sent an
+    identical update with (copies), for :meth:`association`.
+
     Args:
         sketch_dim: numbers kept per client.
         memory: weight of the past in the forecast, in [0, 1).
@@ -405,13 +460,23 @@ class HistoryForecast:
         self.sketch_dim, self.memory, self.seed = int(sketch_dim), float(memory), int(seed)
         self._sketch: CountSketch | None = None
         self._forecast: dict[str, np.ndarray] = {}
+        self._across: dict[str, np.ndarray] = {}
+        self._copies: dict[str, set[str]] = {}
         self._seen: dict[str, int] = {}
 
-    def _deviations(self, updates: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    def _deviations(
+        self, updates: np.ndarray, reference: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The sketched updates, their unit deviations from the sketched reference, and the unit
+        parts of those deviations across the reference."""
         d = updates.shape[1]
         if self._sketch is None or self._sketch.d != d:
             self._sketch = CountSketch(d, self.sketch_dim, self.seed)
-        return _unit(self._sketch(updates) - self._sketch(reference)[None, :])
+        sketched = self._sketch(updates)
+        reference = self._sketch(reference)
+        raw = sketched - reference[None, :]
+        axis = _unit(reference)
+        return sketched, _unit(raw), _unit(raw - np.outer(raw @ axis, axis))
 
     def step(
         self, client_ids: list[str], updates: np.ndarray, reference: np.ndarray
@@ -435,21 +500,27 @@ class HistoryForecast:
         errors = np.full(len(client_ids), np.nan)
         if len(updates) == 0:
             return HistoryScores(errors, errors.copy())
-        deviations = self._deviations(updates, np.asarray(reference).reshape(-1))
+        sketched, deviations, across = self._deviations(updates, np.asarray(reference).reshape(-1))
         kinship = self._kinship(client_ids, deviations)
         for i, cid in enumerate(client_ids):
             past = self._forecast.get(cid)
             now = deviations[i].astype(np.float32)
             if past is not None and np.any(past) and np.any(now):
                 errors[i] = 1.0 - float(np.dot(_unit(past), now))
-            if past is None:
-                self._forecast[cid] = now
-            else:
-                self._forecast[cid] = (self.memory * past + (1.0 - self.memory) * now).astype(
-                    np.float32
-                )
+            self._forecast[cid] = self._fold(past, now)
+            self._across[cid] = self._fold(self._across.get(cid), across[i].astype(np.float32))
             self._seen[cid] = self._seen.get(cid, 0) + 1
+        gaps = pair_gaps(sketched @ sketched.T)
+        for i, j in zip(*np.nonzero(np.triu(gaps < COPY_GAP, 1)), strict=True):
+            self._copies.setdefault(client_ids[i], set()).add(client_ids[j])
+            self._copies.setdefault(client_ids[j], set()).add(client_ids[i])
         return HistoryScores(errors, kinship)
+
+    def _fold(self, past: np.ndarray | None, now: np.ndarray) -> np.ndarray:
+        """The forecast after one more round: the weighted average of past and new."""
+        if past is None:
+            return now
+        return (self.memory * past + (1.0 - self.memory) * now).astype(np.float32)
 
     def _kinship(self, client_ids: list[str], deviations: np.ndarray) -> np.ndarray:
         kinship = np.full(len(client_ids), np.nan)
@@ -464,22 +535,64 @@ class HistoryForecast:
         best = similar.max(axis=1)
         return np.where(np.isfinite(best), best, np.nan)
 
+    def association(self, flagged: set[str]) -> dict[str, Association]:
+        """Every client's :class:`Association` with the ``flagged`` clients, from the forecasts.
+
+        Measured twice, on the forecast deviations and on their parts across the reference, and
+        the smaller z counts. A client flagged for the length of its update along the consensus
+        (a boosted or a sign-flipped one) has a forecast near the honest clients with long or
+        short updates, and across the consensus near those whose data are like its own honest
+        data; clients poisoned alike deviate alike in both. A flagged client that sent a copy
+        of a client's update (the mimic attack) does not count towards that client's
+        association. Empty when fewer than ``ASSOCIATION_TOP`` flagged clients or fewer than
+        three unflagged clients have a history; a flagged client is measured against the other
+        flagged clients, and left out when fewer than ``ASSOCIATION_TOP`` of them remain.
+        """
+        group = sorted(c for c in flagged if c in self._forecast)
+        rest = [c for c in self._forecast if c not in flagged]
+        if len(group) < ASSOCIATION_TOP or len(rest) < 3:
+            return {}
+        ids = sorted(self._forecast)
+        row = {c: i for i, c in enumerate(ids)}
+        apart = np.zeros((len(ids), len(group)), bool)  # pairs that must not count
+        for j, c in enumerate(group):
+            apart[row[c], j] = True
+            for other in self._copies.get(c, ()):
+                if other in row:
+                    apart[row[other], j] = True
+        unflagged = [row[c] for c in rest]
+        measured = [
+            _association(np.stack([forecasts[c] for c in ids]), [row[c] for c in group], apart,
+                         unflagged)
+            for forecasts in (self._forecast, self._across)
+        ]  # fmt: skip
+        (kinship, z, order), (_, z_across, _) = measured
+        z = np.fmin(z, z_across)
+        return {
+            c: Association(float(kinship[i]), float(z[i]), tuple(group[j] for j in order[i]))
+            for i, c in enumerate(ids)
+            if np.isfinite(z[i])
+        }
+
     def seen(self, client_id: str) -> int:
         """Rounds in which the client's update entered the history."""
         return self._seen.get(client_id, 0)
 
     def state_dict(self) -> dict:
-        """Plain data for a checkpoint: settings, ids, a ``(n, sketch_dim)`` float32 array."""
+        """Plain data for a checkpoint: settings, ids, two ``(n, sketch_dim)`` float32 arrays and
+        the pairs of clients that sent copies of each other."""
         ids = sorted(self._forecast)
+        empty = np.zeros((0, self.sketch_dim), np.float32)
         return {
             "sketch_dim": self.sketch_dim,
             "memory": self.memory,
             "seed": self.seed,
             "client_ids": ids,
-            "forecast": np.stack([self._forecast[c] for c in ids]) if ids else
-            np.zeros((0, self.sketch_dim), np.float32),
+            "forecast": np.stack([self._forecast[c] for c in ids]) if ids else empty,
+            "across": np.stack([self._across[c] for c in ids]) if ids else empty,
             "seen": [self._seen.get(c, 0) for c in ids],
-        }  # fmt: skip
+            "copies": sorted([a, b] for a, others in self._copies.items() for b in others if a < b),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restores :meth:`state_dict` output (settings included)."""
@@ -487,8 +600,14 @@ class HistoryForecast:
         self.seed = int(state["seed"])
         self._sketch = None
         forecast = np.asarray(state["forecast"], np.float32)
+        across = np.asarray(state.get("across", forecast), np.float32)  # older checkpoints: none
         self._forecast = {c: forecast[i].copy() for i, c in enumerate(state["client_ids"])}
+        self._across = {c: across[i].copy() for i, c in enumerate(state["client_ids"])}
         self._seen = {c: int(n) for c, n in zip(state["client_ids"], state["seen"], strict=True)}
+        self._copies = {}
+        for a, b in state.get("copies", []):
+            self._copies.setdefault(a, set()).add(b)
+            self._copies.setdefault(b, set()).add(a)
 
     def __repr__(self) -> str:
         return (

@@ -15,11 +15,14 @@ Example::
 How each measurement becomes a component in ``[0, 1]`` (all are scale free, so the same weights
 work for any model size):
 
-- ``norm_z``: robust z-score of the log of the update norm (scale at least 0.1), two-sided
-  (tiny updates of free riders, log norm -inf, are as suspicious as huge ones), squashed by a
-  logistic ``1 / (1 + exp(-1.5 (|z| - 3)))``: about 0.01 at ``|z| = 0``, 0.18 at 2, 0.5 at 3,
-  0.95 at 5. Norms spread multiplicatively (clients with more data take more steps), so the log
-  keeps an honest client with twice the median data inside the cohort.
+- ``norm_z``: robust z-score of the log of the update norm (scale at least 0.1) against the
+  clients not flagged (the cosine's reference rows, below), two-sided (tiny updates of free
+  riders, log norm -inf, are as suspicious as huge ones), squashed by a logistic
+  ``1 / (1 + exp(-1.5 (|z| - 3)))``: about 0.01 at ``|z| = 0``, 0.18 at 2, 0.5 at 3, 0.95 at 5.
+  Norms spread multiplicatively (clients with more data take more steps), so the log keeps an
+  honest client with twice the median data inside the cohort. Against the unflagged clients, a
+  round in which four or five boosted attackers, some already flagged, move the cohort's median
+  norm to theirs does not hide the others.
 - ``loss_z``: the same for the reported local loss (dropped when losses are unknown).
 - ``cosine``: the largest of ``(1 - cosine) / 2`` (0 aligned with the reference, 0.5 orthogonal,
   1 opposite), the logistic of the one-sided robust z of the cosine against the cohort (scale
@@ -379,7 +382,8 @@ def client_metrics(
             ``trimmed_share`` are taken from it when present (so the scores match what the rule
             actually did) and computed here otherwise.
         trusted: ``(K,)`` booleans, the rows the reference is made of (the coordinator's: the
-            clients not flagged), or None for all. With some rows left out, ``cosine`` and
+            clients not flagged), or None for all. ``norm_z`` is measured against them; with
+            some rows left out, ``cosine`` and
             ``distance`` measure each row against the coordinate-wise median of the trusted rows
             and itself (:func:`own_reference_products`), so that flagged rows do not shape the
             reference and every row is in its own, as with the whole cohort's median.
@@ -392,7 +396,7 @@ def client_metrics(
 
     Returns:
         Float64 arrays of length K, keyed by :data:`METRIC_NAMES`: ``norm``; ``norm_z``, the
-        robust z-score of the norm (see :func:`robust_z`); ``cosine``, the cosine similarity to
+        robust z-score of the log norm against the ``trusted`` rows (:func:`log_norm_z`); ``cosine``, the cosine similarity to
         the aggregate (0 when either vector is zero); ``cohort_cosine``, the cosine to
         ``aggregate`` whatever ``trusted`` says; ``distance``, the Euclidean distance to the
         aggregate; ``krum_score`` (see :func:`krum_scores`); ``trimmed_share`` (see
@@ -468,7 +472,7 @@ def client_metrics(
         copied = copied_originals(gaps, suspect, history_error)
     return {
         "norm": norm,
-        "norm_z": robust_z(norm),
+        "norm_z": log_norm_z(norm, trusted),
         "cosine": cosine,
         "cohort_cosine": cohort_cosine,
         "distance": distance,
@@ -565,25 +569,36 @@ def _distance_component(distance: np.ndarray) -> np.ndarray:
     return _logistic_of_abs(np.maximum(robust_z(distance), 0.0))
 
 
-def _norm_component(metrics: dict[str, np.ndarray], min_scale: float = 0.1) -> np.ndarray:
-    """Logistic of the two-sided robust z of the log norm (``norm_z``'s when norms are absent).
+def log_norm_z(
+    norm: np.ndarray, rows: np.ndarray | None = None, min_scale: float = 0.1
+) -> np.ndarray:
+    """Two-sided robust z of the log norm against ``rows`` (all by default; all too when fewer
+    than three of ``rows`` are usable), NaN for a zero norm.
 
     Norms are positive and spread multiplicatively: on the log scale an honest client with twice
-    the median data stays near the cohort, while a zero update (a free rider, log norm -inf) and
-    a boosted or noise update are far out. ``min_scale`` (log units) floors the spread.
+    the median data stays near the cohort, while a boosted or noise update is far out.
+    ``min_scale`` (log units) floors the spread.
     """
-    if "norm" not in metrics:
-        return _logistic_of_abs(metrics["norm_z"])
-    norm = np.asarray(metrics["norm"], np.float64)
-    with np.errstate(divide="ignore"):
+    norm = np.asarray(norm, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
         log_norm = np.log(norm)
     finite = np.isfinite(log_norm)
-    if finite.sum() < 3:
-        return _logistic_of_abs(metrics["norm_z"])
-    med = np.median(log_norm[finite])
-    scale = max(_MAD_TO_SIGMA * float(np.median(np.abs(log_norm[finite] - med))), min_scale)
-    z = np.where(norm == 0, np.inf, (log_norm - med) / scale)
-    return np.where(np.isnan(norm), np.nan, _logistic_of_abs(np.nan_to_num(z, posinf=1e6)))
+    usable = finite if rows is None or (finite & rows).sum() < 3 else finite & rows
+    if not usable.any():
+        return np.full(norm.shape, np.nan)
+    med = np.median(log_norm[usable])
+    scale = max(_MAD_TO_SIGMA * float(np.median(np.abs(log_norm[usable] - med))), min_scale)
+    return np.where(finite, (log_norm - med) / np.where(finite, scale, 1.0), np.nan)
+
+
+def _norm_component(metrics: dict[str, np.ndarray]) -> np.ndarray:
+    """Logistic of ``norm_z`` (:func:`log_norm_z`); 1 for a zero update (a free rider, log norm
+    -inf), as suspicious as a huge one."""
+    component = _logistic_of_abs(np.asarray(metrics["norm_z"], np.float64))
+    if "norm" not in metrics:
+        return component
+    norm = np.asarray(metrics["norm"], np.float64)
+    return np.where(norm == 0, 1.0, np.where(np.isnan(norm), np.nan, component))
 
 
 def _cosine_component(

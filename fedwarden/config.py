@@ -384,6 +384,11 @@ class TrustConfig(Section):
         "evidence; later rounds add no more (an honest client's data is the same every round)",
         low=1, flat="trust_evidence_rounds",
     )  # fmt: skip
+    association_z: float = option(
+        2.5, "under --trust-flag-rule evidence, also flag a client whose updates deviate like "
+        "those of the clients flagged on their own evidence, by this robust z among the clients "
+        "not flagged (server/trust.py); 0: off", low=0, flat="trust_association_z",
+    )  # fmt: skip
     quarantine: str | None = option(
         None, "what flagged clients get", kind=str, choices=QUARANTINE_POLICIES,
         default_text="exclude for the auto chain, else none",

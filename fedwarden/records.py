@@ -132,6 +132,7 @@ class ClientRound(_Record):
                       "client misbehaves; flagged above the false-positive rate's line."),
     )  # fmt: skip
     rejected_reason: str | None = _field(str)
+    absent: bool = _field(bool, shown=False)  # a change of standing in a round it sat out
     explanation: str | None = _field(str)  # for a flagged client: which signals, by how much
     quarantined_since: int | None = _field(int, shown=False)
     signals: str | None = _field(str, shown=False)  # JSON: the anomaly components of the score
@@ -200,8 +201,8 @@ class ClientSummary(_Record):
     flagged: bool = _summary(bool)
     quarantined: bool = _summary(bool)
     quarantined_since: int | None = _summary(int, listed=False, sent=False)
-    rounds: int = _summary(int, default=0, across="COUNT(*)")  # the rounds it took part in
-    last_round: int | None = _summary(int, across="MAX(round)")
+    rounds: int = _summary(int, default=0, across="SUM(NOT absent)")  # the rounds it took part in
+    last_round: int | None = _summary(int, across="MAX(CASE WHEN absent THEN NULL ELSE round END)")
     rejected: int = _summary(int, default=0, across="SUM(rejected_reason IS NOT NULL)")
     evidence: float | None = _summary(float)
     explanation: str | None = _summary(str)

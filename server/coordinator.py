@@ -437,6 +437,7 @@ class Coordinator:
             losses=losses,
             reasons={r.client_id: r.reason for r in rejected},
             components=components,
+            association=self.history.association,
         )
         if ids:
             unflagged = [i for i, c in enumerate(ids) if not states[c].flagged]

@@ -85,6 +85,7 @@ def trust_policy(config: RunConfig) -> TrustPolicy:
         flag_rule=config.trust_flag_rule,
         false_positive_rate=config.trust_false_positive_rate,
         evidence_rounds=config.trust_evidence_rounds,
+        association_z=config.trust_association_z,
     )
 
 

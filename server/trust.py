@@ -69,6 +69,7 @@ from __future__ import annotations
 import json
 import math
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
@@ -79,6 +80,7 @@ from fedwarden.config import FLAG_RULES, QUARANTINE_POLICIES, TrustConfig
 from fedwarden.records import VERDICT_KEYS, ClientRound, ClientSummary, optional_float
 
 if TYPE_CHECKING:
+    from fedwarden.aggregation.detection import Association
     from fedwarden.server.ledger import Ledger
 
 _MAD_TO_SIGMA = 1.4826
@@ -117,6 +119,10 @@ class TrustPolicy:
         tail_quantile: when set, the population scale is at least
             ``(quantile(pool, q) - median) / z_q``: the spread of the pool's upper tail, which
             honest heterogeneity makes heavier than a normal's.
+        association_z: under ``"evidence"``, a client not flagged on its own evidence is flagged
+            when its history's association with the clients flagged on theirs reaches this z
+            (``detection.HistoryForecast.association``), and unflagged when it falls
+            ``unflag_margin`` below; 0 turns association off.
     """
 
     # the settings a run configures take their defaults from its trust section
@@ -137,6 +143,7 @@ class TrustPolicy:
     z_floor: float = 2.0
     z_cap: float = 8.0
     tail_quantile: float | None = None
+    association_z: float = _SETTINGS.association_z
 
     @property
     def flag_z(self) -> float:
@@ -172,7 +179,7 @@ class TrustPolicy:
             raise ValueError(
                 f"evidence_rounds must be an integer >= 1. Received: {self.evidence_rounds!r}."
             )
-        for name in ("unflag_margin", "min_scale", "z_floor", "z_cap"):
+        for name in ("unflag_margin", "min_scale", "z_floor", "z_cap", "association_z"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be finite and >= 0. Received: {name}={value!r}.")
@@ -228,13 +235,17 @@ class EvidenceSums:
     sum: float = 0.0
     sq: float = 0.0
     excess: dict[str, float] = field(default_factory=dict)
+    associated: bool = False  # flagged for its association, not on its own evidence
 
     @classmethod
     def of(cls, state: ClientSummary) -> EvidenceSums:
         """The sums a client's summary holds (zeros before its first round)."""
         sums = json.loads(state.evidence_state or "{}")
         return cls(
-            float(sums.get("sum", 0.0)), float(sums.get("sq", 0.0)), dict(sums.get("excess", {}))
+            float(sums.get("sum", 0.0)),
+            float(sums.get("sq", 0.0)),
+            dict(sums.get("excess", {})),
+            bool(sums.get("associated", False)),
         )
 
     def evidence(self, memory: float, rounds: int) -> float:
@@ -251,7 +262,10 @@ class EvidenceSums:
         return evidence
 
     def to_json(self) -> str:
-        return json.dumps({"sum": self.sum, "sq": self.sq, "excess": self.excess}, sort_keys=True)
+        sums = {"sum": self.sum, "sq": self.sq, "excess": self.excess}
+        if self.associated:
+            sums["associated"] = True
+        return json.dumps(sums, sort_keys=True)
 
 
 def _gain(memory: float, rounds: int) -> float:
@@ -317,6 +331,7 @@ class TrustBook:
             scored = [
                 row for row in rows
                 if row["round"] == r and row["anomaly"] is not None and row["rejected_reason"] is None
+                and not row.get("absent")
             ]  # fmt: skip
             signals = [last_signals(row.get("signals")) for row in scored]
             names = sorted({n for sig in signals for n in sig})
@@ -342,6 +357,7 @@ class TrustBook:
         losses: np.ndarray | None = None,
         reasons: dict[str, str] | None = None,
         components: dict[str, np.ndarray] | None = None,
+        association: Callable[[set[str]], Mapping[str, Association]] | None = None,
     ) -> dict[str, ClientSummary]:
         """Applies one round's anomaly scores; returns the new standing of every client touched.
 
@@ -359,6 +375,11 @@ class TrustBook:
                 ``"rejected"``).
             components: the round's ``anomaly_components`` (aligned with ``client_ids``): the
                 signals behind each score, kept for explanations and recorded in the ledger.
+            association: the detector's measure of how each client's history sits with a set
+                of clients' (``HistoryForecast.association``): under the evidence rule, clients
+                near the ones flagged on their own evidence are flagged too, whether or not
+                they took part in this round (those that did not get a row of their own in the
+                ledger, marked ``absent``).
         """
         round = int(round)
         if round <= self._round:
@@ -414,6 +435,9 @@ class TrustBook:
                     optional_float(metrics["cosine"][i]) if "cosine" in metrics else None
                 )
             self._clients[cid] = touched[cid] = replace(state, **decided)
+        p = self.policy
+        if association is not None and p.flag_rule == "evidence" and p.association_z > 0:
+            touched.update(self._associate(round, association))
         self._round = round
 
         if self.ledger is not None:
@@ -458,6 +482,7 @@ class TrustBook:
             {n: m * old.excess.get(n, 0.0) + (signals[n] - typical.get(n, 0.0) if n in signals
                                               else 0.0)
              for n in sorted(set(old.excess) | set(signals))},
+            old.associated,
         )  # fmt: skip
         return {
             "evidence": sums.evidence(p.evidence_memory, p.evidence_rounds),
@@ -486,32 +511,82 @@ class TrustBook:
         rejection: str | None,
         typical: dict[str, float],
     ) -> dict[str, Any]:
-        """Flag, explanation and quarantine after the client's round (trust was ``previous``)."""
+        """Flag, explanation and quarantine after the client's round (trust was ``previous``).
+
+        A client flagged for its association keeps that flag here (:meth:`_associate` decides
+        it) unless its own evidence now flags it, which then replaces the association.
+        """
         p = self.policy
+        sums = EvidenceSums.of(state)
         if p.flag_rule == "threshold":
             flag_now = state.trust < p.flag_below
             clear_now = state.trust > p.unflag_above
         else:
             flag_now = state.evidence > p.flag_z
             clear_now = state.evidence < p.flag_z - p.unflag_margin
-        flagged = state.flagged
-        if not flagged and flag_now:
-            flagged = True
-        elif flagged and clear_now:
-            flagged = False
+        own = state.flagged and not sums.associated
+        if not own and flag_now:
+            own = True
+        elif own and clear_now:
+            own = False
+        decided: dict[str, Any] = {"flagged": own}
+        if own:
+            decided["explanation"] = explain(state, typical, rejection)
+            if sums.associated:
+                decided["evidence_state"] = replace(sums, associated=False).to_json()
+        elif sums.associated:
+            decided["flagged"] = True
+        else:
+            decided["explanation"] = None
+        return {**decided, **self._quarantine(state, decided["flagged"], round, previous)}
+
+    def _quarantine(
+        self, state: ClientSummary, flagged: bool, round: int, previous: float | None
+    ) -> dict[str, Any]:
+        """Quarantine after ``round`` of a client flagged or not (its trust was ``previous``)."""
+        p = self.policy
         quarantined, since = state.quarantined, state.quarantined_since
         if p.quarantine == "none" or not flagged:
             quarantined, since = False, None
         elif not quarantined:
             quarantined, since = True, round
-        elif p.quarantine == "exclude" and state.trust < previous:
+        elif p.quarantine == "exclude" and previous is not None and state.trust < previous:
             since = round  # misbehaved on probation: exclusion starts again
-        return {
-            "flagged": flagged,
-            "explanation": explain(state, typical, rejection) if flagged else None,
-            "quarantined": quarantined,
-            "quarantined_since": since,
+        return {"quarantined": quarantined, "quarantined_since": since}
+
+    def _associate(
+        self, round: int, association: Callable[[set[str]], Mapping[str, Association]]
+    ) -> dict[str, ClientSummary]:
+        """Flags and unflags clients for their history's association with the clients flagged on
+        their own evidence, whether or not they took part in ``round``; returns the standing of
+        the clients whose flag it changed."""
+        p = self.policy
+        own = {
+            c for c, s in self._clients.items() if s.flagged and not EvidenceSums.of(s).associated
         }
+        kin = association(own)
+        changed: dict[str, ClientSummary] = {}
+        for cid, state in self._clients.items():
+            sums = EvidenceSums.of(state)
+            if cid in own or (cid not in kin and not sums.associated):
+                continue
+            a = kin.get(cid)
+            line = p.association_z - (p.unflag_margin if sums.associated else 0.0)
+            associated = a is not None and a.z >= line
+            if associated == sums.associated:
+                continue
+            changed[cid] = replace(
+                state,
+                flagged=associated,
+                explanation=(
+                    f"association {a.z:.1f}: its updates deviate like those of flagged "
+                    f"{', '.join(a.nearest)} (cosine {a.kinship:.2f})"
+                ) if associated else None,
+                evidence_state=replace(sums, associated=associated).to_json(),
+                **self._quarantine(state, associated, round, None),
+            )  # fmt: skip
+        self._clients.update(changed)
+        return changed
 
     def is_excluded(self, client_id: str, round: int | None = None) -> bool:
         """True if selection must skip the client in ``round`` (default: the next round).
@@ -592,7 +667,8 @@ def round_rows(
     Each is the client's :func:`round_record`: trust's verdict with its
     measurements when ``metrics`` / ``losses`` are given (``client_ids`` gives their row order;
     a client absent from it, whose update was rejected, has none) and ``rejected_reason`` for a
-    rejected client.
+    rejected client; a client neither in it nor rejected (flagged or unflagged for its
+    association in a round it did not take part in) is marked ``absent``.
     """
     index = {cid: i for i, cid in enumerate(client_ids)}
     rejected = rejected or {}
@@ -608,5 +684,7 @@ def round_rows(
                 measured["loss"] = optional_float(loss_values[i])
         if cid in rejected:
             measured["rejected_reason"] = reasons.get(cid, "rejected")
+        elif i is None:
+            measured["absent"] = True  # its standing changed in a round it did not take part in
         rows.append(round_record(states[cid], round, **measured))
     return rows

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fedwarden.aggregation.detection import (
+    ASSOCIATION_TOP,
     UNALIGNED_Z,
     CountSketch,
     HistoryForecast,
@@ -178,6 +179,68 @@ def test_kinship_finds_clients_poisoned_alike_in_rounds_they_never_shared():
     scores = forecast.step(cohort, np.stack([sent(c) for c in cohort]), np.zeros(d))
     assert scores.kinship[0] > 0.5
     assert scores.kinship[1:].max() < 0.2
+
+
+def sampled_history(sent, clients, rounds, rng, per_round=10):
+    """A HistoryForecast fed ``rounds`` sampled cohorts of ``sent(client)`` updates, each round
+    against its cohort's coordinate-wise median, as the coordinator feeds it."""
+    forecast = HistoryForecast(sketch_dim=256)
+    for _ in range(rounds):
+        cohort = sorted(rng.choice(clients, per_round, replace=False))
+        x = np.stack([sent(c) for c in cohort])
+        forecast.step(cohort, x, np.median(x, axis=0))
+    return forecast
+
+
+def test_association_finds_unflagged_clients_poisoned_like_the_flagged_ones():
+    # 40 clients deviate along their own data's direction; 8 of them also along one shared
+    # poisoned direction. Three of those are flagged; the other five, seen in other rounds, are
+    # the unflagged clients nearest to them, far above every honest one.
+    rng = np.random.default_rng(3)
+    d = 3000
+    clients = [f"h{i:02d}" for i in range(32)] + [f"p{i}" for i in range(8)]
+    shared, poison = rng.normal(size=d), 0.8 * rng.normal(size=d)
+    own = {c: rng.normal(size=d) for c in clients}
+
+    def sent(c):
+        return shared + own[c] + (poison if c.startswith("p") else 0.0) + 0.3 * rng.normal(size=d)
+
+    forecast = sampled_history(sent, clients, 12, rng)
+    association = forecast.association({"p0", "p1", "p2"})
+    hidden = [c for c in clients[35:] if c in association]
+    assert len(hidden) >= 3
+    line = TrustPolicy().association_z
+    assert min(association[c].z for c in hidden) > line + 0.5
+    assert max(association[c].z for c in clients[:32] if c in association) < line - 0.5
+    assert set(association[hidden[0]].nearest) <= {"p0", "p1", "p2"}
+    assert len(association[hidden[0]].nearest) == ASSOCIATION_TOP
+    assert forecast.association({"p0"}) == {}  # one flagged client is no group
+
+
+@pytest.mark.parametrize("attack", ["boost", "flip"])
+def test_clients_flagged_for_the_length_of_their_updates_have_no_associates(attack):
+    # Honest clients' updates differ in length (data size) as well as direction. Attackers that
+    # boost or flip their own honest update deviate along the consensus, where the longest or
+    # shortest honest updates do too: those are not their associates.
+    rng = np.random.default_rng(4)
+    d = 3000
+    clients = [f"h{i:02d}" for i in range(30)] + ["a0", "a1", "a2", "a3"]
+    shared = rng.normal(size=d)
+    own = {c: 0.7 * rng.normal(size=d) for c in clients}
+    length = {c: rng.uniform(0.8, 1.25) for c in clients}
+    length.update(h00=0.2, h01=0.25, h02=0.3, h03=6.0, h04=7.0, h05=8.0)  # little data, much data
+
+    def sent(c):
+        honest = length[c] * (shared + own[c] + 0.3 * rng.normal(size=d))
+        if not c.startswith("a"):
+            return honest
+        return 5.0 * honest if attack == "boost" else -honest
+
+    forecast = sampled_history(sent, clients, 12, rng)
+    association = forecast.association({"a0", "a1", "a2", "a3"})
+    assert (
+        max(a.z for c, a in association.items() if c.startswith("h")) < TrustPolicy().association_z
+    )
 
 
 def test_identical_crafted_updates_light_up_collusion_and_centrality():

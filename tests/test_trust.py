@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedwarden.aggregation.detection import Association
 from fedwarden.cli.trust import trust_main
 from fedwarden.records import ClientSummary
 from fedwarden.report import detection_summary, plot_trust_heatmap
@@ -604,3 +605,73 @@ def test_metrics_carry_a_flagged_clients_signals_and_drop_them_when_unflagged():
     )
     exporter.observe_round(2, 0.9, 0.3, 1.0, [{**flagged, "flagged": False}])
     assert "fedwarden_client_flag_signal_excess{" not in exporter.render().decode()
+
+
+def test_associates_of_flagged_clients_are_flagged_in_rounds_they_sit_out(tmp_path):
+    """Two clients flagged on their own evidence; a third, not sampled since, whose history the
+    detector finds near theirs, is flagged in that round with a row of its own marked absent,
+    which neither counts as a round it took part in nor enters the population pool; it is
+    unflagged once the association fades, and a restarted book resumes the same standing."""
+    kin_z = {"p2": 4.0, "h1": 0.3}
+
+    def association(flagged):
+        assert flagged <= {"p0", "p1"}  # association counts the flags of evidence only
+        if len(flagged) < 2:
+            return {}
+        return {c: Association(0.6, z, ("p0", "p1")) for c, z in kin_z.items()}
+
+    path = tmp_path / "l.sqlite"
+    policy = TrustPolicy(quarantine="exclude")
+    honest = [f"h{i}" for i in range(8)]
+    with Ledger(path) as ledger:
+        book = TrustBook(policy, ledger)
+        book.update(1, [*honest, "p2"], np.full(9, 0.1), {}, association=association)
+        for r in range(2, 5):
+            scores = np.r_[np.full(8, 0.1), 0.9, 0.9]
+            book.update(r, [*honest, "p0", "p1"], scores, {}, association=association)
+        assert {"p0", "p1", "p2"} <= book.flagged() and "h1" not in book.flagged()
+        p2 = book.get("p2")
+        assert p2.rounds == 1 and p2.last_round == 1 and p2.quarantined and book.is_excluded("p2")
+        assert p2.explanation.startswith("association 4.0") and "p0, p1" in p2.explanation
+        assert ledger.get_client("p2")["flagged"] and ledger.get_client("p2")["rounds"] == 1
+        absent = [row for row in ledger.client_history("p2") if row["absent"]]
+        assert len(absent) == 1 and absent[0]["norm"] is None
+        pooled_before = sum(len(a) for a, _ in book._pool)
+    with Ledger(path) as ledger:
+        restarted = TrustBook(policy, ledger)
+        assert restarted.get("p2").flagged and restarted.get("p2").rounds == 1
+        assert sum(len(a) for a, _ in restarted._pool) == pooled_before
+        kin_z["p2"] = 2.0  # within the unflag margin: stays flagged
+        restarted.update(5, honest, np.full(8, 0.1), {}, association=association)
+        assert restarted.get("p2").flagged
+        kin_z["p2"] = 1.0
+        restarted.update(6, honest, np.full(8, 0.1), {}, association=association)
+        assert not restarted.get("p2").flagged and restarted.get("p2").explanation is None
+        assert not restarted.get("p2").quarantined
+        assert ledger.get_client("p2")["rounds"] == 1 and not ledger.get_client("p2")["flagged"]
+
+
+def test_own_evidence_replaces_an_association_and_association_can_be_turned_off():
+    def association(flagged):
+        return {"x": Association(0.7, 5.0, ("a", "b"))} if {"a", "b"} <= flagged else {}
+
+    for line, expect in ((2.5, True), (0.0, False)):
+        book = TrustBook(TrustPolicy(association_z=line))
+        honest = [f"h{i}" for i in range(8)]
+        for r in range(1, 4):
+            book.update(r, [*honest, "a", "b", "x"], np.r_[np.full(8, 0.1), 0.9, 0.9, 0.1], {},
+                        association=association)  # fmt: skip
+        assert book.get("x").flagged is expect
+    book.update(4, [*honest, "x"], np.r_[np.full(8, 0.1), 1.0], {}, association=association)
+    x = book.get("x")  # flagged now on its own evidence (association off in this book)
+    assert x.flagged and x.explanation.startswith("evidence")
+    book = TrustBook(TrustPolicy())
+    for r in range(1, 4):
+        book.update(r, [*honest, "a", "b", "x"], np.r_[np.full(8, 0.1), 0.9, 0.9, 0.1], {},
+                    association=association)  # fmt: skip
+    assert EvidenceSums.of(book.get("x")).associated
+    for r in range(4, 6):
+        book.update(r, [*honest, "x"], np.r_[np.full(8, 0.1), 1.0], {}, association=association)
+    x = book.get("x")
+    assert x.flagged and x.explanation.startswith("evidence")
+    assert not EvidenceSums.of(x).associated
