@@ -400,6 +400,8 @@ def honest_flag_record(ledger_path, malicious):
                 continue
             run = 0
             for row in ledger.client_history(client["client_id"]):
+                if row["absent"]:  # a flag changed in a round it sat out: not a scored round
+                    continue
                 scored += 1
                 flagged += bool(row["flagged"])
                 run = run + 1 if row["flagged"] else 0
@@ -413,6 +415,25 @@ def test_attackers_built_to_hide_are_flagged_on_digits(attack, tmp_path):
     results = digits_run(tmp_path, attack=attack)
     detection = results["final"]["detection"]
     assert detection["precision"] == 1.0 and detection["recall"] >= 0.75, detection
+
+
+@pytest.mark.slow
+def test_backdoor_attackers_are_found_through_their_association_with_flagged_ones(tmp_path):
+    """Digits, seed 0: two backdoor attackers are flagged on their own evidence; the other two
+    look ordinary in every round but deviate like them, and are flagged by association, in a round
+    they sat out (a row marked absent). With ``trust_association_z=0`` recall is 0.5."""
+    from fedwarden.server.ledger import Ledger
+
+    results = digits_run(tmp_path, attack="backdoor")
+    malicious = {c for c, v in results["clients"].items() if v["malicious"]}
+    detection = results["final"]["detection"]
+    assert detection["precision"] == 1.0 and detection["recall"] == 1.0, detection
+    with Ledger(tmp_path / "ledger.sqlite", readonly=True) as ledger:
+        rows = [row for c in malicious for row in ledger.client_history(c)]
+    associated = {
+        r["client_id"] for r in rows if (r["explanation"] or "").startswith("association")
+    }
+    assert len(associated) >= 2 and any(r["absent"] and r["flagged"] for r in rows)
 
 
 @pytest.mark.slow
