@@ -383,10 +383,10 @@ def client_metrics(
             actually did) and computed here otherwise.
         trusted: ``(K,)`` booleans, the rows the reference is made of (the coordinator's: the
             clients not flagged), or None for all. ``norm_z`` is measured against them; with
-            some rows left out, ``cosine`` and
-            ``distance`` measure each row against the coordinate-wise median of the trusted rows
-            and itself (:func:`own_reference_products`), so that flagged rows do not shape the
-            reference and every row is in its own, as with the whole cohort's median.
+            some rows left out, ``cosine`` and ``distance`` measure each row against the
+            coordinate-wise median of the trusted rows and itself
+            (:func:`own_reference_products`), so that flagged rows do not shape the reference
+            and every row is in its own, as with the whole cohort's median.
         weights: ``(d,)`` the global weights the updates were trained from, or None (``radial``
             is then NaN).
         suspect, history_error: ``(K,)`` the clients flagged before this round and their
@@ -396,11 +396,11 @@ def client_metrics(
 
     Returns:
         Float64 arrays of length K, keyed by :data:`METRIC_NAMES`: ``norm``; ``norm_z``, the
-        robust z-score of the log norm against the ``trusted`` rows (:func:`log_norm_z`); ``cosine``, the cosine similarity to
-        the aggregate (0 when either vector is zero); ``cohort_cosine``, the cosine to
-        ``aggregate`` whatever ``trusted`` says; ``distance``, the Euclidean distance to the
-        aggregate; ``krum_score`` (see :func:`krum_scores`); ``trimmed_share`` (see
-        :func:`trimmed_shares`, 10% trim); ``loss_z``, the robust z-score of the loss (NaN when
+        robust z-score of the log norm against the ``trusted`` rows (:func:`log_norm_z`);
+        ``cosine``, the cosine similarity to the aggregate (0 when either vector is zero);
+        ``cohort_cosine``, the cosine to ``aggregate`` whatever ``trusted`` says; ``distance``,
+        the Euclidean distance to the aggregate; ``krum_score`` (see :func:`krum_scores`);
+        ``trimmed_share`` (see :func:`trimmed_shares`, 10% trim); ``loss_z``, the robust z-score of the loss (NaN when
         ``losses`` is None); ``pair_gap``, the relative distance to the nearest other update
         (``detection.nearest_pair_gap``); ``cluster_outlier``, how far outside FLAME's majority
         cluster (``detection.cluster_outliers``); ``median_cosine``, the median cosine to the
