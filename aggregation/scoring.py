@@ -395,22 +395,22 @@ def client_metrics(
             (``detection.copied_originals``).
 
     Returns:
-        Float64 arrays of length K, keyed by :data:`METRIC_NAMES`: ``norm``; ``norm_z``, the
-        robust z-score of the log norm against the ``trusted`` rows (:func:`log_norm_z`);
-        ``cosine``, the cosine similarity to the aggregate (0 when either vector is zero);
-        ``cohort_cosine``, the cosine to ``aggregate`` whatever ``trusted`` says; ``distance``,
-        the Euclidean distance to the aggregate; ``krum_score`` (see :func:`krum_scores`);
-        ``trimmed_share`` (see :func:`trimmed_shares`, 10% trim); ``loss_z``, the robust z-score of the loss (NaN when
+        Float64 arrays of length K, keyed by :data:`METRIC_NAMES`: ``norm``; ``norm_z``, the robust
+        z-score of the log norm against the ``trusted`` rows (:func:`log_norm_z`); ``cosine``, the
+        cosine similarity to the aggregate (0 when either vector is zero); ``cohort_cosine``, the
+        cosine to ``aggregate`` whatever ``trusted`` says; ``distance``, the Euclidean distance to
+        the aggregate; ``krum_score`` (see :func:`krum_scores`); ``trimmed_share`` (see
+        :func:`trimmed_shares`, 10% trim); ``loss_z``, the robust z-score of the loss (NaN when
         ``losses`` is None); ``pair_gap``, the relative distance to the nearest other update
         (``detection.nearest_pair_gap``); ``cluster_outlier``, how far outside FLAME's majority
-        cluster (``detection.cluster_outliers``); ``median_cosine``, the median cosine to the
-        other updates (``detection.median_cosine_to_others``); ``alignment``, the largest
-        |cosine| to another update against chance (``detection.alignment_z``); ``kurtosis``,
-        the excess kurtosis of the update's coordinates (``detection.excess_kurtosis``);
-        ``radial``, the cosine of the update to ``weights``: honest training grows the weights
-        it starts from, a sign flip shrinks them (:func:`_shrinking_component`); ``copied``, 1
-        for an update that flagged clients copied, whose ``pair_gap`` leaves the copies out
-        (NaN without ``suspect`` and ``history_error``).
+        cluster (``detection.cluster_outliers``); ``median_cosine``, the median cosine to the other
+        updates (``detection.median_cosine_to_others``); ``alignment``, the largest |cosine| to
+        another update against chance (``detection.alignment_z``); ``kurtosis``, the excess kurtosis
+        of the update's coordinates (``detection.excess_kurtosis``); ``radial``, the cosine of the
+        update to ``weights``: honest training grows the weights it starts from, a sign flip shrinks
+        them (:func:`_shrinking_component`); ``copied``, 1 for an update that flagged clients
+        copied, whose ``pair_gap`` leaves the copies out (NaN without ``suspect`` and
+        ``history_error``).
 
     Norms, cosines, distances and Krum scores all come from one Gram matrix of the rows and the
     aggregate (``_kernels.gram``: BLAS products in the input dtype over column blocks of a fixed
