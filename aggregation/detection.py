@@ -380,7 +380,8 @@ ASSOCIATION_MIN_SCALE = 0.1
 
 
 class Association(NamedTuple):
-    """How one client's history sits with the flagged clients' (:meth:`HistoryForecast.association`).
+    """How one client's history sits with the flagged clients'
+    (:meth:`HistoryForecast.association`).
 
     kinship: mean cosine of its forecast deviation to its ``ASSOCIATION_TOP`` nearest flagged
         clients' forecasts.

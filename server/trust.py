@@ -341,8 +341,8 @@ class TrustBook:
         for r in sorted({row["round"] for row in rows}):
             scored = [
                 row for row in rows
-                if row["round"] == r and row["anomaly"] is not None and row["rejected_reason"] is None
-                and not row.get("absent")
+                if row["round"] == r and row["anomaly"] is not None
+                and row["rejected_reason"] is None and not row.get("absent")
             ]  # fmt: skip
             signals = [last_signals(row.get("signals")) for row in scored]
             names = sorted({n for sig in signals for n in sig})
