@@ -132,7 +132,7 @@ class ClientRound(_Record):
                       "client misbehaves; flagged above the false-positive rate's line."),
     )  # fmt: skip
     rejected_reason: str | None = _field(str)
-    absent: bool = _field(bool, shown=False)  # a change of standing in a round it sat out
+    absent: bool = _field(bool)  # a change of standing in a round it sat out (association)
     explanation: str | None = _field(str)  # for a flagged client: which signals, by how much
     quarantined_since: int | None = _field(int, shown=False)
     signals: str | None = _field(str, shown=False)  # JSON: the anomaly components of the score

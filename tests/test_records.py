@@ -25,7 +25,7 @@ from fedwarden.server.ledger import Ledger
 from fedwarden.server.metrics import MetricsExporter
 
 TEXT = {"client_id": "c07", "rejected_reason": "non_finite", "explanation": "collusion +3.1"}
-BOOL = {"flagged", "quarantined"}
+BOOL = {"flagged", "quarantined", "absent"}
 
 
 def example(keys):
