@@ -395,3 +395,37 @@ def test_the_serve_loop_overselects_and_gives_up_after_its_attempts(tmp_path):
     with pytest.raises(UsageError, match="round 1: 2 attempts abandoned"):
         RoundDriver(make_coordinator(), transport, evaluate, 1).run()
     assert [len(selected) for _, _, selected in hub.published] == [3, 3]  # ceil(2 * 1.5)
+
+
+def test_metrics_follow_a_flag_that_changed_in_a_round_the_client_sat_out():
+    """Client "a" takes part in round 1 only; in round 2 trust flags it for its association with
+    flagged clients. The exported flag follows in round 2, though "a" sent nothing."""
+    from fedwarden.aggregation.detection import Association
+    from fedwarden.server.callbacks import MetricsExport
+    from fedwarden.server.metrics import MetricsExporter
+
+    class WithoutAAfterRoundOne(FakeClients):
+        def collect(self, round_number, coordinator):
+            cohort = super().collect(round_number, coordinator)
+            if round_number > 1:
+                cohort.selected = [c for c in cohort.selected if c != "a"]
+                cohort.updates = [u for u in cohort.updates if u.client_id != "a"]
+            return cohort
+
+    coordinator = make_coordinator()
+    rounds_asked: list[int] = []
+
+    def association(flagged):
+        rounds_asked.append(len(rounds_asked) + 1)
+        return {"a": Association(0.9, 9.0, ("b", "d"))} if len(rounds_asked) == 2 else {}
+
+    coordinator.history.association = association
+    exporter = MetricsExporter()
+    driver = RoundDriver(
+        coordinator, WithoutAAfterRoundOne(), evaluate, 2, [MetricsExport(exporter)]
+    )
+    driver.run()
+    assert rounds_asked == [1, 2]
+    assert "a" not in driver.outcome.admitted and coordinator.trust.get("a").flagged
+    flagged = exporter.registry.get_sample_value("fedwarden_client_flagged", {"client_id": "a"})
+    assert flagged == 1.0
