@@ -401,8 +401,10 @@ def _association(
     """Each row's mean cosine to its ``ASSOCIATION_TOP`` nearest ``group`` rows (pairs marked
     ``apart`` left out), its robust z among the ``unflagged`` rows, and the order of the nearest
     group rows."""
-    unit = _unit(forecasts.astype(np.float64))
-    similar = np.where(apart, -np.inf, unit @ unit[group].T)
+    norm = np.linalg.norm(forecasts, axis=1).astype(np.float64)
+    scale = np.where(norm > 0, 1.0 / np.where(norm > 0, norm, 1.0), 0.0)
+    dots = (forecasts @ forecasts[group].T).astype(np.float64)  # no normalised copy of all rows
+    similar = np.where(apart, -np.inf, dots * scale[:, None] * scale[group][None, :])
     order = np.argsort(-similar, axis=1, kind="stable")[:, :ASSOCIATION_TOP]
     kinship = np.take_along_axis(similar, order, axis=1).mean(axis=1)
     population = kinship[unflagged]
@@ -563,8 +565,8 @@ class HistoryForecast:
                     apart[row[other], j] = True
         unflagged = [row[c] for c in rest]
         measured = [
-            _association(np.stack([forecasts[c] for c in ids]), [row[c] for c in group], apart,
-                         unflagged)
+            _association(np.stack([forecasts[c] for c in ids]).astype(np.float32, copy=False),
+                         [row[c] for c in group], apart, unflagged)
             for forecasts in (self._forecast, self._across)
         ]  # fmt: skip
         (kinship, z, order), (_, z_across, _) = measured
