@@ -513,8 +513,8 @@ class HistoryForecast:
             self._forecast[cid] = self._fold(past, now)
             self._across[cid] = self._fold(self._across.get(cid), across[i].astype(np.float32))
             self._seen[cid] = self._seen.get(cid, 0) + 1
-        gaps = pair_gaps(sketched @ sketched.T)
-        for i, j in zip(*np.nonzero(np.triu(gaps < COPY_GAP, 1)), strict=True):
+        twins = copy_pairs(pair_gaps(sketched @ sketched.T))
+        for i, j in zip(*np.nonzero(np.triu(twins, 1)), strict=True):
             self._copies.setdefault(client_ids[i], set()).add(client_ids[j])
             self._copies.setdefault(client_ids[j], set()).add(client_ids[i])
         return HistoryScores(errors, kinship)

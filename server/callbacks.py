@@ -229,17 +229,11 @@ class MetricsExport(Callback):
 
     def on_round_end(self, round: int, logs: dict[str, Any]) -> None:
         outcome = self.driver.outcome
-        scored = [row.to_dict() for row in outcome.clients]
-        # Everyone else's standing too: a flag by association changes in rounds a client sat
-        # out, and a rejected client's trust falls without a scored row.
-        seen = {row["client_id"] for row in scored}
-        standing = [
-            state.to_dict() for cid, state in self.driver.coordinator.trust.snapshot().items()
-            if cid not in seen
-        ]  # fmt: skip
-        self.exporter.observe_round(
-            round, logs["accuracy"], logs["loss"], logs["duration_s"], standing + scored
-        )
+        # Also the clients trust changed without a scored row: a flag by association changes
+        # in rounds a client sat out, and a rejected client's trust falls.
+        rows = [state.to_dict() for state in outcome.unscored]
+        rows += [row.to_dict() for row in outcome.clients]
+        self.exporter.observe_round(round, logs["accuracy"], logs["loss"], logs["duration_s"], rows)
         for r in outcome.rejected:
             if self.per_client:
                 self.exporter.count_rejected(r.reason, client_id=r.client_id)

@@ -34,7 +34,7 @@ from fedwarden.aggregation.scoring import (
     order_statistics_scope,
     share_order_statistics,
 )
-from fedwarden.records import ClientRound
+from fedwarden.records import ClientRound, ClientSummary
 from fedwarden.server.admission import Admission, ClientUpdate, Rejection, RoundIntake
 from fedwarden.server.optimizers import ServerOptimizer
 from fedwarden.server.trust import TrustBook, round_record
@@ -66,6 +66,8 @@ class RoundOutcome:
       duration_s: wall time of ``finish_round``.
       received: every update handed in, in arrival order, without its values (``receipt``):
         who sent what example count; the values lived in the round's matrix only.
+      unscored: the standing (``ClientSummary``) of every other client trust changed this
+        round: a rejected one, or one flagged or unflagged by association while it sat out.
     """
 
     round: int
@@ -77,6 +79,7 @@ class RoundOutcome:
     measurements: dict[str, Any] = field(default_factory=dict)
     duration_s: float = 0.0
     received: list[ClientUpdate] = field(default_factory=list)
+    unscored: list[ClientSummary] = field(default_factory=list)
 
 
 DEFAULT_MAX_WEIGHT_RATIO = 4.0
@@ -457,6 +460,7 @@ class Coordinator:
         ] if ids else []  # fmt: skip
         self.round = round_number
         flagged = sorted(self.trust.flagged())
+        admitted = set(ids)
         return RoundOutcome(
             round_number,
             selected,
@@ -467,6 +471,7 @@ class Coordinator:
             measurements,
             time.perf_counter() - start,
             intake.received,
+            [state for cid, state in sorted(states.items()) if cid not in admitted],
         )
 
     def _aggregate(

@@ -572,15 +572,14 @@ class TrustBook:
         their own evidence, whether or not they took part in ``round``; returns the standing of
         the clients whose flag it changed."""
         p = self.policy
-        own = {
-            c for c, s in self._clients.items() if s.flagged and not EvidenceSums.of(s).associated
-        }
+        flagged = {c for c, s in self._clients.items() if s.flagged}
+        associated = {c for c in flagged if EvidenceSums.of(self._clients[c]).associated}
+        own = flagged - associated
         kin = association(own)
         changed: dict[str, ClientSummary] = {}
-        for cid, state in self._clients.items():
+        for cid in sorted((set(kin) | associated) - own):
+            state = self._clients[cid]
             sums = EvidenceSums.of(state)
-            if cid in own or (cid not in kin and not sums.associated):
-                continue
             a = kin.get(cid)
             line = p.association_z - (p.unflag_margin if sums.associated else 0.0)
             associated = a is not None and a.z >= line
