@@ -148,6 +148,7 @@ import numpy as np
 
 from fedwarden.aggregation import _kernels
 from fedwarden.aggregation.detection import (
+    COPY_GAP,
     NOISE_KURTOSIS,
     UNALIGNED_Z,
     alignment_z,
@@ -625,8 +626,11 @@ def _cosine_component(
     return component
 
 
-def _smaller_than_cohort(gap: np.ndarray, min_scale: float) -> np.ndarray:
-    """Logistic of the one-sided robust z of ``-log(gap)`` within the cohort.
+def _smaller_than_cohort(
+    gap: np.ndarray, min_scale: float, reference: np.ndarray | None = None
+) -> np.ndarray:
+    """Logistic of the one-sided robust z of ``-log(gap)`` against the ``reference`` rows (all
+    by default, and all when fewer than three of them are usable).
 
     On the log scale a gap of 0.001 is as far below 0.01 as 0.01 is below 0.1: near-identical
     updates stand out however close the honest cohort is. ``min_scale`` (in log units) keeps a
@@ -637,9 +641,20 @@ def _smaller_than_cohort(gap: np.ndarray, min_scale: float) -> np.ndarray:
     finite = np.isfinite(gap)
     if finite.sum() < 3:
         return np.full(gap.shape, np.nan)
-    med = np.median(gap[finite])
-    scale = max(_MAD_TO_SIGMA * float(np.median(np.abs(gap[finite] - med))), min_scale)
+    usable = finite & reference if reference is not None else finite
+    if usable.sum() < 3:
+        usable = finite
+    med = np.median(gap[usable])
+    scale = max(_MAD_TO_SIGMA * float(np.median(np.abs(gap[usable] - med))), min_scale)
     return np.where(finite, _logistic_of_abs(np.maximum(med - gap, 0.0) / scale), np.nan)
+
+
+def _not_copies(metrics: dict[str, np.ndarray]) -> np.ndarray:
+    """The rows with no copy in the cohort (``pair_gap`` at least ``COPY_GAP``), the reference
+    of ``collusion`` and ``centrality``: when copies of one vector are half the cohort (five or
+    more attackers of ten sending it), a reference with them puts its median at the copies and
+    they scored 0.03 (mimic, seed 0, round 8: a new attacker went unflagged)."""
+    return ~(np.nan_to_num(np.asarray(metrics["pair_gap"], np.float64), nan=1.0) < COPY_GAP)
 
 
 def _norm_ratio_component(
@@ -794,9 +809,9 @@ _COMPONENTS = {
     "krum_score": lambda m: _krum_component(m["krum_score"]),
     "trimmed_share": lambda m: _trimmed_component(m["trimmed_share"]),
     "distance": lambda m: _distance_component(m["distance"]),
-    "collusion": lambda m: _smaller_than_cohort(m["pair_gap"], min_scale=0.7),
+    "collusion": lambda m: _smaller_than_cohort(m["pair_gap"], 0.7, _not_copies(m)),
     "centrality": lambda m: _smaller_than_cohort(
-        1.0 - np.asarray(m.get("cohort_cosine", m["cosine"])), min_scale=0.7
+        1.0 - np.asarray(m.get("cohort_cosine", m["cosine"])), 0.7, _not_copies(m)
     ),
     "cluster": lambda m: np.asarray(m["cluster_outlier"], np.float64),
     "history": lambda m: _history_component(m[HISTORY_METRIC]),

@@ -257,6 +257,20 @@ def test_identical_crafted_updates_light_up_collusion_and_centrality():
     assert np.isnan(comp["history"]).all()
 
 
+@pytest.mark.parametrize("copies", [2, 5, 6])
+def test_copies_of_one_update_are_colluders_however_much_of_the_cohort_they_hold(copies):
+    """Five or six attackers of ten sending one vector (mimic, ALIE at 40%): with the copies
+    in the reference its median sat at them and they scored 0.03."""
+    rng = np.random.default_rng(11)
+    honest = skewed_cohort(10 - copies, 3000, rng)
+    x = np.vstack([honest] + [honest[0]] * copies).astype(np.float32)  # mimic copies honest[0]
+    m = client_metrics(x, np.median(x, axis=0), None, {})
+    comp = anomaly_components(m)
+    copied = slice(len(honest), None)
+    assert comp["collusion"][copied].min() > 0.9 and comp["collusion"][0] > 0.9
+    assert comp["collusion"][1 : len(honest)].max() < 0.3
+
+
 def scored_round(x: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The coordinator's scoring of one round (no history, no losses): components and scores."""
     m = client_metrics(x, np.median(x, axis=0), None, {})
