@@ -250,11 +250,13 @@ def copied_originals(
 
     Copies of one update are a group whose pairwise :func:`pair_gaps` are under
     :data:`COPY_GAP`; every member scores as a colluder. The original is told from its copies
-    by two things the copiers cannot fake: it is the one member not already flagged
-    (``suspect``), and it is consistent with its own past deviations (:class:`HistoryForecast`)
-    by ``margin`` more than every copy, which repeat a different victim each round. A group
-    with no such member (crafted vectors sent by attackers not yet flagged, or a first round
-    with no history) has no original.
+    by two things the copiers cannot fake: it is the one member with a history not already
+    flagged (``suspect``), and it is consistent with its own past deviations
+    (:class:`HistoryForecast`) by ``margin`` more than every copy with a history, which repeat a
+    different victim each round (at least one copy must have one). Copiers seen for the first
+    time have no history to compare and do not count: in ten-round mimic runs they hid 6 of 30
+    victims with a history. A group with no such member (crafted vectors sent by attackers not
+    yet flagged, or no history on either side) has no original.
 
     Args:
         gaps: ``(K, K)`` :func:`pair_gaps` of the updates.
@@ -272,11 +274,10 @@ def copied_originals(
     original = np.zeros(len(twin), bool)
     for group in np.unique(group_of):
         members = np.flatnonzero(group_of == group)
-        clean = members[~suspect[members]]
-        if len(members) < 2 or len(clean) != 1 or np.isnan(error[members]).any():
-            continue
-        copies = members[members != clean[0]]
-        if error[clean[0]] <= error[copies].min() - margin:
+        known = members[~np.isnan(error[members])]
+        clean = known[~suspect[known]]
+        copies = known[known != clean[0]] if len(clean) == 1 else known[:0]
+        if len(copies) and error[clean[0]] <= error[copies].min() - margin:
             original[clean[0]] = True
     return original
 

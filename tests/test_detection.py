@@ -77,14 +77,20 @@ def test_the_one_unflagged_member_of_a_copied_group_consistent_with_its_past_is_
     assert gap[1] > 0.5  # its nearest update that is not a copy of it
     assert gap[4] == pytest.approx(0.0, abs=1e-6) and gap[5] == pytest.approx(0.0, abs=1e-6)
 
-    # no original: copiers not yet flagged, a copier as consistent as the copied update, a
-    # member with no history, or one crafted vector sent by flagged clients only
+    # a copier seen for the first time (no history, not flagged) does not hide the original
+    fresh = error.copy()
+    fresh[5] = np.nan
+    new_copier = suspect.copy()
+    new_copier[5] = False
+    assert copied_originals(gaps, new_copier, fresh).tolist() == [False, True] + [False] * 4
+
+    # no original: copiers not yet flagged, a copier as consistent as the copied update, no
+    # copier with a history, or one crafted vector sent by flagged clients only
     assert not copied_originals(gaps, np.zeros(6, bool), error).any()
     close = error.copy()
     close[4] = 0.4
     assert not copied_originals(gaps, suspect, close).any()
-    fresh = error.copy()
-    fresh[5] = np.nan
+    fresh[4] = np.nan
     assert not copied_originals(gaps, suspect, fresh).any()
     everyone = suspect.copy()
     everyone[1] = True
