@@ -55,7 +55,8 @@ from fedwarden.aggregation import _kernels
 DEFAULT_SKETCH_DIM = 512
 """Numbers kept per client by :class:`HistoryForecast` (2 KB of float32 per client)."""
 
-_MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
+MAD_TO_SIGMA = 1.4826
+"""The MAD of a normal distribution times this is its standard deviation."""
 _MIN_CLUSTER_COHORT = 4  # below this a "majority cluster" says nothing
 
 
@@ -324,7 +325,7 @@ def cluster_outliers(cosines: np.ndarray, min_scale: float = 0.05) -> np.ndarray
     to_members = distance[:, members].sum(axis=1) / np.maximum(members.sum() - members, 1)
     inside = to_members[members]
     med = float(np.median(inside))
-    scale = max(1.4826 * float(np.median(np.abs(inside - med))), min_scale)
+    scale = max(MAD_TO_SIGMA * float(np.median(np.abs(inside - med))), min_scale)
     score = 1.0 / (1.0 + np.exp(-1.5 * ((to_members - med) / scale - 3.0)))
     return np.where(members, 0.0, score)
 
@@ -413,7 +414,7 @@ def _association(
     if population.size < 3:
         return kinship, np.full(len(kinship), np.nan), order
     center = float(np.median(population))
-    spread = _MAD_TO_SIGMA * float(np.median(np.abs(population - center)))
+    spread = MAD_TO_SIGMA * float(np.median(np.abs(population - center)))
     z = (kinship - center) / max(spread, ASSOCIATION_MIN_SCALE)
     return kinship, np.where(np.isfinite(z), z, np.nan), order
 

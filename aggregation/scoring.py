@@ -149,6 +149,7 @@ import numpy as np
 from fedwarden.aggregation import _kernels
 from fedwarden.aggregation.detection import (
     COPY_GAP,
+    MAD_TO_SIGMA,
     NOISE_KURTOSIS,
     UNALIGNED_Z,
     alignment_z,
@@ -237,7 +238,6 @@ per unit norm (``server/validation.py``); absent without them."""
 VALIDATION_MIN_SCALE = 0.01
 """Least spread (nats) of the validation loss changes in the ``validation`` component."""
 
-_MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 _MEANAD_TO_SIGMA = 1.2533  # the same for the mean absolute deviation (fallback when MAD is 0)
 
 
@@ -254,7 +254,7 @@ def robust_z(x: np.ndarray) -> np.ndarray:
         return np.full(x.shape, np.nan)
     med = np.median(x[finite])
     dev = np.abs(x[finite] - med)
-    scale = _MAD_TO_SIGMA * np.median(dev)
+    scale = MAD_TO_SIGMA * np.median(dev)
     if scale <= 0:
         scale = _MEANAD_TO_SIGMA * np.mean(dev)
     if scale <= 0:
@@ -588,7 +588,7 @@ def log_norm_z(
     if not usable.any():
         return np.full(norm.shape, np.nan)
     med = np.median(log_norm[usable])
-    scale = max(_MAD_TO_SIGMA * float(np.median(np.abs(log_norm[usable] - med))), min_scale)
+    scale = max(MAD_TO_SIGMA * float(np.median(np.abs(log_norm[usable] - med))), min_scale)
     return np.where(finite, (log_norm - med) / np.where(finite, scale, 1.0), np.nan)
 
 
@@ -619,7 +619,7 @@ def _cosine_component(
     finite = np.isfinite(cosine)
     if finite.sum() >= 3:
         med = np.median(cosine[finite])
-        scale = max(_MAD_TO_SIGMA * float(np.median(np.abs(cosine[finite] - med))), min_scale)
+        scale = max(MAD_TO_SIGMA * float(np.median(np.abs(cosine[finite] - med))), min_scale)
         component = np.maximum(component, _logistic_of_abs(np.maximum(med - cosine, 0.0) / scale))
     if median_cosine is not None:
         component = np.fmax(component, _peer_cosine_component(median_cosine))
@@ -645,7 +645,7 @@ def _smaller_than_cohort(
     if usable.sum() < 3:
         usable = finite
     med = np.median(gap[usable])
-    scale = max(_MAD_TO_SIGMA * float(np.median(np.abs(gap[usable] - med))), min_scale)
+    scale = max(MAD_TO_SIGMA * float(np.median(np.abs(gap[usable] - med))), min_scale)
     return np.where(finite, _logistic_of_abs(np.maximum(med - gap, 0.0) / scale), np.nan)
 
 
@@ -729,7 +729,7 @@ def _peer_cosine_component(median_cosine: np.ndarray, min_scale: float = 0.05) -
     if finite.sum() < 3:
         return np.full(value.shape, np.nan)
     med = float(np.median(value[finite]))
-    mad = _MAD_TO_SIGMA * float(np.median(np.abs(value[finite] - med)))
+    mad = MAD_TO_SIGMA * float(np.median(np.abs(value[finite] - med)))
     scale = max(mad, min_scale, 0.25 * abs(med))
     return np.where(finite, _logistic_of_abs(np.maximum(med - value, 0.0) / scale), np.nan)
 
@@ -769,7 +769,7 @@ def _one_sided_z(value: np.ndarray, min_scale: float, below: bool = False) -> np
     if finite.sum() < 3:
         return np.full(value.shape, np.nan)
     med = np.median(value[finite])
-    scale = max(_MAD_TO_SIGMA * float(np.median(np.abs(value[finite] - med))), min_scale)
+    scale = max(MAD_TO_SIGMA * float(np.median(np.abs(value[finite] - med))), min_scale)
     gap = med - value if below else value - med
     return np.where(finite, np.maximum(gap, 0.0) / scale, np.nan)
 
