@@ -484,8 +484,24 @@ def test_the_first_rounds_are_judged_as_independent_draws():
         assert got == pytest.approx(want)  # k <= K rounds: the cap does not bind
     # one round's evidence is its z: pool median 0.2, scale 1.4826 * 0.05
     book = TrustBook(TrustPolicy(evidence_rounds=1))
-    x = book.update(1, ["a", "b", "c", "d", "x"], np.array([0.2, 0.25, 0.15, 0.2, 0.5]), {})["x"]
-    assert x.evidence == pytest.approx(0.3 / (1.4826 * 0.05))
+    x = book.update(1, ["a", "b", "c", "d", "x"], np.array([0.2, 0.25, 0.15, 0.2, 0.4]), {})["x"]
+    assert x.evidence == pytest.approx(0.2 / (1.4826 * 0.05))
+
+
+def test_scores_at_the_ceiling_stay_out_of_the_population(tmp_path):
+    """Rounds in which attackers scored 1.0 are half the cohort (40% malicious, ten per round):
+    in the pool they put its median and scale between the halves, and a 1.0 was no evidence."""
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        book = TrustBook(TrustPolicy(), ledger)
+        for r, cohort, scores in population_rounds(4, tails="laplace", per_round=5, seed=2):
+            attackers = [f"a{r}{i}" for i in range(5)]  # new each round: judged on this round
+            states = book.update(r, [*cohort, *attackers], np.append(scores, [1.0] * 5), {})
+            assert all(states[a].flagged for a in attackers)
+            assert not any(states[c].flagged for c in cohort)
+        center, scale, _ = book._population()
+        assert center == pytest.approx(0.2, abs=0.05) and scale < 0.1
+        restarted = TrustBook(TrustPolicy(), ledger)  # the pool rebuilt from the ledger
+        assert restarted._population()[:2] == pytest.approx((center, scale))
 
 
 def test_stored_sums_give_the_evidence_of_the_rounds_they_hold():
