@@ -48,8 +48,10 @@ work for any model size):
 Signals across clients and rounds (``detection.py``):
 
 - ``collusion``: how much closer a client is to its nearest other client than the cohort is, the
-  logistic of the one-sided robust z of ``-log(pair_gap)`` (log units, scale at least 0.7). Two
-  identical crafted updates (ALIE, Min-Max, Min-Sum, IPM send one vector) score 1.
+  logistic of the one-sided robust z of ``-log(pair_gap)`` (log units, scale at least 0.7)
+  against the rows with no copy in the cohort (:func:`_not_copies`). Two identical crafted
+  updates (ALIE, Min-Max, Min-Sum, IPM send one vector) score 1, also when they are half the
+  cohort.
 - ``centrality``: the same on ``1 - cohort_cosine``, the cosine to the whole cohort's median: an
   update far more aligned with it than any honest one (ALIE sits next to the mean). Not the
   reference without the flagged clients (``cosine``): attackers that own the cohort's median are
