@@ -8,10 +8,10 @@ where ``anomaly_t`` is the client's anomaly score (``aggregation/scoring.py``) a
 update counts as anomaly 1.0. Clients not selected keep their trust.
 
 Flags come from evidence (``flag_rule="evidence"``, the default). Each round's anomaly scores
-below :data:`POOL_CEILING` join a pool of the last ``window_rounds`` rounds of every client's
-scores, and a client's score becomes a z-score against that population: ``z = (anomaly -
-median) / scale``, the median and scale (1.4826 MAD, at least ``min_scale``) of the pool, which
-attackers move little (those scored at the ceiling or above, not at all). Each
+join a pool of the last ``window_rounds`` rounds of every client's scores, and a client's score
+becomes a z-score against that population: ``z = (anomaly - median) / scale``, the median and
+scale (1.4826 MAD, at least ``min_scale``) of the pooled scores below :data:`POOL_CEILING`
+(all of them when those are not most of the pool), which attackers move little. Each
 client accumulates its own z-scores over the rounds it took part in, older ones weighted down
 by ``evidence_memory`` per round seen::
 
@@ -101,13 +101,16 @@ _LAPLACE_SCALE = _MAD_TO_SIGMA * math.log(2.0)
 _SETTINGS = TrustConfig()  # the configured defaults
 
 POOL_CEILING = 0.5
-"""Anomaly scores at or above this stay out of the population pool, as rejected updates do:
-they are answers (a sharp component sets the score from 0.5, ``scoring.SHARP_FLOOR``), not
-samples of what clients typically score. With them in, 40% attackers sending one vector made
-45% of the pool 1.0 (Fashion-MNIST, ALIE, seed 2): its median rose to 0.25 and its scale to
-0.31, a 1.0 was a z of 2.4, and 8 of 18 attackers were never flagged. Honest scores reached 0.3
-in 39 of 9,320 honest client-rounds of the twelfth pass's live grid, all of them mimic's copied
-victims at 1.0."""
+"""Anomaly scores at or above this do not shape the population (its median, scale and typical
+signals), as rejected updates do not, unless they are most of the pool: they are answers (a
+sharp component sets the score from 0.5, ``scoring.SHARP_FLOOR``), not samples of what clients
+typically score. With them, 40% attackers sending one vector made 45% of the pool 1.0
+(Fashion-MNIST, ALIE, seed 2): its median rose to 0.25 and its scale to 0.31, a 1.0 was a z of
+2.4, and 8 of 18 attackers were never flagged. Honest scores reached 0.3 in 39 of 9,320 honest
+client-rounds of the twelfth pass's live grid, all of them mimic's copied victims at 1.0. When
+most of the pool is at the ceiling the scores moved, not a few clients: under a plain mean
+broken by Gaussian noise every update of the next round scored 1.0, and leaving them out
+flagged and excluded every honest client (digits, ``tests/test_scenarios.py``)."""
 
 
 @dataclass
@@ -352,7 +355,6 @@ class TrustBook:
             scored = [
                 row for row in rows
                 if row["round"] == r and row["anomaly"] is not None
-                and row["anomaly"] < POOL_CEILING
                 and row["rejected_reason"] is None and not row.get("absent")
             ]  # fmt: skip
             signals = [last_signals(row.get("signals")) for row in scored]
@@ -431,10 +433,7 @@ class TrustBook:
             name: np.asarray(values, np.float64).reshape(-1) for name, values in
             (components or {}).items()
         }  # fmt: skip
-        scored = [
-            i for i, cid in enumerate(client_ids)
-            if cid not in rejected and anomaly[i] < POOL_CEILING
-        ]  # fmt: skip
+        scored = [i for i, cid in enumerate(client_ids) if cid not in rejected]
         if scored:
             self._pool.append((anomaly[scored], {n: v[scored] for n, v in components.items()}))
         center, scale, typical = self._population()
@@ -475,6 +474,10 @@ class TrustBook:
         pooled = np.concatenate([a for a, _ in self._pool]) if self._pool else np.zeros(0)
         if pooled.size == 0:
             return 0.0, max(self.policy.min_scale, 1e-9), {}
+        # Scores at the ceiling are left out unless they are most of the pool: then the scores
+        # moved (a model every update now differs from), they are not a few outliers.
+        ceiling = POOL_CEILING if 2 * np.sum(pooled < POOL_CEILING) > pooled.size else np.inf
+        pooled = pooled[pooled < ceiling]
         center = float(np.median(pooled))
         mad = _MAD_TO_SIGMA * float(np.median(np.abs(pooled - center)))
         q = self.policy.tail_quantile
@@ -482,7 +485,9 @@ class TrustBook:
             mad = max(mad, (float(np.quantile(pooled, q)) - center) / NormalDist().inv_cdf(q))
         typical: dict[str, float] = {}
         for name in sorted({n for _, sig in self._pool for n in sig}):
-            values = np.concatenate([sig[name] for _, sig in self._pool if name in sig])
+            values = np.concatenate(
+                [sig[name][a < ceiling] for a, sig in self._pool if name in sig]
+            )
             values = values[np.isfinite(values)]
             if values.size:
                 typical[name] = float(np.median(values))

@@ -489,13 +489,13 @@ def test_the_first_rounds_are_judged_as_independent_draws():
 
 
 def test_scores_at_the_ceiling_stay_out_of_the_population(tmp_path):
-    """Rounds in which attackers scored 1.0 are half the cohort (40% malicious, ten per round):
-    in the pool they put its median and scale between the halves, and a 1.0 was no evidence."""
+    """Rounds in which four attackers of ten score 1.0 (40% malicious): in the pool they put its
+    median and scale among the honest clients' upper tail, and a 1.0 was little evidence."""
     with Ledger(tmp_path / "l.sqlite") as ledger:
         book = TrustBook(TrustPolicy(), ledger)
-        for r, cohort, scores in population_rounds(4, tails="laplace", per_round=5, seed=2):
-            attackers = [f"a{r}{i}" for i in range(5)]  # new each round: judged on this round
-            states = book.update(r, [*cohort, *attackers], np.append(scores, [1.0] * 5), {})
+        for r, cohort, scores in population_rounds(4, tails="laplace", per_round=6, seed=2):
+            attackers = [f"a{r}{i}" for i in range(4)]  # new each round: judged on this round
+            states = book.update(r, [*cohort, *attackers], np.append(scores, [1.0] * 4), {})
             assert all(states[a].flagged for a in attackers)
             assert not any(states[c].flagged for c in cohort)
         center, scale, _ = book._population()
@@ -503,6 +503,17 @@ def test_scores_at_the_ceiling_stay_out_of_the_population(tmp_path):
         restarted = TrustBook(TrustPolicy(), ledger)  # the pool rebuilt from the ledger
         assert restarted._population()[:2] == pytest.approx((center, scale))
 
+
+def test_when_most_scores_reach_the_ceiling_the_population_follows_them():
+    """A model broken in round 1 (a plain mean and Gaussian noise): every update of the next
+    rounds scores 1.0. They are the population now, not outliers to flag."""
+    book = TrustBook(TrustPolicy())
+    _, cohort, scores = next(population_rounds(1, per_round=10, seed=3))
+    book.update(1, cohort, scores, {})
+    for r in (2, 3):
+        ids = [f"h{r}{i}" for i in range(10)]
+        states = book.update(r, ids, np.ones(10), {})
+        assert not any(s.flagged for s in states.values())
 
 def test_stored_sums_give_the_evidence_of_the_rounds_they_hold():
     # two rounds at memory 0.6 (Q = 1.36, W = 1.6): under the cap of 3, as if uncapped
