@@ -515,6 +515,7 @@ def test_when_most_scores_reach_the_ceiling_the_population_follows_them():
         states = book.update(r, ids, np.ones(10), {})
         assert not any(s.flagged for s in states.values())
 
+
 def test_stored_sums_give_the_evidence_of_the_rounds_they_hold():
     # two rounds at memory 0.6 (Q = 1.36, W = 1.6): under the cap of 3, as if uncapped
     two = EvidenceSums.of(ClientSummary("m", evidence_state=json.dumps({"sum": 6.0, "sq": 1.36})))
