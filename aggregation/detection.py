@@ -255,8 +255,9 @@ def copied_originals(
     flagged (``suspect``), and it is consistent with its own past deviations
     (:class:`HistoryForecast`) by ``margin`` more than every copy with a history, which repeat a
     different victim each round (at least one copy must have one). Copiers seen for the first
-    time have no history to compare and do not count: in ten-round mimic runs they hid 6 of 30
-    victims with a history. A group with no such member (crafted vectors sent by attackers not
+    time have no history to compare and do not count: in five ten-round mimic runs
+    (Fashion-MNIST, Dirichlet 0.5) 24 copied victims had a history, none was recognised while
+    they counted, and 7 (no attacker) without them. A group with no such member (crafted vectors sent by attackers not
     yet flagged, or no history on either side) has no original.
 
     Args:

@@ -107,7 +107,7 @@ sharp component sets the score from 0.5, ``scoring.SHARP_FLOOR``), not samples o
 typically score. With them, 40% attackers sending one vector made 45% of the pool 1.0
 (Fashion-MNIST, ALIE, seed 2): its median rose to 0.25 and its scale to 0.31, a 1.0 was a z of
 2.4, and 8 of 18 attackers were never flagged. Honest scores reached 0.3 in 39 of 9,320 honest
-client-rounds of the twelfth pass's live grid, all of them mimic's copied victims at 1.0. When
+client-rounds of the twelfth pass's live grid: 38 of mimic's copied victims at 1.0, one 0.31. When
 most of the pool is at the ceiling the scores moved, not a few clients: under a plain mean
 broken by Gaussian noise every update of the next round scored 1.0, and leaving them out
 flagged and excluded every honest client (digits, ``tests/test_scenarios.py``)."""
