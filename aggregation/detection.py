@@ -257,8 +257,8 @@ def copied_originals(
     different victim each round (at least one copy must have one). Copiers seen for the first
     time have no history to compare and do not count: in five ten-round mimic runs
     (Fashion-MNIST, Dirichlet 0.5) 24 copied victims had a history, none was recognised while
-    they counted, and 7 (no attacker) without them. A group with no such member (crafted vectors sent by attackers not
-    yet flagged, or no history on either side) has no original.
+    they counted, and 7 (no attacker) without them. A group with no such member (crafted
+    vectors sent by attackers not yet flagged, or no history on either side) has no original.
 
     Args:
         gaps: ``(K, K)`` :func:`pair_gaps` of the updates.

@@ -476,8 +476,9 @@ class TrustBook:
             return 0.0, max(self.policy.min_scale, 1e-9), {}
         # Scores at the ceiling are left out unless they are most of the pool: then the scores
         # moved (a model every update now differs from), they are not a few outliers.
-        ceiling = POOL_CEILING if 2 * np.sum(pooled < POOL_CEILING) > pooled.size else np.inf
-        pooled = pooled[pooled < ceiling]
+        below = pooled < POOL_CEILING
+        ceiling = POOL_CEILING if 2 * below.sum() > pooled.size else np.inf
+        pooled = pooled[below] if np.isfinite(ceiling) else pooled
         center = float(np.median(pooled))
         mad = _MAD_TO_SIGMA * float(np.median(np.abs(pooled - center)))
         q = self.policy.tail_quantile
@@ -596,23 +597,23 @@ class TrustBook:
         own = flagged - associated
         kin = association(own)
         changed: dict[str, ClientSummary] = {}
-        for cid in sorted((set(kin) | associated) - own):
+        for cid in sorted((set(kin) & self._clients.keys() | associated) - own):
             state = self._clients[cid]
             sums = EvidenceSums.of(state)
             a = kin.get(cid)
             line = p.association_z - (p.unflag_margin if sums.associated else 0.0)
-            associated = a is not None and a.z >= line
-            if associated == sums.associated:
+            follows = a is not None and a.z >= line
+            if follows == sums.associated:
                 continue
             changed[cid] = replace(
                 state,
-                flagged=associated,
+                flagged=follows,
                 explanation=(
                     f"association {a.z:.1f}: its updates deviate like those of flagged "
                     f"{', '.join(a.nearest)} (cosine {a.kinship:.2f})"
-                ) if associated else None,
-                evidence_state=replace(sums, associated=associated).to_json(),
-                **self._quarantine(state, associated, round, None),
+                ) if follows else None,
+                evidence_state=replace(sums, associated=follows).to_json(),
+                **self._quarantine(state, follows, round, None),
             )  # fmt: skip
         self._clients.update(changed)
         return changed
