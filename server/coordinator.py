@@ -30,6 +30,7 @@ from fedwarden.aggregation.scoring import (
     anomaly_components,
     anomaly_score,
     client_metrics,
+    log_norm_spread,
     median_and_trimmed_shares,
     order_statistics_scope,
     share_order_statistics,
@@ -44,6 +45,8 @@ from fedwarden.server.validation import ValidationProbe
 log = logging.getLogger("fedwarden.coordinator")
 
 NORM_SCALE_ROUNDS = 5  # rounds whose unflagged median norms make the ``norm_scale``
+NORM_SPREAD_ROUNDS = 5  # rounds (this one and the ones before) whose log norm spreads make
+# the scale of ``norm_z`` (``scoring.log_norm_z``)
 
 
 @dataclass
@@ -96,6 +99,14 @@ def bounded_weights(num_examples: list[int], max_ratio: float | None) -> np.ndar
     if max_ratio is None or counts.size == 0:
         return counts
     return np.minimum(counts, max_ratio * float(np.median(counts)))
+
+
+def local_steps(num_examples: np.ndarray, batch_size: int) -> np.ndarray:
+    """Optimizer steps per local epoch: batches of ``min(batch_size, n)``, the last one short.
+    A claimed count buys a larger expected norm only as far as its weight goes, so the counts
+    passed are the bounded ones (:func:`bounded_weights`)."""
+    counts = np.maximum(np.asarray(num_examples, np.float64), 1.0)
+    return np.ceil(counts / np.minimum(batch_size, counts))
 
 
 BLOCKWISE_STEPS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "gaussian_noise",
@@ -155,6 +166,9 @@ class Coordinator:
       spill_dir: where spilled matrices go (default: the system's temporary directory).
       validation: measures each update's loss change on server-held examples (the ``validation``
         anomaly component, ``server/validation.py``); None: no such component.
+      batch_size: the local batch size the clients train with; with it, each update's norm is
+        judged against the steps its example count (bounded as its weight is) makes
+        (``scoring.log_norm_z``). None: against the cohort's norms alone.
 
     Example::
 
@@ -182,6 +196,7 @@ class Coordinator:
         round_memory_budget: float | None = None,
         spill_dir: str | os.PathLike | None = None,
         validation: ValidationProbe | None = None,
+        batch_size: int | None = None,
     ):
         self.weights = np.asarray(weights, np.float32)
         self.chain = chain
@@ -193,6 +208,7 @@ class Coordinator:
         self.round_memory_budget = round_memory_budget  # bytes
         self.spill_dir = spill_dir
         self.validation = validation
+        self.batch_size = batch_size
         self._matrix_buffer: np.ndarray | None = None  # the last in-memory round's matrix
         if round_memory_budget is not None:
             for path in remove_stale_spill_files(spill_dir):
@@ -207,7 +223,14 @@ class Coordinator:
         # The median norm of the unflagged updates of each of the last NORM_SCALE_ROUNDS rounds:
         # a norm scale no client of the current round shapes (``oversized``).
         self.norm_scales: list[float] = []
+        self.norm_spreads: list[float] = []  # the earlier rounds' ``scoring.log_norm_spread``
         self._median = median()
+
+    def _local_steps(self, admitted: list[ClientUpdate]) -> np.ndarray | None:
+        if self.batch_size is None:
+            return None
+        counts = bounded_weights([u.num_examples for u in admitted], self.max_weight_ratio)
+        return local_steps(counts, self.batch_size)
 
     def select(
         self,
@@ -412,10 +435,15 @@ class Coordinator:
             # Flagged clients do not shape the reference of the cosine: in a round where flagged
             # attackers hold the cohort's median they would look ordinary and the honest
             # clients odd, and the round would clear them.
+            trusted = _trusted_rows(suspect)
             metrics = client_metrics(
-                matrix, reference, losses, per_client, trusted=_trusted_rows(suspect),
-                weights=trained_from, suspect=suspect, history_error=history.error,
+                matrix, reference, losses, per_client, trusted=trusted, weights=trained_from,
+                suspect=suspect, history_error=history.error, steps=self._local_steps(admitted),
+                earlier_spreads=self.norm_spreads,
             )  # fmt: skip
+            spread = log_norm_spread(metrics["norm"], trusted)
+            if np.isfinite(spread):
+                self.norm_spreads = [*self.norm_spreads, spread][-(NORM_SPREAD_ROUNDS - 1):]
             metrics["num_examples"] = np.array([u.num_examples for u in admitted], np.float64)
             metrics[HISTORY_METRIC] = history.error
             metrics[KINSHIP_METRIC] = history.kinship
@@ -520,6 +548,7 @@ class Coordinator:
             "chain_state": self.chain_state,
             "history": self.history.state_dict(),
             "norm_scales": list(self.norm_scales),
+            "norm_spreads": list(self.norm_spreads),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -530,6 +559,7 @@ class Coordinator:
         if "history" in state:  # checkpoints from before the history signal have none
             self.history.load_state_dict(state["history"])
         self.norm_scales = [float(v) for v in state.get("norm_scales", [])]
+        self.norm_spreads = [float(v) for v in state.get("norm_spreads", [])]
 
 
 def _trusted_rows(flagged: np.ndarray) -> np.ndarray | None:

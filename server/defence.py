@@ -291,4 +291,5 @@ def build_coordinator(
         else config.round_memory_budget * 2**20,
         spill_dir=config.out,
         validation=validation,
+        batch_size=config.batch_size,
     )

@@ -290,6 +290,7 @@ def test_half_a_cohort_of_huge_updates_is_oversized_against_the_earlier_rounds_n
     restored = coordinator()
     restored.load_state_dict(c.state_dict())
     assert restored.norm_scales == c.norm_scales
+    assert len(c.norm_spreads) == 2 and restored.norm_spreads == c.norm_spreads
 
     ids = [f"h{i}" for i in range(5)] + [f"x{i}" for i in range(5)]
     push = 40 * scale * rng.normal(size=d) / np.sqrt(d)
@@ -330,3 +331,33 @@ def test_the_clients_a_mimic_attacker_copies_are_not_flagged_with_their_copies()
     assert {"x0", "x1"} <= flagged_after[1]
     for r in range(3, 13):
         assert flagged_after[r] == {"x0", "x1"}, (r, flagged_after[r])
+
+
+def test_norms_are_judged_against_the_steps_the_bounded_example_counts_make():
+    """With the clients' batch size, a client with less than a batch of data (one step per
+    epoch) and a small norm is ordinary, and one claiming 10**9 examples buys no more than the
+    weight cap allows: its norm, twenty times the others', is still far out."""
+    rng = np.random.default_rng(0)
+    d = 300
+    base = rng.normal(size=d) / np.sqrt(d)
+    counts = {"tiny": 5, "liar": 10**9, **{f"h{i}": 60 + 20 * i for i in range(8)}}
+    # honest norms grow with the square root of the steps (batches of 10)
+    scale = {cid: np.sqrt(np.ceil(n / 10)) for cid, n in counts.items()}
+    scale["liar"] = 20 * np.sqrt(13)
+
+    def update(cid):
+        delta = base + 0.3 * rng.normal(size=d) / np.sqrt(d)
+        noise = np.exp(0.1 * rng.normal())
+        return ClientUpdate(cid, 1, (scale[cid] * noise * delta).astype(np.float32), counts[cid])
+
+    ups = [update(cid) for cid in counts]
+    z = {}
+    for batch_size in (None, 10):
+        c = Coordinator(
+            np.zeros(d, np.float32), parse_chain("median"), ServerOptimizer("fedavg"),
+            TrustBook(TrustPolicy()), batch_size=batch_size,
+        )  # fmt: skip
+        rows = c.finish_round(1, list(counts), ups).clients
+        z[batch_size] = {row.client_id: row.norm_z for row in rows}
+    assert z[None]["tiny"] < -3 and abs(z[10]["tiny"]) < 1.5
+    assert z[None]["liar"] > 3 and z[10]["liar"] > 3

@@ -13,6 +13,8 @@ from fedwarden.aggregation.scoring import (
     anomaly_score,
     client_metrics,
     krum_scores,
+    log_norm_spread,
+    log_norm_z,
     own_reference_products,
     robust_z,
     trimmed_shares,
@@ -320,3 +322,38 @@ def test_oversized_reads_the_smaller_of_the_cohort_median_and_the_earlier_norm_s
     # a scale above the cohort's median changes nothing (honest norms fall over training)
     same = anomaly_components({"norm": norm, "norm_scale": np.full(10, 100.0)})["oversized"]
     np.testing.assert_array_equal(same, alone)
+
+
+def cohort_with_steps(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Update norms that grow with the square root of the local steps, one client that took a
+    single step, and a last one sending five times the norm its 15 steps make."""
+    rng = np.random.default_rng(seed)
+    steps = np.array([1, 10, 12, 14, 15, 16, 18, 20, 22, 25, 15], np.float64)
+    norm = np.sqrt(steps) * np.exp(rng.normal(scale=0.1, size=steps.size))
+    norm[-1] *= 5
+    return norm, steps
+
+
+def test_a_norm_its_step_count_explains_is_no_outlier_and_a_boost_still_is():
+    """FMNIST at Dirichlet 0.1: honest clients with fewer examples than one batch take one step
+    per epoch and were flagged for their small norms; the steps explain them."""
+    norm, steps = cohort_with_steps()
+    plain, fitted = log_norm_z(norm), log_norm_z(norm, steps=steps)
+    assert plain[0] < -3 and abs(fitted[0]) < 1
+    assert fitted[-1] > 3 and np.all(np.abs(fitted[:-1]) < 1)
+
+
+def test_the_norm_scale_pools_the_earlier_rounds_spreads():
+    """One round's ten norms can be unusually alike; the scale is the median spread of this
+    round and the earlier ones, so a boost five times the steps' norm is a z of about
+    ``log(5) / (1.5 * 0.6)`` after rounds of spread 0.6, not of this round's 0.18."""
+    norm, steps = cohort_with_steps()
+    assert log_norm_spread(norm) == pytest.approx(0.18, abs=0.01)
+    pooled = log_norm_z(norm, steps=steps, earlier_spreads=[0.6] * 4)
+    assert pooled[-1] == pytest.approx(np.log(5) / 0.9, abs=0.25)
+    assert log_norm_z(norm, steps=steps)[-1] > 2.5 * pooled[-1]
+
+
+def test_a_cohort_that_took_the_same_number_of_steps_is_compared_as_it_is():
+    norm, _ = cohort_with_steps()
+    np.testing.assert_allclose(log_norm_z(norm, steps=np.full(norm.size, 7.0)), log_norm_z(norm))
