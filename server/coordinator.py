@@ -443,7 +443,8 @@ class Coordinator:
             )  # fmt: skip
             spread = log_norm_spread(metrics["norm"], trusted)
             if np.isfinite(spread):
-                self.norm_spreads = [*self.norm_spreads, spread][-(NORM_SPREAD_ROUNDS - 1):]
+                self.norm_spreads.append(spread)
+                del self.norm_spreads[: 1 - NORM_SPREAD_ROUNDS]
             metrics["num_examples"] = np.array([u.num_examples for u in admitted], np.float64)
             metrics[HISTORY_METRIC] = history.error
             metrics[KINSHIP_METRIC] = history.kinship

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -28,6 +30,7 @@ from fedwarden.aggregation.scoring import (
     anomaly_score,
     client_metrics,
 )
+from fedwarden.data.datasets import FASHION_MNIST_DIR
 from fedwarden.server.trust import TrustBook, TrustPolicy
 
 
@@ -438,13 +441,25 @@ def test_attackers_built_to_hide_are_flagged_on_digits(attack, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    not Path(FASHION_MNIST_DIR).is_dir(), reason="Debian's dataset-fashion-mnist not installed"
+)
 def test_backdoor_attackers_are_found_through_their_association_with_flagged_ones(tmp_path):
-    """Digits, seed 0: two backdoor attackers are flagged on their own evidence; the other two
-    look ordinary in every round but deviate like them, and are flagged by association, in a round
-    they sat out (a row marked absent). With ``trust_association_z=0`` recall is 0.5."""
+    """The issue's setting (Fashion-MNIST, 50 clients, 10 a round, Dirichlet 0.5, 20% backdoor),
+    seed 0: some attackers are flagged on their own evidence; others look ordinary in every
+    round but deviate like them, and are flagged by association, some in a round they sat out
+    (a row marked absent). (On digits this held for seed 0 only, and only because two attackers
+    held less data than the others and sent smaller updates: seeds 1 to 5 found none.)"""
+    from fedwarden.config import make_config
     from fedwarden.server.ledger import Ledger
+    from fedwarden.simulations.runner import simulate
 
-    results = digits_run(tmp_path, attack="backdoor")
+    settings = {"dataset": "fashion_mnist", "partition": "dirichlet", "alpha": 0.5, "clients": 50,
+                "clients_per_round": 10, "rounds": 10, "local_epochs": 2, "batch_size": 32,
+                "lr": 0.05, "eval_subset": 2000, "aggregator": "auto", "quarantine": "none",
+                "malicious_fraction": 0.2, "attack": "backdoor", "seed": 0, "progress": False,
+                "tensorboard": "off", "out": str(tmp_path)}  # fmt: skip
+    results = simulate(make_config({}, settings))
     malicious = {c for c, v in results["clients"].items() if v["malicious"]}
     detection = results["final"]["detection"]
     assert detection["precision"] == 1.0 and detection["recall"] == 1.0, detection
