@@ -376,7 +376,7 @@ class TrustConfig(Section):
         choices=FLAG_RULES, flat="trust_flag_rule",
     )  # fmt: skip
     false_positive_rate: float = option(
-        0.005, "nominal share of honest clients flagged under --trust-flag-rule evidence",
+        0.003, "nominal share of honest clients flagged under --trust-flag-rule evidence",
         low=0, high=0.5, low_open=True, high_open=True, flat="trust_false_positive_rate",
     )  # fmt: skip
     evidence_rounds: int = option(

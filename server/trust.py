@@ -32,8 +32,8 @@ steady moderate excess, a trait of the client's data, stops adding up to a flag 
 round reached 4.6 and was flagged for 16 rounds in a row on digits at Dirichlet 0.1).
 
 A client is flagged when its evidence exceeds the flag line set by the configured
-``false_positive_rate`` (:attr:`TrustPolicy.flag_z`: the Laplace quantile, 4.48 at the default
-0.005, since honest anomaly scores have exponential upper tails), and unflagged when it falls
+``false_positive_rate`` (:attr:`TrustPolicy.flag_z`: the Laplace quantile, 4.98 at the default
+0.003, since honest anomaly scores have exponential upper tails), and unflagged when it falls
 ``unflag_margin`` below that line. Each z is clipped to ``[-z_floor, z_cap]``: banked good rounds
 cannot hide a later attack for long, and one round can flag but not convict for ever. The rate
 is nominal; docs/results.md has the measured rates (Dirichlet 0.1, 0.5, iid).
