@@ -594,9 +594,10 @@ def log_norm_spread(norm: np.ndarray, rows: np.ndarray | None = None) -> float:
     """1.4826 MAD of the log norms of ``rows`` (all by default; all too when fewer than three of
     ``rows`` are usable), NaN when no norm is positive."""
     log_norm, usable = _log_norms(norm, rows)
-    if not usable.any():
-        return float("nan")
-    values = log_norm[usable]
+    return _spread(log_norm[usable]) if usable.any() else float("nan")
+
+
+def _spread(values: np.ndarray) -> float:
     return MAD_TO_SIGMA * float(np.median(np.abs(values - np.median(values))))
 
 
@@ -636,7 +637,7 @@ def log_norm_z(
     log_norm, usable = _log_norms(norm, rows)
     if not usable.any():
         return np.full(log_norm.shape, np.nan)
-    spread = float(np.median([*earlier_spreads, log_norm_spread(norm, rows)]))
+    spread = float(np.median([*earlier_spreads, _spread(log_norm[usable])]))
     if steps is not None:
         log_steps = np.log(np.maximum(np.asarray(steps, np.float64), 1.0))
         log_norm = log_norm - _steps_slope(log_steps[usable], log_norm[usable]) * log_steps

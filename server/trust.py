@@ -477,8 +477,10 @@ class TrustBook:
         # Scores at the ceiling are left out unless they are most of the pool: then the scores
         # moved (a model every update now differs from), they are not a few outliers.
         below = pooled < POOL_CEILING
-        ceiling = POOL_CEILING if 2 * below.sum() > pooled.size else np.inf
-        pooled = pooled[below] if np.isfinite(ceiling) else pooled
+        most_below = 2 * below.sum() > pooled.size
+        ceiling = POOL_CEILING if most_below else np.inf
+        if most_below:
+            pooled = pooled[below]
         center = float(np.median(pooled))
         mad = _MAD_TO_SIGMA * float(np.median(np.abs(pooled - center)))
         q = self.policy.tail_quantile
