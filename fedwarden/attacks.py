@@ -895,12 +895,14 @@ def detector_aware(
     ``score``, evaluated on the whole cohort, keeps every attacker at or below
     ``median + z * scale`` of the honest clients' scores (scale: 1.4826 MAD, at least
     ``min_scale``), found by doubling and bisection as the optimised attacks search their
-    strength. The detector flags at ``z_(1 - false_positive_rate)`` (2.58 at 0.005) on evidence
-    that grows with rounds seen, so ``z`` is the strength knob: about ``z / 2`` of evidence per
-    round survives ``server/trust.py``'s accumulation indefinitely with memory 0.6.
+    strength. The detector flags when a client's evidence, which grows with rounds seen, passes
+    ``TrustPolicy.flag_z`` (4.98 at the default false-positive rate 0.003), so ``z`` is the
+    strength knob: the same z every round adds up to at most 1.61 z of evidence (memory 0.6,
+    ``evidence_rounds`` 3 in ``server/trust.py``), so a z near 3 stays under the line.
 
-    What it cannot see: the server's per-client history signal and the population pool of
-    earlier rounds; its own round's cohort stands in for the population.
+    What it cannot see: the server's per-client history signal, the population pool of earlier
+    rounds and the cohort's example counts (the coordinator judges norms against local step
+    counts); its own round's cohort stands in for the population.
 
     Args:
         score: ``score(updates (K, d)[, trained_from=(d,), norm_scale=x]) -> (K,)`` anomaly

@@ -264,6 +264,7 @@ class RobustFedAvgProcess:
         trust_book: Callable[[], TrustBook] | None = None,
         max_update_norm: float | None = None,
         anomaly_weights: dict[str, float] | None = None,
+        batch_size: int | None = None,
     ):
         self.client_work = client_work
         self.chain = chain
@@ -273,6 +274,7 @@ class RobustFedAvgProcess:
         self._trust_book = trust_book or (lambda: TrustBook(trust_policy))
         self._max_update_norm = max_update_norm
         self._anomaly_weights = anomaly_weights
+        self._batch_size = batch_size
         self._coordinator: Coordinator | None = None
 
     def __repr__(self) -> str:
@@ -291,6 +293,7 @@ class RobustFedAvgProcess:
             book,
             max_update_norm=self._max_update_norm,
             anomaly_weights=self._anomaly_weights,
+            batch_size=self._batch_size,
         )
         self._coordinator.round = book.last_round
         return self._state(self._initial)
@@ -397,6 +400,7 @@ def build_robust_fedavg_process(
     use_tff_aggregators: bool = True,
     max_update_norm: float | None = None,
     anomaly_weights: dict[str, float] | None = None,
+    batch_size: int | None = None,
 ) -> RobustFedAvgProcess:
     """Builds a FedAvg process whose aggregation is any fedwarden chain, with per-client trust.
 
@@ -416,6 +420,9 @@ def build_robust_fedavg_process(
         (``fedwarden.aggregation.tff.tff_factory``); False keeps fedwarden's numpy steps for every chain.
       max_update_norm: admission rejects updates with a larger L2 norm (None: no limit).
       anomaly_weights: weights of the anomaly score's components (``fedwarden.aggregation.scoring``).
+      batch_size: the batch size of the client datasets: each update's norm is then judged
+        against the client's local step count (``Coordinator``), so a client with more data is
+        not an outlier for its longer update; None compares the norms as they are.
 
     Returns:
       A :class:`RobustFedAvgProcess`; the module docstring has a runnable example.
@@ -437,6 +444,7 @@ def build_robust_fedavg_process(
         trust_book=trust_book,
         max_update_norm=max_update_norm,
         anomaly_weights=anomaly_weights,
+        batch_size=batch_size,
     )
 
 

@@ -99,6 +99,22 @@ def test_process_runs_two_rounds_and_keys_scores_by_client_id():
         process.next(replace(state, round=1), client_datasets(5), ids)
 
 
+def test_norms_are_judged_against_the_local_steps_when_the_batch_size_is_given():
+    # four clients take one step per epoch, one takes eight: its update is longer, honestly
+    datasets = client_datasets(4, seed=3, size=8) + client_datasets(1, seed=4, size=64)
+    ids = ["a", "b", "c", "d", "big"]
+    norm_z = {}
+    for batch_size in (None, 8):
+        process = build_robust_fedavg_process(
+            MODEL_FN, tff.learning.optimizers.build_sgdm(0.1), chain="median",
+            batch_size=batch_size,
+        )  # fmt: skip
+        _, metrics = process.next(process.initialize(), datasets, ids)
+        norm_z[batch_size] = metrics["clients"]["big"]["norm_z"]
+    assert norm_z[None] > 2.0
+    assert abs(norm_z[8]) < 0.5
+
+
 @pytest.mark.parametrize(
     "chain",
     [
