@@ -6,6 +6,7 @@
     fedwarden trust list --ledger runs/latest/ledger.sqlite --format json
     fedwarden trust show c07 --ledger runs/latest/ledger.sqlite        # c07's round history
     fedwarden trust report --ledger state/ledger.sqlite --red-team c04.jsonl  # a rehearsal's score
+    fedwarden trust replay --ledger runs/latest/ledger.sqlite --trust-false-positive-rate 0.005
 
 The ledger is opened read-only, so this works while a run is writing it. Problems (a missing
 file, an unknown client) end with one line on stderr and exit code 2.
@@ -18,12 +19,14 @@ import json
 import sys
 from typing import Any
 
+from fedwarden.config import TrustConfig
 from fedwarden.errors import UsageError
 from fedwarden.records import HISTORY_KEYS, LIST_KEYS, list_entry, show_entry
 
 
 def add_trust_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Adds ``trust list`` and ``trust show`` to a ``fedwarden`` subparsers object.
+    """Adds ``trust list``, ``show``, ``report`` and ``replay`` to a ``fedwarden`` subparsers
+    object.
 
     Each leaf parser sets ``func``, which takes the parsed args and returns the exit code
     (raising :class:`UsageError` for bad input).
@@ -34,7 +37,9 @@ def add_trust_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         description="Read per-client trust, anomaly and flags from a run's SQLite ledger "
         "(safe while the run is writing it).",
     )
-    sub = trust.add_subparsers(dest="trust_command", required=True, metavar="{list,show,report}")
+    sub = trust.add_subparsers(
+        dest="trust_command", required=True, metavar="{list,show,report,replay}"
+    )
 
     def common(p: argparse.ArgumentParser) -> None:
         source = p.add_mutually_exclusive_group(required=True)
@@ -95,6 +100,44 @@ def add_trust_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         help="table for people (default) or json for tools",
     )  # fmt: skip
     p.set_defaults(func=cmd_trust_report)
+
+    p = sub.add_parser(
+        "replay",
+        help="what other trust settings would have flagged",
+        description="Decide a ledger's rounds again from its recorded measurements under other "
+        "trust settings (the flag line, the evidence cap, the anomaly weights) and compare the "
+        "flags with the recorded ones, without running the federation again "
+        "(server/replay.py). Flags by association are not replayed: they need the clients' "
+        "update histories, which the ledger does not keep. When the ledger sits in a "
+        "simulation's output directory, its results.json names the attackers and precision and "
+        "recall are shown.",
+    )  # fmt: skip
+    p.add_argument("--ledger", required=True, metavar="FILE", help="the run's ledger")
+    defaults = TrustConfig()
+    p.add_argument(
+        "--trust-false-positive-rate", type=float, default=defaults.false_positive_rate,
+        metavar="X", help=f"nominal share of honest client-rounds flagged (default "
+        f"{defaults.false_positive_rate}, the run's default)",
+    )  # fmt: skip
+    p.add_argument(
+        "--trust-evidence-rounds", type=int, default=defaults.evidence_rounds, metavar="N",
+        help=f"rounds of a steady excess that count as independent evidence (default "
+        f"{defaults.evidence_rounds})",
+    )  # fmt: skip
+    p.add_argument(
+        "--anomaly-weights", type=_weights, default=None, metavar="JSON",
+        help="component weights as in a run's anomaly_weights, e.g. '{\"norm_z\": 0.2, "
+        "\"cosine\": 0.15}' (names left out weigh 0; default: the scoring's weights)",
+    )  # fmt: skip
+    p.add_argument(
+        "--rounds", type=int, default=None, metavar="N",
+        help="replay rounds 1..N (default: every round in the ledger)",
+    )  # fmt: skip
+    p.add_argument(
+        "--format", choices=("table", "json"), default="table",
+        help="table for people (default) or json for tools",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_trust_replay)
     return trust
 
 
@@ -280,6 +323,131 @@ def cmd_trust_report(args: argparse.Namespace) -> int:
         for cid, why in scores["explanations"].items():
             mark = "" if cid in scores["attackers"] else " (false positive)"
             print(f"  {cid}{mark}: {why or '-'}")
+    return 0
+
+
+def _weights(text: str) -> dict[str, float]:
+    try:
+        weights = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(
+            f"--anomaly-weights must be a JSON object of names to weights, e.g. "
+            f"'{{\"norm_z\": 0.2}}' ({exc}). Received: {text!r}"
+        ) from None
+    if not isinstance(weights, dict):
+        raise argparse.ArgumentTypeError(
+            f"--anomaly-weights must be a JSON object of names to weights. Received: {text!r}"
+        )
+    return weights
+
+
+def _attackers_beside(ledger_path: str) -> set[str] | None:
+    """The malicious clients named by the results.json of the simulation whose output directory
+    holds the ledger, None when there is none."""
+    from pathlib import Path
+
+    results = Path(ledger_path).parent / "results.json"
+    try:
+        clients = json.loads(results.read_text())["clients"]
+        return {cid for cid, c in clients.items() if c.get("malicious")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def replay_summary(ledger: Any, replayed: list[set[str]], attackers: set[str] | None) -> dict:
+    """The recorded and the replayed flags of the same rounds side by side: the clients flagged
+    after the last one, the client-rounds flagged (a client flagged after a round it took part
+    in), and with ``attackers`` precision and recall over the attackers that took part."""
+    from fedwarden.report import detection_summary
+
+    rounds = len(replayed)
+    recorded = flags_by_round(ledger)[:rounds]
+    took_part = [
+        {row["client_id"] for row in ledger.round_rows(r) if not row.get("absent")}
+        for r in range(1, rounds + 1)
+    ]  # fmt: skip
+    seen = set().union(*took_part)
+    out: dict[str, Any] = {"rounds": rounds}
+    for name, flags in (("recorded", recorded), ("replayed", replayed)):
+        final = flags[-1] if flags else set()
+        side: dict[str, Any] = {
+            "flagged": sorted(final),
+            "flagged_client_rounds": sum(len(f & p) for f, p in zip(flags, took_part)),
+        }
+        if attackers is not None:
+            side.update(detection_summary(flags, attackers & seen))
+            side["honest_client_rounds_flagged"] = sum(
+                len((f & p) - attackers) for f, p in zip(flags, took_part)
+            )
+        out[name] = side
+    recorded_final, replayed_final = (set(out[k]["flagged"]) for k in ("recorded", "replayed"))
+    out["newly_flagged"] = sorted(replayed_final - recorded_final)
+    out["no_longer_flagged"] = sorted(recorded_final - replayed_final)
+    why = flag_explanations(ledger, recorded_final)
+    out["recorded_by_association"] = sorted(
+        c for c, text in why.items() if (text or "").startswith("association")
+    )
+    out["attackers"] = None if attackers is None else sorted(attackers & seen)
+    return out
+
+
+def cmd_trust_replay(args: argparse.Namespace) -> int:
+    from fedwarden.server.replay import replay_flags
+    from fedwarden.server.trust import TrustPolicy
+
+    if args.rounds is not None and args.rounds < 1:
+        raise UsageError(f"--rounds must be at least 1. Received: {args.rounds}")
+    try:
+        policy = TrustPolicy(
+            false_positive_rate=args.trust_false_positive_rate,
+            evidence_rounds=args.trust_evidence_rounds,
+            association_z=0.0,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    with _open(args.ledger) as ledger:
+        if ledger.last_round() == 0:
+            raise UsageError(f"{args.ledger} records no round yet; replay a ledger after its run")
+        try:
+            replayed = replay_flags(ledger, policy, args.anomaly_weights, args.rounds)
+        except ValueError as exc:  # an unknown or negative anomaly weight
+            raise UsageError(str(exc)) from None
+        summary = replay_summary(ledger, replayed, _attackers_beside(args.ledger))
+    summary["settings"] = {
+        "false_positive_rate": policy.false_positive_rate,
+        "flag_line": policy.flag_z,
+        "evidence_rounds": policy.evidence_rounds,
+        "anomaly_weights": args.anomaly_weights,
+    }
+    if args.format == "json":
+        print(json.dumps(summary, indent=2))
+        return 0
+    weights = "default" if args.anomaly_weights is None else json.dumps(args.anomaly_weights)
+    print(
+        f"rounds 1-{summary['rounds']} of {args.ledger} replayed at false-positive rate "
+        f"{policy.false_positive_rate} (flag line {policy.flag_z:.2f}), evidence rounds "
+        f"{policy.evidence_rounds}, {weights} anomaly weights; flags by association not replayed"
+    )
+    keys = ["flagged_client_rounds"]
+    if summary["attackers"] is not None:
+        keys += ["honest_client_rounds_flagged", "precision", "recall", "first_detection_round"]
+        print(f"attackers that took part (results.json): {', '.join(summary['attackers'])}")
+    print()
+    rows = [
+        {"": k.replace("_", " "), **{side: summary[side][k] for side in ("recorded", "replayed")}}
+        for k in keys
+    ]
+    print(format_table(rows, ("", "recorded", "replayed")))
+    print()
+    for label, key in (("flagged after the last round (replayed)", None),
+                       ("newly flagged", "newly_flagged"),
+                       ("no longer flagged", "no_longer_flagged")):  # fmt: skip
+        clients = summary["replayed"]["flagged"] if key is None else summary[key]
+        if key == "no_longer_flagged":
+            associated = set(summary["recorded_by_association"])
+            clients = [f"{c} (by association, not replayed)" if c in associated else c
+                       for c in clients]  # fmt: skip
+        print(f"{label}: {', '.join(clients) or 'none'}")
     return 0
 
 

@@ -1,0 +1,85 @@
+"""A ledger's rounds decided again under other trust settings: what a flag line, an evidence
+cap or other anomaly weights would have flagged, without running the federation again.
+
+Every round's measurements are in the ledger (``client_rounds``), so the anomaly scores and the
+flags that follow from them can be recomputed from its rows alone: the score with the given
+weights (``aggregation/scoring.py``), then a fresh :class:`~fedwarden.server.trust.TrustBook`
+under the given policy. The measurements themselves stay as recorded (the norm against the
+step counts, the cosine to the reference the recorded flags shaped), and so does training: with
+quarantine the clients a new line would have excluded still trained. Flags by association are
+not replayed: they need every client's update history, which the ledger does not keep.
+
+Example::
+
+    with Ledger("runs/latest/ledger.sqlite", readonly=True) as ledger:
+        flags = replay_flags(ledger, TrustPolicy(false_positive_rate=0.005))
+    flags[-1]  # the clients flagged after the last round
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fedwarden.aggregation.scoring import (
+    CLASS_VALIDATION_METRIC,
+    EFFECT_METRIC,
+    HISTORY_METRIC,
+    METRIC_NAMES,
+    NORM_SCALE_METRIC,
+    VALIDATION_METRIC,
+    anomaly_components,
+    anomaly_score,
+    robust_z,
+)
+from fedwarden.server.trust import TrustBook, TrustPolicy
+
+if TYPE_CHECKING:
+    from fedwarden.server.ledger import Ledger
+
+SCORED_KEYS = (*METRIC_NAMES, NORM_SCALE_METRIC, HISTORY_METRIC, VALIDATION_METRIC,
+               CLASS_VALIDATION_METRIC, EFFECT_METRIC)  # fmt: skip
+"""The recorded measurements the anomaly score reads (``loss_z`` is not stored: it is taken
+again from the recorded losses)."""
+
+
+def round_metrics(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """The ``client_metrics`` of one round's scored rows, from their ledger columns: a key the
+    round did not measure (every value missing) is left out, as the coordinator leaves it out."""
+    metrics = {}
+    for key in SCORED_KEYS:
+        values = np.array([np.nan if r.get(key) is None else r[key] for r in rows], np.float64)
+        if np.isfinite(values).any():
+            metrics[key] = values
+    losses = [r.get("loss") for r in rows]
+    if rows and all(loss is not None for loss in losses):
+        metrics["loss_z"] = robust_z(np.array(losses, np.float64))
+    return metrics
+
+
+def replay_flags(
+    ledger: Ledger,
+    policy: TrustPolicy,
+    anomaly_weights: dict[str, float] | None = None,
+    last_round: int | None = None,
+) -> list[set[str]]:
+    """The clients flagged after each round 1..``last_round`` (default: the ledger's last) when
+    the recorded measurements are scored with ``anomaly_weights`` (None: the defaults) and
+    judged under ``policy``, association left out (see the module docstring)."""
+    book = TrustBook(policy)
+    last = ledger.last_round() if last_round is None else min(last_round, ledger.last_round())
+    out: list[set[str]] = []
+    for r in range(1, last + 1):
+        rows = [row for row in ledger.round_rows(r) if not row.get("absent")]
+        scored = [row for row in rows if row.get("norm") is not None]
+        rejected = {row["client_id"]: 1 for row in rows if row.get("rejected_reason")}
+        if scored or rejected:
+            metrics = round_metrics(scored)
+            anomaly = anomaly_score(metrics, anomaly_weights) if scored else np.zeros(0)
+            book.update(
+                r, [row["client_id"] for row in scored], anomaly, rejected,
+                metrics=metrics, components=anomaly_components(metrics) if scored else None,
+            )  # fmt: skip
+        out.append(book.flagged())
+    return out

@@ -1,0 +1,96 @@
+"""`fedwarden trust replay`: a ledger's rounds decided again under other trust settings."""
+
+import json
+
+import pytest
+
+from fedwarden.cli.main import main
+from fedwarden.cli.trust import flags_by_round
+from fedwarden.server.ledger import Ledger
+from fedwarden.server.replay import replay_flags
+from fedwarden.server.trust import TrustPolicy
+
+
+@pytest.fixture(scope="module")
+def sign_flip_run(tmp_path_factory):
+    """A digits run whose flags are all the evidence rule's own (association off)."""
+    from fedwarden.config import make_config
+    from fedwarden.simulations.runner import simulate
+
+    out = tmp_path_factory.mktemp("sign_flip")
+    settings = {"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "clients": 20,
+                "clients_per_round": 10, "rounds": 6, "attack": "sign_flip",
+                "malicious_fraction": 0.2, "aggregator": "trimmed_mean:trim_fraction=0.2",
+                "quarantine": "none", "trust_association_z": 0.0, "progress": False,
+                "out": str(out)}  # fmt: skip
+    results = simulate(make_config({}, settings))
+    malicious = {cid for cid, c in results["clients"].items() if c["malicious"]}
+    return out / "ledger.sqlite", malicious
+
+
+def test_a_replay_at_the_runs_own_settings_gives_back_its_flags_round_by_round(sign_flip_run):
+    path, malicious = sign_flip_run
+    with Ledger(path, readonly=True) as ledger:
+        recorded = flags_by_round(ledger)
+        replayed = replay_flags(ledger, TrustPolicy(association_z=0.0))
+        assert replayed == recorded
+        assert recorded[-1] & malicious  # something to give back
+        # the scores are recomputed from the measurements, not read back: other weights, other flags
+        assert replay_flags(ledger, TrustPolicy(), {"norm_z": 1.0}) != recorded
+
+
+def test_the_cli_sets_the_replay_beside_the_record_and_names_the_attackers(sign_flip_run, capsys):
+    path, malicious = sign_flip_run
+    argv = ["trust", "replay", "--ledger", str(path), "--format", "json"]
+    assert main([*argv, "--trust-false-positive-rate", "0.2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    with Ledger(path, readonly=True) as ledger:
+        assert out["recorded"]["flagged"] == sorted(flags_by_round(ledger)[-1])
+    assert set(out["attackers"]) <= malicious and out["attackers"]  # from results.json
+    assert out["settings"]["flag_line"] < TrustPolicy().flag_z
+    assert out["replayed"]["flagged_client_rounds"] > out["recorded"]["flagged_client_rounds"]
+    assert set(out["newly_flagged"]) == set(out["replayed"]["flagged"]) - set(
+        out["recorded"]["flagged"]
+    )
+
+    assert main(["trust", "replay", "--ledger", str(path), "--rounds", "3"]) == 0
+    table = capsys.readouterr().out
+    assert "rounds 1-3 of" in table and "precision" in table and "newly flagged:" in table
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--anomaly-weights", '{"nrm": 1}'], "unknown anomaly weight(s) ['nrm']"),
+        (["--anomaly-weights", "{nrm"], "must be a JSON object of names to weights"),
+        (["--trust-false-positive-rate", "0.7"], "false_positive_rate must be in (0, 0.5)"),
+        (["--rounds", "0"], "--rounds must be at least 1"),
+    ],
+)
+def test_bad_replay_settings_are_one_line_errors(sign_flip_run, capsys, extra, message):
+    path, _ = sign_flip_run
+    assert main(["trust", "replay", "--ledger", str(path), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_flags_the_replay_cannot_make_are_marked_as_association(sign_flip_run, tmp_path, capsys):
+    import sqlite3
+
+    path, _ = sign_flip_run
+    copy = tmp_path / "ledger.sqlite"
+    with sqlite3.connect(path) as source, sqlite3.connect(copy) as target:
+        source.backup(target)
+    with Ledger(copy, readonly=True) as ledger:
+        victim = sorted(flags_by_round(ledger)[-1])[0]
+    with sqlite3.connect(copy) as con:  # as if the run had flagged it for its association
+        con.execute(
+            "UPDATE clients SET explanation = 'association 3.0: ...' WHERE client_id = ?",
+            (victim,),
+        )
+    argv = ["trust", "replay", "--ledger", str(copy), "--trust-false-positive-rate", "1e-9"]
+    assert main([*argv, "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["recorded_by_association"] == [victim] and victim in out["no_longer_flagged"]
+    assert main(argv) == 0
+    assert f"{victim} (by association, not replayed)" in capsys.readouterr().out
