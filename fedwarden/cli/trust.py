@@ -54,10 +54,7 @@ def add_trust_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         from fedwarden.protocol.connection import add_connection_options
 
         add_connection_options(p.add_argument_group("connection (with --server)"))
-        p.add_argument(
-            "--format", choices=("table", "json"), default="table",
-            help="table for people (default) or json for tools",
-        )  # fmt: skip
+        add_format(p)
 
     p = sub.add_parser(
         "list",
@@ -95,10 +92,7 @@ def add_trust_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--red-team", required=True, action="extend", nargs="+", metavar="FILE",
         help="red-team report(s) (JSON lines), one per red-team agent",
     )  # fmt: skip
-    p.add_argument(
-        "--format", choices=("table", "json"), default="table",
-        help="table for people (default) or json for tools",
-    )  # fmt: skip
+    add_format(p)
     p.set_defaults(func=cmd_trust_report)
 
     p = sub.add_parser(
@@ -133,12 +127,16 @@ def add_trust_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--rounds", type=int, default=None, metavar="N",
         help="replay rounds 1..N (default: every round in the ledger)",
     )  # fmt: skip
+    add_format(p)
+    p.set_defaults(func=cmd_trust_replay)
+    return trust
+
+
+def add_format(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--format", choices=("table", "json"), default="table",
         help="table for people (default) or json for tools",
     )  # fmt: skip
-    p.set_defaults(func=cmd_trust_replay)
-    return trust
 
 
 def query_server(address: str, client_id: str | None = None,
