@@ -120,6 +120,7 @@ class ClientRound(_Record):
     kurtosis: float | None = _field(float, shown=False)
     radial: float | None = _field(float, shown=False)  # cosine to the weights trained from
     num_examples: float | None = _field(float, shown=False)  # as the client reported them
+    local_steps: float | None = _field(float, shown=False)  # per epoch, from the bounded counts
     norm_scale: float | None = _field(float, shown=False)  # earlier rounds' unflagged norms
     history_error: float | None = _field(float)
     kinship: float | None = _field(float, shown=False)  # likeness to another client's past

@@ -27,6 +27,7 @@ from fedwarden.aggregation.scoring import (
     HISTORY_METRIC,
     KINSHIP_METRIC,
     NORM_SCALE_METRIC,
+    STEPS_METRIC,
     anomaly_components,
     anomaly_score,
     client_metrics,
@@ -436,9 +437,10 @@ class Coordinator:
             # attackers hold the cohort's median they would look ordinary and the honest
             # clients odd, and the round would clear them.
             trusted = _trusted_rows(suspect)
+            steps = self._local_steps(admitted)
             metrics = client_metrics(
                 matrix, reference, losses, per_client, trusted=trusted, weights=trained_from,
-                suspect=suspect, history_error=history.error, steps=self._local_steps(admitted),
+                suspect=suspect, history_error=history.error, steps=steps,
                 earlier_spreads=self.norm_spreads,
             )  # fmt: skip
             spread = log_norm_spread(metrics["norm"], trusted)
@@ -446,6 +448,8 @@ class Coordinator:
                 self.norm_spreads.append(spread)
                 del self.norm_spreads[: 1 - NORM_SPREAD_ROUNDS]
             metrics["num_examples"] = np.array([u.num_examples for u in admitted], np.float64)
+            if steps is not None:
+                metrics[STEPS_METRIC] = steps
             metrics[HISTORY_METRIC] = history.error
             metrics[KINSHIP_METRIC] = history.kinship
             if self.validation is not None:

@@ -28,6 +28,7 @@ from fedwarden.aggregation.scoring import (
     HISTORY_METRIC,
     METRIC_NAMES,
     NORM_SCALE_METRIC,
+    STEPS_METRIC,
     VALIDATION_METRIC,
     anomaly_components,
     anomaly_score,
@@ -38,7 +39,7 @@ from fedwarden.server.trust import TrustBook, TrustPolicy
 if TYPE_CHECKING:
     from fedwarden.server.ledger import Ledger
 
-SCORED_KEYS = (*METRIC_NAMES, NORM_SCALE_METRIC, HISTORY_METRIC, VALIDATION_METRIC,
+SCORED_KEYS = (*METRIC_NAMES, NORM_SCALE_METRIC, STEPS_METRIC, HISTORY_METRIC, VALIDATION_METRIC,
                CLASS_VALIDATION_METRIC, EFFECT_METRIC)  # fmt: skip
 """The recorded measurements the anomaly score reads (``loss_z`` is not stored: it is taken
 again from the recorded losses)."""

@@ -9,6 +9,7 @@ from fedwarden.aggregation.scoring import (
     DEFAULT_ANOMALY_WEIGHTS,
     METRIC_NAMES,
     SHARP_FLOOR,
+    _shrinking_component,
     anomaly_components,
     anomaly_score,
     client_metrics,
@@ -359,3 +360,37 @@ def test_norms_that_shrink_with_the_steps_are_compared_as_they_are():
     cohort whose norms fall with the steps is measured as without them."""
     norm, steps = cohort_with_steps()
     np.testing.assert_allclose(log_norm_z(norm, steps=steps[::-1]), log_norm_z(norm))
+
+
+def test_shrinking_is_discounted_for_clients_that_took_fewer_steps_than_the_median():
+    """At Dirichlet 0.1 honest clients with a few steps on one or two classes shrink the weights;
+    the component is multiplied by ``sqrt(steps / median)`` below the median, never raised above."""
+    radial = np.array([-0.2, -0.2, -0.2, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
+    steps = np.array([1.0, 16.0, 64.0, 16, 16, 16, 16, 16, 16, 16])
+    plain = _shrinking_component(radial)
+    discounted = _shrinking_component(radial, steps)
+    assert plain[:3] == pytest.approx([1.0, 1.0, 1.0])
+    assert discounted[:3] == pytest.approx([0.25, 1.0, 1.0])
+    assert np.all(discounted[3:] == 0.0)
+    metrics = {"radial": radial, "local_steps": steps}
+    np.testing.assert_allclose(anomaly_components(metrics)["shrinking"], discounted)
+
+
+def test_a_sign_flipper_that_claims_one_step_is_caught_by_its_norm_instead():
+    """Claiming few examples earns the shrinking discount, but the norm is then judged against
+    one step: a full-size flipped update scores above every honest client all the same."""
+    norm, steps = cohort_with_steps()
+    norm, steps = norm[:-1], steps[:-1].copy()  # honest clients only
+    rng = np.random.default_rng(4)
+    d = 300
+    weights = rng.normal(size=d)
+    directions = rng.normal(size=(len(norm), d)) + 0.5 * weights
+    updates = directions / np.linalg.norm(directions, axis=1, keepdims=True) * norm[:, None]
+    updates[5] *= -1  # the flipper, 16 steps' worth of update
+    steps[5] = 1.0  # ... claiming one
+    m = client_metrics(updates, np.median(updates, axis=0), None, {}, weights=weights,
+                       steps=steps)  # fmt: skip
+    m["local_steps"] = steps
+    score = anomaly_score(m)
+    assert m["norm_z"][5] > 3
+    assert score[5] > np.delete(score, 5).max()
