@@ -297,8 +297,18 @@ class AttackConfig(Section):
         1, "first round in which attackers attack", low=1, flat="attack_start_round"
     )
     collude: bool = option(False, "attackers share one crafted update")
+    claim_examples: int | None = option(
+        None, "attackers report this many training examples whatever they hold (a client's "
+        "word: it sets their weight and the local steps their updates are judged against)",
+        kind=int, low=1, flat="attack_claim_examples", metavar="N",
+    )  # fmt: skip
 
     def check(self) -> None:
+        if self.claim_examples is not None and self.name == "none":
+            raise UsageError(
+                "--attack-claim-examples has no effect without --attack. Received: "
+                f"{self.claim_examples}"
+            )
         if self.params and self.name == "none":
             raise UsageError(
                 f"--attack-param has no effect without --attack. Received: {self.params}"

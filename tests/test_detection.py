@@ -544,3 +544,22 @@ def test_sign_flippers_are_flagged_even_when_they_are_most_of_a_cohort(tmp_path)
     assert detection["precision"] == 1.0 and detection["recall"] >= 0.9, detection
     blind = run({**DEFAULT_ANOMALY_WEIGHTS, "shrinking": 0.0}, tmp_path / "without")
     assert blind["recall"] < 0.5, blind
+
+
+def test_sign_flippers_that_claim_one_example_are_still_flagged(tmp_path):
+    """A lower claimed count discounts ``shrinking`` (few local steps shrink the weights
+    honestly), but the flipped update is then judged against one step: a long one."""
+    import sqlite3
+
+    results = digits_run(tmp_path, attack="sign_flip", attack_claim_examples=1, rounds=6,
+                         quarantine="none")  # fmt: skip
+    malicious = {cid for cid, c in results["clients"].items() if c["malicious"]}
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as con:
+        rows = con.execute(
+            "SELECT client_id, num_examples, local_steps FROM client_rounds WHERE absent = 0"
+        ).fetchall()
+    claimed = {(n, steps) for cid, n, steps in rows if cid in malicious}
+    assert claimed == {(1.0, 1.0)}
+    assert all(n > 1 for cid, n, _ in rows if cid not in malicious)
+    detection = results["final"]["detection"]
+    assert detection["recall"] == 1.0 and detection["precision"] == 1.0, detection
