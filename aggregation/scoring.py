@@ -809,16 +809,16 @@ SHRINK_STEPS_POWER = 0.5
 SHRINK_STEPS_FLOOR = 0.25
 """``shrinking`` of a client that took fewer local steps than the cohort's median is multiplied by
 ``max(steps / median, SHRINK_STEPS_FLOOR) ** SHRINK_STEPS_POWER``: a few steps on one or two
-classes shrink the weights honestly. The floor is what a claim can buy: sign flippers claiming
-one example each (``--attack-claim-examples 1``) kept recall 0.90 without it, against 0.98
-unclaimed (Fashion-MNIST, five seeds); the honest clients it is for took a median of 8 steps
-where their cohorts took about 30, so the floor costs them nothing in replay. At Dirichlet 0.1 (Fashion-MNIST, ten seeds, no attack) the 32 of 1,000 honest
-client-rounds with ``shrinking`` of 0.3 or more held a median of 116 examples against the cohort's
-973; at Dirichlet 0.5 there were none. Replayed on those ledgers (docs/results.md, "Updates that
-shrink the weights, against the steps"), the discount with the weight at 0.2 flagged 6 honest
-client-rounds at Dirichlet 0.1 where 0.15 without it flagged 8, and DBA's and the backdoor's
-recall rose from 0.35 and 0.53 to 0.42 and 0.58 (before association); live over ten seeds,
-Dirichlet 0.1 0.8% to 0.6% and DBA 0.73 to 0.82."""
+classes shrink the weights honestly. At Dirichlet 0.1 (Fashion-MNIST, ten seeds, no attack) the 32
+of 1,000 honest client-rounds with ``shrinking`` of 0.3 or more held a median of 116 examples
+against the cohort's 973; at Dirichlet 0.5 there were none. With the weight at 0.2, live over ten
+seeds, the honest flags at Dirichlet 0.1 went from 0.8% to 0.5% and DBA's recall from 0.73 to
+0.82 (docs/results.md, "Updates that shrink the weights, against the steps").
+
+The floor is what a claimed count can buy: sign flippers claiming one example each
+(``--attack-claim-examples 1``) kept recall 0.90 without it, against 0.98 unclaimed, and 0.96
+with it (five seeds); the honest clients the discount is for took a median of 8 steps where
+their cohorts took about 30, so the floor leaves them their discount."""
 
 
 def _shrinking_component(

@@ -77,10 +77,9 @@ def replay_flags(
         rejected = {row["client_id"]: 1 for row in rows if row.get("rejected_reason")}
         if scored or rejected:
             metrics = round_metrics(scored)
-            anomaly = anomaly_score(metrics, anomaly_weights) if scored else np.zeros(0)
             book.update(
-                r, [row["client_id"] for row in scored], anomaly, rejected,
-                metrics=metrics, components=anomaly_components(metrics) if scored else None,
+                r, [row["client_id"] for row in scored], anomaly_score(metrics, anomaly_weights),
+                rejected, metrics=metrics, components=anomaly_components(metrics),
             )  # fmt: skip
         out.append(book.flagged())
     return out

@@ -369,9 +369,10 @@ class _Run:
         if self.attack.kind != "none" and round_number >= self.config.attack_start_round:
             self._craft(round_number, updates, trained_from)
             claim = self.config.attack_claim_examples
-            for u in updates:
-                if claim is not None and u.client_id in self.fed.malicious:
-                    u.num_examples = claim
+            if claim is not None:
+                for u in updates:
+                    if u.client_id in self.fed.malicious:
+                        u.num_examples = claim
         return updates
 
     def _craft(
