@@ -443,7 +443,7 @@ class Coordinator:
                 suspect=suspect, history_error=history.error, steps=steps,
                 earlier_spreads=self.norm_spreads,
             )  # fmt: skip
-            spread = log_norm_spread(metrics["norm"], trusted)
+            spread = log_norm_spread(metrics["norm"], trusted, self.norm_spreads)
             if np.isfinite(spread):
                 self.norm_spreads.append(spread)
                 del self.norm_spreads[: 1 - NORM_SPREAD_ROUNDS]

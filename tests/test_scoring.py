@@ -355,6 +355,26 @@ def test_the_norm_scale_pools_the_earlier_rounds_spreads():
     assert log_norm_z(norm, steps=steps)[-1] > 2.5 * pooled[-1]
 
 
+def test_boosted_norms_do_not_widen_the_spread_that_judges_them():
+    """Four of ten updates boosted 2.5 times (scaling with four attackers) triple the round's
+    spread: pooled over such rounds, the boosted rows sit at a z of about 1. Rows more than
+    three earlier spreads above the median are left out of it, so the pool stays near the honest
+    rows' spread and the boosted rows sit at 1.7 and more. An honest round's upper tail within
+    the line is kept."""
+    honest = np.exp(np.array([-0.3, -0.2, -0.1, 0.0, 0.1, 0.2]))
+    norm = np.concatenate([honest, 2.5 * np.exp(np.array([-0.1, 0.0, 0.1, 0.15]))])
+    assert log_norm_spread(norm) > 2.5 * log_norm_spread(honest)
+    assert log_norm_spread(norm, earlier_spreads=[0.2]) == pytest.approx(log_norm_spread(honest))
+    trimmed, untrimmed = [0.2], [0.2]
+    for _ in range(4):
+        trimmed.append(log_norm_spread(norm, earlier_spreads=trimmed))
+        untrimmed.append(log_norm_spread(norm))
+    assert log_norm_z(norm, earlier_spreads=trimmed)[6:].min() > 1.6
+    assert log_norm_z(norm, earlier_spreads=untrimmed)[6:].max() < 1.1
+    tail = np.exp(np.array([-0.4, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3, 0.5, 0.8]))
+    assert log_norm_spread(tail, earlier_spreads=[0.3]) == log_norm_spread(tail)
+
+
 def test_norms_that_shrink_with_the_steps_are_compared_as_they_are():
     """The steps' slope is kept within [0, 1]: more steps never explain a shorter update, so a
     cohort whose norms fall with the steps is measured as without them."""
