@@ -94,3 +94,59 @@ def test_flags_the_replay_cannot_make_are_marked_as_association(sign_flip_run, t
     assert out["recorded_by_association"] == [victim] and victim in out["no_longer_flagged"]
     assert main(argv) == 0
     assert f"{victim} (by association, not replayed)" in capsys.readouterr().out
+
+
+def test_a_replay_without_options_decides_at_the_runs_own_settings(tmp_path, capsys):
+    """A run made at another flag line and other weights is replayed at those (its results.json's
+    config), so it gives back its own flags; the ledger alone is replayed at the defaults."""
+    import sqlite3
+
+    from fedwarden.config import make_config
+    from fedwarden.simulations.runner import simulate
+
+    out = tmp_path / "run"
+    settings = {"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "clients": 20,
+                "clients_per_round": 10, "rounds": 5, "attack": "sign_flip",
+                "malicious_fraction": 0.2, "aggregator": "median", "quarantine": "none",
+                "trust_association_z": 0.0, "trust_false_positive_rate": 0.3,
+                "anomaly_weights": {"norm_z": 0.5, "cosine": 0.5}, "progress": False,
+                "out": str(out)}  # fmt: skip
+    simulate(make_config({}, settings))
+    assert (
+        main(["trust", "replay", "--ledger", str(out / "ledger.sqlite"), "--format", "json"]) == 0
+    )
+    own = json.loads(capsys.readouterr().out)
+    with Ledger(out / "ledger.sqlite", readonly=True) as ledger:
+        assert own["replayed"]["flagged"] == sorted(flags_by_round(ledger)[-1])
+        assert own["replayed"] == own["recorded"]
+    assert own["settings"]["false_positive_rate"] == 0.3
+    assert own["settings"]["anomaly_weights"] == {"norm_z": 0.5, "cosine": 0.5}
+    assert own["settings"]["settings_not_given"].startswith("the run's")
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    with (
+        sqlite3.connect(out / "ledger.sqlite") as source,
+        sqlite3.connect(alone / "ledger.sqlite") as target,
+    ):
+        source.backup(target)
+    assert (
+        main(["trust", "replay", "--ledger", str(alone / "ledger.sqlite"), "--format", "json"]) == 0
+    )
+    default = json.loads(capsys.readouterr().out)
+    assert default["settings"]["settings_not_given"] == "the defaults"
+    assert default["settings"]["flag_line"] > own["settings"]["flag_line"]
+    assert default["attackers"] is None
+    assert default["replayed"]["flagged_client_rounds"] < own["replayed"]["flagged_client_rounds"]
+
+
+def test_a_deployments_results_name_no_attackers():
+    """A coordinator's results.json records ``malicious: null`` (no ground truth): the replay
+    shows no precision or recall rather than scoring every flag as wrong."""
+    from fedwarden.cli.trust import _attackers
+
+    assert _attackers({"clients": {"c1": {"malicious": None}, "c2": {"malicious": None}}}) is None
+    assert _attackers({}) is None
+    assert _attackers({"clients": {"c1": {"malicious": True}, "c2": {"malicious": False}}}) == {
+        "c1"
+    }

@@ -101,7 +101,9 @@ def add_trust_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         description="Decide a ledger's rounds again from its recorded measurements under other "
         "trust settings (the flag line, the evidence cap, the anomaly weights) and compare the "
         "flags with the recorded ones, without running the federation again "
-        "(server/replay.py). Flags by association are not replayed: they need the clients' "
+        "(server/replay.py). Settings not given stay at the run's own, from the results.json "
+        "beside the ledger (else the defaults). Flags by association are not replayed: they "
+        "need the clients' "
         "update histories, which the ledger does not keep. When the ledger sits in a "
         "simulation's output directory, its results.json names the attackers and precision and "
         "recall are shown.",
@@ -109,19 +111,19 @@ def add_trust_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--ledger", required=True, metavar="FILE", help="the run's ledger")
     defaults = TrustConfig()
     p.add_argument(
-        "--trust-false-positive-rate", type=float, default=defaults.false_positive_rate,
-        metavar="X", help=f"nominal share of honest client-rounds flagged (default "
-        f"{defaults.false_positive_rate}, the run's default)",
+        "--trust-false-positive-rate", type=float, default=None, metavar="X",
+        help=f"nominal share of honest client-rounds flagged (default: the run's, from the "
+        f"results.json beside the ledger, else {defaults.false_positive_rate})",
     )  # fmt: skip
     p.add_argument(
-        "--trust-evidence-rounds", type=int, default=defaults.evidence_rounds, metavar="N",
-        help=f"rounds of a steady excess that count as independent evidence (default "
-        f"{defaults.evidence_rounds})",
+        "--trust-evidence-rounds", type=int, default=None, metavar="N",
+        help=f"rounds of a steady excess that count as independent evidence (default: the "
+        f"run's, else {defaults.evidence_rounds})",
     )  # fmt: skip
     p.add_argument(
         "--anomaly-weights", type=_weights, default=None, metavar="JSON",
         help="component weights as in a run's anomaly_weights, e.g. '{\"norm_z\": 0.2, "
-        "\"cosine\": 0.15}' (names left out weigh 0; default: the scoring's weights)",
+        "\"cosine\": 0.15}' (names left out weigh 0; default: the run's, else the scoring's)",
     )  # fmt: skip
     p.add_argument(
         "--rounds", type=int, default=None, metavar="N",
@@ -339,17 +341,59 @@ def _weights(text: str) -> dict[str, float]:
     return weights
 
 
-def _attackers_beside(ledger_path: str) -> set[str] | None:
-    """The malicious clients named by the results.json of the simulation whose output directory
-    holds the ledger, None when there is none."""
+def _results_beside(ledger_path: str) -> dict:
+    """The results.json of the run whose output directory holds the ledger, {} when there is
+    none or it cannot be read."""
     from pathlib import Path
 
-    results = Path(ledger_path).parent / "results.json"
     try:
-        clients = json.loads(results.read_text())["clients"]
-        return {cid for cid, c in clients.items() if c.get("malicious")}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        results = json.loads((Path(ledger_path).parent / "results.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return results if isinstance(results, dict) else {}
+
+
+def _attackers(results: dict) -> set[str] | None:
+    """The malicious clients a simulation's results name, None when they do not say (no
+    results, or a deployment's, which knows no ground truth)."""
+    try:
+        clients = results["clients"].items()
+        if not all(isinstance(c.get("malicious"), bool) for _, c in clients):
+            return None
+        return {cid for cid, c in clients if c["malicious"]}
+    except (KeyError, TypeError, AttributeError):
         return None
+
+
+def replay_settings(args: argparse.Namespace, config: dict) -> tuple[Any, Any, str]:
+    """The trust policy and anomaly weights a replay decides with: the options given, else the
+    run's own (``config``, a results.json's ``config``), else the defaults; association off. The
+    third item says where the settings not given came from."""
+    from fedwarden.server.trust import TrustPolicy
+
+    recorded = config if isinstance(config, dict) else {}
+    defaults = TrustConfig()
+
+    def setting(name: str, given: Any = None) -> Any:
+        if given is not None:
+            return given
+        return recorded.get(f"trust_{name}", getattr(defaults, name))
+
+    try:
+        policy = TrustPolicy(
+            decay=setting("decay"), flag_below=setting("flag_below"),
+            unflag_above=setting("unflag_above"), flag_rule=setting("flag_rule"),
+            false_positive_rate=setting("false_positive_rate", args.trust_false_positive_rate),
+            evidence_rounds=setting("evidence_rounds", args.trust_evidence_rounds),
+            association_z=0.0,
+        )  # fmt: skip
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+    weights = args.anomaly_weights
+    if weights is None:
+        weights = recorded.get("anomaly_weights") or None
+    source = "the run's (results.json)" if recorded else "the defaults"
+    return policy, weights, source
 
 
 def replay_summary(ledger: Any, replayed: list[set[str]], attackers: set[str] | None) -> dict:
@@ -391,40 +435,39 @@ def replay_summary(ledger: Any, replayed: list[set[str]], attackers: set[str] | 
 
 def cmd_trust_replay(args: argparse.Namespace) -> int:
     from fedwarden.server.replay import replay_flags
-    from fedwarden.server.trust import TrustPolicy
 
     if args.rounds is not None and args.rounds < 1:
         raise UsageError(f"--rounds must be at least 1. Received: {args.rounds}")
-    try:
-        policy = TrustPolicy(
-            false_positive_rate=args.trust_false_positive_rate,
-            evidence_rounds=args.trust_evidence_rounds,
-            association_z=0.0,
-        )
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    results = _results_beside(args.ledger)
+    policy, weights, source = replay_settings(args, results.get("config", {}))
     with _open(args.ledger) as ledger:
         if ledger.last_round() == 0:
             raise UsageError(f"{args.ledger} records no round yet; replay a ledger after its run")
         try:
-            replayed = replay_flags(ledger, policy, args.anomaly_weights, args.rounds)
+            replayed = replay_flags(ledger, policy, weights, args.rounds)
         except ValueError as exc:  # an unknown or negative anomaly weight
             raise UsageError(str(exc)) from None
-        summary = replay_summary(ledger, replayed, _attackers_beside(args.ledger))
+        summary = replay_summary(ledger, replayed, _attackers(results))
     summary["settings"] = {
+        "flag_rule": policy.flag_rule,
         "false_positive_rate": policy.false_positive_rate,
         "flag_line": policy.flag_z,
         "evidence_rounds": policy.evidence_rounds,
-        "anomaly_weights": args.anomaly_weights,
+        "anomaly_weights": weights,
+        "settings_not_given": source,
     }
     if args.format == "json":
         print(json.dumps(summary, indent=2))
         return 0
-    weights = "default" if args.anomaly_weights is None else json.dumps(args.anomaly_weights)
+    rule = (
+        f"false-positive rate {policy.false_positive_rate} (flag line {policy.flag_z:.2f}), "
+        f"evidence rounds {policy.evidence_rounds}" if policy.flag_rule == "evidence"
+        else f"trust threshold {policy.flag_below} (unflag above {policy.unflag_above})"
+    )  # fmt: skip
     print(
-        f"rounds 1-{summary['rounds']} of {args.ledger} replayed at false-positive rate "
-        f"{policy.false_positive_rate} (flag line {policy.flag_z:.2f}), evidence rounds "
-        f"{policy.evidence_rounds}, {weights} anomaly weights; flags by association not replayed"
+        f"rounds 1-{summary['rounds']} of {args.ledger} replayed at {rule}, "
+        f"{'default' if weights is None else json.dumps(weights)} anomaly weights "
+        f"(settings not given: {source}); flags by association not replayed"
     )
     keys = ["flagged_client_rounds"]
     if summary["attackers"] is not None:
