@@ -389,7 +389,10 @@ class Agent:
                 weights,
             )
         update = encode_vector(delta, "float32")
-        reply = self._submit(stub, session_id, header, result.num_examples, result.loss, update)
+        examples = result.num_examples
+        if red is not None:
+            examples = red.reported_examples(header.round, examples)
+        reply = self._submit(stub, session_id, header, examples, result.loss, update)
         self._last_task_id = header.task_id
         line = red.record(header.round, pb.SubmitReply.Status.Name(reply.status)) if red else None
         if line and line["attacking"]:

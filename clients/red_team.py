@@ -43,8 +43,10 @@ timing, but a real one might.
 
 Report (JSON lines, appended): one object per update sent, with keys ``client_id``, ``round``,
 ``attack``, ``params``, ``attacking``, ``update_norm`` (what was sent), ``trained_norm`` (the
-update trained locally: honestly, or on the poisoned data), ``estimate_samples``, ``cohort`` and ``status`` (the coordinator's
-answer: ACCEPTED, LATE or REJECTED). ``fedwarden trust report`` scores a ledger against it.
+update trained locally: honestly, or on the poisoned data), ``estimate_samples``, ``cohort``,
+``claimed_examples`` (the count reported instead of the true one, ``--attack-claim-examples``;
+null when it told the truth) and ``status`` (the coordinator's answer: ACCEPTED, LATE or
+REJECTED). ``fedwarden trust report`` scores a ledger against it.
 """
 
 from __future__ import annotations
@@ -136,6 +138,8 @@ class RedTeam:
         cohort: the number of clients per round the attacker assumes (``--attack-cohort``).
         report: the JSON-lines report file (appended to), or None.
         estimate_samples: samples for spread estimates (see the module docstring).
+        claim_examples: the example count it reports while attacking, whatever it trained on
+            (``--attack-claim-examples``, as in simulations); None reports the true count.
 
     Example::
 
@@ -156,6 +160,7 @@ class RedTeam:
         cohort: int = 10,
         report: str | Path | None = None,
         estimate_samples: int = ESTIMATE_SAMPLES,
+        claim_examples: int | None = None,
     ):
         if start_round < 1:
             raise UsageError(f"--attack-start-round must be >= 1. Received: {start_round}")
@@ -166,6 +171,9 @@ class RedTeam:
             )
         if estimate_samples < 2:
             raise UsageError(f"estimate_samples must be >= 2. Received: {estimate_samples}")
+        if claim_examples is not None and claim_examples < 1:
+            raise UsageError(f"--attack-claim-examples must be >= 1. Received: {claim_examples}")
+        self.claim_examples = claim_examples
         self.name, self.params, self.client_id = attack, dict(params), client_id
         self.start_round, self.cohort, self.estimate_samples = start_round, cohort, estimate_samples
         self.attack = self._build(UNKNOWN_CLASSES)  # fails fast on names and parameters
@@ -197,6 +205,12 @@ class RedTeam:
 
     def attacking(self, round_number: int) -> bool:
         return round_number >= self.start_round
+
+    def reported_examples(self, round_number: int, trained_on: int) -> int:
+        """The example count to send with this round's update: the claim once attacking."""
+        if self.claim_examples is not None and self.attacking(round_number):
+            return self.claim_examples
+        return trained_on
 
     def bind(self, num_classes: int, x: np.ndarray, y: np.ndarray, seed: int) -> None:
         """Takes the task's classes and the validated local data; poisons it for data attacks."""
@@ -244,6 +258,7 @@ class RedTeam:
             "trained_norm": float(np.linalg.norm(trained)),
             "estimate_samples": samples,
             "cohort": self.cohort,
+            "claimed_examples": self.claim_examples if attacking else None,
         }
         return sent
 

@@ -24,6 +24,7 @@ from fedwarden.clients.red_team import (
     read_reports,
 )
 from fedwarden.errors import UsageError
+from fedwarden.server.ledger import Ledger
 from tests.deploy_helpers import (
     OPERATOR_TOKEN,
     SERVE_ARGS,
@@ -190,9 +191,16 @@ def test_a_data_attack_trains_on_poisoned_data_once_it_starts():
     np.testing.assert_allclose(boosted.craft(1, own, FakeTraining()), 4 * own)
 
 
+def test_a_red_team_agent_claims_its_example_count_only_while_attacking():
+    red = RedTeam("sign_flip", {}, "c04", start_round=3, claim_examples=1)
+    assert [red.reported_examples(r, 40) for r in (1, 2, 3, 4)] == [40, 40, 1, 1]
+    assert RedTeam("sign_flip", {}, "c04").reported_examples(5, 40) == 40
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
+        (dict(attack="scaling", claim_examples=0), "--attack-claim-examples must be >= 1"),
         (dict(attack="nope"), "unknown attack 'nope'"),
         (dict(attack="scaling", params={"bost": 2}), "has no parameter 'bost'"),
         (dict(attack="none"), "honest agent"),
@@ -219,6 +227,8 @@ def test_agent_cli_refuses_a_bad_attack_before_connecting(tmp_path):
     proc = run_fedwarden(*base, "--attack", "scaling", "--attack-param", "boost", timeout=60)
     assert proc.returncode == 2 and "bad --attack-param: 'boost'" in proc.stderr, proc.stderr
     proc = run_fedwarden(*base, "--red-team-report", str(tmp_path / "r.jsonl"), timeout=60)
+    assert proc.returncode == 2 and "need --attack NAME" in proc.stderr, proc.stderr
+    proc = run_fedwarden(*base, "--attack-claim-examples", "1", timeout=60)
     assert proc.returncode == 2 and "need --attack NAME" in proc.stderr, proc.stderr
 
 
@@ -301,7 +311,7 @@ def test_a_red_team_agent_ends_flagged_and_the_report_scores_it(tmp_path, procs)
 
     honest = [agent(cid) for cid in TOKENS]
     red = agent("c04", "--attack", "gaussian", "--attack-cohort", "5",
-                "--red-team-report", str(red_report))  # fmt: skip
+                "--attack-claim-examples", "1", "--red-team-report", str(red_report))  # fmt: skip
     coordinator.wait_for(r"^round 4: held by", 600)
     listed = run_fedwarden("trust", "list", "--server", address, "--insecure", "--token",
                            OPERATOR_TOKEN, "--format", "json")  # fmt: skip
@@ -320,6 +330,12 @@ def test_a_red_team_agent_ends_flagged_and_the_report_scores_it(tmp_path, procs)
     assert [(r["round"], r["attacking"], r["status"]) for r in lines] == [
         (r, True, "ACCEPTED") for r in (1, 2, 3, 4)
     ]
+    # it claimed one example each round, and the coordinator recorded the claim (its weight)
+    assert {r["claimed_examples"] for r in lines} == {1}
+    with Ledger(state / "ledger.sqlite", readonly=True) as ledger:
+        claimed = {row["num_examples"] for r in range(1, 5) for row in ledger.round_rows(r)
+                   if row["client_id"] == "c04" and not row.get("absent")}  # fmt: skip
+    assert claimed == {1}
     report = run_fedwarden("trust", "report", "--ledger", str(state / "ledger.sqlite"),
                            "--red-team", str(red_report), "--format", "json")  # fmt: skip
     assert report.returncode == 0, report.stderr

@@ -51,9 +51,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
             start_round=args.attack_start_round,
             cohort=args.attack_cohort,
             report=args.red_team_report,
+            claim_examples=args.attack_claim_examples,
         )
-    elif args.attack_param or args.red_team_report:
-        raise UsageError("--attack-param and --red-team-report need --attack NAME")
+    elif args.attack_param or args.red_team_report or args.attack_claim_examples is not None:
+        raise UsageError(
+            "--attack-param, --attack-claim-examples and --red-team-report need --attack NAME"
+        )
     give_up = None if args.give_up_after <= 0 else args.give_up_after
     pin = SpecPin(args.pin_model, args.min_dp_noise_multiplier, args.max_dp_l2_clip)
     agent = Agent(
@@ -175,6 +178,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="clients per round the attacker assumes, for attacks that depend on it "
         "(scaling's boost, ALIE's z, the estimated honest updates) (default: 10)",
+    )
+    g.add_argument(
+        "--attack-claim-examples",
+        type=int,
+        default=None,
+        metavar="N",
+        help="report N examples with every attacking update, whatever the agent trained on "
+        "(a lie about its weight; default: the true count)",
     )
     g.add_argument(
         "--red-team-report",
