@@ -102,12 +102,16 @@ def bounded_weights(num_examples: list[int], max_ratio: float | None) -> np.ndar
     return np.minimum(counts, max_ratio * float(np.median(counts)))
 
 
-def local_steps(num_examples: np.ndarray, batch_size: int) -> np.ndarray:
-    """Optimizer steps per local epoch: batches of ``min(batch_size, n)``, the last one short.
-    A claimed count buys a larger expected norm only as far as its weight goes, so the counts
-    passed are the bounded ones (:func:`bounded_weights`)."""
+def local_steps(
+    num_examples: np.ndarray, batch_size: int, full_batches: bool = False
+) -> np.ndarray:
+    """Optimizer steps per local epoch: batches of ``min(batch_size, n)``, the last one short,
+    or dropped with ``full_batches`` (DP-SGD's, ``clients/training.py``). A claimed count buys a
+    larger expected norm only as far as its weight goes, so the counts passed are the bounded
+    ones (:func:`bounded_weights`)."""
     counts = np.maximum(np.asarray(num_examples, np.float64), 1.0)
-    return np.ceil(counts / np.minimum(batch_size, counts))
+    batches = counts / np.minimum(batch_size, counts)
+    return np.floor(batches) if full_batches else np.ceil(batches)
 
 
 BLOCKWISE_STEPS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "gaussian_noise",
@@ -170,6 +174,7 @@ class Coordinator:
       batch_size: the local batch size the clients train with; with it, each update's norm is
         judged against the steps its example count (bounded as its weight is) makes
         (``scoring.log_norm_z``). None: against the cohort's norms alone.
+      full_batches: the clients keep full batches only (DP-SGD), so a short last batch is no step.
 
     Example::
 
@@ -198,6 +203,7 @@ class Coordinator:
         spill_dir: str | os.PathLike | None = None,
         validation: ValidationProbe | None = None,
         batch_size: int | None = None,
+        full_batches: bool = False,
     ):
         self.weights = np.asarray(weights, np.float32)
         self.chain = chain
@@ -210,6 +216,7 @@ class Coordinator:
         self.spill_dir = spill_dir
         self.validation = validation
         self.batch_size = batch_size
+        self.full_batches = full_batches
         self._matrix_buffer: np.ndarray | None = None  # the last in-memory round's matrix
         if round_memory_budget is not None:
             for path in remove_stale_spill_files(spill_dir):
@@ -231,7 +238,7 @@ class Coordinator:
         if self.batch_size is None:
             return None
         counts = bounded_weights([u.num_examples for u in admitted], self.max_weight_ratio)
-        return local_steps(counts, self.batch_size)
+        return local_steps(counts, self.batch_size, self.full_batches)
 
     def select(
         self,

@@ -292,4 +292,5 @@ def build_coordinator(
         spill_dir=config.out,
         validation=validation,
         batch_size=config.batch_size,
+        full_batches=config.dp_sgd,
     )

@@ -361,3 +361,21 @@ def test_norms_are_judged_against_the_steps_the_bounded_example_counts_make():
         z[batch_size] = {row.client_id: row.norm_z for row in rows}
     assert z[None]["tiny"] < -3 and abs(z[10]["tiny"]) < 1.5
     assert z[None]["liar"] > 3 and z[10]["liar"] > 3
+
+
+def test_local_steps_count_a_short_last_batch_unless_only_full_batches_are_kept():
+    """DP-SGD drops the short last batch (``clients/training.py``), so 40 examples in batches of
+    32 are one step there and two otherwise; a client with less than a batch takes one step."""
+    from types import SimpleNamespace
+
+    from fedwarden.clients.training import LocalTrainer
+    from fedwarden.server.coordinator import local_steps
+
+    counts = np.array([40, 64, 65, 5])
+    np.testing.assert_array_equal(local_steps(counts, 32), [2, 2, 3, 1])
+    np.testing.assert_array_equal(local_steps(counts, 32, full_batches=True), [1, 2, 2, 1])
+    for dp in (None, object()):  # the steps the trainer's batch plan takes, one epoch
+        trainer = SimpleNamespace(batch_size=32, dp_sgd=dp, epochs=1)
+        taken = [len(LocalTrainer.batch_plan(trainer, n, np.random.default_rng(0))[1])
+                 for n in counts]  # fmt: skip
+        np.testing.assert_array_equal(local_steps(counts, 32, full_batches=dp is not None), taken)
