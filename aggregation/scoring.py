@@ -17,10 +17,11 @@ work for any model size):
 
 - ``norm_z``: robust z-score of the log of the update norm against the clients not flagged (the
   cosine's reference rows, below), less what the client's local step count explains when the
-  coordinator knows it, in units of 1.5 times the log norms' spread over the last rounds, two-sided
-  (tiny updates of free riders, log norm -inf, are as suspicious as huge ones), squashed by a
-  logistic ``1 / (1 + exp(-1.5 (|z| - 3)))``: about 0.01 at ``|z| = 0``, 0.18 at 2, 0.5 at 3, 0.95
-  at 5. Norms spread multiplicatively (clients with more data take more steps), so the log keeps an
+  coordinator knows it, in units of 1.5 times the log norms' spread over the last rounds (rows
+  far above the median left out of it: :data:`NORM_SPREAD_TRIM`), two-sided (tiny updates of
+  free riders, log norm -inf, are as suspicious as huge ones), squashed by a logistic
+  ``1 / (1 + exp(-1.5 (|z| - 3)))``: about 0.01 at ``|z| = 0``, 0.18 at 2, 0.5 at 3, 0.95 at 5.
+  Norms spread multiplicatively (clients with more data take more steps), so the log keeps an
   honest client with twice the median data inside the cohort. Against the unflagged clients, a
   round in which four or five boosted attackers, some already flagged, move the cohort's median
   norm to theirs does not hide the others.
