@@ -121,7 +121,7 @@ def test_a_replay_without_options_decides_at_the_runs_own_settings(tmp_path, cap
         assert own["replayed"] == own["recorded"]
     assert own["settings"]["false_positive_rate"] == 0.3
     assert own["settings"]["anomaly_weights"] == {"norm_z": 0.5, "cosine": 0.5}
-    assert own["settings"]["settings_not_given"].startswith("the run's")
+    assert own["settings"]["other_settings_from"] == "the run's results.json"
 
     alone = tmp_path / "alone"
     alone.mkdir()
@@ -134,7 +134,7 @@ def test_a_replay_without_options_decides_at_the_runs_own_settings(tmp_path, cap
         main(["trust", "replay", "--ledger", str(alone / "ledger.sqlite"), "--format", "json"]) == 0
     )
     default = json.loads(capsys.readouterr().out)
-    assert default["settings"]["settings_not_given"] == "the defaults"
+    assert default["settings"]["other_settings_from"] == "the defaults"
     assert default["settings"]["flag_line"] > own["settings"]["flag_line"]
     assert default["attackers"] is None
     assert default["replayed"]["flagged_client_rounds"] < own["replayed"]["flagged_client_rounds"]

@@ -103,10 +103,9 @@ def add_trust_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "flags with the recorded ones, without running the federation again "
         "(server/replay.py). Settings not given stay at the run's own, from the results.json "
         "beside the ledger (else the defaults). Flags by association are not replayed: they "
-        "need the clients' "
-        "update histories, which the ledger does not keep. When the ledger sits in a "
-        "simulation's output directory, its results.json names the attackers and precision and "
-        "recall are shown.",
+        "need the clients' update histories, which the ledger does not keep. When the ledger "
+        "sits in a simulation's output directory, its results.json names the attackers and "
+        "precision and recall are shown.",
     )  # fmt: skip
     p.add_argument("--ledger", required=True, metavar="FILE", help="the run's ledger")
     defaults = TrustConfig()
@@ -365,7 +364,7 @@ def _attackers(results: dict) -> set[str] | None:
         return None
 
 
-def replay_settings(args: argparse.Namespace, config: dict) -> tuple[Any, Any, str]:
+def _replay_settings(args: argparse.Namespace, config: dict) -> tuple[Any, Any, str]:
     """The trust policy and anomaly weights a replay decides with: the options given, else the
     run's own (``config``, a results.json's ``config``), else the defaults; association off. The
     third item says where the settings not given came from."""
@@ -392,7 +391,7 @@ def replay_settings(args: argparse.Namespace, config: dict) -> tuple[Any, Any, s
     weights = args.anomaly_weights
     if weights is None:
         weights = recorded.get("anomaly_weights") or None
-    source = "the run's (results.json)" if recorded else "the defaults"
+    source = "the run's results.json" if recorded else "the defaults"
     return policy, weights, source
 
 
@@ -439,7 +438,7 @@ def cmd_trust_replay(args: argparse.Namespace) -> int:
     if args.rounds is not None and args.rounds < 1:
         raise UsageError(f"--rounds must be at least 1. Received: {args.rounds}")
     results = _results_beside(args.ledger)
-    policy, weights, source = replay_settings(args, results.get("config", {}))
+    policy, weights, source = _replay_settings(args, results.get("config", {}))
     with _open(args.ledger) as ledger:
         if ledger.last_round() == 0:
             raise UsageError(f"{args.ledger} records no round yet; replay a ledger after its run")
@@ -454,7 +453,7 @@ def cmd_trust_replay(args: argparse.Namespace) -> int:
         "flag_line": policy.flag_z,
         "evidence_rounds": policy.evidence_rounds,
         "anomaly_weights": weights,
-        "settings_not_given": source,
+        "other_settings_from": source,
     }
     if args.format == "json":
         print(json.dumps(summary, indent=2))
@@ -467,7 +466,7 @@ def cmd_trust_replay(args: argparse.Namespace) -> int:
     print(
         f"rounds 1-{summary['rounds']} of {args.ledger} replayed at {rule}, "
         f"{'default' if weights is None else json.dumps(weights)} anomaly weights "
-        f"(settings not given: {source}); flags by association not replayed"
+        f"(other settings: {source}); flags by association not replayed"
     )
     keys = ["flagged_client_rounds"]
     if summary["attackers"] is not None:
