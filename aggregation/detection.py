@@ -580,6 +580,10 @@ class HistoryForecast:
             if np.isfinite(z[i])
         }
 
+    def copies_of(self, client_id: str) -> tuple[str, ...]:
+        """The clients that sent the same update as ``client_id`` in some round, sorted."""
+        return tuple(sorted(self._copies.get(client_id, ())))
+
     def seen(self, client_id: str) -> int:
         """Rounds in which the client's update entered the history."""
         return self._seen.get(client_id, 0)

@@ -481,6 +481,7 @@ class Coordinator:
             reasons={r.client_id: r.reason for r in rejected},
             components=components,
             association=self.history.association,
+            copies=self.history.copies_of,
         )
         if ids:
             unflagged = [i for i, c in enumerate(ids) if not states[c].flagged]

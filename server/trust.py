@@ -56,7 +56,8 @@ evidence is that same deviation from the population, standardised by how much of
 
 Every flagged client carries an ``explanation``: the signals (``scoring.anomaly_components``)
 whose accumulated excess over the population's median is largest, e.g. ``"evidence 5.1 over 2
-rounds: collusion 1.00 (typical 0.01), centrality 0.93 (typical 0.02)"``.
+rounds: collusion 1.00 (typical 0.01; same update as c12, c27), centrality 0.93 (typical
+0.02)"`` (a colluder names the clients it sent the same update as, ``copies``).
 
 A flagged client is quarantined according to the policy:
 
@@ -81,7 +82,7 @@ from __future__ import annotations
 import json
 import math
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from statistics import NormalDist
 from typing import TYPE_CHECKING, Any
@@ -382,6 +383,7 @@ class TrustBook:
         reasons: dict[str, str] | None = None,
         components: dict[str, np.ndarray] | None = None,
         association: Callable[[set[str]], Mapping[str, Association]] | None = None,
+        copies: Callable[[str], Sequence[str]] | None = None,
     ) -> dict[str, ClientSummary]:
         """Applies one round's anomaly scores; returns the new standing of every client touched.
 
@@ -404,6 +406,9 @@ class TrustBook:
                 near the ones flagged on their own evidence are flagged too, whether or not
                 they took part in this round (those that did not get a row of their own in the
                 ledger, marked ``absent``).
+            copies: the clients a client has sent the same update as
+                (``HistoryForecast.copies_of``), named in the explanation of a client flagged for
+                collusion: under the mimic attack one of them is the honest client copied.
         """
         round = int(round)
         if round <= self._round:
@@ -452,7 +457,8 @@ class TrustBook:
                 **self._weigh(state, (score - center) / scale, signals, typical),
             )
             rejection = reasons.get(cid, "rejected") if cid in rejected else None
-            decided = self._decide(state, round, previous, rejection, typical)
+            partners = copies(cid) if copies is not None else ()
+            decided = self._decide(state, round, previous, rejection, typical, partners)
             if metrics is not None and i is not None:
                 decided["norm"] = optional_float(metrics["norm"][i]) if "norm" in metrics else None
                 decided["cosine"] = (
@@ -543,6 +549,7 @@ class TrustBook:
         previous: float,
         rejection: str | None,
         typical: dict[str, float],
+        partners: Sequence[str] = (),
     ) -> dict[str, Any]:
         """Flag, explanation and quarantine after the client's round (trust was ``previous``).
 
@@ -564,7 +571,7 @@ class TrustBook:
             own = False
         decided: dict[str, Any] = {"flagged": own}
         if own:
-            decided["explanation"] = explain(state, typical, rejection)
+            decided["explanation"] = explain(state, typical, rejection, partners=partners)
             if sums.associated:
                 decided["evidence_state"] = replace(sums, associated=False).to_json()
         elif sums.associated:
@@ -657,13 +664,23 @@ class TrustBook:
         )
 
 
+COPY_PARTNERS_SHOWN = 3
+"""Clients named in a collusion explanation; more are counted ("and 4 more")."""
+
+
 def explain(
-    state: ClientSummary, typical: dict[str, float], rejection: str | None = None, top: int = 3
+    state: ClientSummary,
+    typical: dict[str, float],
+    rejection: str | None = None,
+    top: int = 3,
+    partners: Sequence[str] = (),
 ) -> str:
     """Why a client is flagged: its evidence and the signals with the largest excess.
 
     The signals are ranked by their accumulated excess over the population's median (weighted
     like the evidence); each shows the client's last value and the population's typical one.
+    ``collusion`` also names the ``partners``, the clients it sent the same update as: copies
+    are certain evidence against all but one of a group, and an operator can see the group.
     """
     parts = []
     if state.evidence is not None:
@@ -676,12 +693,22 @@ def explain(
         reverse=True,
     )[:top]
     signals = [
-        f"{name} {last[name]:.2f} (typical {typical.get(name, 0.0):.2f})"
+        f"{name} {last[name]:.2f} (typical {typical.get(name, 0.0):.2f}"
+        f"{_same_update_as(partners) if name == 'collusion' else ''})"
         if name in last else f"{name} +{excess:.2f} earlier"
         for excess, name in ranked
     ]  # fmt: skip
     head = "; ".join(parts)
     return f"{head}: {', '.join(signals)}" if signals else head
+
+
+def _same_update_as(partners: Sequence[str]) -> str:
+    """``"; same update as c03, c17"`` (at most :data:`COPY_PARTNERS_SHOWN` named), or ``""``."""
+    if not partners:
+        return ""
+    named = ", ".join(sorted(partners)[:COPY_PARTNERS_SHOWN])
+    more = len(partners) - COPY_PARTNERS_SHOWN
+    return f"; same update as {named}" + (f" and {more} more" if more > 0 else "")
 
 
 def round_rows(

@@ -379,3 +379,25 @@ def test_local_steps_count_a_short_last_batch_unless_only_full_batches_are_kept(
         taken = [len(LocalTrainer.batch_plan(trainer, n, np.random.default_rng(0))[1])
                  for n in counts]  # fmt: skip
         np.testing.assert_array_equal(local_steps(counts, 32, full_batches=dp is not None), taken)
+
+
+def test_a_flagged_copy_names_the_clients_that_sent_the_same_update():
+    """Three clients send one vector (mimic's copies, or one crafted vector): each is flagged for
+    collusion, and its explanation names the other two, so an operator sees the group."""
+    rng = np.random.default_rng(1)
+    d = 300
+    base = rng.normal(size=d) / np.sqrt(d)
+    honest = {f"h{i}": base + 0.5 * rng.normal(size=d) / np.sqrt(d) for i in range(7)}
+    shared = base + 0.5 * rng.normal(size=d) / np.sqrt(d)
+    updates = {**honest, **dict.fromkeys(("c1", "c2", "c3"), shared)}
+    c = Coordinator(
+        np.zeros(d, np.float32), parse_chain("median"), ServerOptimizer("fedavg"),
+        TrustBook(TrustPolicy()),
+    )  # fmt: skip
+    ups = [ClientUpdate(cid, 1, u.astype(np.float32), 100) for cid, u in updates.items()]
+    c.finish_round(1, list(updates), ups)
+    assert c.trust.flagged() == {"c1", "c2", "c3"}
+    for cid in ("c1", "c2", "c3"):
+        others = ", ".join(sorted({"c1", "c2", "c3"} - {cid}))
+        assert f"same update as {others})" in c.trust.get(cid).explanation
+    assert c.history.copies_of("h0") == ()

@@ -21,7 +21,7 @@ from fedwarden.cli.trust import trust_main
 from fedwarden.records import ClientSummary
 from fedwarden.report import detection_summary, plot_trust_heatmap
 from fedwarden.server.ledger import Ledger, LedgerError, remove_ledger
-from fedwarden.server.trust import EvidenceSums, TrustBook, TrustPolicy, round_rows
+from fedwarden.server.trust import EvidenceSums, TrustBook, TrustPolicy, explain, round_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -419,6 +419,23 @@ def test_a_client_seen_once_is_judged_on_that_round_and_explained():
     assert x.explanation.startswith("evidence") and "collusion 0.98 (typical 0.02)" in x.explanation
     assert "cosine" not in x.explanation.split(":")[1].split(",")[0]  # the top signal is collusion
     assert book.flagged() == {"x"}
+
+
+def test_a_colluder_is_explained_with_the_clients_it_sent_the_same_update_as():
+    book = TrustBook(TrustPolicy())
+    partners = {"x": ("a4", "a1", "a3", "a2")}
+    for r, cohort, scores in population_rounds(6):
+        comp = {"collusion": np.full(len(cohort), 0.02)}
+        if r == 6:
+            cohort, scores = [*cohort, "x"], np.append(scores, 0.9)
+            comp = {"collusion": np.append(comp["collusion"], 0.98)}
+        book.update(r, cohort, scores, {}, components=comp, copies=lambda c: partners.get(c, ()))
+    x = book.get("x")
+    assert x.flagged
+    assert "collusion 0.98 (typical 0.02; same update as a1, a2, a3 and 1 more)" in x.explanation
+    assert explain(x, {"collusion": 0.02}) == x.explanation.replace(
+        "; same update as a1, a2, a3 and 1 more", ""
+    )
 
 
 def flag_share(rate: float, tails: str, **policy) -> float:
