@@ -617,8 +617,8 @@ def log_norm_spread(
 ) -> float:
     """1.4826 MAD of the log norms of ``rows`` (all by default; all too when fewer than three of
     ``rows`` are usable), NaN when no norm is positive. With ``earlier_spreads``, rows more than
-    :data:`NORM_SPREAD_TRIM` times their median (at least ``min_scale / NORM_SPREAD_FACTOR``)
-    above this round's median are left out, as long as three rows remain."""
+    :data:`NORM_SPREAD_TRIM` times the earlier spreads' median (at least ``min_scale /
+    NORM_SPREAD_FACTOR``) above this round's median are left out, as long as three remain."""
     log_norm, usable = _log_norms(norm, rows)
     if not usable.any():
         return float("nan")
