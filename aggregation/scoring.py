@@ -229,7 +229,8 @@ NORM_SCALE_METRIC = "norm_scale"
 
 STEPS_METRIC = "local_steps"
 """Key under which the coordinator adds each client's local steps per epoch (from the example
-counts bounded as the weights are) to the metrics, for ``shrinking``; absent without a batch size."""
+counts bounded as the weights are) to the metrics, for ``shrinking``; absent without a batch
+size."""
 
 HISTORY_METRIC = "history_error"
 """Key under which the coordinator adds ``detection.HistoryForecast`` errors to the metrics."""
@@ -622,6 +623,12 @@ def log_norm_spread(
     log_norm, usable = _log_norms(norm, rows)
     if not usable.any():
         return float("nan")
+    return _trimmed_spread(log_norm, usable, earlier_spreads, min_scale)
+
+
+def _trimmed_spread(
+    log_norm: np.ndarray, usable: np.ndarray, earlier_spreads: Sequence[float], min_scale: float
+) -> float:
     if len(earlier_spreads):
         prior = max(float(np.median(earlier_spreads)), min_scale / NORM_SPREAD_FACTOR)
         below = usable & (log_norm <= np.median(log_norm[usable]) + NORM_SPREAD_TRIM * prior)
@@ -671,7 +678,7 @@ def log_norm_z(
     log_norm, usable = _log_norms(norm, rows)
     if not usable.any():
         return np.full(log_norm.shape, np.nan)
-    here = log_norm_spread(norm, rows, earlier_spreads, min_scale)
+    here = _trimmed_spread(log_norm, usable, earlier_spreads, min_scale)
     spread = float(np.median([*earlier_spreads, here]))
     if steps is not None:
         log_steps = np.log(np.maximum(np.asarray(steps, np.float64), 1.0))

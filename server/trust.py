@@ -457,8 +457,7 @@ class TrustBook:
                 **self._weigh(state, (score - center) / scale, signals, typical),
             )
             rejection = reasons.get(cid, "rejected") if cid in rejected else None
-            partners = copies(cid) if copies is not None else ()
-            decided = self._decide(state, round, previous, rejection, typical, partners)
+            decided = self._decide(state, round, previous, rejection, typical, copies)
             if metrics is not None and i is not None:
                 decided["norm"] = optional_float(metrics["norm"][i]) if "norm" in metrics else None
                 decided["cosine"] = (
@@ -549,7 +548,7 @@ class TrustBook:
         previous: float,
         rejection: str | None,
         typical: dict[str, float],
-        partners: Sequence[str] = (),
+        copies: Callable[[str], Sequence[str]] | None = None,
     ) -> dict[str, Any]:
         """Flag, explanation and quarantine after the client's round (trust was ``previous``).
 
@@ -571,6 +570,7 @@ class TrustBook:
             own = False
         decided: dict[str, Any] = {"flagged": own}
         if own:
+            partners = copies(state.client_id) if copies is not None else ()
             decided["explanation"] = explain(state, typical, rejection, partners=partners)
             if sums.associated:
                 decided["evidence_state"] = replace(sums, associated=False).to_json()

@@ -366,33 +366,33 @@ def _attackers(results: dict) -> set[str] | None:
 
 def _replay_settings(args: argparse.Namespace, config: dict) -> tuple[Any, Any, str]:
     """The trust policy and anomaly weights a replay decides with: the options given, else the
-    run's own (``config``, a results.json's ``config``), else the defaults; association off. The
-    third item says where the settings not given came from."""
-    from fedwarden.server.trust import TrustPolicy
+    run's own (the trust settings of ``config``, a results.json's ``config``, turned into a
+    policy as a run does, ``server/defence.py``), else the defaults; association off. The third
+    item says where the settings not given came from."""
+    from dataclasses import fields, replace
 
-    recorded = config if isinstance(config, dict) else {}
-    defaults = TrustConfig()
+    from fedwarden.config import RunConfig
+    from fedwarden.server.defence import trust_policy
 
-    def setting(name: str, given: Any = None) -> Any:
-        if given is not None:
-            return given
-        return recorded.get(f"trust_{name}", getattr(defaults, name))
-
+    # a results.json of another version may hold settings this one lacks, and lack others
+    known = {f.name for f in fields(RunConfig)}
+    recorded = {
+        k: v for k, v in (config if isinstance(config, dict) else {}).items()
+        if k in known and (k.startswith("trust_") or k == "anomaly_weights")
+    }  # fmt: skip
+    given = {"false_positive_rate": args.trust_false_positive_rate,
+             "evidence_rounds": args.trust_evidence_rounds}  # fmt: skip
     try:
-        policy = TrustPolicy(
-            decay=setting("decay"), flag_below=setting("flag_below"),
-            unflag_above=setting("unflag_above"), flag_rule=setting("flag_rule"),
-            false_positive_rate=setting("false_positive_rate", args.trust_false_positive_rate),
-            evidence_rounds=setting("evidence_rounds", args.trust_evidence_rounds),
-            association_z=0.0,
+        run = RunConfig(**recorded)
+        policy = replace(
+            trust_policy(run), association_z=0.0,
+            **{k: v for k, v in given.items() if v is not None},
         )  # fmt: skip
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None
-    weights = args.anomaly_weights
-    if weights is None:
-        weights = recorded.get("anomaly_weights") or None
+    weights = args.anomaly_weights if args.anomaly_weights is not None else run.anomaly_weights
     source = "the run's results.json" if recorded else "the defaults"
-    return policy, weights, source
+    return policy, weights or None, source
 
 
 def replay_summary(ledger: Any, replayed: list[set[str]], attackers: set[str] | None) -> dict:
