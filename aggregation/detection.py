@@ -245,25 +245,34 @@ def copied_originals(
     gaps: np.ndarray,
     suspect: np.ndarray,
     history_error: np.ndarray,
+    own_rounds: np.ndarray | None = None,
     margin: float = COPY_HISTORY_MARGIN,
 ) -> np.ndarray:
-    """The honest updates that flagged clients copied (the mimic attack), by their history.
+    """The honest updates that other clients copied (the mimic attack).
 
     Copies of one update are a group whose pairwise :func:`pair_gaps` are under
-    :data:`COPY_GAP`; every member scores as a colluder. The original is told from its copies
-    by two things the copiers cannot fake: it is the one member with a history not already
-    flagged (``suspect``), and it is consistent with its own past deviations
-    (:class:`HistoryForecast`) by ``margin`` more than every copy with a history, which repeat a
-    different victim each round (at least one copy must have one). Copiers seen for the first
-    time have no history to compare and do not count: in five ten-round mimic runs
-    (Fashion-MNIST, Dirichlet 0.5) 24 copied victims had a history, none was recognised while
-    they counted, and 7 (no attacker) without them. A group with no such member (crafted
-    vectors sent by attackers not yet flagged, or no history on either side) has no original.
+    :data:`COPY_GAP`; every member scores as a colluder. A copier copies in every round it is
+    sampled, so the original is told from its copies by what the copiers cannot show:
+
+    - it is the one member that has sent an update of its own (one no other client of its round
+      sent) in an earlier round (``own_rounds``), and it is not flagged (``suspect``);
+    - or it is the one member with a history not already flagged, and it is consistent with its
+      own past deviations (:class:`HistoryForecast`) by ``margin`` more than every copy with a
+      history, which repeat a different victim each round (at least one copy must have one).
+
+    In six ten-round mimic runs (Fashion-MNIST, Dirichlet 0.5) 25 of 55 copied victims had sent
+    an update of their own before and no copier had; the history alone recognised 7. A group
+    with no such member (crafted vectors sent by attackers not yet flagged, or members seen only
+    in copies) has no original. An attacker that sends one update of its own before it copies
+    is taken for the original when its victim has never sent one; the collusion score then
+    falls on the victim, as it does on every member without this rule.
 
     Args:
         gaps: ``(K, K)`` :func:`pair_gaps` of the updates.
         suspect: ``(K,)`` booleans, the clients flagged before this round.
         history_error: ``(K,)`` forecast errors (NaN where a client has no history).
+        own_rounds: ``(K,)`` earlier rounds in which each client sent an update of its own
+            (:class:`HistoryScores`), or None.
         margin: how much smaller the original's forecast error is than every copy's.
 
     Returns:
@@ -271,11 +280,18 @@ def copied_originals(
     """
     suspect = np.asarray(suspect, bool)
     error = np.asarray(history_error, np.float64)
+    own = np.zeros(len(error)) if own_rounds is None else np.asarray(own_rounds, np.float64)
     twin = copy_pairs(gaps)
     _, group_of = connected_components(twin, directed=False)
     original = np.zeros(len(twin), bool)
     for group in np.unique(group_of):
         members = np.flatnonzero(group_of == group)
+        if len(members) < 2:
+            continue
+        alone = members[own[members] > 0]
+        if len(alone) == 1 and not suspect[alone[0]]:
+            original[alone[0]] = True
+            continue
         known = members[~np.isnan(error[members])]
         clean = known[~suspect[known]]
         copies = known[known != clean[0]] if len(clean) == 1 else known[:0]
@@ -431,10 +447,13 @@ class HistoryScores(NamedTuple):
         flipping and both backdoors against honest clients' 0.32-0.33 (AUC 0.84-0.995), but
         honest clients at Dirichlet 0.1, many holding one class, reached 0.68-0.72: above the
         attackers, so it is recorded and not scored (docs/results.md, "Kinship").
+    own_rounds: earlier rounds in which the client sent an update no other client of its round
+        sent (:func:`copied_originals`).
     """
 
     error: np.ndarray
     kinship: np.ndarray
+    own_rounds: np.ndarray
 
 
 class HistoryForecast:
@@ -451,8 +470,10 @@ class HistoryForecast:
     the length.
 
     Beside it, each client keeps a forecast of the part of its deviation across the reference
-    (the deviation less its component along the reference), and the clients it has sent an
-    identical update with (copies), for :meth:`association`.
+    (the deviation less its component along the reference), for :meth:`association`; and the
+    history keeps every round's groups of clients that sent one update (copies) and how many
+    rounds each client sent an update of its own, for :func:`copied_originals` and
+    :meth:`originals`.
 
     Args:
         sketch_dim: numbers kept per client.
@@ -467,8 +488,9 @@ class HistoryForecast:
         self._sketch: CountSketch | None = None
         self._forecast: dict[str, np.ndarray] = {}
         self._across: dict[str, np.ndarray] = {}
-        self._copies: dict[str, set[str]] = {}
         self._seen: dict[str, int] = {}
+        self._own: dict[str, int] = {}
+        self._groups: list[tuple[str, ...]] = []  # every round's groups of copies
 
     def _deviations(
         self, updates: np.ndarray, reference: np.ndarray
@@ -504,8 +526,9 @@ class HistoryForecast:
                 f"{len(updates)} rows."
             )
         errors = np.full(len(client_ids), np.nan)
+        own = np.array([self._own.get(c, 0) for c in client_ids], np.float64)
         if len(updates) == 0:
-            return HistoryScores(errors, errors.copy())
+            return HistoryScores(errors, errors.copy(), own)
         sketched, deviations, across = self._deviations(updates, np.asarray(reference).reshape(-1))
         kinship = self._kinship(client_ids, deviations)
         for i, cid in enumerate(client_ids):
@@ -517,10 +540,14 @@ class HistoryForecast:
             self._across[cid] = self._fold(self._across.get(cid), across[i].astype(np.float32))
             self._seen[cid] = self._seen.get(cid, 0) + 1
         twins = copy_pairs(pair_gaps(sketched @ sketched.T))
-        for i, j in zip(*np.nonzero(np.triu(twins, 1)), strict=True):
-            self._copies.setdefault(client_ids[i], set()).add(client_ids[j])
-            self._copies.setdefault(client_ids[j], set()).add(client_ids[i])
-        return HistoryScores(errors, kinship)
+        _, group_of = connected_components(twins, directed=False)
+        for group in np.unique(group_of):
+            members = np.flatnonzero(group_of == group)
+            if len(members) > 1:
+                self._groups.append(tuple(sorted(client_ids[i] for i in members)))
+            else:
+                self._own[client_ids[members[0]]] = self._own.get(client_ids[members[0]], 0) + 1
+        return HistoryScores(errors, kinship, own)
 
     def _fold(self, past: np.ndarray | None, now: np.ndarray) -> np.ndarray:
         """The forecast after one more round: the weighted average of past and new."""
@@ -563,7 +590,7 @@ class HistoryForecast:
         apart = np.zeros((len(ids), len(group)), bool)  # pairs that must not count
         for j, c in enumerate(group):
             apart[row[c], j] = True
-            for other in self._copies.get(c, ()):
+            for other in self.copies_of(c):
                 if other in row:
                     apart[row[other], j] = True
         unflagged = [row[c] for c in rest]
@@ -580,17 +607,32 @@ class HistoryForecast:
             if np.isfinite(z[i])
         }
 
+    def originals(self) -> set[str]:
+        """The clients that were the original of every group of copies they were in, as far as
+        is known now: in each, the one member that has sent an update of its own, in any round
+        (:func:`copied_originals` asks the same of earlier rounds only). A victim of the mimic
+        attack sampled for the first time is flagged with its copies; once it sends an update
+        of its own this names it, and the trust book takes the copies' part of its evidence
+        back (``TrustBook.update``)."""
+        judged: dict[str, bool] = {}
+        for group in self._groups:
+            alone = [c for c in group if self._own.get(c, 0) > 0]
+            for c in group:
+                judged[c] = judged.get(c, True) and alone == [c]
+        return {c for c, original in judged.items() if original}
+
     def copies_of(self, client_id: str) -> tuple[str, ...]:
         """The clients that sent the same update as ``client_id`` in some round, sorted."""
-        return tuple(sorted(self._copies.get(client_id, ())))
+        return tuple(sorted({c for g in self._groups if client_id in g for c in g} - {client_id}))
 
     def seen(self, client_id: str) -> int:
         """Rounds in which the client's update entered the history."""
         return self._seen.get(client_id, 0)
 
     def state_dict(self) -> dict:
-        """Plain data for a checkpoint: settings, ids, two ``(n, sketch_dim)`` float32 arrays and
-        the pairs of clients that sent copies of each other."""
+        """Plain data for a checkpoint: settings, ids, two ``(n, sketch_dim)`` float32 arrays, the
+        rounds each client was seen and sent an update of its own, and every round's groups of
+        clients that sent copies of one update."""
         ids = sorted(self._forecast)
         empty = np.zeros((0, self.sketch_dim), np.float32)
         return {
@@ -601,7 +643,8 @@ class HistoryForecast:
             "forecast": np.stack([self._forecast[c] for c in ids]) if ids else empty,
             "across": np.stack([self._across[c] for c in ids]) if ids else empty,
             "seen": [self._seen.get(c, 0) for c in ids],
-            "copies": sorted([a, b] for a, others in self._copies.items() for b in others if a < b),
+            "own": [self._own.get(c, 0) for c in ids],
+            "groups": [list(g) for g in self._groups],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -614,10 +657,10 @@ class HistoryForecast:
         self._forecast = {c: forecast[i].copy() for i, c in enumerate(state["client_ids"])}
         self._across = {c: across[i].copy() for i, c in enumerate(state["client_ids"])}
         self._seen = {c: int(n) for c, n in zip(state["client_ids"], state["seen"], strict=True)}
-        self._copies = {}
-        for a, b in state.get("copies", []):
-            self._copies.setdefault(a, set()).add(b)
-            self._copies.setdefault(b, set()).add(a)
+        own = state.get("own", [0] * len(state["client_ids"]))  # older checkpoints: none
+        self._own = {c: int(n) for c, n in zip(state["client_ids"], own, strict=True)}
+        # older checkpoints kept pairs of copies, not groups
+        self._groups = [tuple(g) for g in state.get("groups", state.get("copies", []))]
 
     def __repr__(self) -> str:
         return (

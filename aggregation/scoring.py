@@ -382,6 +382,7 @@ def client_metrics(
     weights: np.ndarray | None = None,
     suspect: np.ndarray | None = None,
     history_error: np.ndarray | None = None,
+    own_rounds: np.ndarray | None = None,
     steps: np.ndarray | None = None,
     earlier_spreads: Sequence[float] = (),
 ) -> dict[str, np.ndarray]:
@@ -403,9 +404,10 @@ def client_metrics(
             and every row is in its own, as with the whole cohort's median.
         weights: ``(d,)`` the global weights the updates were trained from, or None (``radial``
             is then NaN).
-        suspect, history_error: ``(K,)`` the clients flagged before this round and their
-            forecast errors (``detection.HistoryForecast``), or None. With both, an update that
-            flagged clients copied is not called a colluder for the copies
+        suspect, history_error, own_rounds: ``(K,)`` the clients flagged before this round,
+            their forecast errors and the earlier rounds in which they sent an update of their
+            own (``detection.HistoryScores``), or None. With the first two, an update other
+            clients copied is not called a colluder, nor central, for the copies
             (``detection.copied_originals``).
         steps: ``(K,)`` each client's local optimizer steps (the coordinator's, from the example
             counts it weighs by): ``norm_z`` takes out what they explain (:func:`log_norm_z`).
@@ -428,8 +430,8 @@ def client_metrics(
         update against chance (``detection.alignment_z``); ``kurtosis``, the excess kurtosis of the
         update's coordinates (``detection.excess_kurtosis``); ``radial``, the cosine of the update
         to ``weights``: honest training grows the weights it starts from, a sign flip shrinks them
-        (:func:`_shrinking_component`); ``copied``, 1 for an update that flagged clients copied,
-        whose ``pair_gap`` leaves the copies out (NaN without ``suspect`` and ``history_error``).
+        (:func:`_shrinking_component`); ``copied``, 1 for an update other clients copied, whose
+        ``pair_gap`` leaves the copies out (NaN without ``suspect`` and ``history_error``).
 
     Norms, cosines, distances and Krum scores all come from one Gram matrix of the rows and the
     aggregate (``_kernels.gram``: BLAS products in the input dtype over column blocks of a fixed
@@ -488,7 +490,7 @@ def client_metrics(
     gaps = pair_gaps(gram[:k, :k])
     copied = None
     if suspect is not None and history_error is not None:
-        copied = copied_originals(gaps, suspect, history_error)
+        copied = copied_originals(gaps, suspect, history_error, own_rounds)
     return {
         "norm": norm,
         "norm_z": log_norm_z(norm, trusted, steps, earlier_spreads),
@@ -765,6 +767,19 @@ def _not_copies(metrics: dict[str, np.ndarray]) -> np.ndarray:
     return ~(np.nan_to_num(np.asarray(metrics["pair_gap"], np.float64), nan=1.0) < COPY_GAP)
 
 
+def _centrality_component(metrics: dict[str, np.ndarray]) -> np.ndarray:
+    """How much closer to the cohort's median a client is than the rest (one-sided, log scale).
+
+    0 for an update other clients copied (``copied``): its copies put the median on it.
+    Victims of the mimic attack scored 0.95-0.97 here and were flagged for it.
+    """
+    cosine = np.asarray(metrics.get("cohort_cosine", metrics["cosine"]), np.float64)
+    central = _smaller_than_cohort(1.0 - cosine, 0.7, _not_copies(metrics))
+    if "copied" not in metrics:
+        return central
+    return np.where(np.asarray(metrics["copied"]) == 1, 0.0, central)
+
+
 def _norm_ratio_component(
     norm: np.ndarray, ratio: float, above: bool, scale: np.ndarray | None = None
 ) -> np.ndarray:
@@ -944,9 +959,7 @@ _COMPONENTS = {
     "trimmed_share": lambda m: _trimmed_component(m["trimmed_share"]),
     "distance": lambda m: _distance_component(m["distance"]),
     "collusion": lambda m: _smaller_than_cohort(m["pair_gap"], 0.7, _not_copies(m)),
-    "centrality": lambda m: _smaller_than_cohort(
-        1.0 - np.asarray(m.get("cohort_cosine", m["cosine"])), 0.7, _not_copies(m)
-    ),
+    "centrality": lambda m: _centrality_component(m),
     "cluster": lambda m: np.asarray(m["cluster_outlier"], np.float64),
     "history": lambda m: _history_component(m[HISTORY_METRIC]),
     "zero_update": lambda m: _norm_ratio_component(m["norm"], ratio=100.0, above=False),
@@ -1041,6 +1054,27 @@ def anomaly_score(
             sharp = np.nan_to_num(components[name], nan=0.0)
             score = np.maximum(score, np.where(sharp >= SHARP_FLOOR, sharp, 0.0))
     return np.clip(score, 0.0, 1.0)
+
+
+def anomaly_as_original(
+    metrics: dict[str, np.ndarray], weights: dict[str, float] | None = None
+) -> np.ndarray:
+    """Each client's anomaly score had its update been its own: for the members of a group of
+    copies (``pair_gap`` under ``COPY_GAP``) ``collusion`` and ``centrality`` are left out, as
+    for an original :func:`detection.copied_originals` recognises; the others score as in
+    :func:`anomaly_score`. The trust book keeps the difference, so that a client found later to
+    be the original its copies copied can have it back (``TrustBook.update``, ``as_original``).
+    """
+    grouped = ~_not_copies(metrics)
+    if not grouped.any():
+        return anomaly_score(metrics, weights)
+    copied = np.asarray(metrics.get("copied", np.full(len(grouped), np.nan)), np.float64)
+    alone = dict(
+        metrics,
+        pair_gap=np.where(grouped, np.nan, metrics["pair_gap"]),
+        copied=np.where(grouped, 1.0, copied),
+    )
+    return np.where(grouped, anomaly_score(alone, weights), anomaly_score(metrics, weights))
 
 
 def cohort_anomaly(

@@ -28,6 +28,7 @@ from fedwarden.aggregation.scoring import (
     KINSHIP_METRIC,
     NORM_SCALE_METRIC,
     STEPS_METRIC,
+    anomaly_as_original,
     anomaly_components,
     anomaly_score,
     client_metrics,
@@ -447,8 +448,8 @@ class Coordinator:
             steps = self._local_steps(admitted)
             metrics = client_metrics(
                 matrix, reference, losses, per_client, trusted=trusted, weights=trained_from,
-                suspect=suspect, history_error=history.error, steps=steps,
-                earlier_spreads=self.norm_spreads,
+                suspect=suspect, history_error=history.error, own_rounds=history.own_rounds,
+                steps=steps, earlier_spreads=self.norm_spreads,
             )  # fmt: skip
             spread = log_norm_spread(metrics["norm"], trusted, self.norm_spreads)
             if np.isfinite(spread):
@@ -464,9 +465,11 @@ class Coordinator:
             if self.norm_scales:
                 metrics[NORM_SCALE_METRIC] = np.full(len(ids), float(np.median(self.norm_scales)))
             anomaly = anomaly_score(metrics, self.anomaly_weights)
+            alone = anomaly_as_original(metrics, self.anomaly_weights)
             components = anomaly_components(metrics)
         else:
             anomaly, metrics, losses, components = np.zeros(0), None, None, None
+            alone = anomaly
             log.warning("round %d: no update admitted; weights unchanged", round_number)
         rejected_counts: dict[str, int] = {}
         for r in rejected:
@@ -482,6 +485,8 @@ class Coordinator:
             components=components,
             association=self.history.association,
             copies=self.history.copies_of,
+            as_original=alone,
+            originals=self.history.originals,
         )
         if ids:
             unflagged = [i for i, c in enumerate(ids) if not states[c].flagged]

@@ -261,6 +261,7 @@ class EvidenceSums:
     sq: float = 0.0
     excess: dict[str, float] = field(default_factory=dict)
     associated: bool = False  # flagged for its association, not on its own evidence
+    copied: float = 0.0  # the part of ``sum`` its copies made (``TrustBook.update``)
 
     @classmethod
     def of(cls, state: ClientSummary) -> EvidenceSums:
@@ -271,6 +272,7 @@ class EvidenceSums:
             float(sums.get("sq", 0.0)),
             dict(sums.get("excess", {})),
             bool(sums.get("associated", False)),
+            float(sums.get("copied", 0.0)),
         )
 
     def evidence(self, memory: float, rounds: int) -> float:
@@ -290,6 +292,8 @@ class EvidenceSums:
         sums = {"sum": self.sum, "sq": self.sq, "excess": self.excess}
         if self.associated:
             sums["associated"] = True
+        if self.copied:
+            sums["copied"] = self.copied
         return json.dumps(sums, sort_keys=True)
 
 
@@ -384,6 +388,8 @@ class TrustBook:
         components: dict[str, np.ndarray] | None = None,
         association: Callable[[set[str]], Mapping[str, Association]] | None = None,
         copies: Callable[[str], Sequence[str]] | None = None,
+        as_original: np.ndarray | None = None,
+        originals: Callable[[], set[str]] | None = None,
     ) -> dict[str, ClientSummary]:
         """Applies one round's anomaly scores; returns the new standing of every client touched.
 
@@ -409,6 +415,13 @@ class TrustBook:
             copies: the clients a client has sent the same update as
                 (``HistoryForecast.copies_of``), named in the explanation of a client flagged for
                 collusion: under the mimic attack one of them is the honest client copied.
+            as_original: ``(K,)`` the anomaly scores had no other client sent the same update
+                (``scoring.anomaly_as_original``): each client's evidence keeps apart the part
+                its copies made.
+            originals: the clients found, as of this round, to be the original of every group
+                of copies they were in (``HistoryForecast.originals``): the part of their
+                evidence their copies made is taken back, and their flag judged again against
+                the flag line, whether or not they took part in the round.
         """
         round = int(round)
         if round <= self._round:
@@ -434,6 +447,7 @@ class TrustBook:
         for cid in rejected:
             scores[cid] = 1.0
         index = {cid: i for i, cid in enumerate(client_ids)}
+        alone = anomaly if as_original is None else np.asarray(as_original, np.float64).ravel()
         components = {
             name: np.asarray(values, np.float64).reshape(-1) for name, values in
             (components or {}).items()
@@ -451,10 +465,17 @@ class TrustBook:
                 n: float(v[i]) for n, v in components.items() if np.isfinite(v[i])
             }  # fmt: skip
             previous = state.trust
+            score_alone = score if i is None or cid in rejected else float(alone[i])
             state = replace(
                 state,
                 **self._step(state, round, score, rejected.get(cid, 0)),
-                **self._weigh(state, (score - center) / scale, signals, typical),
+                **self._weigh(
+                    state,
+                    (score - center) / scale,
+                    signals,
+                    typical,
+                    (score_alone - center) / scale,
+                ),
             )
             rejection = reasons.get(cid, "rejected") if cid in rejected else None
             decided = self._decide(state, round, previous, rejection, typical, copies)
@@ -464,6 +485,8 @@ class TrustBook:
                     optional_float(metrics["cosine"][i]) if "cosine" in metrics else None
                 )
             self._clients[cid] = touched[cid] = replace(state, **decided)
+        if originals is not None:
+            touched.update(self._take_back_copies(round, originals(), typical, copies))
         p = self.policy
         if association is not None and p.flag_rule == "evidence" and p.association_z > 0:
             touched.update(self._associate(round, association))
@@ -507,11 +530,13 @@ class TrustBook:
         z: float,
         signals: dict[str, float],
         typical: dict[str, float],
+        z_alone: float,
     ) -> dict[str, Any]:
         """The client's evidence with one round's z-score (and each signal's excess) folded in:
-        its new ``evidence``, ``signals`` and ``evidence_state``."""
+        its new ``evidence``, ``signals`` and ``evidence_state``. ``z_alone`` is the z had no
+        other client sent the same update."""
         p = self.policy
-        z = min(max(z, -p.z_floor), p.z_cap)
+        z, z_alone = (min(max(x, -p.z_floor), p.z_cap) for x in (z, z_alone))
         m = p.evidence_memory
         old = EvidenceSums.of(state)
         sums = EvidenceSums(
@@ -521,6 +546,7 @@ class TrustBook:
                                               else 0.0)
              for n in sorted(set(old.excess) | set(signals))},
             old.associated,
+            m * old.copied + z - z_alone,
         )  # fmt: skip
         return {
             "evidence": sums.evidence(p.evidence_memory, p.evidence_rounds),
@@ -545,7 +571,7 @@ class TrustBook:
         self,
         state: ClientSummary,
         round: int,
-        previous: float,
+        previous: float | None,
         rejection: str | None,
         typical: dict[str, float],
         copies: Callable[[str], Sequence[str]] | None = None,
@@ -579,6 +605,38 @@ class TrustBook:
         else:
             decided["explanation"] = None
         return {**decided, **self._quarantine(state, decided["flagged"], round, previous)}
+
+    def _take_back_copies(
+        self,
+        round: int,
+        originals: set[str],
+        typical: dict[str, float],
+        copies: Callable[[str], Sequence[str]] | None,
+    ) -> dict[str, ClientSummary]:
+        """Takes back from each of the ``originals`` the part of its evidence (and the signals'
+        excess) that copies of its updates made, and judges its flag again against the line
+        itself (a recount, not a new round: no hysteresis); returns the standing of the clients
+        whose evidence changed."""
+        p = self.policy
+        changed: dict[str, ClientSummary] = {}
+        for cid in sorted(originals & self._clients.keys()):
+            state = self._clients[cid]
+            sums = EvidenceSums.of(state)
+            if not sums.copied:
+                continue
+            excess = {n: v for n, v in sums.excess.items() if n not in ("collusion", "centrality")}
+            sums = replace(sums, sum=sums.sum - sums.copied, copied=0.0, excess=excess)
+            evidence = sums.evidence(p.evidence_memory, p.evidence_rounds)
+            own = p.flag_rule != "evidence" or sums.associated or evidence > p.flag_z
+            state = replace(
+                state,
+                evidence=evidence,
+                evidence_state=sums.to_json(),
+                flagged=state.flagged and own,
+            )
+            changed[cid] = replace(state, **self._decide(state, round, None, None, typical, copies))
+        self._clients.update(changed)
+        return changed
 
     def _quarantine(
         self, state: ClientSummary, flagged: bool, round: int, previous: float | None

@@ -138,6 +138,49 @@ def test_cluster_outliers_single_out_a_separate_group_and_spare_a_homogeneous_co
     assert np.isnan(cluster_outliers(np.eye(3))).all()
 
 
+def test_the_one_member_of_a_copied_group_that_sent_an_update_of_its_own_is_the_original():
+    # Copiers copy whenever they are sampled; the copied client has sent updates no other
+    # client sent. Nobody is flagged yet and nobody has a history to compare.
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(5, 500))
+    x[3] = x[4] = x[1]
+    gaps = pair_gaps(x @ x.T)
+    nobody, no_history = np.zeros(5, bool), np.full(5, np.nan)
+    own = np.array([2, 1, 3, 0, 0])  # rows 0 and 2 have no copy: never an original
+    assert copied_originals(gaps, nobody, no_history, own).tolist() == [0, 1, 0, 0, 0]
+    two = own.copy()
+    two[3] = 1  # two members have sent updates of their own: the round cannot tell
+    assert not copied_originals(gaps, nobody, no_history, two).any()
+    flagged = nobody.copy()
+    flagged[1] = True  # a flagged client is not taken for an original
+    assert not copied_originals(gaps, flagged, no_history, own).any()
+    assert not copied_originals(gaps, nobody, no_history).any()  # without the counts, as before
+
+
+def test_history_forecast_counts_updates_of_a_clients_own_and_names_the_originals_copied():
+    rng = np.random.default_rng(5)
+    d, ids = 2000, ["a", "b", "c", "d"]
+    forecast = HistoryForecast(sketch_dim=128)
+    for _ in range(2):
+        rows = rng.normal(size=(4, d))
+        rows[3] = rows[2]  # d copies c
+        scores = forecast.step(ids, rows, np.zeros(d))
+    assert scores.own_rounds.tolist() == [1, 1, 0, 0]  # counted before this round
+    assert forecast.originals() == set()  # c and d have only ever sent that update
+    rows = rng.normal(size=(3, d))
+    forecast.step(["a", "b", "c"], rows, np.zeros(d))  # c sends an update of its own
+    assert forecast.originals() == {"c"} and forecast.copies_of("c") == ("d",)
+    rows = rng.normal(size=(3, d))
+    rows[2] = rows[1]  # b sends a's update: both have sent updates of their own
+    forecast.step(["e", "a", "b"], rows, np.zeros(d))
+    assert forecast.originals() == {"c"}
+    restored = HistoryForecast()
+    restored.load_state_dict(forecast.state_dict())
+    assert restored.originals() == {"c"} and restored.copies_of("a") == ("b",)
+    rows = rng.normal(size=(4, d))
+    assert restored.step(ids, rows, np.zeros(d)).own_rounds.tolist() == [3, 3, 1, 0]
+
+
 def test_history_forecast_rewards_consistency_and_survives_a_checkpoint():
     rng = np.random.default_rng(4)
     d, ids = 5000, ["steady", "erratic", "other1", "other2"]

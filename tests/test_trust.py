@@ -438,6 +438,37 @@ def test_a_colluder_is_explained_with_the_clients_it_sent_the_same_update_as():
     )
 
 
+def test_an_original_found_later_gets_back_the_evidence_its_copies_made(tmp_path):
+    """v and w are copied (x copies v, y copies w): all four score 1.0 and are flagged. When the
+    history names v and w the originals, in a round they sit out, the part of their evidence the
+    copies made is taken back: v, ordinary had the update been its own, is unflagged with a row
+    marked absent; w, odd on its own too, and the copiers stay flagged."""
+    honest = [f"h{i}" for i in range(8)]
+    found: set[str] = set()
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        book = TrustBook(TrustPolicy(quarantine="exclude"), ledger)
+        for r in (1, 2):
+            book.update(r, honest, np.full(8, 0.1), {}, originals=lambda: found)
+        book.update(
+            3, [*honest, "v", "x", "w", "y"], np.r_[np.full(8, 0.1), 1.0, 1.0, 1.0, 1.0], {},
+            as_original=np.r_[np.full(8, 0.1), 0.1, 0.1, 0.9, 0.1], originals=lambda: found,
+        )  # fmt: skip
+        assert book.flagged() == {"v", "x", "w", "y"}
+        assert EvidenceSums.of(book.get("v")).copied > 0
+        found = {"v", "w"}
+        changed = book.update(4, honest, np.full(8, 0.1), {}, originals=lambda: found)
+        assert book.flagged() == {"x", "w", "y"} and set(changed) == {*honest, "v"}
+        v = book.get("v")
+        assert v.evidence < 1.0 and EvidenceSums.of(v).copied == 0.0 and v.rounds == 1
+        assert v.explanation is None and not v.quarantined
+        assert book.get("w").evidence > book.policy.flag_z
+        last = ledger.client_history("v")[-1]
+        assert last["round"] == 4 and last["absent"] and not last["flagged"]
+        before = book.get("x")
+        book.update(5, honest, np.full(8, 0.1), {}, originals=lambda: found)
+        assert book.get("v") == v and book.get("x") == before  # taken back once
+
+
 def flag_share(rate: float, tails: str, **policy) -> float:
     book = TrustBook(TrustPolicy(false_positive_rate=rate, **policy))
     flagged = scored = 0
