@@ -45,6 +45,7 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import numpy as np
@@ -255,7 +256,8 @@ def copied_originals(
     sampled, so the original is told from its copies by what the copiers cannot show:
 
     - it is the one member that has sent an update of its own (one no other client of its round
-      sent) in an earlier round (``own_rounds``), and it is not flagged (``suspect``);
+      sent, and nothing sharp flagged) in an earlier round (``own_rounds``), and it is not
+      flagged (``suspect``);
     - or it is the one member with a history not already flagged, and it is consistent with its
       own past deviations (:class:`HistoryForecast`) by ``margin`` more than every copy with a
       history, which repeat a different victim each round (at least one copy must have one).
@@ -447,13 +449,16 @@ class HistoryScores(NamedTuple):
         flipping and both backdoors against honest clients' 0.32-0.33 (AUC 0.84-0.995), but
         honest clients at Dirichlet 0.1, many holding one class, reached 0.68-0.72: above the
         attackers, so it is recorded and not scored (docs/results.md, "Kinship").
-    own_rounds: earlier rounds in which the client sent an update no other client of its round
-        sent (:func:`copied_originals`).
+    own_rounds: earlier rounds in which the client sent an update of its own (one no other
+        client of its round sent), as :meth:`HistoryForecast.record_own` counted them
+        (:func:`copied_originals`).
+    alone: True where no other client of this round sent the same update.
     """
 
     error: np.ndarray
     kinship: np.ndarray
     own_rounds: np.ndarray
+    alone: np.ndarray
 
 
 class HistoryForecast:
@@ -527,8 +532,9 @@ class HistoryForecast:
             )
         errors = np.full(len(client_ids), np.nan)
         own = np.array([self._own.get(c, 0) for c in client_ids], np.float64)
+        alone = np.zeros(len(client_ids), bool)
         if len(updates) == 0:
-            return HistoryScores(errors, errors.copy(), own)
+            return HistoryScores(errors, errors.copy(), own, alone)
         sketched, deviations, across = self._deviations(updates, np.asarray(reference).reshape(-1))
         kinship = self._kinship(client_ids, deviations)
         for i, cid in enumerate(client_ids):
@@ -546,8 +552,19 @@ class HistoryForecast:
             if len(members) > 1:
                 self._groups.append(tuple(sorted(client_ids[i] for i in members)))
             else:
-                self._own[client_ids[members[0]]] = self._own.get(client_ids[members[0]], 0) + 1
-        return HistoryScores(errors, kinship, own)
+                alone[members[0]] = True
+        return HistoryScores(errors, kinship, own, alone)
+
+    def record_own(self, client_ids: Iterable[str]) -> None:
+        """Counts one more round in which each of these clients sent an update of its own.
+
+        The caller decides which count: the coordinator counts the updates without a copy
+        (:attr:`HistoryScores.alone`) that nothing sharp flagged, so that a crafted vector an
+        attacker sends alone (one sender of ALIE or AGR-tailored in the cohort) does not count
+        as the honest update of a client that others copy.
+        """
+        for cid in client_ids:
+            self._own[cid] = self._own.get(cid, 0) + 1
 
     def _fold(self, past: np.ndarray | None, now: np.ndarray) -> np.ndarray:
         """The forecast after one more round: the weighted average of past and new."""

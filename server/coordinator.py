@@ -27,6 +27,7 @@ from fedwarden.aggregation.scoring import (
     HISTORY_METRIC,
     KINSHIP_METRIC,
     NORM_SCALE_METRIC,
+    SHARP_FLOOR,
     STEPS_METRIC,
     anomaly_as_original,
     anomaly_components,
@@ -466,6 +467,9 @@ class Coordinator:
                 metrics[NORM_SCALE_METRIC] = np.full(len(ids), float(np.median(self.norm_scales)))
             anomaly = anomaly_score(metrics, self.anomaly_weights)
             alone = anomaly_as_original(metrics, self.anomaly_weights)
+            self.history.record_own(
+                c for c, apart, a in zip(ids, history.alone, anomaly) if apart and a < SHARP_FLOOR
+            )
             components = anomaly_components(metrics)
         else:
             anomaly, metrics, losses, components = np.zeros(0), None, None, None

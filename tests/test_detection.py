@@ -165,14 +165,20 @@ def test_history_forecast_counts_updates_of_a_clients_own_and_names_the_original
         rows = rng.normal(size=(4, d))
         rows[3] = rows[2]  # d copies c
         scores = forecast.step(ids, rows, np.zeros(d))
+        assert scores.alone.tolist() == [True, True, False, False]
+        forecast.record_own(["a", "b"])
     assert scores.own_rounds.tolist() == [1, 1, 0, 0]  # counted before this round
     assert forecast.originals() == set()  # c and d have only ever sent that update
     rows = rng.normal(size=(3, d))
-    forecast.step(["a", "b", "c"], rows, np.zeros(d))  # c sends an update of its own
+    forecast.step(["a", "b", "c"], rows, np.zeros(d))
+    forecast.record_own(["a", "b"])  # c's update, unlike a's and b's, flagged: it does not count
+    assert forecast.originals() == set()
+    forecast.record_own(["c"])  # an update of its own that does
     assert forecast.originals() == {"c"} and forecast.copies_of("c") == ("d",)
     rows = rng.normal(size=(3, d))
     rows[2] = rows[1]  # b sends a's update: both have sent updates of their own
     forecast.step(["e", "a", "b"], rows, np.zeros(d))
+    forecast.record_own(["e"])
     assert forecast.originals() == {"c"}
     restored = HistoryForecast()
     restored.load_state_dict(forecast.state_dict())
