@@ -45,7 +45,7 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -438,6 +438,76 @@ def _association(
     return kinship, np.where(np.isfinite(z), z, np.nan), order
 
 
+class CopyGroups:
+    """Who sent the same update as whom, round by round, and how many rounds each client sent
+    an update of its own: what tells the client the mimic attack copied from its copiers.
+
+    A copier copies in every round it is sampled; the copied client sends updates of its own in
+    the rounds it is not copied. A group of copies whose one member has sent an update of its
+    own (that nothing sharp flagged: :meth:`record_own`) had that member as its original
+    (:meth:`originals`, and :func:`copied_originals` within a round).
+    """
+
+    def __init__(self) -> None:
+        self._groups: list[tuple[str, ...]] = []
+        self._own: dict[str, int] = {}
+
+    def add_round(self, client_ids: Sequence[str], twins: np.ndarray) -> np.ndarray:
+        """Records the round's groups of copies (``twins``, ``(K, K)`` booleans of the pairs
+        that are copies); returns ``(K,)`` booleans, True where the update has no copy."""
+        alone = np.zeros(len(client_ids), bool)
+        if not len(client_ids):
+            return alone
+        _, group_of = connected_components(np.asarray(twins, bool), directed=False)
+        for group in np.unique(group_of):
+            members = np.flatnonzero(group_of == group)
+            if len(members) > 1:
+                self._groups.append(tuple(sorted(client_ids[i] for i in members)))
+            else:
+                alone[members[0]] = True
+        return alone
+
+    def own_rounds(self, client_ids: Sequence[str]) -> np.ndarray:
+        """``(K,)`` float64: the rounds each client has sent an update of its own."""
+        return np.array([self._own.get(c, 0) for c in client_ids], np.float64)
+
+    def record_own(self, client_ids: Iterable[str]) -> None:
+        """Counts one more round in which each of these clients sent an update of its own.
+
+        The caller decides which count (``scoring.own_updates``: no copy, and nothing sharp
+        flagged it).
+        """
+        for cid in client_ids:
+            self._own[cid] = self._own.get(cid, 0) + 1
+
+    def originals(self) -> set[str]:
+        """The clients that were the original of every group of copies they were in, as far as
+        is known now: in each, the one member that has sent an update of its own, in any round
+        (:func:`copied_originals` asks the same of earlier rounds only). A victim of the mimic
+        attack sampled for the first time is flagged with its copies; once it sends an update
+        of its own this names it, and the trust book takes the copies' part of its evidence
+        back (``TrustBook.update``)."""
+        judged: dict[str, bool] = {}
+        for group in self._groups:
+            alone = [c for c in group if self._own.get(c, 0) > 0]
+            for c in group:
+                judged[c] = judged.get(c, True) and alone == [c]
+        return {c for c, original in judged.items() if original}
+
+    def copies_of(self, client_id: str) -> tuple[str, ...]:
+        """The clients that sent the same update as ``client_id`` in some round, sorted."""
+        return tuple(sorted({c for g in self._groups if client_id in g for c in g} - {client_id}))
+
+    def state_dict(self) -> dict:
+        """Plain data for a checkpoint: every round's groups and the own-update counts."""
+        return {"groups": [list(g) for g in self._groups], "own": dict(sorted(self._own.items()))}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores :meth:`state_dict` output."""
+        self._groups = [tuple(g) for g in state.get("groups", [])]
+        self._own = {str(c): int(n) for c, n in state.get("own", {}).items()}
+
+
 class HistoryScores(NamedTuple):
     """What :meth:`HistoryForecast.step` measures of each update of a round.
 
@@ -450,7 +520,7 @@ class HistoryScores(NamedTuple):
         honest clients at Dirichlet 0.1, many holding one class, reached 0.68-0.72: above the
         attackers, so it is recorded and not scored (docs/results.md, "Kinship").
     own_rounds: earlier rounds in which the client sent an update of its own (one no other
-        client of its round sent), as :meth:`HistoryForecast.record_own` counted them
+        client of its round sent), as :meth:`CopyGroups.record_own` counted them
         (:func:`copied_originals`).
     alone: True where no other client of this round sent the same update.
     """
@@ -475,10 +545,8 @@ class HistoryForecast:
     the length.
 
     Beside it, each client keeps a forecast of the part of its deviation across the reference
-    (the deviation less its component along the reference), for :meth:`association`; and the
-    history keeps every round's groups of clients that sent one update (copies) and how many
-    rounds each client sent an update of its own, for :func:`copied_originals` and
-    :meth:`originals`.
+    (the deviation less its component along the reference), for :meth:`association`; and
+    :attr:`copies` (:class:`CopyGroups`) records which clients sent the same update.
 
     Args:
         sketch_dim: numbers kept per client.
@@ -494,8 +562,7 @@ class HistoryForecast:
         self._forecast: dict[str, np.ndarray] = {}
         self._across: dict[str, np.ndarray] = {}
         self._seen: dict[str, int] = {}
-        self._own: dict[str, int] = {}
-        self._groups: list[tuple[str, ...]] = []  # every round's groups of copies
+        self.copies = CopyGroups()
 
     def _deviations(
         self, updates: np.ndarray, reference: np.ndarray
@@ -531,10 +598,9 @@ class HistoryForecast:
                 f"{len(updates)} rows."
             )
         errors = np.full(len(client_ids), np.nan)
-        own = np.array([self._own.get(c, 0) for c in client_ids], np.float64)
-        alone = np.zeros(len(client_ids), bool)
+        own = self.copies.own_rounds(client_ids)
         if len(updates) == 0:
-            return HistoryScores(errors, errors.copy(), own, alone)
+            return HistoryScores(errors, errors.copy(), own, np.zeros(0, bool))
         sketched, deviations, across = self._deviations(updates, np.asarray(reference).reshape(-1))
         kinship = self._kinship(client_ids, deviations)
         for i, cid in enumerate(client_ids):
@@ -545,26 +611,8 @@ class HistoryForecast:
             self._forecast[cid] = self._fold(past, now)
             self._across[cid] = self._fold(self._across.get(cid), across[i].astype(np.float32))
             self._seen[cid] = self._seen.get(cid, 0) + 1
-        twins = copy_pairs(pair_gaps(sketched @ sketched.T))
-        _, group_of = connected_components(twins, directed=False)
-        for group in np.unique(group_of):
-            members = np.flatnonzero(group_of == group)
-            if len(members) > 1:
-                self._groups.append(tuple(sorted(client_ids[i] for i in members)))
-            else:
-                alone[members[0]] = True
+        alone = self.copies.add_round(client_ids, copy_pairs(pair_gaps(sketched @ sketched.T)))
         return HistoryScores(errors, kinship, own, alone)
-
-    def record_own(self, client_ids: Iterable[str]) -> None:
-        """Counts one more round in which each of these clients sent an update of its own.
-
-        The caller decides which count: the coordinator counts the updates without a copy
-        (:attr:`HistoryScores.alone`) that nothing sharp flagged, so that a crafted vector an
-        attacker sends alone (one sender of ALIE or AGR-tailored in the cohort) does not count
-        as the honest update of a client that others copy.
-        """
-        for cid in client_ids:
-            self._own[cid] = self._own.get(cid, 0) + 1
 
     def _fold(self, past: np.ndarray | None, now: np.ndarray) -> np.ndarray:
         """The forecast after one more round: the weighted average of past and new."""
@@ -607,7 +655,7 @@ class HistoryForecast:
         apart = np.zeros((len(ids), len(group)), bool)  # pairs that must not count
         for j, c in enumerate(group):
             apart[row[c], j] = True
-            for other in self.copies_of(c):
+            for other in self.copies.copies_of(c):
                 if other in row:
                     apart[row[other], j] = True
         unflagged = [row[c] for c in rest]
@@ -624,32 +672,13 @@ class HistoryForecast:
             if np.isfinite(z[i])
         }
 
-    def originals(self) -> set[str]:
-        """The clients that were the original of every group of copies they were in, as far as
-        is known now: in each, the one member that has sent an update of its own, in any round
-        (:func:`copied_originals` asks the same of earlier rounds only). A victim of the mimic
-        attack sampled for the first time is flagged with its copies; once it sends an update
-        of its own this names it, and the trust book takes the copies' part of its evidence
-        back (``TrustBook.update``)."""
-        judged: dict[str, bool] = {}
-        for group in self._groups:
-            alone = [c for c in group if self._own.get(c, 0) > 0]
-            for c in group:
-                judged[c] = judged.get(c, True) and alone == [c]
-        return {c for c, original in judged.items() if original}
-
-    def copies_of(self, client_id: str) -> tuple[str, ...]:
-        """The clients that sent the same update as ``client_id`` in some round, sorted."""
-        return tuple(sorted({c for g in self._groups if client_id in g for c in g} - {client_id}))
-
     def seen(self, client_id: str) -> int:
         """Rounds in which the client's update entered the history."""
         return self._seen.get(client_id, 0)
 
     def state_dict(self) -> dict:
         """Plain data for a checkpoint: settings, ids, two ``(n, sketch_dim)`` float32 arrays, the
-        rounds each client was seen and sent an update of its own, and every round's groups of
-        clients that sent copies of one update."""
+        rounds each client was seen, and the :class:`CopyGroups`."""
         ids = sorted(self._forecast)
         empty = np.zeros((0, self.sketch_dim), np.float32)
         return {
@@ -660,8 +689,7 @@ class HistoryForecast:
             "forecast": np.stack([self._forecast[c] for c in ids]) if ids else empty,
             "across": np.stack([self._across[c] for c in ids]) if ids else empty,
             "seen": [self._seen.get(c, 0) for c in ids],
-            "own": [self._own.get(c, 0) for c in ids],
-            "groups": [list(g) for g in self._groups],
+            "copy_groups": self.copies.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -674,10 +702,8 @@ class HistoryForecast:
         self._forecast = {c: forecast[i].copy() for i, c in enumerate(state["client_ids"])}
         self._across = {c: across[i].copy() for i, c in enumerate(state["client_ids"])}
         self._seen = {c: int(n) for c, n in zip(state["client_ids"], state["seen"], strict=True)}
-        own = state.get("own", [0] * len(state["client_ids"]))  # older checkpoints: none
-        self._own = {c: int(n) for c, n in zip(state["client_ids"], own, strict=True)}
-        # older checkpoints kept pairs of copies, not groups
-        self._groups = [tuple(g) for g in state.get("groups", state.get("copies", []))]
+        # older checkpoints kept the pairs of copies only
+        self.copies.load_state_dict(state.get("copy_groups", {"groups": state.get("copies", [])}))
 
     def __repr__(self) -> str:
         return (

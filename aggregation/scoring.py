@@ -1065,6 +1065,8 @@ def anomaly_as_original(
     :func:`anomaly_score`. The trust book keeps the difference, so that a client found later to
     be the original its copies copied can have it back (``TrustBook.update``, ``as_original``).
     """
+    if "pair_gap" not in metrics:
+        return anomaly_score(metrics, weights)
     grouped = ~_not_copies(metrics)
     if not grouped.any():
         return anomaly_score(metrics, weights)
@@ -1075,6 +1077,15 @@ def anomaly_as_original(
         copied=np.where(grouped, 1.0, copied),
     )
     return np.where(grouped, anomaly_score(alone, weights), anomaly_score(metrics, weights))
+
+
+def own_updates(client_ids: Sequence[str], alone: np.ndarray, anomaly: np.ndarray) -> list[str]:
+    """The clients whose update this round counts as one of their own
+    (``detection.CopyGroups.record_own``): no other client sent it (``alone``) and its score is
+    under :data:`SHARP_FLOOR`. A crafted vector sent by one attacker alone in its cohort is
+    mostly caught by a sharp component, and then does not make its sender look like a client
+    whose honest updates others copy."""
+    return [c for c, apart, a in zip(client_ids, alone, anomaly) if apart and a < SHARP_FLOOR]
 
 
 def cohort_anomaly(

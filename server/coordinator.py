@@ -27,7 +27,6 @@ from fedwarden.aggregation.scoring import (
     HISTORY_METRIC,
     KINSHIP_METRIC,
     NORM_SCALE_METRIC,
-    SHARP_FLOOR,
     STEPS_METRIC,
     anomaly_as_original,
     anomaly_components,
@@ -36,6 +35,7 @@ from fedwarden.aggregation.scoring import (
     log_norm_spread,
     median_and_trimmed_shares,
     order_statistics_scope,
+    own_updates,
     share_order_statistics,
 )
 from fedwarden.records import ClientRound, ClientSummary
@@ -467,9 +467,7 @@ class Coordinator:
                 metrics[NORM_SCALE_METRIC] = np.full(len(ids), float(np.median(self.norm_scales)))
             anomaly = anomaly_score(metrics, self.anomaly_weights)
             alone = anomaly_as_original(metrics, self.anomaly_weights)
-            self.history.record_own(
-                c for c, apart, a in zip(ids, history.alone, anomaly) if apart and a < SHARP_FLOOR
-            )
+            self.history.copies.record_own(own_updates(ids, history.alone, anomaly))
             components = anomaly_components(metrics)
         else:
             anomaly, metrics, losses, components = np.zeros(0), None, None, None
@@ -488,9 +486,9 @@ class Coordinator:
             reasons={r.client_id: r.reason for r in rejected},
             components=components,
             association=self.history.association,
-            copies=self.history.copies_of,
+            copies=self.history.copies.copies_of,
             as_original=alone,
-            originals=self.history.originals,
+            originals=self.history.copies.originals,
         )
         if ids:
             unflagged = [i for i, c in enumerate(ids) if not states[c].flagged]

@@ -6,8 +6,11 @@ flags that follow from them can be recomputed from its rows alone: the score wit
 weights (``aggregation/scoring.py``), then a fresh :class:`~fedwarden.server.trust.TrustBook`
 under the given policy. The measurements themselves stay as recorded (the norm against the
 step counts, the cosine to the reference the recorded flags shaped), and so does training: with
-quarantine the clients a new line would have excluded still trained. Flags by association are
-not replayed: they need every client's update history, which the ledger does not keep.
+quarantine the clients a new line would have excluded still trained. The groups of copies are
+read back from the rows (members of one group share a ``pair_gap`` under ``COPY_GAP`` or are
+its recorded original, and have one norm), so an original found later gets its evidence back
+as in the run (``TrustBook.update``, ``originals``). Flags by association are not replayed:
+they need every client's update history, which the ledger does not keep.
 
 Example::
 
@@ -22,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedwarden.aggregation.detection import COPY_GAP, CopyGroups
 from fedwarden.aggregation.scoring import (
     CLASS_VALIDATION_METRIC,
     EFFECT_METRIC,
@@ -30,8 +34,10 @@ from fedwarden.aggregation.scoring import (
     NORM_SCALE_METRIC,
     STEPS_METRIC,
     VALIDATION_METRIC,
+    anomaly_as_original,
     anomaly_components,
     anomaly_score,
+    own_updates,
     robust_z,
 )
 from fedwarden.server.trust import TrustBook, TrustPolicy
@@ -59,6 +65,21 @@ def round_metrics(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     return metrics
 
 
+def recorded_copies(rows: list[dict[str, Any]]) -> np.ndarray:
+    """``(K, K)`` booleans: the pairs of one round's scored rows that sent the same update, as
+    their ledger columns show it (``copied`` marks an original whose ``pair_gap`` was measured
+    without its copies)."""
+    grouped = np.array(
+        [(r.get("pair_gap") is not None and r["pair_gap"] < COPY_GAP) or r.get("copied") == 1
+         for r in rows], bool,
+    )  # fmt: skip
+    norm = np.array([r["norm"] for r in rows], np.float64)
+    same = np.isclose(norm[:, None], norm[None, :], rtol=1e-6, atol=0.0)
+    twins = grouped[:, None] & grouped[None, :] & same
+    np.fill_diagonal(twins, False)
+    return twins
+
+
 def replay_flags(
     ledger: Ledger,
     policy: TrustPolicy,
@@ -69,6 +90,7 @@ def replay_flags(
     the recorded measurements are scored with ``anomaly_weights`` (None: the defaults) and
     judged under ``policy``, association left out (see the module docstring)."""
     book = TrustBook(policy)
+    copies = CopyGroups()
     last = ledger.last_round() if last_round is None else min(last_round, ledger.last_round())
     out: list[set[str]] = []
     for r in range(1, last + 1):
@@ -76,10 +98,16 @@ def replay_flags(
         scored = [row for row in rows if row.get("norm") is not None]
         rejected = {row["client_id"]: 1 for row in rows if row.get("rejected_reason")}
         if scored or rejected:
+            ids = [row["client_id"] for row in scored]
             metrics = round_metrics(scored)
+            anomaly = anomaly_score(metrics, anomaly_weights)
+            alone = copies.add_round(ids, recorded_copies(scored))
+            copies.record_own(own_updates(ids, alone, anomaly))
             book.update(
-                r, [row["client_id"] for row in scored], anomaly_score(metrics, anomaly_weights),
-                rejected, metrics=metrics, components=anomaly_components(metrics),
+                r, ids, anomaly, rejected, metrics=metrics,
+                components=anomaly_components(metrics), copies=copies.copies_of,
+                as_original=anomaly_as_original(metrics, anomaly_weights),
+                originals=copies.originals,
             )  # fmt: skip
         out.append(book.flagged())
     return out

@@ -413,13 +413,13 @@ class TrustBook:
                 they took part in this round (those that did not get a row of their own in the
                 ledger, marked ``absent``).
             copies: the clients a client has sent the same update as
-                (``HistoryForecast.copies_of``), named in the explanation of a client flagged for
+                (``CopyGroups.copies_of``), named in the explanation of a client flagged for
                 collusion: under the mimic attack one of them is the honest client copied.
             as_original: ``(K,)`` the anomaly scores had no other client sent the same update
                 (``scoring.anomaly_as_original``): each client's evidence keeps apart the part
                 its copies made.
             originals: the clients found, as of this round, to be the original of every group
-                of copies they were in (``HistoryForecast.originals``): the part of their
+                of copies they were in (``CopyGroups.originals``): the part of their
                 evidence their copies made is taken back, and their flag judged again against
                 the flag line, whether or not they took part in the round.
         """

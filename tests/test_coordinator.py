@@ -401,4 +401,4 @@ def test_a_flagged_copy_names_the_clients_that_sent_the_same_update():
     for cid in ("c1", "c2", "c3"):
         others = ", ".join(sorted({"c1", "c2", "c3"} - {cid}))
         assert f"same update as {others})" in c.trust.get(cid).explanation
-    assert c.history.copies_of("h0") == ()
+    assert c.history.copies.copies_of("h0") == ()

@@ -166,23 +166,25 @@ def test_history_forecast_counts_updates_of_a_clients_own_and_names_the_original
         rows[3] = rows[2]  # d copies c
         scores = forecast.step(ids, rows, np.zeros(d))
         assert scores.alone.tolist() == [True, True, False, False]
-        forecast.record_own(["a", "b"])
+        forecast.copies.record_own(["a", "b"])
     assert scores.own_rounds.tolist() == [1, 1, 0, 0]  # counted before this round
-    assert forecast.originals() == set()  # c and d have only ever sent that update
+    assert forecast.copies.originals() == set()  # c and d have only ever sent that update
     rows = rng.normal(size=(3, d))
     forecast.step(["a", "b", "c"], rows, np.zeros(d))
-    forecast.record_own(["a", "b"])  # c's update, unlike a's and b's, flagged: it does not count
-    assert forecast.originals() == set()
-    forecast.record_own(["c"])  # an update of its own that does
-    assert forecast.originals() == {"c"} and forecast.copies_of("c") == ("d",)
+    forecast.copies.record_own(
+        ["a", "b"]
+    )  # c's update, unlike a's and b's, flagged: it does not count
+    assert forecast.copies.originals() == set()
+    forecast.copies.record_own(["c"])  # an update of its own that does
+    assert forecast.copies.originals() == {"c"} and forecast.copies.copies_of("c") == ("d",)
     rows = rng.normal(size=(3, d))
     rows[2] = rows[1]  # b sends a's update: both have sent updates of their own
     forecast.step(["e", "a", "b"], rows, np.zeros(d))
-    forecast.record_own(["e"])
-    assert forecast.originals() == {"c"}
+    forecast.copies.record_own(["e"])
+    assert forecast.copies.originals() == {"c"}
     restored = HistoryForecast()
     restored.load_state_dict(forecast.state_dict())
-    assert restored.originals() == {"c"} and restored.copies_of("a") == ("b",)
+    assert restored.copies.originals() == {"c"} and restored.copies.copies_of("a") == ("b",)
     rows = rng.normal(size=(4, d))
     assert restored.step(ids, rows, np.zeros(d)).own_rounds.tolist() == [3, 3, 1, 0]
 

@@ -150,3 +150,29 @@ def test_a_deployments_results_name_no_attackers():
     assert _attackers({"clients": {"c1": {"malicious": True}, "c2": {"malicious": False}}}) == {
         "c1"
     }
+
+
+def test_a_replay_reads_the_copy_groups_back_and_gives_back_a_mimic_runs_flags(tmp_path):
+    """Under mimic, victims seen for the first time are flagged with their copiers and unflagged
+    once they send an update of their own (the copies' part of their evidence taken back); the
+    replay finds the groups in the rows and makes the same decisions, round by round."""
+    from fedwarden.config import make_config
+    from fedwarden.simulations.runner import simulate
+
+    settings = {"dataset": "digits", "partition": "dirichlet", "alpha": 0.5, "clients": 20,
+                "clients_per_round": 10, "rounds": 8, "attack": "mimic",
+                "malicious_fraction": 0.2, "aggregator": "median", "quarantine": "none",
+                "trust_association_z": 0.0, "progress": False, "out": str(tmp_path)}  # fmt: skip
+    results = simulate(make_config({}, settings))
+    honest = {cid for cid, c in results["clients"].items() if not c["malicious"]}
+    with Ledger(tmp_path / "ledger.sqlite", readonly=True) as ledger:
+        recorded = flags_by_round(ledger)
+        assert replay_flags(ledger, TrustPolicy(association_z=0.0)) == recorded
+        cleared = []  # each victim's first round unflagged after it was flagged as a copy
+        for cid in honest:
+            rows = ledger.client_history(cid)
+            copy = next((r["round"] for r in rows if r["flagged"] and r["pair_gap"] < 1e-3), None)
+            after = [r for r in rows if copy and r["round"] > copy and not r["flagged"]]
+            cleared += after[:1]
+        # taken back, not worn down: one ordinary round after a copy's 8 leaves about 4
+        assert cleared and max(r["evidence"] for r in cleared) < 2.0
