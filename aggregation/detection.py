@@ -256,7 +256,7 @@ def copied_originals(
     sampled, so the original is told from its copies by what the copiers cannot show:
 
     - it is the one member that has sent an update of its own (one no other client of its round
-      sent, and nothing sharp flagged) in an earlier round (``own_rounds``), and it is not
+      sent, and that did not flag it) in an earlier round (``own_rounds``), and it is not
       flagged (``suspect``);
     - or it is the one member with a history not already flagged, and it is consistent with its
       own past deviations (:class:`HistoryForecast`) by ``margin`` more than every copy with a
@@ -444,7 +444,7 @@ class CopyGroups:
 
     A copier copies in every round it is sampled; the copied client sends updates of its own in
     the rounds it is not copied. A group of copies whose one member has sent an update of its
-    own (that nothing sharp flagged: :meth:`record_own`) had that member as its original
+    own (one that did not flag it: :meth:`record_own`) had that member as its original
     (:meth:`originals`, and :func:`copied_originals` within a round).
     """
 
@@ -474,8 +474,8 @@ class CopyGroups:
     def record_own(self, client_ids: Iterable[str]) -> None:
         """Counts one more round in which each of these clients sent an update of its own.
 
-        The caller decides which count (``scoring.own_updates``: no copy, and nothing sharp
-        flagged it).
+        The caller decides which count (the trust book: no copy, and the client's evidence apart
+        from what copies made under the flag line).
         """
         for cid in client_ids:
             self._own[cid] = self._own.get(cid, 0) + 1

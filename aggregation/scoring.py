@@ -1079,15 +1079,6 @@ def anomaly_as_original(
     return np.where(grouped, anomaly_score(alone, weights), anomaly_score(metrics, weights))
 
 
-def own_updates(client_ids: Sequence[str], alone: np.ndarray, anomaly: np.ndarray) -> list[str]:
-    """The clients whose update this round counts as one of their own
-    (``detection.CopyGroups.record_own``): no other client sent it (``alone``) and its score is
-    under :data:`SHARP_FLOOR`. A crafted vector sent by one attacker alone in its cohort is
-    mostly caught by a sharp component, and then does not make its sender look like a client
-    whose honest updates others copy."""
-    return [c for c, apart, a in zip(client_ids, alone, anomaly) if apart and a < SHARP_FLOOR]
-
-
 def cohort_anomaly(
     updates: np.ndarray,
     weights: dict[str, float] | None = None,

@@ -35,7 +35,6 @@ from fedwarden.aggregation.scoring import (
     log_norm_spread,
     median_and_trimmed_shares,
     order_statistics_scope,
-    own_updates,
     share_order_statistics,
 )
 from fedwarden.records import ClientRound, ClientSummary
@@ -466,12 +465,11 @@ class Coordinator:
             if self.norm_scales:
                 metrics[NORM_SCALE_METRIC] = np.full(len(ids), float(np.median(self.norm_scales)))
             anomaly = anomaly_score(metrics, self.anomaly_weights)
-            alone = anomaly_as_original(metrics, self.anomaly_weights)
-            self.history.copies.record_own(own_updates(ids, history.alone, anomaly))
+            as_original, alone = anomaly_as_original(metrics, self.anomaly_weights), history.alone
             components = anomaly_components(metrics)
         else:
             anomaly, metrics, losses, components = np.zeros(0), None, None, None
-            alone = anomaly
+            as_original, alone = anomaly, None
             log.warning("round %d: no update admitted; weights unchanged", round_number)
         rejected_counts: dict[str, int] = {}
         for r in rejected:
@@ -486,9 +484,9 @@ class Coordinator:
             reasons={r.client_id: r.reason for r in rejected},
             components=components,
             association=self.history.association,
-            copies=self.history.copies.copies_of,
-            as_original=alone,
-            originals=self.history.copies.originals,
+            copies=self.history.copies,
+            alone=alone,
+            as_original=as_original,
         )
         if ids:
             unflagged = [i for i, c in enumerate(ids) if not states[c].flagged]

@@ -37,7 +37,6 @@ from fedwarden.aggregation.scoring import (
     anomaly_as_original,
     anomaly_components,
     anomaly_score,
-    own_updates,
     robust_z,
 )
 from fedwarden.server.trust import TrustBook, TrustPolicy
@@ -102,12 +101,10 @@ def replay_flags(
             metrics = round_metrics(scored)
             anomaly = anomaly_score(metrics, anomaly_weights)
             alone = copies.add_round(ids, recorded_copies(scored))
-            copies.record_own(own_updates(ids, alone, anomaly))
             book.update(
                 r, ids, anomaly, rejected, metrics=metrics,
-                components=anomaly_components(metrics), copies=copies.copies_of,
+                components=anomaly_components(metrics), copies=copies, alone=alone,
                 as_original=anomaly_as_original(metrics, anomaly_weights),
-                originals=copies.originals,
             )  # fmt: skip
         out.append(book.flagged())
     return out

@@ -93,7 +93,7 @@ from fedwarden.config import FLAG_RULES, QUARANTINE_POLICIES, TrustConfig
 from fedwarden.records import VERDICT_KEYS, ClientRound, ClientSummary, optional_float
 
 if TYPE_CHECKING:
-    from fedwarden.aggregation.detection import Association
+    from fedwarden.aggregation.detection import Association, CopyGroups
     from fedwarden.server.ledger import Ledger
 
 _MAD_TO_SIGMA = 1.4826
@@ -387,9 +387,9 @@ class TrustBook:
         reasons: dict[str, str] | None = None,
         components: dict[str, np.ndarray] | None = None,
         association: Callable[[set[str]], Mapping[str, Association]] | None = None,
-        copies: Callable[[str], Sequence[str]] | None = None,
+        copies: CopyGroups | None = None,
+        alone: np.ndarray | None = None,
         as_original: np.ndarray | None = None,
-        originals: Callable[[], set[str]] | None = None,
     ) -> dict[str, ClientSummary]:
         """Applies one round's anomaly scores; returns the new standing of every client touched.
 
@@ -412,16 +412,21 @@ class TrustBook:
                 near the ones flagged on their own evidence are flagged too, whether or not
                 they took part in this round (those that did not get a row of their own in the
                 ledger, marked ``absent``).
-            copies: the clients a client has sent the same update as
-                (``CopyGroups.copies_of``), named in the explanation of a client flagged for
-                collusion: under the mimic attack one of them is the honest client copied.
+            copies: who sent the same update as whom (the detector's ``CopyGroups``, with
+                this round already added). A client flagged for collusion names the clients it
+                sent the same update as: under the mimic attack one of them is the honest client
+                copied. With ``alone`` and ``as_original``, the book tells it which updates were
+                the clients' own, and gives back to the clients it then finds to be originals
+                the part of their evidence their copies made.
+            alone: ``(K,)`` True where no other client of the round sent the same update. Such
+                an update counts as the client's own (``CopyGroups.record_own``) when the
+                client's evidence, less what copies made, stays under the flag line: a crafted
+                vector an attacker sends alone in its cohort is caught, and does not count.
             as_original: ``(K,)`` the anomaly scores had no other client sent the same update
                 (``scoring.anomaly_as_original``): each client's evidence keeps apart the part
-                its copies made.
-            originals: the clients found, as of this round, to be the original of every group
-                of copies they were in (``CopyGroups.originals``): the part of their
-                evidence their copies made is taken back, and their flag judged again against
-                the flag line, whether or not they took part in the round.
+                its copies made. A client found to be the original of every group of copies it
+                was in (``CopyGroups.originals``) gets that part back, and its flag is judged
+                again against the flag line.
         """
         round = int(round)
         if round <= self._round:
@@ -447,7 +452,7 @@ class TrustBook:
         for cid in rejected:
             scores[cid] = 1.0
         index = {cid: i for i, cid in enumerate(client_ids)}
-        alone = anomaly if as_original is None else np.asarray(as_original, np.float64).ravel()
+        own_scores = anomaly if as_original is None else np.asarray(as_original, np.float64).ravel()
         components = {
             name: np.asarray(values, np.float64).reshape(-1) for name, values in
             (components or {}).items()
@@ -465,7 +470,7 @@ class TrustBook:
                 n: float(v[i]) for n, v in components.items() if np.isfinite(v[i])
             }  # fmt: skip
             previous = state.trust
-            score_alone = score if i is None or cid in rejected else float(alone[i])
+            score_alone = score if i is None or cid in rejected else float(own_scores[i])
             state = replace(
                 state,
                 **self._step(state, round, score, rejected.get(cid, 0)),
@@ -485,8 +490,13 @@ class TrustBook:
                     optional_float(metrics["cosine"][i]) if "cosine" in metrics else None
                 )
             self._clients[cid] = touched[cid] = replace(state, **decided)
-        if originals is not None:
-            touched.update(self._take_back_copies(round, originals(), typical, copies))
+        if copies is not None and alone is not None:
+            copies.record_own(
+                cid for cid, apart in zip(client_ids, alone, strict=True)
+                if apart and cid not in rejected and self._evidence_apart_from_copies(cid)
+                < self.policy.flag_z
+            )  # fmt: skip
+            touched.update(self._take_back_copies(round, copies.originals(), typical, copies))
         p = self.policy
         if association is not None and p.flag_rule == "evidence" and p.association_z > 0:
             touched.update(self._associate(round, association))
@@ -574,7 +584,7 @@ class TrustBook:
         previous: float | None,
         rejection: str | None,
         typical: dict[str, float],
-        copies: Callable[[str], Sequence[str]] | None = None,
+        copies: CopyGroups | None = None,
     ) -> dict[str, Any]:
         """Flag, explanation and quarantine after the client's round (trust was ``previous``).
 
@@ -596,7 +606,7 @@ class TrustBook:
             own = False
         decided: dict[str, Any] = {"flagged": own}
         if own:
-            partners = copies(state.client_id) if copies is not None else ()
+            partners = copies.copies_of(state.client_id) if copies is not None else ()
             decided["explanation"] = explain(state, typical, rejection, partners=partners)
             if sums.associated:
                 decided["evidence_state"] = replace(sums, associated=False).to_json()
@@ -606,12 +616,20 @@ class TrustBook:
             decided["explanation"] = None
         return {**decided, **self._quarantine(state, decided["flagged"], round, previous)}
 
+    def _evidence_apart_from_copies(self, client_id: str) -> float:
+        """The client's evidence less the part copies of its updates made."""
+        p = self.policy
+        sums = EvidenceSums.of(self._clients[client_id])
+        return replace(sums, sum=sums.sum - sums.copied).evidence(
+            p.evidence_memory, p.evidence_rounds
+        )
+
     def _take_back_copies(
         self,
         round: int,
         originals: set[str],
         typical: dict[str, float],
-        copies: Callable[[str], Sequence[str]] | None,
+        copies: CopyGroups,
     ) -> dict[str, ClientSummary]:
         """Takes back from each of the ``originals`` the part of its evidence (and the signals'
         excess) that copies of its updates made, and judges its flag again against the line

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedwarden.aggregation.detection import Association
+from fedwarden.aggregation.detection import Association, CopyGroups
 from fedwarden.cli.trust import trust_main
 from fedwarden.records import ClientSummary
 from fedwarden.report import detection_summary, plot_trust_heatmap
@@ -423,13 +423,14 @@ def test_a_client_seen_once_is_judged_on_that_round_and_explained():
 
 def test_a_colluder_is_explained_with_the_clients_it_sent_the_same_update_as():
     book = TrustBook(TrustPolicy())
-    partners = {"x": ("a4", "a1", "a3", "a2")}
+    copies = CopyGroups()
     for r, cohort, scores in population_rounds(6):
         comp = {"collusion": np.full(len(cohort), 0.02)}
         if r == 6:
             cohort, scores = [*cohort, "x"], np.append(scores, 0.9)
             comp = {"collusion": np.append(comp["collusion"], 0.98)}
-        book.update(r, cohort, scores, {}, components=comp, copies=lambda c: partners.get(c, ()))
+            copies.add_round(["a4", "a1", "a3", "a2", "x"], np.ones((5, 5), bool))
+        book.update(r, cohort, scores, {}, components=comp, copies=copies)
     x = book.get("x")
     assert x.flagged
     assert "collusion 0.98 (typical 0.02; same update as a1, a2, a3 and 1 more)" in x.explanation
@@ -438,35 +439,50 @@ def test_a_colluder_is_explained_with_the_clients_it_sent_the_same_update_as():
     )
 
 
+def twins_of(ids: list[str], *groups: tuple[str, ...]) -> np.ndarray:
+    """The ``(K, K)`` copy pairs of ``ids`` that ``groups`` make."""
+    twins = np.zeros((len(ids), len(ids)), bool)
+    for group in groups:
+        rows = [ids.index(c) for c in group]
+        twins[np.ix_(rows, rows)] = True
+    np.fill_diagonal(twins, False)
+    return twins
+
+
 def test_an_original_found_later_gets_back_the_evidence_its_copies_made(tmp_path):
-    """v and w are copied (x copies v, y copies w): all four score 1.0 and are flagged. When the
-    history names v and w the originals, in a round they sit out, the part of their evidence the
-    copies made is taken back: v, ordinary had the update been its own, is unflagged with a row
-    marked absent; w, odd on its own too, and the copiers stay flagged."""
+    """x copies v and y copies w in round 3: all four score 1.0 and are flagged. In round 4 v
+    and w send updates of their own, which shows them the originals: the part of their evidence
+    the copies made is taken back, and v, ordinary had the update been its own, is unflagged at
+    once (worn down by one ordinary round its evidence would be about 4, still flagged); w, odd
+    on its own too, and the copiers stay flagged. An update sent alone that flags its sender
+    (a crafted vector) does not count as its own: c is no original of the group it joins."""
     honest = [f"h{i}" for i in range(8)]
-    found: set[str] = set()
+    copies = CopyGroups()
+
+    def round_(r: int, ids: list[str], scores: list[float], *groups, alone_scores=None):
+        alone = copies.add_round(ids, twins_of(ids, *groups))
+        as_original = scores if alone_scores is None else alone_scores
+        return book.update(r, ids, np.array(scores), {}, copies=copies, alone=alone,
+                           as_original=np.array(as_original))  # fmt: skip
+
     with Ledger(tmp_path / "l.sqlite") as ledger:
         book = TrustBook(TrustPolicy(quarantine="exclude"), ledger)
         for r in (1, 2):
-            book.update(r, honest, np.full(8, 0.1), {}, originals=lambda: found)
-        book.update(
-            3, [*honest, "v", "x", "w", "y"], np.r_[np.full(8, 0.1), 1.0, 1.0, 1.0, 1.0], {},
-            as_original=np.r_[np.full(8, 0.1), 0.1, 0.1, 0.9, 0.1], originals=lambda: found,
-        )  # fmt: skip
+            round_(r, honest, [0.1] * 8)
+        ids = [*honest, "v", "x", "w", "y"]
+        round_(3, ids, [0.1] * 8 + [1.0] * 4, ("v", "x"), ("w", "y"),
+               alone_scores=[0.1] * 8 + [0.1, 0.1, 0.9, 0.1])  # fmt: skip
         assert book.flagged() == {"v", "x", "w", "y"}
         assert EvidenceSums.of(book.get("v")).copied > 0
-        found = {"v", "w"}
-        changed = book.update(4, honest, np.full(8, 0.1), {}, originals=lambda: found)
-        assert book.flagged() == {"x", "w", "y"} and set(changed) == {*honest, "v"}
+        round_(4, [*honest, "v", "w", "c"], [0.1] * 10 + [1.0])
+        assert copies.originals() == {"v", "w"}
+        assert book.flagged() == {"x", "w", "y", "c"}
         v = book.get("v")
-        assert v.evidence < 1.0 and EvidenceSums.of(v).copied == 0.0 and v.rounds == 1
+        assert v.evidence < 1.0 and EvidenceSums.of(v).copied == 0.0 and v.rounds == 2
         assert v.explanation is None and not v.quarantined
-        assert book.get("w").evidence > book.policy.flag_z
-        last = ledger.client_history("v")[-1]
-        assert last["round"] == 4 and last["absent"] and not last["flagged"]
-        before = book.get("x")
-        book.update(5, honest, np.full(8, 0.1), {}, originals=lambda: found)
-        assert book.get("v") == v and book.get("x") == before  # taken back once
+        assert not ledger.client_history("v")[-1]["flagged"]
+        round_(5, [*honest, "c", "q"], [0.1] * 8 + [1.0, 1.0], ("c", "q"))
+        assert "c" not in copies.originals() and {"c", "q"} <= book.flagged()
 
 
 def flag_share(rate: float, tails: str, **policy) -> float:
