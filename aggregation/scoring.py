@@ -407,7 +407,7 @@ def client_metrics(
         suspect, history_error, own_rounds: ``(K,)`` the clients flagged before this round,
             their forecast errors and the earlier rounds in which they sent an update of their
             own (``detection.HistoryScores``), or None. With the first two, an update other
-            clients copied is not called a colluder, nor central, for the copies
+            clients copied is not called a colluder for the copies
             (``detection.copied_originals``).
         steps: ``(K,)`` each client's local optimizer steps (the coordinator's, from the example
             counts it weighs by): ``norm_z`` takes out what they explain (:func:`log_norm_z`).
@@ -767,19 +767,6 @@ def _not_copies(metrics: dict[str, np.ndarray]) -> np.ndarray:
     return ~(np.nan_to_num(np.asarray(metrics["pair_gap"], np.float64), nan=1.0) < COPY_GAP)
 
 
-def _centrality_component(metrics: dict[str, np.ndarray]) -> np.ndarray:
-    """How much closer to the cohort's median a client is than the rest (one-sided, log scale).
-
-    0 for an update other clients copied (``copied``): its copies put the median on it.
-    Victims of the mimic attack scored 0.95-0.97 here and were flagged for it.
-    """
-    cosine = np.asarray(metrics.get("cohort_cosine", metrics["cosine"]), np.float64)
-    central = _smaller_than_cohort(1.0 - cosine, 0.7, _not_copies(metrics))
-    if "copied" not in metrics:
-        return central
-    return np.where(np.asarray(metrics["copied"]) == 1, 0.0, central)
-
-
 def _norm_ratio_component(
     norm: np.ndarray, ratio: float, above: bool, scale: np.ndarray | None = None
 ) -> np.ndarray:
@@ -959,7 +946,9 @@ _COMPONENTS = {
     "trimmed_share": lambda m: _trimmed_component(m["trimmed_share"]),
     "distance": lambda m: _distance_component(m["distance"]),
     "collusion": lambda m: _smaller_than_cohort(m["pair_gap"], 0.7, _not_copies(m)),
-    "centrality": lambda m: _centrality_component(m),
+    "centrality": lambda m: _smaller_than_cohort(
+        1.0 - np.asarray(m.get("cohort_cosine", m["cosine"])), 0.7, _not_copies(m)
+    ),
     "cluster": lambda m: np.asarray(m["cluster_outlier"], np.float64),
     "history": lambda m: _history_component(m[HISTORY_METRIC]),
     "zero_update": lambda m: _norm_ratio_component(m["norm"], ratio=100.0, above=False),
@@ -1059,24 +1048,22 @@ def anomaly_score(
 def anomaly_as_original(
     metrics: dict[str, np.ndarray], weights: dict[str, float] | None = None
 ) -> np.ndarray:
-    """Each client's anomaly score had its update been its own: for the members of a group of
-    copies (``pair_gap`` under ``COPY_GAP``) ``collusion`` and ``centrality`` are left out, as
-    for an original :func:`detection.copied_originals` recognises; the others score as in
+    """Each client's anomaly score had no other client sent its update: for the members of a
+    group of copies (``pair_gap`` under ``COPY_GAP``) ``collusion`` is left out, as for an
+    original :func:`detection.copied_originals` recognises; the others score as in
     :func:`anomaly_score`. The trust book keeps the difference, so that a client found later to
     be the original its copies copied can have it back (``TrustBook.update``, ``as_original``).
+
+    ``centrality`` stays: copies pull the cohort's median towards them, but a crafted vector
+    (ALIE's) is central without its copies too, and a sender of one that once sent it alone,
+    looking ordinary, passed for the original of its group and was unflagged (ALIE, seed 4).
     """
-    if "pair_gap" not in metrics:
-        return anomaly_score(metrics, weights)
-    grouped = ~_not_copies(metrics)
+    score = anomaly_score(metrics, weights)
+    grouped = ~_not_copies(metrics) if "pair_gap" in metrics else np.zeros(len(score), bool)
     if not grouped.any():
-        return anomaly_score(metrics, weights)
-    copied = np.asarray(metrics.get("copied", np.full(len(grouped), np.nan)), np.float64)
-    alone = dict(
-        metrics,
-        pair_gap=np.where(grouped, np.nan, metrics["pair_gap"]),
-        copied=np.where(grouped, 1.0, copied),
-    )
-    return np.where(grouped, anomaly_score(alone, weights), anomaly_score(metrics, weights))
+        return score
+    without = {**(DEFAULT_ANOMALY_WEIGHTS if weights is None else weights), "collusion": 0.0}
+    return np.where(grouped, anomaly_score(metrics, without), score)
 
 
 def cohort_anomaly(

@@ -49,6 +49,15 @@ way, so once two of them are flagged the others are found, also those sampled on
 flags came. A flag that changes in a round the client sat out is written as a row of its own,
 marked ``absent`` (no measurements; it does not count as a round the client took part in).
 
+Copies (the mimic attack): a client whose update other clients sent too scores as a colluder
+with them, and in the round nothing tells the copied client from its copiers. Each client's
+evidence keeps apart the part its copies made (the z-score against the score had the update
+been its own, ``scoring.anomaly_as_original``). Copiers copy whenever they are sampled; the copied
+client sends updates of its own in other rounds. Once it has sent one (one no other client sent,
+that leaves its evidence apart from copies under the flag line), the detector's ``CopyGroups``
+names it the original of the groups it was in, and the book takes the copies' part back and
+judges its flag again against the line (no hysteresis: a recount, not a new round).
+
 Trust itself is still the exponentially weighted average above (what dashboards plot); the
 evidence is that same deviation from the population, standardised by how much of it there is.
 ``flag_rule="threshold"`` restores the fixed line: flagged below ``flag_below``, unflagged above
