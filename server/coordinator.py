@@ -437,7 +437,7 @@ class Coordinator:
                 reference = self._median(matrix, np.ones(len(ids)), None).updates[0]
             else:
                 reference, per_client["trimmed_share"] = median_and_trimmed_shares(matrix)
-            # The history tells an update that flagged clients copied from its copies.
+            # The history tells an update other clients copied from its copies.
             history = self.history.step(ids, matrix, reference)
             flagged_before = self.trust.flagged()
             suspect = np.array([c in flagged_before for c in ids])

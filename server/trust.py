@@ -651,7 +651,7 @@ class TrustBook:
             sums = EvidenceSums.of(state)
             if not sums.copied:
                 continue
-            excess = {n: v for n, v in sums.excess.items() if n not in ("collusion", "centrality")}
+            excess = {n: v for n, v in sums.excess.items() if n != "collusion"}
             sums = replace(sums, sum=sums.sum - sums.copied, copied=0.0, excess=excess)
             evidence = sums.evidence(p.evidence_memory, p.evidence_rounds)
             own = p.flag_rule != "evidence" or sums.associated or evidence > p.flag_z
