@@ -161,6 +161,7 @@ from fedwarden.aggregation.detection import (
     alignment_z,
     cluster_outliers,
     copied_originals,
+    copy_pairs,
     cosine_matrix,
     excess_kurtosis,
     median_cosine_to_others,
@@ -419,7 +420,8 @@ def client_metrics(
         Float64 arrays of length K, keyed by :data:`METRIC_NAMES`: ``norm``; ``norm_z``, the robust
         z-score of the log norm against the ``trusted`` rows, less what ``steps`` explain
         (:func:`log_norm_z`); ``cosine``, the cosine similarity to the aggregate (0 when either
-        vector is zero); ``cohort_cosine``, the cosine to ``aggregate`` whatever ``trusted`` says;
+        vector is zero); ``cohort_cosine``, the cosine to ``aggregate`` whatever ``trusted`` says
+        (for an update other clients copied, to the median of the others and itself);
         ``distance``, the Euclidean distance to the aggregate; ``krum_score`` (see
         :func:`krum_scores`); ``trimmed_share`` (see :func:`trimmed_shares`, 10% trim); ``loss_z``,
         the robust z-score of the loss (NaN when ``losses`` is None); ``pair_gap``, the relative
@@ -491,6 +493,13 @@ def client_metrics(
     copied = None
     if suspect is not None and history_error is not None:
         copied = copied_originals(gaps, suspect, history_error, own_rounds)
+        for i in np.flatnonzero(copied):
+            # Its copies put the cohort's median on it; how central it is on its own is told
+            # by the median of the rest and itself.
+            apart = ~copy_pairs(gaps[i])
+            if apart.sum() >= 2:
+                dots_i, ref_sq_i = own_reference_products(updates, apart)
+                cohort_cosine[i] = _cosines(dots_i[[i]], norm[[i]], ref_sq_i[[i]])[0]
     return {
         "norm": norm,
         "norm_z": log_norm_z(norm, trusted, steps, earlier_spreads),

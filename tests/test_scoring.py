@@ -415,3 +415,34 @@ def test_a_sign_flipper_that_claims_one_step_is_caught_by_its_norm_instead():
     score = anomaly_score(m)
     assert m["norm_z"][5] > 3
     assert score[5] > np.delete(score, 5).max()
+
+
+def test_an_update_others_copied_is_judged_central_by_the_median_without_its_copies():
+    """Four copies of one honest client's outlying update put the cohort's median on it (its
+    centrality 0.85 against the whole cohort's median); once it is recognised as their
+    original, how central it is comes from the median of the others and itself, so it is not
+    central. A vector built at the honest mean (ALIE's kind) stays central however it is
+    measured."""
+    rng = np.random.default_rng(6)
+    d = 400
+    base = rng.normal(size=d)
+    honest = base + 0.8 * rng.normal(size=(5, d))
+    outlier = base + 2.0 * rng.normal(size=d)
+    suspect = np.r_[np.zeros(6, bool), np.ones(4, bool)]  # the copiers are flagged
+    no_history = np.full(10, np.nan)
+    own = np.r_[np.ones(6), np.zeros(4)]
+
+    def centrality(row: np.ndarray) -> float:
+        updates = np.vstack([honest, row, np.tile(row, (4, 1))])
+        metrics = client_metrics(
+            updates, np.median(updates, axis=0), None, suspect=suspect,
+            history_error=no_history, own_rounds=own,
+        )  # fmt: skip
+        assert metrics["copied"].tolist() == [0] * 5 + [1] + [0] * 4
+        apart = np.median(np.vstack([honest, row]), axis=0)
+        cos = row @ apart / np.linalg.norm(row) / np.linalg.norm(apart)
+        assert metrics["cohort_cosine"][5] == pytest.approx(cos)
+        return float(anomaly_components(metrics)["centrality"][5])
+
+    assert centrality(outlier) < 0.1
+    assert centrality(honest.mean(axis=0)) > 0.5
