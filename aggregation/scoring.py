@@ -1055,19 +1055,18 @@ def anomaly_score(
 
 
 def anomaly_as_original(
-    metrics: dict[str, np.ndarray], weights: dict[str, float] | None = None
+    metrics: dict[str, np.ndarray], score: np.ndarray, weights: dict[str, float] | None = None
 ) -> np.ndarray:
     """Each client's anomaly score had no other client sent its update: for the members of a
     group of copies (``pair_gap`` under ``COPY_GAP``) ``collusion`` is left out, as for an
-    original :func:`detection.copied_originals` recognises; the others score as in
-    :func:`anomaly_score`. The trust book keeps the difference, so that a client found later to
+    original :func:`detection.copied_originals` recognises; the others keep ``score``, their
+    :func:`anomaly_score` under the same ``weights``. The trust book keeps the difference, so that a client found later to
     be the original its copies copied can have it back (``TrustBook.update``, ``as_original``).
 
     ``centrality`` stays: copies pull the cohort's median towards them, but a crafted vector
     (ALIE's) is central without its copies too, and a sender of one that once sent it alone,
     looking ordinary, passed for the original of its group and was unflagged (ALIE, seed 4).
     """
-    score = anomaly_score(metrics, weights)
     grouped = ~_not_copies(metrics) if "pair_gap" in metrics else np.zeros(len(score), bool)
     if not grouped.any():
         return score

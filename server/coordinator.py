@@ -465,7 +465,8 @@ class Coordinator:
             if self.norm_scales:
                 metrics[NORM_SCALE_METRIC] = np.full(len(ids), float(np.median(self.norm_scales)))
             anomaly = anomaly_score(metrics, self.anomaly_weights)
-            as_original, alone = anomaly_as_original(metrics, self.anomaly_weights), history.alone
+            as_original = anomaly_as_original(metrics, anomaly, self.anomaly_weights)
+            alone = history.alone
             components = anomaly_components(metrics)
         else:
             anomaly, metrics, losses, components = np.zeros(0), None, None, None

@@ -9,7 +9,7 @@ step counts, the cosine to the reference the recorded flags shaped), and so does
 quarantine the clients a new line would have excluded still trained. The groups of copies are
 read back from the rows (members of one group share a ``pair_gap`` under ``COPY_GAP`` or are
 its recorded original, and have one norm), so an original found later gets its evidence back
-as in the run (``TrustBook.update``, ``originals``). Flags by association are not replayed:
+as in the run (``TrustBook.update``, ``copies``). Flags by association are not replayed:
 they need every client's update history, which the ledger does not keep.
 
 Example::
@@ -104,7 +104,7 @@ def replay_flags(
             book.update(
                 r, ids, anomaly, rejected, metrics=metrics,
                 components=anomaly_components(metrics), copies=copies, alone=alone,
-                as_original=anomaly_as_original(metrics, anomaly_weights),
+                as_original=anomaly_as_original(metrics, anomaly, anomaly_weights),
             )  # fmt: skip
         out.append(book.flagged())
     return out
