@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from fedwarden.aggregation.detection import (
+    ASSOCIATION_MIN_KINSHIP,
     ASSOCIATION_TOP,
     UNALIGNED_Z,
     CountSketch,
@@ -275,6 +276,41 @@ def test_association_finds_unflagged_clients_poisoned_like_the_flagged_ones():
     assert set(association[hidden[0]].nearest) <= {"p0", "p1", "p2"}
     assert len(association[hidden[0]].nearest) == ASSOCIATION_TOP
     assert forecast.association({"p0"}) == {}  # one flagged client is no group
+
+
+def test_an_association_needs_more_than_standing_out_from_clients_that_deviate_the_other_way():
+    # Crafted-vector senders deviate against the honest mean, so honest histories point away
+    # from theirs (cosine about -0.3). An honest client whose history is merely unrelated
+    # (cosine about 0) stands far above them in robust z, yet does not deviate like them; a
+    # client poisoned like them does.
+    rng = np.random.default_rng(6)
+    dim = 512
+    along = np.zeros(dim, np.float32)
+    along[0] = 1.0
+
+    def history(cosine: float) -> np.ndarray:
+        noise = rng.normal(size=dim).astype(np.float32)
+        noise[0] = 0.0
+        noise *= np.sqrt(1.0 - cosine**2) / np.linalg.norm(noise)
+        return cosine * along + noise
+
+    cosines = {"a0": 0.95, "a1": 0.95, "p": 0.5, "odd": 0.05}
+    cosines.update({f"h{i:02d}": -0.3 + 0.03 * rng.normal() for i in range(30)})
+    ids = sorted(cosines)
+    forecasts = np.stack([history(cosines[c]) for c in ids])
+    forecast = HistoryForecast(sketch_dim=dim)
+    forecast.load_state_dict({
+        "sketch_dim": dim, "memory": 0.5, "seed": 0, "client_ids": ids, "forecast": forecasts,
+        "across": forecasts, "seen": [3] * len(ids), "copy_groups": {},
+    })  # fmt: skip
+    association = forecast.association({"a0", "a1"})
+    line = TrustPolicy().association_z
+    assert association["p"].z > line
+    odd = association["odd"]
+    unflagged = np.array([association[c].kinship for c in ids if c not in ("a0", "a1")])
+    spread = max(1.4826 * np.median(np.abs(unflagged - np.median(unflagged))), 0.1)
+    assert (odd.kinship - np.median(unflagged)) / spread > line  # what the z alone would say
+    assert odd.kinship < ASSOCIATION_MIN_KINSHIP and odd.z <= 0.0
 
 
 @pytest.mark.parametrize("attack", ["boost", "flip"])

@@ -734,10 +734,11 @@ def test_associates_of_flagged_clients_are_flagged_in_rounds_they_sit_out(tmp_pa
         restarted = TrustBook(policy, ledger)
         assert restarted.get("p2").flagged and restarted.get("p2").rounds == 1
         assert sum(len(a) for a, _ in restarted._pool) == pooled_before
-        kin_z["p2"] = 2.0  # within the unflag margin: stays flagged
+        line = policy.association_z
+        kin_z["p2"] = line - 0.5 * policy.unflag_margin  # within the unflag margin: stays flagged
         restarted.update(5, honest, np.full(8, 0.1), {}, association=association)
         assert restarted.get("p2").flagged
-        kin_z["p2"] = 1.0
+        kin_z["p2"] = line - 1.5 * policy.unflag_margin
         restarted.update(6, honest, np.full(8, 0.1), {}, association=association)
         assert not restarted.get("p2").flagged and restarted.get("p2").explanation is None
         assert not restarted.get("p2").quarantined
