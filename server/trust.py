@@ -41,9 +41,11 @@ is nominal; docs/results.md has the measured rates (Dirichlet 0.1, 0.5, iid).
 Flags by association (``association_z``, 2.5 by default; 0 turns it off): after each round the
 coordinator's history (``aggregation/detection.py``, ``HistoryForecast.association``) measures how
 closely every client's past deviations follow those of the clients flagged on their own evidence,
-as a robust z among the clients not flagged. A client at ``association_z`` or above is flagged
-too, whether or not it took part in the round, and unflagged when it falls ``unflag_margin``
-below; its own evidence, once over the line, takes the flag over. Attackers poisoned alike (label
+as a robust z among the clients not flagged (0 below a mean cosine of 0.2 to them,
+``detection.ASSOCIATION_MIN_KINSHIP``: a client that merely stands above others deviating the
+other way does not deviate alike). A client at ``association_z`` or above is flagged too, whether
+or not it took part in the round, and unflagged when it falls ``unflag_margin`` below; its own
+evidence, once over the line, takes the flag over. Attackers poisoned alike (label
 noise, a backdoor, DBA's trigger pieces) look ordinary round by round but keep deviating the same
 way, so once two of them are flagged the others are found, also those sampled only before the
 flags came. A flag that changes in a round the client sat out is written as a row of its own,
