@@ -418,7 +418,8 @@ class Association(NamedTuple):
     kinship: mean cosine of its forecast deviation to its ``ASSOCIATION_TOP`` nearest flagged
         clients' forecasts.
     z: robust z-score of ``kinship`` among the clients not flagged (median, 1.4826 MAD, at least
-        ``ASSOCIATION_MIN_SCALE``).
+        ``ASSOCIATION_MIN_SCALE``), at most 0 while ``kinship`` is under
+        ``ASSOCIATION_MIN_KINSHIP``.
     nearest: those flagged clients, nearest first.
     """
 
