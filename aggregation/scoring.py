@@ -1060,8 +1060,9 @@ def anomaly_as_original(
     """Each client's anomaly score had no other client sent its update: for the members of a
     group of copies (``pair_gap`` under ``COPY_GAP``) ``collusion`` is left out, as for an
     original :func:`detection.copied_originals` recognises; the others keep ``score``, their
-    :func:`anomaly_score` under the same ``weights``. The trust book keeps the difference, so that a client found later to
-    be the original its copies copied can have it back (``TrustBook.update``, ``as_original``).
+    :func:`anomaly_score` under the same ``weights``. The trust book keeps the difference, so
+    that a client found later to be the original its copies copied can have it back
+    (``TrustBook.update``, ``as_original``).
 
     ``centrality`` stays: copies pull the cohort's median towards them, but a crafted vector
     (ALIE's) is central without its copies too, and a sender of one that once sent it alone,

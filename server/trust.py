@@ -45,10 +45,10 @@ as a robust z among the clients not flagged (0 below a mean cosine of 0.2 to the
 ``detection.ASSOCIATION_MIN_KINSHIP``: a client that merely stands above others deviating the
 other way does not deviate alike). A client at ``association_z`` or above is flagged too, whether
 or not it took part in the round, and unflagged when it falls ``unflag_margin`` below; its own
-evidence, once over the line, takes the flag over. Attackers poisoned alike (label
-noise, a backdoor, DBA's trigger pieces) look ordinary round by round but keep deviating the same
-way, so once two of them are flagged the others are found, also those sampled only before the
-flags came. A flag that changes in a round the client sat out is written as a row of its own,
+evidence, once over the line, takes the flag over. Attackers poisoned alike (label noise, a
+backdoor, DBA's trigger pieces) look ordinary round by round but keep deviating the same way, so
+once two of them are flagged the others are found, also those sampled only before the flags
+came. A flag that changes in a round the client sat out is written as a row of its own,
 marked ``absent`` (no measurements; it does not count as a round the client took part in).
 
 Copies (the mimic attack): a client whose update other clients sent too scores as a colluder

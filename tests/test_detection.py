@@ -9,7 +9,9 @@ import pytest
 
 from fedwarden.aggregation.detection import (
     ASSOCIATION_MIN_KINSHIP,
+    ASSOCIATION_MIN_SCALE,
     ASSOCIATION_TOP,
+    MAD_TO_SIGMA,
     UNALIGNED_Z,
     CountSketch,
     HistoryForecast,
@@ -308,7 +310,9 @@ def test_an_association_needs_more_than_standing_out_from_clients_that_deviate_t
     assert association["p"].z > line
     odd = association["odd"]
     unflagged = np.array([association[c].kinship for c in ids if c not in ("a0", "a1")])
-    spread = max(1.4826 * np.median(np.abs(unflagged - np.median(unflagged))), 0.1)
+    spread = max(
+        MAD_TO_SIGMA * np.median(np.abs(unflagged - np.median(unflagged))), ASSOCIATION_MIN_SCALE
+    )
     assert (odd.kinship - np.median(unflagged)) / spread > line  # what the z alone would say
     assert odd.kinship < ASSOCIATION_MIN_KINSHIP and odd.z <= 0.0
 
