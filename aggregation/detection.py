@@ -685,6 +685,21 @@ class HistoryForecast:
             if np.isfinite(z[i])
         }
 
+    def forecasts_of(self, client_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The clients' two forecasts (the deviation and its part across the reference), as two
+        ``(K, sketch_dim)`` float32 arrays; what :meth:`association` reads, for a ledger to keep."""
+        empty = np.zeros((0, self.sketch_dim), np.float32)
+        if not client_ids:
+            return empty, empty.copy()
+        return (np.stack([self._forecast[c] for c in client_ids]),
+                np.stack([self._across[c] for c in client_ids]))  # fmt: skip
+
+    def set_forecasts(self, forecasts: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+        """Sets clients' two forecasts as :meth:`forecasts_of` gave them (a ledger's replay)."""
+        for cid, (forecast, across) in forecasts.items():
+            self._forecast[cid] = np.asarray(forecast, np.float32)
+            self._across[cid] = np.asarray(across, np.float32)
+
     def seen(self, client_id: str) -> int:
         """Rounds in which the client's update entered the history."""
         return self._seen.get(client_id, 0)

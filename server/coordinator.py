@@ -439,6 +439,11 @@ class Coordinator:
                 reference, per_client["trimmed_share"] = median_and_trimmed_shares(matrix)
             # The history tells an update other clients copied from its copies.
             history = self.history.step(ids, matrix, reference)
+            if self.trust.ledger is not None:
+                # before the round's rows, so a recorded round has them: ``trust replay`` decides
+                # flags by association again from them
+                forecasts = self.history.forecasts_of(ids)
+                self.trust.ledger.record_histories(round_number, ids, *forecasts)
             flagged_before = self.trust.flagged()
             suspect = np.array([c in flagged_before for c in ids])
             # Flagged clients do not shape the reference of the cosine: in a round where flagged

@@ -16,6 +16,11 @@ Tables:
   trust, anomaly, flagged, quarantined (and since when), ... as of its latest round, and the
   counts over its rounds (how many, the last, how many rejected). Deriving it (instead of
   incrementing counters) is what makes re-recording a round and ``truncate_after`` exact.
+- ``histories``: one row per (round, client_id) of a client whose update the detector's history
+  took in that round: its forecast deviation and the forecast of its part across the reference
+  after the round (``aggregation/detection.py``, ``HistoryForecast``), each ``sketch_dim``
+  little-endian float32 (4 KB a client-round at the default 512). ``trust replay`` decides flags
+  by association again from them.
 - ``meta``: key/value (``schema_version``, ``last_round``).
 
 Resuming from a checkpoint taken after round R: ``ledger.truncate_after(R)``, then build the
@@ -37,6 +42,8 @@ import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fedwarden.records import (
     CLIENT_COLUMNS,
@@ -92,8 +99,17 @@ CREATE TABLE IF NOT EXISTS client_rounds (
     PRIMARY KEY (round, client_id)
 );
 CREATE INDEX IF NOT EXISTS client_rounds_by_client ON client_rounds (client_id, round);
+CREATE TABLE IF NOT EXISTS histories (
+    round INTEGER NOT NULL,
+    client_id TEXT NOT NULL,
+    forecast BLOB NOT NULL,
+    across BLOB NOT NULL,
+    PRIMARY KEY (round, client_id)
+);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
+
+_FLOAT32 = np.dtype("<f4")
 
 _ACROSS = {f.name: f.metadata["across"] for f in SUMMARY_FIELDS if f.metadata.get("across")}
 # Rebuilds the clients rows of the clients in the temp table `touched` from their history: a
@@ -286,12 +302,35 @@ class Ledger:
 
         self._write(write)
 
+    def record_histories(
+        self, round: int, client_ids: Sequence[str], forecast: np.ndarray, across: np.ndarray
+    ) -> None:
+        """Records the detector's forecasts of the clients it took in ``round`` (row i of the two
+        ``(K, sketch_dim)`` arrays is ``client_ids[i]``'s), replacing any recorded before."""
+        if len(client_ids) != len(forecast) or len(forecast) != len(across):
+            raise ValueError(
+                f"need one forecast and one across row per client. Received {len(client_ids)} "
+                f"ids, {len(forecast)} and {len(across)} rows."
+            )
+        values = [
+            (int(round), str(c), np.asarray(f, _FLOAT32).tobytes(), np.asarray(a, _FLOAT32).tobytes())
+            for c, f, a in zip(client_ids, forecast, across)
+        ]  # fmt: skip
+        self._write(
+            lambda conn: conn.executemany(
+                "INSERT OR REPLACE INTO histories (round, client_id, forecast, across) "
+                "VALUES (?, ?, ?, ?)",
+                values,
+            )
+        )
+
     def truncate_after(self, round: int) -> None:
         """Forgets every round after ``round`` (to resume from a checkpoint taken at ``round``)."""
         round = int(round)
 
         def write(conn: sqlite3.Connection) -> None:
             conn.execute("DELETE FROM client_rounds WHERE round > ?", (round,))
+            conn.execute("DELETE FROM histories WHERE round > ?", (round,))
             self._refresh(conn, None)
             conn.execute(
                 "UPDATE meta SET value = MIN(CAST(value AS INTEGER), ?) WHERE key = 'last_round'",
@@ -352,6 +391,31 @@ class Ledger:
         return self._query(
             "SELECT * FROM client_rounds WHERE round = ? ORDER BY client_id", (int(round),)
         )
+
+    def round_histories(self, round: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The forecasts recorded for ``round`` (:meth:`record_histories`), by client_id."""
+        if not self._has_histories():
+            return {}
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT client_id, forecast, across FROM histories WHERE round = ?", (int(round),)
+            ).fetchall()
+        return {c: (np.frombuffer(f, _FLOAT32), np.frombuffer(a, _FLOAT32)) for c, f, a in rows}
+
+    def records_histories(self) -> bool:
+        """True if every round with scored updates has its forecasts recorded: false for a
+        ledger written before they were, or resumed by a version that records them."""
+        if not self._has_histories():
+            return False
+        rows = self._query(
+            "SELECT (SELECT COUNT(DISTINCT round) FROM client_rounds WHERE norm IS NOT NULL) "
+            "= (SELECT COUNT(DISTINCT round) FROM histories) AS complete"
+        )
+        return bool(rows[0]["complete"])
+
+    def _has_histories(self) -> bool:
+        # a ledger opened read-only keeps the tables of the version that wrote it
+        return bool(self._query("SELECT 1 FROM sqlite_master WHERE name = 'histories'"))
 
     def last_round(self) -> int:
         """The latest round recorded (0 for a new ledger)."""

@@ -9,8 +9,9 @@ step counts, the cosine to the reference the recorded flags shaped), and so does
 quarantine the clients a new line would have excluded still trained. The groups of copies are
 read back from the rows (members of one group share a ``pair_gap`` under ``COPY_GAP`` or are
 its recorded original, and have one norm), so an original found later gets its evidence back
-as in the run (``TrustBook.update``, ``copies``). Flags by association are not replayed:
-they need every client's update history, which the ledger does not keep.
+as in the run (``TrustBook.update``, ``copies``). Flags by association are decided again from
+the detector's forecasts the ledger keeps for every client-round (``histories``); a ledger
+written before it kept them is replayed without association (``Ledger.records_histories``).
 
 Example::
 
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedwarden.aggregation.detection import COPY_GAP, CopyGroups
+from fedwarden.aggregation.detection import COPY_GAP, HistoryForecast
 from fedwarden.aggregation.scoring import (
     CLASS_VALIDATION_METRIC,
     EFFECT_METRIC,
@@ -87,23 +88,28 @@ def replay_flags(
 ) -> list[set[str]]:
     """The clients flagged after each round 1..``last_round`` (default: the ledger's last) when
     the recorded measurements are scored with ``anomaly_weights`` (None: the defaults) and
-    judged under ``policy``, association left out (see the module docstring)."""
+    judged under ``policy``, association at ``policy.association_z`` when the ledger keeps the
+    forecasts (``Ledger.records_histories``), else left out."""
     book = TrustBook(policy)
-    copies = CopyGroups()
+    history = HistoryForecast()  # the recorded forecasts and the copy groups read from the rows
+    association = history.association if ledger.records_histories() else None
     last = ledger.last_round() if last_round is None else min(last_round, ledger.last_round())
     out: list[set[str]] = []
     for r in range(1, last + 1):
         rows = [row for row in ledger.round_rows(r) if not row.get("absent")]
         scored = [row for row in rows if row.get("norm") is not None]
         rejected = {row["client_id"]: 1 for row in rows if row.get("rejected_reason")}
+        if association is not None:
+            history.set_forecasts(ledger.round_histories(r))
         if scored or rejected:
             ids = [row["client_id"] for row in scored]
             metrics = round_metrics(scored)
             anomaly = anomaly_score(metrics, anomaly_weights)
-            alone = copies.add_round(ids, recorded_copies(scored))
+            alone = history.copies.add_round(ids, recorded_copies(scored))
             book.update(
                 r, ids, anomaly, rejected, metrics=metrics,
-                components=anomaly_components(metrics), copies=copies, alone=alone,
+                components=anomaly_components(metrics), association=association,
+                copies=history.copies, alone=alone,
                 as_original=anomaly_as_original(metrics, anomaly, anomaly_weights),
             )  # fmt: skip
         out.append(book.flagged())

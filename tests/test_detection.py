@@ -540,9 +540,16 @@ def test_backdoor_attackers_are_found_through_their_association_with_flagged_one
     seed 0: some attackers are flagged on their own evidence; others look ordinary in every
     round but deviate like them, and are flagged by association, some in a round they sat out
     (a row marked absent). (On digits this held for seed 0 only, and only because two attackers
-    held less data than the others and sent smaller updates: seeds 1 to 5 found none.)"""
+    held less data than the others and sent smaller updates: seeds 1 to 5 found none.) The
+    ledger keeps the forecasts those flags came from: ``trust replay`` makes them again, round
+    by round, and without association they are gone."""
+    from dataclasses import replace
+
+    from fedwarden.cli.trust import flags_by_round
     from fedwarden.config import make_config
     from fedwarden.server.ledger import Ledger
+    from fedwarden.server.replay import replay_flags
+    from fedwarden.server.trust import TrustPolicy
     from fedwarden.simulations.runner import simulate
 
     settings = {"dataset": "fashion_mnist", "partition": "dirichlet", "alpha": 0.5, "clients": 50,
@@ -556,10 +563,16 @@ def test_backdoor_attackers_are_found_through_their_association_with_flagged_one
     assert detection["precision"] == 1.0 and detection["recall"] == 1.0, detection
     with Ledger(tmp_path / "ledger.sqlite", readonly=True) as ledger:
         rows = [row for c in malicious for row in ledger.client_history(c)]
+        recorded = flags_by_round(ledger)
+        assert replay_flags(ledger, TrustPolicy()) == recorded
+        alone = replay_flags(ledger, replace(TrustPolicy(), association_z=0.0))
+        last = {c: ledger.client_history(c)[-1] for c in recorded[-1]}
     associated = {
         r["client_id"] for r in rows if (r["explanation"] or "").startswith("association")
     }
     assert len(associated) >= 2 and any(r["absent"] and r["flagged"] for r in rows)
+    still = {c for c, r in last.items() if (r["explanation"] or "").startswith("association")}
+    assert still and alone[-1] == recorded[-1] - still
 
 
 @pytest.mark.slow

@@ -74,7 +74,18 @@ def test_bad_replay_settings_are_one_line_errors(sign_flip_run, capsys, extra, m
     assert message in err and len(err.splitlines()) == 1, err
 
 
-def test_flags_the_replay_cannot_make_are_marked_as_association(sign_flip_run, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("keeps_forecasts", "extra", "heading"),
+    [
+        (True, ["--trust-association-z", "0"], "association off"),
+        (False, [], "flags by association not replayed (the ledger keeps no forecasts)"),
+    ],
+)
+def test_flags_the_replay_does_not_make_are_marked_as_association(
+    sign_flip_run, tmp_path, capsys, keeps_forecasts, extra, heading
+):
+    """Association turned off, or a ledger written before the forecasts were kept: the clients
+    the run flagged by association are marked as such among those no longer flagged."""
     import sqlite3
 
     path, _ = sign_flip_run
@@ -88,12 +99,18 @@ def test_flags_the_replay_cannot_make_are_marked_as_association(sign_flip_run, t
             "UPDATE clients SET explanation = 'association 3.0: ...' WHERE client_id = ?",
             (victim,),
         )
+        if not keeps_forecasts:
+            con.execute("DROP TABLE histories")
     argv = ["trust", "replay", "--ledger", str(copy), "--trust-false-positive-rate", "1e-9"]
-    assert main([*argv, "--format", "json"]) == 0
+    assert main([*argv, *extra, "--format", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["recorded_by_association"] == [victim] and victim in out["no_longer_flagged"]
-    assert main(argv) == 0
-    assert f"{victim} (by association, not replayed)" in capsys.readouterr().out
+    assert out["settings"]["association_line"] is None
+    assert out["settings"]["association_replayable"] is keeps_forecasts
+    assert main([*argv, *extra]) == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[0].endswith(heading)
+    assert f"{victim} (by association in the run)" in text
 
 
 def test_a_replay_without_options_decides_at_the_runs_own_settings(tmp_path, capsys):

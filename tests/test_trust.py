@@ -192,6 +192,30 @@ def test_truncate_after_restores_an_earlier_round(tmp_path):
         assert [h["round"] for h in ledger.client_history("a")] == [1, 2, 3]
 
 
+def test_the_detectors_forecasts_are_kept_exactly_and_forgotten_with_their_rounds(tmp_path):
+    rng = np.random.default_rng(0)
+    kept = {}
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        for r in range(1, 4):
+            ids = ["a", "b"] if r < 3 else ["b"]
+            ledger.record_round(r, [{"client_id": c, "norm": 1.0} for c in ids])
+            forecast, across = rng.normal(size=(2, len(ids), 8)).astype(np.float32)
+            ledger.record_histories(r, ids, forecast, across)
+            kept[r] = dict(zip(ids, zip(forecast, across)))
+        assert ledger.records_histories()
+        for r, rows in kept.items():
+            back = ledger.round_histories(r)
+            assert back.keys() == rows.keys()
+            for c, (forecast, across) in rows.items():
+                assert np.array_equal(back[c][0], forecast) and np.array_equal(back[c][1], across)
+        ledger.truncate_after(2)
+        assert ledger.round_histories(3) == {} and ledger.records_histories()
+        ledger.record_round(3, [{"client_id": "a", "norm": 2.0}])  # a round kept without them
+        assert not ledger.records_histories()
+        with pytest.raises(ValueError, match="one forecast and one across row per client"):
+            ledger.record_histories(4, ["a", "b"], np.zeros((1, 8)), np.zeros((1, 8)))
+
+
 def test_a_second_process_reads_while_a_writer_holds_a_transaction(tmp_path):
     path = tmp_path / "l.sqlite"
     with Ledger(path) as ledger:
@@ -642,6 +666,7 @@ def test_a_schema_1_ledger_gains_the_detection_columns(tmp_path):
     conn.close()
     with Ledger(path, readonly=True) as old:  # read-only: read as it is
         assert old.list_clients()[0]["client_id"] == "a"
+        assert not old.records_histories() and old.round_histories(1) == {}
     with Ledger(path) as ledger:
         book = TrustBook(TrustPolicy(), ledger)
         book.update(2, ["a"], np.array([0.2]), {}, components={"cosine": np.array([0.3])})

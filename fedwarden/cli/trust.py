@@ -102,10 +102,10 @@ def add_trust_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "trust settings (the flag line, the evidence cap, the anomaly weights) and compare the "
         "flags with the recorded ones, without running the federation again "
         "(server/replay.py). Settings not given stay at the run's own, from the results.json "
-        "beside the ledger (else the defaults). Flags by association are not replayed: they "
-        "need the clients' update histories, which the ledger does not keep. When the ledger "
-        "sits in a simulation's output directory, its results.json names the attackers and "
-        "precision and recall are shown.",
+        "beside the ledger (else the defaults). Flags by association are decided again from "
+        "the detector's forecasts the ledger keeps (a ledger written before it kept them is "
+        "replayed without association). When the ledger sits in a simulation's output "
+        "directory, its results.json names the attackers and precision and recall are shown.",
     )  # fmt: skip
     p.add_argument("--ledger", required=True, metavar="FILE", help="the run's ledger")
     defaults = TrustConfig()
@@ -118,6 +118,11 @@ def add_trust_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "--trust-evidence-rounds", type=int, default=None, metavar="N",
         help=f"rounds of a steady excess that count as independent evidence (default: the "
         f"run's, else {defaults.evidence_rounds})",
+    )  # fmt: skip
+    p.add_argument(
+        "--trust-association-z", type=float, default=None, metavar="Z",
+        help=f"line of the flags by association, 0 for none (default: the run's, else "
+        f"{defaults.association_z})",
     )  # fmt: skip
     p.add_argument(
         "--anomaly-weights", type=_weights, default=None, metavar="JSON",
@@ -367,8 +372,8 @@ def _attackers(results: dict) -> set[str] | None:
 def _replay_settings(args: argparse.Namespace, config: dict) -> tuple[Any, Any, str]:
     """The trust policy and anomaly weights a replay decides with: the options given, else the
     run's own (the trust settings of ``config``, a results.json's ``config``, turned into a
-    policy as a run does, ``server/defence.py``), else the defaults; association off. The third
-    item says where the settings not given came from."""
+    policy as a run does, ``server/defence.py``), else the defaults. The third item says where
+    the settings not given came from."""
     from dataclasses import fields, replace
 
     from fedwarden.config import RunConfig
@@ -381,13 +386,11 @@ def _replay_settings(args: argparse.Namespace, config: dict) -> tuple[Any, Any, 
         if k in known and (k.startswith("trust_") or k == "anomaly_weights")
     }  # fmt: skip
     given = {"false_positive_rate": args.trust_false_positive_rate,
-             "evidence_rounds": args.trust_evidence_rounds}  # fmt: skip
+             "evidence_rounds": args.trust_evidence_rounds,
+             "association_z": args.trust_association_z}  # fmt: skip
     try:
         run = RunConfig(**recorded)
-        policy = replace(
-            trust_policy(run), association_z=0.0,
-            **{k: v for k, v in given.items() if v is not None},
-        )  # fmt: skip
+        policy = replace(trust_policy(run), **{k: v for k, v in given.items() if v is not None})
     except (ValueError, TypeError) as exc:
         raise UsageError(str(exc)) from None
     weights = args.anomaly_weights if args.anomaly_weights is not None else run.anomaly_weights
@@ -447,11 +450,15 @@ def cmd_trust_replay(args: argparse.Namespace) -> int:
         except ValueError as exc:  # an unknown or negative anomaly weight
             raise UsageError(str(exc)) from None
         summary = replay_summary(ledger, replayed, _attackers(results))
+        kept = ledger.records_histories()
+    associates = kept and policy.flag_rule == "evidence" and policy.association_z > 0
     summary["settings"] = {
         "flag_rule": policy.flag_rule,
         "false_positive_rate": policy.false_positive_rate,
         "flag_line": policy.flag_z,
         "evidence_rounds": policy.evidence_rounds,
+        "association_line": policy.association_z if associates else None,
+        "association_replayable": kept,
         "anomaly_weights": weights,
         "other_settings_from": source,
     }
@@ -466,8 +473,10 @@ def cmd_trust_replay(args: argparse.Namespace) -> int:
     print(
         f"rounds 1-{summary['rounds']} of {args.ledger} replayed at {rule}, "
         f"{'default' if weights is None else json.dumps(weights)} anomaly weights "
-        f"(other settings: {source}); flags by association not replayed"
-    )
+        f"(other settings: {source}); "
+        + (f"association line {policy.association_z}" if associates else "association off"
+           if kept else "flags by association not replayed (the ledger keeps no forecasts)")
+    )  # fmt: skip
     keys = ["flagged_client_rounds"]
     if summary["attackers"] is not None:
         keys += ["honest_client_rounds_flagged", "precision", "recall", "first_detection_round"]
@@ -483,9 +492,9 @@ def cmd_trust_replay(args: argparse.Namespace) -> int:
                        ("newly flagged", "newly_flagged"),
                        ("no longer flagged", "no_longer_flagged")):  # fmt: skip
         clients = summary["replayed"]["flagged"] if key is None else summary[key]
-        if key == "no_longer_flagged":
+        if key == "no_longer_flagged" and not associates:
             associated = set(summary["recorded_by_association"])
-            clients = [f"{c} (by association, not replayed)" if c in associated else c
+            clients = [f"{c} (by association in the run)" if c in associated else c
                        for c in clients]  # fmt: skip
         print(f"{label}: {', '.join(clients) or 'none'}")
     return 0
