@@ -60,7 +60,7 @@ from typing import Any
 
 import numpy as np
 
-from fedwarden.attacks import Attack, AttackError, build_attack
+from fedwarden.attacks import Attack, AttackError, attacks_in_round, build_attack
 from fedwarden.errors import UsageError
 
 ESTIMATE_SAMPLES = 4
@@ -135,6 +135,8 @@ class RedTeam:
         params: the attack's parameters (``--attack-param``), literature defaults for the rest.
         client_id: this agent's id (for the report and per-agent random streams).
         start_round: first round in which it attacks; before, it behaves honestly.
+        rate: share of its rounds from ``start_round`` on in which it attacks; under 1 an on-off
+            attacker, honest in the others (``attacks_in_round``).
         cohort: the number of clients per round the attacker assumes (``--attack-cohort``).
         report: the JSON-lines report file (appended to), or None.
         estimate_samples: samples for spread estimates (see the module docstring).
@@ -157,6 +159,7 @@ class RedTeam:
         client_id: str,
         *,
         start_round: int = 1,
+        rate: float = 1.0,
         cohort: int = 10,
         report: str | Path | None = None,
         estimate_samples: int = ESTIMATE_SAMPLES,
@@ -164,6 +167,8 @@ class RedTeam:
     ):
         if start_round < 1:
             raise UsageError(f"--attack-start-round must be >= 1. Received: {start_round}")
+        if not 0.0 < rate <= 1.0:
+            raise UsageError(f"--attack-rate must be in (0, 1]. Received: {rate}")
         if cohort < 2:
             raise UsageError(
                 f"--attack-cohort must be >= 2 (this agent and at least one honest client). "
@@ -175,7 +180,8 @@ class RedTeam:
             raise UsageError(f"--attack-claim-examples must be >= 1. Received: {claim_examples}")
         self.claim_examples = claim_examples
         self.name, self.params, self.client_id = attack, dict(params), client_id
-        self.start_round, self.cohort, self.estimate_samples = start_round, cohort, estimate_samples
+        self.start_round, self.rate = start_round, float(rate)
+        self.cohort, self.estimate_samples = cohort, estimate_samples
         self.attack = self._build(UNKNOWN_CLASSES)  # fails fast on names and parameters
         if self.attack.kind == "none":
             raise UsageError("--attack none is an honest agent: leave --attack out")
@@ -190,7 +196,7 @@ class RedTeam:
 
     def __repr__(self) -> str:
         return (
-            f"RedTeam(attack={self.attack!r}, start_round={self.start_round}, "
+            f"RedTeam(attack={self.attack!r}, start_round={self.start_round}, rate={self.rate}, "
             f"cohort={self.cohort}, estimate_samples={self.estimate_samples})"
         )
 
@@ -204,7 +210,8 @@ class RedTeam:
         return np.random.default_rng([self._seed, *stream, zlib.crc32(self.client_id.encode())])
 
     def attacking(self, round_number: int) -> bool:
-        return round_number >= self.start_round
+        return attacks_in_round(self.client_id, round_number, start_round=self.start_round,
+                                rate=self.rate, seed=self._seed)  # fmt: skip
 
     def reported_examples(self, round_number: int, trained_on: int) -> int:
         """The example count to send with this round's update: the claim once attacking."""

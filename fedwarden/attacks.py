@@ -22,7 +22,8 @@ checks them, and returns the function that does the work:
   imports it). ``detector_aware`` also takes ``trained_from``, the global weights the round
   started from (``ROUND_CONTEXT``).
 
-Adding an attack is one builder plus one registry line.
+Adding an attack is one builder plus one registry line. When an attacker attacks (from a start
+round on, in every round or, on-off, in a share of them) is :func:`attacks_in_round`'s.
 
 ``num_classes`` is a context parameter: the runner passes it to every attack; it reaches
 only the attacks (and plugins) that take it and is never an error for the others.
@@ -50,6 +51,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import zlib
 from collections.abc import Callable, Sequence
 from statistics import NormalDist
 from typing import Any, NamedTuple
@@ -181,6 +183,22 @@ def _largest_feasible(ok: Callable[[float], bool], start: float = 1.0, steps: in
 
 
 # ---------------------------------------------------------------------------- data attacks
+
+
+def attacks_in_round(
+    client_id: str, round_number: int, *, start_round: int = 1, rate: float = 1.0, seed: int = 0
+) -> bool:
+    """Whether an attacker attacks in ``round_number``: from ``start_round`` on, and with
+    ``rate`` under 1 in about that share of its rounds (an on-off attacker: honest in the
+    others, so its evidence builds slower). A coin drawn from the run's seed, the client and
+    the round, so every process that trains the client (a simulation, a Ray actor, a red-team
+    agent) decides alike."""
+    if round_number < start_round:
+        return False
+    if rate >= 1.0:
+        return True
+    stream = [seed, 7, round_number, zlib.crc32(client_id.encode())]
+    return bool(np.random.default_rng(stream).random() < rate)
 
 
 def no_attack() -> None:

@@ -296,6 +296,11 @@ class AttackConfig(Section):
     start_round: int = option(
         1, "first round in which attackers attack", low=1, flat="attack_start_round"
     )
+    rate: float = option(
+        1.0, "share of an attacker's rounds in which it attacks: below 1 an on-off attacker, "
+        "honest in the others (a coin per client and round, seeded by the run)",
+        low=0, high=1, low_open=True, flat="attack_rate", metavar="X",
+    )  # fmt: skip
     collude: bool = option(False, "attackers share one crafted update")
     claim_examples: int | None = option(
         None, "attackers report this many training examples whatever they hold (a client's "

@@ -43,7 +43,7 @@ class ClientTrainer:
     Args:
       config: the run's settings (model, learning rate, batch size, local epochs, seed).
       shards: client index -> its (x, y).
-      poisoned: client index -> its poisoned (x, y), used from ``attack_start_round`` on.
+      poisoned: client index -> its poisoned (x, y), used in the rounds the client attacks.
       dataset: name, input shape and number of classes, to build the model.
     """
 
@@ -76,13 +76,16 @@ class ClientTrainer:
 
         return ray.get_runtime_context().get_node_id()
 
-    def train(self, round_number: int, flat_weights: np.ndarray, indices: list[int]) -> list:
-        """Trains clients ``indices`` from ``flat_weights``; their ``LocalResult``s in order."""
+    def train(
+        self, round_number: int, flat_weights: np.ndarray, indices: list[int], attacking: set[int]
+    ) -> list:
+        """Trains clients ``indices`` from ``flat_weights``, those in ``attacking`` on their
+        poisoned data (the driver decides who attacks: ``_Run.attacking``); their
+        ``LocalResult``s in order."""
         c = self.config
         weights = self.trainer.layout.unflatten(flat_weights)
-        attacking = round_number >= c.attack_start_round
         data = [
-            self.poisoned[i] if attacking and i in self.poisoned else self.shards[i]
+            self.poisoned[i] if i in attacking and i in self.poisoned else self.shards[i]
             for i in indices
         ]
         rngs = [np.random.default_rng([c.seed, 3, round_number, i]) for i in indices]
@@ -118,7 +121,9 @@ class RayClients:
         for k, actor in enumerate(self.actors):
             mine = [cid for cid in selected if position[cid] % len(self.actors) == k]
             if mine:
-                calls.append(actor.train.remote(round_number, weights, [position[c] for c in mine]))
+                attacking = {position[c] for c in mine if self.run.attacking(c, round_number)}
+                indices = [position[c] for c in mine]
+                calls.append(actor.train.remote(round_number, weights, indices, attacking))
                 order += mine
         by_client = dict(zip(order, (r for results in ray.get(calls) for r in results)))
         results = [by_client[cid] for cid in selected]

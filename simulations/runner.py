@@ -20,7 +20,7 @@ from tqdm import tqdm
 from fedwarden import report
 from fedwarden.aggregation.chain import Chain
 from fedwarden.aggregation.filtering import reference_steps
-from fedwarden.attacks import Attack, build_attack
+from fedwarden.attacks import Attack, attacks_in_round, build_attack
 from fedwarden.clients.training import (
     DPSGDSettings,
     LocalResult,
@@ -317,8 +317,18 @@ class _Run:
                 poisoned[cid] = self.attack.poison_data(ds.x_train[idx], ds.y_train[idx], rng)
         return poisoned
 
+    def attacking(self, cid: str, round_number: int) -> bool:
+        """Whether client ``cid`` attacks in ``round_number``: a malicious client, from the
+        attack's start round, in every round or (``attack_rate`` under 1) on-off."""
+        c = self.config
+        return (
+            self.attack.kind != "none" and cid in self.fed.malicious
+            and attacks_in_round(cid, round_number, start_round=c.attack_start_round,
+                                 rate=c.attack_rate, seed=c.seed)
+        )  # fmt: skip
+
     def _client_data(self, cid: str, round_number: int) -> tuple[np.ndarray, np.ndarray]:
-        if cid in self.poisoned and round_number >= self.config.attack_start_round:
+        if cid in self.poisoned and self.attacking(cid, round_number):
             return self.poisoned[cid]
         idx = self.fed.parts[cid]
         return self.fed.dataset.x_train[idx], self.fed.dataset.y_train[idx]
@@ -371,20 +381,19 @@ class _Run:
             claim = self.config.attack_claim_examples
             if claim is not None:
                 for u in updates:
-                    if u.client_id in self.fed.malicious:
+                    if self.attacking(u.client_id, round_number):
                         u.num_examples = claim
         return updates
 
     def _craft(
         self, round_number: int, updates: list[ClientUpdate], trained_from: np.ndarray
     ) -> None:
-        bad = [u for u in updates if u.client_id in self.fed.malicious]
-        # the honest updates the server would admit: a diverged client's NaN or Inf is not one
-        good = [
-            u
-            for u in updates
-            if u.client_id not in self.fed.malicious and np.isfinite(u.delta).all()
-        ]
+        bad = [u for u in updates if self.attacking(u.client_id, round_number)]
+        # the honest updates the server would admit (an on-off attacker's in a round it does
+        # not attack among them): a diverged client's NaN or Inf is not one
+        attackers = {u.client_id for u in bad}
+        good = [u for u in updates
+                if u.client_id not in attackers and np.isfinite(u.delta).all()]  # fmt: skip
         if not bad:
             return
         honest = (

@@ -224,6 +224,7 @@ NEWCOMER = [
             (["--compression", "zip"], "invalid choice: 'zip'"),
             (["--attack", "gaussian", "--attack-cohort", "0"], "--attack-cohort must be >= 2"),
             (["--attack", "gaussian", "--attack-start-round", "0"], "--attack-start-round must"),
+            (["--attack", "gaussian", "--attack-rate", "0"], "--attack-rate must be in (0, 1]"),
         )
     ],  # fmt: skip
     *[

@@ -197,6 +197,20 @@ def test_a_red_team_agent_claims_its_example_count_only_while_attacking():
     assert RedTeam("sign_flip", {}, "c04").reported_examples(5, 40) == 40
 
 
+def test_an_on_off_agent_attacks_in_the_rounds_a_simulation_would_have_it_attack():
+    from fedwarden.attacks import attacks_in_round
+
+    red = RedTeam("sign_flip", {}, "c04", start_round=3, rate=0.5)
+    x, y = local_data()
+    red.bind(10, x, y, seed=7)
+    trained = FakeTraining()(x, y, np.random.default_rng(0))
+    on = [r for r in range(1, 201) if (red.craft(r, trained, FakeTraining()) != trained).any()]
+    assert on == [r for r in range(1, 201) if attacks_in_round("c04", r, start_round=3, rate=0.5,
+                                                               seed=7)]  # fmt: skip
+    assert min(on) >= 3 and 70 < len(on) < 130  # about half of rounds 3-200
+    assert on != [r for r in range(1, 201) if attacks_in_round("c05", r, rate=0.5, seed=7)]
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -206,6 +220,7 @@ def test_a_red_team_agent_claims_its_example_count_only_while_attacking():
         (dict(attack="none"), "honest agent"),
         (dict(attack="gaussian", cohort=1), "--attack-cohort must be >= 2"),
         (dict(attack="gaussian", start_round=0), "--attack-start-round must be >= 1"),
+        (dict(attack="gaussian", rate=0.0), r"--attack-rate must be in \(0, 1\]"),
     ],
 )
 def test_bad_red_team_options_are_usage_errors(kwargs, message):

@@ -211,6 +211,27 @@ def test_a_detector_aware_attacker_reads_the_weights_its_round_was_trained_from(
     assert seen and all(np.array_equal(v, after_round_1["coordinator"]["weights"]) for v in seen)
 
 
+def test_an_on_off_attacker_attacks_in_the_rounds_its_coin_gives_and_trains_honestly_in_others(
+    tmp_path: Path,
+):
+    from fedwarden.attacks import attacks_in_round
+    from fedwarden.server.ledger import Ledger
+
+    settings = {**TINY, "clients": 10, "clients_per_round": 10, "rounds": 6, "attack": "scaling",
+                "attack_params": {"boost": 50.0}, "attack_rate": 0.5, "malicious_fraction": 0.3,
+                "seed": 3, "out": str(tmp_path)}  # fmt: skip
+    results = simulate(make_config({}, settings))
+    malicious = sorted(c for c, v in results["clients"].items() if v["malicious"])
+    with Ledger(tmp_path / "ledger.sqlite", readonly=True) as ledger:
+        rows = [row for r in range(1, 7) for row in ledger.round_rows(r)]
+    honest_norm = np.median([r["norm"] for r in rows if r["client_id"] not in malicious])
+    boosted = {(r["round"], r["client_id"]) for r in rows if r["client_id"] in malicious
+               and (r["rejected_reason"] or r["norm"] > 10 * honest_norm)}  # fmt: skip
+    coin = {(r, c) for r in range(1, 7) for c in malicious
+            if attacks_in_round(c, r, rate=0.5, seed=3)}  # fmt: skip
+    assert boosted == coin and 0 < len(coin) < 18
+
+
 def last_checkpoint(directory: Path) -> int:
     return (
         max((r for r, _ in checkpoint.list_checkpoints(directory)), default=0)

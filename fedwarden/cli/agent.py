@@ -49,6 +49,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
             parse_attack_params(args.attack_param or []),
             args.client_id,
             start_round=args.attack_start_round,
+            rate=args.attack_rate,
             cohort=args.attack_cohort,
             report=args.red_team_report,
             claim_examples=args.attack_claim_examples,
@@ -170,6 +171,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=1,
         metavar="R",
         help="first round to attack in; honest before (default: 1)",
+    )
+    g.add_argument(
+        "--attack-rate",
+        type=float,
+        default=1.0,
+        metavar="X",
+        help="share of its rounds it attacks in, honest in the others: an on-off attacker "
+        "(default: 1)",
     )
     g.add_argument(
         "--attack-cohort",

@@ -29,8 +29,8 @@ E."""
 SERVE_SKIPS = frozenset(
     {
         "clients", "partition", "alpha", "shards_per_client",
-        "attack", "attack_params", "malicious_fraction", "attack_start_round", "collude",
-        "engine", "out", "progress",
+        "attack", "attack_params", "malicious_fraction", "attack_start_round", "attack_rate",
+        "collude", "engine", "out", "progress",
     }
 )  # fmt: skip
 
