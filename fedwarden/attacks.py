@@ -182,9 +182,6 @@ def _largest_feasible(ok: Callable[[float], bool], start: float = 1.0, steps: in
     return lo
 
 
-# ---------------------------------------------------------------------------- data attacks
-
-
 def attacks_in_round(
     client_id: str, round_number: int, *, start_round: int = 1, rate: float = 1.0, seed: int = 0
 ) -> bool:
@@ -199,6 +196,9 @@ def attacks_in_round(
         return True
     stream = [seed, 7, round_number, zlib.crc32(client_id.encode())]
     return bool(np.random.default_rng(stream).random() < rate)
+
+
+# ---------------------------------------------------------------------------- data attacks
 
 
 def no_attack() -> None:

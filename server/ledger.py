@@ -312,10 +312,10 @@ class Ledger:
                 f"need one forecast and one across row per client. Received {len(client_ids)} "
                 f"ids, {len(forecast)} and {len(across)} rows."
             )
-        values = [
-            (int(round), str(c), np.asarray(f, _FLOAT32).tobytes(), np.asarray(a, _FLOAT32).tobytes())
-            for c, f, a in zip(client_ids, forecast, across)
-        ]  # fmt: skip
+        blobs = [
+            [np.asarray(row, _FLOAT32).tobytes() for row in rows] for rows in (forecast, across)
+        ]
+        values = [(int(round), str(c), f, a) for c, f, a in zip(client_ids, *blobs, strict=True)]
         self._write(
             lambda conn: conn.executemany(
                 "INSERT OR REPLACE INTO histories (round, client_id, forecast, across) "
