@@ -75,9 +75,11 @@ A flagged client is quarantined according to the policy:
 - ``"none"``: flagged only (reported, weight unchanged).
 - ``"downweight"``: still selected, its aggregation weight multiplied by ``downweight``.
 - ``"exclude"``: not selected for ``probation_rounds`` rounds; then it may be selected again
-  (on probation) and its updates are scored, so it can earn its trust back, but aggregated with
-  weight 0 until its trust rises above ``unflag_above``. A probation round that lowers its trust
-  starts a new exclusion period.
+  (on probation) and its updates are scored, so it can earn its way back, but aggregated with
+  weight 0 while it is flagged (under ``"threshold"``: until its trust rises above
+  ``unflag_above``; under ``"evidence"``: until its evidence falls below the unflag line, which
+  one ordinary update after a single flagged round does). A probation round that lowers its
+  trust starts a new exclusion period.
 
 Example::
 
