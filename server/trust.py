@@ -77,9 +77,9 @@ A flagged client is quarantined according to the policy:
 - ``"exclude"``: not selected for ``probation_rounds`` rounds; then it may be selected again
   (on probation) and its updates are scored, so it can earn its way back, but aggregated with
   weight 0 while it is flagged (under ``"threshold"``: until its trust rises above
-  ``unflag_above``; under ``"evidence"``: until its evidence falls below the unflag line, which
-  one ordinary update after a single flagged round does). A probation round that lowers its
-  trust starts a new exclusion period.
+  ``unflag_above``; under ``"evidence"``: until its evidence falls below the unflag line, one or
+  two ordinary updates after a single flagged round). A probation round that lowers its trust
+  starts a new exclusion period.
 
 Example::
 
