@@ -688,9 +688,6 @@ class HistoryForecast:
     def forecasts_of(self, client_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """The clients' two forecasts (the deviation and its part across the reference), as two
         ``(K, sketch_dim)`` float32 arrays; what :meth:`association` reads, for a ledger to keep."""
-        empty = np.zeros((0, self.sketch_dim), np.float32)
-        if not client_ids:
-            return empty, empty.copy()
         return (np.stack([self._forecast[c] for c in client_ids]),
                 np.stack([self._across[c] for c in client_ids]))  # fmt: skip
 

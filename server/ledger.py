@@ -394,28 +394,29 @@ class Ledger:
 
     def round_histories(self, round: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """The forecasts recorded for ``round`` (:meth:`record_histories`), by client_id."""
-        if not self._has_histories():
-            return {}
-        with self._lock:
-            rows = self._conn.execute(
+        try:
+            rows = self._query(
                 "SELECT client_id, forecast, across FROM histories WHERE round = ?", (int(round),)
-            ).fetchall()
-        return {c: (np.frombuffer(f, _FLOAT32), np.frombuffer(a, _FLOAT32)) for c, f, a in rows}
+            )
+        except sqlite3.OperationalError:  # a ledger written before they were kept, read-only
+            return {}
+        return {
+            r["client_id"]: (np.frombuffer(r["forecast"], _FLOAT32),
+                             np.frombuffer(r["across"], _FLOAT32))
+            for r in rows
+        }  # fmt: skip
 
     def records_histories(self) -> bool:
         """True if every round with scored updates has its forecasts recorded: false for a
         ledger written before they were, or resumed by a version that records them."""
-        if not self._has_histories():
+        try:
+            rows = self._query(
+                "SELECT (SELECT COUNT(DISTINCT round) FROM client_rounds WHERE norm IS NOT NULL) "
+                "= (SELECT COUNT(DISTINCT round) FROM histories) AS complete"
+            )
+        except sqlite3.OperationalError:  # no histories table
             return False
-        rows = self._query(
-            "SELECT (SELECT COUNT(DISTINCT round) FROM client_rounds WHERE norm IS NOT NULL) "
-            "= (SELECT COUNT(DISTINCT round) FROM histories) AS complete"
-        )
         return bool(rows[0]["complete"])
-
-    def _has_histories(self) -> bool:
-        # a ledger opened read-only keeps the tables of the version that wrote it
-        return bool(self._query("SELECT 1 FROM sqlite_master WHERE name = 'histories'"))
 
     def last_round(self) -> int:
         """The latest round recorded (0 for a new ledger)."""

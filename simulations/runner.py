@@ -376,26 +376,28 @@ class _Run:
             updates.append(
                 ClientUpdate(cid, round_number, result.delta, result.num_examples, result.loss)
             )
-        if self.attack.kind != "none" and round_number >= self.config.attack_start_round:
-            self._craft(round_number, updates, trained_from)
+        attackers = {u.client_id for u in updates if self.attacking(u.client_id, round_number)}
+        if attackers:
+            self._craft(round_number, updates, attackers, trained_from)
             claim = self.config.attack_claim_examples
             if claim is not None:
                 for u in updates:
-                    if self.attacking(u.client_id, round_number):
+                    if u.client_id in attackers:
                         u.num_examples = claim
         return updates
 
     def _craft(
-        self, round_number: int, updates: list[ClientUpdate], trained_from: np.ndarray
+        self,
+        round_number: int,
+        updates: list[ClientUpdate],
+        attackers: set[str],
+        trained_from: np.ndarray,
     ) -> None:
-        bad = [u for u in updates if self.attacking(u.client_id, round_number)]
+        bad = [u for u in updates if u.client_id in attackers]
         # the honest updates the server would admit (an on-off attacker's in a round it does
         # not attack among them): a diverged client's NaN or Inf is not one
-        attackers = {u.client_id for u in bad}
         good = [u for u in updates
                 if u.client_id not in attackers and np.isfinite(u.delta).all()]  # fmt: skip
-        if not bad:
-            return
         honest = (
             np.stack([u.delta for u in good])
             if good
