@@ -194,7 +194,9 @@ def plot_matrix(
     return Path(path)
 
 
-def detection_summary(flagged_by_round: list[set[str]], malicious: set[str]) -> dict[str, Any]:
+def detection_summary(
+    flagged_by_round: list[set[str]], malicious: set[str], attacked: set[str] | None = None
+) -> dict[str, Any]:
     """How well the flags of the last round find the known malicious clients.
 
     Returns ``{"precision", "recall", "first_detection_round"}``: precision is the share of the
@@ -202,6 +204,10 @@ def detection_summary(flagged_by_round: list[set[str]], malicious: set[str]) -> 
     or 0.0); recall is the share of malicious clients finally flagged, None when there are no
     malicious clients; first_detection_round is the first round (counting from 1, the index in
     ``flagged_by_round`` plus one) in which any malicious client was flagged, None if never.
+    With ``attacked`` (the malicious clients that attacked in a round they were sampled in)
+    also ``attacked`` (how many) and ``recall_attacked``, the share of them finally flagged
+    (None when none did): what a detector can be asked to find, since a malicious client that
+    was never sampled, or only trained honestly when it was, sent nothing to find.
     """
     final = set(flagged_by_round[-1]) if flagged_by_round else set()
     malicious = set(malicious)
@@ -209,8 +215,14 @@ def detection_summary(flagged_by_round: list[set[str]], malicious: set[str]) -> 
     first = next(
         (i + 1 for i, flagged in enumerate(flagged_by_round) if set(flagged) & malicious), None
     )
-    return {
+    out = {
         "precision": hits / len(final) if final else None,
         "recall": hits / len(malicious) if malicious else None,
         "first_detection_round": first,
     }
+    if attacked is not None:
+        found = len(final & attacked)
+        out.update(
+            attacked=len(attacked), recall_attacked=found / len(attacked) if attacked else None
+        )
+    return out

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fedwarden import report
 from fedwarden.errors import UsageError
 from fedwarden.results import describe_step
 from fedwarden.server import checkpoint, faults
@@ -228,16 +229,33 @@ class RunInfo:
 
     ``population`` maps every client to its example count when the run knows them beforehand
     (a simulation), else None (a deployment: clients appear as they are scored).
-    ``malicious`` is the ground truth, None when unknown; ``detection`` turns the flagged set
-    of every round into the ``final.detection`` entry.
+    ``malicious`` is the ground truth, None when unknown (``unknown`` says why in
+    ``final.detection``); ``attacks(client_id, round)`` whether a malicious client attacked in
+    a round (an on-off or held-back attacker sends honest updates in others), None when every
+    malicious client attacks whenever it is sampled.
     """
 
     config: dict[str, Any]
     population: dict[str, int] | None = None
     malicious: frozenset[str] | None = None
     attack: dict[str, Any] | None = None  # fedwarden.results.describe_attack
-    detection: Callable[[list[set[str]]], dict[str, Any]] | None = None
+    attacks: Callable[[str, int], bool] | None = None
+    unknown: str = "no ground truth"
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. "deployment"
+
+    def attacked_rounds(self, client_id: str, rounds: list[dict[str, Any]]) -> list[int] | None:
+        """The rounds of ``rounds`` (results.json records) in which ``client_id`` was sampled
+        and attacked; None without ground truth."""
+        if self.malicious is None:
+            return None
+        if client_id not in self.malicious:
+            return []
+        attacks = self.attacks or (lambda cid, r: True)
+        return [
+            r["round"]
+            for r in rounds
+            if client_id in r["selected"] and attacks(client_id, r["round"])
+        ]
 
 
 def results(
@@ -246,14 +264,18 @@ def results(
     """``results.json``: per-round records, final metrics, privacy spent, per-client trust."""
     last = history.rounds[-1]
     snapshot = coordinator.trust.snapshot()
-    if info.detection is not None:
-        detection = info.detection([set(f) for f in history.flagged])
-    else:
-        detection = {"precision": None, "recall": None, "note": "no ground truth"}
     if info.population is not None:
         ids, examples = list(info.population), info.population
     else:
         ids, examples = sorted({*snapshot, *history.examples}), history.examples
+    attacked = {cid: info.attacked_rounds(cid, history.rounds) for cid in ids}
+    if info.malicious is None:
+        detection = {"precision": None, "recall": None, "note": info.unknown}
+    else:
+        flagged = [set(f) for f in history.flagged]
+        detection = report.detection_summary(
+            flagged, set(info.malicious), attacked={cid for cid, rs in attacked.items() if rs}
+        )
     return {
         "config": info.config,
         **info.extra,
@@ -271,6 +293,7 @@ def results(
                 "trust": snapshot[cid].trust if cid in snapshot else None,
                 "flagged": bool(snapshot[cid].flagged) if cid in snapshot else False,
                 "num_examples": examples.get(cid),
+                "attacked_rounds": attacked[cid],
             }
             for cid in ids
         },

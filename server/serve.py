@@ -450,11 +450,7 @@ class Server:
         o = self.options
         return RunInfo(
             self.config.to_dict(),
-            detection=lambda flagged: {
-                "precision": None,
-                "recall": None,
-                "note": "unknown in a deployment: no ground truth",
-            },
+            unknown="unknown in a deployment: no ground truth",
             extra={
                 "deployment": {
                     "state_dir": str(self.state_dir),

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from fedwarden.report import detection_summary
 from fedwarden.server.callbacks import Callback
 
 ROUND_SCALARS = {
@@ -192,11 +193,8 @@ class TensorBoard(Callback):
 
 def detection(flagged: set[str], malicious: set[str]) -> dict[str, float | None]:
     """Precision (None when nothing is flagged) and recall of ``flagged`` against ``malicious``."""
-    hits = len(flagged & malicious)
-    return {
-        "precision": hits / len(flagged) if flagged else None,
-        "recall": hits / len(malicious) if malicious else None,
-    }
+    summary = detection_summary([flagged], malicious)
+    return {"precision": summary["precision"], "recall": summary["recall"]}
 
 
 def log_dir(setting: str | None, out: Path) -> Path | None:

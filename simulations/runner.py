@@ -17,7 +17,6 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from fedwarden import report
 from fedwarden.aggregation.chain import Chain
 from fedwarden.aggregation.filtering import reference_steps
 from fedwarden.attacks import Attack, attacks_in_round, build_attack
@@ -269,7 +268,7 @@ class _Run:
             population={cid: int(len(self.fed.parts[cid])) for cid in self.fed.ids},
             malicious=self.fed.malicious,
             attack=describe_attack(self.attack),
-            detection=lambda flagged: report.detection_summary(flagged, set(self.fed.malicious)),
+            attacks=self.attacking,
         )
         self.checkpointer = Checkpoint(
             self.checkpoints, out / "results.json", info, self.account, shapes=sim.layout.shapes

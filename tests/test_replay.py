@@ -47,6 +47,8 @@ def test_the_cli_sets_the_replay_beside_the_record_and_names_the_attackers(sign_
     with Ledger(path, readonly=True) as ledger:
         assert out["recorded"]["flagged"] == sorted(flags_by_round(ledger)[-1])
     assert set(out["attackers"]) <= malicious and out["attackers"]  # from results.json
+    assert out["attacked"] == out["attackers"]  # a sign flipper attacks whenever it is sampled
+    assert out["replayed"]["recall_attacked"] == out["replayed"]["recall"]
     assert out["settings"]["flag_line"] < TrustPolicy().flag_z
     assert out["replayed"]["flagged_client_rounds"] > out["recorded"]["flagged_client_rounds"]
     assert set(out["newly_flagged"]) == set(out["replayed"]["flagged"]) - set(
@@ -56,6 +58,7 @@ def test_the_cli_sets_the_replay_beside_the_record_and_names_the_attackers(sign_
     assert main(["trust", "replay", "--ledger", str(path), "--rounds", "3"]) == 0
     table = capsys.readouterr().out
     assert "rounds 1-3 of" in table and "precision" in table and "newly flagged:" in table
+    assert "recall attacked" in table
 
 
 @pytest.mark.parametrize(
@@ -167,6 +170,16 @@ def test_a_deployments_results_name_no_attackers():
     assert _attackers({"clients": {"c1": {"malicious": True}, "c2": {"malicious": False}}}) == {
         "c1"
     }
+
+
+def test_a_replay_counts_the_attackers_that_attacked_in_the_rounds_it_replays():
+    from fedwarden.cli.trust import _attacked
+
+    clients = {"c1": {"attacked_rounds": [4]}, "c2": {"attacked_rounds": [2, 5]},
+               "c3": {"attacked_rounds": []}}  # fmt: skip
+    assert _attacked({"clients": clients}, 3) == {"c2"}
+    assert _attacked({"clients": clients}, 4) == {"c1", "c2"}
+    assert _attacked({"clients": {"c1": {"malicious": True}}}, 3) is None  # older results.json
 
 
 def test_a_replay_reads_the_copy_groups_back_and_gives_back_a_mimic_runs_flags(tmp_path):

@@ -230,6 +230,12 @@ def test_an_on_off_attacker_attacks_in_the_rounds_its_coin_gives_and_trains_hone
     coin = {(r, c) for r in range(1, 7) for c in malicious
             if attacks_in_round(c, r, rate=0.5, seed=3)}  # fmt: skip
     assert boosted == coin and 0 < len(coin) < 18
+    attacked = {(r, c) for c, v in results["clients"].items() for r in v["attacked_rounds"]}
+    assert attacked == coin
+    detection = results["final"]["detection"]
+    assert detection["attacked"] == len({c for _, c in coin})
+    found = {c for c, v in results["clients"].items() if v["flagged"]} & {c for _, c in coin}
+    assert detection["recall_attacked"] == len(found) / detection["attacked"]
 
 
 def last_checkpoint(directory: Path) -> int:

@@ -402,6 +402,13 @@ def test_detection_summary():
     nothing = detection_summary([set(), set()], {"m1"})
     assert nothing == {"precision": None, "recall": 0.0, "first_detection_round": None}
     assert detection_summary([], set())["recall"] is None
+    attacked = detection_summary([{"m1", "h1"}], {"m1", "m2", "m3"}, attacked={"m1", "m2"})
+    assert (attacked["recall"], attacked["attacked"], attacked["recall_attacked"]) == (
+        1 / 3,
+        2,
+        0.5,
+    )
+    assert detection_summary([{"m1"}], {"m1"}, attacked=set())["recall_attacked"] is None
 
 
 def test_trust_heatmap_writes_a_png(tmp_path):

@@ -369,6 +369,18 @@ def _attackers(results: dict) -> set[str] | None:
         return None
 
 
+def _attacked(results: dict, rounds: int) -> set[str] | None:
+    """The clients a simulation's results say attacked in a round up to ``rounds`` that they
+    were sampled in, None when they do not say (results written before they did)."""
+    try:
+        clients = results["clients"].items()
+        if not all(isinstance(c.get("attacked_rounds"), list) for _, c in clients):
+            return None
+        return {cid for cid, c in clients if any(r <= rounds for r in c["attacked_rounds"])}
+    except (KeyError, TypeError, AttributeError):
+        return None
+
+
 def _replay_settings(args: argparse.Namespace, config: dict) -> tuple[Any, Any, str]:
     """The trust policy and anomaly weights a replay decides with: the options given, else the
     run's own (the trust settings of ``config``, a results.json's ``config``, turned into a
@@ -398,10 +410,15 @@ def _replay_settings(args: argparse.Namespace, config: dict) -> tuple[Any, Any, 
     return policy, weights or None, source
 
 
-def replay_summary(ledger: Any, replayed: list[set[str]], attackers: set[str] | None) -> dict:
+def replay_summary(
+    ledger: Any, replayed: list[set[str]], attackers: set[str] | None,
+    attacked: set[str] | None = None,
+) -> dict:  # fmt: skip
     """The recorded and the replayed flags of the same rounds side by side: the clients flagged
     after the last one, the client-rounds flagged (a client flagged after a round it took part
-    in), and with ``attackers`` precision and recall over the attackers that took part."""
+    in), and with ``attackers`` precision and recall over the attackers that took part; with
+    ``attacked`` (those that attacked in a replayed round they took part in) also the recall
+    over them, ``recall_attacked``."""
     from fedwarden.report import detection_summary
 
     rounds = len(replayed)
@@ -411,6 +428,7 @@ def replay_summary(ledger: Any, replayed: list[set[str]], attackers: set[str] | 
         for r in range(1, rounds + 1)
     ]  # fmt: skip
     seen = set().union(*took_part)
+    attacked = None if attacked is None else attacked & seen
     out: dict[str, Any] = {"rounds": rounds}
     for name, flags in (("recorded", recorded), ("replayed", replayed)):
         final = flags[-1] if flags else set()
@@ -419,7 +437,7 @@ def replay_summary(ledger: Any, replayed: list[set[str]], attackers: set[str] | 
             "flagged_client_rounds": sum(len(f & p) for f, p in zip(flags, took_part)),
         }
         if attackers is not None:
-            side.update(detection_summary(flags, attackers & seen))
+            side.update(detection_summary(flags, attackers & seen, attacked))
             side["honest_client_rounds_flagged"] = sum(
                 len((f & p) - attackers) for f, p in zip(flags, took_part)
             )
@@ -432,6 +450,7 @@ def replay_summary(ledger: Any, replayed: list[set[str]], attackers: set[str] | 
         c for c, text in why.items() if (text or "").startswith("association")
     )
     out["attackers"] = None if attackers is None else sorted(attackers & seen)
+    out["attacked"] = None if attacked is None else sorted(attacked)
     return out
 
 
@@ -449,7 +468,8 @@ def cmd_trust_replay(args: argparse.Namespace) -> int:
             replayed = replay_flags(ledger, policy, weights, args.rounds)
         except ValueError as exc:  # an unknown or negative anomaly weight
             raise UsageError(str(exc)) from None
-        summary = replay_summary(ledger, replayed, _attackers(results))
+        attacked = _attacked(results, len(replayed))
+        summary = replay_summary(ledger, replayed, _attackers(results), attacked)
         kept = ledger.records_histories()
     associates = kept and policy.flag_rule == "evidence" and policy.association_z > 0
     summary["settings"] = {
@@ -481,6 +501,11 @@ def cmd_trust_replay(args: argparse.Namespace) -> int:
     if summary["attackers"] is not None:
         keys += ["honest_client_rounds_flagged", "precision", "recall", "first_detection_round"]
         print(f"attackers that took part (results.json): {', '.join(summary['attackers'])}")
+        if summary["attacked"] is not None:
+            keys.insert(4, "recall_attacked")
+            print(
+                f"of them attacked in a round they took part in: {', '.join(summary['attacked'])}"
+            )
     print()
     rows = [
         {"": k.replace("_", " "), **{side: summary[side][k] for side in ("recorded", "replayed")}}
