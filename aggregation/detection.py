@@ -419,13 +419,16 @@ class Association(NamedTuple):
         clients' forecasts.
     z: robust z-score of ``kinship`` among the clients not flagged (median, 1.4826 MAD, at least
         ``ASSOCIATION_MIN_SCALE``), at most 0 while ``kinship`` is under
-        ``ASSOCIATION_MIN_KINSHIP``.
+        ``ASSOCIATION_MIN_KINSHIP``; lifted to its mean with the output layer's z when that is
+        higher (``output_layer``).
     nearest: those flagged clients, nearest first.
+    output_layer: the same mean cosine on the output layer's forecasts (NaN without them).
     """
 
     kinship: float
     z: float
     nearest: tuple[str, ...]
+    output_layer: float = math.nan
 
 
 def _association(
@@ -557,22 +560,32 @@ class HistoryForecast:
     the length.
 
     Beside it, each client keeps a forecast of the part of its deviation across the reference
-    (the deviation less its component along the reference), for :meth:`association`; and
-    :attr:`copies` (:class:`CopyGroups`) records which clients sent the same update.
+    (the deviation less its component along the reference) and, given ``output_layer``, of the
+    deviation of its output layer alone, for :meth:`association`; and :attr:`copies`
+    (:class:`CopyGroups`) records which clients sent the same update.
 
     Args:
         sketch_dim: numbers kept per client.
         memory: weight of the past in the forecast, in [0, 1).
         seed: seed of the sketch.
+        output_layer: how many of the update's last coordinates are the model's output layer
+            (``fedwarden.weights.WeightLayout.output_layer_size``); 0: no such forecast. One
+            longer than ``sketch_dim`` is sketched to it.
     """
 
-    def __init__(self, sketch_dim: int = DEFAULT_SKETCH_DIM, memory: float = 0.5, seed: int = 0):
+    def __init__(
+        self, sketch_dim: int = DEFAULT_SKETCH_DIM, memory: float = 0.5, seed: int = 0,
+        output_layer: int = 0,
+    ):  # fmt: skip
         if not 0.0 <= memory < 1.0:
             raise ValueError(f"memory must be in [0, 1). Received: memory={memory!r}.")
         self.sketch_dim, self.memory, self.seed = int(sketch_dim), float(memory), int(seed)
+        self.output_layer = int(output_layer)
         self._sketch: CountSketch | None = None
+        self._output_sketch: CountSketch | None = None
         self._forecast: dict[str, np.ndarray] = {}
         self._across: dict[str, np.ndarray] = {}
+        self._output: dict[str, np.ndarray] = {}
         self._seen: dict[str, int] = {}
         self.copies = CopyGroups()
 
@@ -589,6 +602,19 @@ class HistoryForecast:
         raw = sketched - reference[None, :]
         axis = _unit(reference)
         return sketched, _unit(raw), _unit(raw - np.outer(raw @ axis, axis))
+
+    def _output_deviations(self, updates: np.ndarray, reference: np.ndarray) -> np.ndarray | None:
+        """The unit deviations of the updates' output layers from the reference's (sketched
+        when longer than ``sketch_dim``); None without an output layer to read."""
+        n = self.output_layer
+        if n <= 0 or n > updates.shape[1]:
+            return None
+        raw = np.asarray(updates[:, -n:], np.float64) - np.asarray(reference[-n:], np.float64)
+        if n > self.sketch_dim:
+            if self._output_sketch is None or self._output_sketch.d != n:
+                self._output_sketch = CountSketch(n, self.sketch_dim, self.seed + 1)
+            raw = self._output_sketch(raw)
+        return _unit(raw)
 
     def step(
         self, client_ids: list[str], updates: np.ndarray, reference: np.ndarray
@@ -613,7 +639,9 @@ class HistoryForecast:
         own = self.copies.own_rounds(client_ids)
         if len(updates) == 0:
             return HistoryScores(errors, errors.copy(), own, np.zeros(0, bool))
-        sketched, deviations, across = self._deviations(updates, np.asarray(reference).reshape(-1))
+        reference = np.asarray(reference).reshape(-1)
+        sketched, deviations, across = self._deviations(updates, reference)
+        output = self._output_deviations(updates, reference)
         kinship = self._kinship(client_ids, deviations)
         for i, cid in enumerate(client_ids):
             past = self._forecast.get(cid)
@@ -622,6 +650,8 @@ class HistoryForecast:
                 errors[i] = 1.0 - float(np.dot(_unit(past), now))
             self._forecast[cid] = self._fold(past, now)
             self._across[cid] = self._fold(self._across.get(cid), across[i].astype(np.float32))
+            if output is not None:
+                self._output[cid] = self._fold(self._output.get(cid), output[i].astype(np.float32))
             self._seen[cid] = self._seen.get(cid, 0) + 1
         alone = self.copies.add_round(client_ids, copy_pairs(pair_gaps(sketched @ sketched.T)))
         return HistoryScores(errors, kinship, own, alone)
@@ -652,7 +682,12 @@ class HistoryForecast:
         the smaller z counts. A client flagged for the length of its update along the consensus
         (a boosted or a sign-flipped one) has a forecast near the honest clients with long or
         short updates, and across the consensus near those whose data are like its own honest
-        data; clients poisoned alike deviate alike in both. A flagged client that sent a copy
+        data; clients poisoned alike deviate alike in both. With output-layer forecasts, measured
+        a third time on them, and where that z is higher the association is the mean of the two:
+        poisoned labels (a backdoor's target, flipped classes) move the output layer alike from
+        the first round on, when the rest of a poisoned update is still an honest one, but an
+        honest client whose data favour the attackers' target class moves it alike too, so the
+        output layer alone does not associate. A flagged client that sent a copy
         of a client's update (the mimic attack) does not count towards that client's
         association. Empty when fewer than ``ASSOCIATION_TOP`` flagged clients or fewer than
         three unflagged clients have a history; a flagged client is measured against the other
@@ -679,23 +714,39 @@ class HistoryForecast:
         (kinship, z, order), (_, z_across, _) = measured
         z = np.fmin(z, z_across)
         z = np.where(kinship < ASSOCIATION_MIN_KINSHIP, np.fmin(z, 0.0), z)
+        output = np.full(len(ids), np.nan)
+        if self._output:  # a replayed ledger from before they were kept has none
+            empty = np.zeros_like(next(iter(self._output.values())))
+            rows = np.stack([self._output.get(c, empty) for c in ids])
+            output, z_output, _ = _association(rows, [row[c] for c in group], apart, unflagged)
+            z_output = np.where(output < ASSOCIATION_MIN_KINSHIP, np.fmin(z_output, 0.0), z_output)
+            z = np.where(z_output > z, (z + z_output) / 2.0, z)
         return {
-            c: Association(float(kinship[i]), float(z[i]), tuple(group[j] for j in order[i]))
+            c: Association(float(kinship[i]), float(z[i]), tuple(group[j] for j in order[i]),
+                           float(output[i]))
             for i, c in enumerate(ids)
             if np.isfinite(z[i])
-        }
+        }  # fmt: skip
 
-    def forecasts_of(self, client_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """The clients' two forecasts (the deviation and its part across the reference), as two
-        ``(K, sketch_dim)`` float32 arrays; what :meth:`association` reads, for a ledger to keep."""
+    def forecasts_of(
+        self, client_ids: list[str]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The clients' forecasts (the deviation, its part across the reference, and the output
+        layer's, None without one), as float32 arrays of one row per client; what
+        :meth:`association` reads, for a ledger to keep."""
+        output = np.stack([self._output[c] for c in client_ids]) if self._output else None
         return (np.stack([self._forecast[c] for c in client_ids]),
-                np.stack([self._across[c] for c in client_ids]))  # fmt: skip
+                np.stack([self._across[c] for c in client_ids]), output)  # fmt: skip
 
-    def set_forecasts(self, forecasts: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-        """Sets clients' two forecasts as :meth:`forecasts_of` gave them (a ledger's replay)."""
-        for cid, (forecast, across) in forecasts.items():
+    def set_forecasts(
+        self, forecasts: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]
+    ) -> None:
+        """Sets clients' forecasts as :meth:`forecasts_of` gave them (a ledger's replay)."""
+        for cid, (forecast, across, output) in forecasts.items():
             self._forecast[cid] = np.asarray(forecast, np.float32)
             self._across[cid] = np.asarray(across, np.float32)
+            if output is not None:
+                self._output[cid] = np.asarray(output, np.float32)
 
     def seen(self, client_id: str) -> int:
         """Rounds in which the client's update entered the history."""
@@ -706,13 +757,17 @@ class HistoryForecast:
         rounds each client was seen, and the :class:`CopyGroups`."""
         ids = sorted(self._forecast)
         empty = np.zeros((0, self.sketch_dim), np.float32)
+        output = [c for c in ids if c in self._output]
         return {
             "sketch_dim": self.sketch_dim,
             "memory": self.memory,
             "seed": self.seed,
+            "output_layer": self.output_layer,
             "client_ids": ids,
             "forecast": np.stack([self._forecast[c] for c in ids]) if ids else empty,
             "across": np.stack([self._across[c] for c in ids]) if ids else empty,
+            "output_ids": output,
+            "output": np.stack([self._output[c] for c in output]) if output else empty,
             "seen": [self._seen.get(c, 0) for c in ids],
             "copy_groups": self.copies.state_dict(),
         }
@@ -726,6 +781,10 @@ class HistoryForecast:
         across = np.asarray(state.get("across", forecast), np.float32)  # older checkpoints: none
         self._forecast = {c: forecast[i].copy() for i, c in enumerate(state["client_ids"])}
         self._across = {c: across[i].copy() for i, c in enumerate(state["client_ids"])}
+        self.output_layer = int(state.get("output_layer", self.output_layer))  # older: none
+        self._output_sketch = None
+        output = np.asarray(state.get("output", np.zeros((0, 0))), np.float32)
+        self._output = {c: output[i].copy() for i, c in enumerate(state.get("output_ids", []))}
         self._seen = {c: int(n) for c, n in zip(state["client_ids"], state["seen"], strict=True)}
         # older checkpoints kept the pairs of copies only
         self.copies.load_state_dict(state.get("copy_groups", {"groups": state.get("copies", [])}))

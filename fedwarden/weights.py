@@ -19,6 +19,19 @@ class WeightLayout:
     def size(self) -> int:
         return int(sum(np.prod(s, dtype=np.int64) for s in self.shapes))
 
+    def output_layer_size(self) -> int:
+        """How many of the flat vector's last values are the model's output layer: its kernel
+        and bias (a 1-D last array whose length ends the shape before it), or the last array
+        alone; 0 for no weights."""
+        if not self.shapes:
+            return 0
+        last = self.shapes[-1]
+        kernel = self.shapes[-2] if len(self.shapes) > 1 else None
+        sizes = [int(np.prod(s, dtype=np.int64)) for s in self.shapes[-2:]]
+        if len(last) == 1 and kernel and len(kernel) > 1 and kernel[-1] == last[0]:
+            return sum(sizes)
+        return sizes[-1]
+
     def flatten(self, weights: list[np.ndarray]) -> np.ndarray:
         got = tuple(tuple(np.shape(w)) for w in weights)
         if got != self.shapes:

@@ -176,6 +176,9 @@ class Coordinator:
         judged against the steps its example count (bounded as its weight is) makes
         (``scoring.log_norm_z``). None: against the cohort's norms alone.
       full_batches: the clients keep full batches only (DP-SGD), so a short last batch is no step.
+      output_layer: how many of the weights' last coordinates are the model's output layer
+        (``fedwarden.weights.WeightLayout.output_layer_size``); the history forecasts them apart
+        for association. 0: not known.
 
     Example::
 
@@ -205,6 +208,7 @@ class Coordinator:
         validation: ValidationProbe | None = None,
         batch_size: int | None = None,
         full_batches: bool = False,
+        output_layer: int = 0,
     ):
         self.weights = np.asarray(weights, np.float32)
         self.chain = chain
@@ -228,7 +232,8 @@ class Coordinator:
         self.optimizer_state = optimizer.init(self.weights.size)
         self.chain_state = chain.init()
         warm_up()  # loads while the first round's clients train
-        self.history = HistoryForecast()  # each client's consistency with its own past updates
+        # each client's consistency with its own past updates
+        self.history = HistoryForecast(output_layer=output_layer)
         # The median norm of the unflagged updates of each of the last NORM_SCALE_ROUNDS rounds:
         # a norm scale no client of the current round shapes (``oversized``).
         self.norm_scales: list[float] = []

@@ -274,10 +274,11 @@ def build_coordinator(
     chain: Chain,
     ledger: Ledger | None,
     validation: ValidationProbe | None = None,
+    output_layer: int = 0,
 ) -> Coordinator:
     """The run's coordinator: ``chain``, the server optimizer, trust (persisted in ``ledger``),
     the admission limits of ``config`` and the ``validation`` probe if any, from the initial
-    flat ``weights``."""
+    flat ``weights``, whose last ``output_layer`` coordinates are the model's output layer."""
     return Coordinator(
         weights,
         chain,
@@ -293,4 +294,5 @@ def build_coordinator(
         validation=validation,
         batch_size=config.batch_size,
         full_batches=config.dp_sgd,
+        output_layer=output_layer,
     )

@@ -17,10 +17,11 @@ Tables:
   counts over its rounds (how many, the last, how many rejected). Deriving it (instead of
   incrementing counters) is what makes re-recording a round and ``truncate_after`` exact.
 - ``histories``: one row per (round, client_id) of a client whose update the detector's history
-  took in that round: its forecast deviation and the forecast of its part across the reference
-  after the round (``aggregation/detection.py``, ``HistoryForecast``), each ``sketch_dim``
-  little-endian float32 (4 KB a client-round at the default 512). ``trust replay`` decides flags
-  by association again from them.
+  took in that round: its forecast deviation, the forecast of its part across the reference and
+  that of its output layer's deviation after the round (``aggregation/detection.py``,
+  ``HistoryForecast``), little-endian float32, ``sketch_dim`` each (the output layer's: its
+  size up to that; 6.6 KB a client-round for the Fashion-MNIST CNN). ``trust replay`` decides
+  flags by association again from them.
 - ``meta``: key/value (``schema_version``, ``last_round``).
 
 Resuming from a checkpoint taken after round R: ``ledger.truncate_after(R)``, then build the
@@ -104,12 +105,14 @@ CREATE TABLE IF NOT EXISTS histories (
     client_id TEXT NOT NULL,
     forecast BLOB NOT NULL,
     across BLOB NOT NULL,
+    output BLOB,
     PRIMARY KEY (round, client_id)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 
 _FLOAT32 = np.dtype("<f4")
+_HISTORY_SQL = {"output": "BLOB"}  # columns added to ``histories`` since it was made
 
 _ACROSS = {f.name: f.metadata["across"] for f in SUMMARY_FIELDS if f.metadata.get("across")}
 # Rebuilds the clients rows of the clients in the temp table `touched` from their history: a
@@ -219,7 +222,9 @@ class Ledger:
     def _add_missing_columns(self) -> None:
         """Brings an older ledger (schema 1, from before the detection signals, or one that lacks
         a field added to ``ClientRound`` or ``ClientSummary`` since) to the current columns."""
-        for table, columns in (("client_rounds", _ROUND_SQL), ("clients", _CLIENT_SQL)):
+        for table, columns in (
+            ("client_rounds", _ROUND_SQL), ("clients", _CLIENT_SQL), ("histories", _HISTORY_SQL)
+        ):  # fmt: skip
             have = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
             for name, kind in columns.items():
                 if name not in have:
@@ -303,23 +308,26 @@ class Ledger:
         self._write(write)
 
     def record_histories(
-        self, round: int, client_ids: Sequence[str], forecast: np.ndarray, across: np.ndarray
-    ) -> None:
-        """Records the detector's forecasts of the clients it took in ``round`` (row i of the two
-        ``(K, sketch_dim)`` arrays is ``client_ids[i]``'s), replacing any recorded before."""
-        if len(client_ids) != len(forecast) or len(forecast) != len(across):
+        self, round: int, client_ids: Sequence[str], forecast: np.ndarray, across: np.ndarray,
+        output: np.ndarray | None = None,
+    ) -> None:  # fmt: skip
+        """Records the detector's forecasts of the clients it took in ``round`` (row i of each
+        array is ``client_ids[i]``'s; ``output``, the output layer's, may be None), replacing any
+        recorded before."""
+        rows = [forecast, across] + ([] if output is None else [output])
+        if any(len(r) != len(client_ids) for r in rows):
             raise ValueError(
-                f"need one forecast and one across row per client. Received {len(client_ids)} "
-                f"ids, {len(forecast)} and {len(across)} rows."
+                f"need one row of each forecast per client. Received {len(client_ids)} ids and "
+                f"{', '.join(str(len(r)) for r in rows)} rows."
             )
-        blobs = [
-            [np.asarray(row, _FLOAT32).tobytes() for row in rows] for rows in (forecast, across)
-        ]
-        values = [(int(round), str(c), f, a) for c, f, a in zip(client_ids, *blobs, strict=True)]
+        blobs = [[np.asarray(row, _FLOAT32).tobytes() for row in r] for r in rows]
+        if output is None:
+            blobs.append([None] * len(client_ids))
+        values = [(int(round), str(c), *b) for c, *b in zip(client_ids, *blobs, strict=True)]
         self._write(
             lambda conn: conn.executemany(
-                "INSERT OR REPLACE INTO histories (round, client_id, forecast, across) "
-                "VALUES (?, ?, ?, ?)",
+                "INSERT OR REPLACE INTO histories (round, client_id, forecast, across, output) "
+                "VALUES (?, ?, ?, ?, ?)",
                 values,
             )
         )
@@ -392,17 +400,20 @@ class Ledger:
             "SELECT * FROM client_rounds WHERE round = ? ORDER BY client_id", (int(round),)
         )
 
-    def round_histories(self, round: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """The forecasts recorded for ``round`` (:meth:`record_histories`), by client_id."""
+    def round_histories(
+        self, round: int
+    ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+        """The forecasts recorded for ``round`` (:meth:`record_histories`), by client_id; the
+        output layer's None where none was recorded."""
         try:
-            rows = self._query(
-                "SELECT client_id, forecast, across FROM histories WHERE round = ?", (int(round),)
-            )
+            rows = self._query("SELECT * FROM histories WHERE round = ?", (int(round),))
         except sqlite3.OperationalError:  # a ledger written before they were kept, read-only
             return {}
         return {
-            r["client_id"]: (np.frombuffer(r["forecast"], _FLOAT32),
-                             np.frombuffer(r["across"], _FLOAT32))
+            r["client_id"]: (
+                np.frombuffer(r["forecast"], _FLOAT32), np.frombuffer(r["across"], _FLOAT32),
+                None if r.get("output") is None else np.frombuffer(r["output"], _FLOAT32),
+            )
             for r in rows
         }  # fmt: skip
 

@@ -327,8 +327,9 @@ class Server:
         saved, ledger = self._open_state(layout)
         probe = self._probe(data, evaluator, layout)
         coordinator = build_coordinator(
-            c, layout.flatten(model.get_weights()), chain, ledger, probe
-        )
+            c, layout.flatten(model.get_weights()), chain, ledger, probe,
+            layout.output_layer_size(),
+        )  # fmt: skip
         history = None
         if saved is not None:
             coordinator.load_state_dict(saved["coordinator"])

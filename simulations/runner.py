@@ -254,6 +254,7 @@ class _Run:
             self.chain,
             self.ledger,
             self._validation_probe(config.validation_examples),
+            sim.layout.output_layer_size(),
         )
         history = None
         if saved is not None:

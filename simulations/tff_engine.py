@@ -294,6 +294,7 @@ class RobustFedAvgProcess:
             max_update_norm=self._max_update_norm,
             anomaly_weights=self._anomaly_weights,
             batch_size=self._batch_size,
+            output_layer=self.client_work.layout.output_layer_size(),
         )
         self._coordinator.round = book.last_round
         return self._state(self._initial)

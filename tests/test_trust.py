@@ -200,19 +200,22 @@ def test_the_detectors_forecasts_are_kept_exactly_and_forgotten_with_their_round
             ids = ["a", "b"] if r < 3 else ["b"]
             ledger.record_round(r, [{"client_id": c, "norm": 1.0} for c in ids])
             forecast, across = rng.normal(size=(2, len(ids), 8)).astype(np.float32)
-            ledger.record_histories(r, ids, forecast, across)
-            kept[r] = dict(zip(ids, zip(forecast, across)))
+            output = None if r == 2 else rng.normal(size=(len(ids), 5)).astype(np.float32)
+            ledger.record_histories(r, ids, forecast, across, output)
+            kept[r] = {c: (forecast[i], across[i], None if output is None else output[i])
+                       for i, c in enumerate(ids)}  # fmt: skip
         assert ledger.records_histories()
         for r, rows in kept.items():
             back = ledger.round_histories(r)
             assert back.keys() == rows.keys()
-            for c, (forecast, across) in rows.items():
+            for c, (forecast, across, output) in rows.items():
                 assert np.array_equal(back[c][0], forecast) and np.array_equal(back[c][1], across)
+                assert back[c][2] is None if output is None else np.array_equal(back[c][2], output)
         ledger.truncate_after(2)
         assert ledger.round_histories(3) == {} and ledger.records_histories()
         ledger.record_round(3, [{"client_id": "a", "norm": 2.0}])  # a round kept without them
         assert not ledger.records_histories()
-        with pytest.raises(ValueError, match="one forecast and one across row per client"):
+        with pytest.raises(ValueError, match="one row of each forecast per client"):
             ledger.record_histories(4, ["a", "b"], np.zeros((1, 8)), np.zeros((1, 8)))
 
 
