@@ -20,7 +20,7 @@ Tables:
   took in that round: its forecast deviation, the forecast of its part across the reference and
   that of its output layer's deviation after the round (``aggregation/detection.py``,
   ``HistoryForecast``), little-endian float32, ``sketch_dim`` each (the output layer's: its
-  size up to that; 6.6 KB a client-round for the Fashion-MNIST CNN). ``trust replay`` decides
+  size up to that; 6 KB a client-round for the Fashion-MNIST CNN). ``trust replay`` decides
   flags by association again from them.
 - ``meta``: key/value (``schema_version``, ``last_round``).
 

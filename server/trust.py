@@ -708,7 +708,9 @@ class TrustBook:
                 flagged=follows,
                 explanation=(
                     f"association {a.z:.1f}: its updates deviate like those of flagged "
-                    f"{', '.join(a.nearest)} (cosine {a.kinship:.2f})"
+                    f"{', '.join(a.nearest)} (cosine {a.kinship:.2f}"
+                    + (f", output layer {a.output_layer:.2f})" if math.isfinite(a.output_layer)
+                       else ")")
                 ) if follows else None,
                 evidence_state=replace(sums, associated=follows).to_json(),
                 **self._quarantine(state, follows, round, None),

@@ -317,6 +317,47 @@ def test_an_association_needs_more_than_standing_out_from_clients_that_deviate_t
     assert odd.kinship < ASSOCIATION_MIN_KINSHIP and odd.z <= 0.0
 
 
+def test_the_output_layer_lifts_an_association_the_whole_update_only_leans_towards():
+    # Poisoned labels move the output layer alike from the first round, while the rest of the
+    # update still looks honest: "p" leans towards the flagged clients' histories (cosine 0.25,
+    # under the line alone) and moves its output layer as they do. "skewed" moves its output
+    # layer alike too (an honest client whose data favour the attackers' target class) but its
+    # whole update does not deviate like theirs, so the output layer alone does not flag it.
+    rng = np.random.default_rng(7)
+
+    def history(cosine: float, dim: int) -> np.ndarray:
+        noise = rng.normal(size=dim).astype(np.float32)
+        noise[0] = 0.0
+        noise *= np.sqrt(1.0 - cosine**2) / np.linalg.norm(noise)
+        return np.concatenate([[cosine], noise[1:]]).astype(np.float32)
+
+    whole = {"a0": 0.95, "a1": 0.95, "p": 0.25, "skewed": 0.1}
+    output = {"a0": 0.95, "a1": 0.95, "p": 0.9, "skewed": 0.9}
+    for i in range(30):
+        whole[f"h{i:02d}"] = 0.08 * rng.normal()
+        output[f"h{i:02d}"] = 0.1 + 0.1 * rng.normal()
+    ids = sorted(whole)
+    forecasts = np.stack([history(whole[c], 512) for c in ids])
+    state = {"sketch_dim": 512, "memory": 0.5, "seed": 0, "client_ids": ids,
+             "forecast": forecasts, "across": forecasts, "seen": [3] * len(ids),
+             "copy_groups": {}}  # fmt: skip
+    line = TrustPolicy().association_z
+    without = HistoryForecast()
+    without.load_state_dict(state)
+    assert without.association({"a0", "a1"})["p"].z < line
+    forecast = HistoryForecast()
+    forecast.load_state_dict({**state, "output_layer": 650, "output_ids": ids,
+                              "output": np.stack([history(output[c], 64) for c in ids])})  # fmt: skip
+    association = forecast.association({"a0", "a1"})
+    p = association["p"]
+    assert p.z > line and p.output_layer > 0.8 and p.kinship < 0.3
+    assert association["skewed"].z <= 0.0 and association["skewed"].output_layer > 0.8
+    assert max(association[c].z for c in ids if c.startswith("h")) < line
+    restored = HistoryForecast()
+    restored.load_state_dict(forecast.state_dict())
+    assert restored.association({"a0", "a1"}) == association
+
+
 @pytest.mark.parametrize("attack", ["boost", "flip"])
 def test_clients_flagged_for_the_length_of_their_updates_have_no_associates(attack):
     # Honest clients' updates differ in length (data size) as well as direction. Attackers that

@@ -684,6 +684,28 @@ def test_a_schema_1_ledger_gains_the_detection_columns(tmp_path):
         assert json.loads(ledger.client_history("a")[-1]["signals"]) == {"cosine": 0.3}
 
 
+def test_forecasts_kept_before_the_output_layers_read_back_without_it(tmp_path):
+    path = tmp_path / "stop39.sqlite"
+    with Ledger(path) as ledger:
+        ledger.record_round(1, [{"client_id": "a", "norm": 1.0}])
+    conn = sqlite3.connect(path)  # the histories table as it was made before the output column
+    conn.executescript(
+        "DROP TABLE histories; CREATE TABLE histories (round INTEGER NOT NULL, client_id TEXT "
+        "NOT NULL, forecast BLOB NOT NULL, across BLOB NOT NULL, PRIMARY KEY (round, client_id));"
+    )
+    row = np.ones(4, "<f4").tobytes()
+    conn.execute("INSERT INTO histories VALUES (1, 'a', ?, ?)", (row, row))
+    conn.commit()
+    conn.close()
+    with Ledger(path, readonly=True) as old:
+        forecast, across, output = old.round_histories(1)["a"]
+        assert forecast.tolist() == [1.0] * 4 and output is None and old.records_histories()
+    with Ledger(path) as ledger:  # opened to write, the table gains the column
+        ledger.record_histories(2, ["a"], np.zeros((1, 4)), np.zeros((1, 4)), np.ones((1, 3)))
+        assert ledger.round_histories(2)["a"][2].tolist() == [1.0] * 3
+        assert ledger.round_histories(1)["a"][2] is None
+
+
 @pytest.fixture
 def flagged_ledger(tmp_path) -> Path:
     """A ledger where client m is flagged, mostly for collusion."""
