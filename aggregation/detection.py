@@ -413,10 +413,13 @@ attacks unchanged (docs/results.md, "Association that means deviating alike").""
 
 ASSOCIATION_OUTPUT_WEIGHT = 2.0 / 3.0
 """Where the output layer's association z is higher than the whole update's, the association is
-their mean with this weight on the output layer's. Chosen on replays of 30 fresh runs (backdoor,
-DBA, label noise, ten seeds each) without a new honest flag: weight 0 (none) found 249 of 276
-attackers, 1/2 found 254, 2/3 found 257, 3/4 258 and one honest client more
-(docs/results.md, "The output layer's association")."""
+their mean with this weight on the output layer's (docs/results.md, "The output layer's
+association": chosen on replays of fresh runs of every attack association acts under)."""
+
+ASSOCIATION_MIN_OUTPUT_KINSHIP = 0.4
+"""Least mean cosine of a client's output-layer forecast to the flagged clients' for the output
+layer to count. Attackers trained on poisoned labels that it lifted sat at 0.40-0.67; the honest
+clients it lifted under sign flipping and crafted vectors at 0.25-0.45."""
 
 
 class Association(NamedTuple):
@@ -697,7 +700,9 @@ class HistoryForecast:
         the first round on, when the rest of a poisoned update is still an honest one, but an
         honest client whose data favour the attackers' target class moves it alike too, so the
         output layer alone does not associate: it lifts only a client whose whole update
-        deviates alike too (``ASSOCIATION_MIN_KINSHIP``). A flagged client that sent a copy
+        deviates alike too (``ASSOCIATION_MIN_KINSHIP``) and whose output layer follows theirs
+        closely (``ASSOCIATION_MIN_OUTPUT_KINSHIP``), and it is compared only with flagged
+        clients that sent no copies (crafted vectors poison no labels). A flagged client that sent a copy
         of a client's update (the mimic attack) does not count towards that client's
         association. Empty when fewer than ``ASSOCIATION_TOP`` flagged clients or fewer than
         three unflagged clients have a history; a flagged client is measured against the other
@@ -725,11 +730,18 @@ class HistoryForecast:
         z = np.fmin(z, z_across)
         z = np.where(kinship < ASSOCIATION_MIN_KINSHIP, np.fmin(z, 0.0), z)
         output = np.full(len(ids), np.nan)
-        if self._output:  # a replayed ledger from before they were kept has none
+        # a crafted vector poisons no labels: copy senders (and the clients they copied) are
+        # not what the output layer is compared with
+        labelled = [j for j, c in enumerate(group) if not self.copies.copies_of(c)]
+        if self._output and len(labelled) >= ASSOCIATION_TOP:  # an old ledger's replay has none
             empty = np.zeros_like(next(iter(self._output.values())))
             rows = np.stack([self._output.get(c, empty) for c in ids])
-            output, z_output, _ = _association(rows, [row[c] for c in group], apart, unflagged)
-            z_output = np.where(output < ASSOCIATION_MIN_KINSHIP, np.fmin(z_output, 0.0), z_output)
+            output, z_output, _ = _association(
+                rows, [row[group[j]] for j in labelled], apart[:, labelled], unflagged
+            )
+            z_output = np.where(
+                output < ASSOCIATION_MIN_OUTPUT_KINSHIP, np.fmin(z_output, 0.0), z_output
+            )
             lift = (z_output > z) & (kinship >= ASSOCIATION_MIN_KINSHIP)
             w = ASSOCIATION_OUTPUT_WEIGHT
             z = np.where(lift, (1.0 - w) * z + w * z_output, z)
