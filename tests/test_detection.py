@@ -616,6 +616,39 @@ def test_backdoor_attackers_are_found_through_their_association_with_flagged_one
     assert still and alone[-1] == recorded[-1] - still
 
 
+def test_dba_attackers_are_found_through_the_output_layer_their_poisoned_labels_move(
+    tmp_path, monkeypatch
+):
+    """The issue's setting under DBA, seed 7: attackers whose whole updates only lean towards the
+    flagged ones' move their output layers as those do (the trigger's target class), which
+    lifts their association over the line; replayed without the output layer's part, fewer
+    attackers are found by round 10, and no honest client either way."""
+    from fedwarden.aggregation import detection
+    from fedwarden.cli.trust import flags_by_round
+    from fedwarden.config import make_config
+    from fedwarden.server.ledger import Ledger
+    from fedwarden.server.replay import replay_flags
+    from fedwarden.server.trust import TrustPolicy
+    from fedwarden.simulations.runner import simulate
+
+    settings = {"dataset": "fashion_mnist", "partition": "dirichlet", "alpha": 0.5, "clients": 50,
+                "clients_per_round": 10, "rounds": 10, "local_epochs": 2, "batch_size": 32,
+                "lr": 0.05, "eval_subset": 2000, "aggregator": "auto", "quarantine": "none",
+                "malicious_fraction": 0.2, "attack": "dba", "seed": 7, "progress": False,
+                "tensorboard": "off", "out": str(tmp_path)}  # fmt: skip
+    results = simulate(make_config({}, settings))
+    malicious = {c for c, v in results["clients"].items() if v["malicious"]}
+    with Ledger(tmp_path / "ledger.sqlite", readonly=True) as ledger:
+        recorded = flags_by_round(ledger)
+        assert replay_flags(ledger, TrustPolicy()) == recorded
+        why = [r["explanation"] or "" for c in malicious for r in ledger.client_history(c)]
+        monkeypatch.setattr(detection, "ASSOCIATION_OUTPUT_WEIGHT", 0.0)
+        without = replay_flags(ledger, TrustPolicy())[-1]
+    assert any("output layer" in w for w in why if w.startswith("association"))
+    assert recorded[-1] <= malicious and without <= malicious
+    assert len(without) < len(recorded[-1])
+
+
 @pytest.mark.slow
 def test_gaussian_attackers_are_flagged_under_the_rule_a_user_would_run(tmp_path):
     """``auto`` with the default sampling-aware budget: the model survives, so detection does."""
