@@ -413,8 +413,10 @@ attacks unchanged (docs/results.md, "Association that means deviating alike").""
 
 ASSOCIATION_OUTPUT_WEIGHT = 2.0 / 3.0
 """Where the output layer's association z is higher than the whole update's, the association is
-their mean with this weight on the output layer's (docs/results.md, "The output layer's
-association": chosen on replays of fresh runs of every attack association acts under)."""
+their mean with this weight on the output layer's. Replayed on 30 fresh backdoor, DBA and
+label-noise runs and 50 of the other attacks association acts under: none found 249 of 276 data
+attackers, 1/2 254, 2/3 256 with one honest client-round more, 3/4 257 with two and one more
+honest client flagged at round 10 (docs/results.md, "The output layer's association")."""
 
 ASSOCIATION_MIN_OUTPUT_KINSHIP = 0.4
 """Least mean cosine of a client's output-layer forecast to the flagged clients' for the output
@@ -693,18 +695,17 @@ class HistoryForecast:
         the smaller z counts. A client flagged for the length of its update along the consensus
         (a boosted or a sign-flipped one) has a forecast near the honest clients with long or
         short updates, and across the consensus near those whose data are like its own honest
-        data; clients poisoned alike deviate alike in both. With output-layer forecasts, measured
-        a third time on them, and where that z is higher the association moves towards it
-        (``ASSOCIATION_OUTPUT_WEIGHT``):
-        poisoned labels (a backdoor's target, flipped classes) move the output layer alike from
-        the first round on, when the rest of a poisoned update is still an honest one, but an
-        honest client whose data favour the attackers' target class moves it alike too, so the
-        output layer alone does not associate: it lifts only a client whose whole update
-        deviates alike too (``ASSOCIATION_MIN_KINSHIP``) and whose output layer follows theirs
-        closely (``ASSOCIATION_MIN_OUTPUT_KINSHIP``), and it is compared only with flagged
-        clients that sent no copies (crafted vectors poison no labels). A flagged client that sent a copy
-        of a client's update (the mimic attack) does not count towards that client's
-        association. Empty when fewer than ``ASSOCIATION_TOP`` flagged clients or fewer than
+        data; clients poisoned alike deviate alike in both. With output-layer forecasts it is
+        measured a third time on them, and where that z is higher the association moves towards
+        it (``ASSOCIATION_OUTPUT_WEIGHT``): poisoned labels (a backdoor's target, flipped classes)
+        move the output layer alike from the first round on, when the rest of a poisoned update
+        is still an honest one. An honest client whose data favour the attackers' target class
+        moves it alike too, so the output layer alone does not associate: it lifts only a client
+        whose whole update deviates alike too (``ASSOCIATION_MIN_KINSHIP``) and whose output
+        layer follows theirs closely (``ASSOCIATION_MIN_OUTPUT_KINSHIP``), compared only with
+        flagged clients that sent no copies (crafted vectors poison no labels). A flagged client
+        that sent a copy of a client's update (the mimic attack) does not count towards that
+        client's association. Empty when fewer than ``ASSOCIATION_TOP`` flagged clients or fewer than
         three unflagged clients have a history; a flagged client is measured against the other
         flagged clients, and left out when fewer than ``ASSOCIATION_TOP`` of them remain.
         """
