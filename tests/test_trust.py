@@ -414,6 +414,21 @@ def test_detection_summary():
     assert detection_summary([{"m1"}], {"m1"}, attacked=set())["recall_attacked"] is None
 
 
+def test_the_run_summary_gives_recall_over_the_attackers_that_attacked():
+    from fedwarden.cli.main import summary_table
+
+    clients = {c: {"malicious": c.startswith("m"), "trust": 0.5, "flagged": c in ("m1", "m2")}
+               for c in ("m1", "m2", "m3", "m4", "h1")}  # fmt: skip
+    detection = detection_summary([{"m1", "m2"}], {"m1", "m2", "m3", "m4"}, {"m1", "m2", "m3"})
+    results = {"final": {"accuracy": 0.8, "loss": 0.5, "attack_success_rate": None,
+                         "detection": detection}, "clients": clients, "rounds": [{}]}  # fmt: skip
+    table = summary_table(results)
+    assert "| detection precision / recall | 1.000 / 0.500 |" in table
+    assert "| recall, attackers that attacked | 0.667 (2 of 3) |" in table
+    results["final"]["detection"] = detection_summary([{"m1"}], {"m1"})
+    assert "attackers that attacked" not in summary_table(results)
+
+
 def test_trust_heatmap_writes_a_png(tmp_path):
     path = tmp_path / "trust.png"
     plot_trust_heatmap({"c1": [None, 0.9, 0.8], "c2": [0.7, 0.4, 0.2]}, {"c2"}, path)

@@ -123,6 +123,12 @@ def summary_table(results: dict) -> str:
         ["detection precision / recall", f"{fmt(det['precision'])} / {fmt(det['recall'])}"],
         ["first detection (round)", fmt(det["first_detection_round"])],
     ]
+    if det.get("attacked"):  # on-off or held-back attackers, or some never sampled
+        found = round(det["recall_attacked"] * det["attacked"])
+        rows.append(
+            ["recall, attackers that attacked", f"{fmt(det['recall_attacked'])} "
+             f"({found} of {det['attacked']})"]
+        )  # fmt: skip
     clients = results["clients"]
     scored = sorted(
         (c for c in clients if clients[c]["trust"] is not None), key=lambda c: clients[c]["trust"]
