@@ -420,8 +420,9 @@ honest client flagged at round 10 (docs/results.md, "The output layer's associat
 
 ASSOCIATION_MIN_OUTPUT_KINSHIP = 0.4
 """Least mean cosine of a client's output-layer forecast to the flagged clients' for the output
-layer to count. Attackers trained on poisoned labels that it lifted sat at 0.40-0.67; the honest
-clients it lifted under sign flipping and crafted vectors at 0.25-0.45."""
+layer to count. Attackers trained on poisoned labels that it lifted sat at 0.40-0.67 (one at
+0.25); most honest clients it lifted under other attacks lower, 0.25-0.45, not all (0.62 once
+under sign flipping)."""
 
 
 class Association(NamedTuple):
