@@ -243,19 +243,19 @@ class RunInfo:
     unknown: str = "no ground truth"
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. "deployment"
 
-    def attacked_rounds(self, client_id: str, rounds: list[dict[str, Any]]) -> list[int] | None:
-        """The rounds of ``rounds`` (results.json records) in which ``client_id`` was sampled
-        and attacked; None without ground truth."""
+    def attacked_rounds(self, rounds: list[dict[str, Any]]) -> dict[str, list[int]] | None:
+        """For each malicious client that attacked, the rounds of ``rounds`` (results.json
+        records) in which it was sampled and attacked, in one pass over the cohorts; None
+        without ground truth."""
         if self.malicious is None:
             return None
-        if client_id not in self.malicious:
-            return []
         attacks = self.attacks or (lambda cid, r: True)
-        return [
-            r["round"]
-            for r in rounds
-            if client_id in r["selected"] and attacks(client_id, r["round"])
-        ]
+        out: dict[str, list[int]] = {}
+        for r in rounds:
+            for cid in r["selected"]:
+                if cid in self.malicious and attacks(cid, r["round"]):
+                    out.setdefault(cid, []).append(r["round"])
+        return out
 
 
 def results(
@@ -268,14 +268,12 @@ def results(
         ids, examples = list(info.population), info.population
     else:
         ids, examples = sorted({*snapshot, *history.examples}), history.examples
-    attacked = {cid: info.attacked_rounds(cid, history.rounds) for cid in ids}
-    if info.malicious is None:
+    attacked = info.attacked_rounds(history.rounds)
+    if attacked is None:
         detection = {"precision": None, "recall": None, "note": info.unknown}
     else:
         flagged = [set(f) for f in history.flagged]
-        detection = report.detection_summary(
-            flagged, set(info.malicious), attacked={cid for cid, rs in attacked.items() if rs}
-        )
+        detection = report.detection_summary(flagged, set(info.malicious), set(attacked))
     return {
         "config": info.config,
         **info.extra,
@@ -293,7 +291,7 @@ def results(
                 "trust": snapshot[cid].trust if cid in snapshot else None,
                 "flagged": bool(snapshot[cid].flagged) if cid in snapshot else False,
                 "num_examples": examples.get(cid),
-                "attacked_rounds": attacked[cid],
+                "attacked_rounds": None if attacked is None else attacked.get(cid, []),
             }
             for cid in ids
         },

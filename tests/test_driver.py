@@ -246,9 +246,9 @@ def test_recall_counts_apart_the_attackers_that_attacked_when_they_were_sampled(
     rounds = [{"round": 1, "selected": ["a", "d"]}, {"round": 2, "selected": ["a", "b", "d"]},
               {"round": 3, "selected": ["b"]}]  # fmt: skip
     info = RunInfo({}, malicious=frozenset({"a", "b", "c", "d"}), attacks=lambda cid, r: r >= 2)
-    assert [info.attacked_rounds(c, rounds) for c in "abcde"] == [[2], [2, 3], [], [2], []]
-    assert RunInfo({}).attacked_rounds("a", rounds) is None
-    assert RunInfo({}, malicious=frozenset({"a"})).attacked_rounds("a", rounds) == [1, 2]
+    assert info.attacked_rounds(rounds) == {"a": [2], "b": [2, 3], "d": [2]}
+    assert RunInfo({}).attacked_rounds(rounds) is None
+    assert RunInfo({}, malicious=frozenset({"a"})).attacked_rounds(rounds) == {"a": [1, 2]}
 
 
 def test_resume_refuses_another_model_or_other_settings(tmp_path):

@@ -357,28 +357,30 @@ def _results_beside(ledger_path: str) -> dict:
     return results if isinstance(results, dict) else {}
 
 
+def _clients_field(results: dict, key: str, kind: type) -> dict[str, Any] | None:
+    """Each client's ``key`` in a results.json, None unless every client gives one of ``kind``
+    (no results, a deployment's, or one written before the field was)."""
+    try:
+        values = {cid: c.get(key) for cid, c in results["clients"].items()}
+    except (KeyError, TypeError, AttributeError):
+        return None
+    return values if all(isinstance(v, kind) for v in values.values()) else None
+
+
 def _attackers(results: dict) -> set[str] | None:
     """The malicious clients a simulation's results name, None when they do not say (no
     results, or a deployment's, which knows no ground truth)."""
-    try:
-        clients = results["clients"].items()
-        if not all(isinstance(c.get("malicious"), bool) for _, c in clients):
-            return None
-        return {cid for cid, c in clients if c["malicious"]}
-    except (KeyError, TypeError, AttributeError):
-        return None
+    malicious = _clients_field(results, "malicious", bool)
+    return None if malicious is None else {cid for cid, m in malicious.items() if m}
 
 
 def _attacked(results: dict, rounds: int) -> set[str] | None:
     """The clients a simulation's results say attacked in a round up to ``rounds`` that they
     were sampled in, None when they do not say (results written before they did)."""
-    try:
-        clients = results["clients"].items()
-        if not all(isinstance(c.get("attacked_rounds"), list) for _, c in clients):
-            return None
-        return {cid for cid, c in clients if any(r <= rounds for r in c["attacked_rounds"])}
-    except (KeyError, TypeError, AttributeError):
+    attacked = _clients_field(results, "attacked_rounds", list)
+    if attacked is None:
         return None
+    return {cid for cid, rs in attacked.items() if any(r <= rounds for r in rs)}
 
 
 def _replay_settings(args: argparse.Namespace, config: dict) -> tuple[Any, Any, str]:
