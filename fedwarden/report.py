@@ -195,7 +195,10 @@ def plot_matrix(
 
 
 def detection_summary(
-    flagged_by_round: list[set[str]], malicious: set[str], attacked: set[str] | None = None
+    flagged_by_round: list[set[str]],
+    malicious: set[str],
+    attacked: set[str] | None = None,
+    selected_by_round: list[set[str]] | None = None,
 ) -> dict[str, Any]:
     """How well the flags of the last round find the known malicious clients.
 
@@ -208,6 +211,11 @@ def detection_summary(
     also ``attacked`` (how many) and ``recall_attacked``, the share of them finally flagged
     (None when none did): what a detector can be asked to find, since a malicious client that
     was never sampled, or only trained honestly when it was, sent nothing to find.
+    With ``selected_by_round`` (each round's cohort) also the false-positive figures:
+    ``honest_client_rounds`` (honest clients sampled, summed over the rounds),
+    ``honest_client_rounds_flagged`` (how many of those client-rounds ended flagged) and
+    ``longest_honest_streak`` (the most rounds in a row, counting only the rounds it was sampled
+    in, that one honest client ended flagged).
     """
     final = set(flagged_by_round[-1]) if flagged_by_round else set()
     malicious = set(malicious)
@@ -225,4 +233,32 @@ def detection_summary(
         out.update(
             attacked=len(attacked), recall_attacked=found / len(attacked) if attacked else None
         )
+    if selected_by_round is not None:
+        out.update(_false_positives(flagged_by_round, selected_by_round, malicious))
     return out
+
+
+def honest_flags(detection: dict[str, Any]) -> str:
+    """``"0.4% (3 of 796)"``: the honest client-rounds flagged of a :func:`detection_summary`
+    (or of several, summed)."""
+    flagged, sampled = detection["honest_client_rounds_flagged"], detection["honest_client_rounds"]
+    return f"{100 * flagged / sampled:.1f}% ({flagged} of {sampled})" if sampled else "-"
+
+
+def _false_positives(
+    flagged_by_round: list[set[str]], selected_by_round: list[set[str]], malicious: set[str]
+) -> dict[str, int]:
+    """Honest client-rounds sampled, how many ended flagged, and the longest run of them."""
+    sampled = flagged = longest = 0
+    streak: dict[str, int] = {}
+    for cohort, flags in zip(selected_by_round, flagged_by_round):
+        for cid in set(cohort) - malicious:
+            sampled += 1
+            streak[cid] = streak.get(cid, 0) + 1 if cid in flags else 0
+            flagged += cid in flags
+            longest = max(longest, streak[cid])
+    return {
+        "honest_client_rounds": sampled,
+        "honest_client_rounds_flagged": flagged,
+        "longest_honest_streak": longest,
+    }

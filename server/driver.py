@@ -273,7 +273,8 @@ def results(
         detection = {"precision": None, "recall": None, "note": info.unknown}
     else:
         flagged = [set(f) for f in history.flagged]
-        detection = report.detection_summary(flagged, set(info.malicious), set(attacked))
+        selected = [set(r["selected"]) for r in history.rounds]
+        detection = report.detection_summary(flagged, set(info.malicious), set(attacked), selected)
     return {
         "config": info.config,
         **info.extra,

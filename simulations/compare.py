@@ -11,7 +11,7 @@ from tqdm import tqdm  # noqa: E402
 
 from fedwarden.config import RunConfig, validate  # noqa: E402
 from fedwarden.data.datasets import load_dataset  # noqa: E402
-from fedwarden.report import fmt, markdown_table, plot_matrix  # noqa: E402
+from fedwarden.report import fmt, honest_flags, markdown_table, plot_matrix  # noqa: E402
 from fedwarden.simulations.preflight import cell_config  # noqa: E402
 from fedwarden.simulations.runner import Simulation, check_config, make_federation  # noqa: E402
 
@@ -82,6 +82,7 @@ def compare(
     (out / "matrix.json").write_text(json.dumps(matrix, indent=2))
     table = _table(matrix, aggregators, base, seeds)
     (out / "matrix.md").write_text(table + "\n")
+    (out / "detection.md").write_text(_detection_table(matrix, aggregators, base, seeds) + "\n")
     _heatmap(matrix, rows, aggregators, out / "matrix.png", base)
     return table
 
@@ -169,6 +170,47 @@ def _table(matrix: dict, aggregators: list[str], base: RunConfig, seeds: list[in
         "In brackets: change against the clean run with the same aggregator."
     )
     return caption + "\n\n" + markdown_table(header, body)
+
+
+def _detection_table(
+    matrix: dict, aggregators: list[str], base: RunConfig, seeds: list[int]
+) -> str:
+    """Each cell's flags at the last round, over the seeds: precision and recall (mean and
+    range of the runs'), the attackers found of those that attacked and the honest client-rounds
+    flagged (summed over the runs), the longest honest streak (the largest)."""
+    header = ["attack", "aggregator", "precision", "recall (attackers that attacked)",
+              "found", "honest client-rounds flagged", "longest honest streak"]  # fmt: skip
+    body = []
+    for attack, cells in matrix.items():
+        for g in aggregators:
+            runs = [c["detection"] for c in cells[g].get("seeds", {"": cells[g]}).values()]
+            attacked = sum(d.get("attacked") or 0 for d in runs)
+            found = sum(round((d.get("recall_attacked") or 0.0) * (d.get("attacked") or 0))
+                        for d in runs)  # fmt: skip
+            summed = {key: sum(d.get(key) or 0 for d in runs)
+                      for key in ("honest_client_rounds_flagged", "honest_client_rounds")}  # fmt: skip
+            body.append([
+                attack, g, _spread([d["precision"] for d in runs]),
+                _spread([d.get("recall_attacked") for d in runs]),
+                f"{found} of {attacked}" if attacked else "-", honest_flags(summed),
+                max((d.get("longest_honest_streak") or 0 for d in runs), default=0),
+            ])  # fmt: skip
+    caption = (
+        f"Detection after round {base.rounds} on {base.dataset}: {base.clients} clients, "
+        f"{base.clients_per_round} per round, {base.malicious_fraction:.0%} malicious, "
+        f"seeds {', '.join(map(str, seeds))}. Precision and recall: mean (range) of the runs'; "
+        "found and honest client-rounds: summed over the runs."
+    )
+    return caption + "\n\n" + markdown_table(header, body)
+
+
+def _spread(values: list[float | None]) -> str:
+    known = [v for v in values if v is not None]
+    if not known:
+        return "-"
+    if len(known) == 1:
+        return fmt(known[0], 2)
+    return f"{fmt(float(np.mean(known)), 2)} ({fmt(min(known), 2)}-{fmt(max(known), 2)})"
 
 
 def _heatmap(

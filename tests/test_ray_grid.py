@@ -66,6 +66,33 @@ def test_several_seeds_report_mean_and_spread_of_their_runs(tmp_path):
     assert "seeds 0, 1" in table
 
 
+def test_the_detection_table_sums_its_runs_flags(tmp_path):
+    base = replace(GRID, clients=10, clients_per_round=5, rounds=3, malicious_fraction=0.2)
+    compare(base, ATTACKS, ["median"], tmp_path, seeds=[0, 1])
+    found = attacked = honest = honest_flagged = 0
+    precisions = []
+    for s in (0, 1):
+        results = _results(tmp_path / "runs" / f"gaussian__median__seed{s}")
+        malicious = {c for c, v in results["clients"].items() if v["malicious"]}
+        rounds = results["rounds"]
+        final = set(rounds[-1]["flagged"])
+        sent = {c for r in rounds for c in r["selected"]} & malicious
+        found, attacked = found + len(final & sent), attacked + len(sent)
+        precisions.append(len(final & malicious) / len(final))
+        for r in rounds:
+            cohort = set(r["selected"]) - malicious
+            honest += len(cohort)
+            honest_flagged += len(cohort & set(r["flagged"]))
+    assert attacked > 0 and found > 0  # Gaussian noise is found in three rounds
+    table = (tmp_path / "detection.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| gaussian | median |"))
+    assert f"| {found} of {attacked} |" in row
+    assert f"({honest_flagged} of {honest})" in row
+    assert f"| {np.mean(precisions):.2f} (" in row
+    assert "seeds 0, 1" in table
+    assert "| none | median |" in table
+
+
 @pytest.mark.parametrize("text", ["", "a,b", "0,-1", ","])
 def test_bad_seeds_are_refused_with_the_value(text):
     from fedwarden.cli.main import parse_seeds

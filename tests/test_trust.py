@@ -19,7 +19,7 @@ import pytest
 from fedwarden.aggregation.detection import Association, CopyGroups
 from fedwarden.cli.trust import trust_main
 from fedwarden.records import ClientSummary
-from fedwarden.report import detection_summary, plot_trust_heatmap
+from fedwarden.report import detection_summary, honest_flags, plot_trust_heatmap
 from fedwarden.server.ledger import Ledger, LedgerError, remove_ledger
 from fedwarden.server.trust import EvidenceSums, TrustBook, TrustPolicy, explain, round_rows
 
@@ -414,6 +414,20 @@ def test_detection_summary():
     assert detection_summary([{"m1"}], {"m1"}, attacked=set())["recall_attacked"] is None
 
 
+def test_honest_flags_count_only_the_rounds_a_client_was_sampled_in():
+    # h1 flagged in rounds 1, 2 and 4 but sampled in 1, 3 and 4; h2 flagged in both its rounds;
+    # m1's flags are not false positives; h3 was flagged only while it sat out (association).
+    flagged = [{"h1", "m1"}, {"h1", "h2"}, {"h2", "m1"}, {"h1", "h3"}]
+    selected = [{"h1", "m1"}, {"h2", "h3"}, {"h1", "h2", "m1"}, {"h1"}]
+    summary = detection_summary(flagged, {"m1"}, {"m1"}, selected)
+    assert summary["honest_client_rounds"] == 6  # h1 3, h2 2, h3 1
+    assert summary["honest_client_rounds_flagged"] == 4  # h1 in rounds 1 and 4, h2 in 2 and 3
+    assert summary["longest_honest_streak"] == 2  # h2; h1's rounds 1 and 4 had an unflagged 3
+    assert "honest_client_rounds_flagged" not in detection_summary(flagged, {"m1"})
+    assert honest_flags(summary) == "66.7% (4 of 6)"
+    assert honest_flags({"honest_client_rounds_flagged": 0, "honest_client_rounds": 0}) == "-"
+
+
 def test_the_run_summary_gives_recall_over_the_attackers_that_attacked():
     from fedwarden.cli.main import summary_table
 
@@ -425,6 +439,11 @@ def test_the_run_summary_gives_recall_over_the_attackers_that_attacked():
     table = summary_table(results)
     assert "| detection precision / recall | 1.000 / 0.500 |" in table
     assert "| recall, attackers that attacked | 0.667 (2 of 3) |" in table
+    assert "honest client-rounds flagged" not in table  # no cohorts given
+    selected = [{"m1", "m2", "h1"}]
+    results["final"]["detection"] = detection_summary([{"m1", "h1"}], {"m1", "m2"}, None, selected)
+    table = summary_table(results)
+    assert "| honest client-rounds flagged | 100.0% (1 of 1), longest streak 1 |" in table
     results["final"]["detection"] = detection_summary([{"m1"}], {"m1"})
     assert "attackers that attacked" not in summary_table(results)
 

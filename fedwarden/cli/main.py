@@ -113,7 +113,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def summary_table(results: dict) -> str:
     """The end-of-run table: accuracy, attack success, detection, the least trusted clients."""
-    from fedwarden.report import fmt, markdown_table
+    from fedwarden.report import fmt, honest_flags, markdown_table
 
     final, det = results["final"], results["final"]["detection"]
     rows = [
@@ -128,6 +128,11 @@ def summary_table(results: dict) -> str:
         rows.append(
             ["recall, attackers that attacked", f"{fmt(det['recall_attacked'])} "
              f"({found} of {det['attacked']})"]
+        )  # fmt: skip
+    if det.get("honest_client_rounds"):
+        rows.append(
+            ["honest client-rounds flagged", f"{honest_flags(det)}, longest streak "
+             f"{det['longest_honest_streak']}"]
         )  # fmt: skip
     clients = results["clients"]
     scored = sorted(
@@ -186,6 +191,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     ray = {"ray_address": args.ray_address, "cpus_per_run": args.ray_cpus_per_run}
     print(compare(base, attacks, aggregators, out, seeds=seeds, **ray))
+    print()
+    print((out / "detection.md").read_text(), end="")
     return 0
 
 
@@ -266,8 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
         "compare",
         help="run every attack against every aggregator",
         description="Runs each (attack, aggregator) pair on the same data split and "
-        "seed, plus a clean baseline; writes matrix.json, matrix.md and matrix.png, and each "
-        "run's outputs under OUT/runs/.",
+        "seed, plus a clean baseline; writes matrix.json, matrix.md, matrix.png and "
+        "detection.md (each cell's precision, recall and honest client-rounds flagged), and "
+        "each run's outputs under OUT/runs/.",
     )
     g = p.add_argument_group("grid")
     g.add_argument(

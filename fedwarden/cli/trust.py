@@ -418,7 +418,8 @@ def replay_summary(
 ) -> dict:  # fmt: skip
     """The recorded and the replayed flags of the same rounds side by side: the clients flagged
     after the last one, the client-rounds flagged (a client flagged after a round it took part
-    in), and with ``attackers`` precision and recall over the attackers that took part; with
+    in), and with ``attackers`` precision and recall over the attackers that took part and the
+    honest client-rounds flagged, with the longest honest streak; with
     ``attacked`` (those that attacked in a replayed round they took part in) also the recall
     over them, ``recall_attacked``."""
     from fedwarden.report import detection_summary
@@ -439,10 +440,7 @@ def replay_summary(
             "flagged_client_rounds": sum(len(f & p) for f, p in zip(flags, took_part)),
         }
         if attackers is not None:
-            side.update(detection_summary(flags, attackers & seen, attacked))
-            side["honest_client_rounds_flagged"] = sum(
-                len((f & p) - attackers) for f, p in zip(flags, took_part)
-            )
+            side.update(detection_summary(flags, attackers & seen, attacked, took_part))
         out[name] = side
     recorded_final, replayed_final = (set(out[k]["flagged"]) for k in ("recorded", "replayed"))
     out["newly_flagged"] = sorted(replayed_final - recorded_final)
@@ -501,10 +499,11 @@ def cmd_trust_replay(args: argparse.Namespace) -> int:
     )  # fmt: skip
     keys = ["flagged_client_rounds"]
     if summary["attackers"] is not None:
-        keys += ["honest_client_rounds_flagged", "precision", "recall", "first_detection_round"]
+        keys += ["honest_client_rounds_flagged", "longest_honest_streak", "precision", "recall",
+                 "first_detection_round"]  # fmt: skip
         print(f"attackers that took part (results.json): {', '.join(summary['attackers'])}")
         if summary["attacked"] is not None:
-            keys.insert(4, "recall_attacked")
+            keys.insert(5, "recall_attacked")
             print(
                 f"of them attacked in a round they took part in: {', '.join(summary['attacked'])}"
             )
