@@ -262,3 +262,56 @@ def _false_positives(
         "honest_client_rounds_flagged": flagged,
         "longest_honest_streak": longest,
     }
+
+
+def detection_by_round(results: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """A simulation's ``results.json`` read round by round: recall over the attackers that have
+    attacked so far (``clients[id].attacked_rounds``) and precision of the flags after each
+    round, NaN where undefined (no attacker yet, no flag)."""
+    first = {
+        cid: min(c["attacked_rounds"])
+        for cid, c in results["clients"].items()
+        if c.get("attacked_rounds")
+    }
+    malicious = {cid for cid, c in results["clients"].items() if c.get("malicious")}
+    recall, precision = [], []
+    for record in results["rounds"]:
+        attacked = {cid for cid, r in first.items() if r <= record["round"]}
+        flagged = set(record["flagged"])
+        recall.append(len(flagged & attacked) / len(attacked) if attacked else float("nan"))
+        precision.append(len(flagged & malicious) / len(flagged) if flagged else float("nan"))
+    return recall, precision
+
+
+def plot_detection_by_round(
+    runs: dict[str, list[dict[str, Any]]], path: Path, title: str = ""
+) -> Path:
+    """Recall and precision after each round (:func:`detection_by_round`), each line the mean
+    over one label's runs (the seeds of a grid cell), with the issue's 0.95 marked."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, results in runs.items():
+        curves = [detection_by_round(r) for r in results]
+        length = max(len(recall) for recall, _ in curves)
+        for ax, k in ((left, 0), (right, 1)):
+            values = np.full((len(curves), length), np.nan)
+            for i, curve in enumerate(curves):
+                values[i, : len(curve[k])] = curve[k]
+            defined = np.isfinite(values).any(axis=0)
+            mean = np.full(length, np.nan)
+            mean[defined] = np.nanmean(values[:, defined], axis=0)
+            ax.plot(np.arange(1, length + 1), mean, marker="o", ms=3,
+                    label=f"{label} ({len(results)} runs)")  # fmt: skip
+    for ax, name in ((left, "recall over the attackers that attacked so far"),
+                     (right, "precision of the flags")):  # fmt: skip
+        ax.axhline(0.95, color="grey", lw=0.8, ls=":")
+        ax.set(xlabel="round", title=name, ylim=(0, 1.02))
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    left.legend(fontsize=8, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -11,7 +11,13 @@ from tqdm import tqdm  # noqa: E402
 
 from fedwarden.config import RunConfig, validate  # noqa: E402
 from fedwarden.data.datasets import load_dataset  # noqa: E402
-from fedwarden.report import fmt, honest_flags, markdown_table, plot_matrix  # noqa: E402
+from fedwarden.report import (  # noqa: E402
+    fmt,
+    honest_flags,
+    markdown_table,
+    plot_detection_by_round,
+    plot_matrix,
+)
 from fedwarden.simulations.preflight import cell_config  # noqa: E402
 from fedwarden.simulations.runner import Simulation, check_config, make_federation  # noqa: E402
 
@@ -83,6 +89,7 @@ def compare(
     table = _table(matrix, aggregators, base, seeds)
     (out / "matrix.md").write_text(table + "\n")
     (out / "detection.md").write_text(_detection_table(matrix, aggregators, base, seeds) + "\n")
+    _detection_plot(dirs, aggregators, base, out / "detection.png")
     _heatmap(matrix, rows, aggregators, out / "matrix.png", base)
     return table
 
@@ -202,6 +209,20 @@ def _detection_table(
         "found and honest client-rounds: summed over the runs."
     )
     return caption + "\n\n" + markdown_table(header, body)
+
+
+def _detection_plot(dirs: dict, aggregators: list[str], base: RunConfig, path: Path) -> None:
+    """Each attacked cell's recall and precision by round over its seeds, from the runs'
+    results.json (written by a Ray task too)."""
+    runs: dict[str, list[dict]] = {}
+    for (attack, g, _), run_dir in dirs.items():
+        if attack != "none":
+            label = attack if len(aggregators) == 1 else f"{attack} x {g}"
+            runs.setdefault(label, []).append(json.loads((run_dir / "results.json").read_text()))
+    if runs:
+        title = (f"{base.dataset}: {base.clients} clients, {base.clients_per_round} per round, "
+                 f"{base.malicious_fraction:.0%} malicious")  # fmt: skip
+        plot_detection_by_round(runs, path, title)
 
 
 def _spread(values: list[float | None]) -> str:

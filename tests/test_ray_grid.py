@@ -91,6 +91,7 @@ def test_the_detection_table_sums_its_runs_flags(tmp_path):
     assert f"| {np.mean(precisions):.2f} (" in row
     assert "seeds 0, 1" in table
     assert "| none | median |" in table
+    assert (tmp_path / "detection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("text", ["", "a,b", "0,-1", ","])

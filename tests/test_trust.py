@@ -448,6 +448,28 @@ def test_the_run_summary_gives_recall_over_the_attackers_that_attacked():
     assert "attackers that attacked" not in summary_table(results)
 
 
+def test_detection_by_round_counts_each_attacker_from_the_round_it_first_attacked(tmp_path):
+    from fedwarden.report import detection_by_round, plot_detection_by_round
+
+    clients = {
+        "m1": {"malicious": True, "attacked_rounds": [1, 3]},
+        "m2": {"malicious": True, "attacked_rounds": [2]},
+        "m3": {"malicious": True, "attacked_rounds": []},  # never attacked: not counted
+        "h1": {"malicious": False, "attacked_rounds": []},
+    }
+    rounds = [{"round": 1, "flagged": []}, {"round": 2, "flagged": ["m1", "h1"]},
+              {"round": 3, "flagged": ["m1", "m2", "m3"]}]  # fmt: skip
+    recall, precision = detection_by_round({"clients": clients, "rounds": rounds})
+    assert recall == [0.0, 0.5, 1.0]
+    assert np.isnan(precision[0]) and precision[1:] == [0.5, 1.0]
+    late = {"clients": {"m1": {"malicious": True, "attacked_rounds": [2]}},
+            "rounds": [{"round": 1, "flagged": []}, {"round": 2, "flagged": ["m1"]}]}  # fmt: skip
+    assert np.isnan(detection_by_round(late)[0][0])
+    path = plot_detection_by_round({"a": [{"clients": clients, "rounds": rounds}, late]},
+                                   tmp_path / "d.png")  # fmt: skip
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_trust_heatmap_writes_a_png(tmp_path):
     path = tmp_path / "trust.png"
     plot_trust_heatmap({"c1": [None, 0.9, 0.8], "c2": [0.7, 0.4, 0.2]}, {"c2"}, path)
