@@ -526,9 +526,15 @@ class TrustBook:
         if pooled.size == 0:
             return 0.0, max(self.policy.min_scale, 1e-9), {}
         # Scores at the ceiling are left out unless they are most of the pool: then the scores
-        # moved (a model every update now differs from), they are not a few outliers.
+        # moved (a model every update now differs from), they are not a few outliers. Half the
+        # pool is a tie, which the latest round breaks: most of it at the ceiling, the scores
+        # moved; half of it (a first round's pool, one cohort of which five sent one update),
+        # they did not.
         below = pooled < POOL_CEILING
-        most_below = 2 * below.sum() > pooled.size
+        latest = self._pool[-1][0]
+        most_below = 2 * below.sum() > pooled.size or (
+            2 * below.sum() == pooled.size and 2 * (latest >= POOL_CEILING).sum() <= latest.size
+        )
         ceiling = POOL_CEILING if most_below else np.inf
         if most_below:
             pooled = pooled[below]

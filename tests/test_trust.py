@@ -659,6 +659,22 @@ def test_scores_at_the_ceiling_stay_out_of_the_population(tmp_path):
         assert restarted._population()[:2] == pytest.approx((center, scale))
 
 
+def test_half_a_first_cohort_at_the_ceiling_is_flagged_not_taken_for_the_population():
+    """Round 1 of a mimic run (Fashion-MNIST seed 12): four copiers and the client they copied
+    send one update, five of ten scores at 1.0, and the first round's pool is that cohort alone.
+    Half of a pool is a tie, which the latest round breaks: half of it at the ceiling, the five
+    are judged against the other five (a round all at the ceiling is the next test's)."""
+    book = TrustBook(TrustPolicy())
+    _, cohort, scores = next(population_rounds(1, per_round=5, seed=4))
+    copies = [f"m{i}" for i in range(5)]
+    states = book.update(1, [*cohort, *copies], np.append(scores, [1.0] * 5), {})
+    assert all(states[c].flagged for c in copies)
+    assert not any(states[c].flagged for c in cohort)
+    one_more = TrustBook(TrustPolicy())  # six of eleven at the ceiling: most of the pool
+    states = one_more.update(1, [*cohort, *copies, "m5"], np.append(scores, [1.0] * 6), {})
+    assert not any(s.flagged for s in states.values())
+
+
 def test_when_most_scores_reach_the_ceiling_the_population_follows_them():
     """A model broken in round 1 (a plain mean and Gaussian noise): every update of the next
     rounds scores 1.0. They are the population now, not outliers to flag."""
