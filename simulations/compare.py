@@ -205,8 +205,12 @@ def _detection_table(
     caption = (
         f"Detection after round {base.rounds} on {base.dataset}: {base.clients} clients, "
         f"{base.clients_per_round} per round, {base.malicious_fraction:.0%} malicious, "
-        f"seeds {', '.join(map(str, seeds))}. Precision and recall: mean (range) of the runs'; "
-        "found and honest client-rounds: summed over the runs."
+        + (
+            f"seed {seeds[0]}."
+            if len(seeds) == 1
+            else f"seeds {', '.join(map(str, seeds))}. Precision and recall: mean (range) of the "
+            "runs'; found and honest client-rounds: summed over the runs."
+        )
     )
     return caption + "\n\n" + markdown_table(header, body)
 
