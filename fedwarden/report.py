@@ -301,7 +301,7 @@ def plot_detection_by_round(
             mean = np.full(length, np.nan)
             mean[defined] = np.nanmean(values[:, defined], axis=0)
             ax.plot(np.arange(1, length + 1), mean, marker="o", ms=3,
-                    label=f"{label} ({len(results)} runs)")  # fmt: skip
+                    label=f"{label} ({len(results)} run{'s' * (len(results) != 1)})")  # fmt: skip
     for ax, name in ((left, "recall over the attackers that attacked so far"),
                      (right, "precision of the flags")):  # fmt: skip
         ax.axhline(0.95, color="grey", lw=0.8, ls=":")
