@@ -238,6 +238,12 @@ def detection_summary(
     return out
 
 
+def attackers_found(detection: dict[str, Any]) -> int:
+    """How many of the attackers that attacked a :func:`detection_summary` found (0 when it
+    knows none)."""
+    return round((detection.get("recall_attacked") or 0.0) * (detection.get("attacked") or 0))
+
+
 def honest_flags(detection: dict[str, Any]) -> str:
     """``"0.4% (3 of 796)"``: the honest client-rounds flagged of a :func:`detection_summary`
     (or of several, summed)."""

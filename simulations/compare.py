@@ -12,6 +12,7 @@ from tqdm import tqdm  # noqa: E402
 from fedwarden.config import RunConfig, validate  # noqa: E402
 from fedwarden.data.datasets import load_dataset  # noqa: E402
 from fedwarden.report import (  # noqa: E402
+    attackers_found,
     fmt,
     honest_flags,
     markdown_table,
@@ -192,8 +193,7 @@ def _detection_table(
         for g in aggregators:
             runs = [c["detection"] for c in cells[g].get("seeds", {"": cells[g]}).values()]
             attacked = sum(d.get("attacked") or 0 for d in runs)
-            found = sum(round((d.get("recall_attacked") or 0.0) * (d.get("attacked") or 0))
-                        for d in runs)  # fmt: skip
+            found = sum(attackers_found(d) for d in runs)
             summed = {key: sum(d.get(key) or 0 for d in runs)
                       for key in ("honest_client_rounds_flagged", "honest_client_rounds")}  # fmt: skip
             body.append([

@@ -573,10 +573,11 @@ def test_attackers_built_to_hide_are_flagged_on_digits(attack, tmp_path):
     assert detection["precision"] == 1.0 and detection["recall"] >= 0.75, detection
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
+needs_fashion_mnist = pytest.mark.skipif(
     not Path(FASHION_MNIST_DIR).is_dir(), reason="Debian's dataset-fashion-mnist not installed"
 )
+
+
 def issue_run(out, attack: str, seed: int) -> dict:
     """Issue 18's setting: Fashion-MNIST, 50 clients, 10 a round, Dirichlet 0.5, 20% malicious,
     10 rounds, ``auto``, flags only; the results of one run."""
@@ -591,6 +592,8 @@ def issue_run(out, attack: str, seed: int) -> dict:
     return simulate(make_config({}, settings))
 
 
+@pytest.mark.slow
+@needs_fashion_mnist
 def test_backdoor_attackers_are_found_through_their_association_with_flagged_ones(tmp_path):
     """The issue's setting (Fashion-MNIST, 50 clients, 10 a round, Dirichlet 0.5, 20% backdoor),
     seed 0: some attackers are flagged on their own evidence; others look ordinary in every
@@ -624,6 +627,8 @@ def test_backdoor_attackers_are_found_through_their_association_with_flagged_one
     assert still and alone[-1] == recorded[-1] - still
 
 
+@pytest.mark.slow
+@needs_fashion_mnist
 def test_dba_attackers_are_found_through_the_output_layer_their_poisoned_labels_move(
     tmp_path, monkeypatch
 ):

@@ -113,7 +113,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def summary_table(results: dict) -> str:
     """The end-of-run table: accuracy, attack success, detection, the least trusted clients."""
-    from fedwarden.report import fmt, honest_flags, markdown_table
+    from fedwarden.report import attackers_found, fmt, honest_flags, markdown_table
 
     final, det = results["final"], results["final"]["detection"]
     rows = [
@@ -124,10 +124,9 @@ def summary_table(results: dict) -> str:
         ["first detection (round)", fmt(det["first_detection_round"])],
     ]
     if det.get("attacked"):  # on-off or held-back attackers, or some never sampled
-        found = round(det["recall_attacked"] * det["attacked"])
         rows.append(
             ["recall, attackers that attacked", f"{fmt(det['recall_attacked'])} "
-             f"({found} of {det['attacked']})"]
+             f"({attackers_found(det)} of {det['attacked']})"]
         )  # fmt: skip
     if det.get("honest_client_rounds"):
         rows.append(
