@@ -244,6 +244,23 @@ def attackers_found(detection: dict[str, Any]) -> int:
     return round((detection.get("recall_attacked") or 0.0) * (detection.get("attacked") or 0))
 
 
+def detection_totals(runs: list[dict[str, Any]]) -> dict[str, int]:
+    """Several runs' :func:`detection_summary` added up: the attackers that attacked and those
+    found, the honest client-rounds sampled and flagged (sums), the longest honest streak (the
+    largest)."""
+    return {
+        "attacked": sum(d.get("attacked") or 0 for d in runs),
+        "found": sum(attackers_found(d) for d in runs),
+        "honest_client_rounds": sum(d.get("honest_client_rounds") or 0 for d in runs),
+        "honest_client_rounds_flagged": sum(
+            d.get("honest_client_rounds_flagged") or 0 for d in runs
+        ),
+        "longest_honest_streak": max(
+            (d.get("longest_honest_streak") or 0 for d in runs), default=0
+        ),
+    }
+
+
 def honest_flags(detection: dict[str, Any]) -> str:
     """``"0.4% (3 of 796)"``: the honest client-rounds flagged of a :func:`detection_summary`
     (or of several, summed)."""

@@ -12,7 +12,7 @@ from tqdm import tqdm  # noqa: E402
 from fedwarden.config import RunConfig, validate  # noqa: E402
 from fedwarden.data.datasets import load_dataset  # noqa: E402
 from fedwarden.report import (  # noqa: E402
-    attackers_found,
+    detection_totals,
     fmt,
     honest_flags,
     markdown_table,
@@ -192,15 +192,12 @@ def _detection_table(
     for attack, cells in matrix.items():
         for g in aggregators:
             runs = [c["detection"] for c in cells[g].get("seeds", {"": cells[g]}).values()]
-            attacked = sum(d.get("attacked") or 0 for d in runs)
-            found = sum(attackers_found(d) for d in runs)
-            summed = {key: sum(d.get(key) or 0 for d in runs)
-                      for key in ("honest_client_rounds_flagged", "honest_client_rounds")}  # fmt: skip
+            total = detection_totals(runs)
             body.append([
                 attack, g, _spread([d["precision"] for d in runs]),
                 _spread([d.get("recall_attacked") for d in runs]),
-                f"{found} of {attacked}" if attacked else "-", honest_flags(summed),
-                max((d.get("longest_honest_streak") or 0 for d in runs), default=0),
+                f"{total['found']} of {total['attacked']}" if total["attacked"] else "-",
+                honest_flags(total), total["longest_honest_streak"],
             ])  # fmt: skip
     caption = (
         f"Detection after round {base.rounds} on {base.dataset}: {base.clients} clients, "

@@ -116,6 +116,39 @@ def test_flags_the_replay_does_not_make_are_marked_as_association(
     assert f"{victim} (by association in the run)" in text
 
 
+def test_a_grid_of_ledgers_is_replayed_run_by_run_and_added_up(sign_flip_run, tmp_path, capsys):
+    """Several ledgers (a grid's) under one flag line: each row is what replaying that ledger
+    alone gives, and the totals add up the runs whose results.json names the attackers; a
+    ledger without one (a deployment's) gets its row but stays out of the totals."""
+    import sqlite3
+
+    path, _ = sign_flip_run
+    bare = tmp_path / "deployment" / "ledger.sqlite"  # no results.json beside it
+    bare.parent.mkdir()
+    with sqlite3.connect(path) as source, sqlite3.connect(bare) as target:
+        source.backup(target)
+    options = ["--trust-false-positive-rate", "0.2", "--format", "json"]
+    assert main(["trust", "replay", "--ledger", str(path), *options]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert main(["trust", "replay", "--ledger", str(path), str(path), str(bare), *options]) == 0
+    grid = json.loads(capsys.readouterr().out)
+    assert [r["ledger"] for r in grid["runs"]] == [str(path), str(path), str(bare)]
+    assert grid["runs"][0]["replayed"] == alone["replayed"]
+    assert grid["runs"][2]["attackers"] is None and grid["runs_with_attackers"] == 2
+    for side in ("recorded", "replayed"):
+        one, total = alone[side], grid["total"][side]
+        assert total["attacked"] == 2 * one["attacked"] > 0
+        assert total["found"] == 2 * round(one["recall_attacked"] * one["attacked"])
+        assert total["honest_client_rounds"] == 2 * one["honest_client_rounds"]
+        assert total["honest_client_rounds_flagged"] == 2 * one["honest_client_rounds_flagged"]
+    assert grid["total"]["replayed"]["found"] >= grid["total"]["recorded"]["found"]
+
+    assert main(["trust", "replay", "--ledger", str(path), str(bare)]) == 0
+    table = capsys.readouterr().out
+    assert "total (1 of 2 runs name their attackers)" in table
+    assert table.splitlines()[0].startswith("2 ledgers, rounds 1-last replayed at their own")
+
+
 def test_a_replay_without_options_decides_at_the_runs_own_settings(tmp_path, capsys):
     """A run made at another flag line and other weights is replayed at those (its results.json's
     config), so it gives back its own flags; the ledger alone is replayed at the defaults."""

@@ -107,7 +107,11 @@ def add_trust_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         "replayed without association). When the ledger sits in a simulation's output "
         "directory, its results.json names the attackers and precision and recall are shown.",
     )  # fmt: skip
-    p.add_argument("--ledger", required=True, metavar="FILE", help="the run's ledger")
+    p.add_argument(
+        "--ledger", required=True, nargs="+", metavar="FILE",
+        help="the run's ledger; several (a grid's, runs/*/ledger.sqlite) give one row each and "
+        "their totals",
+    )  # fmt: skip
     defaults = TrustConfig()
     p.add_argument(
         "--trust-false-positive-rate", type=float, default=None, metavar="X",
@@ -454,16 +458,17 @@ def replay_summary(
     return out
 
 
-def cmd_trust_replay(args: argparse.Namespace) -> int:
+def _replay_one(path: str, args: argparse.Namespace) -> tuple[dict, Any, Any, str, bool]:
+    """One ledger replayed under ``args``' settings (else its run's): :func:`replay_summary`
+    with the settings used, the policy, the weights, where the settings not given came from and
+    whether the ledger keeps the forecasts association is decided from."""
     from fedwarden.server.replay import replay_flags
 
-    if args.rounds is not None and args.rounds < 1:
-        raise UsageError(f"--rounds must be at least 1. Received: {args.rounds}")
-    results = _results_beside(args.ledger)
+    results = _results_beside(path)
     policy, weights, source = _replay_settings(args, results.get("config", {}))
-    with _open(args.ledger) as ledger:
+    with _open(path) as ledger:
         if ledger.last_round() == 0:
-            raise UsageError(f"{args.ledger} records no round yet; replay a ledger after its run")
+            raise UsageError(f"{path} records no round yet; replay a ledger after its run")
         try:
             replayed = replay_flags(ledger, policy, weights, args.rounds)
         except ValueError as exc:  # an unknown or negative anomaly weight
@@ -482,6 +487,17 @@ def cmd_trust_replay(args: argparse.Namespace) -> int:
         "anomaly_weights": weights,
         "other_settings_from": source,
     }
+    return summary, policy, weights, source, kept
+
+
+def cmd_trust_replay(args: argparse.Namespace) -> int:
+    if args.rounds is not None and args.rounds < 1:
+        raise UsageError(f"--rounds must be at least 1. Received: {args.rounds}")
+    if len(args.ledger) > 1:
+        return _replay_runs(args)
+    path = args.ledger[0]
+    summary, policy, weights, source, kept = _replay_one(path, args)
+    associates = summary["settings"]["association_line"] is not None
     if args.format == "json":
         print(json.dumps(summary, indent=2))
         return 0
@@ -491,7 +507,7 @@ def cmd_trust_replay(args: argparse.Namespace) -> int:
         else f"trust threshold {policy.flag_below} (unflag above {policy.unflag_above})"
     )  # fmt: skip
     print(
-        f"rounds 1-{summary['rounds']} of {args.ledger} replayed at {rule}, "
+        f"rounds 1-{summary['rounds']} of {path} replayed at {rule}, "
         f"{'default' if weights is None else json.dumps(weights)} anomaly weights "
         f"(other settings: {source}); "
         + (f"association line {policy.association_z}" if associates else "association off"
@@ -523,6 +539,71 @@ def cmd_trust_replay(args: argparse.Namespace) -> int:
             clients = [f"{c} (by association in the run)" if c in associated else c
                        for c in clients]  # fmt: skip
         print(f"{label}: {', '.join(clients) or 'none'}")
+    return 0
+
+
+def _replay_runs(args: argparse.Namespace) -> int:
+    """Several ledgers (a grid's runs) replayed under the same options: one row per ledger, the
+    recorded and replayed attackers found and honest client-rounds flagged side by side, and
+    their totals over the runs whose results.json names the attackers."""
+    from pathlib import Path
+
+    from fedwarden.report import detection_totals, honest_flags
+
+    runs = []
+    for path in args.ledger:
+        summary = _replay_one(path, args)[0]
+        runs.append({"ledger": path, **summary})
+    judged = [r for r in runs if r["attackers"] is not None]
+    total = {side: detection_totals([r[side] for r in judged]) for side in ("recorded", "replayed")}
+    if args.format == "json":
+        print(
+            json.dumps({"runs": runs, "total": total, "runs_with_attackers": len(judged)}, indent=2)
+        )
+        return 0
+
+    def found(d: dict) -> str:
+        return f"{d['found']} of {d['attacked']}" if d.get("attacked") else "-"
+
+    def cells(rec: dict, rep: dict, known: bool) -> list[str]:
+        if not known:
+            return ["-", "-", "-"]
+        return [f"{found(rec)} -> {found(rep)}", f"{honest_flags(rec)} -> {honest_flags(rep)}",
+                f"{rec['longest_honest_streak']} -> {rep['longest_honest_streak']}"]  # fmt: skip
+
+    header = ("run", "flagged client-rounds", "attackers found", "honest client-rounds flagged",
+              "longest honest streak")  # fmt: skip
+    rows = []
+    for r in runs:
+        known = r["attackers"] is not None
+        sides = [detection_totals([r[side]]) if known else {} for side in ("recorded", "replayed")]
+        rows.append(dict(zip(header, [
+            Path(r["ledger"]).parent.name or r["ledger"],
+            f"{r['recorded']['flagged_client_rounds']} -> {r['replayed']['flagged_client_rounds']}",
+            *cells(*sides, known),
+        ])))  # fmt: skip
+    rows.append(dict(zip(header, [
+        f"total ({len(judged)} of {len(runs)} runs name their attackers)",
+        f"{sum(r['recorded']['flagged_client_rounds'] for r in runs)} -> "
+        f"{sum(r['replayed']['flagged_client_rounds'] for r in runs)}",
+        *cells(total["recorded"], total["replayed"], bool(judged)),
+    ])))  # fmt: skip
+    settings = runs[0]["settings"]
+    given = [f"{flag} {value}" for flag, value in (
+        ("--trust-false-positive-rate", args.trust_false_positive_rate),
+        ("--trust-evidence-rounds", args.trust_evidence_rounds),
+        ("--trust-association-z", args.trust_association_z),
+        ("--anomaly-weights", None if args.anomaly_weights is None
+         else json.dumps(args.anomaly_weights)),
+    ) if value is not None]  # fmt: skip
+    print(
+        f"{len(runs)} ledgers, rounds 1-{args.rounds or 'last'} replayed at "
+        f"{', '.join(given) or 'their own settings'} (settings not given: each run's "
+        f"results.json, else the defaults; first run's flag line {settings['flag_line']:.2f}); "
+        "recorded -> replayed"
+    )  # fmt: skip
+    print()
+    print(format_table(rows, header))
     return 0
 
 
