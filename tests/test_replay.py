@@ -146,7 +146,7 @@ def test_a_grid_of_ledgers_is_replayed_run_by_run_and_added_up(sign_flip_run, tm
     assert main(["trust", "replay", "--ledger", str(path), str(bare)]) == 0
     table = capsys.readouterr().out
     assert "total (1 of 2 runs name their attackers)" in table
-    assert table.splitlines()[0].startswith("2 ledgers, rounds 1-last replayed at their own")
+    assert table.splitlines()[0].startswith("2 ledgers, every round replayed at their own")
 
 
 def test_a_replay_without_options_decides_at_the_runs_own_settings(tmp_path, capsys):

@@ -597,7 +597,8 @@ def _replay_runs(args: argparse.Namespace) -> int:
          else json.dumps(args.anomaly_weights)),
     ) if value is not None]  # fmt: skip
     print(
-        f"{len(runs)} ledgers, rounds 1-{args.rounds or 'last'} replayed at "
+        f"{len(runs)} ledgers, {f'rounds 1-{args.rounds}' if args.rounds else 'every round'} "
+        "replayed at "
         f"{', '.join(given) or 'their own settings'} (settings not given: each run's "
         f"results.json, else the defaults; first run's flag line {settings['flag_line']:.2f}); "
         "recorded -> replayed"
