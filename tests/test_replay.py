@@ -146,6 +146,8 @@ def test_a_grid_of_ledgers_is_replayed_run_by_run_and_added_up(sign_flip_run, tm
     assert main(["trust", "replay", "--ledger", str(path), str(bare)]) == 0
     table = capsys.readouterr().out
     assert "total (1 of 2 runs name their attackers)" in table
+    # runs named by where they sit below the directory the ledgers share
+    assert table.splitlines()[4].split()[0].endswith("deployment")
     assert table.splitlines()[0].startswith("2 ledgers, every round replayed at their own")
 
 

@@ -546,6 +546,7 @@ def _replay_runs(args: argparse.Namespace) -> int:
     """Several ledgers (a grid's runs) replayed under the same options: one row per ledger, the
     recorded and replayed attackers found and honest client-rounds flagged side by side, and
     their totals over the runs whose results.json names the attackers."""
+    import os
     from pathlib import Path
 
     from fedwarden.report import detection_totals, honest_flags
@@ -573,12 +574,15 @@ def _replay_runs(args: argparse.Namespace) -> int:
 
     header = ("run", "flagged client-rounds", "attackers found", "honest client-rounds flagged",
               "longest honest streak")  # fmt: skip
+    # each run named by where its ledger sits below the directory all of them share
+    parents = [Path(r["ledger"]).resolve().parent for r in runs]
+    shared = Path(os.path.commonpath(parents))
     rows = []
-    for r in runs:
+    for r, parent in zip(runs, parents):
         known = r["attackers"] is not None
         sides = [detection_totals([r[side]]) if known else {} for side in ("recorded", "replayed")]
         rows.append(dict(zip(header, [
-            Path(r["ledger"]).parent.name or r["ledger"],
+            str(parent.relative_to(shared)) if parent != shared else parent.name,
             f"{r['recorded']['flagged_client_rounds']} -> {r['replayed']['flagged_client_rounds']}",
             *cells(*sides, known),
         ])))  # fmt: skip
