@@ -458,10 +458,9 @@ def replay_summary(
     return out
 
 
-def _replay_one(path: str, args: argparse.Namespace) -> tuple[dict, Any, Any, str, bool]:
+def _replay_one(path: str, args: argparse.Namespace) -> tuple[dict, Any]:
     """One ledger replayed under ``args``' settings (else its run's): :func:`replay_summary`
-    with the settings used, the policy, the weights, where the settings not given came from and
-    whether the ledger keeps the forecasts association is decided from."""
+    with the settings used (``"settings"``), and the trust policy it was decided under."""
     from fedwarden.server.replay import replay_flags
 
     results = _results_beside(path)
@@ -487,7 +486,7 @@ def _replay_one(path: str, args: argparse.Namespace) -> tuple[dict, Any, Any, st
         "anomaly_weights": weights,
         "other_settings_from": source,
     }
-    return summary, policy, weights, source, kept
+    return summary, policy
 
 
 def cmd_trust_replay(args: argparse.Namespace) -> int:
@@ -496,8 +495,10 @@ def cmd_trust_replay(args: argparse.Namespace) -> int:
     if len(args.ledger) > 1:
         return _replay_runs(args)
     path = args.ledger[0]
-    summary, policy, weights, source, kept = _replay_one(path, args)
-    associates = summary["settings"]["association_line"] is not None
+    summary, policy = _replay_one(path, args)
+    settings = summary["settings"]
+    weights, kept = settings["anomaly_weights"], settings["association_replayable"]
+    associates = settings["association_line"] is not None
     if args.format == "json":
         print(json.dumps(summary, indent=2))
         return 0
@@ -509,7 +510,7 @@ def cmd_trust_replay(args: argparse.Namespace) -> int:
     print(
         f"rounds 1-{summary['rounds']} of {path} replayed at {rule}, "
         f"{'default' if weights is None else json.dumps(weights)} anomaly weights "
-        f"(other settings: {source}); "
+        f"(other settings: {settings['other_settings_from']}); "
         + (f"association line {policy.association_z}" if associates else "association off"
            if kept else "flags by association not replayed (the ledger keeps no forecasts)")
     )  # fmt: skip
