@@ -99,7 +99,8 @@ UNALIGNED_Z = 4.5
 direction exceeds it against one of 9 others with probability 6e-5 (99 others: 7e-4). On
 Fashion-MNIST (d = 56,714) honest updates measured 32 and up at Dirichlet 0.1 without attack
 (50 rounds) and 7.2 and up with 40% Gaussian attackers (one of four honest updates among six
-noise ones); noise and random directions 3.6 and under (docs/results.md, "Noise majorities").
+noise ones); noise and random directions 3.6 and under (docs/history/aggregation.md, "Noise
+majorities").
 But an honest client whose classes no other client in a small cohort has sends an update
 orthogonal to all of theirs: on digits (d = 4,810, 5 per round) one measured 4.0. Hence the
 second condition of :func:`noise_like`."""
@@ -408,7 +409,7 @@ optimised ALIE and Fang-trim, 12 honest clients were flagged by association at c
 to 0.16, where every attacker association found sat at 0.22 or more (backdoor 0.22-0.65, DBA
 0.26-0.58, label flipping and label noise 0.31-0.71, crafted vectors 0.46-0.92). Honest clients
 flagged by association at round 10 under those four attacks: 13 -> 3; every flag of the data
-attacks unchanged (docs/results.md, "Association that means deviating alike")."""
+attacks unchanged (docs/history/detection.md, "Association that means deviating alike")."""
 
 
 ASSOCIATION_OUTPUT_WEIGHT = 2.0 / 3.0
@@ -416,7 +417,7 @@ ASSOCIATION_OUTPUT_WEIGHT = 2.0 / 3.0
 their mean with this weight on the output layer's. Replayed on 30 fresh backdoor, DBA and
 label-noise runs and 50 of the other attacks association acts under: none found 249 of 276 data
 attackers, 1/2 254, 2/3 256 with one honest client-round more, 3/4 257 with two and one more
-honest client flagged at round 10 (docs/results.md, "The output layer's association")."""
+honest client flagged at round 10 (docs/history/detection.md, "The output layer's association")."""
 
 ASSOCIATION_MIN_OUTPUT_KINSHIP = 0.4
 """Least mean cosine of a client's output-layer forecast to the flagged clients' for the output
@@ -547,7 +548,7 @@ class HistoryScores(NamedTuple):
         Dirichlet 0.5 (10 rounds) attackers' medians were 0.48-0.57 under label noise, label
         flipping and both backdoors against honest clients' 0.32-0.33 (AUC 0.84-0.995), but
         honest clients at Dirichlet 0.1, many holding one class, reached 0.68-0.72: above the
-        attackers, so it is recorded and not scored (docs/results.md, "Kinship").
+        attackers, so it is recorded and not scored (docs/history/detection.md, "Kinship").
     own_rounds: earlier rounds in which the client sent an update of its own (one no other
         client of its round sent), as :meth:`CopyGroups.record_own` counted them
         (:func:`copied_originals`).

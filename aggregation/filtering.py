@@ -347,12 +347,12 @@ class ClippedClustering:
     coordinates are Gaussian in shape (``detection.noise_like``). Its norm does not enter the
     history. Without this a first cohort with a majority of noise updates (Gaussian attackers at
     40%) sets the clipping bound at a noise norm and the noise is averaged in unclipped. Honest
-    updates are heavy tailed and share the loss's descent direction (docs/results.md, "Noise
-    majorities", measures how far from the lines they sit). When ``d`` is too small for the test
-    or a single update arrives, nothing is set aside. A second: an update within
+    updates are heavy tailed and share the loss's descent direction (docs/history/aggregation.md,
+    "Noise majorities", measures how far from the lines they sit). When ``d`` is too small for the
+    test or a single update arrives, nothing is set aside. A second: an update within
     ``detection.COPY_GAP`` of an earlier one in the cohort counts once (``copies_count``), so an
-    attacker gains no weight by sending another client's update again (mimic) or one crafted
-    vector from many clients; honest updates sit 0.3 and more apart on Fashion-MNIST.
+    attacker gains no weight by sending another client's update again (mimic) or one crafted vector
+    from many clients; honest updates sit 0.3 and more apart on Fashion-MNIST.
 
     References:
       Li, Ngai and Voigt 2023, "An Experimental Study of Byzantine-Robust Aggregation Schemes in
@@ -420,7 +420,7 @@ FIRST_ROUND_QUANTILE = 0.25
 median. At 40% malicious a first cohort of ten held five AGR-tailored attackers whose cluster won
 the 5-5 tie; clipped to that round's median norm (10.6, honest ones near 1.9) their step killed
 the network for good (accuracy 0.10 for 50 rounds); clipped to the lower quartile (1.4) the run
-recovered (docs/results.md, "Noise majorities")."""
+recovered (docs/history/aggregation.md, "Noise majorities")."""
 
 
 def _larger_of_two_clusters(dist: np.ndarray) -> np.ndarray:

@@ -128,7 +128,7 @@ digits at Dirichlet 0.1 (up to 10% of honest client-rounds, four in a row); thes
 none there, at the price of sign-flip and scaling recall (0.7 and 0.8 by round 10 on
 Fashion-MNIST, against 0.9 with the heavier weights). Why no re-weighting, per-signal
 maximum or fitted combination of these components does better without flagging honest
-outliers: docs/results.md, "Why sign flip, scaling and random directions stop short".
+outliers: docs/history/detection.md, "Why sign flip, scaling and random directions stop short".
 
 Third pass (issue 18): 36 of the detection grid's runs made again with ``median_cosine``
 (``fedwarden simulate --dataset fashion_mnist --partition dirichlet --alpha 0.5 --clients 50
@@ -137,8 +137,8 @@ seeds 0 to 2; Intel Xeon, 2 cores, AVX-512, load average 0.9 to 11), replayed: t
 lower-median reference took Gaussian precision from 0.87 to 0.97 (seed 2: 0.71 to 1.00), the
 cosine's peer part took sign flip recall from 0.47 to 0.53 and random directions from 0.23 to
 0.27 (one attacker each in three runs), no row worse; scaling (0.70), sign flip, random
-directions and label flipping (0.33) stay far under 0.95 (docs/results.md, "The median cosine to
-the other updates, and where it stops").
+directions and label flipping (0.33) stay far under 0.95 (docs/history/detection.md, "The
+median cosine to the other updates, and where it stops").
 
 A component that is NaN for a client (no losses reported, a cohort too small to trim) is left
 out and the other weights are renormalised, so a missing measurement never counts as evidence
@@ -204,8 +204,8 @@ ADDED_COMPONENTS = ("shrinking",)
 """Components added to the score, weight times value, instead of averaged into it: they are 0
 for nearly every honest client, so in the mean they would dilute every other signal. Weighed in
 the mean at 0.15, ``shrinking`` took scaling attackers flagged by round 10 from 20 to 16 of 30 on
-Fashion-MNIST; added, none of the other figures moves (docs/results.md, "Updates that shrink
-the weights")."""
+Fashion-MNIST; added, none of the other figures moves (docs/history/detection.md, "Updates
+that shrink the weights")."""
 
 SHARP_FLOOR = 0.5
 """A sharp component sets the score's floor only from this value: it says yes. Below it, it
@@ -214,8 +214,8 @@ Dirichlet 0.1, every client every round) were each other's nearest update every 
 ``collusion`` 0.15 to 0.25: as a floor that was a z of 3 to 5 per round, and one of them was
 flagged 20 rounds in a row. In the detection grids (Fashion-MNIST, 20 attacks, 3 seeds) 509 of
 the 583 attacker client-rounds with a sharp component above 0.1 had it at 0.9 or more, and the
-cut alone lost no attacker at the default settings (docs/results.md, "Honest clients seen every
-round")."""
+cut alone lost no attacker at the default settings (docs/history/detection.md, "Honest clients
+seen every round")."""
 
 DEFAULT_TRIM_RATIO = 0.1
 """Share of rows trimmed per side when the chain does not supply ``trimmed_share``."""
@@ -238,7 +238,7 @@ HISTORY_METRIC = "history_error"
 
 KINSHIP_METRIC = "kinship"
 """Key under which the coordinator adds ``detection.HistoryScores.kinship`` to the metrics:
-measured and recorded, not scored (no component reads it; docs/results.md, "Kinship")."""
+measured and recorded, not scored (no component reads it; docs/history/detection.md, "Kinship")."""
 
 VALIDATION_METRIC = "validation_loss_change"
 CLASS_VALIDATION_METRIC = "validation_class_change"
@@ -605,7 +605,7 @@ the last rounds): wide enough for the honest clients whose norms their step coun
 explain. Replayed on the detection grid's ledgers (Fashion-MNIST, 19 attacks, five seeds), the
 step-count covariate at 1.5 times the pooled spread left 6 honest client-rounds flagged where
 the plain log norm against its round's MAD left 37, at 1.0 36, at 2.0 4 with scaling's recall
-0.69, 0.77 and 0.52 (docs/results.md, "Norms against step counts")."""
+0.69, 0.77 and 0.52 (docs/history/detection.md, "Norms against step counts")."""
 
 
 NORM_SPREAD_TRIM = 3.0
@@ -616,8 +616,8 @@ update) the untrimmed spread was a median 1.34 times the trimmed one; in honest 
 Dirichlet 0.1 and 0.5. Replayed on the fifteenth pass's ledgers (Fashion-MNIST, Dirichlet 0.5,
 ten seeds) it took scaling's recall by round 10 from 0.62 to 0.73 (the honest rows' own spread
 would give 0.79) with no honest client-round more flagged without attack; cuts at 1.5 to 2.5
-spreads flagged more honest clients in attacked runs (docs/results.md, "Boosted updates and the
-spread that judges them"). One-sided, because the low side is where honest clients that took
+spreads flagged more honest clients in attacked runs (docs/history/detection.md, "Boosted updates
+and the spread that judges them"). One-sided, because the low side is where honest clients that took
 few steps sit, which the spread is wide for."""
 
 
@@ -861,7 +861,7 @@ classes shrink the weights honestly. At Dirichlet 0.1 (Fashion-MNIST, ten seeds,
 of 1,000 honest client-rounds with ``shrinking`` of 0.3 or more held a median of 116 examples
 against the cohort's 973; at Dirichlet 0.5 there were none. With the weight at 0.2, live over ten
 seeds, the honest flags at Dirichlet 0.1 went from 0.8% to 0.5% and DBA's recall from 0.73 to
-0.82 (docs/results.md, "Updates that shrink the weights, against the steps").
+0.82 (docs/history/detection.md, "Updates that shrink the weights, against the steps").
 
 The floor is what a claimed count can buy: sign flippers claiming one example each
 (``--attack-claim-examples 1``) kept recall 0.90 without it, against 0.98 unclaimed, and 0.96

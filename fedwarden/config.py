@@ -775,8 +775,8 @@ class Config:
             # auto is the defence for federations nobody vouches for: at 40% malicious its chain
             # alone fell inside the published anchors in two runs of nine (ALIE, Fang's trim and
             # the AGR-tailored attack), and with flagged clients excluded all nine ended above
-            # them, at no cost without attack (docs/results.md, "Quarantine at 40%"). A chain
-            # named by hand runs as named.
+            # them, at no cost without attack (docs/history/aggregation.md, "Quarantine at
+            # 40%"). A chain named by hand runs as named.
             policy = "exclude" if self.defence.aggregator.strip() == "auto" else "none"
             object.__setattr__(self, "trust", dataclasses.replace(self.trust, quarantine=policy))
         if a.name != "none" and num_malicious(a, d.clients) == 0:

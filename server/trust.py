@@ -149,7 +149,7 @@ class TrustPolicy:
         evidence_memory: weight of a client's earlier rounds in its evidence, per round seen,
             in [0, 1).
         evidence_rounds: rounds of a steady excess that count as independent evidence, >= 1
-            (see the module docstring; docs/results.md "Honest clients seen every round").
+            (see the module docstring; docs/history/detection.md "Honest clients seen every round").
         window_rounds: rounds of scores in the population pool.
         min_scale: smallest population scale of the anomaly score, so a very uniform honest
             cohort does not turn tiny differences into large z.
