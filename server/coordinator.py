@@ -31,6 +31,8 @@ from fedwarden.aggregation.scoring import (
     anomaly_as_original,
     anomaly_components,
     anomaly_score,
+    boost_rows,
+    boost_spread,
     client_metrics,
     log_norm_spread,
     median_and_trimmed_shares,
@@ -48,7 +50,7 @@ log = logging.getLogger("fedwarden.coordinator")
 
 NORM_SCALE_ROUNDS = 5  # rounds whose unflagged median norms make the ``norm_scale``
 NORM_SPREAD_ROUNDS = 5  # rounds (this one and the ones before) whose log norm spreads make
-# the scale of ``norm_z`` (``scoring.log_norm_z``)
+# the scales of ``norm_z`` and ``boosted_group`` (``scoring.log_norm_z``, ``boosted_groups``)
 
 
 @dataclass
@@ -238,6 +240,7 @@ class Coordinator:
         # a norm scale no client of the current round shapes (``oversized``).
         self.norm_scales: list[float] = []
         self.norm_spreads: list[float] = []  # the earlier rounds' ``scoring.log_norm_spread``
+        self.boost_spreads: list[float] = []  # the earlier rounds' ``scoring.boost_spread``
         self._median = median()
 
     def _local_steps(self, admitted: list[ClientUpdate]) -> np.ndarray | None:
@@ -460,11 +463,12 @@ class Coordinator:
                 matrix, reference, losses, per_client, trusted=trusted, weights=trained_from,
                 suspect=suspect, history_error=history.error, own_rounds=history.own_rounds,
                 steps=steps, earlier_spreads=self.norm_spreads,
+                earlier_boost_spreads=self.boost_spreads,
             )  # fmt: skip
             spread = log_norm_spread(metrics["norm"], trusted, self.norm_spreads)
-            if np.isfinite(spread):
-                self.norm_spreads.append(spread)
-                del self.norm_spreads[: 1 - NORM_SPREAD_ROUNDS]
+            _pool(self.norm_spreads, spread)
+            lower_half = boost_rows(metrics["pair_gap"], metrics["copied"], trusted)
+            _pool(self.boost_spreads, boost_spread(metrics["norm"], steps, lower_half))
             metrics["num_examples"] = np.array([u.num_examples for u in admitted], np.float64)
             if steps is not None:
                 metrics[STEPS_METRIC] = steps
@@ -578,6 +582,7 @@ class Coordinator:
             "history": self.history.state_dict(),
             "norm_scales": list(self.norm_scales),
             "norm_spreads": list(self.norm_spreads),
+            "boost_spreads": list(self.boost_spreads),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -589,6 +594,14 @@ class Coordinator:
             self.history.load_state_dict(state["history"])
         self.norm_scales = [float(v) for v in state.get("norm_scales", [])]
         self.norm_spreads = [float(v) for v in state.get("norm_spreads", [])]
+        self.boost_spreads = [float(v) for v in state.get("boost_spreads", [])]
+
+
+def _pool(spreads: list[float], spread: float) -> None:
+    """Adds a finite round's spread to a pool of :data:`NORM_SPREAD_ROUNDS` - 1 earlier ones."""
+    if np.isfinite(spread):
+        spreads.append(spread)
+        del spreads[: 1 - NORM_SPREAD_ROUNDS]
 
 
 def _trusted_rows(flagged: np.ndarray) -> np.ndarray | None:

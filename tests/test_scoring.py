@@ -12,6 +12,8 @@ from fedwarden.aggregation.scoring import (
     _shrinking_component,
     anomaly_components,
     anomaly_score,
+    boost_spread,
+    boosted_groups,
     client_metrics,
     krum_scores,
     log_norm_spread,
@@ -373,6 +375,58 @@ def test_boosted_norms_do_not_widen_the_spread_that_judges_them():
     assert log_norm_z(norm, earlier_spreads=untrimmed)[6:].max() < 1.1
     tail = np.exp(np.array([-0.4, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3, 0.5, 0.8]))
     assert log_norm_spread(tail, earlier_spreads=[0.3]) == log_norm_spread(tail)
+
+
+ROUND_STEPS = np.array([2, 5, 10, 20, 40, 60, 8, 15, 25, 30], np.float64)
+
+
+def boosted_round(boost: float = 2.5, seed: int = 0) -> np.ndarray:
+    """Norms that grow with the square root of :data:`ROUND_STEPS`, the last four boosted by one
+    factor (scaling with four attackers of ten)."""
+    rng = np.random.default_rng(seed)
+    norm = np.sqrt(ROUND_STEPS) * np.exp(rng.normal(scale=0.07, size=10))
+    return norm * np.r_[np.ones(6), np.full(4, boost)]
+
+
+def test_updates_boosted_by_one_factor_are_a_group_and_one_long_update_is_not():
+    """A boost of 2.5 sits at a norm_z under 2 when four of ten share it (the norms' spread is
+    wide for the steps); against the lower half of the cohort, less what the steps explain, it
+    is a group far out. One honest update as long, or a long one beside a noise vector a hundred
+    times longer, is no group."""
+    norm = boosted_round()
+    plain = [log_norm_spread(norm)] * 4
+    assert log_norm_z(norm, steps=ROUND_STEPS, earlier_spreads=plain)[6:].max() < 2
+    spreads = [boost_spread(norm, ROUND_STEPS)] * 4
+    groups = boosted_groups(norm, ROUND_STEPS, earlier_spreads=spreads)
+    np.testing.assert_array_equal(groups, [0] * 6 + [1] * 4)
+    alone = boosted_round(boost=1.0)
+    alone[9] *= 2.5
+    assert not boosted_groups(alone, ROUND_STEPS, earlier_spreads=spreads).any()
+    noise = alone.copy()
+    noise[8] *= 100.0
+    assert not boosted_groups(noise, ROUND_STEPS, earlier_spreads=spreads).any()
+    assert np.isnan(boosted_groups(np.r_[0.0, norm])[0])
+
+
+def test_norms_the_steps_explain_are_no_boosted_group():
+    """Clients that took sixteen times the steps send longer updates, honestly: the steps'
+    line is taken out first."""
+    steps = np.r_[np.full(6, 10.0), np.full(4, 160.0)]
+    rng = np.random.default_rng(1)
+    norm = np.sqrt(steps) * np.exp(rng.normal(scale=0.07, size=10))
+    np.testing.assert_array_equal(boosted_groups(norm), [0] * 6 + [1] * 4)  # as they are
+    assert not boosted_groups(norm, steps=steps).any()
+
+
+def test_copies_of_one_short_vector_do_not_make_the_lower_half():
+    """IPM: four attackers send one short vector. As the lower half they would put every honest
+    update far above it; copies are left out of it, so nobody is a boosted group."""
+    honest = honest_cohort(k=6)
+    ipm = np.repeat(-0.1 * honest.mean(axis=0, keepdims=True), 4, axis=0)
+    updates = np.vstack([honest, ipm])
+    metrics = client_metrics(updates, np.median(updates, axis=0), None)
+    assert not np.nan_to_num(metrics["boosted_group"]).any()
+    assert boosted_groups(metrics["norm"])[:6].all()  # the lower half made of the copies
 
 
 def test_norms_that_shrink_with_the_steps_are_compared_as_they_are():
