@@ -263,6 +263,32 @@ def test_flagged_clients_do_not_shape_the_reference_in_a_round_they_would_own():
     assert all(abs(r.cohort_cosine) < abs(r.cosine) for r in flippers)
 
 
+def test_updates_boosted_by_one_factor_are_recorded_as_a_boosted_group_and_flagged():
+    """Model replacement with four attackers of ten: each sends 2.5 times its update. The
+    round's rows carry ``boosted_group`` (1 for the four, 0 for the others) and the four are
+    flagged in that round, the honest six not (with ``boosted`` weighed 0, one of the four)."""
+    rng = np.random.default_rng(1)
+    d = 200
+    base = rng.normal(size=d)
+
+    def honest():
+        return (base + 0.5 * rng.normal(size=d)).astype(np.float32)
+
+    c = Coordinator(
+        np.zeros(d, np.float32), parse_chain("median"), ServerOptimizer("fedavg"),
+        TrustBook(TrustPolicy()),
+    )  # fmt: skip
+    for r in (1, 2):
+        ids = [f"h{i}" for i in range(10)]
+        c.finish_round(r, ids, [ClientUpdate(cid, r, honest(), 10) for cid in ids])
+    ids = [f"h{i}" for i in range(6)] + [f"x{i}" for i in range(4)]
+    ups = [ClientUpdate(cid, 3, honest() * (2.5 if cid[0] == "x" else 1.0), 10) for cid in ids]
+    rows = {row.client_id: row for row in c.finish_round(3, ids, ups).clients}
+    assert [rows[cid].boosted_group for cid in ids] == [0.0] * 6 + [1.0] * 4
+    assert all(rows[f"x{i}"].flagged for i in range(4))
+    assert not any(rows[f"h{i}"].flagged for i in range(6))
+
+
 def test_half_a_cohort_of_huge_updates_is_oversized_against_the_earlier_rounds_norms():
     """Five of ten updates 40 times the honest norm move the cohort's median to theirs, so
     against the cohort they are not oversized; against the earlier rounds' unflagged norms
@@ -291,6 +317,7 @@ def test_half_a_cohort_of_huge_updates_is_oversized_against_the_earlier_rounds_n
     restored.load_state_dict(c.state_dict())
     assert restored.norm_scales == c.norm_scales
     assert len(c.norm_spreads) == 2 and restored.norm_spreads == c.norm_spreads
+    assert len(c.boost_spreads) == 2 and restored.boost_spreads == c.boost_spreads
 
     ids = [f"h{i}" for i in range(5)] + [f"x{i}" for i in range(5)]
     push = 40 * scale * rng.normal(size=d) / np.sqrt(d)
