@@ -229,24 +229,30 @@ def test_the_weight_ratio_is_a_setting():
     assert np.allclose(c.weights, (4 * 10 * 0.1 + 2 * 10 * -100.0) / (4 * 10 + 2 * 10), rtol=1e-5)
 
 
+def around_one_direction(rng: np.random.Generator, d: int = 200):
+    """A direction and a function drawing honest updates around it."""
+    base = rng.normal(size=d)
+
+    def honest() -> np.ndarray:
+        return (base + 0.5 * rng.normal(size=d)).astype(np.float32)
+
+    return base, honest
+
+
+def median_coordinator(d: int = 200) -> Coordinator:
+    return Coordinator(
+        np.zeros(d, np.float32), parse_chain("median"), ServerOptimizer("fedavg"),
+        TrustBook(TrustPolicy()),
+    )  # fmt: skip
+
+
 def test_flagged_clients_do_not_shape_the_reference_in_a_round_they_would_own():
     """Two sign flippers are flagged in round 1; in round 2 they and three new ones make half
     the cohort. Against the whole cohort's median the two halves would look alike; against the
     median of the clients not flagged every flipper points away and scores above every honest
     client. Centrality keeps the whole cohort's median (``cohort_cosine``)."""
-    rng = np.random.default_rng(0)
-    d = 200
-    base = rng.normal(size=d)
-
-    def honest():
-        return (base + 0.5 * rng.normal(size=d)).astype(np.float32)
-
-    c = Coordinator(
-        np.zeros(d, np.float32),
-        parse_chain("median"),
-        ServerOptimizer("fedavg"),
-        TrustBook(TrustPolicy()),
-    )
+    _, honest = around_one_direction(np.random.default_rng(0))
+    c = median_coordinator()
     first = [f"h{i}" for i in range(8)] + ["f0", "f1"]
     ups = [ClientUpdate(cid, 1, -honest() if cid[0] == "f" else honest(), 10) for cid in first]
     c.finish_round(1, first, ups)
@@ -267,17 +273,8 @@ def test_updates_boosted_by_one_factor_are_recorded_as_a_boosted_group_and_flagg
     """Model replacement with four attackers of ten: each sends 2.5 times its update. The
     round's rows carry ``boosted_group`` (1 for the four, 0 for the others) and the four are
     flagged in that round, the honest six not (with ``boosted`` weighed 0, one of the four)."""
-    rng = np.random.default_rng(1)
-    d = 200
-    base = rng.normal(size=d)
-
-    def honest():
-        return (base + 0.5 * rng.normal(size=d)).astype(np.float32)
-
-    c = Coordinator(
-        np.zeros(d, np.float32), parse_chain("median"), ServerOptimizer("fedavg"),
-        TrustBook(TrustPolicy()),
-    )  # fmt: skip
+    _, honest = around_one_direction(np.random.default_rng(1))
+    c = median_coordinator()
     for r in (1, 2):
         ids = [f"h{i}" for i in range(10)]
         c.finish_round(r, ids, [ClientUpdate(cid, r, honest(), 10) for cid in ids])
@@ -295,25 +292,15 @@ def test_half_a_cohort_of_huge_updates_is_oversized_against_the_earlier_rounds_n
     they are, and they are flagged in their first round."""
     rng = np.random.default_rng(0)
     d = 200
-    base = rng.normal(size=d)
-
-    def honest():
-        return (base + 0.5 * rng.normal(size=d)).astype(np.float32)
-
-    def coordinator():
-        return Coordinator(
-            np.zeros(d, np.float32), parse_chain("median"), ServerOptimizer("fedavg"),
-            TrustBook(TrustPolicy()),
-        )  # fmt: skip
-
-    c = coordinator()
+    base, honest = around_one_direction(rng, d)
+    c = median_coordinator(d)
     for r in (1, 2):
         ids = [f"h{i}" for i in range(10)]
         rows = c.finish_round(r, ids, [ClientUpdate(cid, r, honest(), 10) for cid in ids]).clients
         assert not any(row.flagged for row in rows)
     scale = float(np.median(c.norm_scales))
     assert 0.5 * np.linalg.norm(base) < scale < 2 * np.linalg.norm(base)
-    restored = coordinator()
+    restored = median_coordinator(d)
     restored.load_state_dict(c.state_dict())
     assert restored.norm_scales == c.norm_scales
     assert len(c.norm_spreads) == 2 and restored.norm_spreads == c.norm_spreads
