@@ -401,8 +401,9 @@ class TrustConfig(Section):
     )  # fmt: skip
     association_z: float = option(
         2.5, "under --trust-flag-rule evidence, also flag a client whose updates deviate like "
-        "those of the clients flagged on their own evidence, by this robust z among the clients "
-        "not flagged (server/trust.py); 0: off", low=0, flat="trust_association_z",
+        "those of the clients flagged on their own evidence (or, near the flag line, of others "
+        "near it), by this robust z among the clients not flagged (server/trust.py); 0: off",
+        low=0, flat="trust_association_z",
     )  # fmt: skip
     quarantine: str | None = option(
         None, "what flagged clients get", kind=str, choices=QUARANTINE_POLICIES,

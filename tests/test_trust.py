@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -21,7 +22,14 @@ from fedwarden.cli.trust import trust_main
 from fedwarden.records import ClientSummary
 from fedwarden.report import detection_summary, honest_flags, plot_trust_heatmap
 from fedwarden.server.ledger import Ledger, LedgerError, remove_ledger
-from fedwarden.server.trust import EvidenceSums, TrustBook, TrustPolicy, explain, round_rows
+from fedwarden.server.trust import (
+    CORROBORATION_SHARE,
+    EvidenceSums,
+    TrustBook,
+    TrustPolicy,
+    explain,
+    round_rows,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -898,3 +906,43 @@ def test_own_evidence_replaces_an_association_and_association_can_be_turned_off(
     x = book.get("x")
     assert x.flagged and x.explanation.startswith("evidence")
     assert not EvidenceSums.of(x).associated
+
+
+def test_clients_near_the_line_that_deviate_alike_corroborate_one_another():
+    """Attackers poisoned alike (DBA's trigger pieces) each collect evidence under the flag line,
+    so none is flagged on its own and none by association with a flagged client. Three of them
+    near the line (``CORROBORATION_SHARE`` of it) whose updates deviate alike corroborate one
+    another and are flagged; an honest client as near the line that deviates its own way is
+    not, nor are two alike alone (an association is measured against two others), nor three
+    alike far under the line."""
+    honest = [f"h{i}" for i in range(8)]
+
+    def run(alike: set[str], score: float) -> TrustBook:
+        def association(group):
+            if len(group) < 2:
+                return {}
+            out = {}
+            for c in [*honest, "a0", "a1", "a2", "o"]:
+                partners = sorted((group & alike) - {c})
+                z = 4.0 if c in alike and len(partners) >= 2 else 0.4
+                out[c] = Association(0.6, z, tuple(partners[:2]) or tuple(sorted(group)[:2]))
+            return out
+
+        book = TrustBook(TrustPolicy())
+        rng = np.random.default_rng(0)
+        for r in range(1, 5):
+            scores = np.r_[0.1 + 0.01 * rng.standard_normal(8), np.full(4, score)]
+            book.update(r, [*honest, "a0", "a1", "a2", "o"], scores, {}, association=association)
+        return book
+
+    book = run({"a0", "a1", "a2"}, 0.18)
+    line = book.policy.flag_z
+    evidence = {c: book.get(c).evidence for c in ("a0", "a1", "a2", "o")}
+    assert all(CORROBORATION_SHARE * line <= e < line for e in evidence.values()), evidence
+    assert book.flagged() == {"a0", "a1", "a2"}
+    explained = book.get("a0").explanation  # as of the round it was flagged in
+    assert re.match(r"evidence 3\.\d and association 4\.0: .* a1, a2 ", explained), explained
+    assert run({"a0", "a1"}, 0.18).flagged() == set()
+    far = run({"a0", "a1", "a2"}, 0.13)
+    assert max(far.get(c).evidence for c in ("a0", "a1", "a2")) < CORROBORATION_SHARE * line
+    assert far.flagged() == set()
