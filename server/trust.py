@@ -48,9 +48,9 @@ or not it took part in the round, and unflagged when it falls ``unflag_margin`` 
 evidence, once over the line, takes the flag over. Attackers poisoned alike (label noise, a
 backdoor, DBA's trigger pieces) look ordinary round by round but keep deviating the same way, so
 once two of them are flagged the others are found, also those sampled only before the flags
-came. Clients near the line (``CORROBORATION_SHARE`` of it) count with the flagged ones when
-they deviate alike: three or more near or over it corroborate one another, and each near one is
-flagged by its association with the others (DBA's attackers collect evidence slowly, together).
+came. Clients near the line (``CORROBORATION_SHARE`` of it) that deviate alike corroborate one
+another: three or more near or over it, and each near one is flagged by its association with the
+others (DBA's attackers collect evidence slowly, together).
 A flag that changes in a round the client sat out is written as a row of its own, marked
 ``absent`` (no measurements; it does not count as a round the client took part in).
 
@@ -129,18 +129,19 @@ most of the pool is at the ceiling the scores moved, not a few clients: under a 
 broken by Gaussian noise every update of the next round scored 1.0, and leaving them out
 flagged and excluded every honest client (digits, ``tests/test_scenarios.py``)."""
 
-CORROBORATION_SHARE = 0.6
-"""Clients whose evidence has reached this share of the flag line (3.0 of 4.98) and whose
+CORROBORATION_SHARE = 0.5
+"""Clients whose evidence has reached this share of the flag line (2.5 of 4.98) and whose
 updates deviate alike corroborate one another: each is flagged by its association with the others
-(and with the clients flagged on their own evidence), as if those were flagged. Attackers poisoned
-alike collect evidence slowly but together: under DBA on Fashion-MNIST (Dirichlet 0.5) nothing was
-flagged before round 8-10 in seeds 12 and 19, while three or four attackers stood at 3-4.9 from
-round 8. Replayed over the ledgers of the twenty-first pass and later (docs/results.md,
-"Corroboration"): DBA's recall by round 10 from 0.68 to 0.88 (seeds 10-19) and 0.62 to 0.75
-(20-29), the backdoor's 0.946 to 0.978 (seeds 0-9), for one to three honest client-rounds more
-under those attacks and none without attack (Dirichlet 0.1, 30 seeds); at 0.5 (2.5) 5 more honest
-client-rounds without attack, at 0.7 less recall. It takes three clients: ``association`` measures
-one against at least two others."""
+near or over the line. Attackers poisoned alike collect evidence slowly but together: under DBA on
+Fashion-MNIST (Dirichlet 0.5) nothing was flagged before round 9 or 10 in seeds 12 and 19, while
+three or four attackers stood at 3-4.9 from round 8. Replayed over the ledgers of 110 live runs
+(docs/results.md, "Corroboration"): DBA's recall by round 10 278 -> 299 of 363 attackers over 40
+seeds, the backdoor's 261 -> 266 of 274 over 30, and no honest client flagged more; 0.5 is the
+lowest share that flagged no honest client-round more over the earlier passes' ledgers, with or
+without attack. Corroborated clients are not counted among the flagged ones that every other
+client's association is measured against: counted (at 0.6), they found 4 DBA attackers more and
+drew in 11 honest clients, and the backdoor's precision fell to 0.949 on seeds no rule had been
+chosen on. It takes three clients: ``association`` measures one against at least two others."""
 
 
 @dataclass
@@ -715,7 +716,10 @@ class TrustBook:
         flagged = {c for c, s in self._clients.items() if s.flagged}
         associated = {c for c in flagged if EvidenceSums.of(self._clients[c]).associated}
         own = flagged - associated
-        corroborated, kin = self._corroborated(own, association)
+        corroborated, mutual = self._corroborated(own, association)
+        # the others are measured against the clients flagged on their own evidence only: counted
+        # with them, corroborated clients drew honest look-alikes in (docs/results.md)
+        kin = {**association(own), **{c: mutual[c] for c in corroborated}}
         changed: dict[str, ClientSummary] = {}
         for cid in sorted((set(kin) & self._clients.keys() | associated) - own):
             state = self._clients[cid]
@@ -747,19 +751,20 @@ class TrustBook:
         """The clients not flagged on their own evidence that corroborate one another: evidence
         at :data:`CORROBORATION_SHARE` of the flag line or more, and an association with the
         others near or over the line (and the clients flagged on their own) at ``association_z``
-        or more. Returns them and every client's association with them and the flagged."""
+        or more. Returns them and their associations with those others."""
         p = self.policy
         line = CORROBORATION_SHARE * p.flag_z
         near = {
             c for c, s in self._clients.items()
             if c not in own and s.evidence is not None and s.evidence >= line
         }  # fmt: skip
-        while True:
+        while near:
             kin = association(own | near)
             kept = {c for c in near if c in kin and kin[c].z >= p.association_z}
             if kept == near:
                 return near, kin
             near = kept
+        return set(), {}
 
     def is_excluded(self, client_id: str, round: int | None = None) -> bool:
         """True if selection must skip the client in ``round`` (default: the next round).

@@ -612,9 +612,7 @@ def test_backdoor_attackers_are_found_through_their_association_with_flagged_one
     results = issue_run(tmp_path, "backdoor", 0)
     malicious = {c for c, v in results["clients"].items() if v["malicious"]}
     detection = results["final"]["detection"]
-    # one honest client of eleven (c05, round 9: association 2.5 with c33, an attacker flagged
-    # by association whose own evidence had reached the corroboration share of the line)
-    assert detection["precision"] >= 10 / 11 and detection["recall"] == 1.0, detection
+    assert detection["precision"] == 1.0 and detection["recall"] == 1.0, detection
     with Ledger(tmp_path / "ledger.sqlite", readonly=True) as ledger:
         rows = [row for c in malicious for row in ledger.client_history(c)]
         recorded = flags_by_round(ledger)
