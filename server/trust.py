@@ -134,14 +134,14 @@ CORROBORATION_SHARE = 0.5
 updates deviate alike corroborate one another: each is flagged by its association with the others
 near or over the line. Attackers poisoned alike collect evidence slowly but together: under DBA on
 Fashion-MNIST (Dirichlet 0.5) nothing was flagged before round 9 or 10 in seeds 12 and 19, while
-three or four attackers stood at 3-4.9 from round 8. Replayed over the ledgers of 110 live runs
-(docs/results.md, "Corroboration"): DBA's recall by round 10 278 -> 299 of 363 attackers over 40
-seeds, the backdoor's 261 -> 266 of 274 over 30, and no honest client flagged more; 0.5 is the
-lowest share that flagged no honest client-round more over the earlier passes' ledgers, with or
-without attack. Corroborated clients are not counted among the flagged ones that every other
-client's association is measured against: counted (at 0.6), they found 4 DBA attackers more and
-drew in 11 honest clients, and the backdoor's precision fell to 0.949 on seeds no rule had been
-chosen on. It takes three clients: ``association`` measures one against at least two others."""
+three or four attackers stood at 3-4.9 from round 8. Live (docs/results.md, "Corroboration"):
+DBA's recall by round 10 274 -> 300 of 363 attackers over 40 seeds, the backdoor's 262 -> 266 of
+274 over 30, and no honest client-round flagged more, with or without attack; 0.5 is the lowest
+share that flagged none more over the earlier passes' ledgers. Corroborated clients are not
+counted among the flagged ones that every other client's association is measured against:
+counted (at 0.6), they found 4 DBA attackers more and drew in 11 honest clients over 70 runs, and
+the backdoor's precision fell to 0.949 on seeds 30-39. It takes three clients: ``association``
+measures one against at least two others."""
 
 
 @dataclass
