@@ -710,8 +710,9 @@ class TrustBook:
         self, round: int, association: Callable[[set[str]], Mapping[str, Association]]
     ) -> dict[str, ClientSummary]:
         """Flags and unflags clients for their history's association with the clients flagged on
-        their own evidence, whether or not they took part in ``round``; returns the standing of
-        the clients whose flag it changed."""
+        their own evidence, or with the others that corroborate them near the line
+        (:meth:`_corroborated`), whether or not they took part in ``round``; returns the standing
+        of the clients whose flag it changed."""
         p = self.policy
         flagged = {c for c, s in self._clients.items() if s.flagged}
         associated = {c for c in flagged if EvidenceSums.of(self._clients[c]).associated}
