@@ -717,10 +717,11 @@ class TrustBook:
         flagged = {c for c, s in self._clients.items() if s.flagged}
         associated = {c for c in flagged if EvidenceSums.of(self._clients[c]).associated}
         own = flagged - associated
-        corroborated, mutual = self._corroborated(own, association)
+        with_own = association(own)
+        corroborated, mutual = self._corroborated(own, association, with_own)
         # the others are measured against the clients flagged on their own evidence only: counted
         # with them, corroborated clients drew honest look-alikes in (docs/results.md)
-        kin = {**association(own), **{c: mutual[c] for c in corroborated}}
+        kin = {**with_own, **{c: mutual[c] for c in corroborated}}
         changed: dict[str, ClientSummary] = {}
         for cid in sorted((set(kin) & self._clients.keys() | associated) - own):
             state = self._clients[cid]
@@ -747,17 +748,26 @@ class TrustBook:
         return changed
 
     def _corroborated(
-        self, own: set[str], association: Callable[[set[str]], Mapping[str, Association]]
+        self,
+        own: set[str],
+        association: Callable[[set[str]], Mapping[str, Association]],
+        with_own: Mapping[str, Association],
     ) -> tuple[set[str], Mapping[str, Association]]:
         """The clients not flagged on their own evidence that corroborate one another: evidence
         at :data:`CORROBORATION_SHARE` of the flag line or more, and an association with the
         others near or over the line (and the clients flagged on their own) at ``association_z``
-        or more. Returns them and their associations with those others."""
+        or more. Returns them and their associations with those others.
+
+        A client that deviates against the clients flagged on their own evidence (a negative
+        mean cosine to them, ``with_own``) does not corroborate: when attackers held the round's
+        median the honest clients of that round stand near the line together, all deviating
+        away from the attackers, alike."""
         p = self.policy
         line = CORROBORATION_SHARE * p.flag_z
         near = {
             c for c, s in self._clients.items()
             if c not in own and s.evidence is not None and s.evidence >= line
+            and not (c in with_own and with_own[c].kinship < 0)
         }  # fmt: skip
         while near:
             kin = association(own | near)
