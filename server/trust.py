@@ -718,10 +718,10 @@ class TrustBook:
         associated = {c for c in flagged if EvidenceSums.of(self._clients[c]).associated}
         own = flagged - associated
         with_own = association(own)
-        corroborated, mutual = self._corroborated(own, association, with_own)
+        corroborated = self._corroborated(own, association, with_own)
         # the others are measured against the clients flagged on their own evidence only: counted
         # with them, corroborated clients drew honest look-alikes in (docs/results.md)
-        kin = {**with_own, **{c: mutual[c] for c in corroborated}}
+        kin = {**with_own, **corroborated}
         changed: dict[str, ClientSummary] = {}
         for cid in sorted((set(kin) & self._clients.keys() | associated) - own):
             state = self._clients[cid]
@@ -752,11 +752,11 @@ class TrustBook:
         own: set[str],
         association: Callable[[set[str]], Mapping[str, Association]],
         with_own: Mapping[str, Association],
-    ) -> tuple[set[str], Mapping[str, Association]]:
+    ) -> dict[str, Association]:
         """The clients not flagged on their own evidence that corroborate one another: evidence
         at :data:`CORROBORATION_SHARE` of the flag line or more, and an association with the
         others near or over the line (and the clients flagged on their own) at ``association_z``
-        or more. Returns them and their associations with those others.
+        or more. Returns each one's association with those others.
 
         A client that deviates against the clients flagged on their own evidence (a negative
         mean cosine to them, ``with_own``) does not corroborate: when attackers held the round's
@@ -773,9 +773,9 @@ class TrustBook:
             kin = association(own | near)
             kept = {c for c in near if c in kin and kin[c].z >= p.association_z}
             if kept == near:
-                return near, kin
+                return {c: kin[c] for c in near}
             near = kept
-        return set(), {}
+        return {}
 
     def is_excluded(self, client_id: str, round: int | None = None) -> bool:
         """True if selection must skip the client in ``round`` (default: the next round).
