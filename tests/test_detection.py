@@ -318,6 +318,40 @@ def test_an_association_needs_more_than_standing_out_from_clients_that_deviate_t
     assert odd.kinship < ASSOCIATION_MIN_KINSHIP and odd.z <= 0.0
 
 
+def test_an_association_through_copies_needs_a_client_that_follows_them_closely():
+    # "a0" and "a1" were flagged for sending one crafted vector together. An attacker of theirs
+    # sampled alone sends the same construction ("lone", cosine 0.85 to it); an honest client
+    # whose history leans towards it ("p", 0.4) stands as far above the other honest clients in
+    # robust z, and would be their associate if they had not sent copies.
+    rng = np.random.default_rng(8)
+    dim = 512
+    along = np.zeros(dim, np.float32)
+    along[0] = 1.0
+
+    def history(cosine: float) -> np.ndarray:
+        noise = rng.normal(size=dim).astype(np.float32)
+        noise[0] = 0.0
+        noise *= np.sqrt(1.0 - cosine**2) / np.linalg.norm(noise)
+        return cosine * along + noise
+
+    cosines = {"a0": 0.95, "a1": 0.95, "lone": 0.85, "p": 0.4}
+    cosines.update({f"h{i:02d}": 0.03 * rng.normal() for i in range(30)})
+    ids = sorted(cosines)
+    forecasts = np.stack([history(cosines[c]) for c in ids])
+    state = {"sketch_dim": dim, "memory": 0.5, "seed": 0, "client_ids": ids,
+             "forecast": forecasts, "across": forecasts, "seen": [3] * len(ids)}  # fmt: skip
+    line = TrustPolicy().association_z
+    apart = HistoryForecast(sketch_dim=dim)
+    apart.load_state_dict({**state, "copy_groups": {}})
+    assert apart.association({"a0", "a1"})["p"].z > line
+    copied = HistoryForecast(sketch_dim=dim)
+    copied.load_state_dict({**state, "copy_groups": {"groups": [["a0", "a1"]], "own": {}}})
+    association = copied.association({"a0", "a1"})
+    assert association["p"].kinship > ASSOCIATION_MIN_KINSHIP and association["p"].z <= 0.0
+    assert association["lone"].z > line
+    assert max(association[c].z for c in ids if c.startswith("h")) < line
+
+
 def test_the_output_layer_lifts_an_association_the_whole_update_only_leans_towards():
     # Poisoned labels move the output layer alike from the first round, while the rest of the
     # update still looks honest: "p" leans towards the flagged clients' histories (cosine 0.25,
