@@ -281,32 +281,38 @@ def test_association_finds_unflagged_clients_poisoned_like_the_flagged_ones():
     assert forecast.association({"p0"}) == {}  # one flagged client is no group
 
 
+def leaning_histories(
+    cosines: dict[str, float], rng: np.random.Generator, copies: list[list[str]] = ()
+) -> HistoryForecast:
+    """A forecast whose clients' histories lean along one direction by ``cosines`` (noise
+    elsewhere), seen three rounds each; ``copies``: groups that sent the same update."""
+    dim = 512
+    forecasts = []
+    for c in sorted(cosines):
+        noise = rng.normal(size=dim).astype(np.float32)
+        noise[0] = 0.0
+        noise *= np.sqrt(1.0 - cosines[c] ** 2) / np.linalg.norm(noise)
+        noise[0] = cosines[c]
+        forecasts.append(noise)
+    forecast = HistoryForecast(sketch_dim=dim)
+    forecast.load_state_dict({
+        "sketch_dim": dim, "memory": 0.5, "seed": 0, "client_ids": sorted(cosines),
+        "forecast": np.stack(forecasts), "across": np.stack(forecasts), "seen": [3] * len(cosines),
+        "copy_groups": {"groups": [list(g) for g in copies], "own": {}},
+    })  # fmt: skip
+    return forecast
+
+
 def test_an_association_needs_more_than_standing_out_from_clients_that_deviate_the_other_way():
     # Crafted-vector senders deviate against the honest mean, so honest histories point away
     # from theirs (cosine about -0.3). An honest client whose history is merely unrelated
     # (cosine about 0) stands far above them in robust z, yet does not deviate like them; a
     # client poisoned like them does.
     rng = np.random.default_rng(6)
-    dim = 512
-    along = np.zeros(dim, np.float32)
-    along[0] = 1.0
-
-    def history(cosine: float) -> np.ndarray:
-        noise = rng.normal(size=dim).astype(np.float32)
-        noise[0] = 0.0
-        noise *= np.sqrt(1.0 - cosine**2) / np.linalg.norm(noise)
-        return cosine * along + noise
-
     cosines = {"a0": 0.95, "a1": 0.95, "p": 0.5, "odd": 0.05}
     cosines.update({f"h{i:02d}": -0.3 + 0.03 * rng.normal() for i in range(30)})
     ids = sorted(cosines)
-    forecasts = np.stack([history(cosines[c]) for c in ids])
-    forecast = HistoryForecast(sketch_dim=dim)
-    forecast.load_state_dict({
-        "sketch_dim": dim, "memory": 0.5, "seed": 0, "client_ids": ids, "forecast": forecasts,
-        "across": forecasts, "seen": [3] * len(ids), "copy_groups": {},
-    })  # fmt: skip
-    association = forecast.association({"a0", "a1"})
+    association = leaning_histories(cosines, rng).association({"a0", "a1"})
     line = TrustPolicy().association_z
     assert association["p"].z > line
     odd = association["odd"]
@@ -324,28 +330,13 @@ def test_an_association_through_copies_needs_a_client_that_follows_them_closely(
     # whose history leans towards it ("p", 0.4) stands as far above the other honest clients in
     # robust z, and would be their associate if they had not sent copies.
     rng = np.random.default_rng(8)
-    dim = 512
-    along = np.zeros(dim, np.float32)
-    along[0] = 1.0
-
-    def history(cosine: float) -> np.ndarray:
-        noise = rng.normal(size=dim).astype(np.float32)
-        noise[0] = 0.0
-        noise *= np.sqrt(1.0 - cosine**2) / np.linalg.norm(noise)
-        return cosine * along + noise
-
     cosines = {"a0": 0.95, "a1": 0.95, "lone": 0.85, "p": 0.4}
     cosines.update({f"h{i:02d}": 0.03 * rng.normal() for i in range(30)})
     ids = sorted(cosines)
-    forecasts = np.stack([history(cosines[c]) for c in ids])
-    state = {"sketch_dim": dim, "memory": 0.5, "seed": 0, "client_ids": ids,
-             "forecast": forecasts, "across": forecasts, "seen": [3] * len(ids)}  # fmt: skip
     line = TrustPolicy().association_z
-    apart = HistoryForecast(sketch_dim=dim)
-    apart.load_state_dict({**state, "copy_groups": {}})
+    apart = leaning_histories(cosines, np.random.default_rng(9))
     assert apart.association({"a0", "a1"})["p"].z > line
-    copied = HistoryForecast(sketch_dim=dim)
-    copied.load_state_dict({**state, "copy_groups": {"groups": [["a0", "a1"]], "own": {}}})
+    copied = leaning_histories(cosines, np.random.default_rng(9), copies=[["a0", "a1"]])
     association = copied.association({"a0", "a1"})
     assert association["p"].kinship > ASSOCIATION_MIN_KINSHIP and association["p"].z <= 0.0
     assert association["lone"].z > line
