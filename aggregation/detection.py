@@ -716,7 +716,10 @@ class HistoryForecast:
         moves it alike too, so the output layer alone does not associate: it lifts only a client
         whose whole update deviates alike too (``ASSOCIATION_MIN_KINSHIP``) and whose output
         layer follows theirs closely (``ASSOCIATION_MIN_OUTPUT_KINSHIP``), compared only with
-        flagged clients that sent no copies (crafted vectors poison no labels). A flagged client
+        flagged clients that sent no copies (crafted vectors poison no labels), and through flagged
+        clients that all sent copies a client must follow them closely
+        (``ASSOCIATION_MIN_COPY_KINSHIP``): their attacker sampled alone sends the same vector,
+        which honest clients follow only in part. A flagged client
         that sent a copy of a client's update (the mimic attack) does not count towards that
         client's association. Empty when fewer than ``ASSOCIATION_TOP`` flagged clients or fewer than
         three unflagged clients have a history; a flagged client is measured against the other
