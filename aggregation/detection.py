@@ -714,16 +714,16 @@ class HistoryForecast:
         move the output layer alike from the first round on, when the rest of a poisoned update
         is still an honest one. An honest client whose data favour the attackers' target class
         moves it alike too, so the output layer alone does not associate: it lifts only a client
-        whose whole update deviates alike too (``ASSOCIATION_MIN_KINSHIP``) and whose output
-        layer follows theirs closely (``ASSOCIATION_MIN_OUTPUT_KINSHIP``), compared only with
-        flagged clients that sent no copies (crafted vectors poison no labels), and through flagged
-        clients that all sent copies a client must follow them closely
-        (``ASSOCIATION_MIN_COPY_KINSHIP``): their attacker sampled alone sends the same vector,
-        which honest clients follow only in part. A flagged client
-        that sent a copy of a client's update (the mimic attack) does not count towards that
-        client's association. Empty when fewer than ``ASSOCIATION_TOP`` flagged clients or fewer than
-        three unflagged clients have a history; a flagged client is measured against the other
-        flagged clients, and left out when fewer than ``ASSOCIATION_TOP`` of them remain.
+        whose whole update deviates alike too (the floor below) and whose output layer follows
+        theirs closely (``ASSOCIATION_MIN_OUTPUT_KINSHIP``), compared only with flagged clients
+        that sent no copies (crafted vectors poison no labels). The floor is
+        ``ASSOCIATION_MIN_KINSHIP``, and ``ASSOCIATION_MIN_COPY_KINSHIP`` when a client's nearest
+        flagged clients all sent copies: their attacker sampled alone sends the same vector,
+        which honest clients follow only in part. A flagged client that sent a copy of a
+        client's update (the mimic attack) does not count towards that client's association.
+        Empty when fewer than ``ASSOCIATION_TOP`` flagged clients or fewer than three unflagged
+        clients have a history; a flagged client is measured against the other flagged clients,
+        and left out when fewer than ``ASSOCIATION_TOP`` of them remain.
         """
         group = sorted(c for c in flagged if c in self._forecast)
         rest = [c for c in self._forecast if c not in flagged]
@@ -762,7 +762,7 @@ class HistoryForecast:
             z_output = np.where(
                 output < ASSOCIATION_MIN_OUTPUT_KINSHIP, np.fmin(z_output, 0.0), z_output
             )
-            lift = (z_output > z) & (kinship >= ASSOCIATION_MIN_KINSHIP)
+            lift = (z_output > z) & (kinship >= least)
             w = ASSOCIATION_OUTPUT_WEIGHT
             z = np.where(lift, (1.0 - w) * z + w * z_output, z)
         return {

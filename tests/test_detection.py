@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -282,7 +283,7 @@ def test_association_finds_unflagged_clients_poisoned_like_the_flagged_ones():
 
 
 def leaning_histories(
-    cosines: dict[str, float], rng: np.random.Generator, copies: list[list[str]] = ()
+    cosines: dict[str, float], rng: np.random.Generator, copies: Sequence[Sequence[str]] = ()
 ) -> HistoryForecast:
     """A forecast whose clients' histories lean along one direction by ``cosines`` (noise
     elsewhere), seen three rounds each; ``copies``: groups that sent the same update."""
