@@ -523,17 +523,45 @@ class CopyGroups:
 
     def originals(self) -> set[str]:
         """The clients that were the original of every group of copies they were in, as far as
-        is known now: in each, the one member that has sent an update of its own, in any round
-        (:func:`copied_originals` asks the same of earlier rounds only). A victim of the mimic
-        attack sampled for the first time is flagged with its copies; once it sends an update
-        of its own this names it, and the trust book takes the copies' part of its evidence
-        back (``TrustBook.update``)."""
+        is known now, and were never seen copying.
+
+        A group has one original at most (the mimic attack copies one honest update; a crafted
+        vector has none), and an original copies nobody. So a client that has sent an update of
+        its own, in any round (:func:`copied_originals` asks the same of earlier rounds only),
+        is the original of each group it is the one such member of, and the other members of
+        that group are copiers; a group whose members but one are copiers had that one as its
+        original, which is then the original of its other groups too. This names a victim
+        copied every time it was sampled once its copiers have been seen copying someone else;
+        found originals make more copiers, until nothing changes. A victim of the mimic attack
+        sampled for the first time is flagged with its copies; once it is named here, the trust
+        book takes the copies' part of its evidence back (``TrustBook.update``).
+
+        WARNING: an attacker that sends an update of its own, or copies an honest update in one
+        round and sends a crafted vector with such attackers in another, can be taken for an
+        original; the trust book still judges it on the rest of its evidence.
+        """
+        groups = self._groups
+        known = {c for c, n in self._own.items() if n > 0}
+        while True:
+            original_of = {}
+            for i, group in enumerate(groups):
+                members = [c for c in group if c in known]
+                if len(members) == 1:
+                    original_of[i] = members[0]
+            copiers = {c for i, o in original_of.items() for c in groups[i] if c != o}
+            found = set()
+            for i, group in enumerate(groups):
+                rest = [c for c in group if c not in copiers]
+                if i not in original_of and len(rest) == 1:
+                    found.add(rest[0])
+            if not found - known:
+                break
+            known |= found
         judged: dict[str, bool] = {}
-        for group in self._groups:
-            alone = [c for c in group if self._own.get(c, 0) > 0]
+        for i, group in enumerate(groups):
             for c in group:
-                judged[c] = judged.get(c, True) and alone == [c]
-        return {c for c, original in judged.items() if original}
+                judged[c] = judged.get(c, True) and original_of.get(i) == c
+        return {c for c, original in judged.items() if original and c not in copiers}
 
     def copies_of(self, client_id: str) -> tuple[str, ...]:
         """The clients that sent the same update as ``client_id`` in some round, sorted."""
