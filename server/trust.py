@@ -456,7 +456,8 @@ class TrustBook:
                 (``scoring.anomaly_as_original``): each client's evidence keeps apart the part
                 its copies made. A client found to be the original of every group of copies it
                 was in (``CopyGroups.originals``) gets that part back, and its flag is judged
-                again against the flag line.
+                again against the flag line. A client flagged on more than its copies' part (by
+                association, or over the line without it) vouches for no group's copiers.
         """
         round = int(round)
         if round <= self._round:
@@ -492,6 +493,9 @@ class TrustBook:
             self._pool.append((anomaly[scored], {n: v[scored] for n, v in components.items()}))
         center, scale, typical = self._population()
 
+        # flagged by association coming into the round: a copy group this round can turn that
+        # into evidence of its own, which the copies' part then explains away
+        associated = {c for c, st in self._clients.items() if EvidenceSums.of(st).associated}
         touched: dict[str, ClientSummary] = {}
         for cid, score in scores.items():
             state = self._clients.get(cid) or ClientSummary(cid, trust=self.policy.initial_trust)
@@ -526,7 +530,14 @@ class TrustBook:
                 if apart and cid not in rejected and self._evidence_apart_from_copies(cid)
                 < self.policy.flag_z
             )  # fmt: skip
-            touched.update(self._take_back_copies(round, copies.originals(), typical, copies))
+            suspects = associated | {
+                c for c, st in self._clients.items() if st.flagged and (
+                    EvidenceSums.of(st).associated
+                    or self._evidence_apart_from_copies(c) >= self.policy.flag_z
+                )
+            }  # fmt: skip
+            originals = copies.originals(suspects)
+            touched.update(self._take_back_copies(round, originals, typical, copies))
         p = self.policy
         if association is not None and p.flag_rule == "evidence" and p.association_z > 0:
             touched.update(self._associate(round, association))

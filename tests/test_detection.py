@@ -229,6 +229,8 @@ def test_a_victim_copied_whenever_it_was_sampled_is_named_once_its_copiers_are_k
     assert copies.originals() == {"w", "u", "v", "q", "m"}  # was the original of r's group too
     add_groups(copies, ["r", "n"], ("r", "n"))
     assert "n" in copies.originals()  # r copied m, so n was the original
+    # u flagged on more than its copies: it makes no copiers, so y is none and v is not named
+    assert copies.originals(suspects={"u"}) == {"w", "u", "q", "m", "n"}
     add_groups(copies, ["v", "u"], ("v", "u"))  # v sends u's update: a copier after all
     assert copies.originals() == {"w", "u", "q", "m", "n"}
 

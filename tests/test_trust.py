@@ -583,6 +583,32 @@ def test_an_original_found_later_gets_back_the_evidence_its_copies_made(tmp_path
         assert "c" not in copies.originals() and {"c", "q"} <= book.flagged()
 
 
+def test_a_client_flagged_on_its_own_vouches_for_no_copiers():
+    """u sent an ordinary update of its own in round 3, then a flagged one in round 4 (a crafted
+    vector sent alone looks like that). In round 5 y sends u's update and in round 6 v sends
+    y's. Had u been taken for round 5's original, y would be a copier and v round 6's original,
+    its collusion taken back; u is flagged on more than copies, so v stays flagged with y."""
+    honest = [f"h{i}" for i in range(8)]
+    copies = CopyGroups()
+    book = TrustBook(TrustPolicy())
+
+    def round_(r: int, extra: list[str], scores: list[float], alone_scores: list[float], *groups):
+        ids = [*honest, *extra]
+        alone = copies.add_round(ids, twins_of(ids, *groups))
+        book.update(r, ids, np.array([0.1] * 8 + scores), {}, copies=copies, alone=alone,
+                    as_original=np.array([0.1] * 8 + alone_scores))  # fmt: skip
+
+    round_(1, [], [], [])
+    round_(2, [], [], [])
+    round_(3, ["u"], [0.1], [0.1])
+    round_(4, ["u"], [1.0], [1.0])
+    assert book.flagged() == {"u"}
+    round_(5, ["u", "y"], [1.0, 1.0], [1.0, 0.1], ("u", "y"))
+    round_(6, ["v", "y"], [1.0, 1.0], [0.1, 0.1], ("v", "y"))
+    assert "v" in copies.originals()  # what u, trusted, would have said
+    assert book.flagged() == {"u", "y", "v"}
+
+
 def flag_share(rate: float, tails: str, **policy) -> float:
     book = TrustBook(TrustPolicy(false_positive_rate=rate, **policy))
     flagged = scored = 0
