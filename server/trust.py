@@ -493,8 +493,9 @@ class TrustBook:
             self._pool.append((anomaly[scored], {n: v[scored] for n, v in components.items()}))
         center, scale, typical = self._population()
 
-        # flagged by association coming into the round: a copy group this round can turn that
-        # into evidence of its own, which the copies' part then explains away
+        # flagged by association coming into the round (only :meth:`_associate` sets it, after
+        # the copies): a copy group this round can turn that into evidence of its own, which the
+        # copies' part then explains away
         associated = {c for c, st in self._clients.items() if EvidenceSums.of(st).associated}
         touched: dict[str, ClientSummary] = {}
         for cid, score in scores.items():
@@ -531,10 +532,8 @@ class TrustBook:
                 < self.policy.flag_z
             )  # fmt: skip
             suspects = associated | {
-                c for c, st in self._clients.items() if st.flagged and (
-                    EvidenceSums.of(st).associated
-                    or self._evidence_apart_from_copies(c) >= self.policy.flag_z
-                )
+                c for c, st in self._clients.items()
+                if st.flagged and self._evidence_apart_from_copies(c) >= self.policy.flag_z
             }  # fmt: skip
             originals = copies.originals(suspects)
             touched.update(self._take_back_copies(round, originals, typical, copies))

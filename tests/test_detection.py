@@ -15,7 +15,6 @@ from fedwarden.aggregation.detection import (
     ASSOCIATION_TOP,
     MAD_TO_SIGMA,
     UNALIGNED_Z,
-    CopyGroups,
     CountSketch,
     HistoryForecast,
     alignment_z,
@@ -193,46 +192,6 @@ def test_history_forecast_counts_updates_of_a_clients_own_and_names_the_original
     assert restored.copies.originals() == {"c"} and restored.copies.copies_of("a") == ("b",)
     rows = rng.normal(size=(4, d))
     assert restored.step(ids, rows, np.zeros(d)).own_rounds.tolist() == [3, 3, 1, 0]
-
-
-def add_groups(copies: CopyGroups, ids: list[str], *groups: tuple[str, ...]) -> None:
-    """One round of ``ids`` in which each of ``groups`` sent one update."""
-    twins = np.zeros((len(ids), len(ids)), bool)
-    for group in groups:
-        rows = [ids.index(c) for c in group]
-        twins[np.ix_(rows, rows)] = True
-    np.fill_diagonal(twins, False)
-    copies.add_round(ids, twins)
-
-
-def test_a_victim_copied_whenever_it_was_sampled_is_named_once_its_copiers_are_known():
-    """v is copied by x and y in round 1 and never sends an update of its own. In round 2 x
-    copies w and in round 3 y copies u, who have sent updates of their own: x and y are
-    copiers, so v was round 1's original. A group of crafted vectors (a, b, c) has none; p,
-    seen copying u, is a copier whatever its other group holds; an original found through its
-    copiers is the original of its other groups too."""
-    copies = CopyGroups()
-    copies.record_own(["w", "u"])
-    add_groups(copies, ["v", "x", "y", "h"], ("v", "x", "y"))
-    add_groups(copies, ["a", "b", "c"], ("a", "b", "c"))
-    assert copies.originals() == set()  # nothing known of v, x and y yet
-    add_groups(copies, ["w", "x", "h"], ("w", "x"))
-    assert copies.originals() == {"w"}  # v's group still has an unknown member, y
-    add_groups(copies, ["u", "y", "p"], ("u", "y", "p"))
-    assert copies.originals() == {"w", "u", "v"}
-    add_groups(copies, ["p", "q"], ("p", "q"))
-    assert copies.originals() == {"w", "u", "v", "q"}  # p copied u: q was the original
-    add_groups(copies, ["q", "x"], ("q", "x"))  # q copied by a copier again: still the original
-    assert copies.originals() == {"w", "u", "v", "q"}
-    add_groups(copies, ["m", "r", "t"], ("m", "r", "t"))
-    add_groups(copies, ["m", "x"], ("m", "x"))  # m copied by a copier: m is no copier, so it
-    assert copies.originals() == {"w", "u", "v", "q", "m"}  # was the original of r's group too
-    add_groups(copies, ["r", "n"], ("r", "n"))
-    assert "n" in copies.originals()  # r copied m, so n was the original
-    # u flagged on more than its copies: it makes no copiers, so y is none and v is not named
-    assert copies.originals(suspects={"u"}) == {"w", "u", "q", "m", "n"}
-    add_groups(copies, ["v", "u"], ("v", "u"))  # v sends u's update: a copier after all
-    assert copies.originals() == {"w", "u", "q", "m", "n"}
 
 
 def test_history_forecast_rewards_consistency_and_survives_a_checkpoint():

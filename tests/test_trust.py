@@ -547,6 +547,41 @@ def twins_of(ids: list[str], *groups: tuple[str, ...]) -> np.ndarray:
     return twins
 
 
+def test_a_victim_copied_whenever_it_was_sampled_is_named_once_its_copiers_are_known():
+    """v is copied by x and y in round 1 and never sends an update of its own. In round 2 x
+    copies w and in round 3 y copies u, who have sent updates of their own: x and y are
+    copiers, so v was round 1's original. A group of crafted vectors (a, b, c) has none; p,
+    seen copying u, is a copier whatever its other group holds; an original found through its
+    copiers is the original of its other groups too."""
+    copies = CopyGroups()
+
+    def copied(*members: str) -> None:
+        """A round in which ``members`` sent one update."""
+        copies.add_round(list(members), twins_of(list(members), members))
+
+    copies.record_own(["w", "u"])
+    copied("v", "x", "y")
+    copied("a", "b", "c")
+    assert copies.originals() == set()  # nothing known of v, x and y yet
+    copied("w", "x")
+    assert copies.originals() == {"w"}  # v's group still has an unknown member, y
+    copied("u", "y", "p")
+    assert copies.originals() == {"w", "u", "v"}
+    copied("p", "q")
+    assert copies.originals() == {"w", "u", "v", "q"}  # p copied u: q was the original
+    copied("q", "x")  # q copied by a copier again: still the original
+    assert copies.originals() == {"w", "u", "v", "q"}
+    copied("m", "r", "t")
+    copied("m", "x")  # m copied by a copier: m is no copier, so it
+    assert copies.originals() == {"w", "u", "v", "q", "m"}  # was the original of r's group too
+    copied("r", "n")
+    assert "n" in copies.originals()  # r copied m, so n was the original
+    # u flagged on more than its copies: it makes no copiers, so y is none and v is not named
+    assert copies.originals(suspects={"u"}) == {"w", "u", "q", "m", "n"}
+    copied("v", "u")  # v sends u's update: a copier after all
+    assert copies.originals() == {"w", "u", "q", "m", "n"}
+
+
 def test_an_original_found_later_gets_back_the_evidence_its_copies_made(tmp_path):
     """x copies v and y copies w in round 3: all four score 1.0 and are flagged. In round 4 v
     and w send updates of their own, which shows them the originals: the part of their evidence
