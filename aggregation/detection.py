@@ -580,6 +580,10 @@ class CopyGroups:
                 judged[c] = judged.get(c, True) and original_of.get(i) == c
         return {c for c, original in judged.items() if original and c not in copiers}
 
+    def members(self) -> set[str]:
+        """Every client that has been in a group of copies."""
+        return {c for group in self._groups for c in group}
+
     def copies_of(self, client_id: str) -> tuple[str, ...]:
         """The clients that sent the same update as ``client_id`` in some round, sorted."""
         return tuple(sorted({c for g in self._groups if client_id in g for c in g} - {client_id}))

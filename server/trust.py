@@ -493,10 +493,14 @@ class TrustBook:
             self._pool.append((anomaly[scored], {n: v[scored] for n, v in components.items()}))
         center, scale, typical = self._population()
 
-        # flagged by association coming into the round (only :meth:`_associate` sets it, after
-        # the copies): a copy group this round can turn that into evidence of its own, which the
-        # copies' part then explains away
-        associated = {c for c, st in self._clients.items() if EvidenceSums.of(st).associated}
+        # members of groups of copies flagged by association coming into the round (only
+        # :meth:`_associate` sets it, after the copies): a copy group this round can turn that
+        # into evidence of its own, which the copies' part then explains away
+        members = copies.members() if copies is not None else set()
+        associated = {
+            c for c in members if c in self._clients
+            and EvidenceSums.of(self._clients[c]).associated
+        }  # fmt: skip
         touched: dict[str, ClientSummary] = {}
         for cid, score in scores.items():
             state = self._clients.get(cid) or ClientSummary(cid, trust=self.policy.initial_trust)
@@ -532,8 +536,8 @@ class TrustBook:
                 < self.policy.flag_z
             )  # fmt: skip
             suspects = associated | {
-                c for c, st in self._clients.items()
-                if st.flagged and self._evidence_apart_from_copies(c) >= self.policy.flag_z
+                c for c in members if c in self._clients and self._clients[c].flagged
+                and self._evidence_apart_from_copies(c) >= self.policy.flag_z
             }  # fmt: skip
             originals = copies.originals(suspects)
             touched.update(self._take_back_copies(round, originals, typical, copies))
