@@ -89,7 +89,7 @@ A data-side signal, present only when the server holds validation examples
   (``validation_loss_change``) and the largest per-class change (``validation_class_change``);
   the component is the larger of their one-sided robust z's (logistic) against the cohort, scale
   at least 0.01 nats. Worse than the cohort is suspicious; better is not. Weight 0 by default
-  (measured and explained, not scored): on 20 replayed Fashion-MNIST runs a weight of 0.03 took
+  (measured and recorded, not scored): on 20 replayed Fashion-MNIST runs a weight of 0.03 took
   label flipping from 0.33 to 0.50 by round 10 with one honest client-round more, but a fresh
   seed flagged 4 of 100 honest client-rounds at Dirichlet 0.5 (1 without) and digits at
   Dirichlet 0.1 2 of 200 (0 without); at 0.1 label flipping reached 0.77 and honest clients of
@@ -1157,6 +1157,26 @@ def anomaly_score(
             sharp = np.nan_to_num(components[name], nan=0.0)
             score = np.maximum(score, np.where(sharp >= SHARP_FLOOR, sharp, 0.0))
     return np.clip(score, 0.0, 1.0)
+
+
+def component_shares(weights: dict[str, float] | None = None) -> dict[str, float]:
+    """How much of the anomaly score one unit of each component makes under ``weights``
+    (:data:`DEFAULT_ANOMALY_WEIGHTS` by default), so that an explanation can rank the signals by
+    their part in a flag (``trust.explain``): a sharp component all of it (once it says yes it
+    is the score's floor), an added one its weight, an averaged one its weight over the sum of
+    the averaged weights. A component of weight 0 is measured, not scored, and left out.
+
+      >>> component_shares({"cosine": 0.3, "cluster": 0.1, "shrinking": 0.2, "collusion": 0.1})
+      {'cosine': 0.6, 'cluster': 0.2, 'shrinking': 0.2, 'collusion': 1.0}
+    """
+    weights = DEFAULT_ANOMALY_WEIGHTS if weights is None else weights
+    averaged = sum(w for n, w in weights.items() if w > 0 and n not in ADDED_COMPONENTS)
+    return {
+        name: 1.0 if name in SHARP_COMPONENTS
+        else w if name in ADDED_COMPONENTS
+        else w / averaged
+        for name, w in weights.items() if w > 0
+    }  # fmt: skip
 
 
 def anomaly_as_original(

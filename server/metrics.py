@@ -19,8 +19,8 @@ Metrics (gauges unless marked):
 - ``fedwarden_client_flag_evidence{client_id}``: evidence that the client misbehaves (a standard
   score; ``server/trust.py`` flags it above the line its false-positive rate sets)
 - ``fedwarden_client_flag_signal_excess{client_id,signal}``: for a flagged client only, each
-  signal's accumulated excess over the population (``collusion``, ``cosine``, ...): why it is
-  flagged and by how much, as ``fedwarden trust show`` explains it
+  signal's accumulated excess over the population (``collusion``, ``cosine``, ...; the signals
+  the score weighs): why it is flagged and by how much, as ``fedwarden trust show`` explains it
 - ``fedwarden_client_dp_epsilon{client_id}``: DP-SGD epsilon spent by the client
 - ``fedwarden_client_refused_updates{client_id}``: its updates rejected at admission or refused
   on arrival, since the exporter started

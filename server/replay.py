@@ -38,6 +38,7 @@ from fedwarden.aggregation.scoring import (
     anomaly_as_original,
     anomaly_components,
     anomaly_score,
+    component_shares,
     robust_z,
 )
 from fedwarden.server.trust import TrustBook, TrustPolicy
@@ -111,6 +112,7 @@ def replay_flags(
                 components=anomaly_components(metrics), association=association,
                 copies=history.copies, alone=alone,
                 as_original=anomaly_as_original(metrics, anomaly, anomaly_weights),
+                shares=component_shares(anomaly_weights),
             )  # fmt: skip
         out.append(book.flagged())
     return out

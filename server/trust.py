@@ -68,10 +68,12 @@ evidence is that same deviation from the population, standardised by how much of
 ``flag_rule="threshold"`` restores the fixed line: flagged below ``flag_below``, unflagged above
 ``unflag_above`` (hysteresis).
 
-Every flagged client carries an ``explanation``: the signals (``scoring.anomaly_components``)
-whose accumulated excess over the population's median is largest, e.g. ``"evidence 5.1 over 2
-rounds: collusion 1.00 (typical 0.01; same update as c12, c27), centrality 0.93 (typical
-0.02)"`` (a colluder names the clients it sent the same update as, ``copies``).
+Every flagged client carries an ``explanation``: the signals the score weighs
+(``scoring.anomaly_components``) with the largest part in its evidence, their accumulated excess
+over the population's median times their share of the score (``scoring.component_shares``),
+e.g. ``"evidence 5.1 over 2 rounds: collusion 1.00 (typical 0.01; same update as c12, c27),
+centrality 0.93 (typical 0.02)"`` (a colluder names the clients it sent the same update as,
+``copies``).
 
 A flagged client is quarantined according to the policy:
 
@@ -420,6 +422,7 @@ class TrustBook:
         copies: CopyGroups | None = None,
         alone: np.ndarray | None = None,
         as_original: np.ndarray | None = None,
+        shares: Mapping[str, float] | None = None,
     ) -> dict[str, ClientSummary]:
         """Applies one round's anomaly scores; returns the new standing of every client touched.
 
@@ -458,6 +461,10 @@ class TrustBook:
                 was in (``CopyGroups.originals``) gets that part back, and its flag is judged
                 again against the flag line. A client flagged on more than its copies' part (by
                 association, or over the line without it) vouches for no group's copiers.
+            shares: how much of the score one unit of each component makes
+                (``scoring.component_shares`` of the weights ``anomaly`` was scored with): a
+                flag's explanation and its signals' excess count only the components the score
+                weighs, ranked by their part in it. None: every component, ranked by its excess.
         """
         round = int(round)
         if round <= self._round:
@@ -508,6 +515,9 @@ class TrustBook:
             signals = {} if i is None or cid in rejected else {
                 n: float(v[i]) for n, v in components.items() if np.isfinite(v[i])
             }  # fmt: skip
+            scored = signals if shares is None else {
+                n: v for n, v in signals.items() if shares.get(n, 0.0) > 0
+            }  # fmt: skip
             previous = state.trust
             score_alone = score if i is None or cid in rejected else float(own_scores[i])
             state = replace(
@@ -517,12 +527,13 @@ class TrustBook:
                     state,
                     (score - center) / scale,
                     signals,
+                    scored,
                     typical,
                     (score_alone - center) / scale,
                 ),
             )
             rejection = reasons.get(cid, "rejected") if cid in rejected else None
-            decided = self._decide(state, round, previous, rejection, typical, copies)
+            decided = self._decide(state, round, previous, rejection, typical, copies, shares)
             if metrics is not None and i is not None:
                 decided["norm"] = optional_float(metrics["norm"][i]) if "norm" in metrics else None
                 decided["cosine"] = (
@@ -540,7 +551,7 @@ class TrustBook:
                 and self._evidence_apart_from_copies(c) >= self.policy.flag_z
             }  # fmt: skip
             originals = copies.originals(suspects)
-            touched.update(self._take_back_copies(round, originals, typical, copies))
+            touched.update(self._take_back_copies(round, originals, typical, copies, shares))
         p = self.policy
         if association is not None and p.flag_rule == "evidence" and p.association_z > 0:
             touched.update(self._associate(round, association))
@@ -589,12 +600,13 @@ class TrustBook:
         state: ClientSummary,
         z: float,
         signals: dict[str, float],
+        scored: dict[str, float],
         typical: dict[str, float],
         z_alone: float,
     ) -> dict[str, Any]:
-        """The client's evidence with one round's z-score (and each signal's excess) folded in:
-        its new ``evidence``, ``signals`` and ``evidence_state``. ``z_alone`` is the z had no
-        other client sent the same update."""
+        """The client's evidence with one round's z-score (and the excess of each of the
+        ``scored`` signals) folded in: its new ``evidence``, ``signals`` and ``evidence_state``.
+        ``z_alone`` is the z had no other client sent the same update."""
         p = self.policy
         z, z_alone = (min(max(x, -p.z_floor), p.z_cap) for x in (z, z_alone))
         m = p.evidence_memory
@@ -602,9 +614,9 @@ class TrustBook:
         sums = EvidenceSums(
             m * old.sum + z,
             m * m * old.sq + 1.0,
-            {n: m * old.excess.get(n, 0.0) + (signals[n] - typical.get(n, 0.0) if n in signals
+            {n: m * old.excess.get(n, 0.0) + (scored[n] - typical.get(n, 0.0) if n in scored
                                               else 0.0)
-             for n in sorted(set(old.excess) | set(signals))},
+             for n in sorted(set(old.excess) | set(scored))},
             old.associated,
             m * old.copied + z - z_alone,
         )  # fmt: skip
@@ -635,8 +647,10 @@ class TrustBook:
         rejection: str | None,
         typical: dict[str, float],
         copies: CopyGroups | None = None,
+        shares: Mapping[str, float] | None = None,
     ) -> dict[str, Any]:
-        """Flag, explanation and quarantine after the client's round (trust was ``previous``).
+        """Flag, explanation and quarantine after the client's round (trust was ``previous``);
+        the explanation ranks the signals by their ``shares`` of the score.
 
         A client flagged for its association keeps that flag here (:meth:`_associate` decides
         it) unless its own evidence now flags it, which then replaces the association.
@@ -657,7 +671,9 @@ class TrustBook:
         decided: dict[str, Any] = {"flagged": own}
         if own:
             partners = copies.copies_of(state.client_id) if copies is not None else ()
-            decided["explanation"] = explain(state, typical, rejection, partners=partners)
+            decided["explanation"] = explain(
+                state, typical, rejection, partners=partners, shares=shares
+            )
             if sums.associated:
                 decided["evidence_state"] = replace(sums, associated=False).to_json()
         elif sums.associated:
@@ -680,6 +696,7 @@ class TrustBook:
         originals: set[str],
         typical: dict[str, float],
         copies: CopyGroups,
+        shares: Mapping[str, float] | None,
     ) -> dict[str, ClientSummary]:
         """Takes back from each of the ``originals`` the part of its evidence (and the signals'
         excess) that copies of its updates made, and judges its flag again against the line
@@ -702,7 +719,8 @@ class TrustBook:
                 evidence_state=sums.to_json(),
                 flagged=state.flagged and own,
             )
-            changed[cid] = replace(state, **self._decide(state, round, None, None, typical, copies))
+            decided = self._decide(state, round, None, None, typical, copies, shares)
+            changed[cid] = replace(state, **decided)
         self._clients.update(changed)
         return changed
 
@@ -838,11 +856,15 @@ def explain(
     rejection: str | None = None,
     top: int = 3,
     partners: Sequence[str] = (),
+    shares: Mapping[str, float] | None = None,
 ) -> str:
-    """Why a client is flagged: its evidence and the signals with the largest excess.
+    """Why a client is flagged: its evidence and the signals with the largest part in it.
 
     The signals are ranked by their accumulated excess over the population's median (weighted
-    like the evidence); each shows the client's last value and the population's typical one.
+    like the evidence) times their ``shares`` of the score (``scoring.component_shares``; a
+    component the score does not weigh is left out, for it flagged nobody); each shows the
+    client's last value and the population's typical one, or the excess built up earlier when
+    the last round was not above typical.
     ``collusion`` also names the ``partners``, the clients it sent the same update as: copies
     are certain evidence against all but one of a group, and an operator can see the group.
     """
@@ -852,15 +874,18 @@ def explain(
     if rejection is not None:
         parts.append(f"update rejected ({rejection})")
     last = last_signals(state.signals)
+    excesses = EvidenceSums.of(state).excess
+    shares = dict.fromkeys(excesses, 1.0) if shares is None else shares
     ranked = sorted(
-        ((excess, name) for name, excess in EvidenceSums.of(state).excess.items() if excess > 0),
+        ((shares.get(name, 0.0) * excess, excess, name) for name, excess in excesses.items()
+         if excess > 0 and shares.get(name, 0.0) > 0),
         reverse=True,
-    )[:top]
+    )[:top]  # fmt: skip
     signals = [
         f"{name} {last[name]:.2f} (typical {typical.get(name, 0.0):.2f}"
         f"{_same_update_as(partners) if name == 'collusion' else ''})"
-        if name in last else f"{name} +{excess:.2f} earlier"
-        for excess, name in ranked
+        if last.get(name, -np.inf) > typical.get(name, 0.0) else f"{name} +{excess:.2f} earlier"
+        for _, excess, name in ranked
     ]  # fmt: skip
     head = "; ".join(parts)
     return f"{head}: {', '.join(signals)}" if signals else head

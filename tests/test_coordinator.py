@@ -416,3 +416,25 @@ def test_a_flagged_copy_names_the_clients_that_sent_the_same_update():
         others = ", ".join(sorted({"c1", "c2", "c3"} - {cid}))
         assert f"same update as {others})" in c.trust.get(cid).explanation
     assert c.history.copies.copies_of("h0") == ()
+
+
+def test_a_flag_is_explained_by_the_signals_the_score_weighs_not_by_the_loss():
+    """The copies also report a loss far above the cohort's: measured (``loss_z``), but at weight
+    0 it flagged nobody, so the explanation leaves it out."""
+    rng = np.random.default_rng(1)
+    d = 300
+    base = rng.normal(size=d) / np.sqrt(d)
+    updates = {f"h{i}": base + 0.5 * rng.normal(size=d) / np.sqrt(d) for i in range(7)}
+    shared = base + 0.5 * rng.normal(size=d) / np.sqrt(d)
+    updates.update(dict.fromkeys(("c1", "c2", "c3"), shared))
+    c = Coordinator(
+        np.zeros(d, np.float32), parse_chain("median"), ServerOptimizer("fedavg"),
+        TrustBook(TrustPolicy()),
+    )  # fmt: skip
+    ups = [ClientUpdate(cid, 1, u.astype(np.float32), 100, loss=9.0 if cid[0] == "c" else
+                        1.0 + 0.1 * rng.normal()) for cid, u in updates.items()]  # fmt: skip
+    c.finish_round(1, list(updates), ups)
+    assert c.trust.flagged() == {"c1", "c2", "c3"}
+    for cid in ("c1", "c2", "c3"):
+        explanation = c.trust.get(cid).explanation
+        assert "collusion" in explanation and "loss_z" not in explanation, explanation

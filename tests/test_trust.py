@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from fedwarden.aggregation.detection import Association, CopyGroups
+from fedwarden.aggregation.scoring import component_shares
 from fedwarden.cli.trust import trust_main
 from fedwarden.records import ClientSummary
 from fedwarden.report import detection_summary, honest_flags, plot_trust_heatmap
@@ -29,6 +30,7 @@ from fedwarden.server.trust import (
     TrustPolicy,
     explain,
     round_rows,
+    verdict,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -535,6 +537,31 @@ def test_a_colluder_is_explained_with_the_clients_it_sent_the_same_update_as():
     assert explain(x, {"collusion": 0.02}) == x.explanation.replace(
         "; same update as a1, a2, a3 and 1 more", ""
     )
+
+
+def test_an_explanation_names_the_signals_by_their_part_in_the_score():
+    # an honest-looking outlier (Dirichlet 0.1, seed 48): its reported loss, which the default
+    # weights do not score, is its largest excess; what flags it is shrinking, then the cosine
+    def flag(shares):
+        book = TrustBook(TrustPolicy())
+        for r, cohort, scores in population_rounds(6):
+            comp = {name: np.full(len(cohort), 0.02) for name in ("loss_z", "cluster", "shrinking")}
+            comp["cosine"] = np.full(len(cohort), 0.25)
+            if r == 6:
+                cohort, scores = [*cohort, "x"], np.append(scores, 0.6)
+                x = {"loss_z": 0.97, "cluster": 0.4, "shrinking": 0.5, "cosine": 0.6}
+                comp = {name: np.append(values, x[name]) for name, values in comp.items()}
+            book.update(r, cohort, scores, {}, components=comp, shares=shares)
+        x = book.get("x")
+        assert x.flagged
+        return x.explanation.split(": ", 1)[1].split(", "), set(verdict(x)["signal_excess"])
+
+    named, exported = flag(component_shares())
+    assert [s.split()[0] for s in named] == ["shrinking", "cosine", "cluster"]
+    assert named[0] == "shrinking 0.50 (typical 0.02)"
+    assert exported == {"shrinking", "cosine", "cluster"}  # on /metrics too, never the loss
+    named, exported = flag(None)  # every component, by its excess alone
+    assert named[0].startswith("loss_z 0.97") and "loss_z" in exported
 
 
 def twins_of(ids: list[str], *groups: tuple[str, ...]) -> np.ndarray:
