@@ -849,6 +849,10 @@ class TrustBook:
 COPY_PARTNERS_SHOWN = 3
 """Clients named in a collusion explanation; more are counted ("and 4 more")."""
 
+EXPLAINED_SHARE = 0.1
+"""An explanation names a signal only if its part in the flag is at least this share of the
+largest part: an honest-looking 0.01 beside a shrinking of 1.00 explains nothing."""
+
 
 def explain(
     state: ClientSummary,
@@ -860,11 +864,12 @@ def explain(
 ) -> str:
     """Why a client is flagged: its evidence and the signals with the largest part in it.
 
-    The signals are ranked by their accumulated excess over the population's median (weighted
-    like the evidence) times their ``shares`` of the score (``scoring.component_shares``; a
-    component the score does not weigh is left out, for it flagged nobody); each shows the
-    client's last value and the population's typical one, or the excess built up earlier when
-    the last round was not above typical.
+    The signals are ranked by their part in it: their accumulated excess over the population's
+    median (weighted like the evidence) times their ``shares`` of the score
+    (``scoring.component_shares``). A component the score does not weigh is left out, for it
+    flagged nobody, and so is one with under :data:`EXPLAINED_SHARE` of the largest part. Each
+    shows the client's last value and the population's typical one, or the excess built up
+    earlier when the last round was not above typical.
     ``collusion`` also names the ``partners``, the clients it sent the same update as: copies
     are certain evidence against all but one of a group, and an operator can see the group.
     """
@@ -881,6 +886,7 @@ def explain(
          if excess > 0 and shares.get(name, 0.0) > 0),
         reverse=True,
     )[:top]  # fmt: skip
+    ranked = [r for r in ranked if r[0] >= EXPLAINED_SHARE * ranked[0][0]]
     signals = [
         f"{name} {last[name]:.2f} (typical {typical.get(name, 0.0):.2f}"
         f"{_same_update_as(partners) if name == 'collusion' else ''})"

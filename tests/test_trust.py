@@ -545,21 +545,25 @@ def test_an_explanation_names_the_signals_by_their_part_in_the_score():
     def flag(shares):
         book = TrustBook(TrustPolicy())
         for r, cohort, scores in population_rounds(6):
-            comp = {name: np.full(len(cohort), 0.02) for name in ("loss_z", "cluster", "shrinking")}
+            names = ("loss_z", "cluster", "shrinking", "collusion")
+            comp = {name: np.full(len(cohort), 0.02) for name in names}
             comp["cosine"] = np.full(len(cohort), 0.25)
-            if r == 6:
+            if r == 6:  # its collusion is a hair above typical: too little a part to name
                 cohort, scores = [*cohort, "x"], np.append(scores, 0.6)
-                x = {"loss_z": 0.97, "cluster": 0.4, "shrinking": 0.5, "cosine": 0.6}
+                x = {"loss_z": 0.97, "cluster": 0.4, "shrinking": 0.5, "cosine": 0.6,
+                     "collusion": 0.025}  # fmt: skip
                 comp = {name: np.append(values, x[name]) for name, values in comp.items()}
             book.update(r, cohort, scores, {}, components=comp, shares=shares)
         x = book.get("x")
         assert x.flagged
+        everything = explain(x, {}, top=10, shares=shares)
+        assert "collusion" not in everything or shares is None  # its part is too small to name
         return x.explanation.split(": ", 1)[1].split(", "), set(verdict(x)["signal_excess"])
 
     named, exported = flag(component_shares())
     assert [s.split()[0] for s in named] == ["shrinking", "cosine", "cluster"]
     assert named[0] == "shrinking 0.50 (typical 0.02)"
-    assert exported == {"shrinking", "cosine", "cluster"}  # on /metrics too, never the loss
+    assert exported == {"shrinking", "cosine", "cluster", "collusion"}  # /metrics: not the loss
     named, exported = flag(None)  # every component, by its excess alone
     assert named[0].startswith("loss_z 0.97") and "loss_z" in exported
 
