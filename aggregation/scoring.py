@@ -147,7 +147,7 @@ either way.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -1159,24 +1159,38 @@ def anomaly_score(
     return np.clip(score, 0.0, 1.0)
 
 
-def component_shares(weights: dict[str, float] | None = None) -> dict[str, float]:
-    """How much of the anomaly score one unit of each component makes under ``weights``
-    (:data:`DEFAULT_ANOMALY_WEIGHTS` by default), so that an explanation can rank the signals by
-    their part in a flag (``trust.explain``): a sharp component all of it (once it says yes it
-    is the score's floor), an added one its weight, an averaged one its weight over the sum of
-    the averaged weights. A component of weight 0 is measured, not scored, and left out.
+def component_parts(
+    excess: Mapping[str, float],
+    last: Mapping[str, float],
+    weights: Mapping[str, float] | None = None,
+) -> dict[str, float]:
+    """Each component's part in a client's anomaly score above the population's, to rank the
+    signals behind a flag (``trust.explain``): its ``excess`` over the population times how much
+    of the score one unit of it makes under ``weights`` (:data:`DEFAULT_ANOMALY_WEIGHTS` by
+    default). That is its weight over the sum of the averaged weights for an averaged component,
+    its weight for an added one, and all of it for a sharp one whose ``last`` value reached
+    :data:`SHARP_FLOOR` (the score's floor). A component of weight 0 is measured, not scored,
+    and has no part; nor has one without a positive excess.
 
-      >>> component_shares({"cosine": 0.3, "cluster": 0.1, "shrinking": 0.2, "collusion": 0.1})
-      {'cosine': 0.6, 'cluster': 0.2, 'shrinking': 0.2, 'collusion': 1.0}
+      >>> weights = {"cosine": 0.3, "shrinking": 0.2, "collusion": 0.2}
+      >>> component_parts({"cosine": 0.5, "shrinking": 0.5, "collusion": 0.9, "loss_z": 0.9},
+      ...                 {"collusion": 0.95}, weights)
+      {'cosine': 0.3, 'shrinking': 0.1, 'collusion': 0.9}
     """
     weights = DEFAULT_ANOMALY_WEIGHTS if weights is None else weights
     averaged = sum(w for n, w in weights.items() if w > 0 and n not in ADDED_COMPONENTS)
-    return {
-        name: 1.0 if name in SHARP_COMPONENTS
-        else w if name in ADDED_COMPONENTS
-        else w / averaged
-        for name, w in weights.items() if w > 0
-    }  # fmt: skip
+
+    def share(name: str) -> float:
+        w = weights.get(name, 0.0)
+        if w <= 0:
+            return 0.0
+        if name in ADDED_COMPONENTS:
+            return w
+        if name in SHARP_COMPONENTS and last.get(name, 0.0) >= SHARP_FLOOR:
+            return 1.0
+        return w / averaged
+
+    return {n: share(n) * e for n, e in excess.items() if e > 0 and share(n) > 0}
 
 
 def anomaly_as_original(

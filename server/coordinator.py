@@ -34,7 +34,6 @@ from fedwarden.aggregation.scoring import (
     boost_rows,
     boost_spread,
     client_metrics,
-    component_shares,
     log_norm_spread,
     median_and_trimmed_shares,
     order_statistics_scope,
@@ -503,7 +502,7 @@ class Coordinator:
             copies=self.history.copies,
             alone=alone,
             as_original=as_original,
-            shares=component_shares(self.anomaly_weights),
+            weights=self.anomaly_weights,
         )
         if ids:
             unflagged = [i for i, c in enumerate(ids) if not states[c].flagged]

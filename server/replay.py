@@ -38,7 +38,6 @@ from fedwarden.aggregation.scoring import (
     anomaly_as_original,
     anomaly_components,
     anomaly_score,
-    component_shares,
     robust_z,
 )
 from fedwarden.server.trust import TrustBook, TrustPolicy
@@ -112,7 +111,7 @@ def replay_flags(
                 components=anomaly_components(metrics), association=association,
                 copies=history.copies, alone=alone,
                 as_original=anomaly_as_original(metrics, anomaly, anomaly_weights),
-                shares=component_shares(anomaly_weights),
+                weights=anomaly_weights,
             )  # fmt: skip
         out.append(book.flagged())
     return out

@@ -70,7 +70,7 @@ evidence is that same deviation from the population, standardised by how much of
 
 Every flagged client carries an ``explanation``: the signals the score weighs
 (``scoring.anomaly_components``) with the largest part in its evidence, their accumulated excess
-over the population's median times their share of the score (``scoring.component_shares``),
+over the population's median times their share of the score (``scoring.component_parts``),
 e.g. ``"evidence 5.1 over 2 rounds: collusion 1.00 (typical 0.01; same update as c12, c27),
 centrality 0.93 (typical 0.02)"`` (a colluder names the clients it sent the same update as,
 ``copies``).
@@ -107,6 +107,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedwarden.aggregation.scoring import DEFAULT_ANOMALY_WEIGHTS, component_parts
 from fedwarden.config import FLAG_RULES, QUARANTINE_POLICIES, TrustConfig
 from fedwarden.records import VERDICT_KEYS, ClientRound, ClientSummary, optional_float
 
@@ -422,7 +423,7 @@ class TrustBook:
         copies: CopyGroups | None = None,
         alone: np.ndarray | None = None,
         as_original: np.ndarray | None = None,
-        shares: Mapping[str, float] | None = None,
+        weights: Mapping[str, float] | None = None,
     ) -> dict[str, ClientSummary]:
         """Applies one round's anomaly scores; returns the new standing of every client touched.
 
@@ -461,10 +462,10 @@ class TrustBook:
                 was in (``CopyGroups.originals``) gets that part back, and its flag is judged
                 again against the flag line. A client flagged on more than its copies' part (by
                 association, or over the line without it) vouches for no group's copiers.
-            shares: how much of the score one unit of each component makes
-                (``scoring.component_shares`` of the weights ``anomaly`` was scored with): a
-                flag's explanation and its signals' excess count only the components the score
-                weighs, ranked by their part in it. None: every component, ranked by its excess.
+            weights: the anomaly weights ``anomaly`` was scored with (None: the scoring's
+                defaults). A flag's explanation and its signals' excess count only the
+                components they weigh, ranked by their part in the score
+                (``scoring.component_parts``).
         """
         round = int(round)
         if round <= self._round:
@@ -486,6 +487,7 @@ class TrustBook:
         rejected = {str(c): int(n) for c, n in (rejected or {}).items() if int(n) > 0}
         reasons = reasons or {}
 
+        weighs = DEFAULT_ANOMALY_WEIGHTS if weights is None else weights
         scores = dict(zip(client_ids, anomaly.tolist(), strict=True))
         for cid in rejected:
             scores[cid] = 1.0
@@ -515,9 +517,7 @@ class TrustBook:
             signals = {} if i is None or cid in rejected else {
                 n: float(v[i]) for n, v in components.items() if np.isfinite(v[i])
             }  # fmt: skip
-            scored = signals if shares is None else {
-                n: v for n, v in signals.items() if shares.get(n, 0.0) > 0
-            }  # fmt: skip
+            scored = {n: v for n, v in signals.items() if weighs.get(n, 0.0) > 0}
             previous = state.trust
             score_alone = score if i is None or cid in rejected else float(own_scores[i])
             state = replace(
@@ -533,7 +533,7 @@ class TrustBook:
                 ),
             )
             rejection = reasons.get(cid, "rejected") if cid in rejected else None
-            decided = self._decide(state, round, previous, rejection, typical, copies, shares)
+            decided = self._decide(state, round, previous, rejection, typical, copies, weights)
             if metrics is not None and i is not None:
                 decided["norm"] = optional_float(metrics["norm"][i]) if "norm" in metrics else None
                 decided["cosine"] = (
@@ -551,7 +551,7 @@ class TrustBook:
                 and self._evidence_apart_from_copies(c) >= self.policy.flag_z
             }  # fmt: skip
             originals = copies.originals(suspects)
-            touched.update(self._take_back_copies(round, originals, typical, copies, shares))
+            touched.update(self._take_back_copies(round, originals, typical, copies, weights))
         p = self.policy
         if association is not None and p.flag_rule == "evidence" and p.association_z > 0:
             touched.update(self._associate(round, association))
@@ -647,10 +647,10 @@ class TrustBook:
         rejection: str | None,
         typical: dict[str, float],
         copies: CopyGroups | None = None,
-        shares: Mapping[str, float] | None = None,
+        weights: Mapping[str, float] | None = None,
     ) -> dict[str, Any]:
         """Flag, explanation and quarantine after the client's round (trust was ``previous``);
-        the explanation ranks the signals by their ``shares`` of the score.
+        the explanation ranks the signals by their part in the score under ``weights``.
 
         A client flagged for its association keeps that flag here (:meth:`_associate` decides
         it) unless its own evidence now flags it, which then replaces the association.
@@ -672,7 +672,7 @@ class TrustBook:
         if own:
             partners = copies.copies_of(state.client_id) if copies is not None else ()
             decided["explanation"] = explain(
-                state, typical, rejection, partners=partners, shares=shares
+                state, typical, rejection, partners=partners, weights=weights
             )
             if sums.associated:
                 decided["evidence_state"] = replace(sums, associated=False).to_json()
@@ -696,7 +696,7 @@ class TrustBook:
         originals: set[str],
         typical: dict[str, float],
         copies: CopyGroups,
-        shares: Mapping[str, float] | None,
+        weights: Mapping[str, float] | None,
     ) -> dict[str, ClientSummary]:
         """Takes back from each of the ``originals`` the part of its evidence (and the signals'
         excess) that copies of its updates made, and judges its flag again against the line
@@ -719,7 +719,7 @@ class TrustBook:
                 evidence_state=sums.to_json(),
                 flagged=state.flagged and own,
             )
-            decided = self._decide(state, round, None, None, typical, copies, shares)
+            decided = self._decide(state, round, None, None, typical, copies, weights)
             changed[cid] = replace(state, **decided)
         self._clients.update(changed)
         return changed
@@ -860,13 +860,13 @@ def explain(
     rejection: str | None = None,
     top: int = 3,
     partners: Sequence[str] = (),
-    shares: Mapping[str, float] | None = None,
+    weights: Mapping[str, float] | None = None,
 ) -> str:
     """Why a client is flagged: its evidence and the signals with the largest part in it.
 
     The signals are ranked by their part in it: their accumulated excess over the population's
-    median (weighted like the evidence) times their ``shares`` of the score
-    (``scoring.component_shares``). A component the score does not weigh is left out, for it
+    median (weighted like the evidence) times their share of the score under ``weights``
+    (``scoring.component_parts``). A component the score does not weigh is left out, for it
     flagged nobody, and so is one with under :data:`EXPLAINED_SHARE` of the largest part. Each
     shows the client's last value and the population's typical one, or the excess built up
     earlier when the last round was not above typical.
@@ -880,12 +880,9 @@ def explain(
         parts.append(f"update rejected ({rejection})")
     last = last_signals(state.signals)
     excesses = EvidenceSums.of(state).excess
-    shares = dict.fromkeys(excesses, 1.0) if shares is None else shares
-    ranked = sorted(
-        ((shares.get(name, 0.0) * excess, excess, name) for name, excess in excesses.items()
-         if excess > 0 and shares.get(name, 0.0) > 0),
-        reverse=True,
-    )[:top]  # fmt: skip
+    part_of = component_parts(excesses, last, weights)
+    ranked = sorted(((part, excesses[name], name) for name, part in part_of.items()), reverse=True)
+    ranked = ranked[:top]
     ranked = [r for r in ranked if r[0] >= EXPLAINED_SHARE * ranked[0][0]]
     signals = [
         f"{name} {last[name]:.2f} (typical {typical.get(name, 0.0):.2f}"

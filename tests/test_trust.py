@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from fedwarden.aggregation.detection import Association, CopyGroups
-from fedwarden.aggregation.scoring import component_shares
+from fedwarden.aggregation.scoring import DEFAULT_ANOMALY_WEIGHTS
 from fedwarden.cli.trust import trust_main
 from fedwarden.records import ClientSummary
 from fedwarden.report import detection_summary, honest_flags, plot_trust_heatmap
@@ -542,29 +542,30 @@ def test_a_colluder_is_explained_with_the_clients_it_sent_the_same_update_as():
 def test_an_explanation_names_the_signals_by_their_part_in_the_score():
     # an honest-looking outlier (Dirichlet 0.1, seed 48): its reported loss, which the default
     # weights do not score, is its largest excess; what flags it is shrinking, then the cosine
-    def flag(shares):
+    def flag(weights):
         book = TrustBook(TrustPolicy())
         for r, cohort, scores in population_rounds(6):
-            names = ("loss_z", "cluster", "shrinking", "collusion")
+            names = ("loss_z", "cluster", "shrinking", "collusion", "oversized")
             comp = {name: np.full(len(cohort), 0.02) for name in names}
             comp["cosine"] = np.full(len(cohort), 0.25)
-            if r == 6:  # its collusion is a hair above typical: too little a part to name
+            if r == 6:  # its collusion is a hair above typical and its oversized under the
+                # sharp floor, where it weighs 0.001: too small a part to name
                 cohort, scores = [*cohort, "x"], np.append(scores, 0.6)
                 x = {"loss_z": 0.97, "cluster": 0.4, "shrinking": 0.5, "cosine": 0.6,
-                     "collusion": 0.025}  # fmt: skip
+                     "collusion": 0.025, "oversized": 0.3}  # fmt: skip
                 comp = {name: np.append(values, x[name]) for name, values in comp.items()}
-            book.update(r, cohort, scores, {}, components=comp, shares=shares)
+            book.update(r, cohort, scores, {}, components=comp, weights=weights)
         x = book.get("x")
         assert x.flagged
-        everything = explain(x, {}, top=10, shares=shares)
-        assert "collusion" not in everything or shares is None  # its part is too small to name
+        everything = explain(x, {}, top=10, weights=weights)
+        assert "collusion" not in everything and "oversized" not in everything
         return x.explanation.split(": ", 1)[1].split(", "), set(verdict(x)["signal_excess"])
 
-    named, exported = flag(component_shares())
+    named, exported = flag(None)
     assert [s.split()[0] for s in named] == ["shrinking", "cosine", "cluster"]
     assert named[0] == "shrinking 0.50 (typical 0.02)"
-    assert exported == {"shrinking", "cosine", "cluster", "collusion"}  # /metrics: not the loss
-    named, exported = flag(None)  # every component, by its excess alone
+    assert exported == {"shrinking", "cosine", "cluster", "collusion", "oversized"}  # not loss_z
+    named, exported = flag({**DEFAULT_ANOMALY_WEIGHTS, "loss_z": 0.5})  # an operator's choice
     assert named[0].startswith("loss_z 0.97") and "loss_z" in exported
 
 
