@@ -234,6 +234,9 @@ class MetricsExport(Callback):
         rows = [state.to_dict() for state in outcome.unscored]
         rows += [row.to_dict() for row in outcome.clients]
         self.exporter.observe_round(round, logs["accuracy"], logs["loss"], logs["duration_s"], rows)
+        policy = self.driver.coordinator.trust.policy
+        if policy.flag_rule == "evidence":
+            self.exporter.set_flag_line(policy.flag_z)
         for r in outcome.rejected:
             if self.per_client:
                 self.exporter.count_rejected(r.reason, client_id=r.client_id)

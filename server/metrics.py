@@ -26,6 +26,8 @@ Metrics (gauges unless marked):
   on arrival, since the exporter started
 - ``fedwarden_client_silent_attempts{client_id}``: round attempts it was selected for and did not
   answer, since the coordinator started (silence, not malice: it does not change trust)
+- ``fedwarden_flag_evidence_line``: the evidence above which a client is flagged (under the
+  evidence rule; :meth:`MetricsExporter.set_flag_line`)
 - ``fedwarden_clients_flagged``: number of clients flagged (all, not only the labelled ones)
 - ``fedwarden_round``: last completed round; ``fedwarden_rounds_total`` (counter): rounds
   completed by this process; ``fedwarden_round_duration_seconds`` (histogram): wall time
@@ -85,7 +87,10 @@ from fedwarden.server.admission import ARRIVAL_REASONS, REASONS
 
 ROUND_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
+FLAG_LINE_GAUGE = "fedwarden_flag_evidence_line"
+
 EXTRA_GAUGES = {
+    FLAG_LINE_GAUGE: "Evidence above which a client is flagged (the trust policy's flag line).",
     "fedwarden_dp_clip_rate": "Share of client updates clipped in the last round.",
     "fedwarden_dp_clip_norm": "Clip norm applied in the last round (fixed or adaptive).",
     "fedwarden_dp_noise_multiplier": "Noise multiplier of the central DP mechanism.",
@@ -322,6 +327,11 @@ class MetricsExporter:
             self._epsilons[client_id] = float(epsilon)
             if client_id in self._labelled:
                 self._client_epsilon.labels(client_id=client_id).set(float(epsilon))
+
+    def set_flag_line(self, evidence: float) -> None:
+        """The evidence above which a client is flagged (``TrustPolicy.flag_z``), for dashboards
+        to draw beside ``fedwarden_client_flag_evidence``."""
+        self.set_gauge(FLAG_LINE_GAUGE, evidence)
 
     def set_gauge(self, name: str, value: float, help: str | None = None) -> None:
         """Sets an unlabelled gauge such as ``fedwarden_dp_clip_rate``, creating it on first use.

@@ -39,7 +39,8 @@ def panel_queries() -> list[tuple[str, str]]:
 
 def test_the_dashboard_has_queries():
     titles = {title for title, _ in panel_queries()}
-    assert {"Trust per client", "Anomaly score per client", "Flagged clients"} <= titles
+    assert {"Trust per client", "Anomaly score per client", "Flagged clients",
+            "Flag evidence per client", "Why flagged: signals"} <= titles  # fmt: skip
 
 
 @pytest.mark.integration

@@ -131,8 +131,11 @@ def test_set_gauge():
     exporter.set_gauge("fedwarden_dp_clip_rate", 0.25)
     exporter.set_gauge("fedwarden_dp_clip_norm", 3.0)
     exporter.set_gauge("fedwarden_dp_clip_rate", 0.5)
+    exporter.set_flag_line(4.98)
     s = samples(exporter)
     assert s[("fedwarden_dp_clip_rate", ())] == 0.5 and s[("fedwarden_dp_clip_norm", ())] == 3.0
+    assert s[("fedwarden_flag_evidence_line", ())] == 4.98
+    assert b"# HELP fedwarden_flag_evidence_line Evidence above which" in exporter.render()
     for bad in ("clip_rate", "fedwarden_Clip", "fedwarden_x_total", "fedwarden_round"):
         with pytest.raises(ValueError):
             exporter.set_gauge(bad, 1.0)
