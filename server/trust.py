@@ -487,7 +487,7 @@ class TrustBook:
         rejected = {str(c): int(n) for c, n in (rejected or {}).items() if int(n) > 0}
         reasons = reasons or {}
 
-        weighs = DEFAULT_ANOMALY_WEIGHTS if weights is None else weights
+        weights = DEFAULT_ANOMALY_WEIGHTS if weights is None else weights
         scores = dict(zip(client_ids, anomaly.tolist(), strict=True))
         for cid in rejected:
             scores[cid] = 1.0
@@ -517,7 +517,7 @@ class TrustBook:
             signals = {} if i is None or cid in rejected else {
                 n: float(v[i]) for n, v in components.items() if np.isfinite(v[i])
             }  # fmt: skip
-            scored = {n: v for n, v in signals.items() if weighs.get(n, 0.0) > 0}
+            scored = {n: v for n, v in signals.items() if weights.get(n, 0.0) > 0}
             previous = state.trust
             score_alone = score if i is None or cid in rejected else float(own_scores[i])
             state = replace(
@@ -882,8 +882,7 @@ def explain(
     excesses = EvidenceSums.of(state).excess
     part_of = component_parts(excesses, last, weights)
     ranked = sorted(((part, excesses[name], name) for name, part in part_of.items()), reverse=True)
-    ranked = ranked[:top]
-    ranked = [r for r in ranked if r[0] >= EXPLAINED_SHARE * ranked[0][0]]
+    ranked = [r for r in ranked[:top] if r[0] >= EXPLAINED_SHARE * ranked[0][0]]
     signals = [
         f"{name} {last[name]:.2f} (typical {typical.get(name, 0.0):.2f}"
         f"{_same_update_as(partners) if name == 'collusion' else ''})"
