@@ -517,7 +517,6 @@ class TrustBook:
             signals = {} if i is None or cid in rejected else {
                 n: float(v[i]) for n, v in components.items() if np.isfinite(v[i])
             }  # fmt: skip
-            scored = {n: v for n, v in signals.items() if weights.get(n, 0.0) > 0}
             previous = state.trust
             score_alone = score if i is None or cid in rejected else float(own_scores[i])
             state = replace(
@@ -527,9 +526,9 @@ class TrustBook:
                     state,
                     (score - center) / scale,
                     signals,
-                    scored,
                     typical,
                     (score_alone - center) / scale,
+                    weights,
                 ),
             )
             rejection = reasons.get(cid, "rejected") if cid in rejected else None
@@ -600,23 +599,25 @@ class TrustBook:
         state: ClientSummary,
         z: float,
         signals: dict[str, float],
-        scored: dict[str, float],
         typical: dict[str, float],
         z_alone: float,
+        weights: Mapping[str, float],
     ) -> dict[str, Any]:
-        """The client's evidence with one round's z-score (and the excess of each of the
-        ``scored`` signals) folded in: its new ``evidence``, ``signals`` and ``evidence_state``.
+        """The client's evidence with one round's z-score (and the excess of each signal the
+        ``weights`` score) folded in: its new ``evidence``, ``signals`` and ``evidence_state``.
         ``z_alone`` is the z had no other client sent the same update."""
         p = self.policy
         z, z_alone = (min(max(x, -p.z_floor), p.z_cap) for x in (z, z_alone))
         m = p.evidence_memory
         old = EvidenceSums.of(state)
+        weighed = {n: v for n, v in signals.items() if weights.get(n, 0.0) > 0}
+        names = {n for n in old.excess if weights.get(n, 0.0) > 0} | set(weighed)
         sums = EvidenceSums(
             m * old.sum + z,
             m * m * old.sq + 1.0,
-            {n: m * old.excess.get(n, 0.0) + (scored[n] - typical.get(n, 0.0) if n in scored
+            {n: m * old.excess.get(n, 0.0) + (weighed[n] - typical.get(n, 0.0) if n in weighed
                                               else 0.0)
-             for n in sorted(set(old.excess) | set(scored))},
+             for n in sorted(names)},
             old.associated,
             m * old.copied + z - z_alone,
         )  # fmt: skip

@@ -312,6 +312,20 @@ def test_trust_book_persists_and_restarts_from_the_ledger(tmp_path):
         assert ledger.get_client("good")["rounds"] == 8
 
 
+def test_a_restart_under_other_weights_forgets_the_excess_of_a_signal_no_longer_scored(tmp_path):
+    comp = {"loss_z": np.array([0.02, 0.9]), "cosine": np.array([0.1, 0.8])}
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        book = TrustBook(TrustPolicy(), ledger)
+        weights = {"cosine": 0.1, "loss_z": 0.5}  # an operator who weighed the loss
+        for r in range(1, 4):
+            book.update(r, ["a", "b"], np.array([0.1, 0.6]), {}, components=comp, weights=weights)
+        assert set(EvidenceSums.of(book.get("b")).excess) == {"loss_z", "cosine"}
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        restarted = TrustBook(TrustPolicy(), ledger)  # the default weights: the loss at 0
+        restarted.update(4, ["a", "b"], np.array([0.1, 0.6]), {}, components=comp)
+        assert set(EvidenceSums.of(restarted.get("b")).excess) == {"cosine"}
+
+
 def test_resume_from_checkpoint_replays_rounds_exactly(tmp_path):
     path = tmp_path / "l.sqlite"
     policy = TrustPolicy(decay=0.5)
