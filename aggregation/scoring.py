@@ -1190,7 +1190,8 @@ def component_parts(
             return 1.0
         return w / averaged
 
-    return {n: share(n) * e for n, e in excess.items() if e > 0 and share(n) > 0}
+    parts = {n: share(n) * e for n, e in excess.items() if e > 0}
+    return {n: part for n, part in parts.items() if part > 0}
 
 
 def anomaly_as_original(

@@ -227,6 +227,11 @@ class MetricsExport(Callback):
         self.exporter, self.textfile = exporter, textfile
         self.per_client = per_client_rejections
 
+    def on_run_begin(self, logs: dict[str, Any]) -> None:
+        policy = self.driver.coordinator.trust.policy
+        if policy.flag_rule == "evidence":
+            self.exporter.set_flag_line(policy.flag_z)
+
     def on_round_end(self, round: int, logs: dict[str, Any]) -> None:
         outcome = self.driver.outcome
         # Also the clients trust changed without a scored row: a flag by association changes
@@ -234,9 +239,6 @@ class MetricsExport(Callback):
         rows = [state.to_dict() for state in outcome.unscored]
         rows += [row.to_dict() for row in outcome.clients]
         self.exporter.observe_round(round, logs["accuracy"], logs["loss"], logs["duration_s"], rows)
-        policy = self.driver.coordinator.trust.policy
-        if policy.flag_rule == "evidence":
-            self.exporter.set_flag_line(policy.flag_z)
         for r in outcome.rejected:
             if self.per_client:
                 self.exporter.count_rejected(r.reason, client_id=r.client_id)

@@ -647,8 +647,8 @@ class TrustBook:
         previous: float | None,
         rejection: str | None,
         typical: dict[str, float],
-        copies: CopyGroups | None = None,
-        weights: Mapping[str, float] | None = None,
+        copies: CopyGroups | None,
+        weights: Mapping[str, float],
     ) -> dict[str, Any]:
         """Flag, explanation and quarantine after the client's round (trust was ``previous``);
         the explanation ranks the signals by their part in the score under ``weights``.
@@ -697,7 +697,7 @@ class TrustBook:
         originals: set[str],
         typical: dict[str, float],
         copies: CopyGroups,
-        weights: Mapping[str, float] | None,
+        weights: Mapping[str, float],
     ) -> dict[str, ClientSummary]:
         """Takes back from each of the ``originals`` the part of its evidence (and the signals'
         excess) that copies of its updates made, and judges its flag again against the line
