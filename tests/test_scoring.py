@@ -10,6 +10,7 @@ from fedwarden.aggregation.scoring import (
     METRIC_NAMES,
     SHARP_FLOOR,
     _shrinking_component,
+    aligned_rows,
     anomaly_components,
     anomaly_score,
     boost_spread,
@@ -406,6 +407,42 @@ def test_updates_boosted_by_one_factor_are_a_group_and_one_long_update_is_not():
     noise[8] *= 100.0
     assert not boosted_groups(noise, ROUND_STEPS, earlier_spreads=spreads).any()
     assert np.isnan(boosted_groups(np.r_[0.0, norm])[0])
+
+
+def test_a_group_of_aligned_updates_standing_apart_is_boosted_under_the_boost_line():
+    """Four attackers of ten boosting by 2 sit under BOOST_Z, ten spreads and more above the
+    honest rest: a group standing apart when every one of them points where the cohort does.
+    One of them pointing elsewhere (an honest client beside flagged attackers, say), one long
+    update alone, or two boosted by factors far apart, is no group."""
+    norm = boosted_round(boost=2.0)
+    spreads = [boost_spread(norm, ROUND_STEPS)] * 4
+
+    everyone = np.ones(10, bool)
+
+    def groups(norm, aligned=everyone):
+        return boosted_groups(norm, ROUND_STEPS, earlier_spreads=spreads, aligned=aligned)
+
+    assert not boosted_groups(norm, ROUND_STEPS, earlier_spreads=spreads).any()
+    np.testing.assert_array_equal(groups(norm), [0] * 6 + [1] * 4)
+    assert not groups(norm, aligned=np.r_[np.ones(8, bool), False, True]).any()
+    alone = boosted_round(boost=1.0)
+    alone[9] *= 2.0
+    assert not groups(alone).any()
+    unlike = boosted_round(boost=1.0)
+    unlike[8] *= 2.0
+    unlike[9] *= 3.5  # ten spreads above the other: not one factor
+    assert not groups(unlike).any()
+    unlike[9] *= 2.3 / 3.5
+    np.testing.assert_array_equal(groups(unlike), [0] * 8 + [1] * 2)
+    assert not groups(boosted_round(boost=1.6)).any()  # under ten spreads above the rest
+
+
+def test_aligned_rows_are_those_whose_cosines_are_not_far_below_the_cohorts():
+    cosine = np.array([0.6, 0.62, 0.58, 0.61, 0.59, 0.1, np.nan])
+    median_cosine = np.array([0.3, 0.31, 0.29, 0.3, -0.2, 0.3, 0.3])
+    np.testing.assert_array_equal(
+        aligned_rows(cosine, median_cosine), [True, True, True, True, False, False, True]
+    )
 
 
 def test_norms_the_steps_explain_are_no_boosted_group():
