@@ -437,6 +437,22 @@ def test_a_group_of_aligned_updates_standing_apart_is_boosted_under_the_boost_li
     assert not groups(boosted_round(boost=1.6)).any()  # under ten spreads above the rest
 
 
+def test_client_metrics_mark_boosted_updates_that_point_with_the_cohort():
+    """Through ``client_metrics``: four honest updates of ten sent twice over are a boosted
+    group; the same lengths in directions of their own are not (they do not point with it)."""
+    honest = honest_cohort(k=10)
+    boosted = honest * np.r_[np.ones(6), np.full(4, 2.0)][:, None].astype(np.float32)
+    metrics = client_metrics(boosted, np.median(boosted, axis=0), None)
+    np.testing.assert_array_equal(metrics["boosted_group"], [0] * 6 + [1] * 4)
+    rng = np.random.default_rng(5)
+    elsewhere = boosted.copy()
+    for i in (8, 9):
+        direction = rng.normal(size=boosted.shape[1])
+        elsewhere[i] = direction * np.linalg.norm(boosted[i]) / np.linalg.norm(direction)
+    metrics = client_metrics(elsewhere, np.median(elsewhere, axis=0), None)
+    assert not np.nan_to_num(metrics["boosted_group"]).any()
+
+
 def test_aligned_rows_are_those_whose_cosines_are_not_far_below_the_cohorts():
     cosine = np.array([0.6, 0.62, 0.58, 0.61, 0.59, 0.1, np.nan])
     median_cosine = np.array([0.3, 0.31, 0.29, 0.3, -0.2, 0.3, 0.3])
