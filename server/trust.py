@@ -73,7 +73,7 @@ Every flagged client carries an ``explanation``: the signals the score weighs
 over the population's median times their share of the score (``scoring.component_parts``),
 e.g. ``"evidence 5.1 over 2 rounds: collusion 1.00 (typical 0.01; same update as c12, c27),
 centrality 0.93 (typical 0.02)"`` (a colluder names the clients it sent the same update as,
-``copies``).
+``copies``, and a member of a boosted group the others of the round's group).
 
 A flagged client is quarantined according to the policy:
 
@@ -497,6 +497,10 @@ class TrustBook:
             name: np.asarray(values, np.float64).reshape(-1) for name, values in
             (components or {}).items()
         }  # fmt: skip
+        boosted = {
+            cid for cid, v in zip(client_ids, components.get("boosted", ()), strict=False)
+            if v == 1 and cid not in rejected
+        }  # fmt: skip
         scored = [i for i, cid in enumerate(client_ids) if cid not in rejected]
         if scored:
             self._pool.append((anomaly[scored], {n: v[scored] for n, v in components.items()}))
@@ -532,7 +536,10 @@ class TrustBook:
                 ),
             )
             rejection = reasons.get(cid, "rejected") if cid in rejected else None
-            decided = self._decide(state, round, previous, rejection, typical, copies, weights)
+            decided = self._decide(
+                state, round, previous, rejection, typical,
+                _partners(cid, copies, boosted), weights,
+            )  # fmt: skip
             if metrics is not None and i is not None:
                 decided["norm"] = optional_float(metrics["norm"][i]) if "norm" in metrics else None
                 decided["cosine"] = (
@@ -550,7 +557,9 @@ class TrustBook:
                 and self._evidence_apart_from_copies(c) >= self.policy.flag_z
             }  # fmt: skip
             originals = copies.originals(suspects)
-            touched.update(self._take_back_copies(round, originals, typical, copies, weights))
+            touched.update(
+                self._take_back_copies(round, originals, typical, copies, boosted, weights)
+            )
         p = self.policy
         if association is not None and p.flag_rule == "evidence" and p.association_z > 0:
             touched.update(self._associate(round, association))
@@ -647,11 +656,12 @@ class TrustBook:
         previous: float | None,
         rejection: str | None,
         typical: dict[str, float],
-        copies: CopyGroups | None,
+        partners: Mapping[str, Sequence[str]],
         weights: Mapping[str, float],
     ) -> dict[str, Any]:
         """Flag, explanation and quarantine after the client's round (trust was ``previous``);
-        the explanation ranks the signals by their part in the score under ``weights``.
+        the explanation ranks the signals by their part in the score under ``weights`` and
+        names the ``partners`` of its signals (:func:`explain`).
 
         A client flagged for its association keeps that flag here (:meth:`_associate` decides
         it) unless its own evidence now flags it, which then replaces the association.
@@ -671,7 +681,6 @@ class TrustBook:
             own = False
         decided: dict[str, Any] = {"flagged": own}
         if own:
-            partners = copies.copies_of(state.client_id) if copies is not None else ()
             decided["explanation"] = explain(
                 state, typical, rejection, partners=partners, weights=weights
             )
@@ -697,6 +706,7 @@ class TrustBook:
         originals: set[str],
         typical: dict[str, float],
         copies: CopyGroups,
+        boosted: set[str],
         weights: Mapping[str, float],
     ) -> dict[str, ClientSummary]:
         """Takes back from each of the ``originals`` the part of its evidence (and the signals'
@@ -720,7 +730,8 @@ class TrustBook:
                 evidence_state=sums.to_json(),
                 flagged=state.flagged and own,
             )
-            decided = self._decide(state, round, None, None, typical, copies, weights)
+            partners = _partners(cid, copies, boosted)
+            decided = self._decide(state, round, None, None, typical, partners, weights)
             changed[cid] = replace(state, **decided)
         self._clients.update(changed)
         return changed
@@ -848,7 +859,10 @@ class TrustBook:
 
 
 COPY_PARTNERS_SHOWN = 3
-"""Clients named in a collusion explanation; more are counted ("and 4 more")."""
+"""Clients named beside a signal in an explanation; more are counted ("and 4 more")."""
+
+PARTNER_PHRASES = {"collusion": "same update as", "boosted": "boosted group with"}
+"""The signals whose explanation names other clients, and how."""
 
 EXPLAINED_SHARE = 0.1
 """An explanation names a signal only if its part in the flag is at least this share of the
@@ -860,7 +874,7 @@ def explain(
     typical: dict[str, float],
     rejection: str | None = None,
     top: int = 3,
-    partners: Sequence[str] = (),
+    partners: Mapping[str, Sequence[str]] | None = None,
     weights: Mapping[str, float] | None = None,
 ) -> str:
     """Why a client is flagged: its evidence and the signals with the largest part in it.
@@ -871,9 +885,12 @@ def explain(
     flagged nobody, and so is one with under :data:`EXPLAINED_SHARE` of the largest part. Each
     shows the client's last value and the population's typical one, or the excess built up
     earlier when the last round was not above typical.
-    ``collusion`` also names the ``partners``, the clients it sent the same update as: copies
-    are certain evidence against all but one of a group, and an operator can see the group.
+    A signal of :data:`PARTNER_PHRASES` also names its ``partners`` (signal name to clients):
+    for ``collusion`` the clients it sent the same update as (copies are certain evidence
+    against all but one of a group, and an operator can see the group), for ``boosted`` the
+    others of its boosted group.
     """
+    partners = partners or {}
     parts = []
     if state.evidence is not None:
         parts.append(f"evidence {state.evidence:.1f} over {state.rounds} round(s)")
@@ -886,7 +903,7 @@ def explain(
     ranked = [r for r in ranked[:top] if r[0] >= EXPLAINED_SHARE * ranked[0][0]]
     signals = [
         f"{name} {last[name]:.2f} (typical {typical.get(name, 0.0):.2f}"
-        f"{_same_update_as(partners) if name == 'collusion' else ''})"
+        f"{_named(name, partners.get(name, ()))})"
         if last.get(name, -np.inf) > typical.get(name, 0.0) else f"{name} +{excess:.2f} earlier"
         for _, excess, name in ranked
     ]  # fmt: skip
@@ -894,13 +911,25 @@ def explain(
     return f"{head}: {', '.join(signals)}" if signals else head
 
 
-def _same_update_as(partners: Sequence[str]) -> str:
-    """``"; same update as c03, c17"`` (at most :data:`COPY_PARTNERS_SHOWN` named), or ``""``."""
-    if not partners:
+def _named(signal: str, partners: Sequence[str]) -> str:
+    """``"; same update as c03, c17"`` for ``collusion`` (at most :data:`COPY_PARTNERS_SHOWN`
+    named), ``"; boosted group with c03"`` for ``boosted``; ``""`` without partners."""
+    if signal not in PARTNER_PHRASES or not partners:
         return ""
     named = ", ".join(sorted(partners)[:COPY_PARTNERS_SHOWN])
     more = len(partners) - COPY_PARTNERS_SHOWN
-    return f"; same update as {named}" + (f" and {more} more" if more > 0 else "")
+    return f"; {PARTNER_PHRASES[signal]} {named}" + (f" and {more} more" if more > 0 else "")
+
+
+def _partners(
+    client_id: str, copies: CopyGroups | None, boosted: set[str]
+) -> dict[str, Sequence[str]]:
+    """The clients an explanation of ``client_id`` names: those it sent the same update as, and
+    the others of this round's boosted group when it is in it."""
+    return {
+        "collusion": copies.copies_of(client_id) if copies is not None else (),
+        "boosted": sorted(boosted - {client_id}) if client_id in boosted else (),
+    }
 
 
 def round_rows(

@@ -553,6 +553,19 @@ def test_a_colluder_is_explained_with_the_clients_it_sent_the_same_update_as():
     )
 
 
+def test_a_member_of_a_boosted_group_is_explained_with_the_others_of_its_group():
+    book = TrustBook(TrustPolicy())
+    for r, cohort, scores in population_rounds(6):
+        comp = {"boosted": np.zeros(len(cohort))}
+        if r == 6:
+            cohort, scores = [*cohort, "x", "y"], np.append(scores, [0.9, 0.9])
+            comp = {"boosted": np.append(comp["boosted"], [1.0, 1.0])}
+        book.update(r, cohort, scores, {}, components=comp)
+    assert book.get("x").flagged and book.get("y").flagged
+    assert "boosted 1.00 (typical 0.00; boosted group with y)" in book.get("x").explanation
+    assert "boosted 1.00 (typical 0.00; boosted group with x)" in book.get("y").explanation
+
+
 def test_an_explanation_names_the_signals_by_their_part_in_the_score():
     # an honest-looking outlier (Dirichlet 0.1, seed 48): its reported loss, which the default
     # weights do not score, is its largest excess; what flags it is shrinking, then the cosine
