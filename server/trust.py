@@ -537,9 +537,8 @@ class TrustBook:
             )
             rejection = reasons.get(cid, "rejected") if cid in rejected else None
             decided = self._decide(
-                state, round, previous, rejection, typical,
-                _partners(cid, copies, boosted), weights,
-            )  # fmt: skip
+                state, round, previous, rejection, typical, copies, boosted, weights
+            )
             if metrics is not None and i is not None:
                 decided["norm"] = optional_float(metrics["norm"][i]) if "norm" in metrics else None
                 decided["cosine"] = (
@@ -656,12 +655,14 @@ class TrustBook:
         previous: float | None,
         rejection: str | None,
         typical: dict[str, float],
-        partners: Mapping[str, Sequence[str]],
+        copies: CopyGroups | None,
+        boosted: set[str],
         weights: Mapping[str, float],
     ) -> dict[str, Any]:
         """Flag, explanation and quarantine after the client's round (trust was ``previous``);
         the explanation ranks the signals by their part in the score under ``weights`` and
-        names the ``partners`` of its signals (:func:`explain`).
+        names the clients it sent the same update as (``copies``) and the others of this
+        round's ``boosted`` group (:func:`explain`).
 
         A client flagged for its association keeps that flag here (:meth:`_associate` decides
         it) unless its own evidence now flags it, which then replaces the association.
@@ -681,6 +682,7 @@ class TrustBook:
             own = False
         decided: dict[str, Any] = {"flagged": own}
         if own:
+            partners = _partners(state.client_id, copies, boosted)
             decided["explanation"] = explain(
                 state, typical, rejection, partners=partners, weights=weights
             )
@@ -730,8 +732,7 @@ class TrustBook:
                 evidence_state=sums.to_json(),
                 flagged=state.flagged and own,
             )
-            partners = _partners(cid, copies, boosted)
-            decided = self._decide(state, round, None, None, typical, partners, weights)
+            decided = self._decide(state, round, None, None, typical, copies, boosted, weights)
             changed[cid] = replace(state, **decided)
         self._clients.update(changed)
         return changed
