@@ -50,7 +50,9 @@ backdoor, DBA's trigger pieces) look ordinary round by round but keep deviating 
 once two of them are flagged the others are found, also those sampled only before the flags
 came. Clients near the line (``CORROBORATION_SHARE`` of it) that deviate alike corroborate one
 another: three or more near or over it, and each near one is flagged by its association with the
-others (DBA's attackers collect evidence slowly, together).
+others (DBA's attackers collect evidence slowly, together); the other clients' association with
+them and the clients flagged on their own counts at a line ``CORROBORATED_ASSOCIATION_MARGIN``
+higher.
 A flag that changes in a round the client sat out is written as a row of its own, marked
 ``absent`` (no measurements; it does not count as a round the client took part in).
 
@@ -141,10 +143,21 @@ three or four attackers stood at 3-4.9 from round 8. Live (docs/results.md, "Cor
 DBA's recall by round 10 274 -> 300 of 363 attackers over 40 seeds, the backdoor's 262 -> 266 of
 274 over 30, and no honest client-round flagged more, with or without attack; 0.5 is the lowest
 share that flagged none more over the earlier passes' ledgers. Corroborated clients are not
-counted among the flagged ones that every other client's association is measured against:
-counted (at 0.6), they found 4 DBA attackers more and drew in 11 honest clients over 70 runs, and
-the backdoor's precision fell to 0.949 on seeds 30-39. It takes three clients: ``association``
+counted among the flagged ones that every other client's association is measured against at
+the association line: counted (at 0.6), they found 4 DBA attackers more and drew in 11 honest
+clients over 70 runs, and the backdoor's precision fell to 0.949 on seeds 30-39; they count at a
+line ``CORROBORATED_ASSOCIATION_MARGIN`` higher. It takes three clients: ``association``
 measures one against at least two others."""
+
+CORROBORATED_ASSOCIATION_MARGIN = 0.5
+"""How much higher the association line is for a client whose association counts the
+corroborated clients with those flagged on their own evidence. DBA's attackers are often found
+only by corroboration (one or none flagged on its own by round 10), and those sampled early,
+before any was near the line, stayed unflagged at associations of 3.5-4.5 with the corroborated
+ones. Replayed over 715 ledgers (every attack, no attack at Dirichlet 0.1, 0.5 and iid; seeds
+0-9, 60-69, 70-79): DBA 244 -> 249 of 267 attackers and the backdoor 261 -> 263 at 0.5, no
+honest client-round flagged more; at 0 two more under the backdoor
+(docs/history/detection.md, "Association through corroborated clients")."""
 
 
 @dataclass
@@ -756,23 +769,30 @@ class TrustBook:
     ) -> dict[str, ClientSummary]:
         """Flags and unflags clients for their history's association with the clients flagged on
         their own evidence, or with the others that corroborate them near the line
-        (:meth:`_corroborated`), whether or not they took part in ``round``; returns the standing
-        of the clients whose flag it changed."""
+        (:meth:`_corroborated`), or, at a line ``CORROBORATED_ASSOCIATION_MARGIN`` higher, with
+        both together, whether or not they took part in ``round``; returns the standing of the
+        clients whose flag it changed."""
         p = self.policy
         flagged = {c for c, s in self._clients.items() if s.flagged}
         associated = {c for c in flagged if EvidenceSums.of(self._clients[c]).associated}
         own = flagged - associated
         with_own = association(own)
         corroborated = self._corroborated(own, association, with_own)
-        # the others are measured against the clients flagged on their own evidence only: counted
-        # with them, corroborated clients drew honest look-alikes in (docs/results.md)
         kin = {**with_own, **corroborated}
+        lines = dict.fromkeys(kin, p.association_z)
+        if corroborated:  # counted at the same line, they drew honest look-alikes in
+            wider_line = p.association_z + CORROBORATED_ASSOCIATION_MARGIN
+            for cid, a in association(own | corroborated.keys()).items():
+                if cid in own or cid in corroborated:
+                    continue
+                if cid not in kin or a.z - wider_line > kin[cid].z - lines[cid]:
+                    kin[cid], lines[cid] = a, wider_line
         changed: dict[str, ClientSummary] = {}
         for cid in sorted((set(kin) & self._clients.keys() | associated) - own):
             state = self._clients[cid]
             sums = EvidenceSums.of(state)
             a = kin.get(cid)
-            line = p.association_z - (p.unflag_margin if sums.associated else 0.0)
+            line = lines.get(cid, p.association_z) - (p.unflag_margin if sums.associated else 0.0)
             follows = a is not None and a.z >= line
             if follows == sums.associated:
                 continue

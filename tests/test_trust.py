@@ -24,6 +24,7 @@ from fedwarden.records import ClientSummary
 from fedwarden.report import detection_summary, honest_flags, plot_trust_heatmap
 from fedwarden.server.ledger import Ledger, LedgerError, remove_ledger
 from fedwarden.server.trust import (
+    CORROBORATED_ASSOCIATION_MARGIN,
     CORROBORATION_SHARE,
     EvidenceSums,
     TrustBook,
@@ -1035,18 +1036,20 @@ def test_clients_near_the_line_that_deviate_alike_corroborate_one_another():
     another and are flagged; an honest client as near the line that deviates its own way is
     not, nor are two alike alone (an association is measured against two others), nor three
     alike far under the line. A client far under the line that deviates like the corroborated
-    ones is not flagged through them (it would be through clients flagged on their own
-    evidence): counted as flagged, they drew honest look-alikes in."""
+    ones (``f``) is flagged through them only at a line ``CORROBORATED_ASSOCIATION_MARGIN``
+    higher than through clients flagged on their own evidence: counted as flagged at the same
+    line, they drew honest look-alikes in."""
     honest = [f"h{i}" for i in range(8)]
 
-    def run(alike: set[str], score: float) -> TrustBook:
+    def run(alike: set[str], score: float, f_z: float = 4.0) -> TrustBook:
         def association(group):
             if len(group) < 2:
                 return {}
             out = {}
             for c in [*honest, "a0", "a1", "a2", "o", "f"]:
                 partners = sorted((group & alike) - {c})
-                z = 4.0 if (c in alike or c == "f") and len(partners) >= 2 else 0.4
+                follows = (c in alike or c == "f") and len(partners) >= 2
+                z = (f_z if c == "f" else 4.0) if follows else 0.4
                 out[c] = Association(0.6, z, tuple(partners[:2]) or tuple(sorted(group)[:2]))
             return out
 
@@ -1063,9 +1066,13 @@ def test_clients_near_the_line_that_deviate_alike_corroborate_one_another():
     line = book.policy.flag_z
     evidence = {c: book.get(c).evidence for c in ("a0", "a1", "a2", "o")}
     assert all(CORROBORATION_SHARE * line <= e < line for e in evidence.values()), evidence
-    assert book.flagged() == {"a0", "a1", "a2"}  # not o, not f
+    assert book.flagged() == {"a0", "a1", "a2", "f"}  # not o
     explained = book.get("a0").explanation  # as of the round it was flagged in
     assert re.match(r"evidence 3\.\d and association 4\.0: .* a1, a2 ", explained), explained
+    assert book.get("f").explanation.startswith("association 4.0: its updates deviate like")
+    wider = book.policy.association_z + CORROBORATED_ASSOCIATION_MARGIN
+    assert "f" not in run({"a0", "a1", "a2"}, 0.18, f_z=wider - 0.1).flagged()
+    assert "f" in run({"a0", "a1", "a2"}, 0.18, f_z=wider + 0.1).flagged()
     assert run({"a0", "a1"}, 0.18).flagged() == set()
     far = run({"a0", "a1", "a2"}, 0.13)
     assert max(far.get(c).evidence for c in ("a0", "a1", "a2")) < CORROBORATION_SHARE * line
