@@ -149,15 +149,17 @@ clients over 70 runs, and the backdoor's precision fell to 0.949 on seeds 30-39;
 line ``CORROBORATED_ASSOCIATION_MARGIN`` higher. It takes three clients: ``association``
 measures one against at least two others."""
 
-CORROBORATED_ASSOCIATION_MARGIN = 0.5
+CORROBORATED_ASSOCIATION_MARGIN = 0.75
 """How much higher the association line is for a client whose association counts the
 corroborated clients with those flagged on their own evidence. DBA's attackers are often found
-only by corroboration (one or none flagged on its own by round 10), and those sampled early,
-before any was near the line, stayed unflagged at associations of 3.5-4.5 with the corroborated
-ones. Replayed over 715 ledgers (every attack, no attack at Dirichlet 0.1, 0.5 and iid; seeds
-0-9, 60-69, 70-79): DBA 244 -> 249 of 267 attackers and the backdoor 261 -> 263 at 0.5, no
-honest client-round flagged more; at 0 two more under the backdoor
-(docs/history/detection.md, "Association through corroborated clients")."""
+only by corroboration (one flagged on its own by round 10, or none), and those sampled before
+any stood near the line stayed unflagged at associations of 3.3-4.5 with the corroborated ones.
+Replayed over 735 ledgers (every attack and no attack, seeds 0-9, 60-69, 70-79; DBA and the
+backdoor on 80-89, new): DBA 313 -> 322 of 354 attackers by round 10, the backdoor 342 -> 344,
+no honest client-round flagged more; at 0.5 one backdoor attacker more, at 0.3 and 0 two and
+three honest client-rounds more, and the twenty-fourth pass's honest clients drawn in through
+corroborated ones stood at 2.5-3.0 (docs/history/detection.md, "Association through
+corroborated clients")."""
 
 
 @dataclass
