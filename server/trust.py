@@ -51,8 +51,8 @@ once two of them are flagged the others are found, also those sampled only befor
 came. Clients near the line (``CORROBORATION_SHARE`` of it) that deviate alike corroborate one
 another: three or more near or over it, and each near one is flagged by its association with the
 others (DBA's attackers collect evidence slowly, together); the other clients' association with
-them and the clients flagged on their own counts at a line ``CORROBORATED_ASSOCIATION_MARGIN``
-higher.
+them and the clients flagged on their own (one at least) counts at a line
+``CORROBORATED_ASSOCIATION_MARGIN`` higher.
 A flag that changes in a round the client sat out is written as a row of its own, marked
 ``absent`` (no measurements; it does not count as a round the client took part in).
 
@@ -151,15 +151,16 @@ measures one against at least two others."""
 
 CORROBORATED_ASSOCIATION_MARGIN = 0.75
 """How much higher the association line is for a client whose association counts the
-corroborated clients with those flagged on their own evidence. DBA's attackers are often found
-only by corroboration (one flagged on its own by round 10, or none), and those sampled before
-any stood near the line stayed unflagged at associations of 3.3-4.5 with the corroborated ones.
-Replayed over 735 ledgers (every attack and no attack, seeds 0-9, 60-69, 70-79; DBA and the
-backdoor on 80-89, new): DBA 313 -> 322 of 354 attackers by round 10, the backdoor 342 -> 344,
+corroborated clients with those flagged on their own evidence (when one is at least). DBA's
+attackers are often found only by corroboration (one flagged on its own by round 10, or none),
+and those sampled before any stood near the line stayed unflagged at associations of 3.3-4.5
+with the corroborated ones. Replayed over 815 ledgers (every attack and no attack, seeds 0-9,
+60-69, 70-79 and 80-89): DBA 313 -> 322 of 354 attackers by round 10, the backdoor 342 -> 344,
 no honest client-round flagged more; at 0.5 one backdoor attacker more, at 0.3 and 0 two and
 three honest client-rounds more, and the twenty-fourth pass's honest clients drawn in through
-corroborated ones stood at 2.5-3.0 (docs/history/detection.md, "Association through
-corroborated clients")."""
+corroborated ones stood at 2.5-3.0. Without a client flagged on its own, three honest clients
+holding one class that corroborated one another at Dirichlet 0.1 (seed 88) drew two more
+look-alikes in (docs/history/detection.md, "Association through corroborated clients")."""
 
 
 @dataclass
@@ -772,8 +773,8 @@ class TrustBook:
         """Flags and unflags clients for their history's association with the clients flagged on
         their own evidence, or with the others that corroborate them near the line
         (:meth:`_corroborated`), or, at a line ``CORROBORATED_ASSOCIATION_MARGIN`` higher, with
-        both together, whether or not they took part in ``round``; returns the standing of the
-        clients whose flag it changed."""
+        both together when some client is flagged on its own evidence, whether or not they took
+        part in ``round``; returns the standing of the clients whose flag it changed."""
         p = self.policy
         flagged = {c for c, s in self._clients.items() if s.flagged}
         associated = {c for c in flagged if EvidenceSums.of(self._clients[c]).associated}
@@ -782,7 +783,7 @@ class TrustBook:
         corroborated = self._corroborated(own, association, with_own)
         kin = {**with_own, **corroborated}
         lines = dict.fromkeys(kin, p.association_z)
-        if corroborated:  # counted at the same line, they drew honest look-alikes in
+        if corroborated and own:  # counted at the same line, they drew honest look-alikes in
             wider_line = p.association_z + CORROBORATED_ASSOCIATION_MARGIN
             for cid, a in association(own | corroborated.keys()).items():
                 if cid in own or cid in corroborated:

@@ -1036,12 +1036,13 @@ def test_clients_near_the_line_that_deviate_alike_corroborate_one_another():
     another and are flagged; an honest client as near the line that deviates its own way is
     not, nor are two alike alone (an association is measured against two others), nor three
     alike far under the line. A client far under the line that deviates like the corroborated
-    ones (``f``) is flagged through them only at a line ``CORROBORATED_ASSOCIATION_MARGIN``
-    higher than through clients flagged on their own evidence: counted as flagged at the same
-    line, they drew honest look-alikes in."""
+    ones (``f``) is flagged through them and a client flagged on its own evidence (``p``) only
+    at a line ``CORROBORATED_ASSOCIATION_MARGIN`` higher than through clients flagged on their
+    own, and not through corroborated clients alone: honest clients holding one class
+    corroborate one another at Dirichlet 0.1, and through them drew their look-alikes in."""
     honest = [f"h{i}" for i in range(8)]
 
-    def run(alike: set[str], score: float, f_z: float = 4.0) -> TrustBook:
+    def run(alike: set[str], score: float, f_z: float = 4.0, anchor: bool = True) -> TrustBook:
         def association(group):
             if len(group) < 2:
                 return {}
@@ -1055,25 +1056,26 @@ def test_clients_near_the_line_that_deviate_alike_corroborate_one_another():
 
         book = TrustBook(TrustPolicy())
         rng = np.random.default_rng(0)
+        ids = [*honest, "a0", "a1", "a2", "o", "f", "p"]
         for r in range(1, 5):
-            scores = np.r_[0.1 + 0.01 * rng.standard_normal(8), np.full(4, score), 0.1]
-            book.update(
-                r, [*honest, "a0", "a1", "a2", "o", "f"], scores, {}, association=association
-            )
+            scores = np.r_[0.1 + 0.01 * rng.standard_normal(8), np.full(4, score), 0.1,
+                           0.9 if anchor else 0.1]  # fmt: skip
+            book.update(r, ids, scores, {}, association=association)
         return book
 
     book = run({"a0", "a1", "a2"}, 0.18)
     line = book.policy.flag_z
     evidence = {c: book.get(c).evidence for c in ("a0", "a1", "a2", "o")}
     assert all(CORROBORATION_SHARE * line <= e < line for e in evidence.values()), evidence
-    assert book.flagged() == {"a0", "a1", "a2", "f"}  # not o
+    assert book.flagged() == {"a0", "a1", "a2", "f", "p"}  # not o
     explained = book.get("a0").explanation  # as of the round it was flagged in
     assert re.match(r"evidence 3\.\d and association 4\.0: .* a1, a2 ", explained), explained
     assert book.get("f").explanation.startswith("association 4.0: its updates deviate like")
     wider = book.policy.association_z + CORROBORATED_ASSOCIATION_MARGIN
     assert "f" not in run({"a0", "a1", "a2"}, 0.18, f_z=wider - 0.1).flagged()
     assert "f" in run({"a0", "a1", "a2"}, 0.18, f_z=wider + 0.1).flagged()
-    assert run({"a0", "a1"}, 0.18).flagged() == set()
+    assert run({"a0", "a1", "a2"}, 0.18, anchor=False).flagged() == {"a0", "a1", "a2"}
+    assert run({"a0", "a1"}, 0.18).flagged() == {"p"}
     far = run({"a0", "a1", "a2"}, 0.13)
     assert max(far.get(c).evidence for c in ("a0", "a1", "a2")) < CORROBORATION_SHARE * line
-    assert far.flagged() == set()
+    assert far.flagged() == {"p"}
