@@ -151,16 +151,18 @@ measures one against at least two others."""
 
 CORROBORATED_ASSOCIATION_MARGIN = 0.75
 """How much higher the association line is for a client whose association counts the
-corroborated clients with those flagged on their own evidence (when one is at least). DBA's
+corroborated clients with those flagged on their own evidence (when at least one is). DBA's
 attackers are often found only by corroboration (one flagged on its own by round 10, or none),
 and those sampled before any stood near the line stayed unflagged at associations of 3.3-4.5
-with the corroborated ones. Replayed over 815 ledgers (every attack and no attack, seeds 0-9,
-60-69, 70-79 and 80-89): DBA 313 -> 322 of 354 attackers by round 10, the backdoor 342 -> 344,
-no honest client-round flagged more; at 0.5 one backdoor attacker more, at 0.3 and 0 two and
-three honest client-rounds more, and the twenty-fourth pass's honest clients drawn in through
-corroborated ones stood at 2.5-3.0. Without a client flagged on its own, three honest clients
-holding one class that corroborated one another at Dirichlet 0.1 (seed 88) drew two more
-look-alikes in (docs/history/detection.md, "Association through corroborated clients")."""
+with the corroborated ones. Replayed over 935 ledgers (every attack and no attack, seeds 0-9 and
+60-89): DBA 313 -> 322 of 354 attackers by round 10, the backdoor 342 -> 344, Min-Sum 86 -> 87
+of 87 (seeds 80-89), and one honest client-round more, for one round (random directions, through
+an honest client that corroboration itself had flagged); at 0.5 one backdoor attacker more, at
+0.3 and 0 three and five honest client-rounds more, and the twenty-fourth pass's honest clients
+drawn in through corroborated ones stood at 2.5-3.0. Without a client flagged on its own, three
+honest clients holding one class that corroborated one another at Dirichlet 0.1 (seed 88) drew
+two more look-alikes in (docs/history/detection.md, "Association through corroborated
+clients")."""
 
 
 @dataclass
