@@ -807,9 +807,10 @@ def boosted_groups(
 
     With ``aligned`` (:func:`aligned_rows`), a group of ``rows`` that stands apart is one too:
     the top k of them (2 <= k <= half), :data:`BOOST_GAP` spreads above the rest of them, every
-    one aligned and within :data:`BOOST_NEAR` of another. Four or five attackers boosting by 2 to 2.5 sit under :data:`BOOST_Z` but apart
-    from the honest clients; honest updates that stand out by their norm mostly point elsewhere
-    too, and label flipping's long updates beside an honest one are flagged, so not in ``rows``.
+    one aligned and within :data:`BOOST_NEAR` of another. Four or five attackers boosting by 2
+    to 2.5 sit under :data:`BOOST_Z` but apart from the honest clients; honest updates that stand
+    out by their norm mostly point elsewhere too, and label flipping's long updates beside an
+    honest one are flagged, so not in ``rows``.
     """
     norm = np.asarray(norm, np.float64)
     lower = _lower_half(norm, steps, rows)

@@ -782,12 +782,12 @@ class TrustBook:
         associated = {c for c in flagged if EvidenceSums.of(self._clients[c]).associated}
         own = flagged - associated
         with_own = association(own)
-        corroborated = self._corroborated(own, association, with_own)
-        kin = {**with_own, **corroborated}
+        corroborated, through = self._corroborated(own, association, with_own)
+        kin = {**with_own, **{c: through[c] for c in corroborated}}
         lines = dict.fromkeys(kin, p.association_z)
         if corroborated and own:  # counted at the same line, they drew honest look-alikes in
             wider_line = p.association_z + CORROBORATED_ASSOCIATION_MARGIN
-            for cid, a in association(own | corroborated.keys()).items():
+            for cid, a in through.items():
                 if cid in own or cid in corroborated:
                     continue
                 if cid not in kin or a.z - wider_line > kin[cid].z - lines[cid]:
@@ -822,11 +822,12 @@ class TrustBook:
         own: set[str],
         association: Callable[[set[str]], Mapping[str, Association]],
         with_own: Mapping[str, Association],
-    ) -> dict[str, Association]:
+    ) -> tuple[set[str], Mapping[str, Association]]:
         """The clients not flagged on their own evidence that corroborate one another: evidence
         at :data:`CORROBORATION_SHARE` of the flag line or more, and an association with the
         others near or over the line (and the clients flagged on their own) at ``association_z``
-        or more. Returns each one's association with those others.
+        or more. Returns them, and every client's association with them and the clients
+        flagged on their own (each of them measured against the others).
 
         A client that deviates against the clients flagged on their own evidence (a negative
         mean cosine to them, ``with_own``) does not corroborate: when attackers held the round's
@@ -843,9 +844,9 @@ class TrustBook:
             kin = association(own | near)
             kept = {c for c in near if c in kin and kin[c].z >= p.association_z}
             if kept == near:
-                return {c: kin[c] for c in near}
+                return near, kin
             near = kept
-        return {}
+        return set(), {}
 
     def is_excluded(self, client_id: str, round: int | None = None) -> bool:
         """True if selection must skip the client in ``round`` (default: the next round).
