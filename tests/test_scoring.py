@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -491,15 +493,17 @@ def test_norms_that_shrink_with_the_steps_are_compared_as_they_are():
 
 def test_shrinking_is_discounted_for_clients_that_took_fewer_steps_than_the_median():
     """At Dirichlet 0.1 honest clients with a few steps on one or two classes shrink the weights;
-    the component is multiplied by ``sqrt(steps / median)`` below the median, never raised above,
-    and never by less than a half, whatever a client claims."""
-    radial = np.array([-0.2, -0.2, -0.2, -0.2, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
-    steps = np.array([1.0, 9.0, 16.0, 64.0, 16, 16, 16, 16, 16, 16])
+    the component is multiplied by ``sqrt(steps / median)`` below the median, in proportion to
+    ``steps / median`` under half of it (joining the root there), never raised above, and never
+    by less than 0.35, whatever a client claims."""
+    radial = np.array([-0.2, -0.2, -0.2, -0.2, -0.2, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
+    steps = np.array([1.0, 6.0, 9.0, 16.0, 64.0, 16, 16, 16, 16, 16, 16])
     plain = _shrinking_component(radial)
     discounted = _shrinking_component(radial, steps)
-    assert plain[:4] == pytest.approx([1.0, 1.0, 1.0, 1.0])
-    assert discounted[:4] == pytest.approx([0.5, 0.75, 1.0, 1.0])
-    assert np.all(discounted[4:] == 0.0)
+    assert plain[:5] == pytest.approx([1.0] * 5)
+    half = math.sqrt(0.5)  # the root at the knee, which the proportional part joins
+    assert discounted[:5] == pytest.approx([0.25 / 0.5 * half, 6 / 8 * half, 0.75, 1.0, 1.0])
+    assert np.all(discounted[5:] == 0.0)
     metrics = {"radial": radial, "local_steps": steps}
     np.testing.assert_allclose(anomaly_components(metrics)["shrinking"], discounted)
 
