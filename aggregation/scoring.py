@@ -1020,11 +1020,11 @@ DBA's recall from 0.73 to 0.82 (docs/history/detection.md, "Updates that shrink 
 against the steps").
 
 The knee: replayed over 1,015 ledgers (every attack on seeds 0-9 and 60-89, six on 90-99; no
-attack at Dirichlet 0.1 on seventy seeds), the proportional discount under half the
-median took honest client-rounds flagged at Dirichlet 0.1 from 55 to 40 of 7,000 and lost no
-attacker; the proportional discount everywhere (a power of 1) took them to 33 but lost 9 of DBA's
-444 attackers, and a knee of 0.8 lost 10 (DBA's attackers took most of their cohorts' median
-steps). The other 140 runs of seeds 90-99, not chosen on, flag the same clients with it
+attack at Dirichlet 0.1 on seventy seeds), the proportional discount under half the median took
+honest client-rounds flagged at Dirichlet 0.1 from 55 to 40 of 7,000 and lost no attacker; the
+proportional discount everywhere (a power of 1) took them to 33 but lost 9 of DBA's 444
+attackers, and a knee of 0.8 lost 10 (DBA's attackers took most of their cohorts' median steps).
+The other 140 runs of seeds 90-99, not chosen on, flag the same clients with it
 (docs/history/detection.md, "The shrinking discount's knee").
 
 The floor is what a claimed count can buy (a discount to ``SHRINK_STEPS_FLOOR /
@@ -1051,7 +1051,7 @@ def _shrinking_component(
     that is half flippers. Since an honest client at Dirichlet 0.1 sometimes scores as high, it
     is added to the score with a small weight (:data:`ADDED_COMPONENTS`), never alone, and with
     ``steps`` (local steps per epoch) discounted for a client that took fewer steps than the
-    cohort's median, at most to 0.35 (:data:`SHRINK_STEPS_POWER`). Claiming few examples to earn
+    cohort's median, down to 0.35 at most (:data:`SHRINK_STEPS_KNEE`). Claiming few examples to earn
     the discount costs the claimed weight and makes a full-size update a long one for ``norm_z``.
     """
     value = np.asarray(radial, np.float64)
