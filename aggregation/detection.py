@@ -350,6 +350,54 @@ def cluster_outliers(cosines: np.ndarray, min_scale: float = 0.05) -> np.ndarray
     return np.where(members, 0.0, score)
 
 
+def class_template_cosines(
+    updates: np.ndarray, weights: np.ndarray, kernel: tuple[int, int]
+) -> np.ndarray:
+    """For each update, the cosine between the output-layer kernel column of the class it raises
+    most and that class's column in the global weights (the class's *template*).
+
+    The model's last layer is a dense kernel of shape ``kernel = (inputs, classes)`` and its bias,
+    the last ``inputs * classes + classes`` coordinates of a row. An update raises class ``c`` by
+    about the sum of its kernel column plus its bias (the features after ReLU are non-negative),
+    and the class it raises most is the one its client's labels favour. Trained on examples of
+    ``c``, that column grows along the features the model already ties to ``c``: honest
+    updates' cosines to the template are mostly positive. Trained on examples of other classes
+    labelled ``c`` (a backdoor's or DBA's relabelled copies, flipped or random labels), it grows
+    along the features of those classes, which the model has learnt to hold against ``c``.
+
+    Measured on Fashion-MNIST (50 clients, 10 per round, 20 seeds; docs/history/detection.md,
+    "Labels the model's templates contradict"): in rounds 4-10 DBA's attackers had a median of
+    -0.24 and 90% below -0.03 (the backdoor's -0.25 and -0.05), honest clients a median of 0.29
+    and 97% above -0.02 at Dirichlet 0.5, 97% above -0.09 at 0.1. Label flipping and label noise
+    move it less (medians 0.09 and 0.01). In round 1 the template is still close to the random
+    initialisation and the two do not differ.
+
+    Args:
+        updates: ``(K, d)`` update matrix; its last ``inputs * classes + classes`` columns are the
+            output layer's kernel (row-major) and bias.
+        weights: ``(d,)`` the global weights the updates were trained from.
+        kernel: ``(inputs, classes)``, the output kernel's shape.
+
+    Returns:
+        Float64 array of length K, in [-1, 1]; 0 where the column or the template is zero.
+    """
+    inputs, classes = int(kernel[0]), int(kernel[1])
+    size = inputs * classes + classes
+    updates, weights = np.asarray(updates), np.asarray(weights).reshape(-1)
+    if updates.ndim != 2 or updates.shape[1] < size or weights.shape[0] != updates.shape[1]:
+        raise ValueError(
+            f"need (K, d) updates and (d,) weights with d >= {size} for an output kernel of "
+            f"shape {kernel}. Received {updates.shape} and {weights.shape}."
+        )
+    out = np.asarray(updates[:, -size:], np.float64)
+    columns = out[:, :-classes].reshape(-1, inputs, classes)
+    raised = columns.sum(axis=1) + out[:, -classes:]
+    chosen = raised.argmax(axis=1)
+    templates = np.asarray(weights[-size:-classes], np.float64).reshape(inputs, classes)
+    pushed = _unit(columns[np.arange(len(chosen)), :, chosen])
+    return np.einsum("ki,ki->k", pushed, _unit(templates[:, chosen].T))
+
+
 class CountSketch:
     """A fixed random projection of ``d``-vectors to ``dim`` numbers (Charikar et al. 2002).
 

@@ -80,6 +80,14 @@ Signals across clients and rounds (``detection.py``):
   Added to the score with weight 0.2 rather than averaged (:data:`ADDED_COMPONENTS`), and
   discounted for a client that took fewer local steps than the cohort's median
   (:data:`SHRINK_STEPS_POWER`). Present only when the coordinator passes the weights.
+- ``mislabeled``: how far the update's ``template_cosine`` sits below the cohort's (one-sided
+  robust z, logistic, spread at least 0.1): the cosine between the output-layer column of the
+  class the update raises most and that class's column in the weights it was trained from
+  (``detection.class_template_cosines``). Honest training raises a class along the features the
+  model ties to it; examples of other classes labelled with it (a backdoor's or DBA's relabelled
+  copies, flipped or random labels) raise it along features the model holds against it. Added
+  with weight 0.1 (:data:`ADDED_COMPONENTS`). Present only when the coordinator knows the
+  weights and the shape of a dense output layer.
 
 A data-side signal, present only when the server holds validation examples
 (``--validation-examples``; ``server/validation.py`` measures, the model never enters here):
@@ -159,6 +167,7 @@ from fedwarden.aggregation.detection import (
     NOISE_KURTOSIS,
     UNALIGNED_Z,
     alignment_z,
+    class_template_cosines,
     cluster_outliers,
     copied_originals,
     copy_pairs,
@@ -187,6 +196,7 @@ DEFAULT_ANOMALY_WEIGHTS: dict[str, float] = {
     "inert": 0.01,
     "shrinking": 0.2,
     "boosted": 0.001,
+    "mislabeled": 0.1,
 }
 """Component weights of :func:`anomaly_score` (they need not sum to 1; only ratios count)."""
 
@@ -204,7 +214,7 @@ runs of its live check, none of 2,500 without attack) weigh almost nothing in th
 their work is the floor (a weight of 0.01 on ``oversized`` diluted the other components enough
 to lose a scaling and a sign-flip attacker in the detection grid's replay)."""
 
-ADDED_COMPONENTS = ("shrinking",)
+ADDED_COMPONENTS = ("shrinking", "mislabeled")
 """Components added to the score, weight times value, instead of averaged into it: they are 0
 for nearly every honest client, so in the mean they would dilute every other signal. Weighed in
 the mean at 0.15, ``shrinking`` took scaling attackers flagged by round 10 from 20 to 16 of 30 on
@@ -226,7 +236,8 @@ DEFAULT_TRIM_RATIO = 0.1
 
 METRIC_NAMES = ("norm", "norm_z", "cosine", "cohort_cosine", "distance", "krum_score",
                 "trimmed_share", "loss_z", "pair_gap", "cluster_outlier", "median_cosine",
-                "alignment", "kurtosis", "radial", "copied", "boosted_group")  # fmt: skip
+                "alignment", "kurtosis", "radial", "copied", "boosted_group",
+                "template_cosine")  # fmt: skip
 """Keys of the dict returned by :func:`client_metrics`, each an array of length K."""
 
 NORM_SCALE_METRIC = "norm_scale"
@@ -391,6 +402,7 @@ def client_metrics(
     steps: np.ndarray | None = None,
     earlier_spreads: Sequence[float] = (),
     earlier_boost_spreads: Sequence[float] = (),
+    output_kernel: tuple[int, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Measures every admitted update against the cohort and the round's robust aggregate.
 
@@ -422,6 +434,9 @@ def client_metrics(
             with this round's into the scale of ``norm_z``.
         earlier_boost_spreads: the earlier rounds' :func:`boost_spread`, pooled with this
             round's into the scale of ``boosted_group``.
+        output_kernel: ``(inputs, classes)`` of the model's dense output layer, whose kernel and
+            bias end each row (``fedwarden.weights.WeightLayout.output_kernel``), or None
+            (``template_cosine`` is then NaN).
 
     Returns:
         Float64 arrays of length K, keyed by :data:`METRIC_NAMES`: ``norm``; ``norm_z``, the robust
@@ -441,7 +456,9 @@ def client_metrics(
         to ``weights``: honest training grows the weights it starts from, a sign flip shrinks them
         (:func:`_shrinking_component`); ``copied``, 1 for an update other clients copied, whose
         ``pair_gap`` leaves the copies out (NaN without ``suspect`` and ``history_error``);
-        ``boosted_group``, 1 for an update of a boosted group (:func:`boosted_groups`).
+        ``boosted_group``, 1 for an update of a boosted group (:func:`boosted_groups`);
+        ``template_cosine``, how the output column of the class the update raises most follows
+        that class's column in ``weights`` (``detection.class_template_cosines``).
 
     Norms, cosines, distances and Krum scores all come from one Gram matrix of the rows and the
     aggregate (``_kernels.gram``: BLAS products in the input dtype over column blocks of a fixed
@@ -512,6 +529,10 @@ def client_metrics(
     copied = np.full(k, np.nan) if copied is None else copied.astype(np.float64)
     rows = boost_rows(pair_gap, copied, trusted)
     median_cosine = median_cosine_to_others(pairwise)
+    if weights is None or output_kernel is None:
+        template_cosine = np.full(k, np.nan)
+    else:
+        template_cosine = class_template_cosines(updates, weights, output_kernel)
     return {
         "norm": norm,
         "norm_z": log_norm_z(norm, trusted, steps, earlier_spreads),
@@ -531,6 +552,7 @@ def client_metrics(
         "boosted_group": boosted_groups(
             norm, steps, rows, earlier_boost_spreads, aligned_rows(cosine, median_cosine)
         ),
+        "template_cosine": template_cosine,
     }
 
 
@@ -1086,6 +1108,17 @@ def _one_sided_z(value: np.ndarray, min_scale: float, below: bool = False) -> np
     return np.where(finite, np.maximum(gap, 0.0) / scale, np.nan)
 
 
+MISLABELED_MIN_SCALE = 0.1
+"""Least spread of the cohort's template cosines in ``mislabeled`` (cosine units)."""
+
+
+def _mislabeled_component(template_cosine: np.ndarray) -> np.ndarray:
+    """Logistic of the one-sided robust z of how far the update's template cosine sits below the
+    cohort's (``detection.class_template_cosines``): the class it raises most, raised along
+    features the model holds against that class, as training on wrong labels does."""
+    return _logistic_of_abs(_one_sided_z(template_cosine, MISLABELED_MIN_SCALE, below=True))
+
+
 def _above_cohort(value: np.ndarray, min_scale: float) -> np.ndarray:
     """Logistic of the one-sided robust z of how far ``value`` sits above the cohort's median."""
     return _logistic_of_abs(_one_sided_z(value, min_scale))
@@ -1136,6 +1169,7 @@ _COMPONENTS = {
     "inert": lambda m: _inert_component(m[EFFECT_METRIC]),
     "shrinking": lambda m: _shrinking_component(m["radial"], m.get(STEPS_METRIC)),
     "boosted": lambda m: np.asarray(m["boosted_group"], np.float64),
+    "mislabeled": lambda m: _mislabeled_component(m["template_cosine"]),
 }
 _SOURCES = {
     "zero_update": "norm",
@@ -1149,6 +1183,7 @@ _SOURCES = {
     "inert": EFFECT_METRIC,
     "shrinking": "radial",
     "boosted": "boosted_group",
+    "mislabeled": "template_cosine",
 }  # components whose measurement has another name
 
 
@@ -1174,7 +1209,8 @@ def anomaly_score(
         weights: component name to non-negative weight, any of ``norm_z``, ``cosine``,
             ``krum_score``, ``trimmed_share``, ``loss_z``, ``distance``, ``collusion``,
             ``centrality``, ``cluster``, ``history``, ``zero_update``, ``oversized``,
-            ``unaligned``, ``validation``, ``inert``, ``shrinking``, ``boosted``. Names left
+            ``unaligned``, ``validation``, ``inert``, ``shrinking``, ``boosted``,
+            ``mislabeled``. Names left
             out get weight 0. Defaults to :data:`DEFAULT_ANOMALY_WEIGHTS`.
         power: exponent of the power mean, >= 1: 1 (default) is the weighted mean, 2 the
             quadratic mean; larger values move the score towards the largest component (see the
@@ -1284,6 +1320,7 @@ def cohort_anomaly(
     weights: dict[str, float] | None = None,
     trained_from: np.ndarray | None = None,
     norm_scale: float | None = None,
+    output_kernel: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Every row's anomaly score against its cohort, as the coordinator scores a round.
 
@@ -1298,12 +1335,16 @@ def cohort_anomaly(
             None leaves it out, as when the coordinator does not know them.
         norm_scale: the earlier rounds' honest update norm, for ``oversized``; None leaves it
             out, as in a coordinator's first round.
+        output_kernel: ``(inputs, classes)`` of the model's dense output layer, for
+            ``mislabeled`` (with ``trained_from``); None leaves it out.
 
     Returns:
         Float64 array of length K.
     """
     updates = np.asarray(updates)
-    metrics = client_metrics(updates, np.median(updates, axis=0), None, weights=trained_from)
+    metrics = client_metrics(
+        updates, np.median(updates, axis=0), None, weights=trained_from, output_kernel=output_kernel
+    )
     if norm_scale is not None:
         metrics[NORM_SCALE_METRIC] = np.full(len(updates), float(norm_scale))
     return anomaly_score(metrics, weights)

@@ -44,6 +44,7 @@ from fedwarden.protocol.transfer import (
     sha256_hex,
     split,
 )
+from fedwarden.weights import WeightLayout
 
 log = logging.getLogger("fedwarden.agent")
 
@@ -285,7 +286,10 @@ class Agent:
         self._trainer = self._build_trainer(spec)
         if self.red_team is not None:
             try:
-                self.red_team.bind(spec.num_classes, *self._data, seed=spec.seed)
+                self.red_team.bind(
+                    spec.num_classes, *self._data, seed=spec.seed,
+                    output_kernel=WeightLayout(spec.weight_shapes).output_kernel(),
+                )  # fmt: skip
             except UsageError as exc:
                 raise AgentError(f"red team: {exc}") from None
         self._spec = spec
@@ -302,7 +306,6 @@ class Agent:
         """The local trainer for the task (``train(weights, x, y, rng)`` returns the update)."""
         from fedwarden.clients.training import DPSGDSettings, LocalTrainer
         from fedwarden.models import build_model
-        from fedwarden.weights import WeightLayout
 
         model = build_model(spec.model, spec.dataset, spec.input_shape, spec.num_classes, spec.seed)
         if WeightLayout.of(model.get_weights()).shapes != spec.weight_shapes:

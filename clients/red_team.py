@@ -60,7 +60,13 @@ from typing import Any
 
 import numpy as np
 
-from fedwarden.attacks import Attack, AttackError, attacks_in_round, build_attack
+from fedwarden.attacks import (
+    CONTEXT_PARAMS,
+    Attack,
+    AttackError,
+    attacks_in_round,
+    build_attack,
+)
 from fedwarden.errors import UsageError
 
 ESTIMATE_SAMPLES = 4
@@ -200,9 +206,10 @@ class RedTeam:
             f"cohort={self.cohort}, estimate_samples={self.estimate_samples})"
         )
 
-    def _build(self, num_classes: int) -> Attack:
+    def _build(self, num_classes: int, output_kernel: tuple[int, int] | None = None) -> Attack:
+        context = {"num_classes": num_classes, "output_kernel": output_kernel}
         try:
-            return build_attack(self.name, {"num_classes": num_classes, **self.params})
+            return build_attack(self.name, {**context, **self.params})
         except AttackError as exc:
             raise UsageError(str(exc)) from None
 
@@ -219,9 +226,13 @@ class RedTeam:
             return self.claim_examples
         return trained_on
 
-    def bind(self, num_classes: int, x: np.ndarray, y: np.ndarray, seed: int) -> None:
-        """Takes the task's classes and the validated local data; poisons it for data attacks."""
-        self.attack = self._build(num_classes)
+    def bind(
+        self, num_classes: int, x: np.ndarray, y: np.ndarray, seed: int,
+        output_kernel: tuple[int, int] | None = None,
+    ) -> None:  # fmt: skip
+        """Takes the task's classes (and its model's output kernel shape, for the attacks that
+        read the detector) and the validated local data; poisons it for data attacks."""
+        self.attack = self._build(num_classes, output_kernel)
         self._seed = seed
         self._clean = (x, y)
         self._poisoned = self.attack.poison_data(x, y, self._rng(2))
@@ -259,7 +270,7 @@ class RedTeam:
             "client_id": self.client_id,
             "round": round_number,
             "attack": self.attack.name,
-            "params": {k: v for k, v in self.attack.params.items() if k != "num_classes"},
+            "params": {k: v for k, v in self.attack.params.items() if k not in CONTEXT_PARAMS},
             "attacking": attacking,
             "update_norm": float(np.linalg.norm(sent)),
             "trained_norm": float(np.linalg.norm(trained)),

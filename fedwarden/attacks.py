@@ -25,8 +25,9 @@ checks them, and returns the function that does the work:
 Adding an attack is one builder plus one registry line. When an attacker attacks (from a start
 round on, in every round or, on-off, in a share of them) is :func:`attacks_in_round`'s.
 
-``num_classes`` is a context parameter: the runner passes it to every attack; it reaches
-only the attacks (and plugins) that take it and is never an error for the others.
+``num_classes`` and ``output_kernel`` (the ``(inputs, classes)`` of the model's dense output
+layer, or None) are context parameters: the runner passes them to every attack; they reach only
+the attacks (and plugins) that take them and are never an error for the others.
 
 Evaluation conventions: a data attack with a ``target`` parameter sets ``target_class``;
 one with a ``trigger_size`` parameter stamps the built-in trigger (``Attack.trigger``) and
@@ -63,7 +64,7 @@ from fedwarden.plugins import load_callable, parse_options
 DataFn = Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]
 ModelFn = Callable[[np.ndarray, np.ndarray, np.random.Generator], np.ndarray]
 
-CONTEXT_PARAMS = ("num_classes",)
+CONTEXT_PARAMS = ("num_classes", "output_kernel")
 PERTURBATIONS = ("std", "unit_vec", "sign")
 _DATA_KIND_ATTR = "fedwarden_attack_kind"
 
@@ -899,7 +900,7 @@ DEFAULT_SCORER = "fedwarden.aggregation.scoring:cohort_anomaly"
 
 def detector_aware(
     *, score: Any = DEFAULT_SCORER, z: float = 1.0, direction: str = "mean",
-    min_scale: float = 0.03, max_gamma: float = 64.0,
+    min_scale: float = 0.03, max_gamma: float = 64.0, output_kernel: Any = None,
 ) -> ModelFn:  # fmt: skip
     """An attacker that reads the detector: the strongest push whose anomaly stays unflagged.
 
@@ -923,15 +924,18 @@ def detector_aware(
     counts); its own round's cohort stands in for the population.
 
     Args:
-        score: ``score(updates (K, d)[, trained_from=(d,), norm_scale=x]) -> (K,)`` anomaly
-            scores, or its ``"module:callable"`` name (default: the coordinator's cohort
-            scoring). It gets ``trained_from`` when it takes that keyword and the weights are
-            known, and ``norm_scale`` (the attackers' median own norm, standing in for the
-            earlier rounds' honest norms the coordinator keeps) when it takes that.
+        score: ``score(updates (K, d)[, trained_from=(d,), norm_scale=x, output_kernel=(i, c)])
+            -> (K,)`` anomaly scores, or its ``"module:callable"`` name (default: the
+            coordinator's cohort scoring). It gets ``trained_from`` when it takes that keyword
+            and the weights are known, ``norm_scale`` (the attackers' median own norm, standing
+            in for the earlier rounds' honest norms the coordinator keeps) and ``output_kernel``
+            (given) when it takes them.
         z: how many honest scales above the honest median each attacker may score.
         direction: ``"mean"`` or ``"std"``.
         min_scale: smallest scale of the honest scores.
         max_gamma: largest push, in units of the attackers' update norm.
+        output_kernel: the model's output kernel shape (a context parameter the runner passes),
+            for the scorer's ``mislabeled`` component.
     """
     z = _number("z", z, positive=False)
     min_scale = _number("min_scale", min_scale)
@@ -944,9 +948,11 @@ def detector_aware(
     found = _signature(scorer, skip=1)
     scorer_takes = {
         name
-        for name in ("trained_from", "norm_scale")
+        for name in ("trained_from", "norm_scale", "output_kernel")
         if found is not None and (name in found[0] or found[1])
     }
+    if output_kernel is None:
+        scorer_takes.discard("output_kernel")
 
     @_takes("trained_from")
     def craft(honest, own, rng, trained_from=None) -> np.ndarray:
@@ -955,7 +961,9 @@ def detector_aware(
             return own
         ref = np.asarray(honest, np.float64)
         p = -ref.mean(axis=0) if direction == "mean" else -ref.std(axis=0)
-        context = {}
+        context: dict[str, Any] = {}
+        if "output_kernel" in scorer_takes:
+            context["output_kernel"] = tuple(output_kernel)
         if (
             "norm_scale" in scorer_takes
         ):  # its own honest training stands in for earlier rounds' norms

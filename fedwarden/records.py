@@ -126,6 +126,7 @@ class ClientRound(_Record):
     kinship: float | None = _field(float, shown=False)  # likeness to another client's past
     copied: float | None = _field(float, shown=False)  # 1: flagged clients sent copies of it
     boosted_group: float | None = _field(float, shown=False)  # 1: in a boosted group
+    template_cosine: float | None = _field(float, shown=False)  # its raised class vs the model's
     validation_loss_change: float | None = _field(float, shown=False)  # server/validation.py
     validation_class_change: float | None = _field(float, shown=False)
     validation_effect: float | None = _field(float, shown=False)

@@ -32,6 +32,16 @@ class WeightLayout:
             return sum(sizes)
         return sizes[-1]
 
+    def output_kernel(self) -> tuple[int, int] | None:
+        """``(inputs, classes)`` of the output layer's kernel when the model ends in a dense layer
+        with a bias (a 2-D kernel whose columns the 1-D last array matches), else None."""
+        if len(self.shapes) < 2:
+            return None
+        kernel, bias = self.shapes[-2], self.shapes[-1]
+        if len(kernel) == 2 and len(bias) == 1 and kernel[1] == bias[0]:
+            return int(kernel[0]), int(kernel[1])
+        return None
+
     def flatten(self, weights: list[np.ndarray]) -> np.ndarray:
         got = tuple(tuple(np.shape(w)) for w in weights)
         if got != self.shapes:

@@ -181,6 +181,9 @@ class Coordinator:
       output_layer: how many of the weights' last coordinates are the model's output layer
         (``fedwarden.weights.WeightLayout.output_layer_size``); the history forecasts them apart
         for association. 0: not known.
+      output_kernel: ``(inputs, classes)`` of the model's dense output layer
+        (``fedwarden.weights.WeightLayout.output_kernel``), for the ``mislabeled`` component;
+        None: not known.
 
     Example::
 
@@ -211,6 +214,7 @@ class Coordinator:
         batch_size: int | None = None,
         full_batches: bool = False,
         output_layer: int = 0,
+        output_kernel: tuple[int, int] | None = None,
     ):
         self.weights = np.asarray(weights, np.float32)
         self.chain = chain
@@ -224,6 +228,7 @@ class Coordinator:
         self.validation = validation
         self.batch_size = batch_size
         self.full_batches = full_batches
+        self.output_kernel = output_kernel
         self._matrix_buffer: np.ndarray | None = None  # the last in-memory round's matrix
         if round_memory_budget is not None:
             for path in remove_stale_spill_files(spill_dir):
@@ -463,7 +468,7 @@ class Coordinator:
                 matrix, reference, losses, per_client, trusted=trusted, weights=trained_from,
                 suspect=suspect, history_error=history.error, own_rounds=history.own_rounds,
                 steps=steps, earlier_spreads=self.norm_spreads,
-                earlier_boost_spreads=self.boost_spreads,
+                earlier_boost_spreads=self.boost_spreads, output_kernel=self.output_kernel,
             )  # fmt: skip
             spread = log_norm_spread(metrics["norm"], trusted, self.norm_spreads)
             _pool(self.norm_spreads, spread)

@@ -275,10 +275,12 @@ def build_coordinator(
     ledger: Ledger | None,
     validation: ValidationProbe | None = None,
     output_layer: int = 0,
+    output_kernel: tuple[int, int] | None = None,
 ) -> Coordinator:
     """The run's coordinator: ``chain``, the server optimizer, trust (persisted in ``ledger``),
     the admission limits of ``config`` and the ``validation`` probe if any, from the initial
-    flat ``weights``, whose last ``output_layer`` coordinates are the model's output layer."""
+    flat ``weights``, whose last ``output_layer`` coordinates are the model's output layer (a
+    dense kernel of shape ``output_kernel`` and its bias, when known)."""
     return Coordinator(
         weights,
         chain,
@@ -295,4 +297,5 @@ def build_coordinator(
         batch_size=config.batch_size,
         full_batches=config.dp_sgd,
         output_layer=output_layer,
+        output_kernel=output_kernel,
     )

@@ -328,7 +328,7 @@ class Server:
         probe = self._probe(data, evaluator, layout)
         coordinator = build_coordinator(
             c, layout.flatten(model.get_weights()), chain, ledger, probe,
-            layout.output_layer_size(),
+            layout.output_layer_size(), layout.output_kernel(),
         )  # fmt: skip
         history = None
         if saved is not None:

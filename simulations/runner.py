@@ -226,7 +226,8 @@ class _Run:
         self.sim, self.config, self.out, self.label = sim, config, out, label
         self.fed = sim.federation
         self.trainer = sim.trainer(config)
-        attack_params = {"num_classes": self.fed.dataset.num_classes, **config.attack_params}
+        attack_params = {"num_classes": self.fed.dataset.num_classes,
+                         "output_kernel": sim.layout.output_kernel(), **config.attack_params}  # fmt: skip
         self.attack: Attack = build_attack(config.attack, attack_params, collude=config.collude)
         defence = build_defence(config, aggregator=aggregator)
         self.privacy, self.chain = defence.privacy, defence.chain
@@ -255,6 +256,7 @@ class _Run:
             self.ledger,
             self._validation_probe(config.validation_examples),
             sim.layout.output_layer_size(),
+            sim.layout.output_kernel(),
         )
         history = None
         if saved is not None:

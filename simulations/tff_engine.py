@@ -295,6 +295,7 @@ class RobustFedAvgProcess:
             anomaly_weights=self._anomaly_weights,
             batch_size=self._batch_size,
             output_layer=self.client_work.layout.output_layer_size(),
+            output_kernel=self.client_work.layout.output_kernel(),
         )
         self._coordinator.round = book.last_round
         return self._state(self._initial)
