@@ -81,9 +81,9 @@ Signals across clients and rounds (``detection.py``):
   discounted for a client that took fewer local steps than the cohort's median
   (:data:`SHRINK_STEPS_POWER`). Present only when the coordinator passes the weights.
 - ``mislabeled``: how far the update's ``template_cosine`` sits below the cohort's (one-sided
-  robust z, logistic, spread at least :data:`MISLABELED_MIN_SCALE`): the cosine between the output-layer column of the
-  class the update raises most and that class's column in the weights it was trained from
-  (``detection.class_template_cosines``). Honest training raises a class along the features the
+  robust z, logistic, spread at least :data:`MISLABELED_MIN_SCALE`): the cosine between the
+  output-layer column of the class the update raises most and that class's column in the
+  weights it was trained from (``detection.class_template_cosines``). Honest training raises a class along the features the
   model ties to it; examples of other classes labelled with it (a backdoor's or DBA's relabelled
   copies, flipped or random labels) raise it along features the model holds against it. Added
   with weight 0.1 (:data:`ADDED_COMPONENTS`): replayed over 180 Fashion-MNIST runs it found 13
@@ -221,8 +221,9 @@ ADDED_COMPONENTS = ("shrinking", "mislabeled")
 (near) 0 for nearly every honest client, so in the mean they would dilute every other signal.
 Weighed in the mean at 0.15, ``shrinking`` took scaling attackers flagged by round 10 from 20 to
 16 of 30 on Fashion-MNIST; added, none of the other figures moves (docs/history/detection.md,
-"Updates that shrink the weights"). ``mislabeled`` added or in the mean found as many
-(docs/history/detection.md, "Labels the model's templates contradict")."""
+"Updates that shrink the weights"). ``mislabeled`` in the mean (0.1) found one attacker fewer
+than added as taken, and flagged 2 honest client-rounds fewer (docs/history/detection.md,
+"Labels the model's templates contradict")."""
 
 SHARP_FLOOR = 0.5
 """A sharp component sets the score's floor only from this value: it says yes. Below it, it
@@ -1216,8 +1217,8 @@ def anomaly_score(
             ``krum_score``, ``trimmed_share``, ``loss_z``, ``distance``, ``collusion``,
             ``centrality``, ``cluster``, ``history``, ``zero_update``, ``oversized``,
             ``unaligned``, ``validation``, ``inert``, ``shrinking``, ``boosted``,
-            ``mislabeled``. Names left
-            out get weight 0. Defaults to :data:`DEFAULT_ANOMALY_WEIGHTS`.
+            ``mislabeled``. Names left out get weight 0. Defaults to
+            :data:`DEFAULT_ANOMALY_WEIGHTS`.
         power: exponent of the power mean, >= 1: 1 (default) is the weighted mean, 2 the
             quadratic mean; larger values move the score towards the largest component (see the
             module docstring for why 1).
