@@ -208,7 +208,7 @@ def trimmed_mean(updates: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
     k, d = updates.shape
     out = np.empty(d, updates.dtype)
     if order_kernel(k, updates.dtype) == "numba":
-        parts = _trim_numba(updates, t, out, stable=False)
+        parts = _trim_numba(updates, t, out)
         return out, sum((c + s for c, s in parts), np.zeros(k))
     kth = (t - 1, t, k - t - 1, k - t) if t else ()
 
@@ -220,33 +220,36 @@ def trimmed_mean(updates: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
             np.sum(block[:, t : k - t], axis=1, out=mean)
             mean /= mean.dtype.type(k - 2 * t)
             if t:
-                trimmed += _trimmed_in_block(updates[:, start + s : start + e], block, t, False)
+                trimmed += _trimmed_in_block(updates[:, start + s : start + e], block, t)
         return trimmed
 
     return out, sum(_over_columns(chunk, d, k), np.zeros(k))
 
 
 def trimmed_counts(updates: np.ndarray, t: int) -> np.ndarray:
-    """Per row, the number of columns where a ``t``-per-side trimmed mean trims it (int64).
+    """Per row, the number of columns where a ``t``-per-side trimmed mean trims it (float64).
 
-    Ties at a cut are broken by row order, as a stable sort of each column does: the first tied
-    rows are trimmed at the low cut, the last ones at the high cut.
+    Where several rows tie at a cut, the slots left are split evenly among them, as in
+    :func:`trimmed_mean`: a row's count is what it gets on average over every order of the rows,
+    so it does not depend on where in the cohort the row sits. (Broken by row order, as a stable
+    sort does, the ties of every column where all updates are 0 went to the first and last rows:
+    about 14% more for them on digits, 4-9% on Fashion-MNIST.)
     """
     shared = _shared(updates)
     if shared is not None and shared.t == t:
         return shared.statistics()[1].copy()
     k, d = updates.shape
     if order_kernel(k, updates.dtype) == "numba":
-        return sum((c for c, _ in _trim_numba(updates, t, None, stable=True)), np.zeros(k, int))
+        return sum((c + s for c, s in _trim_numba(updates, t, None)), np.zeros(k))
 
     def chunk(start: int, stop: int) -> np.ndarray:
-        counts = np.zeros(k, np.int64)
+        counts = np.zeros(k)
         for s, e, block in column_blocks(updates[:, start:stop]):
             order_rows(block, (t - 1, t, k - t - 1, k - t))
-            counts += _trimmed_in_block(updates[:, start + s : start + e], block, t, True)
+            counts += _trimmed_in_block(updates[:, start + s : start + e], block, t)
         return counts
 
-    return sum(_over_columns(chunk, d, k), np.zeros(k, np.int64))
+    return sum(_over_columns(chunk, d, k), np.zeros(k))
 
 
 def median_and_trimmed_counts(updates: np.ndarray, t: int) -> tuple[np.ndarray, np.ndarray]:
@@ -266,12 +269,12 @@ def median_and_trimmed_counts(updates: np.ndarray, t: int) -> tuple[np.ndarray, 
         )
     med = np.empty(d, updates.dtype)
     if order_kernel(k, updates.dtype) == "numba":
-        parts = _trim_numba(updates, t, None, stable=True, med=med)
-        return med, sum((c for c, _ in parts), np.zeros(k, np.int64))
+        parts = _trim_numba(updates, t, None, med=med)
+        return med, sum((c + s for c, s in parts), np.zeros(k))
     lo, hi = (k - 1) // 2, k // 2
 
     def chunk(start: int, stop: int) -> np.ndarray:
-        counts = np.zeros(k, np.int64)
+        counts = np.zeros(k)
         for s, e, block in column_blocks(updates[:, start:stop]):
             order_rows(block, (t - 1, t, lo, hi, k - t - 1, k - t))
             target = med[start + s : start + e]
@@ -279,10 +282,10 @@ def median_and_trimmed_counts(updates: np.ndarray, t: int) -> tuple[np.ndarray, 
                 target[...] = block[:, lo]
             else:
                 np.add(0.5 * block[:, lo], 0.5 * block[:, hi], out=target)
-            counts += _trimmed_in_block(updates[:, start + s : start + e], block, t, True)
+            counts += _trimmed_in_block(updates[:, start + s : start + e], block, t)
         return counts
 
-    return med, sum(_over_columns(chunk, d, k), np.zeros(k, np.int64))
+    return med, sum(_over_columns(chunk, d, k), np.zeros(k))
 
 
 class _SharedStatistics:
@@ -375,7 +378,6 @@ def _trim_numba(
     updates: np.ndarray,
     t: int,
     out: np.ndarray | None,
-    stable: bool,
     med: np.ndarray | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     nets = _nets()
@@ -397,21 +399,18 @@ def _trim_numba(
     def chunk(s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
         counts, shared = np.zeros(k, np.int64), np.zeros(k)
         nets.trim_columns(
-            x, pairs, t, keep, stable, sink, middle, half, counts, shared, s, e, width
+            x, pairs, t, keep, sink, middle, half, counts, shared, s, e, width
         )
         return counts, shared
 
     return _over_columns(chunk, d, k, width)
 
 
-def _trimmed_in_block(source: np.ndarray, block: np.ndarray, t: int, stable: bool) -> np.ndarray:
-    """Per-row trimmed counts of one block whose rows ``block`` (columns) hold the order stats.
-
-    ``stable``: ties at a cut go to the first (low) or last (high) tied rows, an int64 vector;
-    otherwise they are split evenly, a float64 vector.
-    """
+def _trimmed_in_block(source: np.ndarray, block: np.ndarray, t: int) -> np.ndarray:
+    """Per-row trimmed counts of one block whose rows ``block`` (columns) hold the order stats;
+    the slots left at a tied cut are split evenly among the tied rows."""
     k = source.shape[0]
-    counts = np.zeros(k, np.int64 if stable else np.float64)
+    counts = np.zeros(k)
     for cut, inner, low in (
         (block[:, t - 1], block[:, t], True),
         (block[:, k - t], block[:, k - t - 1], False),
@@ -424,11 +423,7 @@ def _trimmed_in_block(source: np.ndarray, block: np.ndarray, t: int, stable: boo
             strict = beyond[:, tied] & ~equal
             need = t - strict.sum(axis=0)
             beyond[:, tied] = False
-            if stable:  # a stable sort trims the first tied rows low and the last ones high
-                rank = np.cumsum(equal, axis=0) if low else np.cumsum(equal[::-1], axis=0)[::-1]
-                counts += (strict | (equal & (rank <= need))).sum(axis=1)
-            else:
-                counts += strict.sum(axis=1) + equal @ (need / equal.sum(axis=0))
+            counts += strict.sum(axis=1) + equal @ (need / equal.sum(axis=0))
         counts += beyond.sum(axis=1)
     return counts
 

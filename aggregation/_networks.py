@@ -114,7 +114,7 @@ def median_columns(x, pairs, half, out, start, stop, width):  # pragma: no cover
 
 @njit(nogil=True, cache=True)
 def trim_columns(
-    x, pairs, t, keep, stable, out, med, half, counts, shared, start, stop, width
+    x, pairs, t, keep, out, med, half, counts, shared, start, stop, width
 ):  # pragma: no cover - compiled
     """Trimmed means, medians and per-row trimmed counts of the columns ``[start, stop)``.
 
@@ -124,9 +124,8 @@ def trim_columns(
     ``med`` is empty, writes each column's median to it, as ``median_columns`` does (``pairs``
     must then order the middle positions too). Adds to ``counts[i]`` the columns where
     row i is trimmed. Where a cut value is tied (more rows equal to it than slots left), the
-    rows strictly beyond the cut are trimmed and the ``need`` slots left go to the tied rows:
-    with ``stable``, to the first ``need`` of them at the low cut and the last ``need`` at the
-    high cut (a stable sort's order); otherwise ``need / tied`` to each, added to ``shared``.
+    rows strictly beyond the cut are trimmed and the ``need`` slots left are split among the
+    tied rows, ``need / tied`` to each, added to ``shared``.
     """
     k = x.shape[0]
     rows = np.arange(k)
@@ -175,13 +174,13 @@ def trim_columns(
             counts[i] += c
         for j in range(n):
             if not open_lo[j]:
-                _share_tied(x, s + j, cut_lo[j], t, True, stable, counts, shared)
+                _share_tied(x, s + j, cut_lo[j], t, True, shared)
             if not open_hi[j]:
-                _share_tied(x, s + j, cut_hi[j], t, False, stable, counts, shared)
+                _share_tied(x, s + j, cut_hi[j], t, False, shared)
 
 
 @njit(nogil=True, cache=True)
-def _share_tied(x, col, cut, t, low, stable, counts, shared):  # pragma: no cover - compiled
+def _share_tied(x, col, cut, t, low, shared):  # pragma: no cover - compiled
     k = x.shape[0]
     beyond, tied = 0, 0
     for i in range(k):
@@ -191,17 +190,9 @@ def _share_tied(x, col, cut, t, low, stable, counts, shared):  # pragma: no cove
         elif (v < cut) == low:
             beyond += 1
     need = t - beyond
-    if not stable:
-        for i in range(k):
-            if x[i, col] == cut:
-                shared[i] += need / tied
-        return
-    given = 0
-    for step in range(k):
-        i = step if low else k - 1 - step
-        if given < need and x[i, col] == cut:
-            counts[i] += 1
-            given += 1
+    for i in range(k):
+        if x[i, col] == cut:
+            shared[i] += need / tied
 
 
 @njit(nogil=True, cache=True)

@@ -320,10 +320,8 @@ def trimmed_shares(updates: np.ndarray, trim_ratio: float = DEFAULT_TRIM_RATIO) 
 
     ``t = max(1, floor(trim_ratio * K))`` rows are trimmed per side and coordinate (at least one,
     so small cohorts still say something). With ``K < 3`` nothing would be left after trimming,
-    and the shares are NaN. Ties are broken by row order, as a stable sort does.
-
-    The per-column order statistics and counts come from ``_kernels.trimmed_counts`` (sorting
-    networks over column blocks, or numpy's sort), which gives a stable sort's tie-break.
+    and the shares are NaN. Rows tied at a cut share its slots evenly (``_kernels.trimmed_counts``),
+    so a client's share does not depend on its place in the cohort.
     """
     k, d = updates.shape
     t = _trim_count(k, trim_ratio)
