@@ -398,9 +398,7 @@ def _trim_numba(
 
     def chunk(s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
         counts, shared = np.zeros(k, np.int64), np.zeros(k)
-        nets.trim_columns(
-            x, pairs, t, keep, sink, middle, half, counts, shared, s, e, width
-        )
+        nets.trim_columns(x, pairs, t, keep, sink, middle, half, counts, shared, s, e, width)
         return counts, shared
 
     return _over_columns(chunk, d, k, width)
