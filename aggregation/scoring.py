@@ -492,6 +492,7 @@ def client_metrics(
         radial = np.full(k, np.nan)
     else:
         radial = _cosines(gram[:k, k + 1], norm, np.full(k, sq_norm[k + 1]))
+        radial[np.abs(radial) < RADIAL_CHANCE_Z / np.sqrt(d)] = 0.0
     dots, ref_sq = gram[:k, k], np.full(k, sq_norm[k])
     cohort_cosine = _cosines(dots, norm, ref_sq)
     if trusted is not None and not np.all(trusted):
@@ -1030,6 +1031,14 @@ def _peer_cosine_component(median_cosine: np.ndarray, min_scale: float = 0.05) -
     return np.where(finite, _logistic_of_abs(np.maximum(med - value, 0.0) / scale), np.nan)
 
 
+RADIAL_CHANCE_Z = 3.0
+"""``radial`` is recorded as 0 where its size is under this many times ``1 / sqrt(d)``, the
+spread of the cosine between the weights and a random direction: such an update grows or
+shrinks them no more than chance would. From the random initialisation of the digits model
+(d = 4,810, the line at 0.043) the honest updates of round 1 sit there (-0.011 to 0.028 on seed
+1), or all shrink the weights (-0.050 to -0.008 on seed 3); on Fashion-MNIST (d = 56,714, the
+line at 0.013) 95% of honest updates grow them by 0.036 or more from round 1 on."""
+
 SHRINK_STEPS_POWER = 0.5
 SHRINK_STEPS_KNEE = 0.5
 SHRINK_STEPS_FLOOR = 0.25
@@ -1077,11 +1086,17 @@ def _shrinking_component(
     ``steps`` (local steps per epoch) discounted for a client that took fewer steps than the
     cohort's median, down to 0.35 at most (:data:`SHRINK_STEPS_KNEE`). Claiming few examples to earn
     the discount costs the claimed weight and makes a full-size update a long one for ``norm_z``.
+
+    It says nothing (0 for every client) in a round where a quarter of the cohort does not grow
+    the weights beyond chance (:data:`RADIAL_CHANCE_Z`): from a random initialisation honest
+    updates may all shrink them, and then shrinking tells no one apart.
     """
     value = np.asarray(radial, np.float64)
     finite = np.isfinite(value)
     if finite.sum() < 3:
         return np.full(value.shape, np.nan)
+    if np.percentile(value[finite], 75) <= 0:  # the cohort does not grow them beyond chance
+        return np.where(finite, 0.0, np.nan)
     scale = max(float(np.median(np.abs(value[finite]))), min_scale)
     shrinking = np.clip(-value / scale, 0.0, 1.0)
     if steps is not None:

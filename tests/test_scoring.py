@@ -10,6 +10,7 @@ import pytest
 from fedwarden.aggregation.scoring import (
     DEFAULT_ANOMALY_WEIGHTS,
     METRIC_NAMES,
+    RADIAL_CHANCE_Z,
     SHARP_FLOOR,
     _shrinking_component,
     aligned_rows,
@@ -305,6 +306,26 @@ def test_updates_that_shrink_the_weights_score_as_shrinking_even_as_half_the_coh
     without = client_metrics(honest, np.median(honest, axis=0), None, {})
     assert np.all(np.isnan(without["radial"]))
     assert np.all(np.isnan(anomaly_components(without)["shrinking"]))  # left out, not evidence
+
+
+def test_shrinking_says_nothing_while_the_cohort_does_not_grow_the_weights():
+    """From a random initialisation honest updates can be as good as orthogonal to the weights
+    (digits, round 1: cosines within chance) or all shrink them: no client stands out for it."""
+    rng = np.random.default_rng(4)
+    d = 2500
+    weights = rng.normal(size=d)
+    chance = RADIAL_CHANCE_Z / np.sqrt(d)
+    for pull in (0.0, -0.3):  # orthogonal but for chance; every update shrinking the weights
+        updates = pull * weights + rng.normal(size=(10, d))
+        m = client_metrics(updates, np.median(updates, axis=0), None, {}, weights=weights)
+        raw = updates @ weights / (np.linalg.norm(updates, axis=1) * np.linalg.norm(weights))
+        np.testing.assert_allclose(m["radial"], np.where(np.abs(raw) < chance, 0.0, raw))
+        assert np.all(anomaly_components(m)["shrinking"] == 0.0)
+    grow = 0.3 * weights + rng.normal(size=(10, d))  # the same flipper among growers stands out
+    grow[0] *= -1
+    m = client_metrics(grow, np.median(grow, axis=0), None, {}, weights=weights)
+    shrinking = anomaly_components(m)["shrinking"]
+    assert shrinking[0] > 0.6 and np.all(shrinking[1:] == 0.0)
 
 
 def test_shrinking_adds_to_the_score_and_dilutes_nothing():
