@@ -63,6 +63,19 @@ def ref_trimmed_mean(x, fraction):
     return np.array(out), counts / d
 
 
+def ref_trimmed_counts(x: np.ndarray, t: int) -> np.ndarray:
+    """Trimmed counts with a tied cut's slots split evenly among the rows tied at it."""
+    k = len(x)
+    counts = np.zeros(k)
+    for column in x.T:
+        ordered = np.sort(column)
+        for cut, beyond in ((ordered[t - 1], column < ordered[t - 1]),
+                            (ordered[k - t], column > ordered[k - t])):  # fmt: skip
+            tied = column == cut
+            counts += beyond + tied * (t - beyond.sum()) / tied.sum()
+    return counts
+
+
 def ref_sq_dist(x):
     k = len(x)
     return np.array([[np.sum((x[i] - x[j]) ** 2) for j in range(k)] for i in range(k)])

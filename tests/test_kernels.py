@@ -26,7 +26,7 @@ from fedwarden.aggregation.scoring import (
     share_order_statistics,
     trimmed_shares,
 )
-from tests.test_aggregation import ref_bulyan, ref_median, ref_trimmed_mean
+from tests.test_aggregation import ref_bulyan, ref_median, ref_trimmed_counts, ref_trimmed_mean
 
 # The path fixture only sets module attributes: sharing it between examples is what is meant.
 PROPERTY = settings(
@@ -65,19 +65,6 @@ def sequential_mean(rows: np.ndarray) -> np.ndarray:
     return total / rows.dtype.type(len(rows))
 
 
-def split_counts(x: np.ndarray, t: int) -> np.ndarray:
-    """Trimmed counts with a tied cut's slots split evenly among the rows tied at it."""
-    k = len(x)
-    counts = np.zeros(k)
-    for column in x.T:
-        ordered = np.sort(column)
-        for cut, beyond in ((ordered[t - 1], column < ordered[t - 1]),
-                            (ordered[k - t], column > ordered[k - t])):  # fmt: skip
-            tied = column == cut
-            counts += beyond + tied * (t - beyond.sum()) / tied.sum()
-    return counts
-
-
 @PROPERTY
 @given(x=matrices())
 def test_median_equals_the_sorted_middle(path, x):
@@ -104,7 +91,9 @@ def test_trimmed_mean_and_counts_match_a_sort_of_every_column(path, x, data):
                                    atol=1e-6 if x.dtype == np.float32 else 1e-14)  # fmt: skip
     np.testing.assert_allclose(trimmed.sum(), 2 * t * x.shape[1])
     if t:
-        np.testing.assert_allclose(kernels.trimmed_counts(x, t), split_counts(x, t), rtol=1e-12)
+        np.testing.assert_allclose(
+            kernels.trimmed_counts(x, t), ref_trimmed_counts(x, t), rtol=1e-12
+        )
         np.testing.assert_allclose(kernels.trimmed_counts(x, t), trimmed, rtol=1e-12)
 
 
@@ -146,7 +135,7 @@ def test_a_clients_trimmed_share_does_not_depend_on_its_place_in_the_cohort(path
     x[:, :150] = 0
     x[:, 150:250] = rng.integers(-1, 2, size=(21, 100))
     shares = trimmed_shares(x, 0.1)
-    np.testing.assert_allclose(shares * 500, split_counts(x, 2), rtol=1e-9)
+    np.testing.assert_allclose(shares * 500, ref_trimmed_counts(x, 2), rtol=1e-9)
     for order in (np.arange(21)[::-1], rng.permutation(21)):
         np.testing.assert_allclose(trimmed_shares(x[order], 0.1), shares[order], rtol=1e-9)
     zeros_only = trimmed_shares(np.zeros((21, 150), np.float32), 0.1)
@@ -160,7 +149,7 @@ def test_median_and_counts_from_one_pass_equal_the_separate_kernels(path, x, dat
     med, counts = kernels.median_and_trimmed_counts(x, t)
     assert med.dtype == x.dtype and counts.dtype == np.float64
     np.testing.assert_array_equal(med, np.median(x, axis=0))
-    np.testing.assert_allclose(counts, split_counts(x, t), rtol=1e-12)
+    np.testing.assert_allclose(counts, ref_trimmed_counts(x, t), rtol=1e-12)
 
 
 def test_scoring_reference_and_shares_equal_median_and_trimmed_shares(path):
@@ -193,7 +182,7 @@ def test_a_registered_matrix_gets_one_order_pass_for_every_caller(path, monkeypa
     np.testing.assert_array_equal(chain_median, np.median(x, axis=0))
     np.testing.assert_array_equal(reference, chain_median)
     np.testing.assert_array_equal(other, chain_median)
-    np.testing.assert_allclose(shares, split_counts(x, 2) / 900, rtol=1e-12)
+    np.testing.assert_allclose(shares, ref_trimmed_counts(x, 2) / 900, rtol=1e-12)
     np.testing.assert_array_equal(again, shares)
     median_and_trimmed_shares(x)  # the scope has ended: nothing is cached
     assert len(passes) == 3
