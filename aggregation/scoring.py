@@ -1037,7 +1037,8 @@ spread of the cosine between the weights and a random direction: such an update 
 shrinks them no more than chance would. From the random initialisation of the digits model
 (d = 4,810, the line at 0.043) the honest updates of round 1 sit there (-0.011 to 0.028 on seed
 1), or all shrink the weights (-0.050 to -0.008 on seed 3); on Fashion-MNIST (d = 56,714, the
-line at 0.013) 95% of honest updates grow them by 0.036 or more from round 1 on."""
+line at 0.013) 95% of honest updates grow them by 0.036 or more in round 1 (0.021 in rounds
+3-10)."""
 
 SHRINK_STEPS_POWER = 0.5
 SHRINK_STEPS_KNEE = 0.5
@@ -1087,7 +1088,7 @@ def _shrinking_component(
     cohort's median, down to 0.35 at most (:data:`SHRINK_STEPS_KNEE`). Claiming few examples to earn
     the discount costs the claimed weight and makes a full-size update a long one for ``norm_z``.
 
-    It says nothing (0 for every client) in a round where a quarter of the cohort does not grow
+    It says nothing (0 for every client) in a round where not even a quarter of the cohort grows
     the weights beyond chance (:data:`RADIAL_CHANCE_Z`): from a random initialisation honest
     updates may all shrink them, and then shrinking tells no one apart.
     """
