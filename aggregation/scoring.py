@@ -83,9 +83,10 @@ Signals across clients and rounds (``detection.py``):
 - ``mislabeled``: how far the update's ``template_cosine`` sits below the cohort's (one-sided
   robust z, logistic, spread at least :data:`MISLABELED_MIN_SCALE`): the cosine between the
   output-layer column of the class the update raises most and that class's column in the
-  weights it was trained from (``detection.class_template_cosines``). Honest training raises a class along the features the
-  model ties to it; examples of other classes labelled with it (a backdoor's or DBA's relabelled
-  copies, flipped or random labels) raise it along features the model holds against it. Added
+  weights it was trained from (``detection.class_template_cosines``). Honest training raises a
+  class along the features the model ties to it; examples of other classes labelled with it (a
+  backdoor's or DBA's relabelled copies, flipped or random labels) raise it along features the
+  model holds against it. Added
   with weight 0.1 (:data:`ADDED_COMPONENTS`): replayed over 180 Fashion-MNIST runs it found 13
   more attackers by round 10 (DBA 161 -> 174 of 182) and flagged 4 honest client-rounds fewer
   (99 of 14,841); weights of 0.15 and 0.2 found one more and flagged 109 to 159. Present only

@@ -606,36 +606,37 @@ needs_fashion_mnist = pytest.mark.skipif(
 )
 
 
-def issue_run(out, attack: str, seed: int) -> dict:
+def issue_settings(out, attack: str, seed: int) -> dict:
     """Issue 18's setting: Fashion-MNIST, 50 clients, 10 a round, Dirichlet 0.5, 20% malicious,
-    10 rounds, ``auto``, flags only; the results of one run."""
+    10 rounds, ``auto``, flags only."""
+    return {"dataset": "fashion_mnist", "partition": "dirichlet", "alpha": 0.5, "clients": 50,
+            "clients_per_round": 10, "rounds": 10, "local_epochs": 2, "batch_size": 32,
+            "lr": 0.05, "eval_subset": 2000, "aggregator": "auto", "quarantine": "none",
+            "malicious_fraction": 0.2, "attack": attack, "seed": seed, "progress": False,
+            "tensorboard": "off", "out": str(out)}  # fmt: skip
+
+
+def issue_run(out, attack: str, seed: int) -> dict:
+    """The results of one run of ``issue_settings``, in the test process."""
     from fedwarden.config import make_config
     from fedwarden.simulations.runner import simulate
 
-    settings = {"dataset": "fashion_mnist", "partition": "dirichlet", "alpha": 0.5, "clients": 50,
-                "clients_per_round": 10, "rounds": 10, "local_epochs": 2, "batch_size": 32,
-                "lr": 0.05, "eval_subset": 2000, "aggregator": "auto", "quarantine": "none",
-                "malicious_fraction": 0.2, "attack": attack, "seed": seed, "progress": False,
-                "tensorboard": "off", "out": str(out)}  # fmt: skip
-    return simulate(make_config({}, settings))
+    return simulate(make_config({}, issue_settings(out, attack, seed)))
 
 
 def issue_run_alone(out: Path, attack: str, seed: int) -> dict:
-    """``issue_run``'s command as ``fedwarden simulate`` in a process of its own: the run a user
-    or the docs' grids get. In the test process a run can train differently once earlier tests
-    have started TensorFlow's runtime with other thread settings (DBA, seed 8: 7 of 9 attackers
-    found inside the whole suite, 8 of 9 alone)."""
+    """``issue_settings`` run by ``fedwarden simulate --config`` in a process of its own: the run
+    a user or the docs' grids get. In the test process a run can train differently once earlier
+    tests have started TensorFlow's runtime with other thread settings (DBA, seed 8: 7 of 9
+    attackers found inside the whole suite, 8 of 9 alone)."""
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "fedwarden", "simulate", "--dataset", "fashion_mnist",
-               "--partition", "dirichlet", "--alpha", "0.5", "--clients", "50",
-               "--clients-per-round", "10", "--rounds", "10", "--local-epochs", "2",
-               "--batch-size", "32", "--lr", "0.05", "--eval-subset", "2000",
-               "--aggregator", "auto", "--quarantine", "none", "--malicious-fraction", "0.2",
-               "--attack", attack, "--seed", str(seed), "--no-progress", "--tensorboard", "off",
-               "--out", str(out)]  # fmt: skip
-    subprocess.run(command, check=True, capture_output=True, timeout=900)
+    config = out / "issue.toml"
+    settings = issue_settings(out, attack, seed)
+    config.write_text("".join(f"{key} = {json.dumps(value)}\n" for key, value in settings.items()))
+    subprocess.run([sys.executable, "-m", "fedwarden", "simulate", "--config", str(config)],
+                   check=True, capture_output=True, timeout=900)  # fmt: skip
     return json.loads((out / "results.json").read_text())
 
 
@@ -646,8 +647,9 @@ def test_backdoor_attackers_are_found_through_their_association_with_flagged_one
     seed 1: some attackers are flagged on their own evidence; others look ordinary in every
     round but deviate like them, and are flagged by association, some in a round they sat out
     (a row marked absent). (Seed 0 held this until ``mislabeled`` found more of its attackers
-    on their own; association then also reached an honest client, at its line.) (On digits this held for seed 0 only, and only because two attackers
-    held less data than the others and sent smaller updates: seeds 1 to 5 found none.) The
+    on their own; association then also reached an honest client, at its line.) (On digits this
+    held for seed 0 only, and only because two attackers held less data than the others and sent
+    smaller updates: seeds 1 to 5 found none.) The
     ledger keeps the forecasts those flags came from: ``trust replay`` makes them again, round
     by round, and without association they are gone."""
     from dataclasses import replace
