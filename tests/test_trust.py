@@ -1079,3 +1079,45 @@ def test_clients_near_the_line_that_deviate_alike_corroborate_one_another():
     far = run({"a0", "a1", "a2"}, 0.13)
     assert max(far.get(c).evidence for c in ("a0", "a1", "a2")) < CORROBORATION_SHARE * line
     assert far.flagged() == {"p"}
+
+
+def test_corroborated_clients_keep_their_flag_within_the_unflag_margin():
+    """A client flagged through corroboration is unflagged, as any flag, only ``unflag_margin``
+    under the lines that raised it (association z and evidence share); a dip just under them
+    as the next rounds' forecasts move keeps it, a fall past the margin clears it."""
+    honest = [f"h{i}" for i in range(8)]
+    alike = ("a0", "a1", "a2")
+    kin_z = {"z": 4.0}
+
+    def association(group):
+        if len(group) < 2:
+            return {}
+        return {
+            c: Association(0.6, kin_z["z"] if c in alike else 0.4, ("a1", "a2"))
+            for c in [*honest, *alike]
+        }
+
+    book = TrustBook(TrustPolicy())
+    rng = np.random.default_rng(0)
+    ids = [*honest, *alike]
+    for r in range(1, 5):
+        scores = np.r_[0.1 + 0.01 * rng.standard_normal(8), np.full(3, 0.18)]
+        book.update(r, ids, scores, {}, association=association)
+    policy = book.policy
+    assert book.flagged() == set(alike)
+    kin_z["z"] = policy.association_z - 0.5 * policy.unflag_margin
+    book.update(5, honest, 0.1 + 0.01 * rng.standard_normal(8), {}, association=association)
+    assert book.flagged() == set(alike)
+    lowered = book.get("a0").evidence
+    for r in range(6, 9):  # ordinary rounds bring a0's evidence under the share, not past it
+        book.update(r, [*honest, "a0"], np.r_[0.1 + 0.01 * rng.standard_normal(8), 0.1], {},
+                    association=association)  # fmt: skip
+        lowered = book.get("a0").evidence
+        if lowered < CORROBORATION_SHARE * policy.flag_z:
+            break
+    share = CORROBORATION_SHARE * policy.flag_z
+    assert share - policy.unflag_margin <= lowered < share, lowered
+    assert book.flagged() == set(alike)
+    kin_z["z"] = policy.association_z - 1.5 * policy.unflag_margin
+    book.update(9, honest, 0.1 + 0.01 * rng.standard_normal(8), {}, association=association)
+    assert not book.flagged() & set(alike)
