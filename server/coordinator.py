@@ -470,6 +470,7 @@ class Coordinator:
                 steps=steps, earlier_spreads=self.norm_spreads,
                 earlier_boost_spreads=self.boost_spreads, output_kernel=self.output_kernel,
             )  # fmt: skip
+            self.history.record_template_cosines(ids, metrics["template_cosine"])
             spread = log_norm_spread(metrics["norm"], trusted, self.norm_spreads)
             _pool(self.norm_spreads, spread)
             lower_half = boost_rows(metrics["pair_gap"], metrics["copied"], trusted)

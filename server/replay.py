@@ -104,6 +104,8 @@ def replay_flags(
         if scored or rejected:
             ids = [row["client_id"] for row in scored]
             metrics = round_metrics(scored)
+            if "template_cosine" in metrics:
+                history.record_template_cosines(ids, metrics["template_cosine"])
             anomaly = anomaly_score(metrics, anomaly_weights)
             alone = history.copies.add_round(ids, recorded_copies(scored))
             book.update(

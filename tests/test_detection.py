@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from fedwarden.aggregation.detection import (
+    ASSOCIATION_MAX_TEMPLATE_COSINE,
     ASSOCIATION_MIN_KINSHIP,
     ASSOCIATION_MIN_SCALE,
     ASSOCIATION_TOP,
@@ -385,6 +387,18 @@ def test_the_output_layer_lifts_an_association_the_whole_update_only_leans_towar
     restored = HistoryForecast()
     restored.load_state_dict(forecast.state_dict())
     assert restored.association({"a0", "a1"}) == association
+
+    # Flagged clients whose last update raised its class along the model's template of it (a
+    # sign flip, a boosted honest update) poisoned no labels: their output layers lift no one.
+    forecast.record_template_cosines(["a0", "a1", "p"], np.array([0.3, -0.25, -0.4]))
+    lifted = forecast.association({"a0", "a1"})["p"]
+    assert lifted.z < line and math.isnan(lifted.output_layer)
+    forecast.record_template_cosines(["a0", "a1"], np.array([-0.2, np.nan]))  # NaN keeps -0.25
+    assert forecast.association({"a0", "a1"}) == association
+    restored.load_state_dict(forecast.state_dict())
+    assert restored.association({"a0", "a1"}) == association
+    restored.record_template_cosines(["a1"], np.array([ASSOCIATION_MAX_TEMPLATE_COSINE + 0.01]))
+    assert restored.association({"a0", "a1"})["p"].z < line
 
 
 @pytest.mark.parametrize("attack", ["boost", "flip"])
