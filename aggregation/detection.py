@@ -487,14 +487,14 @@ ASSOCIATION_MAX_TEMPLATE_COSINE = 0.1
 """A flagged client counts in the output layer's association only while the last template
 cosine it sent (:func:`class_template_cosines`) is at most this, or unknown: poisoned labels
 raise a class against the model's template of it (DBA's and the backdoor's attackers at a
-median of -0.24 from round 2, label noise's at 0.01, label flipping's at 0.09), while a sign flip
-or a boosted honest update does not (honest clients 0.29), and the honest clients whose classes
-they share followed their output layers into association. Replayed over the 270 ledgers that
-record the cosine (every attack on seeds 0-9, DBA on 10-99, no attack at Dirichlet 0.1 and 0.5):
-attackers found 1 more, honest client-rounds flagged 7 fewer (scaling's 8 -> 5, sign flip's 6 ->
-4); at 0.2, 2 more and 3 fewer. Live on seeds 100-109, not run before: 1 more, 7 fewer, sign
-flip's honest streak of 4 gone (docs/history/detection.md, "The output layer's association
-without sign flips and boosts")."""
+median of -0.24 from round 2, label noise's at 0.01, label flipping's at 0.09), a sign flip or a
+boosted honest update does not (honest clients 0.29), and the honest clients whose classes they
+share followed their output layers into association. Replayed over the 270 ledgers that record
+the cosine (every attack on seeds 0-9, DBA on 10-99, no attack at Dirichlet 0.1 and 0.5): one
+attacker more, honest client-rounds flagged 114 -> 107 (scaling's and sign flip's 5 fewer); on
+60 live runs of seeds 100-109 (five attacks, no attack at Dirichlet 0.1): one scaling attacker
+fewer, honest client-rounds 73 -> 65, sign flip's honest streak of 4 down to 2
+(docs/history/detection.md, "The output layer's association without sign flips and boosts")."""
 
 
 class Association(NamedTuple):
