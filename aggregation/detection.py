@@ -484,17 +484,18 @@ layer to count. Attackers trained on poisoned labels that it lifted sat at 0.40-
 under sign flipping)."""
 
 ASSOCIATION_MAX_TEMPLATE_COSINE = 0.1
-"""A flagged client counts in the output layer's association only while the last template
-cosine it sent (:func:`class_template_cosines`) is at most this, or unknown: poisoned labels
-raise a class against the model's template of it (DBA's and the backdoor's attackers at a
-median of -0.24 from round 2, label noise's at 0.01, label flipping's at 0.09), a sign flip or a
-boosted honest update does not (honest clients 0.29), and the honest clients whose classes they
-share followed their output layers into association. Replayed over the 270 ledgers that record
-the cosine (every attack on seeds 0-9, DBA on 10-99, no attack at Dirichlet 0.1 and 0.5): one
-attacker more, honest client-rounds flagged 114 -> 107 (scaling's and sign flip's 5 fewer); on
-60 live runs of seeds 100-109 (five attacks, no attack at Dirichlet 0.1): one scaling attacker
-fewer, honest client-rounds 73 -> 65, sign flip's honest streak of 4 down to 2
-(docs/history/detection.md, "The output layer's association without sign flips and boosts")."""
+"""A flagged client counts in the output layer's association only while the last template cosine it
+sent (:func:`class_template_cosines`) is at most this, or unknown: poisoned labels raise a class
+against the model's template of it (DBA's and the backdoor's attackers at a median of -0.24 from
+round 2, label noise's at 0.01, label flipping's at 0.09), a sign flip or a boosted honest
+update does not (honest clients 0.29), and the honest clients whose classes they share followed
+their output layers into association. Replayed over the 270 ledgers that record the cosine
+(every attack on seeds 0-9, DBA on 10-99, no attack at Dirichlet 0.1 and 0.5): one attacker more
+(DBA two, label noise one fewer), honest client-rounds flagged 114 -> 107 (scaling's and sign
+flip's 5 fewer); on 60 live runs of seeds 100-109 (five attacks, no attack at Dirichlet 0.1):
+one scaling attacker fewer, honest client-rounds 73 -> 65, sign flip's honest streak of 4 down
+to 2 (docs/history/detection.md, "The output layer's association without sign flips and
+boosts")."""
 
 
 class Association(NamedTuple):
@@ -827,8 +828,9 @@ class HistoryForecast:
         moves it alike too, so the output layer alone does not associate: it lifts only a client
         whose whole update deviates alike too (the floor below) and whose output layer follows
         theirs closely (``ASSOCIATION_MIN_OUTPUT_KINSHIP``), compared only with flagged clients
-        that sent no copies (crafted vectors poison no labels). The floor is
-        ``ASSOCIATION_MIN_KINSHIP``, and ``ASSOCIATION_MIN_COPY_KINSHIP`` when a client's nearest
+        that sent no copies (crafted vectors poison no labels) and whose last template cosine
+        (:meth:`record_template_cosines`) is unknown or at most ``ASSOCIATION_MAX_TEMPLATE_COSINE``
+        (a sign flip or a boost poisons none either). The floor is ``ASSOCIATION_MIN_KINSHIP``, and ``ASSOCIATION_MIN_COPY_KINSHIP`` when a client's nearest
         flagged clients all sent copies: their attacker sampled alone sends the same vector,
         which honest clients follow only in part. A flagged client that sent a copy of a
         client's update (the mimic attack) does not count towards that client's association.
