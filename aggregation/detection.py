@@ -830,8 +830,9 @@ class HistoryForecast:
         theirs closely (``ASSOCIATION_MIN_OUTPUT_KINSHIP``), compared only with flagged clients
         that sent no copies (crafted vectors poison no labels) and whose last template cosine
         (:meth:`record_template_cosines`) is unknown or at most ``ASSOCIATION_MAX_TEMPLATE_COSINE``
-        (a sign flip or a boost poisons none either). The floor is ``ASSOCIATION_MIN_KINSHIP``, and ``ASSOCIATION_MIN_COPY_KINSHIP`` when a client's nearest
-        flagged clients all sent copies: their attacker sampled alone sends the same vector,
+        (a sign flip or a boost poisons none either). The floor is ``ASSOCIATION_MIN_KINSHIP``,
+        and ``ASSOCIATION_MIN_COPY_KINSHIP`` when a client's nearest flagged clients all sent
+        copies: their attacker sampled alone sends the same vector,
         which honest clients follow only in part. A flagged client that sent a copy of a
         client's update (the mimic attack) does not count towards that client's association.
         Empty when fewer than ``ASSOCIATION_TOP`` flagged clients or fewer than three unflagged
@@ -865,10 +866,11 @@ class HistoryForecast:
         output = np.full(len(ids), np.nan)
         # a crafted vector poisons no labels: copy senders (and the clients they copied) are
         # not what the output layer is compared with
+        # nor is a client whose labels agree with the model's templates (unknown: -inf)
         labelled = [
             j for j in range(len(group))
             if not sender[j]
-            and not self._template_cosine.get(group[j], math.nan) > ASSOCIATION_MAX_TEMPLATE_COSINE
+            and self._template_cosine.get(group[j], -math.inf) <= ASSOCIATION_MAX_TEMPLATE_COSINE
         ]  # fmt: skip
         if self._output and len(labelled) >= ASSOCIATION_TOP:  # an old ledger's replay has none
             empty = np.zeros_like(next(iter(self._output.values())))

@@ -1108,14 +1108,13 @@ def test_corroborated_clients_keep_their_flag_within_the_unflag_margin():
     kin_z["z"] = policy.association_z - 0.5 * policy.unflag_margin
     book.update(5, honest, 0.1 + 0.01 * rng.standard_normal(8), {}, association=association)
     assert book.flagged() == set(alike)
-    lowered = book.get("a0").evidence
+    share = CORROBORATION_SHARE * policy.flag_z
     for r in range(6, 9):  # ordinary rounds bring a0's evidence under the share, not past it
         book.update(r, [*honest, "a0"], np.r_[0.1 + 0.01 * rng.standard_normal(8), 0.1], {},
                     association=association)  # fmt: skip
         lowered = book.get("a0").evidence
-        if lowered < CORROBORATION_SHARE * policy.flag_z:
+        if lowered < share:
             break
-    share = CORROBORATION_SHARE * policy.flag_z
     assert share - policy.unflag_margin <= lowered < share, lowered
     assert book.flagged() == set(alike)
     kin_z["z"] = policy.association_z - 1.5 * policy.unflag_margin
